@@ -1,0 +1,323 @@
+"""The ``edgetailor`` command line.
+
+    edgetailor inspect [MODEL]                     what the model is, what works on it, what a job needs
+    edgetailor compress [MODEL] --preset NAME      run a recipe in a worker process, with progress bars
+    edgetailor compress [MODEL] --recipe FILE
+    edgetailor evaluate VARIANT [--baseline MODEL] perplexity / KL / top-1 of one GGUF (or ONNX) file
+    edgetailor runs [ID]                           list runs, or show one
+    edgetailor steps | presets                     what recipes can use
+
+MODEL is "demo" (default), a Hugging Face folder, a .gguf file, or a hub id (with --online).
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (the message says what to fix), 3 the job does not
+fit this machine, 130 cancelled (Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_CANCELLED = 0, 1, 2, 3, 130
+
+
+def _add_source_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default="demo",
+                       help="'demo' (default), a Hugging Face folder, a .gguf file, or a hub id")
+    p.add_argument("--online", action="store_true", help="allow downloading a hub id (no network use otherwise)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model folder run its own Python code (off by default)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--eval-text", help="evaluation text file (default: the bundled evaluation text)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgetailor", description="Tailor language models to edge devices.")
+    ap.add_argument("--home", help="data folder (default: the platform's user data folder, or $EDGETAILOR_HOME)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="pre-flight check of a model")
+    _add_source_args(p)
+    p.add_argument("--preset", help="also estimate what this preset needs")
+    p.add_argument("--recipe", help="also estimate what this recipe file needs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("compress", aliases=["run"], help="run a recipe or preset on a model")
+    _add_source_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="a bundled recipe (edgetailor presets); default gguf-ladder")
+    g.add_argument("--recipe", help="a recipe file (.yaml or .json)")
+    _add_eval_args(p)
+    p.add_argument("--calibration-text", help="calibration text file (default: the bundled calibration text)")
+    p.add_argument("--runs-dir", help="where run folders go (default: <data folder>/runs)")
+    p.add_argument("--json", action="store_true", help="print the final manifest as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="evaluate one variant file against a baseline model")
+    p.add_argument("variant", help="a .gguf file (or an ONNX folder)")
+    p.add_argument("--baseline", default="demo", help="the model it came from (default: demo)")
+    _add_source_args(p, positional=False)
+    _add_eval_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("runs", help="list runs, or show one")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("steps", help="list the recipe steps and their parameters")
+    sub.add_parser("presets", help="list the bundled recipes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.home:
+        os.environ["EDGETAILOR_HOME"] = str(Path(args.home).expanduser().resolve())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from edgetailor.engine.errors import EdgeTailorError
+
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeTailorError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"fix: {exc.fix}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def _recipe(args):
+    from edgetailor.engine import Recipe, load_preset
+
+    if getattr(args, "recipe", None):
+        return Recipe.load(args.recipe)
+    return load_preset(getattr(args, "preset", None) or "gguf-ladder")
+
+
+def cmd_inspect(args) -> int:
+    from edgetailor.engine import preflight, resolve
+
+    src = resolve(args.model, trust_remote_code=args.trust_remote_code, allow_network=args.online,
+                  progress=lambda m: print(m, file=sys.stderr))
+    recipe = _recipe(args) if (args.preset or args.recipe) else None
+    rep = preflight(src, recipe)
+    if args.json:
+        print(json.dumps({"source": src.to_dict(), **rep.to_dict()}, indent=2))
+        return EXIT_OK if rep.fits else EXIT_NO_FIT
+    gb = 1024**3
+    print(f"model        {src.display_name}  ({src.kind}: {src.path})")
+    print(f"architecture {rep.model_type}  {'supported' if rep.supported else 'NOT supported'}  {rep.architecture_note}")
+    p = rep.parameters
+    print(f"parameters   {p['total'] / 1e6:.1f} M  (non-embedding {p.get('non_embedding', 0) / 1e6:.1f} M)")
+    print(f"weights      {rep.weights_bytes / 1e6:.1f} MB  {rep.dtype}   context {rep.context_length}")
+    print("techniques   " + ", ".join(f"{k}" if v == "yes" else f"{k} (no)" for k, v in rep.techniques.items()))
+    print("exporters    " + ", ".join(f"{k}" if v == "yes" else f"{k} (no)" for k, v in rep.exporters.items()))
+    print(f"RAM          needs ~{rep.ram_needed_bytes / gb:.2f} GB, {rep.ram_available_bytes / gb:.1f} GB available")
+    print(f"disk         needs ~{rep.disk_needed_bytes / gb:.2f} GB, {rep.disk_available_bytes / gb:.1f} GB free")
+    for prob in rep.problems:
+        print(f"DOES NOT FIT: {prob}")
+    return EXIT_OK if rep.fits else EXIT_NO_FIT
+
+
+def cmd_compress(args) -> int:
+    from edgetailor.engine import JobSpec, start_job
+
+    recipe = _recipe(args)
+    recipe.validate()
+    options = {"eval_ctx": args.ctx, "eval_windows": args.windows, "eval_text": args.eval_text,
+               "calibration_text": args.calibration_text, "threads": args.threads}
+    job = JobSpec(recipe=recipe.to_dict(), source=args.model, options=options, runs_root=args.runs_dir,
+                  trust_remote_code=args.trust_remote_code, allow_network=args.online)
+    handle = start_job(job)
+    print(f"run {handle.run_id}: {recipe.name} on {args.model}  ->  {handle.folder}", file=sys.stderr)
+    view = _ProgressView(quiet=args.quiet)
+    try:
+        for ev in handle.events():
+            view.show(ev)
+    except KeyboardInterrupt:
+        print("\ncancelling...", file=sys.stderr)
+        handle.cancel()
+        for ev in handle.events():
+            view.show(ev)
+    view.close()
+    from edgetailor.engine.runs import RunRecord
+
+    rec = RunRecord.open(handle.folder)
+    if args.json:
+        print(json.dumps(rec.manifest, indent=2))
+    else:
+        print_variants(rec.manifest)
+    status = rec.manifest["status"]
+    if status == "succeeded":
+        return EXIT_OK
+    err = rec.manifest.get("error") or {}
+    print(f"{status}: {err.get('problem', '')}", file=sys.stderr)
+    if err.get("fix"):
+        print(f"fix: {err['fix']}", file=sys.stderr)
+    if status == "cancelled":
+        return EXIT_CANCELLED
+    return EXIT_NO_FIT if err.get("type") == "DoesNotFitError" else (
+        EXIT_BAD_INPUT if err.get("type") == "EdgeTailorError" else EXIT_FAILED)
+
+
+class _ProgressView:
+    """tqdm bars per step, log lines above them."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+
+    def show(self, ev: dict) -> None:
+        from tqdm import tqdm
+
+        t, d = ev["type"], ev["data"]
+        if t == "step_started":
+            self.close()
+            if not self.quiet:
+                self.bar = tqdm(total=1000, desc=f"[{d['index'] + 1}/{d['count']}] {ev['step']}", file=sys.stderr,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        elif t == "progress" and self.bar is not None:
+            self.bar.n = int(1000 * d["fraction"])
+            self.bar.set_postfix_str(d.get("message", "")[:60], refresh=False)
+            self.bar.refresh()
+        elif t == "log":
+            (tqdm.write if self.bar is not None else (lambda m: print(m, file=sys.stderr)))(f"  {d['message']}")
+        elif t == "step_finished" and self.bar is not None:
+            self.bar.n = 1000
+            self.bar.refresh()
+            self.close()
+        elif t == "run_finished":
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def print_variants(manifest: dict) -> None:
+    rows = manifest.get("variants", [])
+    if not rows:
+        return
+    cols = [("variant", "name", "{}"), ("format", "format", "{}"), ("size MB", "size_bytes", "{:.1f}"),
+            ("ppl", "perplexity", "{:.4f}"), ("Δppl %", "ppl_increase_pct", "{:+.2f}"), ("KL", "kl", "{:.5f}"),
+            ("top-1 %", "top1", "{:.1f}"), ("export s", "export_seconds", "{:.1f}")]
+    table = []
+    for v in rows:
+        m = v.get("metrics", {})
+        line = []
+        for _, key, fmt in cols:
+            val = v.get(key) if key in ("name", "format") else m.get(key)
+            if val is None:
+                line.append("-")
+            elif key == "size_bytes":
+                line.append(fmt.format(val / 1e6))
+            elif key == "top1":
+                line.append(fmt.format(100 * val))
+            else:
+                line.append(fmt.format(val))
+        table.append(line)
+    widths = [max(len(c[0]), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
+    print("  ".join(c[0].ljust(w) for c, w in zip(cols, widths)))
+    for r in table:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths)))
+
+
+def cmd_evaluate(args) -> int:
+    import tempfile
+
+    from edgetailor.engine import resolve
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.runtimes import TorchRuntime, open_runtime
+    from edgetailor.engine.text import default_evaluation_path, read_text
+
+    variant = Path(args.variant)
+    fmt = "gguf" if variant.suffix.lower() == ".gguf" else "onnx" if variant.is_dir() else None
+    if fmt is None or not variant.exists():
+        from edgetailor.engine.errors import EdgeTailorError
+
+        raise EdgeTailorError(f"{variant} is not a .gguf file or an ONNX folder.", "Pass a variant a run wrote.")
+    src = resolve(args.baseline, trust_remote_code=args.trust_remote_code, allow_network=args.online)
+    loaded = load_model(src)
+    windows = make_windows(loaded.tokenizer, read_text(args.eval_text or default_evaluation_path()), args.ctx,
+                           args.windows)
+    with tempfile.TemporaryDirectory(prefix="edgetailor-ref-") as tmp:
+        ref = ReferenceLogprobs(Path(tmp))
+        base = evaluate(TorchRuntime(loaded.model, args.threads), windows, reference=ref, record_reference=True)
+        del loaded
+        with open_runtime(fmt, variant, n_ctx=args.ctx, threads=args.threads) as rt:
+            res = evaluate(rt, windows, reference=ref)
+    out = {"variant": str(variant), "baseline_perplexity": base.perplexity, **res.to_dict(),
+           "ppl_increase_pct": 100 * (res.perplexity / base.perplexity - 1)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"baseline perplexity {base.perplexity:.4f}")
+        print(f"{variant.name}: perplexity {res.perplexity:.4f} ({out['ppl_increase_pct']:+.2f}%), "
+              f"KL {res.kl:.5f}, top-1 {100 * res.top1:.1f}%  ({res.windows} windows x {res.ctx}, {res.seconds:.1f} s)")
+    return EXIT_OK
+
+
+def cmd_runs(args) -> int:
+    from edgetailor.engine import find_run, list_runs
+    from edgetailor.engine.paths import runs_dir
+
+    root = Path(args.runs_dir) if args.runs_dir else runs_dir()
+    if args.run_id:
+        m = find_run(root, args.run_id).manifest
+        if args.json:
+            print(json.dumps(m, indent=2))
+        else:
+            print(f"{m['id']}  {m['status']}  recipe {m['recipe']['name']}  source {m['source'].get('spec')}")
+            if m.get("error"):
+                print(f"  {m['error'].get('problem')}")
+            print_variants(m)
+        return EXIT_OK
+    runs = list_runs(root)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    for m in runs:
+        print(f"{m['id']:48s} {m['status']:10s} {len(m.get('variants', [])):3d} variants  {m['source'].get('spec')}")
+    if not runs:
+        print(f"no runs in {root}")
+    return EXIT_OK
+
+
+def cmd_steps(args) -> int:
+    from edgetailor.engine import all_steps
+
+    for name, info in sorted(all_steps().items()):
+        d = info.describe()
+        print(f"{name}  ({d['kind']})  {d['summary']}")
+        if d["exports"]:
+            print(f"    exports: {d['exports']}")
+        for f in d["params"]:
+            print(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}")
+    return EXIT_OK
+
+
+def cmd_presets(args) -> int:
+    from edgetailor.engine import list_presets
+
+    for name, r in list_presets().items():
+        print(f"{name}: {' -> '.join(s.name for s in r.steps)}\n    {r.description}")
+    return EXIT_OK
+
+
+COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "run": cmd_compress, "evaluate": cmd_evaluate,
+            "runs": cmd_runs, "steps": cmd_steps, "presets": cmd_presets}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data shipped with EdgeTailor: texts, presets, device profiles, llama.cpp's pre-tokenizer table."""

@@ -1,0 +1,149 @@
+"""What a step sees while it runs: the model, the texts, the run record, and ways to report."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import atomic, text
+from .errors import RunCancelled
+from .events import make_event
+from .runs import RunRecord, Variant
+from .sources import ResolvedSource
+
+
+@dataclass
+class JobOptions:
+    """Settings shared by every step of a job (each step's own settings live in its config)."""
+
+    eval_ctx: int = 512            # tokens per evaluation window
+    eval_windows: int = 16         # windows evaluated (16 x 512 tokens: under a minute on the demo model)
+    eval_text: str | None = None   # path; None = the bundled evaluation text
+    calibration_text: str | None = None   # path; None = the bundled calibration text
+    threads: int | None = None     # None = physical cores
+    dtype: str = "float32"         # dtype the source is loaded in
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "JobOptions":
+        from .registry import parse_config
+
+        return parse_config(cls, d or {}, where="job options")
+
+    def resolved_threads(self) -> int:
+        if self.threads:
+            return int(self.threads)
+        import psutil
+
+        return psutil.cpu_count(logical=False) or 1
+
+
+class RunContext:
+    def __init__(self, record: RunRecord, source: ResolvedSource, options: JobOptions,
+                 emit: Callable[[dict], None], cancel: threading.Event | None = None, t0: float | None = None):
+        self.record = record
+        self.source = source
+        self.options = options
+        self._emit = emit
+        self.cancel = cancel or threading.Event()
+        self.t0 = t0
+        self.step_name: str | None = None
+        self.applied: list[str] = []       # transform steps applied to the current model, in order
+        self._loaded = None                # LoadedModel of the current (possibly transformed) model
+        self._texts: dict[str, str] = {}
+        self.scratch: dict = {}            # steps may leave things for later steps (e.g. importance stats)
+
+    # --- reporting -----------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.record.id
+
+    def emit(self, type_: str, **data) -> None:
+        self._emit(make_event(type_, self.run_id, self.step_name, self.t0, **data))
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.emit("progress", fraction=max(0.0, min(1.0, float(fraction))), message=message)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", message=message, level=level)
+
+    def sample(self, series: str, value: float, variant: str | None = None) -> None:
+        self.emit("sample", series=series, value=value, variant=variant)
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise RunCancelled()
+
+    # --- the model -----------------------------------------------------------------------------
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from .modeling import load_model
+
+            self.log(f"Loading {self.source.display_name}")
+            self._loaded = load_model(self.source, self.options.dtype)
+        return self._loaded
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @model.setter
+    def model(self, new_model) -> None:
+        self.loaded.model = new_model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def load_baseline(self):
+        """A fresh copy of the untouched source model (the reference every variant is compared with)."""
+        from .modeling import load_model
+
+        if self._loaded is not None and not self.applied:
+            return self._loaded
+        return load_model(self.source, self.options.dtype)
+
+    def current_variant_name(self, suffix: str = "") -> str:
+        base = "+".join(self.applied) if self.applied else "base"
+        return f"{base}-{suffix}" if suffix else base
+
+    # --- texts ---------------------------------------------------------------------------------
+    def calibration_text(self) -> str:
+        if "calibration" not in self._texts:
+            self._texts["calibration"] = text.read_text(self.options.calibration_text)
+        return self._texts["calibration"]
+
+    def eval_text(self) -> str:
+        if "eval" not in self._texts:
+            path = self.options.eval_text or text.default_evaluation_path()
+            self._texts["eval"] = text.read_text(path)
+        return self._texts["eval"]
+
+    # --- outputs -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def artifact(self, name: str) -> Iterator[Path]:
+        """Write an artifact (file or folder) atomically into the run; it is recorded with its sha256."""
+        final = self.record.artifacts_dir / name
+        with atomic.atomic_path(final) as tmp:
+            yield tmp
+            self.check_cancelled()
+        entry = self.record.add_artifact(final)
+        self.emit("artifact", **entry)
+
+    def add_variant(self, variant: Variant) -> dict:
+        d = self.record.upsert_variant(variant)
+        self.emit("variant", **d)
+        return d
+
+    def add_metrics(self, variant: str, **metrics) -> None:
+        self.record.add_metrics(variant, metrics)
+        for k, v in metrics.items():
+            self.emit("metric", variant=variant, name=k, value=v)
+
+    def variant_path(self, variant: dict) -> Path | None:
+        return self.record.folder / variant["path"] if variant.get("path") else None

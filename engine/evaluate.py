@@ -1,0 +1,140 @@
+"""Quality of a variant: perplexity, KL divergence from the baseline, and top-1 agreement.
+
+Windowing follows llama.cpp's ``llama-perplexity`` so figures compare directly: the text is tokenized
+once (with BOS first when the tokenizer adds one), cut into non-overlapping windows of ``ctx`` tokens
+(the first token of each window replaced by BOS when BOS is used), and each window scores the
+predictions of its second half. KL and top-1 compare the variant's next-token distribution with the
+baseline's on exactly those positions; the baseline's log-probabilities are kept on disk as float16.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import EdgeTailorError, RunCancelled
+from .runtimes import Runtime
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float                    # mean negative log-likelihood, nats/token
+    tokens_scored: int
+    windows: int
+    ctx: int
+    seconds: float
+    kl: float | None = None       # mean KL(baseline || variant), nats
+    top1: float | None = None     # share of positions where the argmax agrees with the baseline's
+    runtime: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> list[list[int]]:
+    """Token windows as llama-perplexity builds them."""
+    if ctx < 8:
+        raise EdgeTailorError(f"An evaluation context of {ctx} tokens is too short.", "Use 64 tokens or more.")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = uses_bos(tokenizer)
+    if bos is not None:
+        ids = [bos] + ids
+    n = len(ids) // ctx
+    if max_windows:
+        n = min(n, int(max_windows))
+    if n < 1:
+        raise EdgeTailorError(f"The evaluation text has {len(ids)} tokens, fewer than one window of {ctx}.",
+                              "Pick a longer text or a shorter context.")
+    windows = []
+    for i in range(n):
+        w = ids[i * ctx:(i + 1) * ctx]
+        if bos is not None:
+            w[0] = bos
+        windows.append(w)
+    return windows
+
+
+def uses_bos(tokenizer) -> int | None:
+    """The BOS id if this tokenizer puts BOS before a text (as llama.cpp's add_bos flag does), else None."""
+    if tokenizer.bos_token_id is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class ReferenceLogprobs:
+    """The baseline's log-probabilities on the scored positions, one float16 file per window."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"window-{i:05d}.npy"
+
+    def has(self, n: int) -> bool:
+        return all(self.path(i).exists() for i in range(n))
+
+    def put(self, i: int, logprobs: np.ndarray) -> None:
+        tmp = self.folder / f".window-{i:05d}.tmp.npy"
+        np.save(tmp, logprobs.astype(np.float16))
+        tmp.replace(self.path(i))
+
+    def get(self, i: int) -> np.ndarray:
+        return np.load(self.path(i)).astype(np.float32)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: ReferenceLogprobs | None = None,
+             record_reference: bool = False, on_window: Callable[[int, int, float], None] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> EvalResult:
+    """Score ``windows`` with ``runtime``.
+
+    With ``record_reference`` the runtime is the baseline and its log-probs are stored in ``reference``;
+    otherwise, if ``reference`` holds them, KL and top-1 agreement are computed against them.
+    """
+    t0 = time.perf_counter()
+    ctx = len(windows[0])
+    first = ctx // 2
+    nll_sum, count = 0.0, 0
+    kl_sum, agree = 0.0, 0
+    compare = reference is not None and not record_reference and reference.has(len(windows))
+    for i, w in enumerate(windows):
+        if cancelled and cancelled():
+            raise RunCancelled()
+        logits = runtime.logits(w)
+        if logits.shape[0] != len(w):
+            raise RuntimeError(f"runtime returned {logits.shape[0]} rows for {len(w)} tokens")
+        lp = _log_softmax(logits[first:len(w) - 1])
+        targets = np.asarray(w[first + 1:])
+        nll_sum -= float(lp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        if record_reference and reference is not None:
+            reference.put(i, lp)
+        elif compare:
+            ref = reference.get(i).astype(np.float64)
+            p = np.exp(ref)
+            kl_sum += float((p * (ref - lp)).sum())
+            agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+        if on_window:
+            on_window(i + 1, len(windows), math.exp(nll_sum / count))
+    nll = nll_sum / count
+    return EvalResult(perplexity=math.exp(nll), nll=nll, tokens_scored=count, windows=len(windows), ctx=ctx,
+                      seconds=round(time.perf_counter() - t0, 3),
+                      kl=(kl_sum / count) if compare else None,
+                      top1=(agree / count) if compare else None,
+                      runtime=getattr(runtime, "name", "?"))

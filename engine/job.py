@@ -1,0 +1,141 @@
+"""Running a job: a recipe applied to a model source, step by step, recorded in a run folder.
+
+``run_job`` runs in the current process (tests, the worker process). ``worker.start_job`` runs it in a
+separate process that streams events and can be cancelled at any point.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .context import JobOptions, RunContext
+from .errors import EdgeTailorError, RunCancelled
+from .events import make_event
+from .preflight import preflight
+from .recipe import Recipe
+from .registry import get_step
+from .runs import RunRecord, elapsed
+
+
+@dataclass
+class JobSpec:
+    """Everything a worker needs to run a job (plain data: it crosses a process boundary)."""
+
+    recipe: dict
+    source: str = "demo"
+    options: dict = field(default_factory=dict)
+    runs_root: str | None = None
+    run_id: str | None = None
+    trust_remote_code: bool = False
+    allow_network: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
+            cancel: threading.Event | None = None) -> RunRecord:
+    """Run every step of the recipe; return the finished run record (whatever its status)."""
+    from . import sources
+
+    emit = emit or (lambda e: None)
+    cancel = cancel or threading.Event()
+    recipe = Recipe.from_dict(job.recipe)
+    configs = recipe.validate()                      # bad parameters fail before any heavy work
+    options = JobOptions.from_dict(job.options)
+    root = Path(job.runs_root) if job.runs_root else paths.runs_dir()
+    record = RunRecord.create(root, recipe.to_dict(), job.source, options.to_dict(), run_id=job.run_id)
+    t0 = time.time()
+    events_log = open(record.folder / "events.jsonl", "a", encoding="utf-8")
+
+    def emit_and_log(ev: dict) -> None:
+        import json
+
+        events_log.write(json.dumps(ev, default=str) + "\n")
+        events_log.flush()
+        emit(ev)
+
+    emit_and_log(make_event("run_started", record.id, None, t0, recipe=recipe.to_dict(), source=job.source,
+                            folder=str(record.folder)))
+    status, error = "succeeded", None
+    try:
+        t = time.perf_counter()
+        src = sources.resolve(job.source, trust_remote_code=job.trust_remote_code,
+                              allow_network=job.allow_network,
+                              progress=lambda m: emit_and_log(make_event("log", record.id, None, t0, message=m,
+                                                                         level="info")))
+        report = preflight(src, recipe, work_dir=root)
+        record.manifest["source"].update(src.to_dict())
+        record.manifest["source"]["sha256"] = source_hash(src.path)
+        record.manifest["preflight"] = report.to_dict()
+        record.manifest["timings"]["resolve_seconds"] = elapsed(t)
+        record.save()
+        report.raise_if_not_fits()
+        ctx = RunContext(record, src, options, emit_and_log, cancel, t0)
+        for i, (spec, cfg) in enumerate(zip(recipe.steps, configs)):
+            ctx.check_cancelled()
+            info = get_step(spec.name)
+            ctx.step_name = spec.name
+            ctx.emit("step_started", index=i, count=len(recipe.steps), params=spec.params, kind=info.kind)
+            entry = {"name": spec.name, "params": spec.params, "status": "running", "seconds": None}
+            record.manifest["steps"].append(entry)
+            record.save()
+            ts = time.perf_counter()
+            info.run(ctx, cfg)
+            entry.update(status="succeeded", seconds=elapsed(ts))
+            record.save()
+            ctx.emit("step_finished", index=i, seconds=entry["seconds"])
+        ctx.step_name = None
+    except RunCancelled:
+        status = "cancelled"
+        error = {"type": "Cancelled", "problem": "The run was cancelled by the user.", "fix": ""}
+    except EdgeTailorError as exc:
+        status, error = "failed", exc.to_dict()
+    except Exception as exc:  # a bug or a library failure: record it whole, for the report
+        status = "failed"
+        error = {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}",
+                 "fix": "This is likely a bug in EdgeTailor; the run folder's manifest holds the traceback.",
+                 "traceback": traceback.format_exc()}
+    finally:
+        for s in record.manifest["steps"]:
+            if s["status"] == "running":
+                s["status"] = status
+        _cleanup_scratch(record)
+        record.manifest["timings"]["total_seconds"] = round(time.time() - t0, 3)
+        record.finish(status, error)
+        emit_and_log(make_event("run_finished", record.id, None, t0, status=status, error=error,
+                                manifest=str(record.manifest_path)))
+        events_log.close()
+    return record
+
+
+def _cleanup_scratch(record: RunRecord) -> None:
+    import shutil
+
+    shutil.rmtree(record.folder / "scratch", ignore_errors=True)
+
+
+def source_hash(folder: Path) -> str:
+    """sha256 over the model folder's files, cached by (path, size, mtime) so it is computed once."""
+    import hashlib
+    import json
+
+    from . import atomic
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
+    cache = paths.cache_dir() / "source-hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = atomic.sha256_tree(folder)
+        atomic.write_json(cache, known)
+    return known[key]

@@ -1,0 +1,150 @@
+"""Pre-flight: read a model's config (nothing heavy) and say what will work and what it will cost.
+
+Tells the user which techniques and exporters support the architecture, and how much RAM and disk the job
+needs against what the machine has, refusing with the numbers when it will not fit.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .architectures import arch_spec, count_parameters, supported_model_types
+from .errors import DoesNotFitError
+from .sources import ResolvedSource
+
+GB = 1024**3
+# Bytes per weight of each GGUF type (block size and block bytes from ggml), for disk estimates.
+GGUF_BITS_PER_WEIGHT = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
+    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.27,
+    "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 3.2, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+    "IQ3_M": 3.7, "IQ3_S": 3.44, "IQ3_XS": 3.3, "IQ3_XXS": 3.06, "IQ2_M": 2.7, "IQ2_S": 2.5,
+    "IQ2_XS": 2.31, "IQ2_XXS": 2.06, "IQ1_M": 1.75, "IQ1_S": 1.56, "TQ1_0": 1.69, "TQ2_0": 2.06,
+}
+
+
+@dataclass
+class PreflightReport:
+    model_type: str
+    supported: bool
+    architecture_note: str
+    parameters: dict
+    dtype: str
+    weights_bytes: int
+    context_length: int
+    techniques: dict = field(default_factory=dict)    # name -> "yes" | reason it does not apply
+    exporters: dict = field(default_factory=dict)
+    ram_needed_bytes: int = 0
+    ram_available_bytes: int = 0
+    disk_needed_bytes: int = 0
+    disk_available_bytes: int = 0
+    problems: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fits"] = self.fits
+        return d
+
+    def raise_if_not_fits(self) -> None:
+        if self.problems:
+            raise DoesNotFitError("; ".join(self.problems),
+                                  "Free memory or disk, pick a smaller model, or drop steps from the recipe.")
+
+
+def safetensors_parameter_count(folder: Path) -> tuple[int, int, str] | None:
+    """(parameters, bytes, dtype) read from safetensors headers only."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    n = nbytes = 0
+    dtypes = set()
+    for f in files:
+        with open(f, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hlen))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            count = 1
+            for s in v["shape"]:
+                count *= s
+            n += count
+            nbytes += v["data_offsets"][1] - v["data_offsets"][0]
+            dtypes.add(v["dtype"])
+    return n, nbytes, "/".join(sorted(dtypes))
+
+
+def estimate_job(recipe, params_total: int) -> tuple[float, int]:
+    """(RAM multiple of the fp32 model, disk bytes) that a recipe's steps need."""
+    from .registry import get_step
+
+    ram_multiple = 1.0
+    disk = 0
+    if recipe is not None:
+        for step in recipe.steps:
+            info = get_step(step.name)
+            cfg = info.parse(step.params)
+            ram_multiple = max(ram_multiple, info.ram_multiple(cfg))
+            disk += int(info.disk_bytes(cfg, params_total))
+    return ram_multiple, disk
+
+
+def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:
+    from .registry import all_steps
+
+    cfg = src.config
+    mt = cfg.get("model_type", "?")
+    spec = arch_spec(mt)
+    counted = safetensors_parameter_count(src.path)
+    try:
+        params = count_parameters(cfg)
+    except (KeyError, TypeError, ValueError):
+        params = {"total": counted[0] if counted else 0, "embedding": 0, "non_embedding": 0}
+    if counted:
+        params["total"] = counted[0]
+    weights_bytes = counted[1] if counted else params["total"] * 4
+    dtype = counted[2] if counted else str(cfg.get("torch_dtype") or cfg.get("dtype") or "?")
+    report = PreflightReport(
+        model_type=mt, supported=spec is not None,
+        architecture_note=(spec.notes if spec else
+                           f"'{mt}' is not supported; supported: {', '.join(supported_model_types())}"),
+        parameters=params, dtype=dtype, weights_bytes=weights_bytes,
+        context_length=int(cfg.get("max_position_embeddings") or 0))
+    for name, info in sorted(all_steps().items()):
+        report.techniques[name] = "yes" if spec is not None or not info.needs_supported_arch else report.architecture_note
+    from ..exporters import all_exporters
+
+    for name, exporter in sorted(all_exporters().items()):
+        report.exporters[name] = "yes" if spec is not None and name in spec.exporters else report.architecture_note
+    if spec is None:
+        report.problems.append(report.architecture_note)
+
+    ram_multiple, disk = estimate_job(recipe, params["total"])
+    fp32 = params["total"] * 4
+    report.ram_needed_bytes = int(fp32 * ram_multiple + RUNTIME_OVERHEAD_BYTES)
+    report.ram_available_bytes = int(psutil.virtual_memory().available)
+    report.disk_needed_bytes = int(disk)
+    target = Path(work_dir) if work_dir else src.path
+    while not target.exists():
+        target = target.parent
+    report.disk_available_bytes = int(shutil.disk_usage(target).free)
+    if report.ram_needed_bytes > report.ram_available_bytes:
+        report.problems.append(
+            f"needs about {report.ram_needed_bytes / GB:.1f} GB of RAM, {report.ram_available_bytes / GB:.1f} GB available")
+    if report.disk_needed_bytes > report.disk_available_bytes:
+        report.problems.append(
+            f"needs about {report.disk_needed_bytes / GB:.1f} GB of disk, {report.disk_available_bytes / GB:.1f} GB free")
+    return report
+
+
+# torch, transformers and llama.cpp themselves, measured on this project's machine (rounded up).
+RUNTIME_OVERHEAD_BYTES = 1 * GB

@@ -1,0 +1,194 @@
+"""Run records: each run is a folder with a manifest, its artifacts and its event log.
+
+    <runs>/<run id>/
+        manifest.json   recipe, source + hash, library versions, timings, metrics, artifacts with sha256
+        events.jsonl    every event the run emitted (the GUI replays it after a restart)
+        artifacts/      the variants' files, each written atomically
+
+The manifest is rewritten atomically after every change; a cancelled or failed run is recorded as such,
+and its partial files are removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from . import atomic
+from .errors import EdgeTailorError
+
+STATUSES = ("running", "succeeded", "failed", "cancelled")
+LIBRARIES = ("edgetailor", "torch", "transformers", "gguf", "llama_cpp_python", "onnx", "onnxruntime",
+             "onnxruntime-genai", "numpy", "peft", "optuna")
+
+
+@dataclass
+class Variant:
+    """One compressed (or baseline) model the run produced, with its measurements."""
+
+    name: str
+    format: str                 # "torch" | "gguf" | "onnx"
+    path: str | None = None     # relative to the run folder; None for the in-memory baseline
+    params: dict = field(default_factory=dict)    # quant type, sparsity, ...
+    metrics: dict = field(default_factory=dict)   # perplexity, kl, size_bytes, decode_tps, ...
+    parent: str | None = None   # the variant it was derived from
+    steps: list = field(default_factory=list)     # transform steps applied before export
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def new_run_id(recipe_name: str) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in recipe_name)[:40]
+    return f"{stamp}-{safe}-{secrets.token_hex(2)}"
+
+
+class RunRecord:
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder = Path(folder)
+        self.manifest = manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def artifacts_dir(self) -> Path:
+        d = self.folder / "artifacts"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    @classmethod
+    def create(cls, root: Path, recipe: dict, source_spec: str, options: dict, run_id: str | None = None):
+        run_id = run_id or new_run_id(recipe.get("name", "run"))
+        folder = Path(root) / run_id
+        folder.mkdir(parents=True, exist_ok=False)
+        manifest = {
+            "id": run_id, "status": "running", "created": _now(), "finished": None,
+            "recipe": recipe, "source": {"spec": source_spec}, "options": options,
+            "versions": library_versions(), "machine": machine_info(), "steps": [], "variants": [],
+            "artifacts": [], "error": None, "timings": {},
+        }
+        rec = cls(folder, manifest)
+        rec.save()
+        return rec
+
+    @classmethod
+    def open(cls, folder: Path) -> "RunRecord":
+        p = Path(folder) / "manifest.json"
+        try:
+            return cls(Path(folder), json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EdgeTailorError(f"Run record {p} is unreadable: {exc}", "Delete the run folder.") from exc
+
+    def save(self) -> None:
+        atomic.write_json(self.manifest_path, self.manifest)
+
+    # --- variants and artifacts ---------------------------------------------------------------
+    def variant(self, name: str) -> dict | None:
+        return next((v for v in self.manifest["variants"] if v["name"] == name), None)
+
+    def upsert_variant(self, v: Variant | dict) -> dict:
+        d = v.to_dict() if isinstance(v, Variant) else dict(v)
+        old = self.variant(d["name"])
+        if old is None:
+            self.manifest["variants"].append(d)
+        else:
+            old.update(d)
+            d = old
+        self.save()
+        return d
+
+    def add_metrics(self, variant: str, metrics: dict) -> None:
+        v = self.variant(variant)
+        if v is None:
+            raise KeyError(variant)
+        v.setdefault("metrics", {}).update(metrics)
+        self.save()
+
+    def add_artifact(self, path: Path) -> dict:
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        entry = {"path": str(path.relative_to(self.folder)), "bytes": atomic.tree_size(path),
+                 "sha256": atomic.sha256_tree(path),
+                 "files": [{"path": str(f.relative_to(self.folder)), "bytes": f.stat().st_size,
+                            "sha256": atomic.sha256_file(f)} for f in files] if path.is_dir() else None}
+        self.manifest["artifacts"] = [a for a in self.manifest["artifacts"] if a["path"] != entry["path"]]
+        self.manifest["artifacts"].append(entry)
+        self.save()
+        return entry
+
+    def finish(self, status: str, error: dict | None = None) -> None:
+        assert status in STATUSES
+        removed = atomic.remove_partials(self.folder)
+        self.manifest["status"] = status
+        self.manifest["finished"] = _now()
+        self.manifest["error"] = error
+        if removed:
+            self.manifest.setdefault("cleanup", []).extend(str(p.relative_to(self.folder)) for p in removed)
+        self.save()
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Manifests of all runs below ``root``, newest first (unreadable ones are skipped)."""
+    out = []
+    root = Path(root)
+    if not root.exists():
+        return out
+    for d in root.iterdir():
+        p = d / "manifest.json"
+        if p.is_file():
+            try:
+                m = json.loads(p.read_text(encoding="utf-8"))
+                m["_folder"] = str(d)
+                out.append(m)
+            except (OSError, json.JSONDecodeError):
+                continue
+    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
+
+
+def find_run(root: Path, run_id: str) -> RunRecord:
+    folder = Path(root) / run_id
+    if not (folder / "manifest.json").exists():
+        matches = [m for m in list_runs(root) if m["id"].startswith(run_id)]
+        if len(matches) != 1:
+            raise EdgeTailorError(f"No single run matches '{run_id}'.", "List runs with: edgetailor runs")
+        folder = Path(matches[0]["_folder"])
+    return RunRecord.open(folder)
+
+
+def machine_info() -> dict:
+    import psutil
+
+    return {"cpu": platform.processor() or platform.machine(), "cores_logical": os.cpu_count(),
+            "cores_physical": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total,
+            "system": platform.system()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)

@@ -1,0 +1,1 @@
+"""Recipe steps. Every module in this package registers its steps on import (see ``registry``)."""

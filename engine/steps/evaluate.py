@@ -1,0 +1,96 @@
+"""Measure quality: perplexity of every variant, KL divergence and top-1 agreement with the baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..evaluate import ReferenceLogprobs, evaluate, make_windows
+from ..registry import register_step
+from ..runs import Variant
+from ..runtimes import TorchRuntime, open_runtime
+
+
+@dataclass
+class EvaluateConfig:
+    windows: int | None = field(default=None, metadata={"help": "windows to score (default: job option eval_windows)"})
+    ctx: int | None = field(default=None, metadata={"help": "tokens per window (default: job option eval_ctx)"})
+    variants: list[str] = field(default_factory=list, metadata={"help": "names to evaluate; empty = all not yet evaluated"})
+    current: bool = field(default=False, metadata={"help": "also evaluate the transformed in-memory model (torch)"})
+
+    def __post_init__(self):
+        if self.windows is not None and self.windows < 1:
+            raise ValueError("windows must be at least 1")
+
+
+def reference_folder(ctx):
+    return ctx.record.folder / "scratch" / "reference"
+
+
+def ensure_baseline(ctx, windows) -> dict:
+    """Evaluate the untouched source model once per run; its log-probs become the KL reference."""
+    ref = ReferenceLogprobs(reference_folder(ctx))
+    base = ctx.record.variant("baseline")
+    if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
+        return base
+    from ..preflight import safetensors_parameter_count
+
+    counted = safetensors_parameter_count(ctx.source.path)
+    ctx.add_variant(Variant(name="baseline", format="torch", path=None,
+                            params={"dtype": ctx.options.dtype, "source": ctx.source.spec},
+                            metrics={"size_bytes": counted[1] if counted else None,
+                                     "parameters": counted[0] if counted else None}))
+    loaded = ctx.load_baseline()
+    rt = TorchRuntime(loaded.model, ctx.options.resolved_threads())
+    res = evaluate(rt, windows, reference=ref, record_reference=True,
+                   on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
+                                                ctx.sample("perplexity", ppl, "baseline")),
+                   cancelled=ctx.cancel.is_set)
+    ctx.add_metrics("baseline", **_metrics(res, None))
+    return ctx.record.variant("baseline")
+
+
+def _metrics(res, base_ppl) -> dict:
+    m = {"perplexity": round(res.perplexity, 5), "eval_tokens": res.tokens_scored, "eval_windows": res.windows,
+         "eval_ctx": res.ctx, "eval_seconds": res.seconds, "eval_runtime": res.runtime}
+    if res.kl is not None:
+        m["kl"] = round(res.kl, 6)
+        m["top1"] = round(res.top1, 5)
+    if base_ppl:
+        m["ppl_increase_pct"] = round(100 * (res.perplexity / base_ppl - 1), 3)
+    return m
+
+
+@register_step("evaluate", EvaluateConfig, kind="measure",
+               summary="Perplexity, KL to the baseline and top-1 agreement of every variant, on the evaluation text",
+               ram_multiple=2.0)
+def evaluate_step(ctx, cfg: EvaluateConfig) -> None:
+    n_ctx = cfg.ctx or ctx.options.eval_ctx
+    windows = make_windows(ctx.tokenizer, ctx.eval_text(), n_ctx, cfg.windows or ctx.options.eval_windows)
+    base = ensure_baseline(ctx, windows)
+    base_ppl = base["metrics"]["perplexity"]
+    ref = ReferenceLogprobs(reference_folder(ctx))
+    threads = ctx.options.resolved_threads()
+    todo = [v for v in ctx.record.manifest["variants"] if v["name"] != "baseline"
+            and (v["name"] in cfg.variants if cfg.variants else "perplexity" not in v.get("metrics", {}))]
+    if cfg.current and ctx.applied:
+        name = ctx.current_variant_name("torch")
+        ctx.add_variant(Variant(name=name, format="torch", path=None, params={}, steps=list(ctx.applied),
+                                metrics={"parameters": sum(p.numel() for p in ctx.model.parameters())}))
+        todo.append(ctx.record.variant(name))
+    for k, v in enumerate(todo):
+        ctx.check_cancelled()
+        if v["format"] == "torch":
+            rt = TorchRuntime(ctx.model, threads)
+        else:
+            rt = open_runtime(v["format"], ctx.variant_path(v), n_ctx=n_ctx, threads=threads)
+        try:
+            res = evaluate(rt, windows, reference=ref,
+                           on_window=lambda i, n, ppl, k=k, name=v["name"]: (
+                               ctx.progress(0.5 + 0.5 * (k + i / n) / len(todo), f"{name} {i}/{n}: ppl {ppl:.3f}"),
+                               ctx.sample("perplexity", ppl, name)),
+                           cancelled=ctx.cancel.is_set)
+        finally:
+            rt.close()
+        ctx.add_metrics(v["name"], **_metrics(res, base_ppl))
+        ctx.log(f"{v['name']}: perplexity {res.perplexity:.4f} ({100 * (res.perplexity / base_ppl - 1):+.2f}%), "
+                f"KL {res.kl:.5f}, top-1 {100 * res.top1:.1f}%")
+    ctx.progress(1.0, "evaluated")

@@ -1,0 +1,78 @@
+"""Export the current model to a runtime format, one variant per type; each file is verified by loading it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..errors import EdgeTailorError
+from ..registry import register_step
+from ..runs import Variant
+
+SUFFIX = {"gguf": ".gguf", "onnx": ""}     # ONNX variants are folders
+
+
+@dataclass
+class ExportConfig:
+    format: str = field(default="gguf", metadata={"help": "gguf or onnx"})
+    types: list[str] = field(default_factory=lambda: ["F16"],
+                             metadata={"help": "GGUF: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K IQ4_XS ...; "
+                                               "ONNX: fp32 fp16 int8 int4"})
+    options: dict = field(default_factory=dict, metadata={"help": "exporter-specific options"})
+    verify: bool = field(default=True, metadata={"help": "load each file back in its runtime before keeping it"})
+
+    def __post_init__(self):
+        if not self.types:
+            raise ValueError("give at least one type")
+
+
+def _disk(cfg: ExportConfig, params_total: int) -> float:
+    from ..preflight import GGUF_BITS_PER_WEIGHT
+
+    bits = {"fp32": 32, "fp16": 16, "int8": 8.5, "int4": 4.6}
+    total = 0.0
+    for t in cfg.types:
+        total += params_total * (GGUF_BITS_PER_WEIGHT.get(t.upper()) or bits.get(t.lower(), 16)) / 8
+    # k-quants are made from an intermediate file that exists while they are written
+    if cfg.format == "gguf" and any(t.upper() not in ("F32", "F16", "BF16", "Q8_0") for t in cfg.types):
+        total += params_total * 4
+    return total
+
+
+@register_step("export", ExportConfig, kind="export",
+               summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
+               exports="this is the export", disk_bytes=_disk)
+def export(ctx, cfg: ExportConfig) -> None:
+    from ...exporters import get_exporter
+
+    exporter = get_exporter(cfg.format)
+    model_name = ctx.source.display_name
+    n = len(cfg.types)
+    for i, t in enumerate(cfg.types):
+        ctx.check_cancelled()
+        variant = ctx.current_variant_name(t)
+        filename = f"{model_name}-{variant}{SUFFIX.get(cfg.format, '')}"
+        ctx.progress(i / n, f"{cfg.format} {t}")
+        t0 = time.perf_counter()
+        options = {"threads": ctx.options.resolved_threads(), **cfg.options, "type": t}
+
+        def sub(f, m, i=i):
+            ctx.progress((i + f * 0.9) / n, f"{t}: {m}")
+
+        with ctx.artifact(filename) as tmp:
+            result = exporter.export(ctx.model, ctx.tokenizer, ctx.source.path, tmp, options,
+                                     progress=sub, cancelled=ctx.cancel.is_set)
+            seconds = time.perf_counter() - t0
+            checked = exporter.verify(tmp) if cfg.verify else {}
+        if cfg.verify and not checked:
+            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+        size = (ctx.record.artifacts_dir / filename)
+        from ..atomic import tree_size
+
+        ctx.add_variant(Variant(
+            name=variant, format=cfg.format, path=str((ctx.record.artifacts_dir / filename).relative_to(ctx.record.folder)),
+            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by")}},
+            metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3)},
+            parent="baseline", steps=list(ctx.applied)))
+        ctx.log(f"{filename}: {tree_size(size) / 1e6:.1f} MB in {seconds:.1f} s"
+                + (f", verified by {checked.get('loaded_by')}" if checked else ""))
+    ctx.progress(1.0, "exported")

@@ -1,0 +1,389 @@
+"""GGUF export for llama.cpp, Ollama and LM Studio.
+
+The project's own converter on the ``gguf`` package: GGUFWriter for the file, its tensor-name map for
+llama.cpp's names, and its vocab helpers for the tokenizer. F32, F16, BF16 and Q8_0 are written directly;
+every other type llama.cpp offers (k-quants, IQ types, ...) is produced from an F16/F32 intermediate by
+llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``). Each file is loaded back in llama.cpp
+before it is called done.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import tempfile
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..engine.architectures import arch_spec
+from ..engine.errors import EdgeTailorError, RunCancelled
+from . import register_exporter
+from .base import Exporter, ExportResult
+
+DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# llama.cpp refuses these without an importance matrix, which llama_model_quantize cannot take from Python.
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
+          '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+          '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+          '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+
+
+def quant_types() -> list[str]:
+    """Every file type this llama.cpp build can write (direct or through its quantizer)."""
+    import gguf
+
+    names = [t.name.replace("MOSTLY_", "").replace("ALL_", "") for t in gguf.LlamaFileType if t.name != "GUESSED"]
+    try:
+        import llama_cpp
+
+        have = {n.replace("LLAMA_FTYPE_MOSTLY_", "") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
+        names = [n for n in names if n in DIRECT_TYPES or n in have]
+    except ImportError:
+        names = list(DIRECT_TYPES)
+    return [n for n in names if n not in ("MXFP4_MOE",)]
+
+
+def _ftype(name: str):
+    import gguf
+
+    key = "ALL_F32" if name == "F32" else f"MOSTLY_{name}"
+    try:
+        return gguf.LlamaFileType[key]
+    except KeyError:
+        raise EdgeTailorError(f"'{name}' is not a GGUF file type.",
+                              f"Use one of: {', '.join(quant_types())}.") from None
+
+
+class GGUFExporter(Exporter):
+    format = "gguf"
+    runtimes = ("llama.cpp", "Ollama", "LM Studio")
+
+    def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
+        qtype = str(options.get("type", "F16")).upper()
+        threads = options.get("threads")
+        _ftype(qtype)
+        if qtype not in quant_types():
+            raise EdgeTailorError(f"This llama.cpp build cannot write '{qtype}'.", f"Use one of: {', '.join(quant_types())}.")
+        if qtype in NEEDS_IMATRIX:
+            raise EdgeTailorError(
+                f"llama.cpp writes {qtype} only with an importance matrix.",
+                "Use a calibrated step (quant.gguf_calibrated) or a type like Q2_K, IQ3_S, IQ4_XS that needs none.")
+        out = Path(out)
+        if qtype in DIRECT_TYPES:
+            info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
+                mid_type = "F32" if _param_count(model) < 2_000_000_000 else "F16"
+                mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
+                info = write_gguf(model, tokenizer, tokenizer_dir, mid, mid_type,
+                                  progress=(lambda f, m: progress(0.5 * f, m)) if progress else None,
+                                  cancelled=cancelled)
+                if progress:
+                    progress(0.55, f"llama.cpp quantizes to {qtype}")
+                llama_quantize(mid, out, qtype, threads=threads)
+            info["type"] = qtype
+            info["quantized_by"] = "llama.cpp llama_model_quantize"
+        info["bytes"] = out.stat().st_size
+        return ExportResult(path=out, files=[out], info=info)
+
+    def verify(self, path):
+        return verify_gguf(path)
+
+
+register_exporter(GGUFExporter())
+
+
+def _param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+def _add_hparams(w, cfg, spec, n_layers: int) -> None:
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(h))
+    w.add_block_count(int(n_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(heads))
+    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or heads))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(int(cfg.vocab_size))
+    w.add_rope_dimension_count(int(head_dim))
+    if head_dim != h // heads:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    rope = _rope_params(cfg)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type") or rope.get("type")
+    import gguf
+
+    if rope_type == "linear" and rope.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn" and rope.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type not in (None, "default", "llama3"):
+        raise EdgeTailorError(f"RoPE scaling '{rope_type}' is not supported by the GGUF exporter.",
+                              "Export to ONNX instead, or use a model without this RoPE scaling.")
+
+
+def _rope_params(cfg) -> dict:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rp = dict(rp)
+    if "rope_theta" not in rp and getattr(cfg, "rope_theta", None) is not None:
+        rp["rope_theta"] = cfg.rope_theta
+    return rp
+
+
+def _llama3_rope_factors(cfg) -> np.ndarray | None:
+    rope = _rope_params(cfg)
+    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+        return None
+    base = rope.get("rope_theta", 10000.0)
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    lo, hi = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+def _looks_special(token: str) -> bool:
+    return (token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _bpe_pre_name(tokenizer, tokenizer_dir: Path) -> str:
+    override = Path(tokenizer_dir) / "edgetailor.json"
+    if override.exists():
+        pre = json.loads(override.read_text()).get("gguf_tokenizer_pre")
+        if pre:
+            return pre
+    from ..engine.paths import asset_path
+
+    table = json.loads(asset_path("gguf_pretokenizers.json").read_text())["hashes"]
+    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    if chkhsh not in table:
+        raise EdgeTailorError(
+            "llama.cpp does not know this tokenizer's pre-tokenizer (its check hash is not in llama.cpp's table), "
+            "so the GGUF would tokenize differently from the original.",
+            "Export to ONNX, or add {\"gguf_tokenizer_pre\": NAME} to edgetailor.json in the model folder "
+            "if you know llama.cpp's name for it.")
+    return table[chkhsh]
+
+
+def _add_vocab(w, tokenizer, tokenizer_dir: Path, vocab_size: int) -> str:
+    import gguf
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.model").exists():
+        vocab = gguf.SentencePieceVocab(tokenizer_dir)
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        for tid, tok in added.items():
+            if tid < len(tokens):
+                tokens[tid] = tok.content.encode("utf-8")
+                types[tid] = gguf.TokenType.CONTROL if (tok.special or _looks_special(tok.content)) else gguf.TokenType.USER_DEFINED
+        while len(tokens) < vocab_size:
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(tokenizer_dir, n_vocab=len(tokens))
+        kind = "sentencepiece"
+    elif (tokenizer_dir / "tokenizer.json").exists():
+        reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+        added_vocab = tokenizer.get_added_vocab()
+        decoder = tokenizer.added_tokens_decoder
+        tokens, types = [], []
+        for i in range(vocab_size):
+            if i not in reverse:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+                continue
+            tok = reverse[i]
+            if tok in added_vocab:
+                if not decoder[i].normalized:
+                    tok = tokenizer.decode(tokenizer.encode(tok, add_special_tokens=False))
+                if decoder[i].special or _looks_special(tok):
+                    types.append(gguf.TokenType.CONTROL)
+                else:
+                    tok = tok.replace("\u2581", " ")
+                    types.append(gguf.TokenType.USER_DEFINED)
+            else:
+                types.append(gguf.TokenType.NORMAL)
+            tokens.append(tok)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(_bpe_pre_name(tokenizer, tokenizer_dir))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=True)
+        kind = "bpe"
+    else:
+        raise EdgeTailorError(f"{tokenizer_dir} has neither tokenizer.model nor tokenizer.json.",
+                              "The GGUF needs the model's tokenizer files beside its config.json.")
+    special.add_to_gguf(w, quiet=True)
+    return kind
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k rows to llama.cpp's interleaved RoPE order (as convert_hf_to_gguf does)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_for_type(name: str, data: np.ndarray, qtype: str):
+    """(array, raw ggml type or None) for one tensor under the file type, as convert_hf_to_gguf chooses."""
+    import gguf
+
+    if data.ndim <= 1 or name.endswith("_norm.weight") or name == "rope_freqs.weight" or qtype == "F32":
+        return data.astype(np.float32), None
+    if qtype == "F16":
+        return data.astype(np.float16), None
+    if qtype == "BF16":
+        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    if qtype == "Q8_0":
+        if data.shape[-1] % 32:
+            return data.astype(np.float16), None           # rows that do not split into blocks stay F16
+        return gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    raise AssertionError(qtype)
+
+
+def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F16",
+               progress: Callable[[float, str], None] | None = None,
+               cancelled: Callable[[], bool] | None = None, extra_metadata: dict | None = None,
+               tensor_types: dict | None = None) -> dict:
+    """Write a Hugging Face Llama-family model as a GGUF file of type F32, F16, BF16 or Q8_0.
+
+    ``tensor_types`` maps GGUF tensor names to (array, raw ggml type) pairs that replace the default
+    encoding; the calibrated quantizer uses it to write its own blocks.
+    """
+    import gguf
+
+    cfg = model.config
+    spec = arch_spec(cfg.model_type)
+    if spec is None:
+        raise EdgeTailorError(f"The GGUF exporter does not support '{cfg.model_type}' models.",
+                              "Supported: llama, mistral, qwen2, qwen3.")
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    n_layers = int(cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+
+    w = gguf.GGUFWriter(str(out), spec.gguf_arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model"))
+    _add_hparams(w, cfg, spec, n_layers)
+    w.add_file_type(_ftype(qtype))
+    if qtype in ("Q8_0",) or tensor_types:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for k, v in (extra_metadata or {}).items():
+        w.add_string(k, str(v))
+    tok_kind = _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size))
+
+    state = model.state_dict()
+    items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]
+    if tied:
+        items = [(k, v) for k, v in items if k != "lm_head.weight"]
+    kept_f16 = []
+    factors = _llama3_rope_factors(cfg)
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors)
+    for i, (hf_name, tensor) in enumerate(items):
+        if cancelled and cancelled():
+            w.close()
+            raise RunCancelled()
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise EdgeTailorError(f"The GGUF exporter has no llama.cpp name for tensor '{hf_name}'.",
+                                  "This model has modules llama.cpp's Llama graph lacks; export to ONNX instead.")
+        data = tensor.detach().to("cpu").float().numpy()
+        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
+            data = _permute(data, heads)
+        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
+            data = _permute(data, kv_heads)
+        if tensor_types and name in tensor_types:
+            arr, raw = tensor_types[name]
+        else:
+            arr, raw = _tensor_for_type(name, data, qtype)
+            if qtype == "Q8_0" and raw is None and data.ndim > 1:
+                kept_f16.append(name)
+        if raw is None:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, arr, raw_dtype=raw)
+        if progress and i % 8 == 0:
+            progress(0.8 * (i + 1) / len(items), f"writing {name}")
+    if progress:
+        progress(0.85, "writing file")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    if progress:
+        progress(1.0, "written")
+    return {"type": qtype, "tokenizer": tok_kind, "arch": spec.gguf_arch, "tensors": len(items),
+            "kept_f16": kept_f16}
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> None:
+    """llama.cpp's own quantizer, in-process."""
+    import llama_cpp
+
+    ft = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ft is None:
+        raise EdgeTailorError(f"This llama.cpp build has no quantizer for '{qtype}'.",
+                              f"Use one of: {', '.join(quant_types())}.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ft
+    params.nthread = int(threads or 0)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not Path(dst).exists():
+        raise EdgeTailorError(f"llama.cpp failed to quantize to {qtype} (code {rc}).",
+                              "Try another type; types marked as needing an importance matrix need the calibrated step.")
+
+
+def verify_gguf(path: Path, n_tokens: int = 8) -> dict:
+    """Load the file in llama.cpp and run a short forward pass; raise if anything is off."""
+    from ..engine.runtimes import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(path, n_ctx=64, threads=None)
+    try:
+        n_vocab = rt.llm.n_vocab()
+        ids = rt.tokenize("The quick brown fox jumps over the lazy dog.")[:n_tokens] or [0]
+        logits = rt.logits(ids)
+        if not np.isfinite(logits).all():
+            raise EdgeTailorError(f"{Path(path).name} loads in llama.cpp but gives non-finite logits.",
+                                  "The weights overflow this type; export to F32/BF16 or another type.")
+        return {"loaded_by": "llama.cpp", "n_vocab": n_vocab, "tokens_run": len(ids)}
+    finally:
+        rt.close()

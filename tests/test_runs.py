@@ -1,0 +1,86 @@
+"""Runs: manifests, artifacts with sha256, worker events, cancel and crash leave no partial file."""
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import tiny_recipe
+
+from edgetailor.engine import JobSpec, run_job, start_job
+from edgetailor.engine.atomic import sha256_file
+
+
+def test_run_in_process_records_everything(stories_dir, tmp_path):
+    events = []
+    rec = run_job(JobSpec(recipe=tiny_recipe(), source=str(stories_dir), runs_root=str(tmp_path)), emit=events.append)
+    m = json.loads((rec.folder / "manifest.json").read_text())
+    assert m["status"] == "succeeded", m["error"]
+    assert m["source"]["sha256"] and m["versions"]["torch"] and m["versions"]["llama_cpp_python"]
+    names = {v["name"] for v in m["variants"]}
+    assert names == {"baseline", "base-F16", "base-Q4_K_M"}
+    for v in m["variants"]:
+        assert v["metrics"]["perplexity"] > 1
+    f16 = next(v for v in m["variants"] if v["name"] == "base-F16")["metrics"]
+    assert abs(f16["ppl_increase_pct"]) < 0.5 and f16["kl"] < 1e-3
+    for a in m["artifacts"]:
+        assert sha256_file(rec.folder / a["path"]) == a["sha256"]
+    assert [s["status"] for s in m["steps"]] == ["succeeded", "succeeded"]
+    types = {e["type"] for e in events}
+    assert {"run_started", "step_started", "progress", "variant", "artifact", "metric", "run_finished"} <= types
+    logged = (rec.folder / "events.jsonl").read_text().splitlines()
+    assert len(logged) == len(events)
+    assert not list(rec.folder.rglob("*.partial")) and not (rec.folder / "scratch").exists()
+
+
+def test_bad_parameters_fail_before_any_work(stories_dir, tmp_path):
+    import pytest
+
+    from edgetailor.engine import EdgeTailorError
+
+    with pytest.raises(EdgeTailorError):
+        run_job(JobSpec(recipe={"name": "x", "steps": [{"step": "export", "params": {"types": []}}]},
+                        source=str(stories_dir), runs_root=str(tmp_path)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_run_is_recorded(tmp_path, stories_dir):
+    recipe = {"name": "x", "steps": [{"step": "export", "params": {"types": ["IQ1_S"]}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)))
+    assert rec.manifest["status"] == "failed"
+    assert "importance matrix" in rec.manifest["error"]["problem"]
+    assert not list((rec.folder / "artifacts").iterdir())
+
+
+def _run_until(handle, predicate, timeout=120):
+    t = time.monotonic()
+    seen = []
+    while time.monotonic() - t < timeout:
+        for ev in handle.poll(0.2):
+            seen.append(ev)
+            if predicate(ev):
+                return seen
+    raise AssertionError("the event never came")
+
+
+def test_worker_streams_events_and_cancels_cleanly(stories_dir, tmp_path):
+    recipe = tiny_recipe(types=("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"), windows=8)
+    handle = start_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)))
+    _run_until(handle, lambda ev: ev["type"] == "artifact")
+    handle.cancel()
+    status = handle.wait()
+    assert status == "cancelled"
+    m = json.loads((handle.folder / "manifest.json").read_text())
+    assert m["status"] == "cancelled" and m["finished"]
+    assert not list(handle.folder.rglob("*.partial"))
+    on_disk = {str(p.relative_to(handle.folder)) for p in (handle.folder / "artifacts").iterdir()}
+    assert on_disk == {a["path"] for a in m["artifacts"]}     # every file is a recorded, complete artifact
+
+
+def test_worker_crash_is_recorded_as_failed(stories_dir, tmp_path):
+    handle = start_job(JobSpec(recipe=tiny_recipe(windows=8), source=str(stories_dir), runs_root=str(tmp_path)))
+    _run_until(handle, lambda ev: ev["type"] == "step_started")
+    handle._proc.kill()                              # as the OOM killer would
+    assert handle.wait() == "failed"
+    m = json.loads((handle.folder / "manifest.json").read_text())
+    assert m["status"] == "failed" and "ended unexpectedly" in m["error"]["problem"]
+    assert not list(handle.folder.rglob("*.partial"))
