@@ -8,6 +8,7 @@ before it is called done.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -84,7 +85,7 @@ class GGUFExporter(Exporter):
                                   cancelled=cancelled)
                 if progress:
                     progress(0.55, f"llama.cpp quantizes to {qtype}")
-                llama_quantize(mid, out, qtype, threads=threads)
+                info.update(llama_quantize(mid, out, qtype, threads=threads))
             info["type"] = qtype
             info["quantized_by"] = "llama.cpp llama_model_quantize"
         info["bytes"] = out.stat().st_size
@@ -355,7 +356,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
             "kept_f16": kept_f16}
 
 
-def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> None:
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> dict:
     """llama.cpp's own quantizer, in-process."""
     import llama_cpp
 
@@ -366,10 +367,37 @@ def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ft
     params.nthread = int(threads or 0)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _captured_stderr() as captured:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    text = captured["text"]
     if rc != 0 or not Path(dst).exists():
-        raise EdgeTailorError(f"llama.cpp failed to quantize to {qtype} (code {rc}).",
+        tail = " ".join(text.strip().splitlines()[-2:])[-300:]
+        raise EdgeTailorError(f"llama.cpp failed to quantize to {qtype} (code {rc}): {tail}",
                               "Try another type; types marked as needing an importance matrix need the calibrated step.")
+    import re
+
+    m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    return {"fallback_tensors": int(m.group(1)) if m else 0}
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """llama.cpp's quantizer prints a line per tensor to fd 2; keep it out of the user's terminal."""
+    import os
+    import sys
+
+    captured = {"text": ""}
+    with tempfile.TemporaryFile() as fh:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            fh.seek(0)
+            captured["text"] = fh.read().decode("utf-8", "replace")
 
 
 def verify_gguf(path: Path, n_tokens: int = 8) -> dict:

@@ -70,7 +70,7 @@ def export(ctx, cfg: ExportConfig) -> None:
 
         ctx.add_variant(Variant(
             name=variant, format=cfg.format, path=str((ctx.record.artifacts_dir / filename).relative_to(ctx.record.folder)),
-            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by")}},
+            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by", "fallback_tensors")}},
             metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3)},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(size) / 1e6:.1f} MB in {seconds:.1f} s"
