@@ -1,0 +1,341 @@
+"""EdgeTailor's own writers for llama.cpp's block types, guided by importance statistics.
+
+Every type here is a grid ``w ~= scale_g * q - min_g`` over groups of ``group`` weights along a row, with
+integer ``q`` in ``[qmin, qmax]``; the k-quants (Q2_K..Q6_K) store each group's scale (and min) as a small
+integer times a per-256-weight fp16 factor. The writer works in two layers:
+
+* ``fit_params(type, x, importance)`` chooses every group's scale and min for a block of columns (a
+  weighted least-squares search over candidate scales, then the k-quant integer scales and their fp16
+  factors, also weighted), and returns the *effective* float scales/mins llama.cpp will reconstruct.
+* ``round_q`` / ``pack`` turn values into integers with those scales and lay them out byte for byte as
+  ggml does (``block_q4_K`` etc.); the tests decode them with gguf-py's dequantizers and llama.cpp.
+
+``quantize_matrix`` runs the whole matrix, either with the importance weights alone (what llama.cpp's
+imatrix does) or with GPTQ-style error feedback through the inverse Hessian of the layer's inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    block: int          # weights per block (32) or super-block (256)
+    group: int          # weights sharing one scale (and min)
+    qmin: int
+    qmax: int
+    affine: bool        # has a min per group
+    scale_bits: int     # 0: fp16 scale per group (legacy types); else bits of the integer group scale
+    signed_scale: bool  # integer group scales are signed (Q3_K, Q6_K)
+    bytes: int          # bytes per block
+
+    @property
+    def groups(self) -> int:
+        return self.block // self.group
+
+
+TYPES = {t.name: t for t in (
+    BlockType("Q8_0", 32, 32, -128, 127, False, 0, False, 34),
+    BlockType("Q4_0", 32, 32, -8, 7, False, 0, False, 18),
+    BlockType("Q5_0", 32, 32, -16, 15, False, 0, False, 22),
+    BlockType("Q4_1", 32, 32, 0, 15, True, 0, False, 20),
+    BlockType("Q5_1", 32, 32, 0, 31, True, 0, False, 24),
+    BlockType("Q2_K", QK_K, 16, 0, 3, True, 4, False, 84),
+    BlockType("Q3_K", QK_K, 16, -4, 3, False, 6, True, 110),
+    BlockType("Q4_K", QK_K, 32, 0, 15, True, 6, False, 144),
+    BlockType("Q5_K", QK_K, 32, 0, 31, True, 6, False, 176),
+    BlockType("Q6_K", QK_K, 16, -32, 31, False, 8, True, 210),
+)}
+
+
+def ggml_type(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name]
+
+
+# --- choosing scales ------------------------------------------------------------------------------
+def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 16):
+    """Float scale and min per group minimizing the weighted squared error. x, w: (N, g)."""
+    eps = 1e-30
+    best_err = torch.full(x.shape[:1], float("inf"), dtype=x.dtype)
+    best_s = torch.zeros(x.shape[:1], dtype=x.dtype)
+    best_m = torch.zeros(x.shape[:1], dtype=x.dtype)
+    sw = w.sum(1)
+    if not bt.affine:
+        idx = x.abs().argmax(1, keepdim=True)
+        mx = x.gather(1, idx).squeeze(1)
+        # the largest magnitude maps onto the wider negative side (as ggml does), or onto the positive side
+        denoms = [bt.qmin + bt.qmin * t for t in np.linspace(-0.12, 0.12, ntry)]
+        denoms += [bt.qmax + bt.qmax * t for t in np.linspace(-0.12, 0.12, ntry // 2)]
+        for den in denoms:
+            s = mx / den
+            inv = torch.where(s != 0, 1 / s, torch.zeros_like(s))
+            q = torch.clamp(torch.round(x * inv[:, None]), bt.qmin, bt.qmax)
+            sq = (w * q * q).sum(1)
+            s2 = torch.where(sq > 0, (w * x * q).sum(1) / (sq + eps), torch.zeros_like(sq))
+            err = (w * (x - s2[:, None] * q) ** 2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s2, best_s)
+        return best_s, best_m
+    lo = x.min(1).values
+    hi = x.max(1).values
+    if bt.scale_bits:                       # k-quant mins are stored as non-negative offsets
+        lo = torch.clamp(lo, max=0.0)
+    rng = hi - lo
+    nmax = bt.qmax
+    for t in np.linspace(-0.1, 0.25, ntry):
+        s = rng / (nmax + t * nmax / 4)
+        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        q = torch.clamp(torch.round((x - lo[:, None]) * inv[:, None]), 0, nmax)
+        for _ in range(2):
+            sq = (w * q).sum(1)
+            sqq = (w * q * q).sum(1)
+            sx = (w * x).sum(1)
+            sxq = (w * x * q).sum(1)
+            det = sw * sqq - sq * sq
+            a = torch.where(det > 0, (sw * sxq - sq * sx) / (det + eps), s)
+            b = torch.where(det > 0, (sqq * sx - sq * sxq) / (det + eps), lo)
+            if bt.scale_bits:
+                neg = b > 0
+                a = torch.where(neg, torch.where(sqq > 0, sxq / (sqq + eps), s), a)
+                b = torch.where(neg, torch.zeros_like(b), b)
+            a = torch.clamp(a, min=0.0)
+            inv = torch.where(a > 0, 1 / a, torch.zeros_like(a))
+            q = torch.clamp(torch.round((x - b[:, None]) * inv[:, None]), 0, nmax)
+        err = (w * (x - a[:, None] * q - b[:, None]) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, a, best_s)
+        best_m = torch.where(better, -b, best_m)
+    return best_s, best_m
+
+
+def _quantize_scales(vals: torch.Tensor, weight: torch.Tensor, bits: int, signed: bool, ntry: int = 12):
+    """Integer codes L and a per-row fp16 factor d with vals ~= d * L, weighted. vals, weight: (N, G)."""
+    eps = 1e-30
+    if signed:
+        lmin, lmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        idx = vals.abs().argmax(1, keepdim=True)
+        mx = vals.gather(1, idx).squeeze(1)
+        dens = [lmin * (1 + t) for t in np.linspace(-0.1, 0.1, ntry)] + [lmax * (1 + t) for t in np.linspace(-0.1, 0.1, ntry // 2)]
+    else:
+        lmin, lmax = 0, (1 << bits) - 1
+        mx = vals.max(1).values
+        dens = [lmax * (1 + t) for t in np.linspace(-0.15, 0.1, ntry)]
+    best_err = torch.full(vals.shape[:1], float("inf"), dtype=vals.dtype)
+    best_d = torch.zeros_like(best_err)
+    for den in dens:
+        d = mx / den
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        L = torch.clamp(torch.round(vals * inv[:, None]), lmin, lmax)
+        sll = (weight * L * L).sum(1)
+        d2 = torch.where(sll > 0, (weight * vals * L).sum(1) / (sll + eps), torch.zeros_like(sll))
+        if not signed:
+            d2 = torch.clamp(d2, min=0.0)
+        d2 = d2.to(torch.float16).to(vals.dtype)
+        inv2 = torch.where(d2 != 0, 1 / d2, torch.zeros_like(d2))
+        L2 = torch.clamp(torch.round(vals * inv2[:, None]), lmin, lmax)
+        err = (weight * (vals - d2[:, None] * L2) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_d = torch.where(better, d2, best_d)
+    inv = torch.where(best_d != 0, 1 / best_d, torch.zeros_like(best_d))
+    L = torch.clamp(torch.round(vals * inv[:, None]), lmin, lmax)
+    return L, best_d
+
+
+@dataclass
+class BlockParams:
+    scale: torch.Tensor          # (R, G) effective float scale per group
+    minv: torch.Tensor           # (R, G) effective min (x ~= scale*q - minv)
+    raw: dict                    # what gets packed: fp16 factors and integer codes
+
+
+def fit_params(bt: BlockType, x: torch.Tensor, imp: torch.Tensor) -> BlockParams:
+    """Scales and mins for one block of columns of every row. x: (R, block); imp: (block,) or (R, block)."""
+    R = x.shape[0]
+    G = bt.groups
+    xg = x.reshape(R * G, bt.group)
+    wg = (imp.expand_as(x) if imp.dim() == 1 else imp).reshape(R * G, bt.group)
+    s, m = _fit_groups(bt, xg, wg)
+    s = s.reshape(R, G)
+    m = m.reshape(R, G)
+    if not bt.scale_bits:
+        d = s.to(torch.float16)
+        raw = {"d": d}
+        if bt.affine:
+            mm = (-m).to(torch.float16)
+            raw["m"] = mm
+            return BlockParams(d.float(), -mm.float(), raw)
+        return BlockParams(d.float(), torch.zeros_like(s), raw)
+    # how much a group's error grows with its scale / min error: sum of weights times q^2 (or 1)
+    wsum = wg.sum(1).reshape(R, G)
+    q_est = torch.where(s[..., None] > 0, (x.reshape(R, G, bt.group) + m[..., None]) /
+                        torch.where(s[..., None] != 0, s[..., None], torch.ones_like(s[..., None])),
+                        torch.zeros_like(x.reshape(R, G, bt.group)))
+    wq2 = (wg.reshape(R, G, bt.group) * q_est.clamp(bt.qmin, bt.qmax) ** 2).sum(-1) + 1e-12
+    Ls, d = _quantize_scales(s, wq2, bt.scale_bits, bt.signed_scale)
+    raw = {"d": d.to(torch.float16), "Ls": Ls}
+    scale = d[:, None] * Ls
+    minv = torch.zeros_like(scale)
+    if bt.affine:
+        Lm, dmin = _quantize_scales(m, wsum + 1e-12, bt.scale_bits, False)
+        raw["dmin"] = dmin.to(torch.float16)
+        raw["Lm"] = Lm
+        minv = dmin[:, None] * Lm
+    return BlockParams(scale, minv, raw)
+
+
+def round_q(bt: BlockType, x: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:
+    """Nearest grid integer for values x given the effective scale/min broadcast to x's shape."""
+    inv = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    return torch.clamp(torch.round((x + minv) * inv), bt.qmin, bt.qmax)
+
+
+# --- packing ----------------------------------------------------------------------------------------
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
+
+
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """(n, 2, k) values < 16 -> (n, k) bytes: low nibble from [:,0], high from [:,1]."""
+    return (u[:, 0] | (u[:, 1] << 4)).astype(np.uint8)
+
+
+def pack(bt: BlockType, q: torch.Tensor, raw: dict) -> np.ndarray:
+    """ggml's bytes for blocks. q: (nb, block) integers; raw: the fit's codes per block (nb, ...)."""
+    nb = q.shape[0]
+    qi = q.to(torch.int32).numpy()
+    name = bt.name
+    d = _f16(raw["d"].reshape(-1))
+    if name == "Q8_0":
+        return np.concatenate([d, qi.astype(np.int8).view(np.uint8)], 1)
+    if name in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"):
+        u = (qi - bt.qmin).astype(np.uint8)
+        qs = _nibbles((u & 0xF).reshape(nb, 2, 16))
+        parts = [d]
+        if bt.affine:
+            parts.append(_f16(raw["m"].reshape(-1)))
+        if bt.qmax - bt.qmin == 31:
+            parts.append(np.packbits((u >> 4).astype(np.uint8), axis=-1, bitorder="little"))
+        return np.concatenate(parts + [qs], 1)
+    if name == "Q2_K":
+        u = qi.astype(np.uint8).reshape(nb, 2, 4, 32)
+        qs = (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).reshape(nb, 64)
+        sc = (raw["Ls"].numpy().astype(np.uint8) | (raw["Lm"].numpy().astype(np.uint8) << 4)).reshape(nb, 16)
+        return np.concatenate([sc, qs, d, _f16(raw["dmin"].reshape(-1))], 1)
+    if name == "Q3_K":
+        u = (qi + 4).astype(np.uint8)
+        ql = (u & 3).reshape(nb, 2, 4, 32)
+        qs = (ql[:, :, 0] | (ql[:, :, 1] << 2) | (ql[:, :, 2] << 4) | (ql[:, :, 3] << 6)).reshape(nb, 64)
+        hb = (u >> 2).reshape(nb, 8, 32)
+        hmask = np.zeros((nb, 32), dtype=np.uint8)
+        for j in range(8):
+            hmask |= (hb[:, j] << j).astype(np.uint8)
+        s = (raw["Ls"].numpy().astype(np.int32) + 32).astype(np.uint8).reshape(nb, 16)
+        low = s & 0xF
+        sc = np.zeros((nb, 12), dtype=np.uint8)
+        sc[:, :8] = low[:, :8] | (low[:, 8:] << 4)
+        hi = (s >> 4).reshape(nb, 4, 4)          # [k, b] for sub-block k*4+b
+        sc[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+        return np.concatenate([hmask, qs, sc, d], 1)
+    if name in ("Q4_K", "Q5_K"):
+        ls = raw["Ls"].numpy().astype(np.uint8).reshape(nb, 8)
+        lm = raw["Lm"].numpy().astype(np.uint8).reshape(nb, 8)
+        sc = np.zeros((nb, 12), dtype=np.uint8)
+        sc[:, 0:4] = (ls[:, :4] & 63) | ((ls[:, 4:] >> 4) << 6)
+        sc[:, 4:8] = (lm[:, :4] & 63) | ((lm[:, 4:] >> 4) << 6)
+        sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+        u = qi.astype(np.uint8)
+        qs = _nibbles((u & 0xF).reshape(nb, 4, 2, 32).transpose(0, 2, 1, 3).reshape(nb, 2, 128))
+        parts = [d, _f16(raw["dmin"].reshape(-1)), sc]
+        if name == "Q5_K":
+            hb = (u >> 4).reshape(nb, 8, 32)
+            qh = np.zeros((nb, 32), dtype=np.uint8)
+            for j in range(8):
+                qh |= (hb[:, j] << j).astype(np.uint8)
+            parts.append(qh)
+        return np.concatenate(parts + [qs], 1)
+    if name == "Q6_K":
+        u = (qi + 32).astype(np.uint8).reshape(nb, 2, 2, 64)    # [half, nibble k, l64]
+        ql = (u[:, :, 0] & 0xF) | ((u[:, :, 1] & 0xF) << 4)      # (nb, 2, 64)
+        h = (u >> 4).reshape(nb, 2, 4, 32)                       # [half, s, l32]
+        qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
+        sc = raw["Ls"].numpy().astype(np.int8).view(np.uint8).reshape(nb, 16)
+        return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc, d], 1)
+    raise KeyError(name)
+
+
+# --- whole matrices ---------------------------------------------------------------------------------
+def _cat_raw(parts: list[dict]) -> dict:
+    return {k: torch.stack([p[k] for p in parts], 1) for k in parts[0]}
+
+
+def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = None,
+                    hessian: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Encode W (rows, cols) as ggml blocks of type ``name``; returns (bytes (rows, row_bytes), dequantized W).
+
+    ``importance``: per-column weights (second moments of the inputs, llama.cpp's imatrix); ``hessian``:
+    the inputs' X^T X, which turns on GPTQ error feedback (columns in order, blocks' scales fitted just
+    before their columns are rounded).
+    """
+    bt = TYPES[name]
+    Wt = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).clone()
+    R, C = Wt.shape
+    if C % bt.block:
+        raise ValueError(f"{name} needs rows of a multiple of {bt.block} values, not {C}")
+    if importance is None:
+        imp = torch.ones(C)
+    else:
+        imp = torch.from_numpy(np.asarray(importance, dtype=np.float32)).clone()
+        imp = imp + 1e-6 * float(imp.mean()) + 1e-30
+    Q = torch.zeros_like(Wt)
+    out_q = torch.zeros_like(Wt)
+    raws = []
+    Hinv = None
+    if hessian is not None:
+        H = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        Wt[:, dead] = 0
+        H += torch.eye(C, dtype=H.dtype) * (damp * torch.diag(H).mean())
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    for c0 in range(0, C, bt.block):
+        c1 = c0 + bt.block
+        p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])
+        raws.append(p.raw)
+        sc = p.scale.repeat_interleave(bt.group, 1)
+        mn = p.minv.repeat_interleave(bt.group, 1)
+        if Hinv is None:
+            q = round_q(bt, Wt[:, c0:c1], sc, mn)
+            out_q[:, c0:c1] = q
+            Q[:, c0:c1] = sc * q - mn
+            continue
+        Err = torch.zeros(R, bt.block)
+        for j in range(bt.block):
+            col = c0 + j
+            w = Wt[:, col]
+            q = round_q(bt, w, sc[:, j], mn[:, j])
+            dq = sc[:, j] * q - mn[:, j]
+            out_q[:, col] = q
+            Q[:, col] = dq
+            e = (w - dq) / Hinv[col, col]
+            Err[:, j] = e
+            if j + 1 < bt.block:
+                Wt[:, col + 1:c1] -= e[:, None] * Hinv[col, col + 1:c1][None, :]
+        if c1 < C:
+            Wt[:, c1:] -= Err @ Hinv[c0:c1, c1:]
+    nbr = C // bt.block
+    raw = _cat_raw(raws)      # each (R, nbr, ...)
+    raw = {k: v.reshape(R * nbr, *v.shape[2:]) for k, v in raw.items()}
+    data = pack(bt, out_q.reshape(R * nbr, bt.block), raw)
+    return data.reshape(R, nbr * bt.bytes), Q.numpy()
