@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import EdgeTailorError
+from ..plain import plain_weights
 from ..registry import register_step
 from ..runs import Variant
 
@@ -45,6 +46,7 @@ def export(ctx, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
     exporter = get_exporter(cfg.format)
+    model = plain_weights(ctx.model)      # factored layers (low-rank) are multiplied back for the file formats
     model_name = ctx.source.display_name
     n = len(cfg.types)
     for i, t in enumerate(cfg.types):
@@ -59,7 +61,7 @@ def export(ctx, cfg: ExportConfig) -> None:
             ctx.progress((i + f * 0.9) / n, f"{t}: {m}")
 
         with ctx.artifact(filename) as tmp:
-            result = exporter.export(ctx.model, ctx.tokenizer, ctx.source.path, tmp, options,
+            result = exporter.export(model, ctx.tokenizer, ctx.source.path, tmp, options,
                                      progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = exporter.verify(tmp) if cfg.verify else {}

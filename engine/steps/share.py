@@ -1,0 +1,192 @@
+"""Layer sharing: adjacent decoder blocks that do nearly the same thing are tied to one set of weights.
+
+For each adjacent pair (i, i+1) the step measures, on calibration text, how well block i's weights
+stand in for block i+1: it runs block i at position i+1 on block i+1's real inputs and compares the
+update it adds to the residual stream with block i+1's own update (relative error). The ``pairs`` best
+non-overlapping pairs are tied: block i+1 becomes a second use of block i's parameters (the same
+tensors, so the parameter count really drops; the block keeps its own position in the KV cache). A short
+distillation from the untied model (``engine.distill``) then heals the loss (``heal_steps``).
+
+Exports: in torch the blocks truly share storage. GGUF and ONNX write every block's tensors separately,
+so the shared weights are written twice (no size saving on disk; the quality change is kept).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EdgeTailorError
+from ..registry import register_step
+from ..step_report import record_step_report
+
+
+@dataclass
+class ShareConfig:
+    pairs: int = field(default=2, metadata={"help": "how many adjacent pairs of blocks to tie"})
+    heal_steps: int = field(default=40, metadata={"help": "distillation steps after tying (0 = none)"})
+    heal_lr: float = field(default=5e-5, metadata={"help": "learning rate of the healing distillation"})
+    heal_scope: str = field(default="shared", metadata={"help": "shared: train only the tied blocks; all: every weight"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per healing step"})
+    calibration_sequences: int = field(default=64, metadata={"help": "calibration sequences (selection and healing)"})
+    calibration_length: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+
+    def __post_init__(self):
+        if self.pairs < 1:
+            raise ValueError("pairs must be at least 1")
+        if self.heal_steps < 0 or self.heal_lr <= 0:
+            raise ValueError("heal_steps must be >= 0 and heal_lr > 0")
+        if self.heal_scope not in ("shared", "all"):
+            raise ValueError("heal_scope must be 'shared' or 'all'")
+
+
+def block_inputs(model, sequences: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """The residual stream entering each block and leaving the last one: n_layers + 1 tensors [n, t, h]."""
+    from ..calibration import _block_input, _block_output, decoder_layers, run_batches
+
+    layers = decoder_layers(model)
+    seen: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
+
+    def pre(i):
+        def fn(module, args, kwargs):
+            seen[i].append(_block_input(args, kwargs).detach().clone())
+        return fn
+
+    def post(module, args, kwargs, output):
+        seen[-1].append(_block_output(output).detach().clone())
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
+    try:
+        run_batches(model, sequences, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(s) for s in seen]
+
+
+def _run_block(model, block, hidden: torch.Tensor) -> torch.Tensor:
+    from ..calibration import _block_output
+
+    inner = model.model
+    pos = torch.arange(hidden.shape[1])[None, :]
+    pe = inner.rotary_emb(hidden, position_ids=pos)
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    return _block_output(block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe))
+
+
+def substitution_errors(model, sequences: torch.Tensor) -> list[float]:
+    """For each i: ||block_i(h_{i+1}) - block_{i+1}(h_{i+1})|| / ||block_{i+1}'s update||, over the sequences."""
+    from ..calibration import decoder_layers
+
+    layers = decoder_layers(model)
+    hs = block_inputs(model, sequences)
+    errors = []
+    with torch.inference_mode():
+        for i in range(len(layers) - 1):
+            x, y = hs[i + 1], hs[i + 2]
+            sub = _run_block(model, layers[i], x)
+            errors.append(float((sub - y).norm() / (y - x).norm().clamp_min(1e-12)))
+    return errors
+
+
+def choose_pairs(errors: list[float], pairs: int) -> list[int]:
+    """Indices i (block i+1 reuses block i) of the lowest errors; no block is both a source and a target."""
+    chosen, used = [], set()
+    for i in sorted(range(len(errors)), key=errors.__getitem__):
+        if len(chosen) == pairs:
+            break
+        if i in used or i + 1 in used:
+            continue
+        chosen.append(i)
+        used.update((i, i + 1))
+    if len(chosen) < pairs:
+        raise EdgeTailorError(f"Only {len(chosen)} non-overlapping pairs of adjacent blocks exist, not {pairs}.",
+                              "Ask for fewer pairs.")
+    return sorted(chosen)
+
+
+def tie(model, i: int) -> None:
+    """Block i+1 becomes a second use of block i's parameters (same tensors; its own KV-cache slot)."""
+    from ..calibration import decoder_layers
+
+    layers = decoder_layers(model)
+    source = layers[i]
+    memo = {id(p): p for p in source.parameters()}
+    memo.update({id(b): b for b in source.buffers()})
+    twin = copy.deepcopy(source, memo)
+    for m in twin.modules():
+        if hasattr(m, "layer_idx"):
+            m.layer_idx = i + 1
+    layers[i + 1] = twin
+
+
+def heal(student, teacher, sequences: torch.Tensor, scope_params, steps: int, lr: float, batch_size: int,
+         on_step=None, cancelled=None):
+    """Distil ``teacher`` into ``student`` (the project's distillation loop), training only ``scope_params``."""
+    from ..distill import distill
+
+    keep = {id(p) for p in scope_params}
+    frozen = [p for p in student.parameters() if id(p) not in keep and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return distill(student, teacher, sequences, steps=steps, lr=lr, batch_size=batch_size,
+                       warmup_steps=min(10, steps // 4), on_step=on_step, cancelled=cancelled)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@register_step("share.layers", ShareConfig, kind="transform",
+               summary="Tie the most similar adjacent decoder blocks to one set of weights, healed by distillation",
+               exports="torch: truly shared (fewer parameters). GGUF and ONNX: each block's tensors are written "
+                       "separately (the shared weights twice; no size saving on disk)",
+               ram_multiple=3.0)
+def share_layers(ctx, cfg: ShareConfig) -> None:
+    from ..calibration import decoder_layers, token_sequences
+
+    model = ctx.model
+    n_layers = len(decoder_layers(model))
+    if 2 * cfg.pairs > n_layers:
+        raise EdgeTailorError(f"The model has {n_layers} blocks; {cfg.pairs} pairs need {2 * cfg.pairs}.",
+                              "Ask for fewer pairs.")
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.calibration_length, cfg.calibration_sequences)
+    ctx.progress(0.0, "measuring how well each block stands in for the next")
+    errors = substitution_errors(model, seqs[: min(8, len(seqs))])
+    chosen = choose_pairs(errors, cfg.pairs)
+    ctx.check_cancelled()
+    teacher = copy.deepcopy(model) if cfg.heal_steps else None
+    before = sum(p.numel() for p in model.parameters())
+    for i in chosen:
+        tie(model, i)
+    after = sum(p.numel() for p in model.parameters())
+    ctx.log(f"tied blocks {', '.join(f'{i + 1}<-{i}' for i in chosen)} (substitution errors "
+            f"{', '.join(f'{errors[i]:.3f}' for i in chosen)}); parameters {before:,} -> {after:,}")
+    held_out, train = seqs[:4], seqs[4:] if len(seqs) > 8 else seqs
+    kl_before = kl_after = None
+    if cfg.heal_steps:
+        from ..distill import mean_kl
+
+        kl_before = mean_kl(model, teacher, held_out)
+        layers = decoder_layers(model)
+        scope = [p for i in chosen for p in layers[i].parameters()] if cfg.heal_scope == "shared" \
+            else list(model.parameters())
+        heal(model, teacher, train, scope, cfg.heal_steps, cfg.heal_lr, cfg.batch_size,
+             on_step=lambda s: (ctx.progress(0.1 + 0.9 * s.fraction, f"healing {s.step}/{cfg.heal_steps}: KL {s.loss:.4f}"),
+                                ctx.sample("heal_kl", s.loss, "share")),
+             cancelled=ctx.cancel.is_set)
+        kl_after = mean_kl(model, teacher, held_out)
+        ctx.log(f"healing: KL to the untied model on held-out calibration text {kl_before:.4f} -> {kl_after:.4f}")
+        del teacher
+    label = f"share{cfg.pairs}"
+    ctx.applied.append(label)
+    record_step_report(ctx, {"tied": [[i, i + 1] for i in chosen], "substitution_errors": errors,
+                             "parameters_before": before, "parameters_after": after,
+                             "heal_steps": cfg.heal_steps, "heldout_kl_before_heal": kl_before,
+                             "heldout_kl_after_heal": kl_after})
+    ctx.progress(1.0, f"{label}: {before - after:,} parameters shared")
