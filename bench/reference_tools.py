@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reference llama.cpp tools for EdgeTailor benchmarks.
 
 The benchmarks in ``bench/`` compare EdgeTailor side by side with llama.cpp's
@@ -30,6 +29,13 @@ How it works
 
 Caveats
 -------
+* **Logging patch.** llama.cpp's common logger prints from a worker thread
+  and never flushes at exit (ggml-org/llama.cpp#22142). When output goes to
+  a pipe, the tools often lose their last lines, including
+  ``Final estimate: PPL = ...``. Before building, we append a small atexit
+  flush to ``common/log.cpp`` (see ``_LOG_FLUSH_PATCH``). It changes logging
+  only. The build stamp records ``PATCH_LEVEL``, so builds from before the
+  patch are rebuilt (incrementally).
 * ``GGML_NATIVE=ON`` builds for the host CPU (``-march=native``). Don't share
   a cache between machines with different CPUs, or the binaries may crash
   with SIGILL. Use ``force=True`` or delete ``<cache>/build/<version>`` to
@@ -88,13 +94,13 @@ __all__ = [
     "TARGETS",
     "ToolError",
     "cache_dir",
-    "installed_version",
     "ensure_tools",
+    "installed_version",
+    "parse_final_ppl",
     "run_convert",
-    "run_quantize",
     "run_imatrix",
     "run_perplexity",
-    "parse_final_ppl",
+    "run_quantize",
 ]
 
 #: Key in the ensure_tools() dict -> CMake target / executable name.
@@ -122,6 +128,34 @@ CMAKE_OPTIONS: dict[str, str] = {
     "BUILD_SHARED_LIBS": "OFF",
 }
 
+#: Bump when the source patches below change, so cached builds get rebuilt.
+PATCH_LEVEL = 1
+
+_PATCH_MARKER = "// edgetailor-bench: flush async logger at exit"
+
+#: Appended to common/log.cpp. llama.cpp's common logger prints from a worker
+#: thread and leaks its singleton on purpose (ggml-org/llama.cpp#22142). So
+#: whatever is still queued when a tool returns from main() can be lost. With
+#: stdout/stderr on a pipe this often drops the last lines, including
+#: ``Final estimate: PPL = ...``. The patch registers an atexit handler that
+#: stops the worker, which first drains the queue. It only touches logging,
+#: not the numbers. ``common_log_main()`` is called before ``atexit`` so that
+#: in older versions, where the logger is a static object with a destructor,
+#: our handler runs before that destructor.
+_LOG_FLUSH_PATCH = (
+    _PATCH_MARKER
+    + """
+namespace {
+struct edgetailor_log_flush_at_exit {
+    edgetailor_log_flush_at_exit() {
+        common_log_main();
+        std::atexit([]() { common_log_pause(common_log_main()); });
+    }
+} edgetailor_log_flush_at_exit_instance;
+}
+"""
+)
+
 _FINAL_PPL_RE = re.compile(
     r"Final estimate:\s*PPL\s*=\s*([0-9.eE+-]+|nan|inf)\s*\+/-\s*([0-9.eE+-]+|nan|inf)"
 )
@@ -143,6 +177,7 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------
 # Locations
 # --------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """The cache root: ``$EDGETAILOR_BENCH_CACHE`` or ``~/.cache/edgetailor-bench``."""
@@ -215,9 +250,19 @@ def fetch_sdist(version: str | None = None, refresh: bool = False) -> tuple[Path
 
     spec = f"{PACKAGE}=={version}" if version else PACKAGE
     _log(f"downloading sdist {spec} ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-           spec, "-d", str(sdist_dir)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        spec,
+        "-d",
+        str(sdist_dir),
+    ]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if proc.returncode != 0:
         raise ToolError(f"pip download failed: {' '.join(cmd)}", proc.stdout)
 
@@ -271,6 +316,24 @@ def unpack_sdist(sdist: Path, version: str) -> Path:
 # Build
 # --------------------------------------------------------------------------
 
+
+def apply_patches(llama_dir: Path) -> None:
+    """Apply our build-only patches to the unpacked source (idempotent). See _LOG_FLUSH_PATCH."""
+    log_cpp = llama_dir / "common" / "log.cpp"
+    if not log_cpp.is_file():
+        _log(f"warning: {log_cpp} not found; not applying the log-flush patch")
+        return
+    text = log_cpp.read_text()
+    if _PATCH_MARKER in text:
+        return
+    if "common_log_main" not in text or "common_log_pause" not in text:
+        _log("warning: common/log.cpp has no common_log_main/common_log_pause; not patching")
+        return
+    if "<cstdlib>" not in text:
+        text = "#include <cstdlib>\n" + text
+    log_cpp.write_text(text.rstrip("\n") + "\n\n" + _LOG_FLUSH_PATCH)
+
+
 def _binaries(build_dir: Path) -> dict[str, Path]:
     return {key: build_dir / "bin" / name for key, name in TARGETS.items()}
 
@@ -296,7 +359,7 @@ def _check_targets(llama_dir: Path) -> None:
 def _run_logged(cmd: list[str], log_fh, cwd: Path | None = None) -> None:
     log_fh.write(f"\n$ {' '.join(cmd)}\n")
     log_fh.flush()
-    proc = subprocess.run(cmd, cwd=cwd, stdout=log_fh, stderr=subprocess.STDOUT)
+    proc = subprocess.run(cmd, cwd=cwd, stdout=log_fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         log_fh.flush()
         text = Path(log_fh.name).read_text(errors="replace")
@@ -307,11 +370,19 @@ def build_tools(llama_dir: Path, version: str, jobs: int = 2, force: bool = Fals
     """Configure and build the reference targets. Returns key -> binary path."""
     build_dir = cache_dir() / "build" / version
     bins = _binaries(build_dir)
-    if _all_built(bins) and not force:
-        return bins
+    stamp = build_dir / "edgetailor-build.json"
+    if _all_built(bins) and not force and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("patch_level") == PATCH_LEVEL:
+                return bins
+        except (OSError, ValueError):
+            pass
+    # Otherwise (re)build. If binaries exist from an older patch level, this
+    # is incremental: only common/log.cpp is recompiled and the tools relinked.
     if shutil.which("cmake") is None:
         raise ToolError("cmake not found on PATH")
     _check_targets(llama_dir)
+    apply_patches(llama_dir)
 
     build_dir.mkdir(parents=True, exist_ok=True)
     log_path = build_dir / "edgetailor-build.log"
@@ -322,29 +393,53 @@ def build_tools(llama_dir: Path, version: str, jobs: int = 2, force: bool = Fals
     if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
         gen = ["-G", "Ninja"]
 
-    _log(f"building {', '.join(TARGETS.values())} for llama-cpp-python {version} "
-         f"in {build_dir} (-j{jobs}); log: {log_path}")
+    _log(
+        f"building {', '.join(TARGETS.values())} for llama-cpp-python {version} "
+        f"in {build_dir} (-j{jobs}); log: {log_path}"
+    )
     t0 = time.perf_counter()
     with open(log_path, "a") as log_fh:
-        _run_logged(["cmake", "-S", str(llama_dir), "-B", str(build_dir), *gen,
-                     *cmake_opts, *extra], log_fh)
-        _run_logged(["cmake", "--build", str(build_dir), "--config", "Release",
-                     "--target", *TARGETS.values(), f"-j{jobs}"], log_fh)
+        _run_logged(["cmake", "-S", str(llama_dir), "-B", str(build_dir), *gen, *cmake_opts, *extra], log_fh)
+        _run_logged(
+            [
+                "cmake",
+                "--build",
+                str(build_dir),
+                "--config",
+                "Release",
+                "--target",
+                *TARGETS.values(),
+                f"-j{jobs}",
+            ],
+            log_fh,
+        )
     elapsed = time.perf_counter() - t0
 
     if not _all_built(bins):
-        raise ToolError(f"build finished but binaries are missing: {bins}",
-                        log_path.read_text(errors="replace"))
-    (build_dir / "edgetailor-build.json").write_text(json.dumps({
-        "version": version, "llama_cpp_dir": str(llama_dir), "cmake_options": CMAKE_OPTIONS,
-        "extra_cmake_args": extra, "jobs": jobs, "build_seconds": round(elapsed, 1),
-    }, indent=2))
+        raise ToolError(
+            f"build finished but binaries are missing: {bins}", log_path.read_text(errors="replace")
+        )
+    stamp.write_text(
+        json.dumps(
+            {
+                "version": version,
+                "patch_level": PATCH_LEVEL,
+                "llama_cpp_dir": str(llama_dir),
+                "cmake_options": CMAKE_OPTIONS,
+                "extra_cmake_args": extra,
+                "jobs": jobs,
+                "build_seconds": round(elapsed, 1),
+            },
+            indent=2,
+        )
+    )
     _log(f"build done in {elapsed:.0f} s")
     return bins
 
 
-def ensure_tools(version: str | None = None, jobs: int = 2, force: bool = False,
-                 refresh: bool = False) -> dict:
+def ensure_tools(
+    version: str | None = None, jobs: int = 2, force: bool = False, refresh: bool = False
+) -> dict:
     """Fetch, unpack and build the reference tools if needed, and return their paths.
 
     Returns a dict with keys ``perplexity``, ``imatrix``, ``quantize`` (Paths
@@ -383,13 +478,26 @@ def _tools() -> dict:
     return _tools_memo
 
 
-def _run_tool(cmd: list, *, env: dict | None = None, log_path: str | os.PathLike | None = None,
-              cwd: str | os.PathLike | None = None) -> tuple[str, float]:
+def _run_tool(
+    cmd: list,
+    *,
+    env: dict | None = None,
+    log_path: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> tuple[str, float]:
     """Run a command, capturing stdout and stderr together. Returns (output, seconds)."""
     cmd = [str(c) for c in cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", env=env, cwd=cwd)
+    proc = subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
     elapsed = time.perf_counter() - t0
     if log_path is not None:
         Path(log_path).write_text(f"$ {' '.join(cmd)}\n{proc.stdout}")
@@ -410,8 +518,15 @@ def converter_env(tools: dict | None = None) -> dict:
     return env
 
 
-def run_convert(hf_dir, out_path, outtype: str = "f16", *, python: str | None = None,
-                extra_args: list | None = None, log_path=None) -> float:
+def run_convert(
+    hf_dir,
+    out_path,
+    outtype: str = "f16",
+    *,
+    python: str | None = None,
+    extra_args: list | None = None,
+    log_path=None,
+) -> float:
     """Convert a Hugging Face model directory to GGUF with llama.cpp's converter.
 
     Runs ``<python> convert_hf_to_gguf.py <hf_dir> --outfile <out_path>
@@ -423,14 +538,23 @@ def run_convert(hf_dir, out_path, outtype: str = "f16", *, python: str | None = 
     """
     tools = _tools()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    cmd = [python or sys.executable, tools["convert_hf_to_gguf"], hf_dir,
-           "--outfile", out_path, "--outtype", outtype, *(extra_args or [])]
+    cmd = [
+        python or sys.executable,
+        tools["convert_hf_to_gguf"],
+        hf_dir,
+        "--outfile",
+        out_path,
+        "--outtype",
+        outtype,
+        *(extra_args or []),
+    ]
     _, secs = _run_tool(cmd, env=converter_env(tools), log_path=log_path)
     return secs
 
 
-def run_quantize(src, dst, type_name: str, imatrix=None, threads: int = 2, *,
-                 extra_args: list | None = None, log_path=None) -> float:
+def run_quantize(
+    src, dst, type_name: str, imatrix=None, threads: int = 2, *, extra_args: list | None = None, log_path=None
+) -> float:
     """``llama-quantize [--imatrix F] [extra_args] src dst TYPE threads``. Returns seconds.
 
     ``type_name`` is a llama.cpp ftype name such as ``Q4_K_M``, ``Q8_0`` or
@@ -443,9 +567,18 @@ def run_quantize(src, dst, type_name: str, imatrix=None, threads: int = 2, *,
     return secs
 
 
-def run_imatrix(model, text_file, out, ctx: int = 512, chunks: int = 100, threads: int = 2, *,
-                output_format: str | None = None, extra_args: list | None = None,
-                log_path=None) -> float:
+def run_imatrix(
+    model,
+    text_file,
+    out,
+    ctx: int = 512,
+    chunks: int = 100,
+    threads: int = 2,
+    *,
+    output_format: str | None = None,
+    extra_args: list | None = None,
+    log_path=None,
+) -> float:
     """``llama-imatrix -m model -f text -o out -c ctx --chunks N -t threads``. Returns seconds.
 
     This llama.cpp writes a GGUF imatrix by default, even when ``out`` doesn't
@@ -454,8 +587,21 @@ def run_imatrix(model, text_file, out, ctx: int = 512, chunks: int = 100, thread
     perplexity of the calibration text; pass ``extra_args=['--no-ppl']`` to skip
     that.
     """
-    cmd = [_tools()["imatrix"], "-m", model, "-f", text_file, "-o", out,
-           "-c", ctx, "--chunks", chunks, "-t", threads]
+    cmd = [
+        _tools()["imatrix"],
+        "-m",
+        model,
+        "-f",
+        text_file,
+        "-o",
+        out,
+        "-c",
+        ctx,
+        "--chunks",
+        chunks,
+        "-t",
+        threads,
+    ]
     if output_format is not None:
         cmd += ["--output-format", output_format]
     cmd += list(extra_args or [])
@@ -463,17 +609,38 @@ def run_imatrix(model, text_file, out, ctx: int = 512, chunks: int = 100, thread
     return secs
 
 
+_CHUNK_RE = re.compile(r"\[(\d+)\]([0-9.eE+-]+|nan|inf),")
+_N_CHUNKS_RE = re.compile(r"calculating perplexity over (\d+) chunks")
+
+
 def parse_final_ppl(output: str) -> tuple[float, float]:
-    """Get ``(ppl, stderr)`` from llama-perplexity's ``Final estimate: PPL = X +/- Y``."""
+    """Get ``(ppl, stderr)`` from llama-perplexity's ``Final estimate: PPL = X +/- Y``.
+
+    Fallback for unpatched builds that lost the last log line: the running value
+    after the last chunk, ``[N]X,``, is the same number. It is used only when
+    ``N`` matches the announced chunk count. The error term is then ``nan``.
+    """
     matches = _FINAL_PPL_RE.findall(output)
-    if not matches:
-        raise ToolError("no 'Final estimate: PPL = X +/- Y' line in llama-perplexity output", output)
-    ppl, err = matches[-1]
-    return float(ppl), float(err)
+    if matches:
+        ppl, err = matches[-1]
+        return float(ppl), float(err)
+    chunks = _CHUNK_RE.findall(output)
+    announced = _N_CHUNKS_RE.findall(output)
+    if chunks and announced and int(chunks[-1][0]) == int(announced[-1]):
+        return float(chunks[-1][1]), float("nan")
+    raise ToolError("no 'Final estimate: PPL = X +/- Y' line in llama-perplexity output", output)
 
 
-def run_perplexity(model, text_file, ctx: int = 512, chunks: int = 100, threads: int = 2, *,
-                   extra_args: list | None = None, log_path=None) -> tuple[float, float]:
+def run_perplexity(
+    model,
+    text_file,
+    ctx: int = 512,
+    chunks: int = 100,
+    threads: int = 2,
+    *,
+    extra_args: list | None = None,
+    log_path=None,
+) -> tuple[float, float]:
     """``llama-perplexity -m model -f text -c ctx --chunks N -t threads``.
 
     Returns ``(ppl, seconds)``. The text must have at least ``2*ctx`` tokens.
@@ -481,8 +648,20 @@ def run_perplexity(model, text_file, ctx: int = 512, chunks: int = 100, threads:
     scored. The ``+/-`` term is available from :func:`parse_final_ppl` when
     ``log_path`` is used.
     """
-    cmd = [_tools()["perplexity"], "-m", model, "-f", text_file, "-c", ctx,
-           "--chunks", chunks, "-t", threads, *(extra_args or [])]
+    cmd = [
+        _tools()["perplexity"],
+        "-m",
+        model,
+        "-f",
+        text_file,
+        "-c",
+        ctx,
+        "--chunks",
+        chunks,
+        "-t",
+        threads,
+        *(extra_args or []),
+    ]
     out, secs = _run_tool(cmd, log_path=log_path)
     ppl, _ = parse_final_ppl(out)
     return ppl, secs
@@ -492,6 +671,7 @@ def run_perplexity(model, text_file, ctx: int = 512, chunks: int = 100, threads:
 # CLI
 # --------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -499,8 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", help="llama-cpp-python version (default: installed, else cached/latest)")
     ap.add_argument("--jobs", "-j", type=int, default=2, help="parallel build jobs (default 2)")
     ap.add_argument("--force", action="store_true", help="rebuild even if binaries exist")
-    ap.add_argument("--refresh", action="store_true",
-                    help="with no pinned version, ask pip for the latest release instead of using the cache")
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="with no pinned version, ask pip for the latest release instead of using the cache",
+    )
     args = ap.parse_args(argv)
 
     try:
