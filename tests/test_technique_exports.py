@@ -63,3 +63,22 @@ def test_early_exit_reports_exits_quality_and_speed_and_exports_the_full_model(s
     from edgetailor.engine.sources import resolve
 
     assert sorted(load_heads(load_model(resolve(str(stories_dir))).model, heads)) == [2, 4]
+
+
+def test_combined_recipe_exports_to_gguf_and_onnx(stories_dir, tmp_path):
+    """low-rank -> layer sharing -> k-means in one recipe; GGUF (llama.cpp) and ONNX (onnxruntime) both score
+    like the in-memory torch model they were written from."""
+    recipe = {"name": "combined", "steps": [
+        {"step": "lowrank.svd", "params": {"keep": 0.8, **CALIB}},
+        {"step": "share.layers", "params": {"pairs": 1, "heal_steps": 2, "batch_size": 2, **CALIB}},
+        {"step": "cluster.kmeans", "params": {"clusters": 256, "write_palette": False}},
+        {"step": "export", "params": {"format": "gguf", "types": ["F32"]}},
+        {"step": "export", "params": {"format": "onnx", "types": ["fp32"]}},
+        {"step": "evaluate", "params": {"windows": 2, "ctx": 128, "current": True}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path), options={"threads": 2}))
+    assert rec.manifest["status"] == "succeeded", rec.manifest["error"]
+    v = {x["name"]: x["metrics"] for x in rec.manifest["variants"]}
+    name = "asvd80+share1+km256"
+    ppl = v[f"{name}-torch"]["perplexity"]
+    assert abs(v[f"{name}-F32"]["perplexity"] / ppl - 1) < 2e-3
+    assert abs(v[f"{name}-fp32"]["perplexity"] / ppl - 1) < 2e-3
