@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import EdgeTailorError
+from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
 from ..step_report import record_step_report
 
@@ -61,7 +61,7 @@ class LowRankLinear(nn.Module):
 class LowRankConfig:
     mode: str = field(default="budget", metadata={
         "help": "budget: keep a share of the selected layers' parameters; energy: keep a share of each "
-                "layer's squared singular values"})
+                "layer's squared singular values (of W S, the output error, when activation-aware)"})
     keep: float = field(default=0.7, metadata={"help": "the share kept (parameters or energy), 0..1"})
     activation_aware: bool = field(default=True, metadata={
         "help": "whiten with the calibration input covariance before the SVD (SVD-LLM)"})
@@ -134,7 +134,7 @@ def factor(weight: torch.Tensor, cov: torch.Tensor | None) -> Factors:
     w = weight.detach().double()
     if cov is None:
         u, s, vt = torch.linalg.svd(w, full_matrices=False)
-        return Factors(u, s, vt)
+        return Factors(u.float(), s.float(), vt.float())
     n = cov.shape[0]
     damp = 1e-6 * float(cov.diagonal().mean()) + 1e-12
     chol, info = torch.linalg.cholesky_ex(cov + damp * torch.eye(n, dtype=cov.dtype))
@@ -142,7 +142,7 @@ def factor(weight: torch.Tensor, cov: torch.Tensor | None) -> Factors:
         chol = torch.linalg.cholesky(cov + (1e-2 * float(cov.diagonal().mean()) + 1e-8) * torch.eye(n, dtype=cov.dtype))
     u, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
     vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)   # vt @ chol^-1
-    return Factors(u, s, vt)
+    return Factors(u.float(), s.float(), vt.float())
 
 
 def ranks_by_energy(factors: dict[str, Factors], shapes: dict[str, tuple[int, int]], keep: float) -> dict[str, int]:
@@ -213,8 +213,6 @@ def factorize(model, cfg: LowRankConfig, sequences=None, progress=None, cancelle
     factors, shapes = {}, {}
     for k, (name, lin) in enumerate(linears.items()):
         if cancelled and cancelled():
-            from ..errors import RunCancelled
-
             raise RunCancelled()
         factors[name] = factor(lin.weight, covs.get(name))
         shapes[name] = (lin.out_features, lin.in_features)
