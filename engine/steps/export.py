@@ -56,6 +56,8 @@ def export(ctx, cfg: ExportConfig) -> None:
         ctx.progress(i / n, f"{cfg.format} {t}")
         t0 = time.perf_counter()
         options = {"threads": ctx.options.resolved_threads(), **cfg.options, "type": t}
+        if cfg.format == "onnx" and options.get("method") == "gptq":
+            options.setdefault("calibration_text", ctx.calibration_text())
 
         def sub(f, m, i=i):
             ctx.progress((i + f * 0.9) / n, f"{t}: {m}")
@@ -72,7 +74,8 @@ def export(ctx, cfg: ExportConfig) -> None:
 
         ctx.add_variant(Variant(
             name=variant, format=cfg.format, path=str((ctx.record.artifacts_dir / filename).relative_to(ctx.record.folder)),
-            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by", "fallback_tensors")}},
+            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by", "fallback_tensors",
+                                                                        "block_size", "method")}},
             metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3)},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(size) / 1e6:.1f} MB in {seconds:.1f} s"

@@ -1,0 +1,683 @@
+"""ONNX export for onnxruntime and onnxruntime-genai (phones, laptop apps), plus the runtime that runs it.
+
+The graph is written directly with ``onnx.helper`` in the shape onnxruntime-genai's model builder emits for
+CPU, so the same fused kernels run it: ``GroupQueryAttention`` (rotary inside, KV cache in and out),
+``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` and, once quantized,
+``MatMulNBits`` (int4) with the tied embedding read from the quantized head by ``GatherBlockQuantized``.
+
+Types: ``fp32``, ``fp16``, ``int8`` (onnxruntime's ``quantize_dynamic`` on the MatMul weights) and ``int4``
+(onnxruntime's ``MatMulNBitsQuantizer``). Options: ``block_size`` (32, 64 or 128; a weight whose rows do not
+fill whole blocks is padded by the quantizer), ``method`` ``rtn`` (symmetric round-to-nearest, the builder's
+default), ``hqq`` (half-quadratic, asymmetric) or ``gptq`` (calibrated on ``calibration_text``),
+``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses).
+
+The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
+work), ``genai_config.json`` and the tokenizer files: ``onnxruntime_genai.Model(folder)`` runs it as it is.
+
+Graph I/O (onnxruntime-genai's names): ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, total]
+int64, ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] -> ``logits`` [batch, seq, vocab],
+``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
+
+``OnnxRuntime`` (registered as the runtime of format "onnx") runs a folder in plain onnxruntime::
+
+    rt = OnnxRuntime(folder, threads=2)
+    rt.logits(tokens)             # [n, vocab] float32, whole window with an empty cache (the evaluator)
+    rt.prefill(prompt_ids)        # logits of the last prompt token; starts a KV cache
+    rt.decode_one(token_id)       # logits of the next position; extends the cache
+    rt.generate(prompt_ids, 32)   # greedy: the new token ids (prefill + decode_one in a loop)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.architectures import arch_spec
+from ..engine.errors import EdgeTailorError, RunCancelled
+from ..engine.runtimes import Runtime, register_runtime
+from . import register_exporter
+from .base import Exporter, ExportResult
+
+TYPES = ("fp32", "fp16", "int8", "int4")
+INT4_METHODS = ("rtn", "hqq", "gptq")
+BLOCK_SIZES = (32, 64, 128)
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+OPSET = 21
+
+
+def parse_options(options: dict) -> dict:
+    qtype = str(options.get("type", "fp32")).lower()
+    if qtype not in TYPES:
+        raise EdgeTailorError(f"'{qtype}' is not an ONNX export type.", f"Use one of: {', '.join(TYPES)}.")
+    block = int(options.get("block_size", 32))
+    if block not in BLOCK_SIZES:
+        raise EdgeTailorError(f"An int4 block size of {block} is not supported.",
+                              f"Use one of: {', '.join(map(str, BLOCK_SIZES))}.")
+    method = str(options.get("method", "rtn")).lower()
+    if method not in INT4_METHODS:
+        raise EdgeTailorError(f"'{method}' is not an int4 method.", f"Use one of: {', '.join(INT4_METHODS)}.")
+    if qtype == "int4" and method == "gptq" and not options.get("calibration_text"):
+        raise EdgeTailorError("int4 method 'gptq' needs calibration text.",
+                              "Run it through the export step (it passes the job's calibration text), "
+                              "or give options.calibration_text.")
+    return {"type": qtype, "block_size": block, "method": method,
+            "accuracy_level": int(options.get("accuracy_level", 4)),
+            "calibration_text": options.get("calibration_text"),
+            "calibration_windows": int(options.get("calibration_windows", 8)),
+            "calibration_ctx": int(options.get("calibration_ctx", 256))}
+
+
+class ONNXExporter(Exporter):
+    format = "onnx"
+    runtimes = ("onnxruntime", "onnxruntime-genai")
+
+    def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
+        opts = parse_options(options)
+        qtype = opts["type"]
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def step(f, m):
+            if cancelled and cancelled():
+                raise RunCancelled()
+            if progress:
+                progress(f, m)
+
+        step(0.0, "building the ONNX graph")
+        float_type = "fp16" if qtype == "fp16" else "fp32"
+        graph = build_graph(model, float_type, quantizable=qtype in ("int8", "int4"))
+        info = {"type": qtype, "layers": graph.n_layers, "tied_embeddings": graph.tied}
+        if qtype in ("fp32", "fp16"):
+            proto = graph.proto
+        elif qtype == "int8":
+            step(0.3, "int8: onnxruntime quantize_dynamic")
+            proto = quantize_int8(graph)
+            info["quantized_by"] = "onnxruntime quantize_dynamic (MatMul weights, int8 per channel)"
+        else:
+            step(0.3, f"int4 {opts['method']}: onnxruntime MatMulNBitsQuantizer")
+            proto = quantize_int4(graph, opts, tokenizer, step)
+            info.update(block_size=opts["block_size"], method=opts["method"],
+                        quantized_by=f"onnxruntime MatMulNBitsQuantizer ({opts['method']})")
+        step(0.85, "writing model.onnx + model.onnx.data")
+        save(proto, out)
+        write_genai_config(model, tokenizer, out, graph)
+        copy_tokenizer_files(Path(tokenizer_dir), out)
+        files = sorted(p for p in out.iterdir())
+        info["bytes"] = sum(p.stat().st_size for p in files)
+        return ExportResult(path=out, files=files, info=info)
+
+    def verify(self, path):
+        return verify_onnx(path)
+
+
+register_exporter(ONNXExporter())
+
+
+# --- graph ------------------------------------------------------------------------------------------
+class GraphBuilder:
+    """Nodes, initializers and I/O of one decoder graph (names as onnxruntime-genai's builder writes them)."""
+
+    def __init__(self, float_type: str):
+        from onnx import TensorProto
+
+        self.np_float = np.float16 if float_type == "fp16" else np.float32
+        self.onnx_float = TensorProto.FLOAT16 if float_type == "fp16" else TensorProto.FLOAT
+        self.nodes = []
+        self.initializers = []
+        self.inputs = []
+        self.outputs = []
+        self.consts: dict = {}
+
+    def init(self, name: str, array: np.ndarray, dtype=None) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype or self.np_float)), name))
+        return name
+
+    def const_i64(self, values) -> str:
+        key = (str(values),)
+        if key not in self.consts:
+            name = f"/model/constants/INT64/{values}"
+            self.init(name, np.array(values, dtype=np.int64), np.int64)
+            self.consts[key] = name
+        return self.consts[key]
+
+    def node(self, op: str, inputs: Sequence[str], name: str, n_out: int = 1, domain: str = "", outputs=None,
+             **attrs) -> list[str]:
+        from onnx import helper
+
+        outputs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain or None, **attrs))
+        return outputs
+
+
+class DecoderGraph:
+    def __init__(self, proto, n_layers, kv_heads, heads, head_dim, hidden, vocab, tied, float_type, context):
+        self.proto = proto
+        self.n_layers = n_layers
+        self.kv_heads = kv_heads
+        self.heads = heads
+        self.head_dim = head_dim
+        self.hidden = hidden
+        self.vocab = vocab
+        self.tied = tied
+        self.float_type = float_type
+        self.context = context
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def build_graph(model, float_type: str = "fp32", quantizable: bool = False) -> DecoderGraph:
+    """The decoder as an ONNX graph with contrib ops. With ``quantizable`` the head keeps its own [hidden, vocab]
+    weight (a MatMul the quantizers can take) even when it is tied to the embedding."""
+    from onnx import TensorProto, helper
+
+    cfg = model.config
+    spec = arch_spec(cfg.model_type)
+    if spec is None or "onnx" not in spec.exporters:
+        raise EdgeTailorError(f"The ONNX exporter does not support '{cfg.model_type}' models.",
+                              "Supported: llama, mistral, qwen2, qwen3.")
+    inner = model.model
+    layers = inner.layers
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    true_head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    # GroupQueryAttention takes head sizes in multiples of 16: smaller heads are zero-padded (same results)
+    head_dim = -(-true_head_dim // 16) * 16
+    if head_dim != true_head_dim and spec.qk_norm:
+        raise EdgeTailorError(f"Heads of {true_head_dim} dimensions with q/k norms cannot run in GroupQueryAttention.",
+                              "Export this model to GGUF instead.")
+    hidden = int(cfg.hidden_size)
+    vocab = int(inner.embed_tokens.weight.shape[0])
+    context = int(cfg.max_position_embeddings)
+    eps = float(cfg.rms_norm_eps)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    window = getattr(cfg, "sliding_window", None)
+    if not window or not getattr(cfg, "use_sliding_window", True) or window >= context:
+        window = -1
+    g = GraphBuilder(float_type)
+    fl = g.onnx_float
+
+    # I/O
+    g.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+    g.inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                  ["batch_size", "total_sequence_length"]))
+    g.outputs.append(helper.make_tensor_value_info("logits", fl, ["batch_size", "sequence_length", vocab]))
+    for i in range(len(layers)):
+        for kind in ("key", "value"):
+            g.inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kind}", fl, ["batch_size", kv_heads, "past_sequence_length", head_dim]))
+            g.outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", fl, ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+
+    # attention mask -> seqlens_k (tokens seen - 1) and total length, as GroupQueryAttention takes them
+    base = "/model/attn_mask_reformat/attn_mask_subgraph"
+    one = g.const_i64([1])
+    rsum = g.node("ReduceSum", ["attention_mask", one], f"{base}/ReduceSum", keepdims=0)[0]
+    sub = g.node("Sub", [rsum, one], f"{base}/Sub")[0]
+    seqlens_k = g.node("Cast", [sub], f"{base}/Sub/Cast", to=TensorProto.INT32)[0]
+    shape = g.node("Shape", ["attention_mask"], f"{base}/Shape")[0]
+    total = g.node("Gather", [shape, g.const_i64(1)], f"{base}/Gather", axis=0)[0]
+    total_len = g.node("Cast", [total], f"{base}/Gather/Cast", to=TensorProto.INT32)[0]
+
+    # rotary caches [positions, head_dim / 2] from the model's own rotary embedding (covers rope scaling)
+    rot = inner.rotary_emb
+    inv_freq = rot.inv_freq.detach().to("cpu").double().numpy()
+    inv_freq = np.pad(inv_freq, (0, head_dim // 2 - len(inv_freq)))
+    scaling = float(getattr(rot, "attention_scaling", 1.0))
+    freqs = np.outer(np.arange(context, dtype=np.float64), inv_freq)
+    cos_cache = g.init("cos_cache", np.cos(freqs) * scaling)
+    sin_cache = g.init("sin_cache", np.sin(freqs) * scaling)
+
+    # embedding
+    g.init("model.embed_tokens.weight", _np(inner.embed_tokens.weight))
+    x = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]
+
+    def linear(name: str, inp: str, weight, bias=None) -> str:
+        w = g.init(f"{name.strip('/').replace('/', '.')}.MatMul.weight", _np(weight).T)
+        out = g.node("MatMul", [inp, w], f"{name}/MatMul")[0]
+        if bias is not None:
+            b = g.init(f"{name.strip('/').replace('/', '.')}.bias", _np(bias))
+            out = g.node("Add", [out, b], f"{name}/Add")[0]
+        return out
+
+    residual = x
+    normed = g.node("SimplifiedLayerNormalization", [x, g.init("model.layers.0.input_layernorm.weight",
+                                                                 _np(layers[0].input_layernorm.weight))],
+                    "/model/layers.0/input_layernorm/LayerNorm", epsilon=eps, axis=-1, stash_type=1)[0]
+    for i, layer in enumerate(layers):
+        p = f"/model/layers.{i}"
+        att = layer.self_attn
+        n_heads = att.q_proj.weight.shape[0] // true_head_dim
+        qw, qb = _pad_rope_heads(att.q_proj, n_heads, true_head_dim, head_dim)
+        kw, kb = _pad_rope_heads(att.k_proj, kv_heads, true_head_dim, head_dim)
+        vw, vb = _pad_heads(att.v_proj, kv_heads, true_head_dim, head_dim)
+        if spec.qk_norm:
+            q = linear(f"{p}/attn/q_proj", normed, qw, qb)
+            k = linear(f"{p}/attn/k_proj", normed, kw, kb)
+            v = linear(f"{p}/attn/v_proj", normed, vw, vb)
+            q = _head_norm(g, f"{p}/attn/q_norm", q, n_heads, head_dim, _np(att.q_norm.weight), eps)
+            k = _head_norm(g, f"{p}/attn/k_norm", k, kv_heads, head_dim, _np(att.k_norm.weight), eps)
+            qkv = [q, k, v]
+        else:
+            import torch
+
+            w = torch.cat([qw, kw, vw], 0)
+            b = torch.cat([qb, kb, vb], 0) if qb is not None else None
+            qkv = [linear(f"{p}/attn/qkv_proj", normed, w, b), "", ""]
+        attn_out = g.node(
+            "GroupQueryAttention",
+            qkv + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos_cache, sin_cache],
+            f"{p}/attn/GroupQueryAttention", domain="com.microsoft",
+            outputs=[f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=int(n_heads), kv_num_heads=kv_heads, scale=float(true_head_dim ** -0.5), local_window_size=int(window),
+            do_rotary=1, rotary_interleaved=0)[0]
+        ow = att.o_proj.weight
+        if head_dim != true_head_dim:
+            ow = _pad(ow.reshape(ow.shape[0], n_heads, true_head_dim), 2, head_dim).reshape(ow.shape[0], -1)
+        o = linear(f"{p}/attn/o_proj", attn_out, ow, att.o_proj.bias)
+        post_w = g.init(f"model.layers.{i}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight))
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, o, post_w],
+                                        f"{p}/post_attention_layernorm/SkipLayerNorm", domain="com.microsoft",
+                                        n_out=4, epsilon=eps)
+        mlp = layer.mlp
+        gate = linear(f"{p}/mlp/gate_proj", normed, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = linear(f"{p}/mlp/up_proj", normed, mlp.up_proj.weight, mlp.up_proj.bias)
+        sig = g.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")[0]
+        act = g.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")[0]
+        prod = g.node("Mul", [act, up], f"{p}/mlp/Mul")[0]
+        down = linear(f"{p}/mlp/down_proj", prod, mlp.down_proj.weight, mlp.down_proj.bias)
+        if i + 1 < len(layers):
+            nw = g.init(f"model.layers.{i + 1}.input_layernorm.weight", _np(layers[i + 1].input_layernorm.weight))
+            name = f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
+        else:
+            nw = g.init("model.norm.weight", _np(inner.norm.weight))
+            name = "/model/norm/SkipLayerNorm"
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, down, nw], name,
+                                        domain="com.microsoft", n_out=4, epsilon=eps)
+    if tied and not quantizable:
+        # one [vocab, hidden] tensor on disk; onnxruntime folds this Transpose once, at load time
+        head_t = g.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])[0]
+        g.node("MatMul", [normed, head_t], "/lm_head/MatMul", outputs=["logits"])
+    else:
+        head = g.init("lm_head.MatMul.weight", _np(model.lm_head.weight).T)
+        g.node("MatMul", [normed, head], "/lm_head/MatMul", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "edgetailor-decoder", g.inputs, g.outputs, g.initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="edgetailor")
+    proto.ir_version = 10
+    return DecoderGraph(proto, len(layers), kv_heads, heads, head_dim, hidden, vocab, tied, float_type, context)
+
+
+def _pad(t, dim: int, size: int):
+    import torch.nn.functional as F
+
+    pad = [0, 0] * (t.ndim - 1 - dim) + [0, size - t.shape[dim]]
+    return F.pad(t.detach(), pad)
+
+
+def _pad_rope_heads(proj, n_heads: int, true_dim: int, dim: int):
+    """q/k rows padded per rotary half ([h, 2, d/2] -> [h, 2, dim/2]), so rotate-half pairs stay paired."""
+    w, b = proj.weight.detach(), proj.bias
+    if dim == true_dim:
+        return w, (b.detach() if b is not None else None)
+    w = _pad(w.reshape(n_heads, 2, true_dim // 2, -1), 2, dim // 2).reshape(n_heads * dim, -1)
+    if b is not None:
+        b = _pad(b.reshape(n_heads, 2, true_dim // 2), 2, dim // 2).reshape(-1)
+    return w, b
+
+
+def _pad_heads(proj, n_heads: int, true_dim: int, dim: int):
+    w, b = proj.weight.detach(), proj.bias
+    if dim == true_dim:
+        return w, (b.detach() if b is not None else None)
+    w = _pad(w.reshape(n_heads, true_dim, -1), 1, dim).reshape(n_heads * dim, -1)
+    if b is not None:
+        b = _pad(b.reshape(n_heads, true_dim), 1, dim).reshape(-1)
+    return w, b
+
+
+def _head_norm(g: GraphBuilder, name: str, x: str, n_heads: int, head_dim: int, weight: np.ndarray, eps: float) -> str:
+    """RMSNorm over each head (qwen3's q_norm / k_norm): [b, s, h*d] -> [b, s, h, d] -> norm -> back."""
+    r = g.node("Reshape", [x, g.const_i64([0, 0, n_heads, head_dim])], f"{name}/Reshape")[0]
+    w = g.init(f"{name.strip('/').replace('/', '.')}.weight", weight)
+    n = g.node("SimplifiedLayerNormalization", [r, w], f"{name}/LayerNorm", epsilon=eps, axis=-1, stash_type=1)[0]
+    return g.node("Reshape", [n, g.const_i64([0, 0, n_heads * head_dim])], f"{name}/Reshape_back")[0]
+
+
+# --- quantization -----------------------------------------------------------------------------------
+def quantize_int8(graph: DecoderGraph):
+    """onnxruntime's dynamic quantization of every MatMul weight (int8, per output channel)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(graph.proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="fp32.onnx.data", size_threshold=1024)
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        return onnx.load(dst)
+
+
+def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
+    """onnxruntime's MatMulNBitsQuantizer on every MatMul (head included); a tied embedding then reads the
+    quantized head through GatherBlockQuantized, as onnxruntime-genai's builder does."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    block, method = opts["block_size"], opts["method"]
+    if method == "rtn":
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
+                                                accuracy_level=opts["accuracy_level"], quant_format=QuantFormat.QOperator,
+                                                op_types_to_quantize=("MatMul",))
+    elif method == "hqq":
+        # HQQ's zero points are floats, which GatherBlockQuantized cannot read: the embedding stays float
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
+    else:
+        algo = mnq.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=CalibrationReader(graph, tokenizer, opts["calibration_text"],
+                                                      opts["calibration_windows"], opts["calibration_ctx"]),
+            block_size=block, op_types_to_quantize=("MatMul",))
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    if method == "gptq":
+        proto = _run_gptq(graph, algo, opts, step)
+    else:
+        q = mnq.MatMulNBitsQuantizer(graph.proto, block_size=block, is_symmetric=True,
+                                     accuracy_level=opts["accuracy_level"], algo_config=algo)
+        q.process()
+        proto = q.model.model
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits" and opts["accuracy_level"] and not any(a.name == "accuracy_level" for a in n.attribute):
+            from onnx import helper
+
+            n.attribute.append(helper.make_attribute("accuracy_level", opts["accuracy_level"]))
+    if graph.tied and method != "hqq":
+        _embedding_from_quantized_head(proto, graph, block)
+    return proto
+
+
+def _run_gptq(graph: DecoderGraph, algo, opts, step):
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-gptq-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        onnx.save_model(graph.proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="fp32.onnx.data", size_threshold=1024)
+        step(0.4, "int4 gptq: collecting activations on the calibration text")
+        # its calibration session opens the model from bytes: external data resolves from the working folder
+        with contextlib.chdir(tmp):
+            q = mnq.MatMulNBitsQuantizer(str(src), block_size=opts["block_size"], is_symmetric=False,
+                                         accuracy_level=opts["accuracy_level"], algo_config=algo)
+            with contextlib.redirect_stdout(io.StringIO()):     # its progress bar
+                q.process()
+            proto = q.model.model
+            onnx.load_external_data_for_model(proto, tmp)
+    return proto
+
+
+def CalibrationReader(graph: DecoderGraph, tokenizer, text: str, windows: int, ctx: int):
+    """Calibration windows (each with an empty KV cache) for onnxruntime's GPTQ quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            n = max(1, min(windows, len(ids) // ctx))
+            self.items = [ids[i * ctx:(i + 1) * ctx] for i in range(n)]
+            self.pos = 0
+
+        def get_next(self):
+            if self.pos >= len(self.items):
+                return None
+            w = self.items[self.pos]
+            self.pos += 1
+            feed = {"input_ids": np.array([w], dtype=np.int64), "attention_mask": np.ones((1, len(w)), dtype=np.int64)}
+            feed.update(_empty_cache(graph.n_layers, graph.kv_heads, graph.head_dim, np.float32))
+            return feed
+
+        def rewind(self):
+            self.pos = 0
+
+    return Reader()
+
+
+def _remove_unused_initializers(proto) -> None:
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def _embedding_from_quantized_head(proto, graph: DecoderGraph, block: int) -> None:
+    """Replace the float embedding Gather with GatherBlockQuantized over the int4 head's weights."""
+    from onnx import helper
+
+    head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+    b_name, scales = head.input[1], head.input[2]
+    zp = head.input[3] if len(head.input) > 3 and head.input[3] else ""
+    padded = -(-graph.hidden // block) * block
+    blocks = padded // block
+    gather = next(n for n in proto.graph.node if n.name == "/model/embed_tokens/Gather")
+    out = gather.output[0]
+    new = []
+
+    def const(name, values):
+        proto.graph.initializer.append(helper.make_tensor(name, 7, [len(values)], values))
+        return name
+
+    data = "/model/embed_tokens/Reshape/output_0"
+    new.append(helper.make_node("Reshape", [b_name, const("/model/embed_tokens/shape_data", [graph.vocab, padded // 2])],
+                                [data], name="/model/embed_tokens/Reshape"))
+    s = "/model/embed_tokens/Reshape_scales/output_0"
+    new.append(helper.make_node("Reshape", [scales, const("/model/embed_tokens/shape_scales", [graph.vocab, blocks])],
+                                [s], name="/model/embed_tokens/Reshape_scales"))
+    inputs = [data, "input_ids", s]
+    if zp:
+        z = "/model/embed_tokens/Reshape_zp/output_0"
+        new.append(helper.make_node("Reshape", [zp, const("/model/embed_tokens/shape_zp", [graph.vocab, -(-blocks // 2)])],
+                                    [z], name="/model/embed_tokens/Reshape_zp"))
+        inputs.append(z)
+    gathered = out if padded == graph.hidden else "/model/embed_tokens/GatherBlockQuantized/output_0"
+    new.append(helper.make_node("GatherBlockQuantized", inputs, [gathered], name="/model/embed_tokens/GatherBlockQuantized",
+                                domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1))
+    if padded != graph.hidden:
+        new.append(helper.make_node("Slice", [gathered, const("/model/embed_tokens/slice_start", [0]),
+                                              const("/model/embed_tokens/slice_end", [graph.hidden]),
+                                              const("/model/embed_tokens/slice_axis", [-1])],
+                                    [out], name="/model/embed_tokens/Slice"))
+    idx = list(proto.graph.node).index(gather)
+    nodes = list(proto.graph.node)
+    nodes[idx:idx + 1] = new
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    _remove_unused_initializers(proto)
+
+
+# --- files ------------------------------------------------------------------------------------------
+def save(proto, out: Path) -> None:
+    import onnx
+
+    for p in (out / MODEL_FILE, out / DATA_FILE):
+        p.unlink(missing_ok=True)
+    onnx.save_model(proto, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def write_genai_config(model, tokenizer, out: Path, graph: DecoderGraph) -> None:
+    cfg = model.config
+    gen = getattr(model, "generation_config", None)
+
+    def pick(name):
+        v = getattr(gen, name, None) if gen is not None else None
+        return v if v is not None else getattr(cfg, name, None)
+
+    eos = pick("eos_token_id")
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    config = {
+        "model": {
+            "bos_token_id": pick("bos_token_id"),
+            "context_length": graph.context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": graph.head_dim,
+                "hidden_size": graph.hidden,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": graph.heads,
+                "num_hidden_layers": graph.n_layers,
+                "num_key_value_heads": graph.kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": cfg.model_type,
+            "vocab_size": graph.vocab,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": graph.context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    (out / "genai_config.json").write_text(json.dumps(config, indent=4))
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    found = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    if "tokenizer.json" not in found and "tokenizer.model" not in found:
+        raise EdgeTailorError(f"{src} has no tokenizer.json or tokenizer.model to ship with the ONNX model.",
+                              "Export from a folder that has the tokenizer files.")
+    for f in found:
+        shutil.copy(src / f, out / f)
+
+
+# --- runtime ----------------------------------------------------------------------------------------
+def _empty_cache(n_layers, kv_heads, head_dim, dtype) -> dict:
+    z = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
+    return {f"past_key_values.{i}.{k}": z for i in range(n_layers) for k in ("key", "value")}
+
+
+class OnnxRuntime(Runtime):
+    """An exported folder run in plain onnxruntime, with its KV cache (see the module docstring)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        model_file = path / MODEL_FILE if path.is_dir() else path
+        if not model_file.exists():
+            raise EdgeTailorError(f"There is no ONNX model at {model_file}.", "Export the variant again.")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_file), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EdgeTailorError(f"onnxruntime could not load {model_file}: {exc}",
+                                  "The folder may be incomplete; export the variant again.") from exc
+        self.n_ctx = n_ctx
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.n_layers = len(past) // 2
+        self.kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
+        self.float_dtype = np.float16 if "float16" in past[0].type else np.float32
+        self.past: dict | None = None
+        self.seen = 0
+
+    def _run(self, ids: Sequence[int], past: dict, seen: int):
+        feed = {"input_ids": np.array([list(ids)], dtype=np.int64),
+                "attention_mask": np.ones((1, seen + len(ids)), dtype=np.int64), **past}
+        outs = self.session.run(None, feed)
+        names = [o.name for o in self.session.get_outputs()]
+        logits = outs[names.index("logits")][0].astype(np.float32)
+        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")}
+        return logits, present
+
+    def logits(self, tokens):
+        logits, _ = self._run(tokens, _empty_cache(self.n_layers, self.kv_heads, self.head_dim, self.float_dtype), 0)
+        return logits
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        logits, self.past = self._run(ids, _empty_cache(self.n_layers, self.kv_heads, self.head_dim, self.float_dtype), 0)
+        self.seen = len(ids)
+        return logits[-1]
+
+    def decode_one(self, token: int) -> np.ndarray:
+        if self.past is None:
+            raise RuntimeError("call prefill() before decode_one()")
+        logits, self.past = self._run([int(token)], self.past, self.seen)
+        self.seen += 1
+        return logits[-1]
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        out: list[int] = []
+        logits = self.prefill(prompt_ids)
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if nxt == eos_token_id or self.seen + 1 > self.n_ctx:
+                break
+            logits = self.decode_one(nxt)
+        return out
+
+    def close(self) -> None:
+        self.session = None
+        self.past = None
+
+
+register_runtime("onnx", lambda path, n_ctx=512, threads=None: OnnxRuntime(path, n_ctx, threads))
+
+
+def verify_onnx(path: Path, n_tokens: int = 8) -> dict:
+    """Load the folder in onnxruntime (and onnxruntime-genai when installed) and run a forward pass each."""
+    path = Path(path)
+    rt = OnnxRuntime(path, threads=1)
+    try:
+        ids = list(range(1, n_tokens + 1))
+        logits = rt.logits(ids)
+        if logits.shape[0] != n_tokens or not np.isfinite(logits).all():
+            raise EdgeTailorError(f"{path.name} gave bad logits in onnxruntime.", "Export the variant again.")
+        rt.prefill(ids[:-1])
+        step = rt.decode_one(ids[-1])
+        if step.shape != logits[-1].shape or not np.isfinite(step).all():
+            raise EdgeTailorError(f"{path.name} gave bad logits when decoding with its KV cache.",
+                                  "This is a bug in the ONNX exporter; please report it.")
+    finally:
+        rt.close()
+    checked = {"loaded_by": "onnxruntime", "tokens": n_tokens}
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return checked
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=n_tokens + 4, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, dtype=np.int32))
+    gen.generate_next_token()
+    checked["loaded_by"] = "onnxruntime and onnxruntime-genai"
+    checked["genai_token"] = int(gen.get_next_tokens()[0])
+    return checked
