@@ -1,0 +1,110 @@
+"""Importance statistics of every linear layer's inputs, from calibration text.
+
+For each linear layer (the output head included) this accumulates, over every calibration token, the sum
+of x_j^2 per input channel (llama.cpp's importance matrix is that sum divided by the token count) and,
+optionally, the full X^T X (the Hessian GPTQ uses). Layers fed by the same tensor (q/k/v, gate/up) share
+one accumulation. The result saves to a single safetensors file and loads back::
+
+    stats = collect(model, token_sequences(tok, ctx.calibration_text(), 512), hessians=True)
+    stats.second_moment("model.layers.0.mlp.down_proj")    # E[x^2] per input channel
+    stats.hessian("model.layers.0.mlp.down_proj")          # X^T X / n
+    stats.save(path); ImportanceStats.load(path)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .calibration import _hooks, run_batches
+from .errors import EdgeTailorError
+
+
+@dataclass
+class ImportanceStats:
+    sum_sq: dict[str, torch.Tensor]                 # module -> sum of x^2 per input channel (float64)
+    count: dict[str, int]                           # module -> tokens seen
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)   # input key -> X^T X (float64)
+    input_of: dict[str, str] = field(default_factory=dict)       # module -> input key of its X^T X
+    tokens: int = 0
+
+    def second_moment(self, module: str) -> torch.Tensor:
+        return self.sum_sq[module] / max(self.count[module], 1)
+
+    def hessian(self, module: str) -> torch.Tensor | None:
+        key = self.input_of.get(module)
+        if key is None or key not in self.xtx:
+            return None
+        return self.xtx[key] / max(self.count[module], 1)
+
+    def has_hessians(self) -> bool:
+        return bool(self.xtx)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"sum_sq/{k}": v.contiguous() for k, v in self.sum_sq.items()}
+        tensors.update({f"xtx/{k}": v.contiguous() for k, v in self.xtx.items()})
+        meta = {"count": json.dumps(self.count), "input_of": json.dumps(self.input_of), "tokens": str(self.tokens),
+                "format": "edgetailor-imatrix-1"}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "ImportanceStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "edgetailor-imatrix-1":
+                raise EdgeTailorError(f"{path} is not an EdgeTailor importance-statistics file.",
+                                      "Pass the imatrix.safetensors written by the 'imatrix' step.")
+            sum_sq, xtx = {}, {}
+            for k in f.keys():
+                kind, name = k.split("/", 1)
+                (sum_sq if kind == "sum_sq" else xtx)[name] = f.get_tensor(k)
+        return cls(sum_sq, json.loads(meta["count"]), xtx, json.loads(meta["input_of"]), int(meta["tokens"]))
+
+
+def linear_layers(model) -> dict[str, torch.nn.Linear]:
+    """Every linear layer of the model by qualified name, the output head included."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: int = 4,
+            progress: Callable[[float, str], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> ImportanceStats:
+    """Run the calibration sequences through the model and accumulate the statistics of every linear input."""
+    mods = linear_layers(model)
+    sum_sq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    count = {n: 0 for n in mods}
+    xtx: dict[str, torch.Tensor] = {}
+    input_of: dict[str, str] = {}
+    last: dict[str, object] = {"x": None, "key": None, "sq": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            if last["x"] is x:                     # same input tensor as the previous layer (q/k/v, gate/up)
+                key, sq = last["key"], last["sq"]
+            else:
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                sq = (x2.double() ** 2).sum(0)
+                key = name
+                if hessians:
+                    if key not in xtx:
+                        xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+                    xtx[key] += (x2.T @ x2).double()
+                last.update(x=x, key=key, sq=sq)
+            if hessians:
+                input_of.setdefault(name, key)
+            sum_sq[name] += sq
+            count[name] += x.numel() // x.shape[-1]
+        return fn
+
+    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
+        run_batches(model, sequences, batch_size, progress, cancelled)
+    last.clear()
+    return ImportanceStats(sum_sq, count, xtx, input_of, int(sequences.numel()))

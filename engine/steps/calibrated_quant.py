@@ -1,0 +1,105 @@
+"""Importance statistics from calibration text, and GGUF files quantized with them.
+
+``imatrix`` runs the calibration text through the current model and keeps, for every linear layer, the
+per-input-channel second moments (llama.cpp's importance matrix) and the inputs' X^T X (GPTQ's Hessian);
+they are saved with the run as ``imatrix.safetensors``. ``quant.gguf_calibrated`` writes llama.cpp's
+type mixes (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) with EdgeTailor's own blocks chosen with those statistics.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..errors import EdgeTailorError
+from ..registry import register_step
+from ..runs import Variant
+
+METHODS = ("gptq", "imatrix")
+
+
+@dataclass
+class ImatrixConfig:
+    seq_len: int = field(default=512, metadata={"help": "tokens per calibration sequence"})
+    max_sequences: int | None = field(default=None, metadata={"help": "at most this many sequences (default: all the text gives)"})
+    hessians: bool = field(default=True, metadata={"help": "also keep X^T X per layer input (needed by GPTQ)"})
+
+    def __post_init__(self):
+        if self.seq_len < 64:
+            raise ValueError("seq_len must be at least 64")
+
+
+def compute_stats(ctx, cfg: ImatrixConfig):
+    from ..calibration import token_sequences
+    from ..imatrix import collect
+
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
+    ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
+    stats = collect(ctx.model, seqs, hessians=cfg.hessians,
+                    progress=lambda f, m: ctx.progress(0.95 * f, m), cancelled=ctx.cancel.is_set)
+    with ctx.artifact("imatrix.safetensors") as tmp:
+        stats.save(tmp)
+    ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
+    return stats
+
+
+@register_step("imatrix", ImatrixConfig, kind="measure",
+               summary="Importance statistics of every linear layer's inputs on the calibration text (saved with the run)")
+def imatrix_step(ctx, cfg: ImatrixConfig) -> None:
+    compute_stats(ctx, cfg)
+    ctx.progress(1.0, "importance statistics saved")
+
+
+@dataclass
+class CalibratedQuantConfig:
+    types: list[str] = field(default_factory=lambda: ["Q4_K_M"],
+                             metadata={"help": "llama.cpp type mixes: Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K (also Q5_K_S, Q4_K_S, Q3_K_S ...)"})
+    method: str = field(default="gptq", metadata={"help": "gptq (error feedback through the Hessian) or imatrix (weighted search only)"})
+    verify: bool = field(default=True, metadata={"help": "load each file back in llama.cpp before keeping it"})
+
+    def __post_init__(self):
+        if not self.types:
+            raise ValueError("give at least one type")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}")
+
+
+def current_stats(ctx, need_hessians: bool):
+    held = ctx.scratch.get("imatrix")
+    if held and held[0] == tuple(ctx.applied) and (held[1].has_hessians() or not need_hessians):
+        return held[1]
+    return compute_stats(ctx, ImatrixConfig(hessians=need_hessians))
+
+
+@register_step("quant.gguf_calibrated", CalibratedQuantConfig, kind="export",
+               summary="GGUF k-quant mixes with EdgeTailor's calibrated blocks (importance-weighted, GPTQ)",
+               exports="this is the export (GGUF)")
+def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
+    from ...exporters.gguf import verify_gguf
+    from ...exporters.gguf_calibrated import export_calibrated
+    from ..atomic import tree_size
+
+    stats = current_stats(ctx, cfg.method == "gptq")
+    n = len(cfg.types)
+    for i, t in enumerate(cfg.types):
+        ctx.check_cancelled()
+        t = t.upper()
+        variant = ctx.current_variant_name(f"{t}-{cfg.method}")
+        filename = f"{ctx.source.display_name}-{variant}.gguf"
+        t0 = time.perf_counter()
+        with ctx.artifact(filename) as tmp:
+            info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, stats, cfg.method,
+                                     progress=lambda f, m, i=i: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"),
+                                     cancelled=ctx.cancel.is_set)
+            seconds = time.perf_counter() - t0
+            checked = verify_gguf(tmp) if cfg.verify else {}
+        if cfg.verify and not checked:
+            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+        path = ctx.record.artifacts_dir / filename
+        ctx.add_variant(Variant(
+            name=variant, format="gguf", path=str(path.relative_to(ctx.record.folder)),
+            params={"type": t, "method": cfg.method, "quantized_by": info["quantized_by"],
+                    "calibration_tokens": stats.tokens},
+            metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3)},
+            parent="baseline", steps=list(ctx.applied)))
+        ctx.log(f"{filename}: {tree_size(path) / 1e6:.1f} MB in {seconds:.1f} s")
+    ctx.progress(1.0, "exported")

@@ -1,0 +1,141 @@
+"""EdgeTailor's own GGUF blocks: bit-compatible with ggml, better with importance statistics, run by llama.cpp."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgetailor.exporters import gguf_blocks
+
+
+def _correlated(rng, n, cols):
+    """Inputs with very different channel scales and strong correlations, like real activations."""
+    base = rng.standard_normal((n, cols // 4)).astype(np.float32)
+    mix = rng.standard_normal((cols // 4, cols)).astype(np.float32)
+    return (base @ mix + 0.3 * rng.standard_normal((n, cols)).astype(np.float32)) * rng.uniform(0.05, 3, cols).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(gguf_blocks.TYPES))
+def test_blocks_decode_with_ggufs_dequantizer_exactly(name):
+    import gguf
+
+    rng = np.random.default_rng(1)
+    W = (rng.standard_normal((8, 512)) * rng.uniform(0.01, 0.2, (8, 1))).astype(np.float32)
+    W[0, :40] = 0                                                     # an all-zero block must work too
+    imp = rng.uniform(0.1, 5, 512).astype(np.float32)
+    data, ours = gguf_blocks.quantize_matrix(name, W, imp)
+    assert data.shape == (8, 512 // gguf_blocks.TYPES[name].block * gguf_blocks.TYPES[name].bytes)
+    theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name])
+    np.testing.assert_array_equal(theirs, ours)
+    rel = np.abs(ours - W).mean() / np.abs(W).mean()
+    assert rel < {"Q2_K": 0.45, "Q3_K": 0.25}.get(name, 0.15)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q3_K", "Q5_1"])
+def test_importance_lowers_weighted_error_and_gptq_lowers_output_error(name):
+    rng = np.random.default_rng(2)
+    X = _correlated(rng, 2048, 256)
+    W = rng.standard_normal((64, 256)).astype(np.float32) * 0.05
+    H = X.T @ X
+    imp = np.diag(H) / len(X)
+    plain = gguf_blocks.quantize_matrix(name, W)[1]
+    weighted = gguf_blocks.quantize_matrix(name, W, imp)[1]
+    gptq = gguf_blocks.quantize_matrix(name, W, imp, H)[1]
+
+    def werr(D):
+        return float((((D - W) ** 2) * imp).sum())
+
+    def out_err(D):
+        return float((((D - W) @ X.T) ** 2).mean())
+
+    assert werr(weighted) < 0.97 * werr(plain)
+    assert out_err(gptq) < 0.9 * out_err(weighted)
+
+
+def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from edgetailor.engine import imatrix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    ids = torch.randint(3, 500, (3, 40))
+    stats = imatrix.collect(model, ids, hessians=True, batch_size=2)
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids)).reshape(-1, 64).double()
+    for mod in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{mod}"
+        torch.testing.assert_close(stats.second_moment(name), (x ** 2).mean(0))
+        torch.testing.assert_close(stats.hessian(name), x.T @ x / len(x), rtol=1e-5, atol=1e-6)
+    assert stats.input_of["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+    assert stats.count["lm_head"] == ids.numel()
+
+
+def _unpermute(w, n_head):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_calibrated_file_has_llama_cpps_types_and_runs_like_torch(tiny_models, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.engine import imatrix
+    from edgetailor.engine.runtimes import LlamaCppRuntime
+    from edgetailor.exporters.gguf import llama_quantize, write_gguf
+    from edgetailor.exporters.gguf_calibrated import export_calibrated
+
+    src = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
+    ours = tmp_path / "ours.gguf"
+    export_calibrated(model, tok, src, ours, "Q4_K_M", stats, "gptq")
+    write_gguf(model, tok, src, tmp_path / "f32.gguf", "F32")
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama.gguf", "Q4_K_M")
+    mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    ref = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "llama.gguf")).tensors}
+    assert {n: t.tensor_type.name for n, t in mine.items()} == ref
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= set(ref.values())
+    assert sum(int(t.n_bytes) for t in mine.values()) == sum(
+        int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "llama.gguf")).tensors)
+    assert ours.stat().st_size <= (tmp_path / "llama.gguf").stat().st_size
+
+    # torch with the weights llama.cpp decodes from our blocks gives llama.cpp's logits
+    sd = model.state_dict()
+    from gguf import get_tensor_name_map, MODEL_ARCH
+
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    with torch.no_grad():
+        for hf_name, p in sd.items():
+            g = names.get_name(hf_name, try_suffixes=(".weight",))
+            if p.ndim != 2 or g not in mine:
+                continue
+            t = mine[g]
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
+            if hf_name.endswith("q_proj.weight"):
+                w = _unpermute(w, model.config.num_attention_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                w = _unpermute(w, model.config.num_key_value_heads)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    ids = tok("Once upon a time there was a little girl", add_special_tokens=True)["input_ids"]
+    with torch.no_grad():
+        expect = model(torch.tensor([ids])).logits[0].numpy()
+    rt = LlamaCppRuntime(ours, n_ctx=64, threads=2)
+    try:
+        got = rt.logits(ids)
+    finally:
+        rt.close()
+    assert np.abs(got - expect).max() < 0.05 * np.abs(expect).max()
+
+
+def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
+    from edgetailor.engine.job import JobSpec, run_job
+
+    recipe = {"name": "calibrated", "steps": [
+        {"step": "imatrix", "params": {"seq_len": 128, "max_sequences": 6}},
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q3_K_M"]}},
+        {"step": "evaluate", "params": {"windows": 2, "ctx": 128}}]}
+    record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}))
+    assert record.manifest["status"] == "succeeded", record.manifest
+    assert (record.folder / "artifacts" / "imatrix.safetensors").exists()
+    v = record.variant("base-Q3_K_M-gptq")
+    assert v["format"] == "gguf" and v["metrics"]["perplexity"] > 1
