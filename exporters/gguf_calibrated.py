@@ -134,3 +134,132 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, st
                 tensor_types={n: types.get(n) for n in sources})
     return info
 
+
+
+# --- mixed precision to a size target ---------------------------------------------------------------
+CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def metadata_bytes(model, tokenizer, tokenizer_dir, workdir: Path) -> int:
+    """Bytes of everything in the file but the 2-D tensors' data: header, vocabulary, tensor infos, norms."""
+    import gguf
+
+    from .gguf import _add_hparams, _add_vocab
+
+    cfg = model.config
+    spec = arch_spec(cfg.model_type)
+    probe = Path(workdir) / "metadata.gguf"
+    w = gguf.GGUFWriter(str(probe), spec.gguf_arch)
+    _add_hparams(w, cfg, spec, int(cfg.num_hidden_layers))
+    _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    size = probe.stat().st_size
+    probe.unlink()
+    n_tensors = sum(1 for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq"))
+    ones = sum(p.numel() * 4 for p in model.state_dict().values() if p.ndim == 1)
+    return size + 96 * n_tensors + ones + 64            # name/dims/type/offset and alignment per tensor
+
+
+def type_bytes(t: str, shape) -> int:
+    bt = gguf_blocks.TYPES[t]
+    return shape[0] * shape[1] // bt.block * bt.bytes
+
+
+def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
+               progress: Callable[[float, str], None] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> dict[str, str]:
+    """Each tensor's type so that the tensors fit ``budget`` bytes with the least importance-weighted error.
+
+    Sensitivity of a tensor under a type: sum over inputs j of E[x_j^2] * (W - Q(W))_ij^2 (the expected
+    squared error the layer's output gets), measured on up to ``max_rows`` rows. A greedy pass then buys,
+    at every step, the upgrade with the largest error drop per byte until the budget is spent.
+    """
+    options: dict[str, list[tuple[str, int, float]]] = {}
+    every: dict[str, list[tuple[str, int, float]]] = {}
+    names = list(sources)
+    for k, name in enumerate(names):
+        if cancelled and cancelled():
+            raise RunCancelled()
+        module, W = sources[name]
+        imp = stats.second_moment(module).numpy() if (stats is not None and module in stats.sum_sq) else np.ones(W.shape[1])
+        rows = np.linspace(0, W.shape[0] - 1, min(max_rows, W.shape[0])).astype(int)
+        sub = W[rows]
+        opts = []
+        for t in CANDIDATES:
+            if W.shape[1] % gguf_blocks.TYPES[t].block:
+                continue
+            _, deq = gguf_blocks.quantize_matrix(t, sub, imp)
+            err = float((((deq - sub) ** 2) * imp[None, :]).sum()) * W.shape[0] / len(rows)
+            opts.append((t, type_bytes(t, W.shape), err))
+        opts.sort(key=lambda o: o[1])
+        # keep the lower convex hull of (bytes, error): the types worth buying in order
+        hull = []
+        for o in opts:
+            if hull and o[2] >= hull[-1][2]:
+                continue
+            while len(hull) >= 2 and ((hull[-1][2] - o[2]) * (hull[-1][1] - hull[-2][1])
+                                      >= (hull[-2][2] - hull[-1][2]) * (o[1] - hull[-1][1])):
+                hull.pop()
+            hull.append(o)
+        options[name] = hull
+        every[name] = opts
+        if progress:
+            progress((k + 1) / len(names), f"sensitivity of {name}")
+    level = {n: 0 for n in names}
+    total = sum(options[n][0][1] for n in names)
+    if total > budget:
+        raise EdgeTailorError(f"The target is too small: even the smallest types need {total / 1e6:.1f} MB of tensors.",
+                              "Give a larger size or more bits per weight.")
+    largest = sum(max(o[1] for o in every[n]) for n in names)
+    if budget > 1.02 * largest:
+        raise EdgeTailorError(f"The target is larger than the largest file of these types ({largest / 1e6:.1f} MB of tensors).",
+                              "Give a smaller size, or export F16/BF16 with the plain export step.")
+    while True:
+        best, best_gain = None, 0.0
+        for n in names:
+            i = level[n]
+            if i + 1 < len(options[n]):
+                cur, nxt = options[n][i], options[n][i + 1]
+                extra = nxt[1] - cur[1]
+                if total + extra <= budget:
+                    gain = (cur[2] - nxt[2]) / extra
+                    if gain > best_gain:
+                        best, best_gain = n, gain
+        if best is None:
+            break
+        i = level[best]
+        total += options[best][i + 1][1] - options[best][i][1]
+        level[best] = i + 1
+    chosen = {n: options[n][level[n]] for n in names}
+    while True:          # fill what is left with upgrades off the hull that still fit
+        best, best_gain = None, 0.0
+        for n in names:
+            cur = chosen[n]
+            for o in every[n]:
+                extra = o[1] - cur[1]
+                if 0 < extra and total + extra <= budget and o[2] < cur[2] and (cur[2] - o[2]) / extra > best_gain:
+                    best, best_gain = (n, o), (cur[2] - o[2]) / extra
+        if best is None:
+            break
+        n, o = best
+        total += o[1] - chosen[n][1]
+        chosen[n] = o
+    return {n: o[0] for n, o in chosen.items()}
+
+
+def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_bytes: int, method: str = "gptq",
+                     progress=None, cancelled=None) -> dict:
+    """A GGUF of about ``target_bytes`` (within 2%), each tensor's type chosen by its measured sensitivity."""
+    out = Path(out)
+    overhead = metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
+    sources = tensor_sources(model)
+    types = plan_types(sources, stats, target_bytes - overhead,
+                       progress=(lambda f, m: progress(0.4 * f, m)) if progress else None, cancelled=cancelled)
+    info = export_calibrated(model, tokenizer, tokenizer_dir, out, "Q4_K_M", stats, method, types=types,
+                             progress=(lambda f, m: progress(0.4 + 0.6 * f, m)) if progress else None,
+                             cancelled=cancelled)
+    info["type"] = "mixed"
+    info["target_bytes"] = int(target_bytes)
+    return info

@@ -139,3 +139,25 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
     assert (record.folder / "artifacts" / "imatrix.safetensors").exists()
     v = record.variant("base-Q3_K_M-gptq")
     assert v["format"] == "gguf" and v["metrics"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize("target_mb", [0.13, 0.18])
+def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_path, target_mb):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.engine import imatrix
+    from edgetailor.engine.errors import EdgeTailorError
+    from edgetailor.exporters.gguf import verify_gguf
+    from edgetailor.exporters.gguf_calibrated import export_to_target
+
+    src = tiny_models["mistral"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
+    out = tmp_path / "mixed.gguf"
+    info = export_to_target(model, tok, src, out, stats, int(target_mb * 1e6))
+    assert abs(out.stat().st_size / (target_mb * 1e6) - 1) < 0.02
+    assert len(set(info["tensor_types"].values())) > 1           # really mixed
+    assert verify_gguf(out)["loaded_by"] == "llama.cpp"
+    with pytest.raises(EdgeTailorError, match="larger than the largest"):
+        export_to_target(model, tok, src, tmp_path / "too-big.gguf", stats, int(1e6))

@@ -54,11 +54,17 @@ class CalibratedQuantConfig:
     types: list[str] = field(default_factory=lambda: ["Q4_K_M"],
                              metadata={"help": "llama.cpp type mixes: Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K (also Q5_K_S, Q4_K_S, Q3_K_S ...)"})
     method: str = field(default="gptq", metadata={"help": "gptq (error feedback through the Hessian) or imatrix (weighted search only)"})
+    target_mb: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this size (MB, within 2%)"})
+    target_bpw: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this many bits per weight"})
     verify: bool = field(default=True, metadata={"help": "load each file back in llama.cpp before keeping it"})
 
     def __post_init__(self):
         if not self.types:
             raise ValueError("give at least one type")
+        if self.target_mb is not None and self.target_bpw is not None:
+            raise ValueError("give target_mb or target_bpw, not both")
+        if (self.target_mb is not None and self.target_mb <= 0) or (self.target_bpw is not None and self.target_bpw <= 0):
+            raise ValueError("a size target must be positive")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
 
@@ -75,21 +81,32 @@ def current_stats(ctx, need_hessians: bool):
                exports="this is the export (GGUF)")
 def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     from ...exporters.gguf import verify_gguf
-    from ...exporters.gguf_calibrated import export_calibrated
+    from ...exporters.gguf_calibrated import export_calibrated, export_to_target
     from ..atomic import tree_size
 
     stats = current_stats(ctx, cfg.method == "gptq")
-    n = len(cfg.types)
-    for i, t in enumerate(cfg.types):
+    target = None
+    if cfg.target_mb is not None:
+        target = int(cfg.target_mb * 1e6)
+    elif cfg.target_bpw is not None:
+        params = sum(p.numel() for k, p in ctx.model.state_dict().items() if k != "lm_head.weight"
+                     or not getattr(ctx.model.config, "tie_word_embeddings", False))
+        target = int(cfg.target_bpw * params / 8)
+    types = [f"{target / 1e6:.1f}MB"] if target else [t.upper() for t in cfg.types]
+    n = len(types)
+    for i, t in enumerate(types):
         ctx.check_cancelled()
-        t = t.upper()
         variant = ctx.current_variant_name(f"{t}-{cfg.method}")
         filename = f"{ctx.source.display_name}-{variant}.gguf"
         t0 = time.perf_counter()
         with ctx.artifact(filename) as tmp:
-            info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, stats, cfg.method,
-                                     progress=lambda f, m, i=i: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"),
-                                     cancelled=ctx.cancel.is_set)
+            sub = (lambda f, m, i=i, t=t: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"))
+            if target:
+                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, stats, target, cfg.method,
+                                        progress=sub, cancelled=ctx.cancel.is_set)
+            else:
+                info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, stats, cfg.method,
+                                         progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = verify_gguf(tmp) if cfg.verify else {}
         if cfg.verify and not checked:
@@ -97,8 +114,8 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         path = ctx.record.artifacts_dir / filename
         ctx.add_variant(Variant(
             name=variant, format="gguf", path=str(path.relative_to(ctx.record.folder)),
-            params={"type": t, "method": cfg.method, "quantized_by": info["quantized_by"],
-                    "calibration_tokens": stats.tokens},
+            params={"type": info["type"], "method": cfg.method, "quantized_by": info["quantized_by"],
+                    "calibration_tokens": stats.tokens, **({"target_bytes": target} if target else {})},
             metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3)},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(path) / 1e6:.1f} MB in {seconds:.1f} s")

@@ -1,0 +1,221 @@
+"""EdgeTailor's calibrated GGUF quantizer against llama.cpp's, side by side in one run.
+
+For each model / calibration text / type it makes three files and scores them all with the same evaluator
+(EdgeTailor's llama-perplexity windowing run by llama.cpp through llama-cpp-python, wikitext-2 test,
+ctx 512, first N windows; KL to the F16 file's log-probs):
+
+* llama.cpp: convert_hf_to_gguf.py -> F16, llama-quantize TYPE (no importance matrix)
+* llama.cpp + imatrix: llama-imatrix on the calibration text (ctx 512, every chunk the text has), then
+  llama-quantize --imatrix TYPE
+* EdgeTailor: importance statistics and Hessians on the same calibration text (ctx 512, every sequence the
+  text has), then quant.gguf_calibrated's writer (GPTQ, llama.cpp's type mix) - in a child process, so its
+  wall time and peak memory are its own.
+
+The llama.cpp tools are built from the llama-cpp-python sdist into a cache outside the repo
+(bench/reference_tools.py). Run under the shared lock::
+
+    flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/calibrated_quant.py
+
+Writes bench/results/calibrated_quant.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+sys.path.insert(0, str(REPO / "bench"))
+
+TYPES = ["Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+TARGET_RATIO = {"Q5_K_M": 0.85, "Q4_K_M": 0.75, "Q3_K_M": 0.75, "Q2_K": 0.75}
+
+
+def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str) -> dict:
+    """Child process: EdgeTailor's pipeline, timed, from loading the model to the last file."""
+    import torch
+
+    torch.set_num_threads(2)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.engine import imatrix
+    from edgetailor.engine.calibration import token_sequences
+    from edgetailor.exporters.gguf_calibrated import export_calibrated
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
+    stats = imatrix.collect(model, seqs, hessians=(method == "gptq"))
+    t_calib = time.perf_counter() - t0
+    res = {"load_s": t_load, "calibration_s": t_calib, "calibration_sequences": int(len(seqs)), "types": {}}
+    for t in types:
+        t0 = time.perf_counter()
+        export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, stats, method)
+        res["types"][t] = time.perf_counter() - t0
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.runtimes import LlamaCppRuntime
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    win = make_windows(tok, WIKI.read_bytes().decode("utf-8"), 512, windows)
+    ref = ReferenceLogprobs(f16.parent / "reference")
+    out = {}
+    for label, path in [("F16", f16)] + list(files.items()):
+        rt = LlamaCppRuntime(path, n_ctx=512, threads=2)
+        try:
+            r = evaluate(rt, win, reference=ref, record_reference=(label == "F16"))
+        finally:
+            rt.close()
+        out[label] = {"perplexity": r.perplexity, "kl": r.kl, "top1": r.top1, "size_mb": path.stat().st_size / 1e6,
+                      "eval_windows": r.windows}
+        print(f"  {label}: ppl {r.perplexity:.4f}" + (f" KL {r.kl:.5f}" if r.kl is not None else ""), flush=True)
+    return out
+
+
+def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: int, work: Path, method: str) -> dict:
+    import reference_tools as rt
+
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"== {name}: {model_dir.name}, calibration {calib.name}, {windows} windows", flush=True)
+    f16 = work / "f16.gguf"
+    t_convert = rt.run_convert(model_dir, f16, "f16", log_path=work / "convert.log")
+    imat = work / "imatrix.gguf"
+    t_imatrix = rt.run_imatrix(f16, calib, imat, ctx=512, chunks=100, threads=2, extra_args=["--no-ppl"],
+                               log_path=work / "imatrix.log")
+    chunks = next((int(l.split("computing over ")[1].split()[0]) for l in (work / "imatrix.log").read_text().splitlines()
+                   if "computing over" in l), None)
+    times, files = {}, {}
+    for t in types:
+        files[f"llama {t}"] = work / f"llama-{t}.gguf"
+        times[f"llama {t}"] = rt.run_quantize(f16, files[f"llama {t}"], t, threads=2)
+        files[f"llama+imatrix {t}"] = work / f"llama-imatrix-{t}.gguf"
+        times[f"llama+imatrix {t}"] = rt.run_quantize(f16, files[f"llama+imatrix {t}"], t, imatrix=imat, threads=2)
+    t0 = time.perf_counter()
+    child = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(calib), ",".join(types), str(work),
+                            method], capture_output=True, text=True)
+    t_ours_total = time.perf_counter() - t0
+    if child.returncode:
+        raise SystemExit(child.stderr[-4000:])
+    our = json.loads(child.stdout.strip().splitlines()[-1])
+    for t in types:
+        files[f"EdgeTailor {t}"] = work / f"et-{t}.gguf"
+    scores = evaluate_files(str(model_dir), files, f16, windows)
+    base = scores["F16"]["perplexity"]
+    rows = []
+    for t in types:
+        row = {"type": t}
+        for who in ("llama", "llama+imatrix", "EdgeTailor"):
+            s = scores[f"{who} {t}"]
+            row[who] = {**s, "increase_pct": 100 * (s["perplexity"] / base - 1)}
+        row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
+        row["llama+imatrix"]["seconds"] = t_convert + t_imatrix + times[f"llama+imatrix {t}"]
+        row["EdgeTailor"]["seconds"] = our["load_s"] + our["calibration_s"] + our["types"][t]
+        row["ratio_to_imatrix"] = row["EdgeTailor"]["increase_pct"] / row["llama+imatrix"]["increase_pct"]
+        row["time_ratio_to_imatrix"] = row["EdgeTailor"]["seconds"] / row["llama+imatrix"]["seconds"]
+        rows.append(row)
+    return {"name": name, "model": model_dir.name, "calibration": calib.name, "windows": windows,
+            "f16_perplexity": base, "imatrix_chunks": chunks, "ours": our, "ours_child_seconds": t_ours_total,
+            "convert_s": t_convert, "imatrix_s": t_imatrix, "rows": rows, "method": method}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Calibrated GGUF quantization: EdgeTailor vs llama.cpp", "",
+             f"Machine: {results['machine']}. llama.cpp {results['llama_cpp']} (tools built from the llama-cpp-python "
+             "sdist). Evaluation: wikitext-2 test, ctx 512, first N windows, EdgeTailor's evaluator running each file "
+             "in llama.cpp; KL to the F16 file (llama.cpp's converter). Calibration text never the evaluation text; "
+             "llama-imatrix and EdgeTailor use the same text, ctx 512, every chunk it has. Times are wall seconds on "
+             "2 threads: llama.cpp = convert + [imatrix] + quantize; EdgeTailor = load + calibration + quantize "
+             "(calibration shared by all types in a real run, counted in full for each type here).", "",
+             f"Command: `{results['command']}`", ""]
+    for s in results["suites"]:
+        lines += [f"## {s['name']}", "",
+                  f"Model {s['model']}, calibration {s['calibration']} ({s['imatrix_chunks']} chunks of 512 for "
+                  f"llama-imatrix, {s['ours']['calibration_sequences']} sequences of 512 for EdgeTailor), {s['windows']} "
+                  f"windows. F16 perplexity {s['f16_perplexity']:.4f}. EdgeTailor method: {s['method']}; its peak RSS "
+                  f"{s['ours']['peak_rss_mb']:.0f} MB.", "",
+                  "| type | pipeline | size MB | perplexity | increase | KL | seconds |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in s["rows"]:
+            for who in ("llama", "llama+imatrix", "EdgeTailor"):
+                x = r[who]
+                lines.append(f"| {r['type']} | {who} | {x['size_mb']:.1f} | {x['perplexity']:.4f} | "
+                             f"{x['increase_pct']:+.2f}% | {x['kl']:.5f} | {x['seconds']:.1f} |")
+        lines += ["", "| type | increase ratio EdgeTailor / llama+imatrix | target | met | time ratio |",
+                  "|---|---:|---:|---|---:|"]
+        for r in s["rows"]:
+            tgt = TARGET_RATIO.get(r["type"])
+            met = "" if tgt is None else ("yes" if r["ratio_to_imatrix"] <= tgt and
+                                          r["EdgeTailor"]["size_mb"] <= r["llama+imatrix"]["size_mb"] else "no")
+            lines.append(f"| {r['type']} | {r['ratio_to_imatrix']:.3f} | {tgt or '-'} | {met} | "
+                         f"{r['time_ratio_to_imatrix']:.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, model_dir, calib, types, outdir, method = sys.argv
+        print(json.dumps(ours(model_dir, calib, types.split(","), outdir, method)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--windows", type=int, default=100)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--model", default="/tmp/smollm2-dithered", help="benchmark model (built if missing)")
+    ap.add_argument("--check-windows", type=int, default=40, help="windows for the ordering checks")
+    ap.add_argument("--check-types", default="Q4_K_M,Q3_K_M", help="types for the ordering checks ('' = skip)")
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--work", default="/tmp/edgetailor-bench-calibrated")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "calibrated_quant"))
+    args = ap.parse_args()
+    os.environ.setdefault("EDGETAILOR_HOME", "/tmp/et-test-home")
+    import reference_tools as rt
+
+    tools = rt.ensure_tools()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        subprocess.run([sys.executable, str(SHARED / "tools" / "make_smollm2_dithered.py"), str(model)], check=True)
+    work = Path(args.work)
+    calib = REPO / "assets" / "text" / "calibration.txt"
+    suites = [suite("Benchmark model (dithered SmolLM2-135M), calibration.txt", model, calib,
+                    args.types.split(","), args.windows, work / "main", args.method)]
+    if args.check_types:
+        from edgetailor.engine import resolve
+
+        check = args.check_types.split(",")
+        suites.append(suite("Ordering check: benchmark model, second calibration text", model,
+                            REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
+                            work / "alt", args.method))
+        suites.append(suite("Ordering check: the demo model itself", Path(resolve("demo").path), calib, check,
+                            args.check_windows, work / "demo", args.method))
+    import psutil
+
+    results = {"machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+                          f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM, {platform.system()}",
+               "llama_cpp": tools["version"], "command": " ".join(["python"] + sys.argv),
+               "suites": suites}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
