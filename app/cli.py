@@ -6,6 +6,8 @@
     edgetailor evaluate VARIANT [--baseline MODEL] perplexity / KL / top-1 of one GGUF (or ONNX) file
     edgetailor runs [ID]                           list runs, or show one
     edgetailor steps | presets                     what recipes can use
+    edgetailor report RUN_ID [--device NAME]       measured/projected figures, fit, opt score, Pareto fronts
+    edgetailor devices                             the device profiles (bundled, yours, this machine)
 
 MODEL is "demo" (default), a Hugging Face folder, a .gguf file, or a hub id (with --online).
 
@@ -75,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("steps", help="list the recipe steps and their parameters")
     sub.add_parser("presets", help="list the bundled recipes")
+
+    p = sub.add_parser("report", help="a run's variants against a device budget: fit, opt score, Pareto fronts")
+    p.add_argument("run_id")
+    p.add_argument("--runs-dir")
+    p.add_argument("--device", default="this-machine", help="device profile (edgetailor devices)")
+    p.add_argument("--max-memory-mb", type=float, help="memory limit (default: the device's memory for apps)")
+    p.add_argument("--min-decode-tps", type=float)
+    p.add_argument("--max-j-per-token", type=float)
+    p.add_argument("--max-ppl-increase", type=float, help="max perplexity increase, percent")
+    p.add_argument("--max-kl", type=float)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of time in the optimization score")
+    p.add_argument("--beta", type=float, default=0.5, help="weight of energy in the optimization score")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("devices", help="list the device profiles")
+    p.add_argument("--json", action="store_true")
     return ap
 
 
@@ -316,8 +334,39 @@ def cmd_presets(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from edgetailor.engine import find_run
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.paths import runs_dir
+    from edgetailor.engine.report import format_report, run_report
+
+    root = Path(args.runs_dir) if args.runs_dir else runs_dir()
+    rec = find_run(root, args.run_id)
+    budget = Budget(get_device(args.device), max_memory_bytes=args.max_memory_mb * 1e6 if args.max_memory_mb else None,
+                    min_decode_tps=args.min_decode_tps, max_j_per_token=args.max_j_per_token,
+                    max_ppl_increase_pct=args.max_ppl_increase, max_kl=args.max_kl)
+    rep = run_report(rec.manifest, budget, args.alpha, args.beta, folder=rec.folder)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return EXIT_OK
+
+
+def cmd_devices(args) -> int:
+    from edgetailor.engine.devices import list_devices
+
+    devices = list_devices()
+    if args.json:
+        print(json.dumps({k: d.to_dict() for k, d in devices.items()}, indent=2))
+        return EXIT_OK
+    print(f"{'id':28s} {'memory for apps':>15s} {'bandwidth':>10s} {'cores':>5s} {'GFLOP/s':>8s} {'power W':>9s}  origin")
+    for d in devices.values():
+        print(f"{d.id:28s} {d.memory_available_gib:11.1f} GiB {d.memory_bandwidth_gbs:6.1f} GB/s {d.cpu_cores:5d} "
+              f"{d.compute_gflops:8.1f} {d.power_typical_w:4.0f}/{d.power_peak_w:<4.0f}  {d.origin}")
+    return EXIT_OK
+
+
 COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "run": cmd_compress, "evaluate": cmd_evaluate,
-            "runs": cmd_runs, "steps": cmd_steps, "presets": cmd_presets}
+            "runs": cmd_runs, "steps": cmd_steps, "presets": cmd_presets, "report": cmd_report,
+            "devices": cmd_devices}
 
 if __name__ == "__main__":
     raise SystemExit(main())

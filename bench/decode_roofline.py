@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Decode speed of each GGUF against this machine's physical limit, in one run.
+
+limit (tok/s) = measured memory bandwidth / bytes read per generated token
+  bandwidth: STREAM-style numpy copy with the benchmark's thread count (engine.devices.measure_bandwidth),
+             median of repeats, measured in this run
+  bytes/token: every tensor byte of the file that a token's forward pass reads (all weights; of the token
+             embedding only one row, unless it doubles as the output matrix) + the KV cache read at the
+             position (engine.projection.gguf_info)
+achieved: decode tok/s measured by EdgeTailor's benchmark (engine.benchmark: llama.cpp through llama-cpp-python,
+          a fresh process per file, one warm-up, median of the repeats)
+
+Usage: python bench/decode_roofline.py [--model demo] [--run RUN_ID | --gguf-dir DIR] [--types F16,Q8_0,...]
+Without --run/--gguf-dir the GGUFs are exported with the engine's exporter into a temporary folder.
+Writes bench/results/decode_roofline.{json,md}. Run it under the shared lock: flock /tmp/edgetailor-heavy.lock ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+
+
+def machine() -> dict:
+    import psutil
+
+    from edgetailor.engine.devices import cpu_model, usable_cores
+
+    return {"cpu": cpu_model(), "usable_cores": usable_cores(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def gguf_files(args, work: Path) -> dict[str, Path]:
+    types = args.types.split(",")
+    if args.gguf_dir or args.run:
+        if args.run:
+            from edgetailor.engine import find_run
+            from edgetailor.engine.paths import runs_dir
+
+            folder = find_run(runs_dir(), args.run).folder / "artifacts"
+        else:
+            folder = Path(args.gguf_dir)
+        found = {}
+        for t in types:
+            hits = sorted(folder.glob(f"*-{t}.gguf"))
+            if hits:
+                found[t] = hits[0]
+        return found
+    from edgetailor.engine import resolve
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.exporters import get_exporter
+
+    src = resolve(args.model)
+    lm = load_model(src)
+    out = {}
+    for t in types:
+        path = work / f"model-{t}.gguf"
+        print(f"exporting {t}", file=sys.stderr)
+        get_exporter("gguf").export(lm.model, lm.tokenizer, src.path, path, {"type": t, "threads": args.threads})
+        out[t] = path
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--run", help="take the GGUFs of this run")
+    ap.add_argument("--gguf-dir", help="take the GGUFs (*-TYPE.gguf) from this folder")
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results" / "decode_roofline"))
+    args = ap.parse_args()
+
+    from edgetailor.engine import resolve
+    from edgetailor.engine.benchmark import benchmark_variant
+    from edgetailor.engine.devices import measure_bandwidth
+    from edgetailor.engine.energy import EnergyMeter
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.engine.projection import gguf_info, kv_cache_bytes
+    from edgetailor.engine.text import default_evaluation_path, read_text
+
+    work = Path(tempfile.mkdtemp(prefix="edgetailor-roofline-"))
+    files = gguf_files(args, work)
+    src = resolve(args.model)
+    tok = load_tokenizer(src)
+    prompt = list(tok(read_text(default_evaluation_path())[: args.prompt_tokens * 20]).input_ids)[: args.prompt_tokens]
+    meter = EnergyMeter.detect()
+    bw_before = measure_bandwidth(args.threads)
+    position = args.prompt_tokens + args.gen_tokens // 2            # mean position while decoding
+    rows = []
+    for t, path in files.items():
+        print(f"benchmarking {t}", file=sys.stderr)
+        res = benchmark_variant("gguf", path, prompt, gen_tokens=args.gen_tokens, repeats=args.repeats,
+                                threads=args.threads, n_ctx=512, meter=meter)
+        info = gguf_info(path)
+        bytes_tok = info.bytes_per_token + kv_cache_bytes(info, position, 2)
+        rows.append({"type": t, "file_bytes": path.stat().st_size, "bytes_per_token": bytes_tok,
+                     "decode_tps": res["decode_tps"], "decode_tps_runs": res["decode_tps_runs"],
+                     "achieved_gbs": res["decode_tps"] * bytes_tok / 1e9})
+    bw_after = measure_bandwidth(args.threads)
+    bw = statistics.median(bw_before["runs_gbs"] + bw_after["runs_gbs"])
+    for r in rows:
+        r["limit_tps"] = bw * 1e9 / r["bytes_per_token"]
+        r["achieved_over_limit"] = r["decode_tps"] / r["limit_tps"]
+    out = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "model": args.model, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+           "gen_tokens": args.gen_tokens, "repeats": args.repeats, "bandwidth_gbs": bw,
+           "bandwidth_method": bw_before["method"] + "; measured before and after the decode runs, median of both",
+           "bandwidth_runs_gbs": bw_before["runs_gbs"] + bw_after["runs_gbs"], "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [f"# Decode speed against the memory-bandwidth limit ({args.model})", "",
+          f"Machine: {out['machine']['cpu']}, {out['machine']['usable_cores']} usable cores, "
+          f"{out['machine']['ram_gb']} GB RAM; {args.threads} threads; {out['when']}.",
+          f"Bandwidth: {bw:.2f} GB/s ({out['bandwidth_method']}).",
+          f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
+          "runs after a warm-up, llama.cpp via llama-cpp-python in a fresh process per file.", "",
+          "| type | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['type']} | {r['file_bytes'] / 1e6:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                  f"{r['limit_tps']:.1f} | {r['decode_tps']:.1f} | {100 * r['achieved_over_limit']:.0f}% | "
+                  f"{r['achieved_gbs']:.2f} |")
+    md += ["", "The limit assumes every weight byte crosses the memory bus once per token at the copy bandwidth "
+           "measured here; a ratio far below 100% means the runtime is compute- or overhead-bound on this machine "
+           "(the machine is shared, so figures vary between runs)."]
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

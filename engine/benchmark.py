@@ -1,0 +1,145 @@
+"""Benchmark one variant in a fresh process while sampling its memory: the measuring half of ``benchmark``.
+
+    res = benchmark_variant("gguf", path, prompt_ids, gen_tokens=64, repeats=3, threads=2,
+                            on_sample=lambda series, value: ...)
+    res["decode_tps"], res["peak_rss_bytes"], res["energy_j_per_token"], res["energy_provenance"]
+
+The child (``engine.bench_child``) loads the variant and runs one warm-up plus ``repeats`` prefill + greedy
+decode passes. This process samples the child's resident memory and CPU use with psutil at ``sample_hz``
+(default 25 Hz) and streams them through ``on_sample`` with the tokens done; the child reports the kernel's own
+peak (ru_maxrss, VmHWM) when it ends. Speeds are medians over the repeats; energy per token is the decode
+phase's energy over the tokens it decoded.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from .energy import EnergyMeter
+from .errors import EdgeTailorError, RunCancelled
+
+
+def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_tokens: int = 64, repeats: int = 3,
+                      warmup: int = 1, threads: int = 2, n_ctx: int = 512, dtype: str = "float32",
+                      meter: EnergyMeter | None = None, sample_hz: float = 25.0,
+                      on_sample: Callable[[str, float], None] | None = None,
+                      cancelled: Callable[[], bool] | None = None, timeout_s: float = 1800) -> dict:
+    if len(prompt) + gen_tokens > n_ctx:
+        raise EdgeTailorError(f"The prompt ({len(prompt)} tokens) plus {gen_tokens} generated tokens exceed the "
+                              f"context of {n_ctx}.", "Raise the context or shorten the prompt.")
+    import psutil
+
+    meter = meter or EnergyMeter.detect()
+    on_sample = on_sample or (lambda s, v: None)
+    spec = {"format": fmt, "path": str(path), "prompt": list(map(int, prompt)), "gen_tokens": gen_tokens,
+            "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx, "dtype": dtype,
+            "energy": meter.to_dict()}
+    with tempfile.TemporaryDirectory(prefix="edgetailor-bench-") as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        t_start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edgetailor.engine.bench_child", str(spec_file)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        messages: list[dict] = []
+        stderr: list[str] = []
+        tokens_done = [0]
+
+        def read_stdout():
+            for line in proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                messages.append(msg)
+                if msg.get("event") == "tokens":
+                    tokens_done[0] += 1
+
+        readers = [threading.Thread(target=read_stdout, daemon=True),
+                   threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)]
+        for r in readers:
+            r.start()
+        child = psutil.Process(proc.pid)
+        peak, n_samples, last_tokens = 0, 0, -1
+        period = 1.0 / sample_hz
+        next_sample = time.perf_counter()
+        child.cpu_percent(None)
+        try:
+            while proc.poll() is None:
+                if cancelled and cancelled():
+                    proc.kill()
+                    raise RunCancelled()
+                if time.perf_counter() - t_start > timeout_s:
+                    proc.kill()
+                    raise EdgeTailorError(f"The benchmark of {Path(path).name} ran past {timeout_s:.0f} s.",
+                                          "Generate fewer tokens or fewer repeats.")
+                try:
+                    rss = child.memory_info().rss
+                    cpu = child.cpu_percent(None)
+                except psutil.NoSuchProcess:
+                    break
+                peak = max(peak, rss)
+                n_samples += 1
+                on_sample("rss_bytes", rss)
+                on_sample("cpu_percent", cpu)
+                if tokens_done[0] != last_tokens:
+                    last_tokens = tokens_done[0]
+                    on_sample("tokens_done", last_tokens)
+                next_sample += period
+                time.sleep(max(0.0, next_sample - time.perf_counter()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for r in readers:
+                r.join(timeout=5)
+        wall = time.perf_counter() - t_start
+    result = next((m for m in messages if m.get("event") == "result"), None)
+    if proc.returncode != 0 or result is None:
+        tail = "".join(stderr)[-1500:]
+        raise EdgeTailorError(f"The benchmark of {Path(path).name} ({fmt}) failed (exit {proc.returncode}): {tail}",
+                              "Check that the variant loads (edgetailor evaluate), and that memory suffices.")
+    return summarize(result, peak, n_samples, wall, threads, meter)
+
+
+def summarize(result: dict, sampled_peak: int, n_samples: int, wall: float, threads: int,
+              meter: EnergyMeter) -> dict:
+    runs = [r for r in result["runs"] if not r["warmup"]]
+
+    def med(key):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    decoded = runs[0]["tokens_generated"] - 1
+    prompt_tokens = round(runs[0]["prefill_tps"] * runs[0]["ttft_seconds"])
+    decode_j = med("decode_energy_j")
+    run_j = statistics.median([r["prefill_energy_j"] + r["decode_energy_j"] for r in runs])
+    return {
+        "load_seconds": round(result["load_seconds"], 4),
+        "peak_rss_bytes": max(sampled_peak, 0),
+        "peak_rss_os_bytes": result["peak_rss_os_bytes"],
+        "peak_rss_os_source": result["peak_rss_os_source"],
+        "rss_samples": n_samples,
+        "rss_sample_hz": round(n_samples / wall, 1) if wall else None,
+        "ttft_seconds": round(med("ttft_seconds"), 5),
+        "prefill_tps": round(med("prefill_tps"), 2),
+        "decode_tps": round(med("decode_tps"), 2) if med("decode_tps") else None,
+        "decode_tps_runs": [round(r["decode_tps"], 2) for r in runs if r.get("decode_tps")],
+        "threads": threads,
+        "bench_prompt_tokens": prompt_tokens,
+        "bench_gen_tokens": runs[0]["tokens_generated"],
+        "bench_repeats": len(runs),
+        "bench_runtime": result["runtime"],
+        "bench_kv_cache": result["kv_cache"],
+        "decode_cpu_seconds": round(med("decode_cpu_seconds"), 4),
+        "energy_j": round(run_j, 4),
+        "energy_j_per_token": round(decode_j / decoded, 6) if decoded and decode_j is not None else None,
+        "energy_provenance": meter.provenance,
+        "energy_measured": meter.measured,
+    }

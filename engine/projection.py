@@ -1,0 +1,266 @@
+"""What a variant needs on a device: predicted memory, projected decode speed and energy per token.
+
+Memory (predicted) = weights the runtime keeps resident
+                   + KV cache at the chosen context (2 x layers x kv heads x head dim x tokens x bytes/element;
+                     llama.cpp allocates f16 for its whole context, transformers grows an fp32 cache)
+                   + runtime overhead, measured per runtime on this machine (``measure_overhead``: a one-layer
+                     model with the variant's own vocabulary and tokenizer runs the same benchmark; overhead =
+                     its peak minus its weights and KV cache)
+  GGUF weights: every tensor byte (llama.cpp maps the file; a forward pass touches every weight except the
+  token-embedding rows it does not look up, unless the embedding doubles as the output matrix).
+  torch weights: parameters x bytes of the load dtype.
+
+Decode speed (projected): per token, the roofline time max(bytes read / bandwidth, FLOPs / compute) with the
+device profile's bandwidth and compute (measured ones for this machine), plus, on this machine, the runtime's
+fixed latency per token measured on the same probe (its decode time per token minus its own roofline time);
+energy per token (projected) = the profile's typical power / projected tokens per second. Every figure is labelled "predicted"/"projected".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import EdgeTailorError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class WeightsInfo:
+    """What a forward pass of one token reads and computes, and what stays resident."""
+
+    fmt: str
+    resident_bytes: int          # weights in memory while it runs
+    bytes_per_token: int         # weight bytes read per generated token
+    matmul_params: int           # weights multiplied per token (FLOPs = 2 x this + attention)
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    n_vocab: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+
+    def field(key, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        return f.contents() if f is not None else default
+
+    tensors = {t.name: t for t in r.tensors}
+    total = sum(int(t.n_bytes) for t in r.tensors)
+    emb = tensors.get("token_embd.weight")
+    tied = "output.weight" not in tensors
+    n_vocab = int(emb.shape[-1]) if emb is not None else int(field("vocab_size", 0))
+    two_d = [t for t in r.tensors if len(t.shape) >= 2 and int(t.shape[1]) > 1]
+    matmul = sum(int(t.n_elements) for t in two_d if tied or t.name != "token_embd.weight")
+    emb_bytes = int(emb.n_bytes) if emb is not None else 0
+    if tied:
+        per_token, resident = total, total
+    else:
+        row = emb_bytes // max(n_vocab, 1)
+        per_token = total - emb_bytes + row
+        resident = total - emb_bytes + row * min(n_vocab, tokens_used)
+    n_head = int(field("attention.head_count"))
+    n_embd = int(field("embedding_length"))
+    return WeightsInfo("gguf", resident, per_token, matmul, int(field("block_count")), n_head,
+                       int(field("attention.head_count_kv", n_head)),
+                       int(field("attention.key_length", n_embd // n_head)), n_vocab)
+
+
+def hf_info(folder: str | Path, dtype: str = "float32") -> WeightsInfo:
+    from .preflight import safetensors_parameter_count
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    counted = safetensors_parameter_count(folder)
+    if not counted:
+        raise EdgeTailorError(f"{folder} has no safetensors weights to size.", "Use a safetensors model folder.")
+    params = counted[0]
+    h, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    params_model = params          # a tied matrix is saved (and held) once
+    bpe = DTYPE_BYTES[dtype]
+    n_head = int(cfg["num_attention_heads"])
+    emb = vocab * h
+    matmul = params_model - (0 if tied else emb) - _norm_params(cfg)
+    per_token = (params_model if tied else params_model - emb + h) * bpe
+    return WeightsInfo("torch", params_model * bpe, per_token, matmul, int(cfg["num_hidden_layers"]), n_head,
+                       int(cfg.get("num_key_value_heads") or n_head), int(cfg.get("head_dim") or h // n_head), vocab)
+
+
+def _norm_params(cfg: dict) -> int:
+    """RMSNorm weights: two per layer and the final one (not multiplied as matrices)."""
+    return int(cfg["hidden_size"]) * (2 * int(cfg["num_hidden_layers"]) + 1)
+
+
+def variant_info(fmt: str, path: str | Path, dtype: str = "float32", tokens_used: int = 0) -> WeightsInfo:
+    if fmt == "gguf":
+        return gguf_info(path, tokens_used)
+    if fmt == "torch":
+        return hf_info(path, dtype)
+    raise EdgeTailorError(f"Memory prediction does not know the format '{fmt}' yet.",
+                          "Benchmark it to measure its memory.")
+
+
+def kv_cache_bytes(info: WeightsInfo, tokens: int, bytes_per_element: int) -> int:
+    return 2 * info.n_layer * info.n_kv_head * info.head_dim * tokens * bytes_per_element
+
+
+def kv_plan(fmt: str, n_ctx: int, tokens_used: int, dtype: str = "float32") -> tuple[int, int, str]:
+    """(tokens the cache holds, bytes per element, how) for a runtime."""
+    if fmt == "gguf":
+        return n_ctx, 2, f"llama.cpp f16 KV cache for the whole context ({n_ctx} tokens)"
+    return tokens_used, DTYPE_BYTES.get(dtype, 4), f"transformers cache in {dtype}, grown to {tokens_used} tokens"
+
+
+def predict_memory(info: WeightsInfo, n_ctx: int, tokens_used: int, overhead_bytes: int | None,
+                   dtype: str = "float32") -> dict:
+    tokens, bpe, how = kv_plan(info.fmt, n_ctx, tokens_used, dtype)
+    kv = kv_cache_bytes(info, tokens, bpe)
+    total = info.resident_bytes + kv + (overhead_bytes or 0)
+    return {"predicted_memory_bytes": int(total), "predicted_weights_bytes": info.resident_bytes,
+            "predicted_kv_bytes": kv, "predicted_overhead_bytes": overhead_bytes,
+            "predicted_memory_method": f"predicted: weights {info.resident_bytes / 1e6:.1f} MB + KV {kv / 1e6:.1f} MB ({how}) + runtime overhead "
+            + (f"{overhead_bytes / 1e6:.1f} MB measured on this machine" if overhead_bytes is not None
+               else "not measured")}
+
+
+def flops_per_token(info: WeightsInfo, position: int) -> float:
+    """2 FLOPs per multiplied weight, plus attention over ``position`` cached tokens (QK and AV)."""
+    return 2.0 * info.matmul_params + 4.0 * info.n_layer * info.n_head * info.head_dim * position
+
+
+def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_element: int = 2,
+                   token_latency_s: float = 0.0) -> dict:
+    """Decode speed of ``info`` on ``profile`` at a context position, and its energy per token.
+
+    Per token: ``token_latency_s`` (the runtime's fixed cost per token, measured on this machine; 0 for other
+    devices) + the roofline time max(bytes read / bandwidth, FLOPs / compute).
+    """
+    kv_read = kv_cache_bytes(info, position, kv_bytes_per_element)
+    bytes_tok = info.bytes_per_token + kv_read
+    flops = flops_per_token(info, position)
+    t_bw = bytes_tok / (profile.memory_bandwidth_gbs * 1e9)
+    t_compute = flops / (profile.compute_gflops * 1e9)
+    tps = 1.0 / (token_latency_s + max(t_bw, t_compute))
+    latency = f" + {token_latency_s * 1000:.2f} ms runtime latency per token (measured)" if token_latency_s else ""
+    return {"decode_tps": tps, "bound": "memory bandwidth" if t_bw >= t_compute else "compute",
+            "roofline_tps": 1.0 / max(t_bw, t_compute), "bytes_per_token": bytes_tok, "flops_per_token": flops,
+            "j_per_token": profile.power_typical_w / tps,
+            "method": f"projected: roofline max({bytes_tok / 1e6:.1f} MB / {profile.memory_bandwidth_gbs:g} GB/s, "
+                      f"{flops / 1e9:.3f} GFLOP / {profile.compute_gflops:g} GFLOP/s){latency} on '{profile.id}'; "
+                      f"energy = {profile.power_typical_w:g} W typical power / tok/s"}
+
+
+def project(profile, info: WeightsInfo, n_ctx: int, tokens_used: int, overhead: dict | None,
+            dtype: str = "float32") -> dict:
+    """Everything the fit check needs for one variant on one device (memory, decode tok/s, J/token).
+
+    ``overhead`` is ``measure_overhead``'s entry: its memory applies everywhere (the same runtime), its
+    per-token latency only to this machine, where it was measured.
+    """
+    from .devices import HOST_ID
+
+    mem = predict_memory(info, n_ctx, tokens_used, overhead["overhead_bytes"] if overhead else None, dtype)
+    kv_bpe = kv_plan(info.fmt, n_ctx, tokens_used, dtype)[1]
+    latency = overhead.get("token_latency_s", 0.0) if overhead and profile.id == HOST_ID else 0.0
+    dec = project_decode(profile, info, tokens_used, kv_bpe, latency)
+    return {"device": profile.id, "memory_bytes": mem["predicted_memory_bytes"], "decode_tps": dec["decode_tps"],
+            "j_per_token": dec["j_per_token"], "bound": dec["bound"], "memory_method": mem["predicted_memory_method"],
+            "decode_method": dec["method"]}
+
+
+# --- runtime overhead, measured --------------------------------------------------------------------
+TINY_SHAPE = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16}
+
+
+def make_overhead_probe(source_folder: str | Path, out: Path) -> Path:
+    """A one-layer, 64-wide random model of the source's architecture, with its tokenizer and vocabulary."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(source_folder))
+    for k, v in TINY_SHAPE.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in Path(source_folder).iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
+                "special_tokens_map.json", "chat_template.jinja", "edgetailor.json", "generation_config.json")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen_tokens: int, n_ctx: int,
+                     threads: int, dtype: str = "float32", meter=None) -> dict:
+    """Memory a runtime needs beyond weights and KV cache, measured on this machine, cached per setting.
+
+    The probe (``make_overhead_probe``) runs the same benchmark (prompt, tokens, context, threads) in a fresh
+    process; overhead = its OS-reported peak - its weights - its KV cache. It holds the interpreter, the
+    runtime's libraries, the tokenizer/vocabulary structures and the compute buffers a pass touches.
+    """
+    import hashlib
+    import tempfile
+
+    from . import atomic
+    from .benchmark import benchmark_variant
+    from .modeling import load_model
+    from .paths import cache_dir
+    from .runs import library_versions
+    from .sources import resolve
+
+    cfg_text = (Path(source_folder) / "config.json").read_text()
+    key = hashlib.sha256(json.dumps([fmt, cfg_text, len(prompt), gen_tokens, n_ctx, threads, dtype,
+                                     library_versions()], sort_keys=True).encode()).hexdigest()[:16]
+    cache = cache_dir() / "runtime-overhead.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    if fmt not in ("gguf", "torch"):
+        raise EdgeTailorError(f"Runtime overhead is measured for gguf and torch variants, not '{fmt}'.",
+                              "Its memory is measured by the benchmark; the prediction is left out.")
+    with tempfile.TemporaryDirectory(prefix="edgetailor-overhead-") as tmp:
+        folder = make_overhead_probe(source_folder, Path(tmp) / "probe")
+        path = folder
+        if fmt == "gguf":
+            from ..exporters import get_exporter
+
+            loaded = load_model(resolve(str(folder)))
+            path = Path(tmp) / "probe.gguf"
+            get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, path, {"type": "F32"})
+            del loaded
+        res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=3, warmup=1, threads=threads,
+                                n_ctx=n_ctx, dtype=dtype, meter=meter)
+        info = variant_info(fmt, path, dtype, tokens_used=len(prompt) + gen_tokens)
+    tokens, bpe, _ = kv_plan(fmt, n_ctx, len(prompt) + gen_tokens, dtype)
+    kv = kv_cache_bytes(info, tokens, bpe)
+    peak = max(res["peak_rss_os_bytes"], res["peak_rss_bytes"])
+    from .devices import host_profile
+
+    probe_roofline = project_decode(host_profile(), info, len(prompt) + gen_tokens, bpe)["roofline_tps"]
+    latency = max(0.0, 1.0 / res["decode_tps"] - 1.0 / probe_roofline)
+    entry = {"overhead_bytes": int(peak - info.resident_bytes - kv), "probe_peak_bytes": peak,
+             "token_latency_s": latency, "probe_decode_tps": res["decode_tps"],
+             "probe_weights_bytes": info.resident_bytes, "probe_kv_bytes": kv, "runtime": fmt,
+             "method": f"one-layer probe of the same architecture and vocabulary, {len(prompt)} prompt + "
+                       f"{gen_tokens} tokens, context {n_ctx}, {threads} threads: memory = peak - weights - KV; "
+                       "latency per token = its decode time per token - its roofline time"}
+    known[key] = entry
+    atomic.write_json(cache, known)
+    return entry

@@ -1,0 +1,181 @@
+"""Benchmark every variant in a fresh process: memory, speed and energy, with predictions for a device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import EdgeTailorError
+from ..registry import register_step
+from ..runs import Variant
+
+
+@dataclass
+class BenchmarkConfig:
+    variants: list[str] = field(default_factory=list, metadata={"help": "names to benchmark; empty = all"})
+    baseline: bool = field(default=True, metadata={"help": "also benchmark the untouched source model in torch"})
+    prompt_tokens: int = field(default=128, metadata={"help": "prompt length (from the evaluation text)"})
+    gen_tokens: int = field(default=64, metadata={"help": "tokens generated per pass (greedy)"})
+    repeats: int = field(default=3, metadata={"help": "timed passes after one warm-up; speeds are medians"})
+    n_ctx: int = field(default=512, metadata={"help": "context the runtime allocates (KV cache)"})
+    device: str = field(default="this-machine", metadata={"help": "device profile for predictions and the fit "
+                                                                   "check (edgetailor devices)"})
+    max_memory_mb: float | None = field(default=None, metadata={"help": "budget: memory limit (default: the "
+                                                                          "device's memory for apps)"})
+    min_decode_tps: float | None = field(default=None, metadata={"help": "budget: slowest acceptable decode"})
+    max_j_per_token: float | None = field(default=None, metadata={"help": "budget: energy limit"})
+    max_ppl_increase_pct: float | None = field(default=None, metadata={"help": "budget: quality loss limit (%)"})
+    max_kl: float | None = field(default=None, metadata={"help": "budget: KL limit"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of time in the optimization score"})
+    beta: float = field(default=0.5, metadata={"help": "weight of energy in the optimization score"})
+    sample_hz: float = field(default=25.0, metadata={"help": "memory sampling rate while a variant runs"})
+
+    def __post_init__(self):
+        if self.prompt_tokens < 1 or self.gen_tokens < 2 or self.repeats < 1:
+            raise ValueError("prompt_tokens >= 1, gen_tokens >= 2 and repeats >= 1 are needed")
+        if self.prompt_tokens + self.gen_tokens > self.n_ctx:
+            raise ValueError(f"prompt_tokens + gen_tokens ({self.prompt_tokens + self.gen_tokens}) exceed n_ctx "
+                             f"({self.n_ctx})")
+        if self.sample_hz < 20:
+            raise ValueError("sample_hz must be at least 20")
+
+
+def budget_for(cfg: BenchmarkConfig):
+    from ..devices import Budget, get_device
+
+    return Budget(get_device(cfg.device), max_memory_bytes=cfg.max_memory_mb * 1e6 if cfg.max_memory_mb else None,
+                  min_decode_tps=cfg.min_decode_tps, max_j_per_token=cfg.max_j_per_token,
+                  max_ppl_increase_pct=cfg.max_ppl_increase_pct, max_kl=cfg.max_kl)
+
+
+def prompt_ids(ctx, n: int) -> list[int]:
+    from ..modeling import load_tokenizer
+
+    tok = ctx._loaded.tokenizer if ctx._loaded is not None else load_tokenizer(ctx.source)
+    ids = list(tok(ctx.eval_text()[: n * 20]).input_ids)[:n]
+    if len(ids) < n:
+        raise EdgeTailorError(f"The evaluation text gives only {len(ids)} prompt tokens.",
+                              "Use a longer evaluation text or fewer prompt_tokens.")
+    return ids
+
+
+@register_step("benchmark", BenchmarkConfig, kind="measure",
+               summary="Load time, peak memory, time to first token, prefill/decode tok/s and energy of every "
+                       "variant, each in a fresh process; predicted memory and projected speed on a device")
+def benchmark(ctx, cfg: BenchmarkConfig) -> None:
+    from ..benchmark import benchmark_variant
+    from ..devices import host_profile
+    from ..energy import EnergyMeter
+    from ..projection import measure_overhead, predict_memory, project, variant_info
+
+    budget = budget_for(cfg)
+    host = host_profile()
+    meter = EnergyMeter.detect(host)
+    threads = ctx.options.resolved_threads()
+    dtype = ctx.options.dtype
+    ctx.log(f"Energy: {meter.provenance}")
+    ctx.log(f"This machine: {host.memory_bandwidth_gbs:g} GB/s copy bandwidth, {host.compute_gflops:g} GFLOP/s "
+            f"float32 ({host.estimates['memory_bandwidth_gbs']})")
+    if cfg.baseline and ctx.record.variant("baseline") is None:
+        from ..preflight import safetensors_parameter_count
+
+        counted = safetensors_parameter_count(ctx.source.path)
+        ctx.add_variant(Variant(name="baseline", format="torch", path=None,
+                                params={"dtype": dtype, "source": ctx.source.spec},
+                                metrics={"size_bytes": counted[1] if counted else None,
+                                         "parameters": counted[0] if counted else None}))
+    todo = []
+    for v in ctx.record.manifest["variants"]:
+        if cfg.variants and v["name"] not in cfg.variants:
+            continue
+        if v["name"] == "baseline":
+            if cfg.baseline or "baseline" in cfg.variants:
+                todo.append((v, "torch", ctx.source.path))
+        elif v.get("path"):
+            todo.append((v, v["format"], ctx.variant_path(v)))
+        else:
+            ctx.log(f"{v['name']} existed only in memory; export it to benchmark it", level="warning")
+    missing = sorted(set(cfg.variants) - {v["name"] for v, _, _ in todo})
+    if missing:
+        raise EdgeTailorError(f"The run has no variant named {', '.join(missing)} to benchmark.",
+                              f"Its variants: {', '.join(v['name'] for v in ctx.record.manifest['variants'])}.")
+    prompt = prompt_ids(ctx, cfg.prompt_tokens)
+    used = cfg.prompt_tokens + cfg.gen_tokens
+    overheads: dict[str, dict | None] = {}
+    passes = cfg.repeats + 1
+    for k, (v, fmt, path) in enumerate(todo):
+        ctx.check_cancelled()
+        name = v["name"]
+        ctx.progress(k / len(todo), f"{name}: predicting")
+        if fmt not in overheads:
+            try:
+                overheads[fmt] = measure_overhead(fmt, ctx.source.path, prompt, cfg.gen_tokens, cfg.n_ctx, threads,
+                                                  dtype, meter)
+                ctx.log(f"{fmt} runtime overhead {overheads[fmt]['overhead_bytes'] / 1e6:.1f} MB "
+                        f"({overheads[fmt]['method']})")
+            except EdgeTailorError as exc:
+                overheads[fmt] = None
+                ctx.log(f"{fmt}: {exc.problem}", level="warning")
+        predicted = {}
+        try:
+            info = variant_info(fmt, path, dtype, tokens_used=used)
+            over = overheads[fmt]
+            predicted = predict_memory(info, cfg.n_ctx, used, over["overhead_bytes"] if over else None, dtype)
+            here = project(host, info, cfg.n_ctx, used, over, dtype)
+            there = project(budget.device, info, cfg.n_ctx, used, over, dtype)
+            predicted.update({"projected_decode_tps_here": round(here["decode_tps"], 2),
+                              "projected_bound_here": here["bound"],
+                              "projected_decode_method_here": here["decode_method"],
+                              "projected_device": there["device"],
+                              "projected_decode_tps": round(there["decode_tps"], 2),
+                              "projected_j_per_token": round(there["j_per_token"], 6),
+                              "projected_bound": there["bound"],
+                              "projected_decode_method": there["decode_method"]})
+        except EdgeTailorError as exc:
+            ctx.log(f"{name}: no prediction ({exc.problem})", level="warning")
+        total_tokens = passes * cfg.gen_tokens
+
+        def on_sample(series, value, name=name, k=k):
+            ctx.sample(series, value, name)
+            if series == "tokens_done":
+                ctx.progress((k + min(1.0, value / total_tokens)) / len(todo), f"{name}: {int(value)} tokens")
+
+        ctx.progress(k / len(todo), f"{name}: loading")
+        res = benchmark_variant(fmt, path, prompt, gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
+                                threads=threads, n_ctx=cfg.n_ctx, dtype=dtype, meter=meter,
+                                sample_hz=cfg.sample_hz, on_sample=on_sample, cancelled=ctx.cancel.is_set)
+        metrics = {**res, **predicted}
+        if predicted.get("predicted_memory_bytes"):
+            metrics["predicted_memory_error_pct"] = round(
+                100 * (predicted["predicted_memory_bytes"] / res["peak_rss_os_bytes"] - 1), 2)
+        if predicted.get("projected_decode_tps_here") and res.get("decode_tps"):
+            metrics["projected_decode_error_pct"] = round(
+                100 * (predicted["projected_decode_tps_here"] / res["decode_tps"] - 1), 2)
+        ctx.add_metrics(name, **metrics)
+        ctx.log(f"{name}: peak {res['peak_rss_os_bytes'] / 1e6:.1f} MB"
+                + (f" (predicted {predicted['predicted_memory_bytes'] / 1e6:.1f})" if predicted else "")
+                + f", TTFT {res['ttft_seconds'] * 1000:.0f} ms, prefill {res['prefill_tps']:.1f} tok/s, decode "
+                  f"{res['decode_tps']:.2f} tok/s"
+                + (f" (projected {predicted['projected_decode_tps_here']:.1f})" if predicted else "")
+                + f", {res['energy_j_per_token']:.4f} J/token ({'measured' if res['energy_measured'] else 'estimated'})")
+    record_scores(ctx, budget, cfg.alpha, cfg.beta)
+    ctx.progress(1.0, "benchmarked")
+
+
+def record_scores(ctx, budget, alpha: float, beta: float) -> None:
+    """Fit badge, optimization score and Pareto membership of every variant, into the manifest."""
+    from ..scoring import score_variants
+
+    variants = ctx.record.manifest["variants"]
+    scores = score_variants(variants, alpha, beta)
+    for row in scores["rows"]:
+        m = ctx.record.variant(row["name"]).get("metrics", {})
+        if "peak_rss_bytes" not in m:
+            continue
+        projected = ({"memory_bytes": m.get("predicted_memory_bytes"), "decode_tps": m.get("projected_decode_tps"),
+                      "j_per_token": m.get("projected_j_per_token")} if budget.device.id != "this-machine" else None)
+        reasons = budget.check(m, projected)
+        extra = {"fits": not reasons, "fit_reasons": reasons, "budget": budget.to_dict(),
+                 "pareto": [f for f, d in scores["pareto"].items() if row["name"] in d["members"]]}
+        if row["opt_score"] is not None:
+            extra.update(opt_score=round(row["opt_score"], 5), opt_p_c=round(row["p_c"], 5),
+                         opt_t_c=round(row["t_c"], 5), opt_e_c=round(row["e_c"], 5), opt_alpha=alpha, opt_beta=beta)
+        ctx.add_metrics(row["name"], **extra)

@@ -1,0 +1,158 @@
+"""Benchmarking, energy provenance, device profiles and budgets, memory prediction, opt score and Pareto."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetailor.engine.devices import Budget, DeviceProfile, bundled_devices, get_device, list_devices
+from edgetailor.engine.energy import EnergyMeter, rapl_counters
+from edgetailor.engine.errors import EdgeTailorError
+from edgetailor.engine.scoring import opt_score, pareto_front, score_variants
+
+
+# --- device profiles and budgets --------------------------------------------------------------------
+def test_bundled_profiles_are_real_targets_with_sources():
+    devices = bundled_devices()
+    assert len(devices) >= 12
+    kinds = " ".join(d.kind for d in devices.values())
+    for word in ("phone", "single-board", "laptop", "embedded GPU", "Mac"):
+        assert word in kinds
+    for d in devices.values():
+        assert all(s.startswith("http") for s in d.sources), d.id
+        assert 0 < d.memory_available_gib <= d.memory_total_gib
+        assert d.power_typical_w <= d.power_peak_w
+
+
+def test_user_profile_adds_and_bad_profile_is_named(edgetailor_home, tmp_path):
+    folder = edgetailor_home / "devices"
+    folder.mkdir(exist_ok=True)
+    good = {**get_device("raspberry-pi-5-8gb").to_dict(), "id": "my-board", "name": "My board", "sources": ["mine"]}
+    good.pop("origin")
+    (folder / "my-board.json").write_text(json.dumps(good))
+    try:
+        assert list_devices(measure_host=False)["my-board"].origin == "user"
+        (folder / "bad.json").write_text(json.dumps({**good, "id": "bad", "memory_bandwidth_gbs": -1}))
+        with pytest.raises(EdgeTailorError, match="memory_bandwidth_gbs"):
+            list_devices(measure_host=False)
+    finally:
+        for f in ("my-board.json", "bad.json"):
+            (folder / f).unlink(missing_ok=True)
+
+
+def test_budget_check_names_each_miss():
+    pi = get_device("raspberry-pi-4-4gb")
+    b = Budget(pi, min_decode_tps=10, max_j_per_token=0.5, max_ppl_increase_pct=5, max_kl=0.05)
+    ok = {"peak_rss_bytes": 1e9, "decode_tps": 12, "energy_j_per_token": 0.2, "ppl_increase_pct": 2, "kl": 0.01}
+    assert b.check(ok) == []
+    bad = {"peak_rss_bytes": 5e9, "decode_tps": 3, "energy_j_per_token": 0.9, "ppl_increase_pct": 9, "kl": 0.2}
+    reasons = b.check(bad)
+    assert [r.split()[0] for r in reasons] == ["memory", "decode", "energy", "perplexity", "KL"]
+    # a device's projected figures take precedence over those measured here
+    assert b.check(ok, {"memory_bytes": 9e9, "decode_tps": 12, "j_per_token": 0.2})[0].startswith("memory")
+
+
+# --- energy --------------------------------------------------------------------------------------
+def test_rapl_counters_measure_with_wraparound(tmp_path):
+    zone = tmp_path / "intel-rapl:0"
+    sub = tmp_path / "intel-rapl:0:0"
+    for z, name in ((zone, "package-0"), (sub, "core")):
+        z.mkdir()
+        (z / "name").write_text(name + "\n")
+        (z / "energy_uj").write_text("999000000\n")
+        (z / "max_energy_range_uj").write_text("1000000000\n")
+    counters = rapl_counters(tmp_path)
+    assert [c.label for c in counters] == ["RAPL package-0 (intel-rapl:0)"]     # sub-zones are not double counted
+    meter = EnergyMeter(counters, 4.0, "x")
+    before = meter.read()
+    (zone / "energy_uj").write_text("2000000\n")            # wrapped: 1 J to the top, then 2 J
+    assert meter.joules(before, meter.read(), cpu_seconds=100) == pytest.approx(3.0)
+    assert meter.provenance.startswith("measured: RAPL package-0")
+
+
+def test_estimate_when_no_counter_says_how(tmp_path):
+    pi = get_device("raspberry-pi-5-8gb")
+    meter = EnergyMeter.detect(pi, powercap_root=tmp_path, hwmon_root=tmp_path)
+    meter.counters = [c for c in meter.counters if c.kind != "nvml"]
+    assert meter.joules(None, None, cpu_seconds=2.0) == pytest.approx(2.0 * pi.power_peak_w / pi.cpu_cores)
+    assert meter.provenance.startswith("estimated: CPU seconds x 2.00 W per busy core")
+    assert "raspberry-pi-5-8gb" in meter.provenance
+
+
+# --- scoring -------------------------------------------------------------------------------------
+def _v(name, ppl, size, tps, jpt):
+    return {"name": name, "format": "gguf",
+            "metrics": {"perplexity": ppl, "size_bytes": size, "decode_tps": tps, "energy_j_per_token": jpt}}
+
+
+def test_opt_score_and_pareto_fronts():
+    variants = [_v("baseline", 10.0, 400, 10.0, 1.0), _v("q8", 10.1, 200, 20.0, 0.5),
+                _v("q4", 11.0, 100, 40.0, 0.25), _v("worse", 11.5, 150, 30.0, 0.4)]
+    s = score_variants(variants, alpha=0.3, beta=0.7)
+    rows = {r["name"]: r for r in s["rows"]}
+    assert rows["baseline"]["opt_score"] == pytest.approx(1.0)
+    assert rows["q4"]["opt_score"] == pytest.approx(1.1 ** 1.5 * (0.3 * 0.25 + 0.7 * 0.25))
+    assert rows["q8"]["t_c"] == pytest.approx(0.5) and rows["q8"]["e_c"] == pytest.approx(0.5)
+    for front in ("size", "speed", "energy"):
+        assert "worse" not in s["pareto"][front]["members"]       # q4 is smaller, faster, leaner and better
+        assert {"baseline", "q8", "q4"} <= set(s["pareto"][front]["members"])
+    assert pareto_front({"a": (1, 1), "b": (1, 1), "c": (2, 1)}) == ["a", "b"]
+    assert opt_score(1, 1, 1) == 1.0
+
+
+# --- the benchmark step, end to end on a real model, in real subprocesses -------------------------
+@pytest.fixture(scope="module")
+def measured_run(stories_dir, tmp_path_factory):
+    from edgetailor.engine import JobSpec, run_job
+
+    events = []
+    recipe = {"name": "measure", "steps": [
+        {"step": "export", "params": {"format": "gguf", "types": ["F16", "Q8_0"]}},
+        {"step": "evaluate", "params": {"windows": 2, "ctx": 64}},
+        {"step": "benchmark", "params": {"prompt_tokens": 24, "gen_tokens": 8, "repeats": 2, "n_ctx": 64,
+                                         "max_ppl_increase_pct": 50}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(stories_dir), options={"threads": 2},
+                          runs_root=str(tmp_path_factory.mktemp("runs"))), emit=events.append)
+    assert rec.manifest["status"] == "succeeded", rec.manifest["error"]
+    return rec, events
+
+
+def test_benchmark_streams_and_records_every_variant(measured_run):
+    rec, events = measured_run
+    names = {v["name"] for v in rec.manifest["variants"]}
+    assert names == {"baseline", "base-F16", "base-Q8_0"}
+    samples = [e["data"] for e in events if e["type"] == "sample" and e["step"] == "benchmark"]
+    for name in names:
+        rss = [s["value"] for s in samples if s["series"] == "rss_bytes" and s["variant"] == name]
+        assert len(rss) >= 5 and max(rss) > 10e6
+        assert any(s["series"] == "tokens_done" and s["variant"] == name for s in samples)
+        m = rec.variant(name)["metrics"]
+        assert m["rss_sample_hz"] >= 20
+        assert m["peak_rss_os_bytes"] >= m["peak_rss_bytes"] * 0.95 > 0
+        assert m["decode_tps"] > 0 and m["prefill_tps"] > 0 and m["ttft_seconds"] > 0 and m["load_seconds"] > 0
+        assert m["threads"] == 2 and len(m["decode_tps_runs"]) == 2
+        assert m["energy_j_per_token"] > 0 and m["energy_provenance"].split(":")[0] in ("measured", "estimated")
+        # memory predicted from weights + KV + the runtime overhead measured on a probe, not from this run
+        assert abs(m["predicted_memory_error_pct"]) < 10, (name, m["predicted_memory_method"])
+        assert m["fits"] is True and "opt_score" in m
+    assert rec.variant("baseline")["metrics"]["bench_runtime"] == "torch"
+    assert rec.variant("base-Q8_0")["metrics"]["bench_runtime"] == "llama.cpp"
+
+
+def test_report_cli_on_another_device(measured_run, capsys):
+    from edgetailor.cli import main
+
+    rec, _ = measured_run
+    assert main(["report", rec.id, "--runs-dir", str(rec.folder.parent), "--device", "raspberry-pi-4-4gb",
+                 "--max-memory-mb", "100", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert rows["base-Q8_0"]["projected"]["device"] == "raspberry-pi-4-4gb"
+    assert rows["baseline"]["fits"] is False and rows["baseline"]["fit_reasons"][0].startswith("memory")
+    assert rep["scores"]["pareto"]["size"]["members"]
+    assert main(["report", rec.id, "--runs-dir", str(rec.folder.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "base-Q8_0" in out and "opt = P_c^1.5" in out and "energy: " in out
+    assert main(["devices"]) == 0
+    assert "jetson-orin-nano-8gb" in capsys.readouterr().out
