@@ -193,7 +193,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(SHARED / "tools" / "make_smollm2_dithered.py"), str(model)], check=True)
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
-    suites = [suite("Benchmark model (dithered SmolLM2-135M), calibration.txt", model, calib,
+    suites = [suite(f"Benchmark model ({model.name}), calibration.txt", model, calib,
                     args.types.split(","), args.windows, work / "main", args.method)]
     if args.check_types:
         from edgetailor.engine import resolve
