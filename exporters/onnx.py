@@ -110,7 +110,7 @@ class ONNXExporter(Exporter):
         step(0.85, "writing model.onnx + model.onnx.data")
         save(proto, out)
         write_genai_config(model, tokenizer, out, graph)
-        copy_tokenizer_files(Path(tokenizer_dir), out)
+        copy_tokenizer_files(Path(tokenizer_dir), out, tokenizer)
         files = sorted(p for p in out.iterdir())
         info["bytes"] = sum(p.stat().st_size for p in files)
         return ExportResult(path=out, files=files, info=info)
@@ -562,13 +562,18 @@ def write_genai_config(model, tokenizer, out: Path, graph: DecoderGraph) -> None
     (out / "genai_config.json").write_text(json.dumps(config, indent=4))
 
 
-def copy_tokenizer_files(src: Path, out: Path) -> None:
+def copy_tokenizer_files(src: Path, out: Path, tokenizer) -> None:
+    """The source's tokenizer files; onnxruntime-genai reads tokenizer.json, so a SentencePiece-only source gets
+    the one its fast tokenizer converts to."""
     found = [f for f in TOKENIZER_FILES if (src / f).exists()]
-    if "tokenizer.json" not in found and "tokenizer.model" not in found:
-        raise EdgeTailorError(f"{src} has no tokenizer.json or tokenizer.model to ship with the ONNX model.",
-                              "Export from a folder that has the tokenizer files.")
     for f in found:
         shutil.copy(src / f, out / f)
+    if "tokenizer.json" not in found:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise EdgeTailorError(f"{src} has no tokenizer.json, and its tokenizer cannot write one.",
+                                  "Export from a folder with tokenizer.json (a fast tokenizer).")
+        backend.save(str(out / "tokenizer.json"))
 
 
 # --- runtime ----------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""ONNX int4: EdgeTailor's exporter against onnxruntime-genai's model builder, in one run, on one model.
+
+  builder  python -m onnxruntime_genai.models.builder -i <HF folder> -o <out> -p int4 -e cpu
+  ours     edgetailor.exporters.onnx, type int4 (rtn, block 32 unless --method/--block-size say otherwise)
+
+Each export runs in its own subprocess (model loading included), timed, its peak memory sampled with psutil
+(the whole process tree, every 50 ms). Both folders are then scored the same way:
+  perplexity, KL and top-1 against the fp32 torch baseline: EdgeTailor's evaluator on wikitext-2 test
+      (context 512, first N windows), both folders run by EdgeTailor's OnnxRuntime (plain onnxruntime);
+  decode tokens/s: onnxruntime-genai for both (greedy, same prompt, same thread count), median of R runs,
+      the two folders alternating; prefill excluded (timed apart).
+
+Usage: python bench/onnx_vs_builder.py [--model demo] [--windows 20] [--repeats 5] [--threads 2]
+Writes bench/results/onnx_vs_builder.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PROMPT = "The history of the city begins in the early Middle Ages, when"
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run ``cmd``; wall seconds and peak resident memory of its process tree."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 1e6, 1)}
+
+
+def export_ours(model_spec: str, out: str, method: str, block_size: int, threads: int) -> None:
+    """Runs in the subprocess: load the model and export it as EdgeTailor's export step does."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from edgetailor.engine import resolve
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.text import read_text
+    from edgetailor.exporters import get_exporter
+
+    src = resolve(model_spec)
+    lm = load_model(src)
+    opts = {"type": "int4", "method": method, "block_size": block_size, "threads": threads}
+    if method == "gptq":
+        opts["calibration_text"] = read_text(None)
+    Path(out).mkdir(parents=True)
+    get_exporter("onnx").export(lm.model, lm.tokenizer, src.path, Path(out), opts)
+
+
+def folder_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.iterdir()) / 1e6, 2)
+
+
+def genai_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.array(prompt_ids, dtype=np.int32))
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    n = 1
+    while not gen.is_done():
+        gen.generate_next_token()
+        n += 1
+    t2 = time.perf_counter()
+    tokens = list(gen.get_sequence(0))[len(prompt_ids):]
+    del gen, model
+    return {"prefill_s": t1 - t0, "decode_tokens": n - 1, "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--text", default=str(HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--out", default=str(HERE / "results" / "onnx_vs_builder"))
+    ap.add_argument("--export-ours", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.export_ours:
+        export_ours(args.model, args.export_ours, args.method, args.block_size, args.threads)
+        return 0
+
+    import onnxruntime
+    import onnxruntime_genai as og
+    from gguf_ladder import machine
+
+    from edgetailor.engine import resolve
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.text import read_text
+    from edgetailor.exporters.onnx import OnnxRuntime
+
+    src = resolve(args.model)
+    work = Path(tempfile.mkdtemp(prefix="edgetailor-onnx-bench-"))
+    folders = {"builder": work / "builder-int4", "ours": work / "ours-int4"}
+    rows: dict = {name: {} for name in folders}
+
+    print("exporting: builder", file=sys.stderr)
+    rows["builder"].update(run_measured([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src.path),
+                                         "-o", str(folders["builder"]), "-p", "int4", "-e", "cpu",
+                                         "-c", str(work / "builder-cache")]))
+    print("exporting: ours", file=sys.stderr)
+    rows["ours"].update(run_measured([sys.executable, str(Path(__file__).resolve()), "--model", args.model,
+                                      "--export-ours", str(folders["ours"]), "--method", args.method,
+                                      "--block-size", str(args.block_size), "--threads", str(args.threads)]))
+    for name, folder in folders.items():
+        rows[name]["folder_mb"] = folder_mb(folder)
+
+    lm = load_model(src)
+    windows = make_windows(lm.tokenizer, read_text(args.text), args.ctx, args.windows)
+    ref = ReferenceLogprobs(work / "reference")
+    print(f"baseline: {len(windows)} windows x {args.ctx}", file=sys.stderr)
+    base = evaluate(TorchRuntime(lm.model, args.threads), windows, reference=ref, record_reference=True)
+    for name, folder in folders.items():
+        print(f"evaluating {name}", file=sys.stderr)
+        with OnnxRuntime(folder, n_ctx=args.ctx, threads=args.threads) as rt:
+            r = evaluate(rt, windows, reference=ref)
+        rows[name].update(perplexity=round(r.perplexity, 4), kl=round(r.kl, 5), top1=round(r.top1, 4))
+
+    prompt_ids = list(lm.tokenizer(PROMPT)["input_ids"])
+    runs = {name: [] for name in folders}
+    for i in range(args.repeats):
+        for name, folder in (folders.items() if i % 2 == 0 else reversed(folders.items())):
+            print(f"decode {name} {i + 1}/{args.repeats}", file=sys.stderr)
+            runs[name].append(genai_decode(folder, prompt_ids, args.new_tokens, args.threads))
+    for name in folders:
+        rows[name]["decode_tps_median"] = round(statistics.median(r["decode_tps"] for r in runs[name]), 2)
+        rows[name]["decode_tps_runs"] = [round(r["decode_tps"], 2) for r in runs[name]]
+        rows[name]["prefill_s_median"] = round(statistics.median(r["prefill_s"] for r in runs[name]), 4)
+        rows[name]["decode_tokens"] = runs[name][0]["decode_tokens"]
+        rows[name]["sample"] = lm.tokenizer.decode(runs[name][0]["tokens"][:24])
+
+    b, o = rows["builder"], rows["ours"]
+    ratios = {"decode_tps": round(o["decode_tps_median"] / b["decode_tps_median"], 3),
+              "folder_size": round(o["folder_mb"] / b["folder_mb"], 3),
+              "perplexity": round(o["perplexity"] / b["perplexity"], 4),
+              "export_seconds": round(o["seconds"] / b["seconds"], 3),
+              "peak_memory": round(o["peak_rss_mb"] / b["peak_rss_mb"], 3)}
+    targets = {"decode_at_least_builder": ratios["decode_tps"] >= 1.0,
+               "file_no_larger": o["folder_mb"] <= b["folder_mb"],
+               "perplexity_no_worse": o["perplexity"] <= b["perplexity"]}
+    result = {"model": args.model, "source": str(src.path), "machine": machine(), "threads": args.threads,
+              "windows": len(windows), "ctx": args.ctx, "text": Path(args.text).name, "repeats": args.repeats,
+              "new_tokens": args.new_tokens, "prompt": PROMPT, "ours_options": {"method": args.method,
+                                                                                "block_size": args.block_size},
+              "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og.__version__},
+              "baseline_perplexity": round(base.perplexity, 4), "rows": rows, "ratios_ours_over_builder": ratios,
+              "targets_met": targets, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    md = [f"# ONNX int4: EdgeTailor vs onnxruntime-genai model builder ({args.model})", "",
+          f"{result['date']}; {result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores, "
+          f"{args.threads} threads; onnxruntime {onnxruntime.__version__}, onnxruntime-genai {og.__version__}.",
+          f"Ours: int4 {args.method}, block {args.block_size}. Builder: `-p int4 -e cpu` (its defaults).", "",
+          f"Quality: wikitext-2 test, {len(windows)} windows x {args.ctx} (EdgeTailor evaluator, both folders in "
+          f"onnxruntime); fp32 torch baseline perplexity {base.perplexity:.4f}.",
+          f"Decode: onnxruntime-genai, greedy, {args.new_tokens} tokens after a {len(prompt_ids)}-token prompt, "
+          f"median of {args.repeats} runs (alternating).", "",
+          "| | export s | peak MB | folder MB | perplexity | KL | top-1 | decode tok/s (median) | prefill s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {r['seconds']} | {r['peak_rss_mb']} | {r['folder_mb']} | {r['perplexity']} | {r['kl']} | "
+                  f"{r['top1']} | {r['decode_tps_median']} | {r['prefill_s_median']} |")
+    md += ["", "Ours / builder: " + ", ".join(f"{k} {v}" for k, v in ratios.items()),
+           "", "Targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()), "",
+           "Reproduce: `flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/onnx_vs_builder.py`", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
