@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-
 from edgetailor.engine import EdgeTailorError, JobSpec, resolve, run_job
 from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
 from edgetailor.engine.modeling import load_model
@@ -59,7 +58,7 @@ def test_stories_heads_of_8_are_padded_and_exact(stories_dir, tmp_path):
 ])
 def test_types_run_and_evaluate(tiny_models, tmp_path, qtype, options):
     folder = tiny_models["qwen2"]      # tied embeddings: int4 reads them from the quantized head
-    lm, res, _ = _export(folder, tmp_path / "m", type=qtype, **options)
+    lm, _res, _ = _export(folder, tmp_path / "m", type=qtype, **options)
     import onnx
 
     ops = {n.op_type for n in onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False).graph.node}
@@ -95,9 +94,9 @@ def test_gptq_is_calibrated_and_needs_text(stories_dir, tmp_path):
     with pytest.raises(EdgeTailorError, match="calibration"):
         _export(stories_dir, tmp_path / "x", type="int4", method="gptq")
     text = " ".join(PROMPTS * 20)
-    lm, res, _ = _export(stories_dir, tmp_path / "g", type="int4", method="gptq", calibration_text=text,
+    _lm, res, _ = _export(stories_dir, tmp_path / "g", type="int4", method="gptq", calibration_text=text,
                          calibration_ctx=32, calibration_windows=2)
-    _, rtn, _ = _export(stories_dir, tmp_path / "r", type="int4", method="rtn")
+    _, _rtn, _ = _export(stories_dir, tmp_path / "r", type="int4", method="rtn")
     assert res.info["method"] == "gptq"
     a = (tmp_path / "g" / "model.onnx.data").read_bytes()
     assert a != (tmp_path / "r" / "model.onnx.data").read_bytes()
