@@ -133,12 +133,15 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
     recipe = {"name": "calibrated", "steps": [
         {"step": "imatrix", "params": {"seq_len": 128, "max_sequences": 6}},
         {"step": "quant.gguf_calibrated", "params": {"types": ["Q3_K_M"]}},
+        {"step": "quant.gguf_calibrated", "params": {"target_mb": 0.15, "method": "imatrix"}},
         {"step": "evaluate", "params": {"windows": 2, "ctx": 128}}]}
     record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}))
     assert record.manifest["status"] == "succeeded", record.manifest
     assert (record.folder / "artifacts" / "imatrix.safetensors").exists()
     v = record.variant("base-Q3_K_M-gptq")
     assert v["format"] == "gguf" and v["metrics"]["perplexity"] > 1
+    mixed = record.variant("base-0.15MB-imatrix")
+    assert abs(mixed["metrics"]["size_bytes"] / 0.15e6 - 1) < 0.02 and mixed["metrics"]["perplexity"] > 1
 
 
 @pytest.mark.parametrize("target_mb", [0.13, 0.18])

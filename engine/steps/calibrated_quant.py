@@ -92,7 +92,7 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         params = sum(p.numel() for k, p in ctx.model.state_dict().items() if k != "lm_head.weight"
                      or not getattr(ctx.model.config, "tie_word_embeddings", False))
         target = int(cfg.target_bpw * params / 8)
-    types = [f"{target / 1e6:.1f}MB"] if target else [t.upper() for t in cfg.types]
+    types = [f"{target / 1e6:.2f}MB"] if target else [t.upper() for t in cfg.types]
     n = len(types)
     for i, t in enumerate(types):
         ctx.check_cancelled()
