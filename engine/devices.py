@@ -237,13 +237,16 @@ class Budget:
     def memory_limit(self) -> float:
         return self.max_memory_bytes or self.device.memory_available_bytes
 
-    def check(self, metrics: dict, projected: dict | None = None) -> list[str]:
+    def check(self, metrics: dict, projected: dict | None = None, reference: bool = False) -> list[str]:
         """Reasons the variant misses the budget, from its metrics on this device.
 
         ``projected`` (from ``projection.project``) gives the device's figures (memory, decode tok/s, J/token);
-        without it the measured ones are used. A figure that is missing is reported as unknown.
+        without it the measured ones are used. A figure that is missing is reported as unknown. The
+        ``reference`` (the baseline) has no quality loss by definition.
         """
         p = projected or {}
+        if reference:
+            metrics = {**metrics, "ppl_increase_pct": 0.0, "kl": 0.0}
         reasons = []
 
         def need(label, value, ok, unit):

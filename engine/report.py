@@ -32,7 +32,7 @@ def run_report(manifest: dict, budget: Budget, alpha: float = 0.5, beta: float =
                                     m.get("bench_prompt_tokens", 0) + m.get("bench_gen_tokens", 0), over)
             except (EdgeTailorError, OSError, KeyError):
                 projected = None
-        reasons = budget.check(m, projected) if ("peak_rss_bytes" in m or projected) else ["not benchmarked"]
+        reasons = budget.check(m, projected, reference=v["name"] == "baseline") if ("peak_rss_bytes" in m or projected) else ["not benchmarked"]
         rows.append({"name": v["name"], "format": v.get("format"), "size_bytes": m.get("size_bytes"),
                      "perplexity": m.get("perplexity"), "ppl_increase_pct": m.get("ppl_increase_pct"),
                      "kl": m.get("kl"), "peak_rss_bytes": m.get("peak_rss_os_bytes") or m.get("peak_rss_bytes"),

@@ -156,3 +156,10 @@ def test_report_cli_on_another_device(measured_run, capsys):
     assert "base-Q8_0" in out and "opt = P_c^1.5" in out and "energy: " in out
     assert main(["devices"]) == 0
     assert "jetson-orin-nano-8gb" in capsys.readouterr().out
+
+
+def test_baseline_has_no_quality_loss_by_definition():
+    b = Budget(get_device("pixel-8"), max_ppl_increase_pct=1, max_kl=0.01)
+    m = {"peak_rss_bytes": 1e9, "perplexity": 10.0}
+    assert b.check(m, reference=True) == []
+    assert b.check(m) == ["perplexity: not measured", "KL: not measured"]

@@ -67,7 +67,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     from ..projection import measure_overhead, predict_memory, project, variant_info
 
     budget = budget_for(cfg)
-    host = host_profile()
+    host = host_profile(refresh=True)      # bandwidth and compute as they are now, beside the runs
     meter = EnergyMeter.detect(host)
     threads = ctx.options.resolved_threads()
     dtype = ctx.options.dtype
@@ -172,7 +172,7 @@ def record_scores(ctx, budget, alpha: float, beta: float) -> None:
             continue
         projected = ({"memory_bytes": m.get("predicted_memory_bytes"), "decode_tps": m.get("projected_decode_tps"),
                       "j_per_token": m.get("projected_j_per_token")} if budget.device.id != "this-machine" else None)
-        reasons = budget.check(m, projected)
+        reasons = budget.check(m, projected, reference=row["name"] == "baseline")
         extra = {"fits": not reasons, "fit_reasons": reasons, "budget": budget.to_dict(),
                  "pareto": [f for f, d in scores["pareto"].items() if row["name"] in d["members"]]}
         if row["opt_score"] is not None:
