@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -32,7 +31,6 @@ TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
 def machine() -> dict:
     import psutil
-
     from edgetailor.engine.devices import cpu_model, usable_cores
 
     return {"cpu": cpu_model(), "usable_cores": usable_cores(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
@@ -122,20 +120,20 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Decode speed against the memory-bandwidth limit ({args.model})", "",
-          f"Machine: {out['machine']['cpu']}, {out['machine']['usable_cores']} usable cores, "
-          f"{out['machine']['ram_gb']} GB RAM; {args.threads} threads; {out['when']}.",
+          (f"Machine: {out['machine']['cpu']}, {out['machine']['usable_cores']} usable cores, "
+           f"{out['machine']['ram_gb']} GB RAM; {args.threads} threads; {out['when']}."),
           f"Bandwidth: {bw:.2f} GB/s ({out['bandwidth_method']}).",
-          f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
-          "runs after a warm-up, llama.cpp via llama-cpp-python in a fresh process per file.", "",
+          (f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
+           "runs after a warm-up, llama.cpp via llama-cpp-python in a fresh process per file."), "",
           "| type | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['type']} | {r['file_bytes'] / 1e6:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
                   f"{r['limit_tps']:.1f} | {r['decode_tps']:.1f} | {100 * r['achieved_over_limit']:.0f}% | "
                   f"{r['achieved_gbs']:.2f} |")
-    md += ["", "The limit assumes every weight byte crosses the memory bus once per token at the copy bandwidth "
-           "measured here; a ratio far below 100% means the runtime is compute- or overhead-bound on this machine "
-           "(the machine is shared, so figures vary between runs)."]
+    md += ["", ("The limit assumes every weight byte crosses the memory bus once per token at the copy bandwidth "
+                "measured here; a ratio far below 100% means the runtime is compute- or overhead-bound on this "
+                "machine (the machine is shared, so figures vary between runs).")]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

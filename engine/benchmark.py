@@ -19,8 +19,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .energy import EnergyMeter
 from .errors import EdgeTailorError, RunCancelled

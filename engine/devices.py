@@ -57,7 +57,7 @@ class DeviceProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, origin: str, where: str) -> "DeviceProfile":
+    def from_dict(cls, d: dict, origin: str, where: str) -> DeviceProfile:
         missing = [k for k in REQUIRED if d.get(k) in (None, "", [])]
         if missing:
             raise EdgeTailorError(f"Device profile {where} lacks {', '.join(missing)}.",
@@ -256,7 +256,7 @@ class Budget:
                 reasons.append(f"{label} {unit(value)}")
 
         measured_peak = metrics.get("peak_rss_os_bytes") or metrics.get("peak_rss_bytes")
-        need("memory", p["memory_bytes"] if "memory_bytes" in p else measured_peak,
+        need("memory", p.get("memory_bytes", measured_peak),
              lambda v: v <= self.memory_limit,
              lambda v: f"{v / 1e6:.0f} MB > {self.memory_limit / 1e6:.0f} MB")
         if self.min_decode_tps:

@@ -94,7 +94,7 @@ def nvml_counters() -> list[Counter]:
             name = name.decode() if isinstance(name, bytes) else name
             out.append(Counter(label=f"NVML GPU {i} {name}", kind="nvml", index=i))
         return out
-    except Exception:       # no library, no driver, no GPU, or a GPU without an energy counter
+    except Exception:  # noqa: BLE001 - no library, no driver, no GPU, or a GPU without an energy counter
         return []
 
 
@@ -108,7 +108,7 @@ class EnergyMeter:
     power_note: str = ""             # how that profile's power figure was obtained
 
     @classmethod
-    def detect(cls, profile=None, powercap_root: Path = POWERCAP, hwmon_root: Path = HWMON) -> "EnergyMeter":
+    def detect(cls, profile=None, powercap_root: Path = POWERCAP, hwmon_root: Path = HWMON) -> EnergyMeter:
         """Every readable counter of this machine; the device profile (default: this machine) for estimates."""
         from .devices import host_profile
 
@@ -142,6 +142,6 @@ class EnergyMeter:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EnergyMeter":
+    def from_dict(cls, d: dict) -> EnergyMeter:
         return cls([Counter(**c) for c in d.get("counters", [])], d.get("watts_per_core", 0.0),
                    d.get("device", ""), d.get("power_note", ""))

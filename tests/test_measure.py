@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
-from edgetailor.engine.devices import Budget, DeviceProfile, bundled_devices, get_device, list_devices
+from edgetailor.engine.devices import Budget, bundled_devices, get_device, list_devices
 from edgetailor.engine.energy import EnergyMeter, rapl_counters
 from edgetailor.engine.errors import EdgeTailorError
 from edgetailor.engine.scoring import opt_score, pareto_front, score_variants

@@ -133,7 +133,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
             ctx.log(f"{name}: no prediction ({exc.problem})", level="warning")
         total_tokens = passes * cfg.gen_tokens
 
-        def on_sample(series, value, name=name, k=k):
+        def on_sample(series, value, name=name, k=k, total_tokens=total_tokens):
             ctx.sample(series, value, name)
             if series == "tokens_done":
                 ctx.progress((k + min(1.0, value / total_tokens)) / len(todo), f"{name}: {int(value)} tokens")
