@@ -54,6 +54,11 @@ class JobHandle:
         return self.job.run_id
 
     @property
+    def pid(self) -> int | None:
+        """The worker process's id (for memory sampling); None before start."""
+        return self._proc.pid
+
+    @property
     def folder(self) -> Path:
         return Path(self.job.runs_root) / self.job.run_id
 
