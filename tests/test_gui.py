@@ -1,0 +1,248 @@
+"""The desktop app, driven offscreen with pytest-qt on a real model (stories260K) and real worker processes:
+pick the model, choose a budget, run a recipe, watch the plots, sort the results, click the Pareto plot,
+export a bundle llama.cpp loads, try it side by side, survive a worker crash, find runs after a restart."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest
+
+pytest.importorskip("pytestqt")
+from PySide6.QtCore import QPointF, Qt, QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
+
+RUN_TIMEOUT_MS = 180_000
+
+
+class StallMeter:
+    """The longest gap between ticks of a 10 ms timer: how long the event loop was ever blocked."""
+
+    def __init__(self):
+        self.last = None
+        self.longest = 0.0
+        self.ticks = 0
+        self.gaps = []
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+
+    def _tick(self):
+        now = time.perf_counter()
+        if self.last is not None:
+            self.longest = max(self.longest, now - self.last)
+            self.gaps.append(now - self.last)
+        self.last = now
+        self.ticks += 1
+
+    def start(self):
+        self.last = time.perf_counter()
+        self.timer.start()
+
+    def stop(self):
+        self.timer.stop()
+
+
+def make_window(qtbot, runs_root, model):
+    from edgetailor.ui.main_window import MainWindow, configure_plots
+
+    configure_plots(QApplication.instance())
+    w = MainWindow(runs_root=runs_root, job_options={"threads": 1}, model=str(model))
+    qtbot.addWidget(w)
+    w.show()
+    return w
+
+
+def small_recipe(w, benchmark=False):
+    """Balanced preset, cut down to F16 + Q8_0 and two short evaluation windows (and a short benchmark),
+    through the editor."""
+    rp = w.recipe_panel
+    rp.load_preset("balanced")
+    rp.set_param(0, "types", ["F16", "Q8_0"])
+    rp.set_param(1, "windows", 2)
+    rp.set_param(1, "ctx", 64)
+    if benchmark:
+        rp.steps.setCurrentRow(1)
+        rp.add_combo.setCurrentText("benchmark")
+        rp.add_button.click()
+        assert rp.recipe["steps"][2]["step"] == "benchmark"
+        for name, value in (("prompt_tokens", 16), ("gen_tokens", 8), ("repeats", 1), ("n_ctx", 64)):
+            rp.set_param(2, name, value)
+    assert rp.validate() is None
+    return rp.current_recipe()
+
+
+def test_whole_flow_offscreen(qtbot, tmp_path, stories_dir):
+    import numpy as np
+    from llama_cpp import Llama
+
+    runs = tmp_path / "runs"
+    w = make_window(qtbot, runs, stories_dir)
+    # the model card comes from a background pre-flight check
+    qtbot.waitUntil(lambda: w.model_panel.report is not None, timeout=60_000)
+    card = w.model_panel.card.text()
+    assert "llama" in card and "Parameters" in card and "Pre-flight RAM" in card and "gguf" in card
+
+    # a budget, then the recipe
+    w.budget_panel.set_profile("raspberry-pi-5-8gb")
+    w.budget_panel.max_ppl.setValue(50)
+    assert w.budget_panel.budget()["memory_bytes"] == round(w.budget_panel.device().memory_available_bytes / 1e6) * 1e6
+    recipe = small_recipe(w, benchmark=True)
+    assert recipe["steps"][0]["params"]["types"] == ["F16", "Q8_0"]
+    assert recipe["steps"][2]["params"]["device"] == "raspberry-pi-5-8gb"       # the budget reaches the benchmark
+    assert recipe["steps"][2]["params"]["max_ppl_increase_pct"] == 50
+
+    meter = StallMeter()
+    meter.start()
+    with qtbot.waitSignal(w.controller.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        qtbot.keyClick(w, Qt.Key.Key_R, Qt.KeyboardModifier.ControlModifier)    # Ctrl+R runs the recipe
+        assert w.tabs.tabText(w.tabs.currentIndex()) == "Live"
+    meter.stop()
+    run_id, status, error = finished.args
+    assert status == "succeeded", error
+
+    # the live plots received data while it ran
+    counts = w.plots.series_counts()
+    assert counts["memory"] >= 3 and counts["perplexity"] >= 6      # 3 models x 2 windows
+    assert counts["decode_tps"] == 3 and counts["energy"] == 3
+    assert w.plots.redraws >= 2
+    assert len(w.plots.memory.getPlotItem().listDataItems()) >= 1
+
+    # the results table fills and sorts
+    model = w.results.model
+    names = {r["name"] for r in model.rows}
+    assert {"baseline", "base-F16", "base-Q8_0"} <= names
+    assert all(r["metrics"].get("perplexity") for r in model.rows)
+    fits_col = [c[0] for c in __import__("edgetailor.ui.results", fromlist=["COLUMNS"]).COLUMNS].index("Fits")
+    badges = {model.rows[r]["name"]: model.index(r, fits_col).data() for r in range(model.rowCount())}
+    assert badges["base-Q8_0"] in ("✓ fits",) or badges["base-Q8_0"].startswith("✗"), badges
+    size_col = [c[0] for c in __import__("edgetailor.ui.results", fromlist=["COLUMNS"]).COLUMNS].index("Size")
+    w.results.table.sortByColumn(size_col, Qt.SortOrder.AscendingOrder)
+    proxy = w.results.proxy
+    sizes = [proxy.index(r, size_col).data(Qt.ItemDataRole.UserRole) for r in range(proxy.rowCount())]
+    assert sizes == sorted(sizes)
+    w.results.table.sortByColumn(size_col, Qt.SortOrder.DescendingOrder)
+    sizes = [proxy.index(r, size_col).data(Qt.ItemDataRole.UserRole) for r in range(proxy.rowCount())]
+    assert sizes == sorted(sizes, reverse=True)
+
+    # clicking a point of the Pareto scatter selects its variant
+    w.tabs.setCurrentIndex(2)
+    qtbot.wait(100)
+    plot = w.results.scatter_plot
+    target = next(p for p in w.results.scatter.points() if p.data() == "base-Q8_0")
+    scene = plot.getViewBox().mapViewToScene(QPointF(target.pos().x(), target.pos().y()))
+    pos = plot.mapFromScene(scene)
+    with qtbot.waitSignal(w.results.variant_selected, timeout=5_000) as picked:
+        qtbot.mouseClick(plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+    assert picked.args == ["base-Q8_0"]
+    assert w.results.current() == "base-Q8_0"
+
+    # export: the dialog lists the bundle, then writes it; llama.cpp loads the bundled model
+    dialog = w.export_dialog("base-Q8_0")
+    listed = [dialog.contents.item(r, 0).text() for r in range(dialog.contents.rowCount())]
+    assert listed[0].endswith(".gguf") and {"README.md", "metrics.json", "Modelfile"} <= set(listed)
+    out = tmp_path / "exported"
+    out.mkdir()
+    dialog.folder.setText(str(out))
+    dialog.save()
+    assert dialog.written is not None and sorted(p.name for p in dialog.written.iterdir()) == sorted(listed)
+    readme = (dialog.written / "README.md").read_text()
+    assert "Perplexity" in readme and "KL" in readme
+    llm = Llama(model_path=str(dialog.written / listed[0]), n_ctx=64, n_threads=1, verbose=False)
+    toks = llm.tokenize(b"Once upon a time")
+    llm.eval(toks)
+    assert np.isfinite(np.array(llm.scores[: len(toks)])).all()
+    llm.close()
+
+    # try it: baseline and the selected variant, side by side
+    w.try_panel.max_tokens.setValue(12)
+    assert w.try_panel.variant.currentText() == "base-Q8_0"
+    done = []
+    w.try_panel.generated.connect(lambda side, g: done.append((side, g)))
+    qtbot.mouseClick(w.try_panel.button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(done) == 2, timeout=60_000)
+    by_side = dict(done)
+    assert by_side["baseline"].runtime == "torch" and by_side["variant"].runtime == "llama.cpp"
+    assert by_side["baseline"].tokens > 0 and by_side["variant"].tokens > 0
+    assert w.try_panel.outputs["variant"].toPlainText() == by_side["variant"].text
+    w.close()
+
+    # after a restart the run is listed again, with its results and replayed plots
+    w2 = make_window(qtbot, runs, stories_dir)
+    assert run_id in w2.queue.rows
+    w2.queue.select(run_id)
+    assert {"baseline", "base-F16", "base-Q8_0"} <= {r["name"] for r in w2.results.model.rows}
+    assert w2.plots.series_counts()["perplexity"] >= 6
+    assert w2.states[run_id].status == "succeeded"
+    w2.close()
+
+    # the window never froze while the worker compressed (checked last, so the rest reports first)
+    assert meter.ticks > 50
+    worst = sorted(meter.gaps)[-5:]
+    print(f"event loop: {meter.ticks} ticks in {sum(meter.gaps):.1f} s, longest gaps {[round(g * 1000) for g in worst]} ms")
+    assert meter.longest < 0.100, f"the event loop stalled for {meter.longest * 1000:.0f} ms"
+
+
+def test_worker_crash_message_and_app_goes_on(qtbot, tmp_path, stories_dir):
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    small_recipe(w)
+    with qtbot.waitSignal(w.controller.run_event, timeout=RUN_TIMEOUT_MS):   # run_started: the worker lives
+        w.run_button.click()
+    run_id = w.queue.current()
+    pid = w.controller.worker_pid(run_id)
+    os.kill(pid, signal.SIGKILL)
+    with qtbot.waitSignal(w.controller.run_finished, timeout=30_000) as finished:
+        pass
+    assert finished.args[1] == "failed"
+    box = w.last_error
+    assert isinstance(box, QMessageBox) and box.isVisible()
+    assert "ended unexpectedly" in box.text() and "Traceback" not in box.text() + box.informativeText()
+    assert "ended unexpectedly" in w.queue.detail.text()
+    box.close()
+    # the app goes on: it answers the keyboard and runs the next job (cancelled at once here)
+    qtbot.keyClick(w, Qt.Key.Key_1, Qt.KeyboardModifier.ControlModifier)
+    assert w.tabs.currentIndex() == 0
+    with qtbot.waitSignal(w.controller.run_finished, timeout=RUN_TIMEOUT_MS) as second:
+        qtbot.keyClick(w, Qt.Key.Key_R, Qt.KeyboardModifier.ControlModifier)
+        w.controller.cancel(w.queue.current())
+    assert second.args[1] == "cancelled"
+    assert w.states[finished.args[0]].status == "failed"
+    w.close()
+
+
+def test_keyboard_reaches_main_controls(qtbot, tmp_path, stories_dir):
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    chain, widget = [], w.model_panel.combo
+    for _ in range(400):
+        chain.append(widget)
+        widget = widget.nextInFocusChain()
+        if widget is w.model_panel.combo:
+            break
+    tabbable = [x for x in chain if isinstance(x, QWidget) and x.focusPolicy() & Qt.FocusPolicy.TabFocus]
+    for control in (w.model_panel.combo, w.model_panel.folder_button, w.budget_panel.profile,
+                    w.budget_panel.memory, w.recipe_panel.preset, w.recipe_panel.steps, w.run_button, w.tabs):
+        assert control in tabbable, control.objectName() or type(control).__name__
+    # real Tab presses move focus from the model picker onwards
+    w.activateWindow()
+    w.model_panel.combo.setFocus()
+    qtbot.waitUntil(lambda: w.model_panel.combo.hasFocus() or w.model_panel.combo.lineEdit().hasFocus())
+    qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_Tab)
+    assert QApplication.focusWidget() is w.model_panel.folder_button
+    # shortcuts switch tabs and focus the model picker
+    for i in range(4):
+        qtbot.keyClick(w, getattr(Qt.Key, f"Key_{i + 1}"), Qt.KeyboardModifier.ControlModifier)
+        assert w.tabs.currentIndex() == i
+    qtbot.keyClick(w, Qt.Key.Key_L, Qt.KeyboardModifier.ControlModifier)
+    assert w.model_panel.combo.hasFocus() or w.model_panel.combo.lineEdit().hasFocus()
+    # every step the registry knows can be added from the editor, with a field per parameter
+    from edgetailor.engine import all_steps
+
+    rp = w.recipe_panel
+    assert [rp.add_combo.itemText(i) for i in range(rp.add_combo.count())] == sorted(all_steps())
+    rp.steps.setCurrentRow(0)
+    params = [p["name"] for p in all_steps()[rp.recipe["steps"][0]["step"]].describe()["params"]]
+    assert all(rp.params_box.findChild(QWidget, f"param_{p}") is not None for p in params)
+    w.close()

@@ -1,0 +1,100 @@
+"""Small shared pieces of the app: background tasks, friendly error dialogs, number formatting."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtWidgets import QMessageBox, QWidget
+
+from edgetailor.engine.errors import EdgeTailorError
+
+DASH = "—"
+
+
+class _TaskSignals(QObject):
+    done = Signal(object)
+    failed = Signal(object)
+
+
+class _Task(QRunnable):
+    def __init__(self, fn: Callable[[], object]):
+        super().__init__()
+        self.fn = fn
+        self.signals = _TaskSignals()
+
+    def run(self) -> None:
+        try:
+            result = self.fn()
+        except BaseException as exc:   # reported to the GUI thread, never lost
+            self.signals.failed.emit(exc)
+        else:
+            self.signals.done.emit(result)
+
+
+class Background:
+    """Runs functions off the GUI thread; results come back as calls on the GUI thread."""
+
+    def __init__(self, max_threads: int = 2):
+        self.pool = QThreadPool()
+        self.pool.setMaxThreadCount(max_threads)
+        self._running: set[_Task] = set()
+
+    def run(self, fn: Callable[[], object], on_done: Callable[[object], None],
+            on_error: Callable[[BaseException], None]) -> None:
+        task = _Task(fn)
+        task.setAutoDelete(False)
+        self._running.add(task)
+
+        def finish(handler, value):
+            self._running.discard(task)
+            handler(value)
+
+        task.signals.done.connect(lambda r: finish(on_done, r))
+        task.signals.failed.connect(lambda e: finish(on_error, e))
+        self.pool.start(task)
+
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def wait(self, msecs: int = -1) -> bool:
+        return self.pool.waitForDone(msecs)
+
+
+def problem_and_fix(error) -> tuple[str, str]:
+    """(problem, fix) from an EdgeTailorError, a run's error dict, or any exception (never a traceback)."""
+    if isinstance(error, EdgeTailorError):
+        return error.problem, error.fix
+    if isinstance(error, dict):
+        return error.get("problem") or "The run failed.", error.get("fix") or ""
+    if isinstance(error, MemoryError):
+        return "The machine ran out of memory.", "Close other programs or pick a smaller model."
+    return f"{type(error).__name__}: {error}", "This is likely a bug in EdgeTailor; please report it."
+
+
+def show_error(parent: QWidget, title: str, error) -> QMessageBox:
+    """A non-blocking dialog naming the problem and the fix."""
+    problem, fix = problem_and_fix(error)
+    box = QMessageBox(QMessageBox.Icon.Warning, title, problem, QMessageBox.StandardButton.Ok, parent)
+    if fix:
+        box.setInformativeText(f"Fix: {fix}")
+    box.setObjectName("errorBox")
+    box.open()
+    return box
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return DASH
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return DASH
+
+
+def fmt_seconds(s) -> str:
+    if s is None:
+        return DASH
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s} s"

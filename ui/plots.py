@@ -1,0 +1,132 @@
+"""Live plots of the selected run, fed by its events: memory over time, perplexity as windows are scored,
+and decode speed and energy per variant as they are measured."""
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QGridLayout, QWidget
+
+from .run_state import RunState
+
+REFRESH_MS = 500      # plots redraw at most this often, however fast events arrive
+
+
+def pen(i: int):
+    return pg.mkPen(pg.intColor(i, hues=9, values=1, maxValue=220, minValue=150), width=2)
+
+
+class LivePlots(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.state: RunState | None = None
+        self.memory_limit: float | None = None
+        self.memory = pg.PlotWidget(title="Memory over time")
+        self.memory.setLabel("left", "RSS", units="B")
+        self.memory.setLabel("bottom", "time", units="s")
+        self.memory.addLegend(offset=(5, 5))
+        self.quality = pg.PlotWidget(title="Perplexity per window, as it is measured")
+        self.quality.setLabel("bottom", "window")
+        self.quality.addLegend(offset=(5, 5))
+        self.speed = pg.PlotWidget(title="Decode speed per variant (tokens/s)")
+        self.energy = pg.PlotWidget(title="Energy per variant (J/token)")
+        for w in (self.memory, self.quality, self.speed, self.energy):
+            w.showGrid(x=True, y=True, alpha=0.2)
+            w.setMinimumHeight(160)
+        self.memory.setObjectName("memoryPlot")
+        grid = QGridLayout(self)
+        grid.addWidget(self.memory, 0, 0)
+        grid.addWidget(self.quality, 0, 1)
+        grid.addWidget(self.speed, 1, 0)
+        grid.addWidget(self.energy, 1, 1)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(REFRESH_MS)
+        self._timer.timeout.connect(self.redraw)
+        self.redraws = 0
+        self._drawn_state: RunState | None = None
+        self._curves: dict = {}
+        self._limit_line = None
+
+    def show_state(self, state: RunState | None) -> None:
+        self.state = state
+        self._drawn_state = None     # a different run: start from empty plots
+        self.redraw()
+
+    def set_memory_limit(self, limit_bytes: float | None) -> None:
+        self.memory_limit = limit_bytes
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Ask for a redraw (coalesced: events may arrive hundreds of times a second)."""
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def redraw(self) -> None:
+        """Update the curves in place (re-creating plot items on every update is what makes plots slow)."""
+        self.redraws += 1
+        st = self.state
+        if st is not self._drawn_state:
+            for w in (self.memory, self.quality, self.speed, self.energy):
+                w.clear()
+            self._curves = {}
+            self._limit_line = None
+            self._drawn_state = st
+        if st is None:
+            return
+        memory = {"worker process": st.worker_memory}
+        memory.update({str(v or "run"): pts for v, pts in sorted(st.samples.get("rss_bytes", {}).items(),
+                                                                  key=lambda kv: str(kv[0]))})
+        for name, points in memory.items():
+            if points:
+                xs, ys = zip(*points)
+                self._curve(self.memory, ("memory", name), name).setData(xs, ys)
+        if self.memory_limit and self._limit_line is None:
+            self._limit_line = pg.InfiniteLine(self.memory_limit, angle=0, label="budget", labelOpts={"position": 0.05},
+                                               pen=pg.mkPen(pg.intColor(0), style=pg.QtCore.Qt.PenStyle.DashLine))
+            self.memory.addItem(self._limit_line)
+        elif self._limit_line is not None:
+            if self.memory_limit:
+                self._limit_line.setValue(self.memory_limit)
+            else:
+                self.memory.removeItem(self._limit_line)
+                self._limit_line = None
+        for variant, points in sorted(st.samples.get("perplexity", {}).items(), key=lambda kv: str(kv[0])):
+            ys = [v for _, v in points]
+            self._curve(self.quality, ("ppl", str(variant)), str(variant), symbols=True).setData(
+                list(range(1, len(ys) + 1)), ys)
+        self._bars(self.speed, "decode_tps")
+        self._bars(self.energy, "energy_j_per_token")
+
+    def _curve(self, plot: pg.PlotWidget, key, name: str, symbols: bool = False):
+        if key not in self._curves:
+            i = sum(1 for k in self._curves if k[0] == key[0])
+            kw = dict(symbol="o", symbolSize=5, symbolBrush=pen(i).color(), symbolPen=None) if symbols else {}
+            self._curves[key] = plot.plot([], [], pen=pen(i), name=name, **kw)
+        return self._curves[key]
+
+    def _bars(self, plot: pg.PlotWidget, metric: str) -> None:
+        rows = [(name, v["metrics"][metric]) for name, v in self.state.variants.items()
+                if v.get("metrics", {}).get(metric) is not None]
+        key = ("bars", metric)
+        if self._curves.get(key) == rows:
+            return
+        self._curves[key] = rows
+        plot.clear()
+        if not rows:
+            plot.getAxis("bottom").setTicks([[]])
+            return
+        xs = list(range(len(rows)))
+        plot.addItem(pg.BarGraphItem(x=xs, height=[v for _, v in rows], width=0.6,
+                                     brushes=[pen(k).color() for k in xs]))
+        plot.getAxis("bottom").setTicks([[(x, name) for x, (name, _) in zip(xs, rows)]])
+
+    def series_counts(self) -> dict[str, int]:
+        """How many points each plot holds now (for tests and the status bar)."""
+        st = self.state
+        if st is None:
+            return {}
+        return {"memory": len(st.worker_memory) + sum(len(p) for p in st.samples.get("rss_bytes", {}).values()),
+                "perplexity": sum(len(p) for p in st.samples.get("perplexity", {}).values()),
+                "decode_tps": sum(1 for v in st.variants.values() if v.get("metrics", {}).get("decode_tps") is not None),
+                "energy": sum(1 for v in st.variants.values()
+                              if v.get("metrics", {}).get("energy_j_per_token") is not None)}

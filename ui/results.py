@@ -1,0 +1,216 @@
+"""Results of the selected run: a sortable table of every variant's measurements, and a Pareto scatter
+(size against quality) where clicking a point selects that variant."""
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QPushButton,
+                               QSplitter, QTableView, QVBoxLayout, QWidget)
+
+from edgetailor.engine.scoring import pareto_front
+
+from .budget_panel import check_variant
+from .common import DASH, fmt_bytes
+
+SORT_ROLE = Qt.ItemDataRole.UserRole
+
+
+def _num(fmt):
+    return lambda v: DASH if v is None else fmt(v)
+
+
+# (header, metric name or special key, formatter)
+COLUMNS = [
+    ("Variant", "name", str),
+    ("Format", "format", str),
+    ("Size", "size_bytes", fmt_bytes),
+    ("Parameters", "parameters", _num(lambda v: f"{v / 1e6:.2f} M")),
+    ("Perplexity", "perplexity", _num(lambda v: f"{v:.3f}")),
+    ("PPL +%", "ppl_increase_pct", _num(lambda v: f"{v:+.2f} %")),
+    ("KL", "kl", _num(lambda v: f"{v:.4f}")),
+    ("Tokens/s", "decode_tps", _num(lambda v: f"{v:.1f}")),
+    ("TTFT", "ttft_seconds", _num(lambda v: f"{1000 * v:.0f} ms")),
+    ("Peak memory", "peak_rss_bytes", fmt_bytes),
+    ("J/token", "energy_j_per_token", _num(lambda v: f"{v:.4f}")),
+    ("Fits", "fits", str),
+    ("Score", "opt_score", _num(lambda v: f"{v:.3f}")),
+]
+
+
+class ResultsModel(QAbstractTableModel):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows: list[dict] = []
+        self.budget = None        # engine.devices.Budget
+
+    def set_rows(self, variants: list[dict], budget) -> None:
+        self.beginResetModel()
+        self.rows = [dict(v) for v in variants]
+        self.budget = budget
+        self.endResetModel()
+
+    def rowCount(self, parent=QModelIndex()):
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()):
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return COLUMNS[section][0]
+        return None
+
+    def value(self, row: int, key: str):
+        v = self.rows[row]
+        if key in ("name", "format"):
+            return v.get(key)
+        if key == "fits":
+            return check_variant(self.budget, v.get("metrics", {}))
+        return v.get("metrics", {}).get(key)
+
+    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        _, key, fmt = COLUMNS[index.column()]
+        value = self.value(index.row(), key)
+        if key == "fits":
+            fits, why = value
+            if role == Qt.ItemDataRole.DisplayRole:
+                return {True: "✓ fits", False: "✗ " + why, None: DASH}[fits]
+            if role == Qt.ItemDataRole.ToolTipRole:
+                return why
+            if role == SORT_ROLE:
+                return {True: 2, None: 1, False: 0}[fits]
+            return None
+        if role == Qt.ItemDataRole.DisplayRole:
+            return fmt(value) if value is not None else DASH
+        if role == SORT_ROLE:
+            return value if value is not None else (float("inf") if isinstance(value, (int, float)) else None)
+        if role == Qt.ItemDataRole.TextAlignmentRole and key not in ("name", "format"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+
+class _Proxy(QSortFilterProxyModel):
+    def lessThan(self, left, right):
+        a, b = left.data(SORT_ROLE), right.data(SORT_ROLE)
+        if a is None or b is None:        # unmeasured cells sort last
+            return a is not None and b is None
+        try:
+            return a < b
+        except TypeError:
+            return str(a) < str(b)
+
+
+class ResultsPanel(QWidget):
+    variant_selected = Signal(str)
+    export_requested = Signal(str)
+    try_requested = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.model = ResultsModel(self)
+        self.proxy = _Proxy(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setSortRole(SORT_ROLE)
+        self.table = QTableView()
+        self.table.setObjectName("resultsTable")
+        self.table.setAccessibleName("Results")
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.verticalHeader().setVisible(False)
+        self.y_axis = QComboBox()
+        self.y_axis.addItem("Perplexity", "perplexity")
+        self.y_axis.addItem("KL divergence", "kl")
+        self.y_axis.setAccessibleName("Pareto quality axis")
+        self.export_button = QPushButton("&Export…")
+        self.try_button = QPushButton("Tr&y it")
+        self.summary = QLabel()
+        self.scatter_plot = pg.PlotWidget(title="Size against quality (click a point)")
+        self.scatter_plot.setLabel("bottom", "size", units="B")
+        self.scatter_plot.showGrid(x=True, y=True, alpha=0.2)
+        self.scatter = pg.ScatterPlotItem(size=12, hoverable=True)
+        self.scatter.sigClicked.connect(self._point_clicked)
+        self.scatter_plot.addItem(self.scatter)
+        self.front_line = pg.PlotDataItem(pen=pg.mkPen(pg.intColor(1), width=1, style=Qt.PenStyle.DashLine))
+        self.scatter_plot.addItem(self.front_line)
+
+        bar = QHBoxLayout()
+        bar.addWidget(self.summary, 1)
+        bar.addWidget(QLabel("Quality axis:"))
+        bar.addWidget(self.y_axis)
+        bar.addWidget(self.try_button)
+        bar.addWidget(self.export_button)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(self.scatter_plot)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(bar)
+        lay.addWidget(split)
+        self.table.selectionModel().selectionChanged.connect(self._row_selected)
+        self.y_axis.currentIndexChanged.connect(lambda _: self._draw_scatter())
+        self.export_button.clicked.connect(lambda: self.current() and self.export_requested.emit(self.current()))
+        self.try_button.clicked.connect(lambda: self.current() and self.try_requested.emit(self.current()))
+
+    def set_variants(self, variants: list[dict], budget) -> None:
+        keep = self.current()
+        self.model.set_rows(variants, budget)
+        self._draw_scatter()
+        if keep:
+            self.select(keep)
+        measured = sum(1 for v in variants if v.get("metrics", {}).get("perplexity") is not None)
+        self.summary.setText(f"{len(variants)} variants, {measured} evaluated")
+
+    def current(self) -> str | None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows:
+            return None
+        return self.model.rows[self.proxy.mapToSource(rows[0]).row()]["name"]
+
+    def select(self, name: str) -> None:
+        for r, v in enumerate(self.model.rows):
+            if v["name"] == name:
+                idx = self.proxy.mapFromSource(self.model.index(r, 0))
+                self.table.selectRow(idx.row())
+                self.table.scrollTo(idx)
+                return
+
+    def _row_selected(self, *_):
+        name = self.current()
+        if name:
+            self._highlight(name)
+            self.variant_selected.emit(name)
+
+    def points(self) -> list[tuple[str, float, float]]:
+        key = self.y_axis.currentData()
+        out = []
+        for v in self.model.rows:
+            m = v.get("metrics", {})
+            if m.get("size_bytes") is not None and m.get(key) is not None:
+                out.append((v["name"], float(m["size_bytes"]), float(m[key])))
+        return out
+
+    def _draw_scatter(self) -> None:
+        pts = self.points()
+        self.scatter_plot.setLabel("left", self.y_axis.currentText())
+        self.scatter.setData([{"pos": (x, y), "data": name, "brush": pg.intColor(i, hues=9)}
+                              for i, (name, x, y) in enumerate(pts)])
+        front = pareto_front({name: (x, y) for name, x, y in pts})
+        xy = {name: (x, y) for name, x, y in pts}
+        self.front_line.setData([xy[n][0] for n in front], [xy[n][1] for n in front])
+        if self.current():
+            self._highlight(self.current())
+
+    def _highlight(self, name: str) -> None:
+        for p in self.scatter.points():
+            selected = p.data() == name
+            p.setSize(18 if selected else 12)
+            p.setPen(pg.mkPen(self.palette().text().color(), width=3) if selected else pg.mkPen(None))
+
+    def _point_clicked(self, _item, points, *_):
+        if points:
+            self.select(points[0].data())
