@@ -61,13 +61,19 @@ def ggml_type(name: str):
 
 
 # --- choosing scales ------------------------------------------------------------------------------
-def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 16):
-    """Float scale and min per group minimizing the weighted squared error. x, w: (N, g)."""
+def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 10):
+    """Float scale and min per group minimizing the weighted squared error. x, w: (N, g).
+
+    Errors come from the weighted sums in closed form, so each candidate costs a few passes over x.
+    """
     eps = 1e-30
     best_err = torch.full(x.shape[:1], float("inf"), dtype=x.dtype)
     best_s = torch.zeros(x.shape[:1], dtype=x.dtype)
     best_m = torch.zeros(x.shape[:1], dtype=x.dtype)
+    wx = w * x
     sw = w.sum(1)
+    sx = wx.sum(1)
+    sxx = (wx * x).sum(1)
     if not bt.affine:
         idx = x.abs().argmax(1, keepdim=True)
         mx = x.gather(1, idx).squeeze(1)
@@ -79,8 +85,9 @@ def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 16)
             inv = torch.where(s != 0, 1 / s, torch.zeros_like(s))
             q = torch.clamp(torch.round(x * inv[:, None]), bt.qmin, bt.qmax)
             sq = (w * q * q).sum(1)
-            s2 = torch.where(sq > 0, (w * x * q).sum(1) / (sq + eps), torch.zeros_like(sq))
-            err = (w * (x - s2[:, None] * q) ** 2).sum(1)
+            sxq = (wx * q).sum(1)
+            s2 = torch.where(sq > 0, sxq / (sq + eps), torch.zeros_like(sq))
+            err = sxx - s2 * sxq
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s2, best_s)
@@ -93,28 +100,28 @@ def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 16)
     nmax = bt.qmax
     for t in np.linspace(-0.1, 0.25, ntry):
         s = rng / (nmax + t * nmax / 4)
-        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-        q = torch.clamp(torch.round((x - lo[:, None]) * inv[:, None]), 0, nmax)
-        for _ in range(2):
-            sq = (w * q).sum(1)
-            sqq = (w * q * q).sum(1)
-            sx = (w * x).sum(1)
-            sxq = (w * x * q).sum(1)
+        b = lo
+        for it in range(2):
+            inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+            q = torch.clamp(torch.round((x - b[:, None]) * inv[:, None]), 0, nmax)
+            wq = w * q
+            sq = wq.sum(1)
+            sqq = (wq * q).sum(1)
+            sxq = (wx * q).sum(1)
             det = sw * sqq - sq * sq
             a = torch.where(det > 0, (sw * sxq - sq * sx) / (det + eps), s)
-            b = torch.where(det > 0, (sqq * sx - sq * sxq) / (det + eps), lo)
+            b2 = torch.where(det > 0, (sqq * sx - sq * sxq) / (det + eps), b)
             if bt.scale_bits:
-                neg = b > 0
+                neg = b2 > 0
                 a = torch.where(neg, torch.where(sqq > 0, sxq / (sqq + eps), s), a)
-                b = torch.where(neg, torch.zeros_like(b), b)
+                b2 = torch.where(neg, torch.zeros_like(b2), b2)
             a = torch.clamp(a, min=0.0)
-            inv = torch.where(a > 0, 1 / a, torch.zeros_like(a))
-            q = torch.clamp(torch.round((x - b[:, None]) * inv[:, None]), 0, nmax)
-        err = (w * (x - a[:, None] * q - b[:, None]) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, a, best_s)
-        best_m = torch.where(better, -b, best_m)
+            err = sxx - 2 * a * sxq - 2 * b2 * sx + a * a * sqq + 2 * a * b2 * sq + b2 * b2 * sw
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, a, best_s)
+            best_m = torch.where(better, -b2, best_m)
+            s, b = a, b2
     return best_s, best_m
 
 
@@ -295,7 +302,7 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
     if importance is None:
         imp = torch.ones(C)
     else:
-        imp = torch.from_numpy(np.asarray(importance, dtype=np.float32)).clone()
+        imp = torch.tensor(np.asarray(importance, dtype=np.float32))
         imp = imp + 1e-6 * float(imp.mean()) + 1e-30
     Q = torch.zeros_like(Wt)
     out_q = torch.zeros_like(Wt)

@@ -122,9 +122,14 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, st
                               f"(e.g. {missing[0]}: {types.get(missing[0])}).",
                               "Use a k-quant mix (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) or the plain export step.")
     use = stats if method != "plain" else None
-    encoded = quantize_tensors(sources, types, use, method,
-                               progress=(lambda f, m: progress(0.1 + 0.8 * f, m)) if progress else None,
-                               cancelled=cancelled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # many small tensor ops: one thread is several times faster than two
+    try:
+        encoded = quantize_tensors(sources, types, use, method,
+                                   progress=(lambda f, m: progress(0.1 + 0.8 * f, m)) if progress else None,
+                                   cancelled=cancelled)
+    finally:
+        torch.set_num_threads(threads)
     for n, (module, data) in sources.items():
         if n not in encoded:          # F16/F32 by llama.cpp's choice (rows too short for any block)
             encoded[n] = (data.astype(np.float16 if types.get(n) == "F16" else np.float32), None)
@@ -255,8 +260,13 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_b
     out = Path(out)
     overhead = metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
     sources = tensor_sources(model)
-    types = plan_types(sources, stats, target_bytes - overhead,
-                       progress=(lambda f, m: progress(0.4 * f, m)) if progress else None, cancelled=cancelled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        types = plan_types(sources, stats, target_bytes - overhead,
+                           progress=(lambda f, m: progress(0.4 * f, m)) if progress else None, cancelled=cancelled)
+    finally:
+        torch.set_num_threads(threads)
     info = export_calibrated(model, tokenizer, tokenizer_dir, out, "Q4_K_M", stats, method, types=types,
                              progress=(lambda f, m: progress(0.4 + 0.6 * f, m)) if progress else None,
                              cancelled=cancelled)
