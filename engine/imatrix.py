@@ -27,7 +27,7 @@ from .errors import EdgeTailorError
 class ImportanceStats:
     sum_sq: dict[str, torch.Tensor]                 # module -> sum of x^2 per input channel (float64)
     count: dict[str, int]                           # module -> tokens seen
-    xtx: dict[str, torch.Tensor] = field(default_factory=dict)   # input key -> X^T X (float64)
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)   # input key -> X^T X (float32)
     input_of: dict[str, str] = field(default_factory=dict)       # module -> input key of its X^T X
     tokens: int = 0
 
@@ -38,7 +38,7 @@ class ImportanceStats:
         key = self.input_of.get(module)
         if key is None or key not in self.xtx:
             return None
-        return self.xtx[key] / max(self.count[module], 1)
+        return self.xtx[key].double() / max(self.count[module], 1)
 
     def has_hessians(self) -> bool:
         return bool(self.xtx)
@@ -95,8 +95,8 @@ def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: i
                 key = name
                 if hessians:
                     if key not in xtx:
-                        xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
-                    xtx[key] += (x2.T @ x2).double()
+                        xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
+                    xtx[key] += x2.T @ x2
                 last.update(x=x, key=key, sq=sq)
             if hessians:
                 input_of.setdefault(name, key)
