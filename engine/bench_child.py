@@ -13,7 +13,7 @@ Decoders:
            time on its KV cache), next token = argmax of llama.cpp's last logits
     torch  the Hugging Face model with its KV cache (``past_key_values``), logits of the last position only
     other  any format with a registered runtime (``runtimes.open_runtime``): a runtime with
-           ``prefill``/``decode`` methods keeps its own cache; otherwise ``logits`` recomputes the whole
+           ``prefill``/``decode_one`` methods keeps its own cache (ONNX); otherwise ``logits`` recomputes the whole
            sequence per token (recorded as ``decoder: "full recompute"``)
 """
 from __future__ import annotations
@@ -83,14 +83,15 @@ class TorchDecoder:
 
 
 class RuntimeDecoder:
-    """Any registered runtime; uses its own cache if it offers prefill/decode, else recomputes."""
+    """Any registered runtime; uses its own cache if it offers prefill and decode_one (or decode)."""
 
     def __init__(self, fmt: str, path: str, n_ctx: int, threads: int):
         from .runtimes import open_runtime
 
         self.rt = open_runtime(fmt, path, n_ctx=n_ctx, threads=threads)
         self.name = getattr(self.rt, "name", fmt)
-        self.cached = hasattr(self.rt, "prefill") and hasattr(self.rt, "decode")
+        self.step = getattr(self.rt, "decode_one", None) or getattr(self.rt, "decode", None)
+        self.cached = hasattr(self.rt, "prefill") and self.step is not None
         self.kv_cache = f"{self.name} cache" if self.cached else "full recompute (Runtime.logits)"
         self.tokens: list[int] = []
 
@@ -103,7 +104,7 @@ class RuntimeDecoder:
     def decode(self, token: int) -> int:
         self.tokens.append(token)
         if self.cached:
-            return int(np.argmax(self.rt.decode(token)))
+            return int(np.argmax(self.step(token)))
         return int(np.argmax(self.rt.logits(self.tokens)[-1]))
 
 

@@ -112,8 +112,11 @@ def open_runtime(fmt: str, path: str | Path | None = None, *, model=None, n_ctx:
 
 
 def _load_plugins() -> None:
-    # Exporters register the runtimes of their formats (ONNX lives beside its exporter).
-    from .. import exporters  # noqa: F401
+    # Exporters register the runtimes of their formats (ONNX lives beside its exporter); importing them all
+    # makes a fresh process (a benchmark child, the GUI) know every format.
+    from ..exporters import all_exporters
+
+    all_exporters()
 
 
 register_runtime("gguf", lambda path, n_ctx=512, threads=None: LlamaCppRuntime(path, n_ctx, threads))

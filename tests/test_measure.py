@@ -107,6 +107,7 @@ def measured_run(stories_dir, tmp_path_factory):
     events = []
     recipe = {"name": "measure", "steps": [
         {"step": "export", "params": {"format": "gguf", "types": ["F16", "Q8_0"]}},
+        {"step": "export", "params": {"format": "onnx", "types": ["fp32"]}},
         {"step": "evaluate", "params": {"windows": 2, "ctx": 64}},
         {"step": "benchmark", "params": {"prompt_tokens": 24, "gen_tokens": 8, "repeats": 2, "n_ctx": 64,
                                          "max_ppl_increase_pct": 50}}]}
@@ -119,7 +120,7 @@ def measured_run(stories_dir, tmp_path_factory):
 def test_benchmark_streams_and_records_every_variant(measured_run):
     rec, events = measured_run
     names = {v["name"] for v in rec.manifest["variants"]}
-    assert names == {"baseline", "base-F16", "base-Q8_0"}
+    assert names == {"baseline", "base-F16", "base-Q8_0", "base-fp32"}
     samples = [e["data"] for e in events if e["type"] == "sample" and e["step"] == "benchmark"]
     for name in names:
         rss = [s["value"] for s in samples if s["series"] == "rss_bytes" and s["variant"] == name]
@@ -131,11 +132,14 @@ def test_benchmark_streams_and_records_every_variant(measured_run):
         assert m["decode_tps"] > 0 and m["prefill_tps"] > 0 and m["ttft_seconds"] > 0 and m["load_seconds"] > 0
         assert m["threads"] == 2 and len(m["decode_tps_runs"]) == 2
         assert m["energy_j_per_token"] > 0 and m["energy_provenance"].split(":")[0] in ("measured", "estimated")
-        # memory predicted from weights + KV + the runtime overhead measured on a probe, not from this run
-        assert abs(m["predicted_memory_error_pct"]) < 10, (name, m["predicted_memory_method"])
+        if name != "base-fp32":     # ONNX memory is measured, not predicted
+            # predicted from weights + KV + the runtime overhead measured on a probe, not from this run
+            assert abs(m["predicted_memory_error_pct"]) < 10, (name, m["predicted_memory_method"])
         assert m["fits"] is True and "opt_score" in m
     assert rec.variant("baseline")["metrics"]["bench_runtime"] == "torch"
     assert rec.variant("base-Q8_0")["metrics"]["bench_runtime"] == "llama.cpp"
+    assert rec.variant("base-fp32")["metrics"]["bench_runtime"] == "onnxruntime"
+    assert rec.variant("base-fp32")["metrics"]["bench_kv_cache"] == "onnxruntime cache"
 
 
 def test_report_cli_on_another_device(measured_run, capsys):
