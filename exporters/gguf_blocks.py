@@ -190,15 +190,42 @@ def fit_params(bt: BlockType, x: torch.Tensor, imp: torch.Tensor) -> BlockParams
                         torch.zeros_like(x.reshape(R, G, bt.group)))
     wq2 = (wg.reshape(R, G, bt.group) * q_est.clamp(bt.qmin, bt.qmax) ** 2).sum(-1) + 1e-12
     Ls, d = _quantize_scales(s, wq2, bt.scale_bits, bt.signed_scale)
-    raw = {"d": d.to(torch.float16), "Ls": Ls}
-    scale = d[:, None] * Ls
-    minv = torch.zeros_like(scale)
     if bt.affine:
         Lm, dmin = _quantize_scales(m, wsum + 1e-12, bt.scale_bits, False)
+    else:
+        Lm, dmin = torch.zeros_like(Ls), torch.zeros_like(d)
+    Ls, Lm = _refine_codes(bt, x.reshape(R, G, bt.group), wg.reshape(R, G, bt.group), Ls, d, Lm, dmin)
+    raw = {"d": d.to(torch.float16), "Ls": Ls}
+    scale = d[:, None] * Ls
+    minv = dmin[:, None] * Lm
+    if bt.affine:
         raw["dmin"] = dmin.to(torch.float16)
         raw["Lm"] = Lm
-        minv = dmin[:, None] * Lm
     return BlockParams(scale, minv, raw)
+
+
+def _refine_codes(bt: BlockType, x, w, Ls, d, Lm, dmin):
+    """Move each group's integer scale (and min) by one step where that lowers the group's actual error."""
+    lo = -(1 << (bt.scale_bits - 1)) if bt.signed_scale else 0
+    hi = (1 << (bt.scale_bits - 1)) - 1 if bt.signed_scale else (1 << bt.scale_bits) - 1
+    best_err = None
+    best_s, best_m = Ls, Lm
+    for ds in (0, -1, 1):
+        for dm in ((0, -1, 1) if bt.affine else (0,)):
+            ls = torch.clamp(Ls + ds, lo, hi)
+            lm = torch.clamp(Lm + dm, 0, hi)
+            sc = (d[:, None] * ls)[..., None]
+            mn = (dmin[:, None] * lm)[..., None]
+            q = round_q(bt, x, sc, mn)
+            err = (w * (x - (sc * q - mn)) ** 2).sum(-1)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, ls, best_s)
+            best_m = torch.where(better, lm, best_m)
+    return best_s, best_m
 
 
 def round_q(bt: BlockType, x: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:
