@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .calibration import _hooks, run_batches
@@ -108,3 +109,42 @@ def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: i
         run_batches(model, sequences, batch_size, progress, cancelled)
     last.clear()
     return ImportanceStats(sum_sq, count, xtx, input_of, int(sequences.numel()))
+
+
+def save_llama_imatrix(stats: ImportanceStats, model, path: Path, dataset: str = "calibration", chunk_size: int = 512) -> int:
+    """Write the statistics in llama.cpp's GGUF imatrix format (``llama-quantize --imatrix FILE`` reads it).
+
+    Returns the number of weight matrices written. The tied output head is left out, as llama-imatrix does.
+    """
+    import gguf
+
+    from .architectures import arch_spec
+
+    cfg = model.config
+    spec = arch_spec(cfg.model_type)
+    if spec is None:
+        raise EdgeTailorError(f"No llama.cpp tensor names for '{cfg.model_type}' models.",
+                              "Use EdgeTailor's own imatrix.safetensors with the calibrated GGUF step.")
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    names = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    w = gguf.GGUFWriter(str(path), arch=None)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", [dataset])
+    w.add_uint32("imatrix.chunk_count", max(1, stats.tokens // chunk_size))
+    w.add_uint32("imatrix.chunk_size", int(chunk_size))
+    n = 0
+    for module in sorted(stats.sum_sq):
+        if module == "lm_head" and tied:
+            continue
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if name is None:
+            continue
+        w.add_tensor(f"{name}.in_sum2", stats.sum_sq[module].float().numpy())
+        w.add_tensor(f"{name}.counts", np.array([float(stats.count[module])], dtype=np.float32))
+        n += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return n

@@ -138,6 +138,12 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
     record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}))
     assert record.manifest["status"] == "succeeded", record.manifest
     assert (record.folder / "artifacts" / "imatrix.safetensors").exists()
+    import gguf
+
+    llama_imatrix = gguf.GGUFReader(str(record.folder / "artifacts" / "imatrix-llama.cpp.gguf"))
+    names = {t.name for t in llama_imatrix.tensors}
+    assert "blk.0.attn_q.weight.in_sum2" in names and "blk.1.ffn_down.weight.counts" in names
+    assert len(names) == 2 * (2 * 7 + 1)               # every linear of the 2 layers and the untied output head
     v = record.variant("base-Q3_K_M-gptq")
     assert v["format"] == "gguf" and v["metrics"]["perplexity"] > 1
     mixed = record.variant("base-0.15MB-imatrix")

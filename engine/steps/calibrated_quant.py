@@ -2,7 +2,7 @@
 
 ``imatrix`` runs the calibration text through the current model and keeps, for every linear layer, the
 per-input-channel second moments (llama.cpp's importance matrix) and the inputs' X^T X (GPTQ's Hessian);
-they are saved with the run as ``imatrix.safetensors``. ``quant.gguf_calibrated`` writes llama.cpp's
+they are saved with the run as ``imatrix.safetensors`` (and in llama.cpp's imatrix GGUF format). ``quant.gguf_calibrated`` writes llama.cpp's
 type mixes (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) with EdgeTailor's own blocks chosen with those statistics.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ class ImatrixConfig:
 
 def compute_stats(ctx, cfg: ImatrixConfig):
     from ..calibration import token_sequences
-    from ..imatrix import collect
+    from ..architectures import arch_spec
+    from ..imatrix import collect, save_llama_imatrix
 
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
@@ -38,6 +39,9 @@ def compute_stats(ctx, cfg: ImatrixConfig):
                     progress=lambda f, m: ctx.progress(0.95 * f, m), cancelled=ctx.cancel.is_set)
     with ctx.artifact("imatrix.safetensors") as tmp:
         stats.save(tmp)
+    if arch_spec(ctx.model.config.model_type) is not None:
+        with ctx.artifact("imatrix-llama.cpp.gguf") as tmp:       # reusable with llama-quantize --imatrix
+            save_llama_imatrix(stats, ctx.model, tmp, "calibration text", cfg.seq_len)
     ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
     return stats
 
