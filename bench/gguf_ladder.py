@@ -120,6 +120,9 @@ def main() -> int:
     Path(args.out + ".json").write_text(json.dumps(out, indent=2))
     Path(args.out + ".md").write_text(render(out))
     print(render(out))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)     # ~2.5 GB of reference log-probs and 14 GGUF files
     return 0
 
 
