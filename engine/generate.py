@@ -120,13 +120,16 @@ class Generator:
         ids = list(tok(prompt).input_ids)
         start = len(ids)
         t = time.perf_counter()
-        for _ in range(max_tokens):
-            if len(ids) >= self.n_ctx:
-                break
-            nxt = int(np.argmax(rt.logits(ids)[-1]))
-            ids.append(nxt)
-            if nxt == tok.eos_token_id:
-                break
+        if hasattr(rt, "generate"):       # runtimes with a KV cache (ONNX) decode token by token
+            ids += rt.generate(ids, min(max_tokens, self.n_ctx - len(ids)), tok.eos_token_id)
+        else:
+            for _ in range(max_tokens):
+                if len(ids) >= self.n_ctx:
+                    break
+                nxt = int(np.argmax(rt.logits(ids)[-1]))
+                ids.append(nxt)
+                if nxt == tok.eos_token_id:
+                    break
         seconds = time.perf_counter() - t
         return Generation(tok.decode(ids[start:], skip_special_tokens=True), len(ids) - start, seconds,
                           getattr(rt, "name", fmt))

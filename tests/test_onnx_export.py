@@ -143,3 +143,16 @@ def test_recipe_exports_onnx_variants_that_evaluate_scores(stories_dir, tmp_path
     assert abs(v["base-fp32"]["metrics"]["ppl_increase_pct"]) < 0.1 and v["base-fp32"]["metrics"]["top1"] > 0.99
     assert v["base-int4"]["metrics"]["kl"] > v["base-fp32"]["metrics"]["kl"]
     assert (rec.folder / v["base-int4"]["path"] / "genai_config.json").exists()
+
+
+def test_try_it_generator_uses_the_kv_cache_loop(stories_dir, tmp_path):
+    from edgetailor.engine.generate import Generator
+
+    lm, _, _ = _export(stories_dir, tmp_path / "m", type="fp32")
+    ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    with OnnxRuntime(tmp_path / "m", threads=2) as rt:
+        expected = rt.generate(ids, 10, lm.tokenizer.eos_token_id)
+    gen = Generator(threads=2)
+    out = gen.generate({"name": "v", "format": "onnx", "path": "m"}, tmp_path, str(stories_dir), PROMPTS[0], 10)
+    gen.close()
+    assert out.tokens == len(expected) and out.text == lm.tokenizer.decode(expected, skip_special_tokens=True)
