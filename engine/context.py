@@ -74,6 +74,16 @@ class RunContext:
     def sample(self, series: str, value: float, variant: str | None = None) -> None:
         self.emit("sample", series=series, value=value, variant=variant)
 
+    def report(self, **data) -> None:
+        """What the running step changed (e.g. sparsity per layer type): kept under ``report`` in the step's
+        manifest entry and streamed as a log line, so runs and later steps can show it."""
+        steps = self.record.manifest.get("steps") or []
+        if steps and steps[-1].get("name") == self.step_name:
+            steps[-1].setdefault("report", {}).update(data)
+            self.record.save()
+        self.emit("log", message=f"{self.step_name}: " + ", ".join(f"{k}={v}" for k, v in data.items()),
+                  level="info", report=data)
+
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
             raise RunCancelled()

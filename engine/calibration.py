@@ -1,0 +1,253 @@
+"""Calibration statistics: what a model's activations look like on calibration text.
+
+Pruning ranks weights and structures by these statistics; calibrated quantizers weight their errors by
+them. Everything here runs the model in torch with forward hooks, under ``torch.inference_mode``::
+
+    seqs = token_sequences(tokenizer, ctx.calibration_text(), seq_len=256, max_sequences=32)
+    stats = linear_input_stats(model, seqs)          # {"model.layers.0.self_attn.q_proj": ChannelStats, ...}
+    stats["model.layers.0.mlp.down_proj"].l2_norm     # ||X_j||_2 per input channel (Wanda's scale)
+    stats["model.layers.0.mlp.down_proj"].second_moment   # E[x_j^2] per input channel (imatrix-style)
+    influence = block_influence(model, seqs)          # per decoder block: 1 - cos(input, output) (ShortGPT)
+
+Never pass evaluation text (e.g. wikitext) here: that would bias every figure measured on it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import EdgeTailorError, RunCancelled
+
+
+def token_sequences(tokenizer, text: str, seq_len: int, max_sequences: int | None = None,
+                    stride: int | None = None) -> torch.Tensor:
+    """The text tokenized once and cut into sequences of ``seq_len`` tokens, shape [n, seq_len].
+
+    BOS (when the tokenizer uses one) starts every sequence, as in evaluation. ``stride`` < ``seq_len``
+    makes overlapping sequences (more of them from a short text); default: non-overlapping.
+    """
+    from .evaluate import uses_bos
+
+    if seq_len < 8:
+        raise EdgeTailorError(f"A calibration sequence of {seq_len} tokens is too short.", "Use 64 tokens or more.")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = uses_bos(tokenizer)
+    body = seq_len - (1 if bos is not None else 0)
+    stride = stride or body
+    starts = list(range(0, max(len(ids) - body, 0) + 1, stride)) if len(ids) >= body else []
+    if not starts:
+        raise EdgeTailorError(f"The calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}.",
+                              "Use a longer calibration text or a shorter sequence length.")
+    if max_sequences:
+        starts = starts[:max_sequences]
+    rows = [([bos] if bos is not None else []) + ids[s:s + body] for s in starts]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel statistics of one linear layer's inputs, accumulated over every token."""
+
+    sum_sq: torch.Tensor     # sum of x_j^2, float64 [in_features]
+    sum_abs: torch.Tensor    # sum of |x_j|, float64 [in_features]
+    count: int               # tokens seen
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        """||X_j||_2 over all tokens (Wanda's per-channel scale)."""
+        return self.sum_sq.sqrt()
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x_j^2] (the diagonal of X^T X / n, as llama.cpp's imatrix keeps)."""
+        return self.sum_sq / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.sum_abs / max(self.count, 1)
+
+
+def linear_modules(model, name_filter: Callable[[str], bool] | None = None) -> dict[str, torch.nn.Linear]:
+    """The model's linear layers by qualified name (the output head excluded), optionally filtered."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+            if name_filter is None or name_filter(name):
+                out[name] = mod
+    return out
+
+
+def run_batches(model, sequences: torch.Tensor, batch_size: int = 4,
+                progress: Callable[[float, str], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> None:
+    """Forward every sequence through the model (hooks do the work); checks for cancel between batches."""
+    was_training = model.training
+    model.eval()
+    n = len(sequences)
+    try:
+        with torch.inference_mode():
+            for i in range(0, n, batch_size):
+                if cancelled and cancelled():
+                    raise RunCancelled()
+                model(input_ids=sequences[i:i + batch_size], use_cache=False)
+                if progress:
+                    progress(min(i + batch_size, n) / n, f"calibration {min(i + batch_size, n)}/{n}")
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _hooks(handles: Iterable):
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def recording_channel_stats(mods: dict[str, torch.nn.Module]):
+    """Within the block, every forward of the given modules adds its input to the yielded statistics."""
+    stats = {name: ChannelStats(torch.zeros(m.in_features, dtype=torch.float64),
+                                torch.zeros(m.in_features, dtype=torch.float64), 0) for name, m in mods.items()}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            s = stats[name]
+            s.sum_sq += (x * x).sum(0)
+            s.sum_abs += x.abs().sum(0)
+            s.count += x.shape[0]
+        return fn
+
+    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
+        yield stats
+
+
+def linear_input_stats(model, sequences: torch.Tensor, name_filter: Callable[[str], bool] | None = None,
+                       batch_size: int = 4, progress=None, cancelled=None) -> dict[str, ChannelStats]:
+    """Per-input-channel sum of squares and of absolute values of every linear layer's input."""
+    with recording_channel_stats(linear_modules(model, name_filter)) as stats:
+        run_batches(model, sequences, batch_size, progress, cancelled)
+    return stats
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a Llama-family causal LM."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise EdgeTailorError(f"{type(model).__name__} has no model.layers list of decoder blocks.",
+                              "This technique needs a Llama-family model (llama, mistral, qwen2, qwen3).")
+    return layers
+
+
+def _block_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_influence(model, sequences: torch.Tensor, batch_size: int = 4, progress=None,
+                    cancelled=None) -> list[float]:
+    """ShortGPT's Block Influence of every decoder block: mean over tokens of 1 - cos(input, output).
+
+    A block whose output is nearly its input (low influence) changes the residual stream least.
+    """
+    layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    count = [0]
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def fn(module, args, kwargs):
+            inputs[i] = _block_input(args, kwargs).detach()
+        return fn
+
+    def post(i):
+        def fn(module, args, kwargs, output):
+            x, y = inputs.pop(i).float(), _block_output(output).detach().float()
+            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+            sums[i] += float((1 - cos).sum())
+            if i == 0:
+                count[0] += cos.numel()
+        return fn
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(post(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with _hooks(handles):
+        run_batches(model, sequences, batch_size, progress, cancelled)
+    return [s / max(count[0], 1) for s in sums]
+
+
+@contextlib.contextmanager
+def skipping_block(model, index: int):
+    """Within the block, decoder block ``index`` passes its input through unchanged (as if removed)."""
+    layer = decoder_layers(model)[index]
+
+    def fn(module, args, kwargs, output):
+        x = _block_input(args, kwargs)
+        return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
+
+    with _hooks([layer.register_forward_hook(fn, with_kwargs=True)]):
+        yield
+
+
+def mean_loss(model, sequences: torch.Tensor, batch_size: int = 4, cancelled=None) -> float:
+    """Mean next-token cross-entropy (nats/token) of the model on the sequences."""
+    total, n = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(sequences), batch_size):
+            if cancelled and cancelled():
+                raise RunCancelled()
+            ids = sequences[i:i + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                     reduction="sum")
+            total += float(loss)
+            n += ids[:, 1:].numel()
+    return total / max(n, 1)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(model, sequences: torch.Tensor, batch_size: int = 4,
+                         cancelled=None) -> list[tuple[torch.Tensor, dict]]:
+    """The input of decoder block 0 for each batch: (hidden states, the keyword arguments blocks get).
+
+    With ``run_block`` this walks the model block by block, so a block can be changed (pruned) before its
+    output feeds the next one, as Wanda and SparseGPT do.
+    """
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def fn(module, args, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append((_block_input(args, kwargs).detach(), kw))
+        raise _StopForward()
+
+    model.eval()
+    with _hooks([decoder_layers(model)[0].register_forward_pre_hook(fn, with_kwargs=True)]):
+        with torch.inference_mode():
+            for i in range(0, len(sequences), batch_size):
+                if cancelled and cancelled():
+                    raise RunCancelled()
+                try:
+                    model(input_ids=sequences[i:i + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
+    return captured
+
+
+def run_block(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """Run one decoder block on captured inputs; its outputs are the next block's inputs."""
+    with torch.inference_mode():
+        return [(_block_output(layer(h, **kw)).detach(), kw) for h, kw in inputs]

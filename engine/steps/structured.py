@@ -1,0 +1,274 @@
+"""Structured pruning: smaller shapes, not zeros. The result is a smaller model with a valid config.
+
+* ``prune.width`` (Minitron's width axes, Muralidharan et al. 2024, "Compact Language Models via Pruning
+  and Knowledge Distillation"): attention heads, MLP channels and hidden (embedding) channels, ranked by
+  their activations on calibration text and cut uniformly across blocks, so every block keeps the same
+  shape and the config stays a plain Llama/Qwen config:
+
+  - heads: within each key/value group, the query heads with the smallest output norm go (every group
+    keeps the same number, so grouped-query attention stays valid); ``kv_groups_keep`` removes whole
+    key/value groups with their query heads. ``head_dim`` is written into the config explicitly.
+  - MLP channels: the intermediate channels with the smallest input norm at ``down_proj`` go.
+  - hidden channels: the residual-stream channels with the smallest norm at the blocks' normalised inputs
+    go everywhere at once (embeddings, every projection, every norm, the output head).
+
+* ``prune.depth``: whole blocks go, ranked by ShortGPT's Block Influence (1 - cos(block input, block
+  output), Men et al. 2024) or by how much calibration loss rises when that one block is skipped.
+
+Both replace ``ctx.model`` by a freshly built model of the new config; the tokenizer is unchanged. The
+result exports natively to GGUF and ONNX like any model of that architecture.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..architectures import count_parameters
+from ..calibration import (block_influence, decoder_layers, linear_input_stats, mean_loss, skipping_block,
+                           token_sequences)
+from ..errors import EdgeTailorError
+from ..registry import register_step
+
+EXPORTS = "GGUF and ONNX natively: the result is a smaller model of the same architecture with a consistent config"
+
+
+@dataclass
+class WidthPruneConfig:
+    heads_keep: float = field(default=1.0, metadata={"help": "share of query heads kept in every key/value group"})
+    kv_groups_keep: float = field(default=1.0, metadata={"help": "share of key/value groups kept (each with its query heads)"})
+    mlp_keep: float = field(default=1.0, metadata={"help": "share of MLP intermediate channels kept"})
+    intermediate_size: int = field(default=0, metadata={"help": "target MLP intermediate size (overrides mlp_keep)"})
+    hidden_keep: float = field(default=1.0, metadata={"help": "share of hidden (embedding) channels kept"})
+    hidden_size: int = field(default=0, metadata={"help": "target hidden size (overrides hidden_keep)"})
+    round_to: int = field(default=32, metadata={"help": "round intermediate/hidden sizes to a multiple of this "
+                                                        "(32 keeps Q8_0/Q4_0 blocks whole, 256 k-quant super-blocks); 0 = exact"})
+    calibration_sequences: int = field(default=32, metadata={"help": "calibration sequences for the importance"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+
+    def __post_init__(self):
+        for name in ("heads_keep", "kv_groups_keep", "mlp_keep", "hidden_keep"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if self.intermediate_size < 0 or self.hidden_size < 0 or self.round_to < 0:
+            raise ValueError("sizes and round_to cannot be negative")
+
+
+@dataclass
+class DepthPruneConfig:
+    blocks: int = field(default=0, metadata={"help": "number of decoder blocks to remove"})
+    fraction: float = field(default=0.0, metadata={"help": "share of blocks to remove (when blocks is 0)"})
+    method: str = field(default="block_influence",
+                        metadata={"help": "block_influence (1 - cos(in, out), ShortGPT) or perplexity "
+                                          "(loss rise when the block is skipped)"})
+    calibration_sequences: int = field(default=16, metadata={"help": "calibration sequences for the ranking"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+
+    def __post_init__(self):
+        if self.method not in ("block_influence", "perplexity"):
+            raise ValueError("method must be block_influence or perplexity")
+        if self.blocks < 0 or not 0.0 <= self.fraction < 1.0:
+            raise ValueError("blocks must be >= 0 and fraction in [0, 1)")
+        if not self.blocks and not self.fraction:
+            raise ValueError("give blocks (a number) or fraction (a share) of blocks to remove")
+
+
+# --- building the smaller model ----------------------------------------------------------------------
+def rebuild(model, config, state: dict):
+    """A new model of ``config`` holding ``state`` (every tensor of the new model must be in it)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expected = new.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise AssertionError(f"rebuilt model lacks {missing[:3]}")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise AssertionError(f"{k}: {tuple(state[k].shape)} does not fit {tuple(v.shape)}")
+    new.load_state_dict({k: state[k] for k in expected}, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(getattr(model, "generation_config", None)) or new.generation_config
+    new.eval()
+    return new
+
+
+def _non_embedding(config) -> int:
+    return count_parameters(config.to_dict())["non_embedding"]
+
+
+def _round(n: int, total: int, multiple: int) -> int:
+    if multiple and total > multiple:
+        n = max(multiple, int(round(n / multiple)) * multiple)
+    return max(1, min(total, n))
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]:
+    """Which indices every tensor keeps: ({tensor name: [(dim, index tensor)]}, config changes)."""
+    c = model.config
+    heads = int(c.num_attention_heads)
+    kv = int(getattr(c, "num_key_value_heads", None) or heads)
+    hd = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    per_group = heads // kv
+    hidden, inter = int(c.hidden_size), int(c.intermediate_size)
+    n_layers = len(decoder_layers(model))
+
+    keep_groups = max(1, round(kv * cfg.kv_groups_keep))
+    keep_per_group = max(1, round(per_group * cfg.heads_keep))
+    keep_inter = _round(cfg.intermediate_size or round(inter * cfg.mlp_keep), inter, cfg.round_to)
+    keep_hidden = _round(cfg.hidden_size or round(hidden * cfg.hidden_keep), hidden, cfg.round_to)
+
+    slices: dict[str, list] = {}
+    changes = {}
+    if keep_groups < kv or keep_per_group < per_group:
+        changes.update(num_attention_heads=keep_groups * keep_per_group, num_key_value_heads=keep_groups, head_dim=hd)
+        for i in range(n_layers):
+            o_sq = stats[f"model.layers.{i}.self_attn.o_proj"].sum_sq.reshape(heads, hd).sum(1).sqrt()
+            group_score = o_sq.reshape(kv, per_group).sum(1)
+            groups = torch.sort(torch.topk(group_score, keep_groups).indices).values
+            q_heads = []
+            for g in groups.tolist():
+                top = torch.topk(o_sq[g * per_group:(g + 1) * per_group], keep_per_group).indices
+                q_heads += [g * per_group + int(h) for h in torch.sort(top).values]
+            q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
+            kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
+            p = f"model.layers.{i}.self_attn."
+            slices[p + "q_proj.weight"] = [(0, q_rows)]
+            slices[p + "q_proj.bias"] = [(0, q_rows)]
+            for n in ("k_proj", "v_proj"):
+                slices[p + f"{n}.weight"] = [(0, kv_rows)]
+                slices[p + f"{n}.bias"] = [(0, kv_rows)]
+            slices[p + "o_proj.weight"] = [(1, q_rows)]
+    if keep_inter < inter:
+        changes["intermediate_size"] = keep_inter
+        for i in range(n_layers):
+            score = stats[f"model.layers.{i}.mlp.down_proj"].sum_sq
+            idx = torch.sort(torch.topk(score, keep_inter).indices).values
+            p = f"model.layers.{i}.mlp."
+            for n in ("gate_proj", "up_proj"):
+                slices[p + f"{n}.weight"] = [(0, idx)]
+                slices[p + f"{n}.bias"] = [(0, idx)]
+            slices[p + "down_proj.weight"] = [(1, idx)]
+    if keep_hidden < hidden:
+        changes["hidden_size"] = keep_hidden
+        changes.setdefault("head_dim", hd)
+        score = sum(stats[f"model.layers.{i}.{n}"].sum_sq for i in range(n_layers)
+                    for n in ("self_attn.q_proj", "mlp.gate_proj"))
+        idx = torch.sort(torch.topk(score, keep_hidden).indices).values
+        for name in model.state_dict():
+            m = _LAYER.match(name)
+            leaf = m.group(2) if m else name
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                slices.setdefault(name, []).append((1, idx))
+            elif name == "model.norm.weight" or leaf in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                                         "pre_feedforward_layernorm.weight",
+                                                         "post_feedforward_layernorm.weight"):
+                slices.setdefault(name, []).append((0, idx))
+            elif re.search(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", leaf):
+                slices.setdefault(name, []).append((1, idx))
+            elif re.search(r"(o_proj|down_proj)\.(weight|bias)$", leaf):
+                slices.setdefault(name, []).append((0, idx))
+    return slices, changes
+
+
+def apply_slices(model, slices: dict, changes: dict):
+    state = {}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        for dim, idx in slices.get(name, []):
+            t = t.index_select(dim, idx)
+        state[name] = t.clone()
+    config = copy.deepcopy(model.config)
+    for k, v in changes.items():
+        setattr(config, k, v)
+    return rebuild(model, config, state)
+
+
+@register_step("prune.width", WidthPruneConfig, kind="transform", exports=EXPORTS,
+               summary="Remove attention heads, MLP channels and hidden channels ranked by activation on calibration text")
+def width_prune(ctx, cfg: WidthPruneConfig) -> None:
+    torch.set_num_threads(ctx.options.resolved_threads())
+    model = ctx.model
+    decoder_layers(model)
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
+    ctx.log(f"Ranking heads and channels on {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
+    stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj")),
+                               progress=lambda f, m: ctx.progress(0.8 * f, m), cancelled=ctx.cancel.is_set)
+    slices, changes = width_slices(model, stats, cfg)
+    if not changes:
+        raise EdgeTailorError("These settings remove nothing (every keep share rounds to the full size).",
+                              "Lower heads_keep, kv_groups_keep, mlp_keep/intermediate_size or hidden_keep/hidden_size.")
+    before = _non_embedding(model.config)
+    ctx.model = apply_slices(model, slices, changes)
+    after = _non_embedding(ctx.model.config)
+    short = {"num_attention_heads": "h", "num_key_value_heads": "kv", "intermediate_size": "ffn", "hidden_size": "d"}
+    label = "width-" + "-".join(f"{short[k]}{v}" for k, v in changes.items() if k in short)
+    ctx.applied.append(label)
+    ctx.report(**{k: v for k, v in changes.items()}, non_embedding_before=before, non_embedding_after=after,
+               non_embedding_removed=round(1 - after / before, 4))
+    ctx.progress(1.0, "pruned")
+
+
+def depth_ranking(model, seqs, method: str, progress=None, cancelled=None) -> list[float]:
+    """Importance of every block (low = removable first)."""
+    if method == "block_influence":
+        return block_influence(model, seqs, progress=progress, cancelled=cancelled)
+    base = mean_loss(model, seqs, cancelled=cancelled)
+    rises = []
+    n = len(decoder_layers(model))
+    for i in range(n):
+        with skipping_block(model, i):
+            rises.append(mean_loss(model, seqs, cancelled=cancelled) - base)
+        if progress:
+            progress((i + 1) / n, f"block {i + 1}/{n} skipped")
+    return rises
+
+
+def remove_blocks(model, drop: list[int]):
+    """A new model without the decoder blocks ``drop`` (the others renumbered in order)."""
+    n = len(decoder_layers(model))
+    keep = [i for i in range(n) if i not in set(drop)]
+    renumber = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        m = _LAYER.match(name)
+        if m is None:
+            state[name] = tensor.detach().clone()
+        elif int(m.group(1)) in renumber:
+            state[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().clone()
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return rebuild(model, config, state)
+
+
+@register_step("prune.depth", DepthPruneConfig, kind="transform", exports=EXPORTS,
+               summary="Remove whole decoder blocks, the least important on calibration text first")
+def depth_prune(ctx, cfg: DepthPruneConfig) -> None:
+    torch.set_num_threads(ctx.options.resolved_threads())
+    model = ctx.model
+    n = len(decoder_layers(model))
+    count = cfg.blocks or int(round(n * cfg.fraction))
+    if not 0 < count < n:
+        raise EdgeTailorError(f"Cannot remove {count} of the model's {n} blocks.",
+                              f"Remove between 1 and {n - 1} blocks.")
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
+    scores = depth_ranking(model, seqs, cfg.method, progress=lambda f, m: ctx.progress(0.9 * f, m),
+                           cancelled=ctx.cancel.is_set)
+    drop = sorted(sorted(range(n), key=lambda i: scores[i])[:count])
+    before = _non_embedding(model.config)
+    ctx.model = remove_blocks(model, drop)
+    after = _non_embedding(ctx.model.config)
+    ctx.applied.append(f"depth-{count}")
+    ctx.report(removed_blocks=drop, method=cfg.method, scores=[round(s, 5) for s in scores],
+               num_hidden_layers=n - count, non_embedding_before=before, non_embedding_after=after,
+               non_embedding_removed=round(1 - after / before, 4))
+    ctx.progress(1.0, "pruned")
