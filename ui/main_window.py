@@ -262,10 +262,11 @@ class MainWindow(QMainWindow):
 
     def _prewarm(self) -> None:
         """Render every tab once, hidden: the first paint of the plots is slow, better now than mid-run."""
+        current = self.tabs.currentIndex()
         for i in range(self.tabs.count()):
-            page = self.tabs.widget(i)
-            page.resize(self.tabs.currentWidget().size())
-            page.grab()
+            self.tabs.setCurrentIndex(i)
+            self.tabs.currentWidget().repaint()
+        self.tabs.setCurrentIndex(current)
 
     def closeEvent(self, event) -> None:
         self.controller.shutdown()
