@@ -8,7 +8,7 @@ import torch
 from edgetailor.engine.job import JobSpec, run_job
 from edgetailor.engine.registry import get_step
 
-from test_pruning import make_ctx, run_step
+from test_pruning import assert_close_logits, gguf_logits, make_ctx, run_step
 
 PRUNE = {"step": "prune.width", "params": {"mlp_keep": 0.5, "heads_keep": 0.5, "calibration_sequences": 4,
                                            "seq_len": 64}}
@@ -76,6 +76,9 @@ def test_lora_merges_into_plain_weights(tmp_path, stories_dir):
     assert changed and all(k.endswith(("_proj.weight",)) for k in changed)
     assert report["loss_last"] < report["loss_first"]
     assert ctx.applied == ["lora4"]
+    ids = torch.tensor([[1, 403, 260, 9, 33, 70, 2, 11, 40, 3]])
+    ref = model(input_ids=ids).logits[0].detach().numpy()
+    assert_close_logits(gguf_logits(model, ctx.tokenizer, stories_dir, tmp_path, ids[0].tolist()), ref)
 
 
 def test_lora_refuses_unknown_target_modules(tmp_path, stories_dir):

@@ -48,6 +48,18 @@ def gguf_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
         return rt.logits(tokens)
 
 
+def onnx_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
+    from edgetailor.exporters import get_exporter
+    from edgetailor.exporters.onnx import OnnxRuntime
+
+    out = tmp_path / "m-onnx"
+    exporter = get_exporter("onnx")
+    exporter.export(model, tokenizer, tokenizer_dir, out, {"type": "fp32"})
+    assert exporter.verify(out)
+    with OnnxRuntime(out, n_ctx=64, threads=2) as rt:
+        return rt.logits(tokens)
+
+
 def assert_close_logits(got, ref):
     """llama.cpp's F32 graph agrees with torch to float rounding (a wrong shape or mapping is off by >> 1)."""
     assert np.abs(got - ref).max() < 5e-3 * max(1.0, np.abs(ref).max())
@@ -114,8 +126,8 @@ def test_width_pruning_gives_a_valid_model_that_exports(tmp_path, tiny_models, k
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11, 40, 3, 8, 13]])
     ref = ctx.model(input_ids=ids).logits[0].detach().numpy()
     assert np.allclose(reloaded(input_ids=ids).logits[0].detach().numpy(), ref, atol=1e-5)
-    got = gguf_logits(ctx.model, ctx.tokenizer, src, tmp_path, ids[0].tolist())
-    assert_close_logits(got, ref)
+    assert_close_logits(gguf_logits(ctx.model, ctx.tokenizer, src, tmp_path, ids[0].tolist()), ref)
+    assert_close_logits(onnx_logits(ctx.model, ctx.tokenizer, src, tmp_path, ids[0].tolist()), ref)
 
 
 def test_width_pruning_keeps_the_most_active_mlp_channels(tmp_path, stories_dir):
@@ -146,8 +158,8 @@ def test_depth_pruning_removes_the_least_influential_block(tmp_path, stories_dir
         assert torch.equal(ctx.model.model.layers[new].mlp.up_proj.weight, original.model.layers[old].mlp.up_proj.weight)
     ids = seqs[:1, :24]
     ref = ctx.model(input_ids=ids).logits[0].detach().numpy()
-    got = gguf_logits(ctx.model, ctx.tokenizer, stories_dir, tmp_path, ids[0].tolist())
-    assert_close_logits(got, ref)
+    assert_close_logits(gguf_logits(ctx.model, ctx.tokenizer, stories_dir, tmp_path, ids[0].tolist()), ref)
+    assert_close_logits(onnx_logits(ctx.model, ctx.tokenizer, stories_dir, tmp_path, ids[0].tolist()), ref)
 
 
 def test_depth_pruning_by_perplexity_ranks_by_loss_rise(tmp_path, stories_dir):
