@@ -7,7 +7,10 @@ Memory (predicted) = weights the runtime keeps resident
                      model with the variant's own vocabulary and tokenizer runs the same benchmark; overhead =
                      its peak minus its weights and KV cache)
   GGUF weights: every tensor byte (llama.cpp maps the file; a forward pass touches every weight except the
-  token-embedding rows it does not look up, unless the embedding doubles as the output matrix).
+  token-embedding rows it does not look up, unless the embedding doubles as the output matrix), plus the
+  copies llama.cpp's CPU backend makes when it repacks matrices for its SIMD kernels (ggml-cpu/repack.cpp:
+  Q4_0, Q4_K and IQ4_NL matrices whose row count is a multiple of 8, not the token embedding; the mapped
+  originals were read to make them, so both stay resident) when this llama.cpp build reports REPACK = 1.
   torch weights: parameters x bytes of the load dtype.
 
 Decode speed (projected): per token, the roofline time max(bytes read / bandwidth, FLOPs / compute) with the
@@ -39,6 +42,7 @@ class WeightsInfo:
     n_kv_head: int
     head_dim: int
     n_vocab: int
+    repacked_bytes: int = 0      # llama.cpp: copies of repacked matrices, resident beside the mapped file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,11 +72,28 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
         row = emb_bytes // max(n_vocab, 1)
         per_token = total - emb_bytes + row
         resident = total - emb_bytes + row * min(n_vocab, tokens_used)
+    repacked = 0
+    if llama_cpp_repacks():
+        repacked = sum(int(t.n_bytes) for t in two_d if t.name != "token_embd.weight"
+                       and t.tensor_type.name in REPACKED_TYPES and int(t.shape[1]) % 8 == 0)
     n_head = int(field("attention.head_count"))
     n_embd = int(field("embedding_length"))
-    return WeightsInfo("gguf", resident, per_token, matmul, int(field("block_count")), n_head,
+    return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(field("block_count")), n_head,
                        int(field("attention.head_count_kv", n_head)),
-                       int(field("attention.key_length", n_embd // n_head)), n_vocab)
+                       int(field("attention.key_length", n_embd // n_head)), n_vocab, repacked)
+
+
+REPACKED_TYPES = ("Q4_0", "Q4_K", "IQ4_NL")
+
+
+def llama_cpp_repacks() -> bool:
+    """Whether this llama.cpp build repacks weights for its CPU kernels (its system info says REPACK = 1)."""
+    try:
+        import llama_cpp
+
+        return b"REPACK = 1" in llama_cpp.llama_print_system_info()
+    except (ImportError, AttributeError):
+        return False
 
 
 def hf_info(folder: str | Path, dtype: str = "float32") -> WeightsInfo:
@@ -129,7 +150,9 @@ def predict_memory(info: WeightsInfo, n_ctx: int, tokens_used: int, overhead_byt
     total = info.resident_bytes + kv + (overhead_bytes or 0)
     return {"predicted_memory_bytes": int(total), "predicted_weights_bytes": info.resident_bytes,
             "predicted_kv_bytes": kv, "predicted_overhead_bytes": overhead_bytes,
-            "predicted_memory_method": f"predicted: weights {info.resident_bytes / 1e6:.1f} MB + KV {kv / 1e6:.1f} MB ({how}) + runtime overhead "
+            "predicted_memory_method": f"predicted: weights {info.resident_bytes / 1e6:.1f} MB"
+            + (f" (incl. {info.repacked_bytes / 1e6:.1f} MB repacked by llama.cpp)" if info.repacked_bytes else "")
+            + f" + KV {kv / 1e6:.1f} MB ({how}) + runtime overhead "
             + (f"{overhead_bytes / 1e6:.1f} MB measured on this machine" if overhead_bytes is not None
                else "not measured")}
 
