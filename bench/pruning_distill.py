@@ -43,7 +43,8 @@ def machine() -> dict:
 
     cpu = "?"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
@@ -151,11 +152,11 @@ def part_minitron(scorer, threads, runs_root, distill_minutes: float | None, row
 def write_markdown(res: dict, path: Path) -> None:
     base = res["baseline"]["perplexity"]
     lines = ["# Pruning and distillation on the demo model", "",
-             f"Model: {res['model']}; text: wikitext-2-raw test, context {res['ctx']}, first {res['windows']} windows "
-             f"({res['tokens_scored']} scored tokens). Every model is exported as GGUF F16 by EdgeTailor and scored in "
-             f"llama.cpp by EdgeTailor's evaluator; KL and top-1 are against the unpruned F16 model.",
-             f"Machine: {res['machine']['cpu']}, {res['machine']['logical_cores']} cores, {res['threads']} threads. "
-             f"Written by `bench/pruning_distill.py` on {res['date']}.", "",
+             (f"Model: {res['model']}; text: wikitext-2-raw test, context {res['ctx']}, first {res['windows']} windows "
+              f"({res['tokens_scored']} scored tokens). Every model is exported as GGUF F16 by EdgeTailor and scored "
+              f"in llama.cpp by EdgeTailor's evaluator; KL and top-1 are against the unpruned F16 model."),
+             (f"Machine: {res['machine']['cpu']}, {res['machine']['logical_cores']} cores, {res['threads']} threads. "
+              f"Written by `bench/pruning_distill.py` on {res['date']}."), "",
              "| variant | sparsity / params removed | perplexity | ratio to baseline | KL | top-1 |",
              "|---|---|---|---|---|---|",
              f"| baseline (F16) | 0 | {base:.3f} | 1.000 | | |"]
@@ -175,11 +176,12 @@ def write_markdown(res: dict, path: Path) -> None:
         half = dist["perplexity"] / undist["perplexity"]
         d = dist["distill"]
         lines += ["", "## Minitron target", "",
-                  f"- Non-embedding parameters: {dist['non_embedding_before']:,} -> {dist['non_embedding_after']:,} "
-                  f"({100 * dist['non_embedding_removed']:.1f}% removed).",
-                  f"- Distillation: {d['steps']} steps, {d['tokens_trained']:,} tokens, training {d['seconds']:.0f} s; "
-                  f"the whole distill step (teacher load, held-out KL) took {dist['distill_step_seconds']:.0f} s wall. "
-                  f"Held-out KL to the teacher (calibration-text tail): {d['heldout_kl_before']} -> {d['heldout_kl_after']}.",
+                  (f"- Non-embedding parameters: {dist['non_embedding_before']:,} -> {dist['non_embedding_after']:,} "
+                   f"({100 * dist['non_embedding_removed']:.1f}% removed)."),
+                  (f"- Distillation: {d['steps']} steps, {d['tokens_trained']:,} tokens, training {d['seconds']:.0f} s; "
+                   f"the whole distill step (teacher load, held-out KL) took {dist['distill_step_seconds']:.0f} s wall. "
+                   f"Held-out KL to the teacher (calibration-text tail): {d['heldout_kl_before']} -> "
+                   f"{d['heldout_kl_after']}."),
                   f"- Perplexity ratio to baseline: {ratio:.3f} (target <= 1.35: {'met' if ratio <= 1.35 else 'NOT met'}).",
                   f"- Distilled / undistilled perplexity: {half:.3f} (target <= 0.5: {'met' if half <= 0.5 else 'NOT met'}).",
                   "", "Preset steps: " + ", ".join(f"`{s['step']}` {json.dumps(s['params'])}"

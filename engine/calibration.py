@@ -14,8 +14,8 @@ Never pass evaluation text (e.g. wikitext) here: that would bias every figure me
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -74,9 +74,9 @@ def linear_modules(model, name_filter: Callable[[str], bool] | None = None) -> d
     """The model's linear layers by qualified name (the output head excluded), optionally filtered."""
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
-            if name_filter is None or name_filter(name):
-                out[name] = mod
+        if (isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")
+                and (name_filter is None or name_filter(name))):
+            out[name] = mod
     return out
 
 
@@ -235,15 +235,14 @@ def capture_block_inputs(model, sequences: torch.Tensor, batch_size: int = 4,
         raise _StopForward()
 
     model.eval()
-    with _hooks([decoder_layers(model)[0].register_forward_pre_hook(fn, with_kwargs=True)]):
-        with torch.inference_mode():
-            for i in range(0, len(sequences), batch_size):
-                if cancelled and cancelled():
-                    raise RunCancelled()
-                try:
-                    model(input_ids=sequences[i:i + batch_size], use_cache=False)
-                except _StopForward:
-                    pass
+    with _hooks([decoder_layers(model)[0].register_forward_pre_hook(fn, with_kwargs=True)]), torch.inference_mode():
+        for i in range(0, len(sequences), batch_size):
+            if cancelled and cancelled():
+                raise RunCancelled()
+            try:
+                model(input_ids=sequences[i:i + batch_size], use_cache=False)
+            except _StopForward:
+                pass
     return captured
 
 

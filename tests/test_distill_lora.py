@@ -4,10 +4,8 @@ from __future__ import annotations
 import threading
 
 import torch
-
 from edgetailor.engine.job import JobSpec, run_job
 from edgetailor.engine.registry import get_step
-
 from test_pruning import assert_close_logits, gguf_logits, make_ctx, run_step
 
 PRUNE = {"step": "prune.width", "params": {"mlp_keep": 0.5, "heads_keep": 0.5, "calibration_sequences": 4,
@@ -83,7 +81,6 @@ def test_lora_merges_into_plain_weights(tmp_path, stories_dir):
 
 def test_lora_refuses_unknown_target_modules(tmp_path, stories_dir):
     import pytest
-
     from edgetailor.engine.errors import EdgeTailorError
 
     ctx = make_ctx(tmp_path, stories_dir)

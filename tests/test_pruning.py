@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from conftest import REPO
 from edgetailor.engine.calibration import block_influence, decoder_layers, mean_loss, token_sequences
 from edgetailor.engine.context import JobOptions, RunContext
 from edgetailor.engine.registry import get_step
 from edgetailor.engine.runs import RunRecord
 from edgetailor.engine.sources import resolve
 from edgetailor.engine.text import read_text
-
-from conftest import REPO
 
 ALT_TEXT = REPO / "assets" / "text" / "calibration_alt.txt"   # held out from the calibration text
 

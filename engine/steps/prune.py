@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calibration import (capture_block_inputs, decoder_layers, linear_modules, recording_channel_stats,
-                           run_block, token_sequences)
+from ..calibration import (
+    capture_block_inputs,
+    decoder_layers,
+    linear_modules,
+    recording_channel_stats,
+    run_block,
+    token_sequences,
+)
 from ..errors import EdgeTailorError
 from ..registry import register_step
 

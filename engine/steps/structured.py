@@ -27,8 +27,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..architectures import count_parameters
-from ..calibration import (block_influence, decoder_layers, linear_input_stats, mean_loss, skipping_block,
-                           token_sequences)
+from ..calibration import (
+    block_influence,
+    decoder_layers,
+    linear_input_stats,
+    mean_loss,
+    skipping_block,
+    token_sequences,
+)
 from ..errors import EdgeTailorError
 from ..registry import register_step
 
@@ -103,7 +109,7 @@ def _non_embedding(config) -> int:
 
 def _round(n: int, total: int, multiple: int) -> int:
     if multiple and total > multiple:
-        n = max(multiple, int(round(n / multiple)) * multiple)
+        n = max(multiple, round(n / multiple) * multiple)
     return max(1, min(total, n))
 
 
@@ -256,7 +262,7 @@ def depth_prune(ctx, cfg: DepthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.model
     n = len(decoder_layers(model))
-    count = cfg.blocks or int(round(n * cfg.fraction))
+    count = cfg.blocks or round(n * cfg.fraction)
     if not 0 < count < n:
         raise EdgeTailorError(f"Cannot remove {count} of the model's {n} blocks.",
                               f"Remove between 1 and {n - 1} blocks.")
