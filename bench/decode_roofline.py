@@ -10,6 +10,9 @@ limit (tok/s) = measured memory bandwidth / bytes read per generated token
 achieved: decode tok/s measured by EdgeTailor's benchmark (engine.benchmark: llama.cpp through llama-cpp-python,
           a fresh process per file, one warm-up, median of the repeats)
 
+Beside each file: the engine's projected decode speed on this machine (engine.projection), the baseline (torch)
+for reference, and with --windows N the perplexity, energy per token and the optimization score table.
+
 Usage: python bench/decode_roofline.py [--model demo] [--run RUN_ID | --gguf-dir DIR] [--types F16,Q8_0,...]
 Without --run/--gguf-dir the GGUFs are exported with the engine's exporter into a temporary folder.
 Writes bench/results/decode_roofline.{json,md}. Run it under the shared lock: flock /tmp/edgetailor-heavy.lock ...
@@ -68,6 +71,26 @@ def gguf_files(args, work: Path) -> dict[str, Path]:
     return out
 
 
+def quality(src, files: dict, windows: int, ctx: int, threads: int) -> dict:
+    """Perplexity (and KL to the baseline) of the baseline and each file on the bundled evaluation text."""
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.runtimes import LlamaCppRuntime, TorchRuntime
+    from edgetailor.engine.text import default_evaluation_path, read_text
+
+    lm = load_model(src)
+    wins = make_windows(lm.tokenizer, read_text(default_evaluation_path()), ctx, windows)
+    ref = ReferenceLogprobs(Path(tempfile.mkdtemp(prefix="edgetailor-ref-")))
+    base = evaluate(TorchRuntime(lm.model, threads), wins, reference=ref, record_reference=True)
+    del lm
+    out = {"baseline": {"perplexity": base.perplexity}}
+    for t, path in files.items():
+        with LlamaCppRuntime(path, n_ctx=ctx, threads=threads) as rt:
+            r = evaluate(rt, wins, reference=ref)
+        out[t] = {"perplexity": r.perplexity, "kl": r.kl, "ppl_increase_pct": 100 * (r.perplexity / base.perplexity - 1)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
@@ -78,15 +101,18 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=4, help="evaluation windows for the opt score (0: skip)")
     ap.add_argument("--out", default=str(HERE / "results" / "decode_roofline"))
     args = ap.parse_args()
 
     from edgetailor.engine import resolve
     from edgetailor.engine.benchmark import benchmark_variant
-    from edgetailor.engine.devices import measure_bandwidth
+    from edgetailor.engine.devices import host_profile, measure_bandwidth
     from edgetailor.engine.energy import EnergyMeter
     from edgetailor.engine.modeling import load_tokenizer
-    from edgetailor.engine.projection import gguf_info, kv_cache_bytes
+    from edgetailor.engine.projection import kv_cache_bytes, measure_overhead, project, variant_info
+    from edgetailor.engine.scoring import score_variants
     from edgetailor.engine.text import default_evaluation_path, read_text
 
     work = Path(tempfile.mkdtemp(prefix="edgetailor-roofline-"))
@@ -94,29 +120,52 @@ def main() -> int:
     src = resolve(args.model)
     tok = load_tokenizer(src)
     prompt = list(tok(read_text(default_evaluation_path())[: args.prompt_tokens * 20]).input_ids)[: args.prompt_tokens]
-    meter = EnergyMeter.detect()
+    host = host_profile(refresh=True)
+    meter = EnergyMeter.detect(host)
     bw_before = measure_bandwidth(args.threads)
+    used = args.prompt_tokens + args.gen_tokens
     position = args.prompt_tokens + args.gen_tokens // 2            # mean position while decoding
     rows = []
-    for t, path in files.items():
+    todo = [("baseline", "torch", Path(src.path))] + [(t, "gguf", p) for t, p in files.items()]
+    overheads = {}
+    for t, fmt, path in todo:
+        if fmt not in overheads:
+            overheads[fmt] = measure_overhead(fmt, src.path, prompt, args.gen_tokens, args.n_ctx, args.threads,
+                                              meter=meter, refresh=True)
         print(f"benchmarking {t}", file=sys.stderr)
-        res = benchmark_variant("gguf", path, prompt, gen_tokens=args.gen_tokens, repeats=args.repeats,
-                                threads=args.threads, n_ctx=512, meter=meter)
-        info = gguf_info(path)
-        bytes_tok = info.bytes_per_token + kv_cache_bytes(info, position, 2)
-        rows.append({"type": t, "file_bytes": path.stat().st_size, "bytes_per_token": bytes_tok,
+        res = benchmark_variant(fmt, path, prompt, gen_tokens=args.gen_tokens, repeats=args.repeats,
+                                threads=args.threads, n_ctx=args.n_ctx, meter=meter)
+        info = variant_info(fmt, path, tokens_used=used)
+        proj = project(host, info, args.n_ctx, used, overheads[fmt])
+        kv_bpe = 2 if fmt == "gguf" else 4
+        bytes_tok = info.bytes_per_token + kv_cache_bytes(info, position, kv_bpe)
+        rows.append({"type": t, "runtime": fmt, "file_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+                     if fmt == "torch" else path.stat().st_size, "bytes_per_token": bytes_tok,
                      "decode_tps": res["decode_tps"], "decode_tps_runs": res["decode_tps_runs"],
-                     "achieved_gbs": res["decode_tps"] * bytes_tok / 1e9})
+                     "achieved_gbs": res["decode_tps"] * bytes_tok / 1e9, "projected_tps": proj["decode_tps"],
+                     "projected_bound": proj["bound"], "projected_error_pct": 100 * (proj["decode_tps"] / res["decode_tps"] - 1),
+                     "predicted_memory_bytes": proj["memory_bytes"], "peak_rss_os_bytes": res["peak_rss_os_bytes"],
+                     "ttft_seconds": res["ttft_seconds"], "prefill_tps": res["prefill_tps"],
+                     "load_seconds": res["load_seconds"], "energy_j_per_token": res["energy_j_per_token"],
+                     "energy_j": res["energy_j"], "energy_provenance": res["energy_provenance"]})
     bw_after = measure_bandwidth(args.threads)
     bw = statistics.median(bw_before["runs_gbs"] + bw_after["runs_gbs"])
     for r in rows:
         r["limit_tps"] = bw * 1e9 / r["bytes_per_token"]
         r["achieved_over_limit"] = r["decode_tps"] / r["limit_tps"]
+    scores = None
+    if args.windows:
+        q = quality(src, files, args.windows, 512, args.threads)
+        for r in rows:
+            r.update(q[r["type"]])
+        variants = [{"name": r["type"], "metrics": {**r, "size_bytes": r["file_bytes"]}} for r in rows]
+        scores = score_variants(variants)
     out = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "model": args.model, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
            "gen_tokens": args.gen_tokens, "repeats": args.repeats, "bandwidth_gbs": bw,
            "bandwidth_method": bw_before["method"] + "; measured before and after the decode runs, median of both",
-           "bandwidth_runs_gbs": bw_before["runs_gbs"] + bw_after["runs_gbs"], "rows": rows}
+           "bandwidth_runs_gbs": bw_before["runs_gbs"] + bw_after["runs_gbs"], "host_profile": host.to_dict(),
+           "overheads": overheads, "eval_windows": args.windows, "rows": rows, "scores": scores}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Decode speed against the memory-bandwidth limit ({args.model})", "",
@@ -124,16 +173,35 @@ def main() -> int:
            f"{out['machine']['ram_gb']} GB RAM; {args.threads} threads; {out['when']}."),
           f"Bandwidth: {bw:.2f} GB/s ({out['bandwidth_method']}).",
           (f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
-           "runs after a warm-up, llama.cpp via llama-cpp-python in a fresh process per file."), "",
-          "| type | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s |",
-          "|---|---|---|---|---|---|---|"]
+           "runs after a warm-up, in a fresh process per variant (GGUF: llama.cpp via llama-cpp-python; baseline: "
+           "torch fp32 with its KV cache)."),
+          (f"Projected: the engine's roofline on this machine's profile ({host.memory_bandwidth_gbs:g} GB/s, "
+           f"{host.compute_gflops:g} GFLOP/s, measured in this run) + the runtime's per-token latency measured on a "
+           "one-layer probe."), "",
+          ("| variant | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s "
+           "| projected tok/s | projection error |"),
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['type']} | {r['file_bytes'] / 1e6:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
                   f"{r['limit_tps']:.1f} | {r['decode_tps']:.1f} | {100 * r['achieved_over_limit']:.0f}% | "
-                  f"{r['achieved_gbs']:.2f} |")
+                  f"{r['achieved_gbs']:.2f} | {r['projected_tps']:.1f} ({r['projected_bound']}) | "
+                  f"{r['projected_error_pct']:+.0f}% |")
     md += ["", ("The limit assumes every weight byte crosses the memory bus once per token at the copy bandwidth "
                 "measured here; a ratio far below 100% means the runtime is compute- or overhead-bound on this "
                 "machine (the machine is shared, so figures vary between runs).")]
+    if scores:
+        md += ["", f"## Optimization score ({scores['formula']}; α = β = 0.5)", "",
+               f"Energy: {rows[0]['energy_provenance']}",
+               f"Perplexity: {args.windows} windows x 512 of the bundled evaluation text.", "",
+               "| variant | perplexity | Δppl % | J/token | TTFT ms | prefill tok/s | P_c | T_c | E_c | opt | Pareto |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        srow = {x["name"]: x for x in scores["rows"]}
+        for r in rows:
+            x = srow[r["type"]]
+            fronts = ",".join(f for f, d in scores["pareto"].items() if r["type"] in d["members"]) or "-"
+            md.append(f"| {r['type']} | {r['perplexity']:.3f} | {r.get('ppl_increase_pct', 0.0):+.2f} | "
+                      f"{r['energy_j_per_token']:.4f} | {1000 * r['ttft_seconds']:.0f} | {r['prefill_tps']:.0f} | "
+                      f"{x['p_c']:.3f} | {x['t_c']:.3f} | {x['e_c']:.3f} | {x['opt_score']:.3f} | {fronts} |")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -228,7 +228,7 @@ def make_overhead_probe(source_folder: str | Path, out: Path) -> Path:
 
 
 def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen_tokens: int, n_ctx: int,
-                     threads: int, dtype: str = "float32", meter=None) -> dict:
+                     threads: int, dtype: str = "float32", meter=None, refresh: bool = False) -> dict:
     """Memory a runtime needs beyond weights and KV cache, measured on this machine, cached per setting.
 
     The probe (``make_overhead_probe``) runs the same benchmark (prompt, tokens, context, threads) in a fresh
@@ -253,7 +253,7 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
+    if key in known and not refresh:
         return known[key]
     if fmt not in ("gguf", "torch"):
         raise EdgeTailorError(f"Runtime overhead is measured for gguf and torch variants, not '{fmt}'.",
