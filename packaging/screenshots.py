@@ -1,6 +1,6 @@
 """Drive the app through its main screens and save screenshots (run it under Xvfb: packaging/screenshots.sh).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python packaging/screenshots.py [--model demo] [--out docs/screenshots]
+    xvfb-run -a -s "-screen 0 1700x1050x24" .venv/bin/python packaging/screenshots.py [--model demo] [--out docs/screenshots]
 
 Runs a real recipe on the model (in the app's worker process), so it takes a few minutes on the demo model.
 """
@@ -56,7 +56,7 @@ def main() -> int:
         print(f"saved {path}")
 
     w = MainWindow(runs_root=runs, job_options={"threads": 2}, model=args.model)
-    w.resize(1500, 940)
+    w.resize(1600, 960)
     w.show()
     wait_until(lambda: w.model_panel.report is not None, 600, "the model card")
     profiles = [w.budget_panel.profile.itemText(i) for i in range(w.budget_panel.profile.count())]
@@ -67,11 +67,9 @@ def main() -> int:
     rp.set_param(0, "types", args.types.split(","))
     rp.set_param(1, "windows", args.windows)
     rp.set_param(1, "ctx", 256)
-    rp.steps.setCurrentRow(1)
-    rp.add_combo.setCurrentText("benchmark")
-    rp.add_button.click()
+    bench = next(i for i, s in enumerate(rp.recipe["steps"]) if s["step"] == "benchmark")
     for name, value in (("prompt_tokens", 64), ("gen_tokens", 32), ("repeats", 2), ("n_ctx", 256)):
-        rp.set_param(2, name, value)
+        rp.set_param(bench, name, value)
     rp.steps.setCurrentRow(0)
     w.tabs.setCurrentIndex(0)
     shot(w, "model-card")
@@ -79,13 +77,13 @@ def main() -> int:
     w.run_recipe()
     wait_until(lambda: w.current_run is not None, 60, "the run to start")
     st = w.states[w.current_run]
-    wait_until(lambda: len(st.samples.get("perplexity", {})) >= 2 or st.finished, 1800, "live measurements")
     w.tabs.setCurrentIndex(1)
-    shot(w, "live")
     wait_until(lambda: st.finished, 1800, "the run to finish")
     if st.status != "succeeded":
         raise SystemExit(f"the run {st.status}: {st.error}")
     settle(1.0)
+    w.tabs.setCurrentIndex(1)     # the app shows the results when a run ends; the plots first
+    shot(w, "live")
     w.tabs.setCurrentIndex(2)
     names = [v["name"] for v in st.variant_rows() if v.get("path")]
     w.results.select(names[len(names) // 2])
@@ -117,9 +115,11 @@ def main() -> int:
                             (QPalette.ColorRole.HighlightedText, "#ffffff")):
             pal.setColor(role, QColor(color))
         app.setPalette(pal)
-        w2 = MainWindow(runs_root=runs, job_options={"threads": 2}, model=args.model)   # plots read the palette
-        w2.resize(1500, 940)
+        configure_plots(app)      # plots read the palette when they are made
+        w2 = MainWindow(runs_root=runs, job_options={"threads": 2}, model=args.model)
+        w2.resize(1600, 960)
         w2.show()
+        w2.budget_panel.set_profile(w.budget_panel.profile.currentData())
         wait_until(lambda: w2.model_panel.report is not None, 600, "the model card")
         w2.queue.select(st.run_id)
         w2.tabs.setCurrentIndex(2)

@@ -73,6 +73,7 @@ class MainWindow(QMainWindow):
         split.addWidget(scroll)
         split.addWidget(self.tabs)
         split.setStretchFactor(1, 1)
+        split.setSizes([1, 3])      # the results need the room; the left panel scrolls
         self.setCentralWidget(split)
         self.status_label = QLabel()
         self.statusBar().addWidget(self.status_label, 1)

@@ -83,7 +83,7 @@ class LivePlots(QWidget):
         if self.memory_limit and self._limit_line is None:
             self._limit_line = pg.InfiniteLine(self.memory_limit, angle=0, label="budget", labelOpts={"position": 0.05},
                                                pen=pg.mkPen(pg.intColor(0), style=pg.QtCore.Qt.PenStyle.DashLine))
-            self.memory.addItem(self._limit_line)
+            self.memory.addItem(self._limit_line, ignoreBounds=True)    # the curve sets the scale, not the budget
         elif self._limit_line is not None:
             if self.memory_limit:
                 self._limit_line.setValue(self.memory_limit)
