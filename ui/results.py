@@ -85,7 +85,7 @@ class ResultsModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             return fmt(value) if value is not None else DASH
         if role == SORT_ROLE:
-            return value if value is not None else (float("inf") if isinstance(value, (int, float)) else None)
+            return value       # None (unmeasured) sorts last, see _Proxy
         if role == Qt.ItemDataRole.TextAlignmentRole and key not in ("name", "format"):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
