@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,16 +27,7 @@ sys.path.insert(0, str(HERE))
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+from machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 
 def main() -> int:
@@ -71,7 +60,6 @@ def main() -> int:
     refdir = ReferenceLogprobs(work / "reference")
     print(f"baseline: {len(windows)} windows x {args.ctx}", file=sys.stderr)
     base = evaluate(TorchRuntime(lm.model, args.threads), windows, reference=refdir, record_reference=True)
-    rows = {"baseline": {"perplexity": base.perplexity, "size_mb": None, "seconds": None}}
 
     def score(path: Path) -> dict:
         with LlamaCppRuntime(path, n_ctx=args.ctx, threads=args.threads) as rt:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,19 +28,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg()}
+from machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 
 def torch_decode_tps(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
@@ -112,7 +101,7 @@ def main() -> int:
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.plain import plain_weights
-    from edgetailor.engine.runtimes import LlamaCppRuntime, TorchRuntime
+    from edgetailor.engine.runtimes import LlamaCppRuntime
     from edgetailor.engine.steps import cluster, early_exit, lowrank, share
     from edgetailor.exporters.gguf import verify_gguf, write_gguf
 
