@@ -10,6 +10,9 @@ ctx 512, first N windows; KL to the F16 file's log-probs):
 * EdgeTailor: importance statistics and Hessians on the same calibration text (ctx 512, every sequence the
   text has), then quant.gguf_calibrated's writer (GPTQ, llama.cpp's type mix) - in a child process, so its
   wall time and peak memory are its own.
+* AWQ + llama.cpp (``--awq-types``): EdgeTailor's ``awq.scale`` transform (the same statistics, stand-in
+  quantizer at the type's bits) folded into the weights, then the *plain* llama.cpp quantizer (no
+  importance matrix): what the equivalent transform alone gives a runtime's own quantizer.
 
 The llama.cpp tools are built from the llama-cpp-python sdist into a cache outside the repo
 (bench/reference_tools.py). Run under the shared lock::
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,11 +38,18 @@ WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 sys.path.insert(0, str(REPO / "bench"))
 
 TYPES = ["Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+PIPELINES = ("llama", "llama+imatrix", "AWQ + llama", "EdgeTailor")
 TARGET_RATIO = {"Q5_K_M": 0.85, "Q4_K_M": 0.75, "Q3_K_M": 0.75, "Q2_K": 0.75}
 
 
-def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str) -> dict:
+AWQ_BITS = {"Q6_K": (6, 16), "Q5_K_M": (5, 32), "Q4_K_M": (4, 32), "Q3_K_M": (3, 16), "Q2_K": (2, 16)}
+
+
+def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str, awq_types: list[str]) -> dict:
     """Child process: EdgeTailor's pipeline, timed, from loading the model to the last file."""
+    import copy
+
+    import psutil
     import torch
 
     torch.set_num_threads(2)
@@ -54,16 +63,34 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     t_load = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss / 2**20
     t0 = time.perf_counter()
     seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
     stats = imatrix.collect(model, seqs, hessians=(method == "gptq"))
     t_calib = time.perf_counter() - t0
-    res = {"load_s": t_load, "calibration_s": t_calib, "calibration_sequences": int(len(seqs)), "types": {}}
+    res = {"load_s": t_load, "calibration_s": t_calib, "calibration_sequences": int(len(seqs)), "types": {},
+           "rss_after_load_mb": rss_loaded, "fp32_weights_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20}
     for t in types:
         t0 = time.perf_counter()
         export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, stats, method)
         res["types"][t] = time.perf_counter() - t0
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["awq_types"] = {}
+    if awq_types:
+        from edgetailor.engine.steps.awq import AwqConfig, apply_awq
+        from edgetailor.exporters.gguf import llama_quantize, write_gguf
+
+        for t in awq_types:
+            t0 = time.perf_counter()
+            bits, group = AWQ_BITS[t]
+            scaled, scaled_stats = copy.deepcopy(model), copy.deepcopy(stats)
+            apply_awq(scaled, scaled_stats, AwqConfig(bits=bits, group_size=group))
+            f16 = Path(outdir) / f"awq-{t}-F16.gguf"
+            write_gguf(scaled, tok, model_dir, f16, "F16")
+            llama_quantize(f16, Path(outdir) / f"awq-llama-{t}.gguf", t)
+            f16.unlink()
+            res["awq_types"][t] = time.perf_counter() - t0
+            del scaled, scaled_stats
     return res
 
 
@@ -89,7 +116,8 @@ def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: i
     return out
 
 
-def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: int, work: Path, method: str) -> dict:
+def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: int, work: Path, method: str,
+          awq_types: list[str]) -> dict:
     import reference_tools as rt
 
     work.mkdir(parents=True, exist_ok=True)
@@ -108,22 +136,28 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
         files[f"llama+imatrix {t}"] = work / f"llama-imatrix-{t}.gguf"
         times[f"llama+imatrix {t}"] = rt.run_quantize(f16, files[f"llama+imatrix {t}"], t, imatrix=imat, threads=2)
     t0 = time.perf_counter()
+    awq_types = [t for t in awq_types if t in types]
     child = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(calib), ",".join(types), str(work),
-                            method], capture_output=True, text=True)
+                            method, ",".join(awq_types)], capture_output=True, text=True)
     t_ours_total = time.perf_counter() - t0
     if child.returncode:
         raise SystemExit(child.stderr[-4000:])
     our = json.loads(child.stdout.strip().splitlines()[-1])
     for t in types:
         files[f"EdgeTailor {t}"] = work / f"et-{t}.gguf"
+    for t in awq_types:
+        files[f"AWQ + llama {t}"] = work / f"awq-llama-{t}.gguf"
     scores = evaluate_files(str(model_dir), files, f16, windows)
     base = scores["F16"]["perplexity"]
     rows = []
     for t in types:
         row = {"type": t}
-        for who in ("llama", "llama+imatrix", "EdgeTailor"):
-            s = scores[f"{who} {t}"]
-            row[who] = {**s, "increase_pct": 100 * (s["perplexity"] / base - 1)}
+        for who in PIPELINES:
+            if f"{who} {t}" in scores:
+                s = scores[f"{who} {t}"]
+                row[who] = {**s, "increase_pct": 100 * (s["perplexity"] / base - 1)}
+        if "AWQ + llama" in row:
+            row["AWQ + llama"]["seconds"] = our["load_s"] + our["calibration_s"] + our["awq_types"][t]
         row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
         row["llama+imatrix"]["seconds"] = t_convert + t_imatrix + times[f"llama+imatrix {t}"]
         row["EdgeTailor"]["seconds"] = our["load_s"] + our["calibration_s"] + our["types"][t]
@@ -148,12 +182,15 @@ def markdown(results: dict) -> str:
         lines += [f"## {s['name']}", "",
                   f"Model {s['model']}, calibration {s['calibration']} ({s['imatrix_chunks']} chunks of 512 for "
                   f"llama-imatrix, {s['ours']['calibration_sequences']} sequences of 512 for EdgeTailor), {s['windows']} "
-                  f"windows. F16 perplexity {s['f16_perplexity']:.4f}. EdgeTailor method: {s['method']}; its peak RSS "
-                  f"{s['ours']['peak_rss_mb']:.0f} MB.", "",
+                  f"windows. F16 perplexity {s['f16_perplexity']:.4f}. EdgeTailor method: {s['method']}; its process's peak RSS "
+                  f"{s['ours']['peak_rss_mb']:.0f} MB (fp32 weights {s['ours']['fp32_weights_mb']:.0f} MB; the process "
+                  f"held {s['ours']['rss_after_load_mb']:.0f} MB once torch and the model were loaded).", "",
                   "| type | pipeline | size MB | perplexity | increase | KL | seconds |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in s["rows"]:
-            for who in ("llama", "llama+imatrix", "EdgeTailor"):
+            for who in PIPELINES:
+                if who not in r:
+                    continue
                 x = r[who]
                 lines.append(f"| {r['type']} | {who} | {x['size_mb']:.1f} | {x['perplexity']:.4f} | "
                              f"{x['increase_pct']:+.2f}% | {x['kl']:.5f} | {x['seconds']:.1f} |")
@@ -171,8 +208,8 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, model_dir, calib, types, outdir, method = sys.argv
-        print(json.dumps(ours(model_dir, calib, types.split(","), outdir, method)))
+        _, _, model_dir, calib, types, outdir, method, awq = sys.argv
+        print(json.dumps(ours(model_dir, calib, types.split(","), outdir, method, [t for t in awq.split(",") if t])))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=100)
@@ -181,6 +218,7 @@ def main() -> None:
     ap.add_argument("--check-windows", type=int, default=40, help="windows for the ordering checks")
     ap.add_argument("--check-types", default="Q4_K_M,Q3_K_M", help="types for the ordering checks ('' = skip)")
     ap.add_argument("--method", default="gptq")
+    ap.add_argument("--awq-types", default="Q4_K_M,Q3_K_M", help="types that also get the AWQ + llama.cpp row ('' = none)")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-calibrated")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "calibrated_quant"))
     args = ap.parse_args()
@@ -188,27 +226,29 @@ def main() -> None:
     import reference_tools as rt
 
     tools = rt.ensure_tools()
+    from machine import machine
+
+    m = machine()
     model = Path(args.model)
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, str(SHARED / "tools" / "make_smollm2_dithered.py"), str(model)], check=True)
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
+    awq = [t for t in args.awq_types.split(",") if t]
     suites = [suite(f"Benchmark model ({model.name}), calibration.txt", model, calib,
-                    args.types.split(","), args.windows, work / "main", args.method)]
+                    args.types.split(","), args.windows, work / "main", args.method, awq)]
     if args.check_types:
         from edgetailor.engine import resolve
 
         check = args.check_types.split(",")
         suites.append(suite("Ordering check: benchmark model, second calibration text", model,
                             REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
-                            work / "alt", args.method))
+                            work / "alt", args.method, awq))
         suites.append(suite("Ordering check: the demo model itself", Path(resolve("demo").path), calib, check,
-                            args.check_windows, work / "demo", args.method))
-    import psutil
-
-    results = {"machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-                          f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM, {platform.system()}",
-               "llama_cpp": tools["version"], "command": " ".join(["python"] + sys.argv),
+                            args.check_windows, work / "demo", args.method, awq))
+    results = {"machine": f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gb']} GB RAM, load average at start "
+                          f"{m['load_average_at_start'][0]:.2f}",
+               "machine_info": m, "llama_cpp": tools["version"], "command": " ".join(["python"] + sys.argv),
                "suites": suites}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,69 @@ def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_p
     assert verify_gguf(out)["loaded_by"] == "llama.cpp"
     with pytest.raises(EdgeTailorError, match="larger than the largest"):
         export_to_target(model, tok, src, tmp_path / "too-big.gguf", stats, int(1e6))
+
+
+def _with_outlier_channels(model, factor=30.0):
+    """The same function with a few input channels carried at large scale (as trained LLMs have)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            ch = torch.tensor([3, 17, 40])
+            layer.input_layernorm.weight[ch] *= factor
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.weight[:, ch] /= factor
+            layer.mlp.up_proj.weight[ch] *= factor
+            layer.mlp.down_proj.weight[:, ch] /= factor
+    return model
+
+
+def test_awq_scaling_keeps_the_function_and_lowers_quantization_error(tiny_models):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from edgetailor.engine import imatrix
+    from edgetailor.engine.steps.awq import AwqConfig, apply_awq, fake_quantize
+
+    model = _with_outlier_channels(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32))
+    ids = torch.randint(3, 500, (4, 64))
+    stats = imatrix.collect(model, ids, hessians=True)
+    scaled = copy.deepcopy(model)
+    records = apply_awq(scaled, stats, AwqConfig(bits=3, group_size=32))
+    assert len(records) == 3 * model.config.num_hidden_layers
+    assert any(r["alpha"] > 0 for r in records)
+    assert all(r["error_after"] <= r["error_before"] for r in records)
+
+    test_ids = torch.randint(3, 500, (2, 48))
+    with torch.no_grad():
+        ref = model(test_ids).logits
+        torch.testing.assert_close(scaled(test_ids).logits, ref, rtol=1e-4, atol=1e-4)   # an equivalent model
+
+        def quantized_error(m):
+            q = copy.deepcopy(m)
+            for name, lin in imatrix.linear_layers(q).items():
+                if name != "lm_head":
+                    lin.weight.copy_(fake_quantize(lin.weight, 3, 32))
+            return float((q(test_ids).logits - ref).square().mean())
+
+        assert quantized_error(scaled) < 0.8 * quantized_error(model)
+
+    # the statistics were rescaled with the model: they equal a fresh collection on the scaled model
+    fresh = imatrix.collect(scaled, ids, hessians=True)
+    for name in ("model.layers.1.self_attn.k_proj", "model.layers.0.mlp.down_proj"):
+        torch.testing.assert_close(stats.hessian(name), fresh.hessian(name), rtol=1e-3, atol=1e-5)
+
+
+def test_recipe_awq_then_llama_cpp_quantizer(tiny_models):
+    from edgetailor.engine.job import JobSpec, run_job
+
+    recipe = {"name": "awq", "steps": [
+        {"step": "imatrix", "params": {"seq_len": 64, "max_sequences": 4}},
+        {"step": "awq.scale", "params": {"bits": 4}},
+        {"step": "export", "params": {"format": "gguf", "types": ["Q4_K_M"]}},
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"]}},
+        {"step": "evaluate", "params": {"windows": 2, "ctx": 128}}]}
+    record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["qwen2"]), options={"threads": 2}))
+    assert record.manifest["status"] == "succeeded", record.manifest
+    variants = [v for v in record.manifest["variants"] if v["name"] != "baseline"]
+    assert len(variants) == 2 and all("awq4" in v["steps"] for v in variants)
+    assert all(v["metrics"]["perplexity"] > 1 for v in variants)

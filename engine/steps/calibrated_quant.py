@@ -30,20 +30,27 @@ class ImatrixConfig:
 
 def compute_stats(ctx, cfg: ImatrixConfig):
     from ..calibration import token_sequences
-    from ..architectures import arch_spec
-    from ..imatrix import collect, save_llama_imatrix
+    from ..imatrix import collect
 
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
     stats = collect(ctx.model, seqs, hessians=cfg.hessians,
                     progress=lambda f, m: ctx.progress(0.95 * f, m), cancelled=ctx.cancel.is_set)
+    keep_stats(ctx, stats, cfg.seq_len)
+    return stats
+
+
+def keep_stats(ctx, stats, seq_len: int = 512) -> None:
+    """Save the statistics with the run (ours and llama.cpp's format) and hold them for the next steps."""
+    from ..architectures import arch_spec
+    from ..imatrix import save_llama_imatrix
+
     with ctx.artifact("imatrix.safetensors") as tmp:
         stats.save(tmp)
     if arch_spec(ctx.model.config.model_type) is not None:
         with ctx.artifact("imatrix-llama.cpp.gguf") as tmp:       # reusable with llama-quantize --imatrix
-            save_llama_imatrix(stats, ctx.model, tmp, "calibration text", cfg.seq_len)
+            save_llama_imatrix(stats, ctx.model, tmp, "calibration text", seq_len)
     ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
-    return stats
 
 
 @register_step("imatrix", ImatrixConfig, kind="measure",

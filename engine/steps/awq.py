@@ -1,0 +1,162 @@
+"""AWQ-style equivalent scaling: protect the input channels that carry large activations before quantizing.
+
+For a linear layer y = W x, scaling input channel j of W by s_j and dividing x_j by s_j leaves y unchanged.
+When x comes out of an RMSNorm (q/k/v, gate/up) the division folds into the norm's weight; when it comes
+out of up_proj (down_proj's input is act(gate) * up, linear in up) it folds into up_proj's rows. Nothing
+is added to the graph, so every runtime and exporter gets the benefit: llama.cpp's own quantizer, the
+calibrated GGUF writer, ONNX int4.
+
+The scales follow AWQ (Lin et al., 2024): s = m^alpha, where m is each input channel's RMS on the
+calibration text, alpha chosen per group of layers from a grid. The search scores each alpha by the error
+of the layers' *outputs* on the calibration text, tr(E H E^T) with E = Q(W diag(s)) diag(1/s) - W and H the
+inputs' X^T X / n (the statistics the ``imatrix`` step keeps), so no activations are stored and no forward
+pass is repeated. Q is a group-wise asymmetric round-to-nearest quantizer at ``bits`` (a stand-in for the
+k-quant that comes after). alpha = 0 is the identity: a group is only rescaled when that lowers its error.
+The statistics are rescaled with the model, so a calibrated quantization step that follows reuses them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EdgeTailorError, RunCancelled
+from ..registry import register_step
+from ..step_report import record_step_report
+
+GROUPS = ("attn_in", "mlp_in", "mlp_down")
+
+
+@dataclass
+class AwqConfig:
+    bits: int = field(default=4, metadata={"help": "bits of the search's stand-in quantizer (4 for Q4_K mixes, 3 for Q3_K ...)"})
+    group_size: int = field(default=32, metadata={"help": "weights per scale of the stand-in quantizer"})
+    grid: int = field(default=20, metadata={"help": "alpha values tried per layer group, from 0 to 1"})
+    groups: list[str] = field(default_factory=lambda: list(GROUPS),
+                              metadata={"help": "attn_in (norm -> q/k/v), mlp_in (norm -> gate/up), mlp_down (up -> down)"})
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError("bits must be between 2 and 8")
+        if self.group_size < 8:
+            raise ValueError("group_size must be at least 8")
+        if self.grid < 2:
+            raise ValueError("grid must be at least 2")
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad:
+            raise ValueError(f"unknown group {bad[0]!r}; choose from {', '.join(GROUPS)}")
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Group-wise asymmetric round-to-nearest along the input dimension (rows padded to whole groups)."""
+    out_f, in_f = w.shape
+    pad = (-in_f) % group
+    x = torch.nn.functional.pad(w, (0, pad)).reshape(out_f, -1, group)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    q = ((x - lo) / scale).round().clamp(0, levels)
+    return (q * scale + lo).reshape(out_f, -1)[:, :in_f]
+
+
+def output_error(weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor, bits: int, group: int) -> float:
+    """Sum over the layers of tr(E H E^T): the squared error their outputs take on the calibration inputs."""
+    total = 0.0
+    for w in weights:
+        e = fake_quantize(w * s, bits, group) / s - w
+        total += float(((e @ h) * e).sum())
+    return total
+
+
+def search_scales(weights: list[torch.Tensor], h: torch.Tensor, cfg: AwqConfig) -> tuple[torch.Tensor, float, float, float]:
+    """(scales, alpha, error with them, error without) for layers that read one input with X^T X / n = h."""
+    rms = torch.diagonal(h).clamp_min(1e-12).sqrt()
+    plain = output_error(weights, h, torch.ones_like(rms), cfg.bits, cfg.group_size)
+    best = (torch.ones_like(rms), 0.0, plain)
+    for i in range(1, cfg.grid):
+        alpha = i / cfg.grid
+        s = rms ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        err = output_error(weights, h, s, cfg.bits, cfg.group_size)
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2], plain
+
+
+def _rescale_stats(stats, modules: list[str], s: torch.Tensor) -> None:
+    """The layers' inputs are now x / s: their second moments and X^T X follow."""
+    s64 = s.double()
+    for m in modules:
+        stats.sum_sq[m] = stats.sum_sq[m] / s64 ** 2
+    keys = {stats.input_of.get(m) for m in modules} - {None}
+    for k in keys:
+        if k in stats.xtx:
+            stats.xtx[k] = (stats.xtx[k].double() / torch.outer(s64, s64)).float()
+
+
+def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> list[dict]:
+    """Rescale every decoder layer in place; returns one record per layer group (alpha, errors)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise EdgeTailorError("AWQ scaling needs a decoder with model.layers (Llama-style).",
+                              "Use a llama, mistral, qwen2 or qwen3 model.")
+    records = []
+    for li, layer in enumerate(layers):
+        if cancelled and cancelled():
+            raise RunCancelled()
+        attn, mlp = layer.self_attn, layer.mlp
+        plan = {
+            "attn_in": (layer.input_layernorm, None, [attn.q_proj, attn.k_proj, attn.v_proj],
+                        ["q_proj", "k_proj", "v_proj"], "self_attn"),
+            "mlp_in": (layer.post_attention_layernorm, None, [mlp.gate_proj, mlp.up_proj],
+                       ["gate_proj", "up_proj"], "mlp"),
+            "mlp_down": (None, mlp.up_proj, [mlp.down_proj], ["down_proj"], "mlp"),
+        }
+        for group in cfg.groups:
+            norm, prev, linears, names, parent = plan[group]
+            modules = [f"model.layers.{li}.{parent}.{n}" for n in names]
+            h = stats.hessian(modules[0])
+            if h is None:
+                raise EdgeTailorError("AWQ scaling needs the inputs' X^T X.",
+                                      "Run the 'imatrix' step with hessians: true before 'awq.scale'.")
+            with torch.no_grad():
+                ws = [lin.weight.detach().float() for lin in linears]
+                s, alpha, err, plain = search_scales(ws, h.float(), cfg)
+                if alpha > 0:
+                    for lin in linears:
+                        lin.weight.mul_(s.to(lin.weight.dtype))
+                    if norm is not None:
+                        norm.weight.div_(s.to(norm.weight.dtype))
+                    else:
+                        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+                        if prev.bias is not None:
+                            prev.bias.div_(s.to(prev.bias.dtype))
+                    _rescale_stats(stats, modules, s)
+            records.append({"layer": li, "group": group, "alpha": alpha, "error_before": plain, "error_after": err})
+        if progress:
+            progress((li + 1) / len(layers), f"layer {li + 1}/{len(layers)} scaled")
+    return records
+
+
+@register_step("awq.scale", AwqConfig, kind="transform",
+               summary="AWQ-style per-channel scaling folded into the norms and up_proj (equivalent model, easier to quantize)",
+               exports="GGUF and ONNX natively: the scales fold into existing weights, so the graph is unchanged",
+               ram_multiple=1.2)
+def awq_scale(ctx, cfg: AwqConfig) -> None:
+    from .calibrated_quant import current_stats, keep_stats
+
+    stats = current_stats(ctx, need_hessians=True)
+    records = apply_awq(ctx.model, stats, cfg, progress=lambda f, m: ctx.progress(0.99 * f, m),
+                        cancelled=ctx.cancel.is_set)
+    label = f"awq{cfg.bits}"
+    ctx.applied.append(label)
+    keep_stats(ctx, stats)      # rescaled with the model: still valid, saved again for the scaled model
+    before = sum(r["error_before"] for r in records)
+    after = sum(r["error_after"] for r in records)
+    scaled = sum(r["alpha"] > 0 for r in records)
+    record_step_report(ctx, {"label": label, "groups_scaled": scaled, "groups": len(records),
+                             "stand_in_output_error_before": before, "stand_in_output_error_after": after,
+                             "alphas": [r["alpha"] for r in records]})
+    ctx.log(f"{label}: {scaled}/{len(records)} layer groups rescaled; stand-in {cfg.bits}-bit output error "
+            f"{before:.4g} -> {after:.4g} ({100 * (after / before - 1):+.1f}%)")
+    ctx.progress(1.0, f"{label}: {scaled}/{len(records)} groups rescaled")
