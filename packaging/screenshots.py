@@ -22,7 +22,13 @@ def main() -> int:
     ap.add_argument("--types", default="Q8_0,Q4_K_M,Q2_K", help="GGUF types of the recipe")
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows of 256 tokens")
     ap.add_argument("--dark", action="store_true", help="also save the results with a dark palette")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="device pixel ratio (QT_SCALE_FACTOR), e.g. 2 for a high-DPI check; files get a -2x suffix")
     args = ap.parse_args()
+    suffix = ""
+    if args.scale != 1.0:
+        os.environ["QT_SCALE_FACTOR"] = f"{args.scale:g}"
+        suffix = f"-{args.scale:g}x"
 
     from PySide6.QtCore import QEventLoop
     from PySide6.QtWidgets import QApplication
@@ -51,7 +57,7 @@ def main() -> int:
 
     def shot(widget, name: str) -> None:
         settle()
-        path = out / f"{name}.png"
+        path = out / f"{name}{suffix}.png"
         widget.grab().save(str(path))
         print(f"saved {path}")
 

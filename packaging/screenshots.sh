@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the app under Xvfb, drive it through its main screens and save PNGs into docs/screenshots/.
-#   bash packaging/screenshots.sh [--model demo] [--dark]     (options go to packaging/screenshots.py)
+#   bash packaging/screenshots.sh [--model demo] [--dark] [--scale 2]     (options go to packaging/screenshots.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Xvfb, and the X libraries Qt's xcb platform plugin loads (libxcb-cursor0 since Qt 6.5).
@@ -14,4 +14,4 @@ if ! command -v xvfb-run >/dev/null || ! ldconfig -p | grep -q libxcb-cursor.so.
     exit 2
   fi
 fi
-QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1700x1050x24" .venv/bin/python packaging/screenshots.py "$@"
+QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 3400x2100x24" .venv/bin/python packaging/screenshots.py "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QGridLayout, QWidget
+from PySide6.QtGui import QFontMetrics
 
 from .run_state import RunState
 
@@ -32,6 +33,8 @@ class LivePlots(QWidget):
         for w in (self.memory, self.quality, self.speed, self.energy):
             w.showGrid(x=True, y=True, alpha=0.2)
             w.setMinimumHeight(160)
+        for w in (self.speed, self.energy):      # variant names as ticks: room for their descenders ('_')
+            w.getAxis("bottom").setHeight(2 * QFontMetrics(w.font()).height() + 6)
         self.memory.setObjectName("memoryPlot")
         grid = QGridLayout(self)
         grid.addWidget(self.memory, 0, 0)
