@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,24 +30,13 @@ from pathlib import Path
 # slow every step many times over. Set before torch or llama.cpp start their thread pools.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine  # noqa: E402  (bench/ is on sys.path)
 WIKITEXT = HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 PRUNINGS = [("magnitude 50%", "prune.magnitude", {"sparsity": 0.5}),
             ("wanda 50%", "prune.wanda", {"sparsity": 0.5}),
             ("magnitude 2:4", "prune.magnitude", {"pattern": "2:4"}),
             ("wanda 2:4", "prune.wanda", {"pattern": "2:4"})]
-
-
-def machine() -> dict:
-    import psutil
-
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 class Scorer:
