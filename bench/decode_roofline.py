@@ -111,7 +111,13 @@ def main() -> int:
     from edgetailor.engine.devices import host_profile, measure_bandwidth
     from edgetailor.engine.energy import EnergyMeter
     from edgetailor.engine.modeling import load_tokenizer
-    from edgetailor.engine.projection import kv_cache_bytes, measure_overhead, project, variant_info
+    from edgetailor.engine.projection import (
+        kv_cache_bytes,
+        measure_decode_model,
+        measure_overhead,
+        project,
+        variant_info,
+    )
     from edgetailor.engine.scoring import score_variants
     from edgetailor.engine.text import default_evaluation_path, read_text
 
@@ -128,6 +134,15 @@ def main() -> int:
     rows = []
     todo = [("baseline", "torch", Path(src.path))] + [(t, "gguf", p) for t, p in files.items()]
     overheads = {}
+    infos = {t: variant_info(fmt, path, tokens_used=used) for t, fmt, path in todo}
+    decode_models = {}
+    t0 = time.perf_counter()
+    for fmt in sorted({f for _, f, _ in todo}):
+        types = {k for t, f, _ in todo if f == fmt for k in infos[t].type_elements}
+        decode_models[fmt] = measure_decode_model(fmt, src.path, types, prompt, args.gen_tokens, args.n_ctx,
+                                                  args.threads, meter=meter, refresh=True,
+                                                  log=lambda m: print(m, file=sys.stderr))
+    decode_model_seconds = time.perf_counter() - t0
     for t, fmt, path in todo:
         if fmt not in overheads:
             overheads[fmt] = measure_overhead(fmt, src.path, prompt, args.gen_tokens, args.n_ctx, args.threads,
@@ -135,8 +150,9 @@ def main() -> int:
         print(f"benchmarking {t}", file=sys.stderr)
         res = benchmark_variant(fmt, path, prompt, gen_tokens=args.gen_tokens, repeats=args.repeats,
                                 threads=args.threads, n_ctx=args.n_ctx, meter=meter)
-        info = variant_info(fmt, path, tokens_used=used)
-        proj = project(host, info, args.n_ctx, used, overheads[fmt])
+        info = infos[t]
+        proj = project(host, info, args.n_ctx, used, overheads[fmt], decode_model=decode_models[fmt])
+        roof_only = project(host, info, args.n_ctx, used, overheads[fmt])
         kv_bpe = 2 if fmt == "gguf" else 4
         bytes_tok = info.bytes_per_token + kv_cache_bytes(info, position, kv_bpe)
         rows.append({"type": t, "runtime": fmt, "file_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -144,6 +160,9 @@ def main() -> int:
                      "decode_tps": res["decode_tps"], "decode_tps_runs": res["decode_tps_runs"],
                      "achieved_gbs": res["decode_tps"] * bytes_tok / 1e9, "projected_tps": proj["decode_tps"],
                      "projected_bound": proj["bound"], "projected_error_pct": 100 * (proj["decode_tps"] / res["decode_tps"] - 1),
+                     "projected_method": proj["decode_method"], "type_elements": info.type_elements,
+                     "roofline_only_tps": roof_only["decode_tps"],
+                     "roofline_only_error_pct": 100 * (roof_only["decode_tps"] / res["decode_tps"] - 1),
                      "predicted_memory_bytes": proj["memory_bytes"], "peak_rss_os_bytes": res["peak_rss_os_bytes"],
                      "ttft_seconds": res["ttft_seconds"], "prefill_tps": res["prefill_tps"],
                      "load_seconds": res["load_seconds"], "energy_j_per_token": res["energy_j_per_token"],
@@ -165,7 +184,8 @@ def main() -> int:
            "gen_tokens": args.gen_tokens, "repeats": args.repeats, "bandwidth_gbs": bw,
            "bandwidth_method": bw_before["method"] + "; measured before and after the decode runs, median of both",
            "bandwidth_runs_gbs": bw_before["runs_gbs"] + bw_after["runs_gbs"], "host_profile": host.to_dict(),
-           "overheads": overheads, "eval_windows": args.windows, "rows": rows, "scores": scores}
+           "overheads": overheads, "decode_models": decode_models, "decode_model_seconds": decode_model_seconds,
+           "eval_windows": args.windows, "rows": rows, "scores": scores}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Decode speed against the memory-bandwidth limit ({args.model})", "",
@@ -175,17 +195,20 @@ def main() -> int:
           (f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
            "runs after a warm-up, in a fresh process per variant (GGUF: llama.cpp via llama-cpp-python; baseline: "
            "torch fp32 with its KV cache)."),
-          (f"Projected: the engine's roofline on this machine's profile ({host.memory_bandwidth_gbs:g} GB/s, "
-           f"{host.compute_gflops:g} GFLOP/s, measured in this run) + the runtime's per-token latency measured on a "
-           "one-layer probe."), "",
+          (f"Projected: the engine's decode cost model (engine.projection.measure_decode_model, measured in this run "
+           f"in {decode_model_seconds:.0f} s on probes, never on the variants themselves): per token, the runtime's "
+           "fixed and per-layer cost (1- and 5-layer 64-wide probes) + max(roofline on this machine's profile "
+           f"({host.memory_bandwidth_gbs:g} GB/s, {host.compute_gflops:g} GFLOP/s), weights / kernel rate of "
+           "their storage type (2-layer probes, one per type, every matrix in that type)). Roofline only: the "
+           "previous projection (roofline + a one-layer probe's latency), for comparison."), "",
           ("| variant | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s "
-           "| projected tok/s | projection error |"),
-          "|---|---|---|---|---|---|---|---|---|"]
+           "| projected tok/s | projection error | roofline-only error |"),
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['type']} | {r['file_bytes'] / 1e6:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
                   f"{r['limit_tps']:.1f} | {r['decode_tps']:.1f} | {100 * r['achieved_over_limit']:.0f}% | "
                   f"{r['achieved_gbs']:.2f} | {r['projected_tps']:.1f} ({r['projected_bound']}) | "
-                  f"{r['projected_error_pct']:+.0f}% |")
+                  f"{r['projected_error_pct']:+.0f}% | {r['roofline_only_error_pct']:+.0f}% |")
     md += ["", ("The limit assumes every weight byte crosses the memory bus once per token at the copy bandwidth "
                 "measured here; a ratio far below 100% means the runtime is compute- or overhead-bound on this "
                 "machine (the machine is shared, so figures vary between runs).")]

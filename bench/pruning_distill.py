@@ -144,7 +144,12 @@ def write_markdown(res: dict, path: Path) -> None:
               f"({res['tokens_scored']} scored tokens). Every model is exported as GGUF F16 by EdgeTailor and scored "
               f"in llama.cpp by EdgeTailor's evaluator; KL and top-1 are against the unpruned F16 model."),
              (f"Machine: {res['machine']['cpu']}, {res['machine']['logical_cores']} cores, {res['threads']} threads. "
-              f"Written by `bench/pruning_distill.py` on {res['date']}."), "",
+              f"Written by `bench/pruning_distill.py` on {res['date']}.")]
+    for part, when in res.get("parts_run", {}).items():
+        load = when["machine"].get("load_average_at_start")
+        lines.append(f"Rows of part '{part}' measured {when['date']} on {when['machine']['cpu']}"
+                     + (f" (load average at start {', '.join(f'{x:.2f}' for x in load)})." if load else "."))
+    lines += ["",
              "| variant | sparsity / params removed | perplexity | ratio to baseline | KL | top-1 |",
              "|---|---|---|---|---|---|",
              f"| baseline (F16) | 0 | {base:.3f} | 1.000 | | |"]
@@ -220,6 +225,9 @@ def main() -> int:
             json_path.write_text(json.dumps(res, indent=1) + "\n")
             write_markdown(res, out.with_suffix(".md"))
 
+        parts = res.setdefault("parts_run", {})
+        for part in (("pruning", "minitron") if args.part == "all" else (args.part,)):
+            parts[part] = {"date": res["date"], "machine": res["machine"]}
         if args.part in ("pruning", "all"):
             part_pruning(scorer, args.threads, runs_root, res.setdefault("pruning", {}), save)
         if args.part in ("minitron", "all"):

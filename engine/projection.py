@@ -21,7 +21,7 @@ energy per token (projected) = the profile's typical power / projected tokens pe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EdgeTailorError
@@ -43,6 +43,7 @@ class WeightsInfo:
     head_dim: int
     n_vocab: int
     repacked_bytes: int = 0      # llama.cpp: copies of repacked matrices, resident beside the mapped file
+    type_elements: dict = field(default_factory=dict)   # multiplied weights per storage type (F16, Q4_K, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,11 +77,15 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
     if llama_cpp_repacks():
         repacked = sum(int(t.n_bytes) for t in two_d if t.name != "token_embd.weight"
                        and t.tensor_type.name in REPACKED_TYPES and int(t.shape[1]) % 8 == 0)
+    types: dict[str, int] = {}
+    for t in two_d:
+        if tied or t.name != "token_embd.weight":
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
     n_head = int(field("attention.head_count"))
     n_embd = int(field("embedding_length"))
     return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(field("block_count")), n_head,
                        int(field("attention.head_count_kv", n_head)),
-                       int(field("attention.key_length", n_embd // n_head)), n_vocab, repacked)
+                       int(field("attention.key_length", n_embd // n_head)), n_vocab, repacked, types)
 
 
 REPACKED_TYPES = ("Q4_0", "Q4_K", "IQ4_NL")
@@ -115,7 +120,11 @@ def hf_info(folder: str | Path, dtype: str = "float32") -> WeightsInfo:
     matmul = params_model - (0 if tied else emb) - _norm_params(cfg)
     per_token = (params_model if tied else params_model - emb + h) * bpe
     return WeightsInfo("torch", params_model * bpe, per_token, matmul, int(cfg["num_hidden_layers"]), n_head,
-                       int(cfg.get("num_key_value_heads") or n_head), int(cfg.get("head_dim") or h // n_head), vocab)
+                       int(cfg.get("num_key_value_heads") or n_head), int(cfg.get("head_dim") or h // n_head), vocab,
+                       type_elements={TORCH_TYPE[dtype]: matmul})
+
+
+TORCH_TYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def _norm_params(cfg: dict) -> int:
@@ -163,40 +172,61 @@ def flops_per_token(info: WeightsInfo, position: int) -> float:
 
 
 def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_element: int = 2,
-                   token_latency_s: float = 0.0) -> dict:
+                   token_latency_s: float = 0.0, decode_model: dict | None = None) -> dict:
     """Decode speed of ``info`` on ``profile`` at a context position, and its energy per token.
 
-    Per token: ``token_latency_s`` (the runtime's fixed cost per token, measured on this machine; 0 for other
-    devices) + the roofline time max(bytes read / bandwidth, FLOPs / compute).
+    Per token: the roofline time max(bytes read / bandwidth, FLOPs / compute), and, with a ``decode_model``
+    (``measure_decode_model``: this runtime's measured cost per weight of each storage type, per layer and per
+    token on this machine), the larger of that and the weights' kernel time, plus the runtime's fixed and
+    per-layer costs. On another device the measured times are scaled by this machine's compute over the
+    device's. Without a decode model: roofline + ``token_latency_s`` (0 for other devices).
     """
     kv_read = kv_cache_bytes(info, position, kv_bytes_per_element)
     bytes_tok = info.bytes_per_token + kv_read
     flops = flops_per_token(info, position)
     t_bw = bytes_tok / (profile.memory_bandwidth_gbs * 1e9)
     t_compute = flops / (profile.compute_gflops * 1e9)
-    tps = 1.0 / (token_latency_s + max(t_bw, t_compute))
-    latency = f" + {token_latency_s * 1000:.2f} ms runtime latency per token (measured)" if token_latency_s else ""
-    return {"decode_tps": tps, "bound": "memory bandwidth" if t_bw >= t_compute else "compute",
-            "roofline_tps": 1.0 / max(t_bw, t_compute), "bytes_per_token": bytes_tok, "flops_per_token": flops,
-            "j_per_token": profile.power_typical_w / tps,
-            "method": f"projected: roofline max({bytes_tok / 1e6:.1f} MB / {profile.memory_bandwidth_gbs:g} GB/s, "
-                      f"{flops / 1e9:.3f} GFLOP / {profile.compute_gflops:g} GFLOP/s){latency} on '{profile.id}'; "
-                      f"energy = {profile.power_typical_w:g} W typical power / tok/s"}
+    roof = max(t_bw, t_compute)
+    bound = "memory bandwidth" if t_bw >= t_compute else "compute"
+    method = (f"projected: roofline max({bytes_tok / 1e6:.1f} MB / {profile.memory_bandwidth_gbs:g} GB/s, "
+              f"{flops / 1e9:.3f} GFLOP / {profile.compute_gflops:g} GFLOP/s)")
+    rates = (decode_model or {}).get("rates", {})
+    if decode_model and info.type_elements and all(t in rates for t in info.type_elements):
+        from .devices import HOST_ID
+
+        scale = 1.0 if profile.id == HOST_ID else decode_model["host_gflops"] / profile.compute_gflops
+        t_kernels = scale * sum(n / rates[t] for t, n in info.type_elements.items())
+        t_fixed = scale * (decode_model["fixed_s"] + info.n_layer * decode_model["per_layer_s"])
+        if t_kernels > roof:
+            roof, bound = t_kernels, "kernel throughput"
+        t_tok = t_fixed + roof
+        where = "" if scale == 1 else f", scaled by compute {decode_model['host_gflops']:g}/{profile.compute_gflops:g}"
+        method += (f" vs weight kernels {1000 * t_kernels:.2f} ms ({', '.join(sorted(info.type_elements))} at rates "
+                   f"measured on this machine{where}), + {1000 * t_fixed:.2f} ms per token for the runtime "
+                   f"({info.n_layer} layers)")
+    else:
+        t_tok = token_latency_s + roof
+        if token_latency_s:
+            method += f" + {token_latency_s * 1000:.2f} ms runtime latency per token (measured)"
+    tps = 1.0 / t_tok
+    return {"decode_tps": tps, "bound": bound, "roofline_tps": 1.0 / max(t_bw, t_compute), "bytes_per_token": bytes_tok,
+            "flops_per_token": flops, "j_per_token": profile.power_typical_w / tps,
+            "method": f"{method} on '{profile.id}'; energy = {profile.power_typical_w:g} W typical power / tok/s"}
 
 
 def project(profile, info: WeightsInfo, n_ctx: int, tokens_used: int, overhead: dict | None,
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", decode_model: dict | None = None) -> dict:
     """Everything the fit check needs for one variant on one device (memory, decode tok/s, J/token).
 
     ``overhead`` is ``measure_overhead``'s entry: its memory applies everywhere (the same runtime), its
-    per-token latency only to this machine, where it was measured.
+    per-token latency only to this machine, where it was measured. ``decode_model``: see ``project_decode``.
     """
     from .devices import HOST_ID
 
     mem = predict_memory(info, n_ctx, tokens_used, overhead["overhead_bytes"] if overhead else None, dtype)
     kv_bpe = kv_plan(info.fmt, n_ctx, tokens_used, dtype)[1]
     latency = overhead.get("token_latency_s", 0.0) if overhead and profile.id == HOST_ID else 0.0
-    dec = project_decode(profile, info, tokens_used, kv_bpe, latency)
+    dec = project_decode(profile, info, tokens_used, kv_bpe, latency, decode_model)
     return {"device": profile.id, "memory_bytes": mem["predicted_memory_bytes"], "decode_tps": dec["decode_tps"],
             "j_per_token": dec["j_per_token"], "bound": dec["bound"], "memory_method": mem["predicted_memory_method"],
             "decode_method": dec["method"]}
@@ -207,15 +237,16 @@ TINY_SHAPE = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 12
               "num_key_value_heads": 2, "head_dim": 16}
 
 
-def make_overhead_probe(source_folder: str | Path, out: Path) -> Path:
-    """A one-layer, 64-wide random model of the source's architecture, with its tokenizer and vocabulary."""
+def make_overhead_probe(source_folder: str | Path, out: Path, shape: dict | None = None) -> Path:
+    """A random model of the source's architecture, with its tokenizer and vocabulary: one layer, 64 wide,
+    unless ``shape`` says otherwise."""
     import shutil
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(str(source_folder))
-    for k, v in TINY_SHAPE.items():
+    for k, v in (shape or TINY_SHAPE).items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -284,6 +315,141 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
              "method": f"one-layer probe of the same architecture and vocabulary, {len(prompt)} prompt + "
                        f"{gen_tokens} tokens, context {n_ctx}, {threads} threads: memory = peak - weights - KV; "
                        "latency per token = its decode time per token - its roofline time"}
+    known[key] = entry
+    atomic.write_json(cache, known)
+    return entry
+
+
+# --- decode cost model, measured --------------------------------------------------------------------
+# llama.cpp's file type whose pure quantization stores every matrix as this ggml type
+GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
+                 "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
+                 "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
+LAYER_PROBES = (1, 5)            # layers of the two 64-wide probes: fixed and per-layer cost per token
+RATE_PROBE_LAYERS = 2
+
+
+def rate_probe_shape(source_folder: str | Path) -> dict:
+    """The source's architecture at about its width, rounded to whole 256-blocks so every type applies."""
+    cfg = json.loads((Path(source_folder) / "config.json").read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    up = lambda n: max(256, -(-int(n) // 256) * 256)
+    hidden = up(cfg["hidden_size"])
+    heads = hidden // 64
+    src_heads = int(cfg["num_attention_heads"])
+    ratio = max(1, src_heads // int(cfg.get("num_key_value_heads") or src_heads))
+    kv = max(1, heads // ratio)
+    while heads % kv:
+        kv -= 1
+    return {"num_hidden_layers": RATE_PROBE_LAYERS, "hidden_size": hidden, "intermediate_size": up(cfg["intermediate_size"]),
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 64}
+
+
+def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: list[int], gen_tokens: int,
+                         n_ctx: int, threads: int, dtype: str = "float32", meter=None, refresh: bool = False,
+                         log=None) -> dict:
+    """What one generated token costs this runtime on this machine, measured on probes, cached per setting.
+
+    * fixed and per-layer cost: two 64-wide random models of the source's architecture and vocabulary with
+      1 and 5 layers (their weights are negligible; the small rest is taken off by the bandwidth roofline);
+    * per storage type (F16, Q8_0, Q4_K, ...): a 2-layer probe at the source's width rounded to 256, every
+      matrix in that type (llama.cpp's pure quantization), decode-timed: rate = its multiplied weights / (its
+      time per token - fixed - 2 x per layer).
+
+    ``project_decode`` then takes per token: fixed + layers x per layer + max(roofline, sum of weights / rate).
+    """
+    import hashlib
+    import tempfile
+
+    from . import atomic
+    from .benchmark import benchmark_variant
+    from .devices import cpu_model, host_profile
+    from .paths import cache_dir
+    from .runs import library_versions
+
+    if fmt not in ("gguf", "torch"):
+        raise EdgeTailorError(f"The decode cost model is measured for gguf and torch variants, not '{fmt}'.",
+                              "Its speed is measured by the benchmark; the projection is a roofline only.")
+    types = sorted(set(types))
+    cfg_text = (Path(source_folder) / "config.json").read_text()
+    key = hashlib.sha256(json.dumps([fmt, cfg_text, len(prompt), gen_tokens, n_ctx, threads, dtype, cpu_model(),
+                                     library_versions()], sort_keys=True).encode()).hexdigest()[:16]
+    cache = cache_dir() / "decode-model.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = {} if refresh else known.get(key, {})
+    say = log or (lambda m: None)
+    host = host_profile()
+
+    def timed(path) -> float:
+        res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=3, warmup=1, threads=threads,
+                                n_ctx=n_ctx, dtype=dtype, meter=meter)
+        return 1.0 / res["decode_tps"]
+
+    with tempfile.TemporaryDirectory(prefix="edgetailor-decode-model-") as tmp:
+        tmp = Path(tmp)
+
+        def probe(shape: dict, name: str) -> Path:
+            folder = make_overhead_probe(source_folder, tmp / name, shape)
+            if fmt == "torch":
+                return folder
+            from ..exporters import get_exporter
+            from .modeling import load_model
+            from .sources import resolve
+
+            loaded = load_model(resolve(str(folder)))
+            path = tmp / f"{name}-F32.gguf"
+            get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, path, {"type": "F32"})
+            return path
+
+        if "per_layer_s" not in entry:
+            times = {}
+            for n in LAYER_PROBES:
+                say(f"decode cost model: {n}-layer probe")
+                path = probe({**TINY_SHAPE, "num_hidden_layers": n}, f"layers{n}")
+                info = variant_info(fmt, path, dtype)
+                times[n] = (timed(path), info.bytes_per_token / (host.memory_bandwidth_gbs * 1e9))
+            (n1, (t1, w1)), (n2, (t2, w2)) = sorted(times.items())
+            per_layer = max(0.0, (t2 - w2 - (t1 - w1)) / (n2 - n1))
+            entry.update(per_layer_s=per_layer, fixed_s=max(0.0, t1 - w1 - n1 * per_layer), rates={},
+                         host_gflops=host.compute_gflops, host_bandwidth_gbs=host.memory_bandwidth_gbs,
+                         layer_probe_seconds={str(k): v[0] for k, v in times.items()}, probe_seconds={})
+        todo = [t for t in types if t not in entry["rates"]]
+        if todo:
+            shape = rate_probe_shape(source_folder)
+            base = probe(shape, "rate")
+            for t in todo:
+                if fmt == "torch" or t == "F32":
+                    path = base
+                elif t in GGUF_FTYPE_OF:
+                    from ..exporters.gguf import llama_quantize
+
+                    path = tmp / f"rate-{t}.gguf"
+                    llama_quantize(base, path, GGUF_FTYPE_OF[t], threads, pure=True)
+                else:
+                    say(f"decode cost model: no probe for {t} (llama.cpp needs an importance matrix for it)")
+                    continue
+                info = variant_info(fmt, path, dtype)
+                share = info.type_elements.get(t, 0) / max(1, sum(info.type_elements.values()))
+                if share < 0.95:
+                    say(f"decode cost model: the {t} probe holds only {100 * share:.0f}% {t} weights; skipped")
+                    continue
+                say(f"decode cost model: {t} probe")
+                t_tok = timed(path)
+                kernel = t_tok - entry["fixed_s"] - info.n_layer * entry["per_layer_s"]
+                if kernel <= 0:
+                    say(f"decode cost model: the {t} probe ran no slower than its runtime's fixed costs; skipped")
+                    continue
+                entry["rates"][t] = sum(info.type_elements.values()) / kernel
+                entry["probe_seconds"][t] = t_tok
+                if path != base:
+                    path.unlink(missing_ok=True)
+    entry["method"] = (f"measured on this machine: {'/'.join(map(str, LAYER_PROBES))}-layer 64-wide probes (fixed and "
+                       f"per-layer cost per token) and {RATE_PROBE_LAYERS}-layer probes at the source's width rounded "
+                       f"to 256, one per storage type (weights per second); {len(prompt)} prompt + {gen_tokens} "
+                       f"tokens, context {n_ctx}, {threads} threads")
     known[key] = entry
     atomic.write_json(cache, known)
     return entry

@@ -13,9 +13,9 @@ import ctypes
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -356,8 +356,8 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
             "kept_f16": kept_f16}
 
 
-def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> dict:
-    """llama.cpp's own quantizer, in-process."""
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, pure: bool = False) -> dict:
+    """llama.cpp's own quantizer, in-process. ``pure``: every matrix in the type's base type (no k-quant mix)."""
     import llama_cpp
 
     ft = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
@@ -367,6 +367,7 @@ def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ft
     params.nthread = int(threads or 0)
+    params.pure = bool(pure)
     with _captured_stderr() as captured:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     text = captured["text"]

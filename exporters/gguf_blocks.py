@@ -322,10 +322,32 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
     before their columns are rounded).
     """
     bt = TYPES[name]
+    R, C = np.shape(W)
+    codes, raws, Q = quantize_blocks(bt, W, importance, hessian, damp)
+    nbr = C // bt.block
+    raw = _cat_raw(raws)      # each (R, nbr, ...)
+    raw = {k: v.reshape(R * nbr, *v.shape[2:]) for k, v in raw.items()}
+    data = pack(bt, codes.reshape(R * nbr, bt.block), raw)
+    return data.reshape(R, nbr * bt.bytes), Q.numpy()
+
+
+def symmetric_int4(block: int) -> BlockType:
+    """onnxruntime's MatMulNBits grid without zero points: w = scale * q, q in [-8, 7] (stored q + 8)."""
+    return BlockType(f"INT4_B{block}", block, block, -8, 7, False, 0, False, block // 2 + 4)
+
+
+def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None = None,
+                    hessian: np.ndarray | None = None, damp: float = 0.01):
+    """Integer codes (R, C), each block's fitted parameters (``BlockParams.raw`` per block of columns, with the
+    effective float ``scale``) and the dequantized matrix, for any grid ``bt`` (ggml's types, ONNX int4).
+
+    With ``hessian`` (X^T X of the inputs) the columns are rounded in order with GPTQ error feedback, and each
+    block's scales are fitted to the already-corrected weights just before its columns are rounded.
+    """
     Wt = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).clone()
     R, C = Wt.shape
     if C % bt.block:
-        raise ValueError(f"{name} needs rows of a multiple of {bt.block} values, not {C}")
+        raise ValueError(f"{bt.name} needs rows of a multiple of {bt.block} values, not {C}")
     if importance is None:
         imp = torch.ones(C)
     else:
@@ -336,7 +358,7 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
     raws = []
     Hinv = None
     if hessian is not None:
-        H = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
+        H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         Wt[:, dead] = 0
@@ -346,7 +368,7 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
     for c0 in range(0, C, bt.block):
         c1 = c0 + bt.block
         p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])
-        raws.append(p.raw)
+        raws.append({**p.raw, "scale": p.scale})
         sc = p.scale.repeat_interleave(bt.group, 1)
         mn = p.minv.repeat_interleave(bt.group, 1)
         if Hinv is None:
@@ -368,8 +390,4 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
                 Wt[:, col + 1:c1] -= e[:, None] * Hinv[col, col + 1:c1][None, :]
         if c1 < C:
             Wt[:, c1:] -= Err @ Hinv[c0:c1, c1:]
-    nbr = C // bt.block
-    raw = _cat_raw(raws)      # each (R, nbr, ...)
-    raw = {k: v.reshape(R * nbr, *v.shape[2:]) for k, v in raw.items()}
-    data = pack(bt, out_q.reshape(R * nbr, bt.block), raw)
-    return data.reshape(R, nbr * bt.bytes), Q.numpy()
+    return out_q, raws, Q

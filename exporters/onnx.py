@@ -8,7 +8,9 @@ CPU, so the same fused kernels run it: ``GroupQueryAttention`` (rotary inside, K
 Types: ``fp32``, ``fp16``, ``int8`` (onnxruntime's ``quantize_dynamic`` on the MatMul weights) and ``int4``
 (onnxruntime's ``MatMulNBitsQuantizer``). Options: ``block_size`` (32, 64 or 128; a weight whose rows do not
 fill whole blocks is padded by the quantizer), ``method`` ``rtn`` (symmetric round-to-nearest, the builder's
-default), ``hqq`` (half-quadratic, asymmetric) or ``gptq`` (calibrated on ``calibration_text``),
+default), ``hqq`` (half-quadratic, asymmetric) or ``gptq`` (EdgeTailor's own GPTQ, calibrated on ``calibration_text``:
+the inputs' X^T X of every MatMul collected in one onnxruntime pass per window, then error-feedback rounding
+onto the MatMulNBits grid itself, see ``quantize_int4_gptq``),
 ``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses).
 
 The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
@@ -28,8 +30,6 @@ int64, ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] -> ``
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import tempfile
@@ -72,8 +72,9 @@ def parse_options(options: dict) -> dict:
     return {"type": qtype, "block_size": block, "method": method,
             "accuracy_level": int(options.get("accuracy_level", 4)),
             "calibration_text": options.get("calibration_text"),
-            "calibration_windows": int(options.get("calibration_windows", 8)),
-            "calibration_ctx": int(options.get("calibration_ctx", 256))}
+            "calibration_windows": int(options.get("calibration_windows", 20)),
+            "calibration_ctx": int(options.get("calibration_ctx", 512)),
+            "damp": float(options.get("damp", 0.01))}
 
 
 class ONNXExporter(Exporter):
@@ -103,10 +104,11 @@ class ONNXExporter(Exporter):
             proto = quantize_int8(graph)
             info["quantized_by"] = "onnxruntime quantize_dynamic (MatMul weights, int8 per channel)"
         else:
-            step(0.3, f"int4 {opts['method']}: onnxruntime MatMulNBitsQuantizer")
+            by = ("EdgeTailor GPTQ onto MatMulNBits" if opts["method"] == "gptq"
+                  else f"onnxruntime MatMulNBitsQuantizer ({opts['method']})")
+            step(0.3, f"int4 {opts['method']}: {by}")
             proto = quantize_int4(graph, opts, tokenizer, step)
-            info.update(block_size=opts["block_size"], method=opts["method"],
-                        quantized_by=f"onnxruntime MatMulNBitsQuantizer ({opts['method']})")
+            info.update(block_size=opts["block_size"], method=opts["method"], quantized_by=by)
         step(0.85, "writing model.onnx + model.onnx.data")
         save(proto, out)
         write_genai_config(model, tokenizer, out, graph)
@@ -387,16 +389,11 @@ def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
     elif method == "hqq":
         # HQQ's zero points are floats, which GatherBlockQuantized cannot read: the embedding stays float
         algo = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
-    else:
-        algo = mnq.GPTQWeightOnlyQuantConfig(
-            calibration_data_reader=CalibrationReader(graph, tokenizer, opts["calibration_text"],
-                                                      opts["calibration_windows"], opts["calibration_ctx"]),
-            block_size=block, op_types_to_quantize=("MatMul",))
     import logging
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     if method == "gptq":
-        proto = _run_gptq(graph, algo, opts, step)
+        proto = quantize_int4_gptq(graph, opts, tokenizer, step)
     else:
         q = mnq.MatMulNBitsQuantizer(graph.proto, block_size=block, is_symmetric=True,
                                      accuracy_level=opts["accuracy_level"], algo_config=algo)
@@ -412,24 +409,124 @@ def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
     return proto
 
 
-def _run_gptq(graph: DecoderGraph, algo, opts, step):
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+def constant_matmuls(proto) -> list:
+    """(MatMul node, its 2-D weight initializer) for every MatMul whose B is a constant."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    return [(n, inits[n.input[1]]) for n in proto.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
 
-    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-gptq-") as tmp:
-        src = Path(tmp) / "fp32.onnx"
-        onnx.save_model(graph.proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="fp32.onnx.data", size_threshold=1024)
-        step(0.4, "int4 gptq: collecting activations on the calibration text")
-        # its calibration session opens the model from bytes: external data resolves from the working folder
-        with contextlib.chdir(tmp):
-            q = mnq.MatMulNBitsQuantizer(str(src), block_size=opts["block_size"], is_symmetric=True,
-                                         accuracy_level=opts["accuracy_level"], algo_config=algo)
-            with contextlib.redirect_stdout(io.StringIO()):     # its progress bar
-                q.process()
-            proto = q.model.model
-            onnx.load_external_data_for_model(proto, tmp)
+
+def collect_input_hessians(proto, feeds, step=None) -> dict:
+    """X^T X (float32, K x K) of the input of every constant-weight MatMul, summed over the feeds' tokens.
+
+    One onnxruntime pass per feed fetches every such input at once (MatMuls sharing an input share one sum).
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    names = sorted({n.input[0] for n, _ in constant_matmuls(proto)})
+    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-hessians-") as tmp:
+        added = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names]
+        proto.graph.output.extend(added)
+        try:
+            onnx.save_model(proto, Path(tmp) / "calib.onnx", save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="calib.onnx.data", size_threshold=1024)
+        finally:
+            for _ in added:
+                proto.graph.output.pop()
+            onnx.load_external_data_for_model(proto, tmp)     # saving moved the weights out of the proto
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(Path(tmp) / "calib.onnx"), so, providers=["CPUExecutionProvider"])
+        sums: dict[str, torch.Tensor] = {}
+        feeds = list(feeds)
+        for k, feed in enumerate(feeds):
+            if step:
+                step(0.3 + 0.2 * k / len(feeds), f"int4 gptq: activations of calibration window {k + 1}/{len(feeds)}")
+            for name, x in zip(names, sess.run(names, feed)):
+                x2 = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32))
+                sums[name] = sums[name] + x2.T @ x2 if name in sums else x2.T @ x2
+        del sess
+    return sums
+
+
+def quantize_int4_gptq(graph: DecoderGraph, opts: dict, tokenizer, step):
+    """Int4 MatMulNBits (symmetric, no zero points, the layout onnxruntime's RTN writes) with GPTQ rounding.
+
+    onnxruntime's own GPTQ rounds with GPTQ's grid, then requantizes the result with a second, different
+    scale (its ``quant_tensor``), which undoes much of the error feedback; here the codes and scales GPTQ
+    chooses (``gguf_blocks.quantize_blocks`` on the symmetric int4 grid, scales fitted by weighted search)
+    are what is written. A tied head (which is also the embedding table) is fitted without error feedback:
+    GPTQ's compensation is for the head's inputs, not for embedding lookups.
+    """
+    from onnx import numpy_helper
+
+    block = opts["block_size"]
+    proto = graph.proto
+    reader = CalibrationReader(graph, tokenizer, opts["calibration_text"], opts["calibration_windows"],
+                               opts["calibration_ctx"])
+    feeds = iter(reader.get_next, None)
+    hessians = collect_input_hessians(proto, feeds, step)
+    matmuls = constant_matmuls(proto)
+    replaced, new_inits, drop = {}, [], set()
+    for k, (node, init) in enumerate(matmuls):
+        step(0.5 + 0.35 * k / len(matmuls), f"int4 gptq: {node.name} ({k + 1}/{len(matmuls)})")
+        B = numpy_helper.to_array(init).astype(np.float32)          # [K, N]
+        head_tied = graph.tied and "logits" in node.output
+        H = None if head_tied else hessians[node.input[0]].double().numpy()
+        packed, scales = int4_gptq_weights(B, H, block, opts["damp"])
+        q_name, s_name = init.name + "_Q4", init.name + "_scales"
+        new_inits += [numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales, s_name)]
+        replaced[node.name] = matmul_nbits_node(node, q_name, s_name, B.shape, block, opts["accuracy_level"])
+        drop.add(init.name)
+    del hessians
+    nodes = [replaced.get(n.name, n) for n in proto.graph.node]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    keep = [t for t in proto.graph.initializer if t.name not in drop]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep + new_inits)
     return proto
+
+
+def int4_gptq_weights(B: np.ndarray, H: np.ndarray | None, block: int, damp: float = 0.01):
+    """MatMulNBits' packed codes [N, blocks, block / 2] and scales [N, blocks] for a weight B [K, N].
+
+    ``H``: X^T X of the inputs [K, K] (GPTQ error feedback, its diagonal as importance); None: scales
+    fitted by plain least squares, no feedback. K is padded to whole blocks as onnxruntime does.
+    """
+    import torch
+
+    from . import gguf_blocks
+
+    K, N = B.shape
+    kp = -(-K // block) * block
+    W = np.zeros((N, kp), dtype=np.float32)
+    W[:, :K] = B.T
+    Hp = imp = None
+    if H is not None:
+        Hp = np.zeros((kp, kp), dtype=np.float64)
+        Hp[:K, :K] = H
+        imp = np.diag(Hp).copy()
+    bt = gguf_blocks.symmetric_int4(block)
+    codes, raws, _ = gguf_blocks.quantize_blocks(bt, W, imp, Hp, damp)
+    u = (codes.to(torch.int32).numpy() - bt.qmin).astype(np.uint8)           # q + 8 in 0..15
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).reshape(N, kp // block, block // 2)
+    scales = np.concatenate([r["scale"].numpy() for r in raws], 1).astype(np.float32)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+
+
+def matmul_nbits_node(node, q_name: str, s_name: str, shape, block: int, accuracy_level: int = 0):
+    """The MatMulNBits (4 bits, no zero points) that replaces MatMul ``node`` with a weight of ``shape`` [K, N]."""
+    from onnx import helper
+
+    attrs = {"K": int(shape[0]), "N": int(shape[1]), "bits": 4, "block_size": block}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    return helper.make_node("MatMulNBits", [node.input[0], q_name, s_name], list(node.output),
+                            name=node.name + "_Q4", domain="com.microsoft", **attrs)
 
 
 def CalibrationReader(graph: DecoderGraph, tokenizer, text: str, windows: int, ctx: int):

@@ -19,7 +19,21 @@ $PIP install -q --upgrade pip setuptools wheel
 # (On a machine without a local CPU wheel, set PIP_EXTRA_INDEX_URL to PyTorch's CPU index first.)
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${EDGETAILOR_TORCH:-2.13.0}"
 
-# llama-cpp-python compiles llama.cpp from source the first time (about 4 minutes on 2 cores; pip caches it).
+# llama-cpp-python compiles llama.cpp from source the first time (about 4 minutes on 2 cores). It is built
+# without llama.cpp's AMX kernels: on Intel Xeons with AMX under some hypervisors they die with SIGILL
+# (tilezero) as soon as a matrix lands in an AMX buffer, which kills every Q8_0/Q4_K file with 256-wide rows;
+# the AVX-512 kernels run instead. The wheel is kept in EdgeTailor's own cache folder, so it is built once.
+NO_AMX="-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__"
+if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())" 2>/dev/null; then
+  WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/edgetailor/wheels"
+  mkdir -p "$WHEELS"
+  if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python (llama.cpp from source, about 4 minutes on 2 cores)"
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX' ${CMAKE_ARGS:-}" \
+      $PIP wheel -q --no-deps --no-cache-dir "llama-cpp-python>=0.3.8" -w "$WHEELS"
+  fi
+  $PIP install -q --no-deps --force-reinstall "$(ls -t "$WHEELS"/llama_cpp_python-*.whl | head -1)"
+fi
 if [ "$DEV" = 1 ]; then
   $PIP install -q -e ".[dev]"
 else

@@ -132,9 +132,12 @@ def test_benchmark_streams_and_records_every_variant(measured_run):
         assert m["decode_tps"] > 0 and m["prefill_tps"] > 0 and m["ttft_seconds"] > 0 and m["load_seconds"] > 0
         assert m["threads"] == 2 and len(m["decode_tps_runs"]) == 2
         assert m["energy_j_per_token"] > 0 and m["energy_provenance"].split(":")[0] in ("measured", "estimated")
-        if name != "base-fp32":     # ONNX memory is measured, not predicted
+        if name != "base-fp32":     # ONNX memory and speed are measured, not predicted
             # predicted from weights + KV + the runtime overhead measured on a probe, not from this run
             assert abs(m["predicted_memory_error_pct"]) < 10, (name, m["predicted_memory_method"])
+            # projected from the runtime's decode costs measured on probes (never on the variant itself)
+            assert "weight kernels" in m["projected_decode_method_here"], m["projected_decode_method_here"]
+            assert abs(m["projected_decode_error_pct"]) < 50, (name, m["projected_decode_method_here"])
         assert m["fits"] is True and "opt_score" in m
     assert rec.variant("baseline")["metrics"]["bench_runtime"] == "torch"
     assert rec.variant("base-Q8_0")["metrics"]["bench_runtime"] == "llama.cpp"
@@ -158,6 +161,32 @@ def test_report_cli_on_another_device(measured_run, capsys):
     assert "base-Q8_0" in out and "opt = P_c^1.5" in out and "energy: " in out
     assert main(["devices"]) == 0
     assert "jetson-orin-nano-8gb" in capsys.readouterr().out
+
+
+def test_decode_projection_adds_runtime_costs_and_kernel_time():
+    from edgetailor.engine.devices import HOST_ID, DeviceProfile
+    from edgetailor.engine.projection import WeightsInfo, project_decode
+
+    def profile(pid, gbs, gflops):
+        return DeviceProfile(id=pid, name=pid, kind="laptop", memory_total_gib=8, memory_available_gib=6,
+                             memory_bandwidth_gbs=gbs, cpu_cores=2, compute_gflops=gflops, power_typical_w=10,
+                             power_peak_w=20, origin="test")
+
+    info = WeightsInfo("gguf", 100e6, 100e6, 150e6, n_layer=10, n_head=4, n_kv_head=2, head_dim=16, n_vocab=100,
+                       type_elements={"Q4_K": 100e6, "Q8_0": 50e6})
+    model = {"fixed_s": 1e-3, "per_layer_s": 1e-4, "rates": {"Q4_K": 2e10, "Q8_0": 5e10}, "host_gflops": 100.0}
+    here = project_decode(profile(HOST_ID, 100, 100), info, 0, decode_model=model)
+    kernels = 100e6 / 2e10 + 50e6 / 5e10                  # 6 ms: slower than the 1 ms bandwidth roofline
+    assert here["bound"] == "kernel throughput"
+    assert here["decode_tps"] == pytest.approx(1 / (1e-3 + 10 * 1e-4 + kernels))
+    # a device with half this machine's compute: every measured time doubles; its own roofline still applies
+    there = project_decode(profile("slow", 100, 50), info, 0, decode_model=model)
+    assert there["decode_tps"] == pytest.approx(here["decode_tps"] / 2)
+    starved = project_decode(profile("starved", 1, 100), info, 0, decode_model=model)
+    assert starved["bound"] == "memory bandwidth" and starved["decode_tps"] < 1 / 0.1
+    # a type the model has no rate for: the roofline alone, never a made-up rate
+    other = WeightsInfo(**{**info.to_dict(), "type_elements": {"IQ2_XS": 150e6}})
+    assert "weight kernels" not in project_decode(profile(HOST_ID, 100, 100), other, 0, decode_model=model)["method"]
 
 
 def test_baseline_has_no_quality_loss_by_definition():

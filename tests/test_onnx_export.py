@@ -102,6 +102,64 @@ def test_gptq_is_calibrated_and_needs_text(stories_dir, tmp_path):
     assert a != (tmp_path / "r" / "model.onnx.data").read_bytes()
 
 
+def _matmul_model(K: int, N: int, B=None, packed=None, scales=None, block: int = 32):
+    """A one-op graph: y = x @ B (MatMul) or its MatMulNBits form (packed codes and scales)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N])
+    if B is not None:
+        inits = [numpy_helper.from_array(B.astype(np.float32), "B")]
+        node = helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")
+    else:
+        inits = [numpy_helper.from_array(packed, "B_Q4"), numpy_helper.from_array(scales, "B_scales")]
+        node = helper.make_node("MatMulNBits", ["x", "B_Q4", "B_scales"], ["y"], name="mm_Q4", domain="com.microsoft",
+                                K=K, N=N, bits=4, block_size=block)
+    graph = helper.make_graph([node], "mm", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x.astype(np.float32)})[0]
+
+
+def test_own_gptq_writes_the_grid_it_rounds_to_and_beats_onnxruntime_rtn():
+    from edgetailor.exporters.onnx import int4_gptq_weights
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    rng = np.random.default_rng(0)
+    K, N, block = 96, 48, 32                  # K = 3 blocks of 32, or one padded block of 128
+    mix = rng.normal(size=(K, K)) / np.sqrt(K)
+    loud = 1 + 6 * (rng.random(K) < 0.06)     # a few outlier channels, as in transformers' activations
+    calib = (rng.normal(size=(4096, K)) @ mix) * loud
+    test = (rng.normal(size=(1024, K)) @ mix) * loud
+    B = rng.normal(size=(K, N)).astype(np.float32)
+    exact = test @ B
+    packed, scales = int4_gptq_weights(B, calib.T @ calib, block)
+    assert packed.shape == (N, K // block, block // 2) and scales.shape == (N, K // block)
+    ours = _run(_matmul_model(K, N, packed=packed, scales=scales, block=block), test)
+    # onnxruntime reads the codes as written: (nibble - 8) * scale, low nibble first along K
+    u = np.stack([packed & 0xF, packed >> 4], -1).reshape(N, K).astype(np.float32)
+    W = (u - 8) * np.repeat(scales, block, 1)
+    assert np.abs(ours - test @ W.T).max() < 1e-3 * np.abs(exact).max()
+    q = mnq.MatMulNBitsQuantizer(_matmul_model(K, N, B=B), block_size=block, is_symmetric=True,
+                                 algo_config=mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True))
+    q.process()
+    rtn = _run(q.model.model, test)
+    err = lambda y: float(((y - exact) ** 2).mean())       # noqa: E731
+    assert err(ours) < 0.7 * err(rtn)                       # error feedback through X^T X, on held-out inputs
+    plain_p, plain_s = int4_gptq_weights(B, None, block)    # no statistics: a least-squares fit, still >= RTN
+    assert err(_run(_matmul_model(K, N, packed=plain_p, scales=plain_s, block=block), test)) <= err(rtn) * 1.01
+    p128, s128 = int4_gptq_weights(B, calib.T @ calib, 128)   # K padded to one block, as onnxruntime pads
+    assert p128.shape == (N, 1, 64)
+    assert np.isfinite(_run(_matmul_model(K, N, packed=p128, scales=s128, block=128), test)).all()
+
+
 def test_bad_options_are_refused(stories_dir, tmp_path):
     for opts, word in (({"type": "int3"}, "int3"), ({"type": "int4", "block_size": 48}, "48"),
                        ({"type": "int4", "method": "awq2"}, "awq2")):

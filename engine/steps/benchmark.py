@@ -64,7 +64,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     from ..benchmark import benchmark_variant
     from ..devices import host_profile
     from ..energy import EnergyMeter
-    from ..projection import measure_overhead, predict_memory, project, variant_info
+    from ..projection import measure_decode_model, measure_overhead, predict_memory, project, variant_info
 
     budget = budget_for(cfg)
     host = host_profile(refresh=True)      # bandwidth and compute as they are now, beside the runs
@@ -100,6 +100,24 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     prompt = prompt_ids(ctx, cfg.prompt_tokens)
     used = cfg.prompt_tokens + cfg.gen_tokens
     overheads: dict[str, dict | None] = {}
+    infos: dict[str, object] = {}
+    for v, fmt, path in todo:
+        try:
+            infos[v["name"]] = variant_info(fmt, path, dtype, tokens_used=used)
+        except EdgeTailorError as exc:
+            ctx.log(f"{v['name']}: no prediction ({exc.problem})", level="warning")
+    decode_models: dict[str, dict | None] = {}
+    for fmt in sorted({f for _, f, _ in todo}):
+        types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].type_elements}
+        if not types:
+            continue
+        ctx.progress(0.0, f"{fmt}: measuring the runtime's decode costs")
+        try:
+            decode_models[fmt] = measure_decode_model(fmt, ctx.source.path, types, prompt, cfg.gen_tokens, cfg.n_ctx,
+                                                      threads, dtype, meter, log=ctx.log)
+            ctx.log(f"{fmt} decode cost model: {decode_models[fmt]['method']}")
+        except EdgeTailorError as exc:
+            ctx.log(f"{fmt}: {exc.problem}", level="warning")
     passes = cfg.repeats + 1
     for k, (v, fmt, path) in enumerate(todo):
         ctx.check_cancelled()
@@ -115,12 +133,13 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
                 overheads[fmt] = None
                 ctx.log(f"{fmt}: {exc.problem}", level="warning")
         predicted = {}
-        try:
-            info = variant_info(fmt, path, dtype, tokens_used=used)
+        if name in infos:
+            info = infos[name]
             over = overheads[fmt]
+            model = decode_models.get(fmt)
             predicted = predict_memory(info, cfg.n_ctx, used, over["overhead_bytes"] if over else None, dtype)
-            here = project(host, info, cfg.n_ctx, used, over, dtype)
-            there = project(budget.device, info, cfg.n_ctx, used, over, dtype)
+            here = project(host, info, cfg.n_ctx, used, over, dtype, model)
+            there = project(budget.device, info, cfg.n_ctx, used, over, dtype, model)
             predicted.update({"projected_decode_tps_here": round(here["decode_tps"], 2),
                               "projected_bound_here": here["bound"],
                               "projected_decode_method_here": here["decode_method"],
@@ -129,8 +148,6 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
                               "projected_j_per_token": round(there["j_per_token"], 6),
                               "projected_bound": there["bound"],
                               "projected_decode_method": there["decode_method"]})
-        except EdgeTailorError as exc:
-            ctx.log(f"{name}: no prediction ({exc.problem})", level="warning")
         total_tokens = passes * cfg.gen_tokens
 
         def on_sample(series, value, name=name, k=k, total_tokens=total_tokens):
