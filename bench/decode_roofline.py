@@ -138,7 +138,7 @@ def main() -> int:
     decode_models = {}
     t0 = time.perf_counter()
     for fmt in sorted({f for _, f, _ in todo}):
-        types = {k for t, f, _ in todo if f == fmt for k in infos[t].type_elements}
+        types = {k for t, f, _ in todo if f == fmt for k in infos[t].storage_types()}
         decode_models[fmt] = measure_decode_model(fmt, src.path, types, prompt, args.gen_tokens, args.n_ctx,
                                                   args.threads, meter=meter, refresh=True,
                                                   log=lambda m: print(m, file=sys.stderr))
@@ -161,6 +161,7 @@ def main() -> int:
                      "achieved_gbs": res["decode_tps"] * bytes_tok / 1e9, "projected_tps": proj["decode_tps"],
                      "projected_bound": proj["bound"], "projected_error_pct": 100 * (proj["decode_tps"] / res["decode_tps"] - 1),
                      "projected_method": proj["decode_method"], "type_elements": info.type_elements,
+                     "head": [info.head_type, info.head_elements],
                      "roofline_only_tps": roof_only["decode_tps"],
                      "roofline_only_error_pct": 100 * (roof_only["decode_tps"] / res["decode_tps"] - 1),
                      "predicted_memory_bytes": proj["memory_bytes"], "peak_rss_os_bytes": res["peak_rss_os_bytes"],
@@ -199,7 +200,8 @@ def main() -> int:
            f"in {decode_model_seconds:.0f} s on probes, never on the variants themselves): per token, the runtime's "
            "fixed and per-layer cost (1- and 5-layer 64-wide probes) + max(roofline on this machine's profile "
            f"({host.memory_bandwidth_gbs:g} GB/s, {host.compute_gflops:g} GFLOP/s), weights / kernel rate of "
-           "their storage type (2-layer probes, one per type, every matrix in that type)). Roofline only: the "
+           "their storage type (1- and 30-layer probes at the demo's own shapes, one pair per type, every matrix in "
+           "that type where its rows allow)). Roofline only: the "
            "previous projection (roofline + a one-layer probe's latency), for comparison."), "",
           ("| variant | file MB | MB read / token | limit tok/s | measured tok/s | achieved / limit | effective GB/s "
            "| projected tok/s | projection error | roofline-only error |"),

@@ -43,7 +43,12 @@ class WeightsInfo:
     head_dim: int
     n_vocab: int
     repacked_bytes: int = 0      # llama.cpp: copies of repacked matrices, resident beside the mapped file
-    type_elements: dict = field(default_factory=dict)   # multiplied weights per storage type (F16, Q4_K, ...)
+    type_elements: dict = field(default_factory=dict)   # the blocks' multiplied weights per storage type (Q4_K, ...)
+    head_type: str = ""          # storage type of the output matrix (the token embedding when tied)
+    head_elements: int = 0
+
+    def storage_types(self) -> set[str]:
+        return set(self.type_elements) | ({self.head_type} if self.head_type else set())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,13 +84,15 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
                        and t.tensor_type.name in REPACKED_TYPES and int(t.shape[1]) % 8 == 0)
     types: dict[str, int] = {}
     for t in two_d:
-        if tied or t.name != "token_embd.weight":
+        if t.name.startswith("blk."):
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+    head = tensors.get("output.weight", emb)
     n_head = int(field("attention.head_count"))
     n_embd = int(field("embedding_length"))
     return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(field("block_count")), n_head,
                        int(field("attention.head_count_kv", n_head)),
-                       int(field("attention.key_length", n_embd // n_head)), n_vocab, repacked, types)
+                       int(field("attention.key_length", n_embd // n_head)), n_vocab, repacked, types,
+                       head.tensor_type.name if head is not None else "", int(head.n_elements) if head is not None else 0)
 
 
 REPACKED_TYPES = ("Q4_0", "Q4_K", "IQ4_NL")
@@ -121,7 +128,8 @@ def hf_info(folder: str | Path, dtype: str = "float32") -> WeightsInfo:
     per_token = (params_model if tied else params_model - emb + h) * bpe
     return WeightsInfo("torch", params_model * bpe, per_token, matmul, int(cfg["num_hidden_layers"]), n_head,
                        int(cfg.get("num_key_value_heads") or n_head), int(cfg.get("head_dim") or h // n_head), vocab,
-                       type_elements={TORCH_TYPE[dtype]: matmul})
+                       type_elements={TORCH_TYPE[dtype]: matmul - vocab * h}, head_type=TORCH_TYPE[dtype],
+                       head_elements=vocab * h)
 
 
 TORCH_TYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -190,20 +198,20 @@ def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_eleme
     bound = "memory bandwidth" if t_bw >= t_compute else "compute"
     method = (f"projected: roofline max({bytes_tok / 1e6:.1f} MB / {profile.memory_bandwidth_gbs:g} GB/s, "
               f"{flops / 1e9:.3f} GFLOP / {profile.compute_gflops:g} GFLOP/s)")
-    rates = (decode_model or {}).get("rates", {})
-    if decode_model and info.type_elements and all(t in rates for t in info.type_elements):
+    kernels = kernel_seconds(info, decode_model) if decode_model else None
+    if kernels is not None:
         from .devices import HOST_ID
 
         scale = 1.0 if profile.id == HOST_ID else decode_model["host_gflops"] / profile.compute_gflops
-        t_kernels = scale * sum(n / rates[t] for t, n in info.type_elements.items())
+        t_kernels = scale * kernels
         t_fixed = scale * (decode_model["fixed_s"] + info.n_layer * decode_model["per_layer_s"])
         if t_kernels > roof:
             roof, bound = t_kernels, "kernel throughput"
         t_tok = t_fixed + roof
         where = "" if scale == 1 else f", scaled by compute {decode_model['host_gflops']:g}/{profile.compute_gflops:g}"
-        method += (f" vs weight kernels {1000 * t_kernels:.2f} ms ({', '.join(sorted(info.type_elements))} at rates "
-                   f"measured on this machine{where}), + {1000 * t_fixed:.2f} ms per token for the runtime "
-                   f"({info.n_layer} layers)")
+        method += (f" vs weight kernels {1000 * t_kernels:.2f} ms ({', '.join(sorted(info.storage_types()))} at rates "
+                   f"measured on this machine at this model's shapes{where}), + {1000 * t_fixed:.2f} ms per token for "
+                   f"the runtime ({info.n_layer} layers)")
     else:
         t_tok = token_latency_s + roof
         if token_latency_s:
@@ -212,6 +220,21 @@ def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_eleme
     return {"decode_tps": tps, "bound": bound, "roofline_tps": 1.0 / max(t_bw, t_compute), "bytes_per_token": bytes_tok,
             "flops_per_token": flops, "j_per_token": profile.power_typical_w / tps,
             "method": f"{method} on '{profile.id}'; energy = {profile.power_typical_w:g} W typical power / tok/s"}
+
+
+def kernel_seconds(info: WeightsInfo, decode_model: dict) -> float | None:
+    """Time per token in the weight kernels: the blocks' matrices at each type's measured per-layer rate, the
+    head at the head rate of its type (the block rate where none was measured); None if a type has no rate."""
+    layer, head = decode_model.get("layer_rates", {}), decode_model.get("head_rates", {})
+    if not info.type_elements or any(t not in layer for t in info.type_elements):
+        return None
+    t = sum(n / layer[k] for k, n in info.type_elements.items())
+    if info.head_elements:
+        rate = head.get(info.head_type) or layer.get(info.head_type)
+        if rate is None:
+            return None
+        t += info.head_elements / rate
+    return t
 
 
 def project(profile, info: WeightsInfo, n_ctx: int, tokens_used: int, overhead: dict | None,
@@ -321,28 +344,27 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
 
 
 # --- decode cost model, measured --------------------------------------------------------------------
-# llama.cpp's file type whose pure quantization stores every matrix as this ggml type
+# llama.cpp's file type whose pure quantization stores every matrix as this ggml type (where its rows allow)
 GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
                  "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
                  "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
-LAYER_PROBES = (1, 5)            # layers of the two 64-wide probes: fixed and per-layer cost per token
-RATE_PROBE_LAYERS = 2
+TINY_LAYERS = (1, 5)             # 64-wide probes: fixed and per-layer cost of the runtime per token
+PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)
 
 
-def rate_probe_shape(source_folder: str | Path) -> dict:
-    """The source's architecture at about its width, rounded to whole 256-blocks so every type applies."""
+def shape_probe_layers(source_folder: str | Path) -> tuple[int, int]:
+    """Layer counts of the probe pair at the source's own shapes: one layer, and all its layers (fewer for
+    models whose float32 probe would pass PROBE_F32_BYTES). The deep probe meets the caches and memory as the
+    model does; time per token is not linear in layers on a machine with large caches, so the pair spans the
+    whole depth rather than interpolating from a shallow part of it."""
     cfg = json.loads((Path(source_folder) / "config.json").read_text())
     cfg = {**cfg.get("text_config", {}), **cfg}
-    up = lambda n: max(256, -(-int(n) // 256) * 256)
-    hidden = up(cfg["hidden_size"])
-    heads = hidden // 64
-    src_heads = int(cfg["num_attention_heads"])
-    ratio = max(1, src_heads // int(cfg.get("num_key_value_heads") or src_heads))
-    kv = max(1, heads // ratio)
-    while heads % kv:
-        kv -= 1
-    return {"num_hidden_layers": RATE_PROBE_LAYERS, "hidden_size": hidden, "intermediate_size": up(cfg["intermediate_size"]),
-            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 64}
+    h, inter, n = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hd = int(cfg.get("head_dim") or h // heads)
+    per_layer = 4 * (h * hd * (2 * heads + 2 * kv) + 3 * h * inter)
+    return 1, max(2, min(n, int(PROBE_F32_BYTES // per_layer)))
 
 
 def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: list[int], gen_tokens: int,
@@ -350,13 +372,15 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
                          log=None) -> dict:
     """What one generated token costs this runtime on this machine, measured on probes, cached per setting.
 
-    * fixed and per-layer cost: two 64-wide random models of the source's architecture and vocabulary with
-      1 and 5 layers (their weights are negligible; the small rest is taken off by the bandwidth roofline);
-    * per storage type (F16, Q8_0, Q4_K, ...): a 2-layer probe at the source's width rounded to 256, every
-      matrix in that type (llama.cpp's pure quantization), decode-timed: rate = its multiplied weights / (its
-      time per token - fixed - 2 x per layer).
+    * fixed and per-layer cost: 64-wide random models of the source's architecture and vocabulary with 1 and
+      5 layers (their small weights are taken off by the bandwidth roofline);
+    * per storage type: random models with the source's own widths, heads and vocabulary and one layer and
+      all its layers (``shape_probe_layers``), every matrix in that type (llama.cpp's pure quantization; rows a type cannot hold fall back, as in real
+      files): the slope of time per token over layers is the blocks' time, the intercept less the fixed cost
+      the head's. Block rate of a type = its weights per layer / (slope - per-layer cost - the time of the
+      fallback types' weights at their own rates); head rate = head weights / head time.
 
-    ``project_decode`` then takes per token: fixed + layers x per layer + max(roofline, sum of weights / rate).
+    ``project_decode`` then takes per token: fixed + layers x per-layer cost + max(roofline, kernel time).
     """
     import hashlib
     import tempfile
@@ -370,7 +394,6 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     if fmt not in ("gguf", "torch"):
         raise EdgeTailorError(f"The decode cost model is measured for gguf and torch variants, not '{fmt}'.",
                               "Its speed is measured by the benchmark; the projection is a roofline only.")
-    types = sorted(set(types))
     cfg_text = (Path(source_folder) / "config.json").read_text()
     key = hashlib.sha256(json.dumps([fmt, cfg_text, len(prompt), gen_tokens, n_ctx, threads, dtype, cpu_model(),
                                      library_versions()], sort_keys=True).encode()).hexdigest()[:16]
@@ -384,72 +407,104 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     host = host_profile()
 
     def timed(path) -> float:
-        res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=3, warmup=1, threads=threads,
+        res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=5, warmup=1, threads=threads,
                                 n_ctx=n_ctx, dtype=dtype, meter=meter)
         return 1.0 / res["decode_tps"]
 
     with tempfile.TemporaryDirectory(prefix="edgetailor-decode-model-") as tmp:
         tmp = Path(tmp)
+        made: dict[str, Path] = {}
 
         def probe(shape: dict, name: str) -> Path:
-            folder = make_overhead_probe(source_folder, tmp / name, shape)
-            if fmt == "torch":
-                return folder
-            from ..exporters import get_exporter
-            from .modeling import load_model
-            from .sources import resolve
+            """A random model of the source with ``shape`` overriding its config (once per name)."""
+            if name not in made:
+                folder = make_overhead_probe(source_folder, tmp / name, shape)
+                made[name] = folder
+                if fmt == "gguf":
+                    from ..exporters import get_exporter
+                    from .modeling import load_model
+                    from .sources import resolve
 
-            loaded = load_model(resolve(str(folder)))
-            path = tmp / f"{name}-F32.gguf"
-            get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, path, {"type": "F32"})
-            return path
+                    loaded = load_model(resolve(str(folder)))
+                    made[name] = tmp / f"{name}-F32.gguf"
+                    get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, made[name], {"type": "F32"})
+            return made[name]
 
         if "per_layer_s" not in entry:
             times = {}
-            for n in LAYER_PROBES:
-                say(f"decode cost model: {n}-layer probe")
-                path = probe({**TINY_SHAPE, "num_hidden_layers": n}, f"layers{n}")
+            for n in TINY_LAYERS:
+                say(f"decode cost model: {n}-layer 64-wide probe")
+                path = probe({**TINY_SHAPE, "num_hidden_layers": n}, f"tiny{n}")
                 info = variant_info(fmt, path, dtype)
                 times[n] = (timed(path), info.bytes_per_token / (host.memory_bandwidth_gbs * 1e9))
             (n1, (t1, w1)), (n2, (t2, w2)) = sorted(times.items())
             per_layer = max(0.0, (t2 - w2 - (t1 - w1)) / (n2 - n1))
-            entry.update(per_layer_s=per_layer, fixed_s=max(0.0, t1 - w1 - n1 * per_layer), rates={},
-                         host_gflops=host.compute_gflops, host_bandwidth_gbs=host.memory_bandwidth_gbs,
-                         layer_probe_seconds={str(k): v[0] for k, v in times.items()}, probe_seconds={})
-        todo = [t for t in types if t not in entry["rates"]]
-        if todo:
-            shape = rate_probe_shape(source_folder)
-            base = probe(shape, "rate")
-            for t in todo:
-                if fmt == "torch" or t == "F32":
-                    path = base
-                elif t in GGUF_FTYPE_OF:
+            entry.update(per_layer_s=per_layer, fixed_s=max(0.0, t1 - w1 - n1 * per_layer), probes={},
+                         layer_rates={}, head_rates={}, host_gflops=host.compute_gflops,
+                         host_bandwidth_gbs=host.memory_bandwidth_gbs,
+                         tiny_probe_seconds={str(k): v[0] for k, v in times.items()})
+        probes = entry["probes"]
+        pair = shape_probe_layers(source_folder)
+        todo = sorted(set(types) - set(probes))
+        while todo:
+            t = todo.pop(0)
+            if fmt == "gguf" and t not in GGUF_FTYPE_OF:
+                say(f"decode cost model: no probe for {t} (llama.cpp needs an importance matrix for it)")
+                probes[t] = None
+                continue
+            say(f"decode cost model: {t} at the source's shapes")
+            rec = {}
+            for n in pair:
+                path = probe({"num_hidden_layers": n}, f"layers{n}")
+                if fmt == "gguf" and t != "F32":
                     from ..exporters.gguf import llama_quantize
 
-                    path = tmp / f"rate-{t}.gguf"
-                    llama_quantize(base, path, GGUF_FTYPE_OF[t], threads, pure=True)
-                else:
-                    say(f"decode cost model: no probe for {t} (llama.cpp needs an importance matrix for it)")
-                    continue
+                    q = tmp / f"layers{n}-{t}.gguf"
+                    llama_quantize(path, q, GGUF_FTYPE_OF[t], threads, pure=True)
+                    path = q
                 info = variant_info(fmt, path, dtype)
-                share = info.type_elements.get(t, 0) / max(1, sum(info.type_elements.values()))
-                if share < 0.95:
-                    say(f"decode cost model: the {t} probe holds only {100 * share:.0f}% {t} weights; skipped")
-                    continue
-                say(f"decode cost model: {t} probe")
-                t_tok = timed(path)
-                kernel = t_tok - entry["fixed_s"] - info.n_layer * entry["per_layer_s"]
-                if kernel <= 0:
-                    say(f"decode cost model: the {t} probe ran no slower than its runtime's fixed costs; skipped")
-                    continue
-                entry["rates"][t] = sum(info.type_elements.values()) / kernel
-                entry["probe_seconds"][t] = t_tok
-                if path != base:
+                rec[str(n)] = {"seconds": timed(path), "layer_types": {k: v / n for k, v in info.type_elements.items()},
+                               "head_type": info.head_type, "head_elements": info.head_elements}
+                if path.suffix == ".gguf" and path.name != made[f"layers{n}"].name:
                     path.unlink(missing_ok=True)
-    entry["method"] = (f"measured on this machine: {'/'.join(map(str, LAYER_PROBES))}-layer 64-wide probes (fixed and "
-                       f"per-layer cost per token) and {RATE_PROBE_LAYERS}-layer probes at the source's width rounded "
-                       f"to 256, one per storage type (weights per second); {len(prompt)} prompt + {gen_tokens} "
-                       f"tokens, context {n_ctx}, {threads} threads")
+            probes[t] = rec
+            first = rec[str(pair[0])]
+            for k in list(first["layer_types"]) + [first["head_type"]]:
+                if k and k not in probes and k not in todo:
+                    todo.append(k)          # a fallback type: measured too, so this probe can be solved
+    solve_rates(entry)
+    entry["method"] = (f"measured on this machine: {'/'.join(map(str, TINY_LAYERS))}-layer 64-wide probes (fixed and "
+                       f"per-layer cost per token) and {'/'.join(map(str, pair))}-layer probes at the source's "
+                       f"own shapes, one pair per storage type (block and head weights per second); {len(prompt)} "
+                       f"prompt + {gen_tokens} tokens, context {n_ctx}, {threads} threads")
     known[key] = entry
     atomic.write_json(cache, known)
     return entry
+
+
+def solve_rates(entry: dict) -> None:
+    """Block and head rates per type from the probe pairs (see ``measure_decode_model``), fallbacks first."""
+    layer, heads = {}, {}
+    pending = {t: r for t, r in entry["probes"].items() if r}
+    while pending:
+        progress = False
+        for t, r in list(pending.items()):
+            n_lo, n_hi = sorted(int(k) for k in r)
+            lo, hi, span = str(n_lo), str(n_hi), n_hi - n_lo
+            mix = r[lo]["layer_types"]
+            others = [k for k in mix if k != t]
+            if any(k not in layer for k in others):
+                continue
+            slope = (r[hi]["seconds"] - r[lo]["seconds"]) / span - entry["per_layer_s"]
+            own = slope - sum(mix[k] / layer[k] for k in others)
+            if t in mix and own > 0:
+                layer[t] = mix[t] / own
+            head_time = r[lo]["seconds"] - entry["fixed_s"] - n_lo * (slope + entry["per_layer_s"])
+            if r[lo]["head_elements"] and head_time > 0:
+                heads.setdefault(r[lo]["head_type"], []).append(r[lo]["head_elements"] / head_time)
+            del pending[t]
+            progress = True
+        if not progress:
+            break
+    entry["layer_rates"] = layer
+    entry["head_rates"] = {k: sorted(v)[len(v) // 2] for k, v in heads.items()}

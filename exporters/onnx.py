@@ -376,8 +376,9 @@ def quantize_int8(graph: DecoderGraph):
 
 
 def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
-    """onnxruntime's MatMulNBitsQuantizer on every MatMul (head included); a tied embedding then reads the
-    quantized head through GatherBlockQuantized, as onnxruntime-genai's builder does."""
+    """Every MatMul (head included) to MatMulNBits: onnxruntime's MatMulNBitsQuantizer for rtn and hqq,
+    EdgeTailor's GPTQ for gptq; a tied embedding then reads the quantized head through GatherBlockQuantized, as
+    onnxruntime-genai's builder does."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.quant_utils import QuantFormat
 

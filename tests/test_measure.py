@@ -173,10 +173,11 @@ def test_decode_projection_adds_runtime_costs_and_kernel_time():
                              power_peak_w=20, origin="test")
 
     info = WeightsInfo("gguf", 100e6, 100e6, 150e6, n_layer=10, n_head=4, n_kv_head=2, head_dim=16, n_vocab=100,
-                       type_elements={"Q4_K": 100e6, "Q8_0": 50e6})
-    model = {"fixed_s": 1e-3, "per_layer_s": 1e-4, "rates": {"Q4_K": 2e10, "Q8_0": 5e10}, "host_gflops": 100.0}
+                       type_elements={"Q4_K": 80e6, "Q8_0": 50e6}, head_type="Q8_0", head_elements=20e6)
+    model = {"fixed_s": 1e-3, "per_layer_s": 1e-4, "layer_rates": {"Q4_K": 2e10, "Q8_0": 5e10},
+             "head_rates": {"Q8_0": 4e10}, "host_gflops": 100.0}
     here = project_decode(profile(HOST_ID, 100, 100), info, 0, decode_model=model)
-    kernels = 100e6 / 2e10 + 50e6 / 5e10                  # 6 ms: slower than the 1 ms bandwidth roofline
+    kernels = 80e6 / 2e10 + 50e6 / 5e10 + 20e6 / 4e10       # 5.5 ms: slower than the 1 ms bandwidth roofline
     assert here["bound"] == "kernel throughput"
     assert here["decode_tps"] == pytest.approx(1 / (1e-3 + 10 * 1e-4 + kernels))
     # a device with half this machine's compute: every measured time doubles; its own roofline still applies
@@ -185,8 +186,31 @@ def test_decode_projection_adds_runtime_costs_and_kernel_time():
     starved = project_decode(profile("starved", 1, 100), info, 0, decode_model=model)
     assert starved["bound"] == "memory bandwidth" and starved["decode_tps"] < 1 / 0.1
     # a type the model has no rate for: the roofline alone, never a made-up rate
-    other = WeightsInfo(**{**info.to_dict(), "type_elements": {"IQ2_XS": 150e6}})
+    other = WeightsInfo(**{**info.to_dict(), "type_elements": {"IQ2_XS": 130e6}})
     assert "weight kernels" not in project_decode(profile(HOST_ID, 100, 100), other, 0, decode_model=model)["method"]
+
+
+def test_rates_are_solved_from_probe_pairs_with_fallback_types_first():
+    from edgetailor.engine.projection import solve_rates
+
+    lo, hi = 1, 30
+    fixed, per_layer = 1e-3, 1e-4
+    true_layer = {"Q5_0": 1e10, "Q4_K": 2e10}
+    true_head = {"Q5_0": 3e10}
+
+    def pair(mix, head_type, head=30e6):
+        t = {n: fixed + head / true_head[head_type] + n * (per_layer + sum(e / true_layer[k] for k, e in mix.items()))
+             for n in (lo, hi)}
+        return {str(n): {"seconds": t[n], "layer_types": mix, "head_type": head_type, "head_elements": head}
+                for n in (lo, hi)}
+
+    # a "pure Q4_K" probe whose narrow rows fell back to Q5_0, as llama.cpp does at 576-wide rows
+    entry = {"fixed_s": fixed, "per_layer_s": per_layer,
+             "probes": {"Q4_K": pair({"Q4_K": 2e6, "Q5_0": 3e6}, "Q5_0"), "Q5_0": pair({"Q5_0": 5e6}, "Q5_0"),
+                        "IQ2_XS": None}}
+    solve_rates(entry)
+    assert entry["layer_rates"] == pytest.approx(true_layer)
+    assert entry["head_rates"] == pytest.approx(true_head)
 
 
 def test_baseline_has_no_quality_loss_by_definition():

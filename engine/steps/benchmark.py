@@ -108,7 +108,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
             ctx.log(f"{v['name']}: no prediction ({exc.problem})", level="warning")
     decode_models: dict[str, dict | None] = {}
     for fmt in sorted({f for _, f, _ in todo}):
-        types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].type_elements}
+        types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].storage_types()}
         if not types:
             continue
         ctx.progress(0.0, f"{fmt}: measuring the runtime's decode costs")
