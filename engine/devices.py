@@ -24,10 +24,12 @@ HOST_ID = "this-machine"
 REQUIRED = ("id", "name", "kind", "memory_total_gib", "memory_available_gib", "memory_bandwidth_gbs", "cpu_cores",
             "compute_gflops", "power_typical_w", "power_peak_w", "sources")
 # Power of one busy x86 server/desktop core, for this machine when its CPU's power is unknown (VMs report
-# no package power): AMD EPYC 7763 280 W TDP / 64 cores = 4.4 W, EPYC 9654 360 W / 96 cores = 3.75 W.
+# no package power): AMD EPYC 7763 280 W TDP / 64 cores = 4.4 W, EPYC 9654 360 W / 96 cores = 3.75 W,
+# Intel Xeon 6980P 500 W / 128 cores = 3.9 W.
 HOST_WATTS_PER_CORE = 4.0
 HOST_POWER_NOTE = ("estimate: 4 W per busy core, a server core's share of its TDP (AMD EPYC 7763: 280 W / 64 "
-                   "cores); put your CPU's figures in <data>/devices/this-machine.json")
+                   "cores, Intel Xeon 6980P: 500 W / 128 cores); put your CPU's figures in "
+                   "<data>/devices/this-machine.json")
 
 
 @dataclass

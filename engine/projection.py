@@ -349,6 +349,7 @@ GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4
                  "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
                  "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
 TINY_LAYERS = (1, 5)             # 64-wide probes: fixed and per-layer cost of the runtime per token
+RESOLUTION_S = 1e-6              # a kernel time too small to separate from the runtime's own costs
 PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)
 
 
@@ -497,11 +498,13 @@ def solve_rates(entry: dict) -> None:
                 continue
             slope = (r[hi]["seconds"] - r[lo]["seconds"]) / span - entry["per_layer_s"]
             own = slope - sum(mix[k] / layer[k] for k in others)
-            if t in mix and own > 0:
-                layer[t] = mix[t] / own
+            # weights too small to time beside the runtime's own costs (tiny models) count as RESOLUTION_S:
+            # their kernel time is then below the roofline, which takes over
+            if t in mix:
+                layer[t] = mix[t] / max(own, RESOLUTION_S)
             head_time = r[lo]["seconds"] - entry["fixed_s"] - n_lo * (slope + entry["per_layer_s"])
-            if r[lo]["head_elements"] and head_time > 0:
-                heads.setdefault(r[lo]["head_type"], []).append(r[lo]["head_elements"] / head_time)
+            if r[lo]["head_elements"]:
+                heads.setdefault(r[lo]["head_type"], []).append(r[lo]["head_elements"] / max(head_time, RESOLUTION_S))
             del pending[t]
             progress = True
         if not progress:

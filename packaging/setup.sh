@@ -29,7 +29,7 @@ if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in lla
   mkdir -p "$WHEELS"
   if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python (llama.cpp from source, about 4 minutes on 2 cores)"
-    CMAKE_ARGS="-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX' ${CMAKE_ARGS:-}" \
+    CMAKE_ARGS="-DCMAKE_C_FLAGS=\"$NO_AMX\" -DCMAKE_CXX_FLAGS=\"$NO_AMX\" ${CMAKE_ARGS:-}" \
       $PIP wheel -q --no-deps --no-cache-dir "llama-cpp-python>=0.3.8" -w "$WHEELS"
   fi
   $PIP install -q --no-deps --force-reinstall "$(ls -t "$WHEELS"/llama_cpp_python-*.whl | head -1)"

@@ -151,7 +151,8 @@ def test_whole_flow_offscreen(qtbot, tmp_path, stories_dir):
     assert dialog.written is not None and sorted(p.name for p in dialog.written.iterdir()) == sorted(listed)
     readme = (dialog.written / "README.md").read_text()
     assert "Perplexity" in readme and "KL" in readme
-    llm = Llama(model_path=str(dialog.written / listed[0]), n_ctx=64, n_threads=1, verbose=False)
+    # logits_all: without it llama-cpp-python fills only the last row of ``scores`` (the rest is uninitialised)
+    llm = Llama(model_path=str(dialog.written / listed[0]), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     toks = llm.tokenize(b"Once upon a time")
     llm.eval(toks)
     assert np.isfinite(np.array(llm.scores[: len(toks)])).all()
