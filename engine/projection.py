@@ -255,6 +255,25 @@ def project(profile, info: WeightsInfo, n_ctx: int, tokens_used: int, overhead: 
             "decode_method": dec["method"]}
 
 
+def _probe_cache(name: str, fmt: str, source_folder, *setting) -> tuple[Path, dict, str]:
+    """(cache file, what it holds, this setting's key): probe results keyed by runtime, the source's config,
+    the benchmark setting and the library versions."""
+    import hashlib
+
+    from .paths import cache_dir
+    from .runs import library_versions
+
+    cfg_text = (Path(source_folder) / "config.json").read_text()
+    key = hashlib.sha256(json.dumps([fmt, cfg_text, *setting, library_versions()], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    cache = cache_dir() / name
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    return cache, known, key
+
+
 # --- runtime overhead, measured --------------------------------------------------------------------
 TINY_SHAPE = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16}
@@ -289,24 +308,15 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
     process; overhead = its OS-reported peak - its weights - its KV cache. It holds the interpreter, the
     runtime's libraries, the tokenizer/vocabulary structures and the compute buffers a pass touches.
     """
-    import hashlib
     import tempfile
 
     from . import atomic
     from .benchmark import benchmark_variant
     from .modeling import load_model
-    from .paths import cache_dir
-    from .runs import library_versions
     from .sources import resolve
 
-    cfg_text = (Path(source_folder) / "config.json").read_text()
-    key = hashlib.sha256(json.dumps([fmt, cfg_text, len(prompt), gen_tokens, n_ctx, threads, dtype,
-                                     library_versions()], sort_keys=True).encode()).hexdigest()[:16]
-    cache = cache_dir() / "runtime-overhead.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+    cache, known, key = _probe_cache("runtime-overhead.json", fmt, source_folder, len(prompt), gen_tokens, n_ctx,
+                                     threads, dtype)
     if key in known and not refresh:
         return known[key]
     if fmt not in ("gguf", "torch"):
@@ -383,26 +393,17 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
 
     ``project_decode`` then takes per token: fixed + layers x per-layer cost + max(roofline, kernel time).
     """
-    import hashlib
     import tempfile
 
     from . import atomic
     from .benchmark import benchmark_variant
     from .devices import cpu_model, host_profile
-    from .paths import cache_dir
-    from .runs import library_versions
 
     if fmt not in ("gguf", "torch"):
         raise EdgeTailorError(f"The decode cost model is measured for gguf and torch variants, not '{fmt}'.",
                               "Its speed is measured by the benchmark; the projection is a roofline only.")
-    cfg_text = (Path(source_folder) / "config.json").read_text()
-    key = hashlib.sha256(json.dumps([fmt, cfg_text, len(prompt), gen_tokens, n_ctx, threads, dtype, cpu_model(),
-                                     library_versions()], sort_keys=True).encode()).hexdigest()[:16]
-    cache = cache_dir() / "decode-model.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+    cache, known, key = _probe_cache("decode-model.json", fmt, source_folder, len(prompt), gen_tokens, n_ctx,
+                                     threads, dtype, cpu_model())
     entry = {} if refresh else known.get(key, {})
     say = log or (lambda m: None)
     host = host_profile()
