@@ -48,7 +48,12 @@ class LivePlots(QWidget):
         self.redraws = 0
         self._drawn_state: RunState | None = None
         self._curves: dict = {}
+        self._colors: dict[str, int] = {}
         self._limit_line = None
+
+    def _color(self, name: str) -> int:
+        """One colour per variant (and for the worker process) across all four plots, in order of appearance."""
+        return self._colors.setdefault(name, len(self._colors))
 
     def show_state(self, state: RunState | None) -> None:
         self.state = state
@@ -72,6 +77,7 @@ class LivePlots(QWidget):
             for w in (self.memory, self.quality, self.speed, self.energy):
                 w.clear()
             self._curves = {}
+            self._colors = {}
             self._limit_line = None
             self._drawn_state = st
         if st is None:
@@ -102,7 +108,7 @@ class LivePlots(QWidget):
 
     def _curve(self, plot: pg.PlotWidget, key, name: str, symbols: bool = False):
         if key not in self._curves:
-            i = sum(1 for k in self._curves if k[0] == key[0])
+            i = self._color(name)
             kw = dict(symbol="o", symbolSize=5, symbolBrush=pen(i).color(), symbolPen=None) if symbols else {}
             self._curves[key] = plot.plot([], [], pen=pen(i), name=name, **kw)
         return self._curves[key]
@@ -120,7 +126,7 @@ class LivePlots(QWidget):
             return
         xs = list(range(len(rows)))
         plot.addItem(pg.BarGraphItem(x=xs, height=[v for _, v in rows], width=0.6,
-                                     brushes=[pen(k).color() for k in xs]))
+                                     brushes=[pen(self._color(name)).color() for name, _ in rows]))
         plot.getAxis("bottom").setTicks([[(x, name) for x, (name, _) in zip(xs, rows)]])
 
     def series_counts(self) -> dict[str, int]:
