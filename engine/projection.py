@@ -386,9 +386,9 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     * fixed and per-layer cost: 64-wide random models of the source's architecture and vocabulary with 1 and
       5 layers (their small weights are taken off by the bandwidth roofline);
     * per storage type: random models with the source's own widths, heads and vocabulary and one layer and
-      all its layers (``shape_probe_layers``), every matrix in that type (llama.cpp's pure quantization; rows a type cannot hold fall back, as in real
-      files): the slope of time per token over layers is the blocks' time, the intercept less the fixed cost
-      the head's. Block rate of a type = its weights per layer / (slope - per-layer cost - the time of the
+      all its layers (``shape_probe_layers``), every matrix in that type (llama.cpp's pure quantization; rows
+      a type cannot hold fall back, as in real files): the slope of time per token over layers is the blocks'
+      time, the intercept less the fixed cost the head's. Block rate of a type = its weights per layer / (slope - per-layer cost - the time of the
       fallback types' weights at their own rates); head rate = head weights / head time.
 
     ``project_decode`` then takes per token: fixed + layers x per-layer cost + max(roofline, kernel time).
@@ -420,8 +420,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         def probe(shape: dict, name: str) -> Path:
             """A random model of the source with ``shape`` overriding its config (once per name)."""
             if name not in made:
-                folder = make_overhead_probe(source_folder, tmp / name, shape)
-                made[name] = folder
+                folder = made[name] = make_overhead_probe(source_folder, tmp / name, shape)
                 if fmt == "gguf":
                     from ..exporters import get_exporter
                     from .modeling import load_model

@@ -252,3 +252,32 @@ def test_keyboard_reaches_main_controls(qtbot, tmp_path, stories_dir):
     params = [p["name"] for p in all_steps()[rp.recipe["steps"][0]["step"]].describe()["params"]]
     assert all(rp.params_box.findChild(QWidget, f"param_{p}") is not None for p in params)
     w.close()
+
+
+def test_a_variant_has_one_colour_in_every_plot(qtbot):
+    # variants appear in a different order in each plot (memory samples, perplexity, bars); the colour follows
+    # the variant, not its place in one plot
+    import pyqtgraph as pg
+    from edgetailor.ui.plots import LivePlots
+    from edgetailor.ui.run_state import RunState
+
+    st = RunState("r1")
+    st.worker_memory = [(0.0, 1e8), (1.0, 2e8)]
+    st.samples["rss_bytes"]["b-Q8_0"] = [(0.0, 5e7), (1.0, 6e7)]
+    st.samples["rss_bytes"]["a-Q2_K"] = [(2.0, 4e7), (3.0, 4e7)]
+    st.samples["perplexity"]["a-Q2_K"] = [(0.0, 30.0)]
+    st.samples["perplexity"]["b-Q8_0"] = [(0.0, 20.0)]
+    st.variants = {"b-Q8_0": {"metrics": {"decode_tps": 60.0}}, "a-Q2_K": {"metrics": {"decode_tps": 80.0}}}
+    plots = LivePlots()
+    qtbot.addWidget(plots)
+    plots.show_state(st)
+
+    def curve_colour(plot, name):
+        item = next(c for c in plot.getPlotItem().listDataItems() if c.name() == name)
+        return item.opts["pen"].color().name()
+
+    bars = next(i for i in plots.speed.getPlotItem().items if isinstance(i, pg.BarGraphItem))
+    bar_colours = [pg.mkBrush(b).color().name() for b in bars.opts["brushes"]]      # in st.variants order
+    for k, name in enumerate(st.variants):
+        assert curve_colour(plots.memory, name) == curve_colour(plots.quality, name) == bar_colours[k]
+    assert curve_colour(plots.memory, "b-Q8_0") != curve_colour(plots.memory, "a-Q2_K")
