@@ -126,6 +126,10 @@ CMAKE_OPTIONS: dict[str, str] = {
     "LLAMA_BUILD_SERVER": "OFF",
     "LLAMA_BUILD_APP": "OFF",
     "BUILD_SHARED_LIBS": "OFF",
+    # as packaging/setup.sh builds llama-cpp-python: llama.cpp's AMX kernels die with SIGILL (tilezero) on
+    # Intel Xeons with AMX under some hypervisors; the AVX-512 kernels run everywhere AVX-512 does
+    "CMAKE_C_FLAGS": "-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__",
+    "CMAKE_CXX_FLAGS": "-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__",
 }
 
 #: Bump when the source patches below change, so cached builds get rebuilt.
@@ -373,7 +377,8 @@ def build_tools(llama_dir: Path, version: str, jobs: int = 2, force: bool = Fals
     stamp = build_dir / "edgetailor-build.json"
     if _all_built(bins) and not force and stamp.is_file():
         try:
-            if json.loads(stamp.read_text()).get("patch_level") == PATCH_LEVEL:
+            built = json.loads(stamp.read_text())
+            if built.get("patch_level") == PATCH_LEVEL and built.get("cmake_options") == CMAKE_OPTIONS:
                 return bins
         except (OSError, ValueError):
             pass

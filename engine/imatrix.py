@@ -105,8 +105,20 @@ def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: i
             count[name] += x.numel() // x.shape[-1]
         return fn
 
-    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
-        run_batches(model, sequences, batch_size, progress, cancelled)
+    # The output head's input is the final norm's output: read it there and run only the model's body, so
+    # the calibration never holds [batch, seq, vocab] logits (hundreds of MB) or pays for the head's matmul.
+    head, body = mods.get("lm_head"), getattr(model, "model", None)
+    norm = getattr(body, "norm", None)
+    runner = model
+    handles = []
+    if head is not None and isinstance(norm, torch.nn.Module) and model.get_output_embeddings() is head:
+        head_hook = hook("lm_head")
+        handles.append(norm.register_forward_hook(lambda m, args, out: head_hook(head, (out,))))
+        mods = {n: m for n, m in mods.items() if n != "lm_head"}
+        runner = body
+    handles += [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    with _hooks(handles):
+        run_batches(runner, sequences, batch_size, progress, cancelled)
     last.clear()
     return ImportanceStats(sum_sq, count, xtx, input_of, int(sequences.numel()))
 

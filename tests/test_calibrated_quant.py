@@ -68,6 +68,27 @@ def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
         torch.testing.assert_close(stats.hessian(name), x.T @ x / len(x), rtol=1e-5, atol=1e-6)
     assert stats.input_of["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
     assert stats.count["lm_head"] == ids.numel()
+    with torch.no_grad():      # the head's statistics come from the final norm, without computing logits
+        h = model.model(input_ids=ids).last_hidden_state.reshape(-1, 64).double()
+    torch.testing.assert_close(stats.second_moment("lm_head"), (h ** 2).mean(0))
+
+
+def test_gptq_leaves_attention_inputs_weighted_only(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from edgetailor.engine import imatrix
+    from edgetailor.exporters.gguf_calibrated import quantize_tensors, tensor_sources
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
+    sources = tensor_sources(model)
+    types = {n: "Q4_0" for n in sources}
+    gptq = quantize_tensors(sources, types, stats, "gptq")
+    weighted = quantize_tensors(sources, types, stats, "imatrix")
+    for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+        np.testing.assert_array_equal(gptq[n][0], weighted[n][0])
+    for n in ("blk.0.attn_output.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        assert not np.array_equal(gptq[n][0], weighted[n][0])
 
 
 def _unpermute(w, n_head):
