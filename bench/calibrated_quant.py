@@ -117,7 +117,7 @@ def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: i
 
 
 def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: int, work: Path, method: str,
-          awq_types: list[str]) -> dict:
+          awq_types: list[str], plain: bool = True) -> dict:
     import reference_tools as rt
 
     work.mkdir(parents=True, exist_ok=True)
@@ -131,8 +131,9 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
                    if "computing over" in l), None)
     times, files = {}, {}
     for t in types:
-        files[f"llama {t}"] = work / f"llama-{t}.gguf"
-        times[f"llama {t}"] = rt.run_quantize(f16, files[f"llama {t}"], t, threads=2)
+        if plain:
+            files[f"llama {t}"] = work / f"llama-{t}.gguf"
+            times[f"llama {t}"] = rt.run_quantize(f16, files[f"llama {t}"], t, threads=2)
         files[f"llama+imatrix {t}"] = work / f"llama-imatrix-{t}.gguf"
         times[f"llama+imatrix {t}"] = rt.run_quantize(f16, files[f"llama+imatrix {t}"], t, imatrix=imat, threads=2)
     t0 = time.perf_counter()
@@ -158,7 +159,8 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
                 row[who] = {**s, "increase_pct": 100 * (s["perplexity"] / base - 1)}
         if "AWQ + llama" in row:
             row["AWQ + llama"]["seconds"] = our["load_s"] + our["calibration_s"] + our["awq_types"][t]
-        row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
+        if plain:
+            row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
         row["llama+imatrix"]["seconds"] = t_convert + t_imatrix + times[f"llama+imatrix {t}"]
         row["EdgeTailor"]["seconds"] = our["load_s"] + our["calibration_s"] + our["types"][t]
         row["ratio_to_imatrix"] = row["EdgeTailor"]["increase_pct"] / row["llama+imatrix"]["increase_pct"]
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--check-types", default="Q4_K_M,Q3_K_M", help="types for the ordering checks ('' = skip)")
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--awq-types", default="Q4_K_M,Q3_K_M", help="types that also get the AWQ + llama.cpp row ('' = none)")
+    ap.add_argument("--no-plain", action="store_true", help="leave out llama.cpp without an importance matrix")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-calibrated")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "calibrated_quant"))
     args = ap.parse_args()
@@ -236,16 +239,16 @@ def main() -> None:
     calib = REPO / "assets" / "text" / "calibration.txt"
     awq = [t for t in args.awq_types.split(",") if t]
     suites = [suite(f"Benchmark model ({model.name}), calibration.txt", model, calib,
-                    args.types.split(","), args.windows, work / "main", args.method, awq)]
+                    args.types.split(","), args.windows, work / "main", args.method, awq, not args.no_plain)]
     if args.check_types:
         from edgetailor.engine import resolve
 
         check = args.check_types.split(",")
         suites.append(suite("Ordering check: benchmark model, second calibration text", model,
                             REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
-                            work / "alt", args.method, awq))
+                            work / "alt", args.method, awq, not args.no_plain))
         suites.append(suite("Ordering check: the demo model itself", Path(resolve("demo").path), calib, check,
-                            args.check_windows, work / "demo", args.method, awq))
+                            args.check_windows, work / "demo", args.method, awq, not args.no_plain))
     results = {"machine": f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gb']} GB RAM, load average at start "
                           f"{m['load_average_at_start'][0]:.2f}",
                "machine_info": m, "llama_cpp": tools["version"], "command": " ".join(["python"] + sys.argv),
