@@ -71,9 +71,9 @@ def tensor_sources(model) -> dict[str, tuple[str, np.ndarray]]:
 #: attention (q, k, v) come out *worse* end to end with it, although their own output error halves, on
 #: held-out text too (smollm2-dithered, wikitext-2, 20 windows: Q2_K mix +20.5% perplexity with weighted q/k/v
 #: blocks vs +33.8% with GPTQ ones, the rest of the file llama.cpp's; whole files of ours with this rule and
-#: the damping below: Q4_K_M +3.90% -> +3.38%, Q5_K_M +2.13% -> +1.36%). A
-#: layer-output objective does not see what a small key/query error does to the softmax (the first token's
-#: attention sink above all: leaving it out of the Hessian makes GPTQ worse still).
+#: the damping below: Q4_K_M +3.90% -> +3.38%, Q5_K_M +2.13% -> +1.36%). A layer-output objective does not
+#: see what a small key/query error does to the softmax (the first token's attention sink above all: leaving
+#: it out of the Hessian makes GPTQ worse still).
 WEIGHTED_ONLY = (".attn_q.", ".attn_k.", ".attn_v.", ".attn_qkv.")
 #: GPTQ's dampening, a fraction of the Hessian's mean diagonal: 0.1 generalizes from the ~10k tokens of
 #: calibration text to other text better than the customary 0.01 (lower held-out output error and KL).
