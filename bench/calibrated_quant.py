@@ -7,9 +7,10 @@ ctx 512, first N windows; KL to the F16 file's log-probs):
 * llama.cpp: convert_hf_to_gguf.py -> F16, llama-quantize TYPE (no importance matrix)
 * llama.cpp + imatrix: llama-imatrix on the calibration text (ctx 512, every chunk the text has), then
   llama-quantize --imatrix TYPE
-* EdgeTailor: importance statistics and Hessians on the same calibration text (ctx 512, every sequence the
-  text has), then quant.gguf_calibrated's writer (GPTQ, llama.cpp's type mix) - in a child process, so its
-  wall time and peak memory are its own.
+* EdgeTailor: quant.gguf_calibrated's writer (GPTQ, llama.cpp's type mix) on the same calibration text
+  (ctx 512, every sequence the text has), which measures each decoder block's input statistics and
+  Hessians as it walks the model block by block - in a child process, so its wall time and peak memory
+  are its own.
 * AWQ + llama.cpp (``--awq-types``): EdgeTailor's ``awq.scale`` transform (the same statistics, stand-in
   quantizer at the type's bits) folded into the weights, then the *plain* llama.cpp quantizer (no
   importance matrix): what the equivalent transform alone gives a runtime's own quantizer.
@@ -59,20 +60,19 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
     from edgetailor.engine.calibration import token_sequences
     from edgetailor.exporters.gguf_calibrated import export_calibrated
 
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
+    rss_before_model = psutil.Process().memory_info().rss / 2**20      # Python, torch, transformers, tokenizer
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     t_load = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss / 2**20
-    t0 = time.perf_counter()
-    seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
-    stats = imatrix.collect(model, seqs, hessians=(method == "gptq"))
-    t_calib = time.perf_counter() - t0
-    res = {"load_s": t_load, "calibration_s": t_calib, "calibration_sequences": int(len(seqs)), "types": {},
-           "rss_after_load_mb": rss_loaded, "fp32_weights_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20}
-    for t in types:
+    res = {"load_s": t_load, "calibration_s": 0.0, "calibration_sequences": int(len(seqs)), "types": {},
+           "rss_before_model_mb": rss_before_model, "rss_after_load_mb": rss_loaded,
+           "fp32_weights_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20}
+    for t in types:          # calibration is inside: the writer walks the model block by block on the text
         t0 = time.perf_counter()
-        export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, stats, method)
+        export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, seqs, method)
         res["types"][t] = time.perf_counter() - t0
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["awq_types"] = {}
@@ -80,6 +80,9 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
         from edgetailor.engine.steps.awq import AwqConfig, apply_awq
         from edgetailor.exporters.gguf import llama_quantize, write_gguf
 
+        t0 = time.perf_counter()
+        stats = imatrix.collect(model, seqs, hessians=True)
+        res["calibration_s"] = time.perf_counter() - t0
         for t in awq_types:
             t0 = time.perf_counter()
             bits, group = AWQ_BITS[t]
@@ -162,7 +165,7 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
         if plain:
             row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
         row["llama+imatrix"]["seconds"] = t_convert + t_imatrix + times[f"llama+imatrix {t}"]
-        row["EdgeTailor"]["seconds"] = our["load_s"] + our["calibration_s"] + our["types"][t]
+        row["EdgeTailor"]["seconds"] = our["load_s"] + our["types"][t]
         row["ratio_to_imatrix"] = row["EdgeTailor"]["increase_pct"] / row["llama+imatrix"]["increase_pct"]
         row["time_ratio_to_imatrix"] = row["EdgeTailor"]["seconds"] / row["llama+imatrix"]["seconds"]
         rows.append(row)
@@ -171,22 +174,32 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
             "convert_s": t_convert, "imatrix_s": t_imatrix, "rows": rows, "method": method}
 
 
+def memory_line(our: dict) -> str:
+    if "rss_before_model_mb" not in our:
+        return f"Its process's peak RSS {our['peak_rss_mb']:.0f} MB."
+    net = our["peak_rss_mb"] - our["rss_before_model_mb"]
+    limit = 1.2 * our["fp32_weights_mb"]
+    return (f"Memory of its process (every type in turn): peak RSS {our['peak_rss_mb']:.0f} MB; before the model loaded "
+            f"(Python, torch, transformers, the tokenizer) {our['rss_before_model_mb']:.0f} MB, after loading "
+            f"{our['rss_after_load_mb']:.0f} MB (weights mapped, not yet read); so the quantization took "
+            f"**{net:.0f} MB** over the process without the model, against fp32 weights of "
+            f"{our['fp32_weights_mb']:.0f} MB + 20% = {limit:.0f} MB ({'met' if net <= limit else 'not met'}).")
+
+
 def markdown(results: dict) -> str:
     lines = ["# Calibrated GGUF quantization: EdgeTailor vs llama.cpp", "",
              f"Machine: {results['machine']}. llama.cpp {results['llama_cpp']} (tools built from the llama-cpp-python "
              "sdist). Evaluation: wikitext-2 test, ctx 512, first N windows, EdgeTailor's evaluator running each file "
              "in llama.cpp; KL to the F16 file (llama.cpp's converter). Calibration text never the evaluation text; "
              "llama-imatrix and EdgeTailor use the same text, ctx 512, every chunk it has. Times are wall seconds on "
-             "2 threads: llama.cpp = convert + [imatrix] + quantize; EdgeTailor = load + calibration + quantize "
-             "(calibration shared by all types in a real run, counted in full for each type here).", "",
+             "2 threads: llama.cpp = convert + [imatrix] + quantize; EdgeTailor = load + its writer, which walks the "
+             "calibration text through the model block by block for each type.", "",
              f"Command: `{results['command']}`", ""]
     for s in results["suites"]:
         lines += [f"## {s['name']}", "",
                   f"Model {s['model']}, calibration {s['calibration']} ({s['imatrix_chunks']} chunks of 512 for "
                   f"llama-imatrix, {s['ours']['calibration_sequences']} sequences of 512 for EdgeTailor), {s['windows']} "
-                  f"windows. F16 perplexity {s['f16_perplexity']:.4f}. EdgeTailor method: {s['method']}; its process's peak RSS "
-                  f"{s['ours']['peak_rss_mb']:.0f} MB (fp32 weights {s['ours']['fp32_weights_mb']:.0f} MB; the process "
-                  f"held {s['ours']['rss_after_load_mb']:.0f} MB once torch and the model were loaded).", "",
+                  f"windows. F16 perplexity {s['f16_perplexity']:.4f}. EdgeTailor method: {s['method']}. " + memory_line(s['ours']), "",
                   "| type | pipeline | size MB | perplexity | increase | KL | seconds |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in s["rows"]:
@@ -219,6 +232,7 @@ def main() -> None:
     ap.add_argument("--model", default="/tmp/smollm2-dithered", help="benchmark model (built if missing)")
     ap.add_argument("--check-windows", type=int, default=40, help="windows for the ordering checks")
     ap.add_argument("--check-types", default="Q4_K_M,Q3_K_M", help="types for the ordering checks ('' = skip)")
+    ap.add_argument("--checks", default="alt,demo", help="which ordering checks: alt (second calibration text), demo")
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--awq-types", default="Q4_K_M,Q3_K_M", help="types that also get the AWQ + llama.cpp row ('' = none)")
     ap.add_argument("--no-plain", action="store_true", help="leave out llama.cpp without an importance matrix")
@@ -241,12 +255,15 @@ def main() -> None:
     suites = [suite(f"Benchmark model ({model.name}), calibration.txt", model, calib,
                     args.types.split(","), args.windows, work / "main", args.method, awq, not args.no_plain)]
     if args.check_types:
+        check = args.check_types.split(",")
+        checks = args.checks.split(",")
+        if "alt" in checks:
+            suites.append(suite("Ordering check: benchmark model, second calibration text", model,
+                                REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
+                                work / "alt", args.method, awq, not args.no_plain))
+    if args.check_types and "demo" in checks:
         from edgetailor.engine import resolve
 
-        check = args.check_types.split(",")
-        suites.append(suite("Ordering check: benchmark model, second calibration text", model,
-                            REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
-                            work / "alt", args.method, awq, not args.no_plain))
         suites.append(suite("Ordering check: the demo model itself", Path(resolve("demo").path), calib, check,
                             args.check_windows, work / "demo", args.method, awq, not args.no_plain))
     results = {"machine": f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gb']} GB RAM, load average at start "

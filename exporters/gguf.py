@@ -14,6 +14,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
@@ -260,6 +261,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of ``_permute``: llama.cpp's q/k row order back to Hugging Face's."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _tensor_for_type(name: str, data: np.ndarray, qtype: str):
     """(array, raw ggml type or None) for one tensor under the file type, as convert_hf_to_gguf chooses."""
     import gguf
@@ -277,14 +283,49 @@ def _tensor_for_type(name: str, data: np.ndarray, qtype: str):
     raise AssertionError(qtype)
 
 
+def _layout_for_type(name: str, shape: tuple, qtype: str) -> tuple[tuple, np.dtype, object]:
+    """(numpy shape, dtype, raw ggml type or None) that ``_tensor_for_type`` will give, without the data."""
+    import gguf
+
+    shape = tuple(int(n) for n in shape)
+    if len(shape) <= 1 or name.endswith("_norm.weight") or name == "rope_freqs.weight" or qtype == "F32":
+        return shape, np.dtype(np.float32), None
+    if qtype == "F16" or (qtype == "Q8_0" and shape[-1] % 32):
+        return shape, np.dtype(np.float16), None
+    raw = gguf.GGMLQuantizationType[qtype]
+    return tuple(gguf.quant_shape_to_byte_shape(shape, raw)), np.dtype(np.uint8), raw
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One tensor's data as ``write_gguf`` writes it, produced only when its turn comes (``load``), so a file is
+    never held in memory whole: ``shape``/``dtype`` of the array (rows x bytes for block types), ``raw`` its
+    ggml type (None for F16/F32 arrays)."""
+    shape: tuple
+    dtype: np.dtype
+    raw: object | None
+    load: Callable[[], np.ndarray]
+
+
+def hf_matrix(hf_name: str, tensor, spec, heads: int, kv_heads: int) -> np.ndarray:
+    """A state-dict tensor as float32 numpy in llama.cpp's layout (q/k rows in its RoPE order)."""
+    data = tensor.detach().to("cpu").float().numpy()
+    if spec.permute_qk and hf_name.endswith("q_proj.weight"):
+        data = _permute(data, heads)
+    elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
+        data = _permute(data, kv_heads)
+    return data
+
+
 def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F16",
                progress: Callable[[float, str], None] | None = None,
                cancelled: Callable[[], bool] | None = None, extra_metadata: dict | None = None,
-               tensor_types: dict | None = None) -> dict:
+               tensor_types: dict[str, EncodedTensor] | None = None) -> dict:
     """Write a Hugging Face Llama-family model as a GGUF file of type F32, F16, BF16 or Q8_0.
 
-    ``tensor_types`` maps GGUF tensor names to (array, raw ggml type) pairs that replace the default
-    encoding; the calibrated quantizer uses it to write its own blocks.
+    Tensors are converted and written one at a time (the file is never assembled in memory).
+    ``tensor_types`` maps GGUF tensor names to ``EncodedTensor`` s that replace the default encoding; the
+    calibrated quantizer uses it to write its own blocks.
     """
     import gguf
 
@@ -299,6 +340,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    tensor_types = tensor_types or {}
 
     w = gguf.GGUFWriter(str(out), spec.gguf_arch)
     w.add_type(gguf.GGUFType.MODEL)
@@ -315,41 +357,45 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
     items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]
     if tied:
         items = [(k, v) for k, v in items if k != "lm_head.weight"]
+    plan: list[tuple[str, EncodedTensor]] = []
     kept_f16 = []
     factors = _llama3_rope_factors(cfg)
     if factors is not None:
-        w.add_tensor("rope_freqs.weight", factors)
-    for i, (hf_name, tensor) in enumerate(items):
-        if cancelled and cancelled():
-            w.close()
-            raise RunCancelled()
+        plan.append(("rope_freqs.weight", EncodedTensor(factors.shape, factors.dtype, None, lambda: factors)))
+    for hf_name, tensor in items:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
+            w.close()
             raise EdgeTailorError(f"The GGUF exporter has no llama.cpp name for tensor '{hf_name}'.",
                                   "This model has modules llama.cpp's Llama graph lacks; export to ONNX instead.")
-        data = tensor.detach().to("cpu").float().numpy()
-        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
-            data = _permute(data, heads)
-        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
-            data = _permute(data, kv_heads)
-        if tensor_types and name in tensor_types:
-            arr, raw = tensor_types[name]
-        else:
-            arr, raw = _tensor_for_type(name, data, qtype)
-            if qtype == "Q8_0" and raw is None and data.ndim > 1:
-                kept_f16.append(name)
-        if raw is None:
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, arr, raw_dtype=raw)
-        if progress and i % 8 == 0:
-            progress(0.8 * (i + 1) / len(items), f"writing {name}")
-    if progress:
-        progress(0.85, "writing file")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
+        if name in tensor_types:
+            plan.append((name, tensor_types[name]))
+            continue
+        shape, dtype, raw = _layout_for_type(name, tuple(tensor.shape), qtype)
+        if qtype == "Q8_0" and raw is None and tensor.ndim > 1:
+            kept_f16.append(name)
+        load = (lambda hf_name=hf_name, tensor=tensor, name=name:
+                _tensor_for_type(name, hf_matrix(hf_name, tensor, spec, heads, kv_heads), qtype)[0])
+        plan.append((name, EncodedTensor(shape, dtype, raw, load)))
+    try:
+        for name, enc in plan:
+            w.add_tensor_info(name, enc.shape, np.dtype(enc.dtype), int(np.prod(enc.shape)) * np.dtype(enc.dtype).itemsize,
+                              raw_dtype=enc.raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, (name, enc) in enumerate(plan):
+            if cancelled and cancelled():
+                raise RunCancelled()
+            arr = enc.load()
+            if tuple(arr.shape) != tuple(enc.shape) or arr.dtype != enc.dtype:
+                raise AssertionError(f"{name}: got {arr.dtype}{arr.shape}, declared {enc.dtype}{enc.shape}")
+            w.write_tensor_data(arr)
+            del arr
+            if progress and i % 8 == 0:
+                progress((i + 1) / len(plan), f"writing {name}")
+    finally:
+        w.close()
     if progress:
         progress(1.0, "written")
     return {"type": qtype, "tokenizer": tok_kind, "arch": spec.gguf_arch, "tensors": len(items),

@@ -362,9 +362,12 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         Wt[:, dead] = 0
-        H += torch.eye(C, dtype=H.dtype) * (damp * torch.diag(H).mean())
+        H.diagonal().add_(damp * float(torch.diag(H).mean()))
         L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        del H                                       # (C x C float64 each: keep one or two alive at a time)
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
     for c0 in range(0, C, bt.block):
         c1 = c0 + bt.block
         p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])

@@ -1,16 +1,19 @@
 """Calibration-aware GGUF quantization: llama.cpp's type mixes, EdgeTailor's blocks.
 
 For a named llama.cpp mix (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, ...) llama.cpp itself decides which type
-every tensor gets (its quantizer runs once on an F16 intermediate, fallbacks for rows that do not split
-into 256 included), so the files have exactly llama.cpp's types and size. EdgeTailor then writes the
-blocks of every tensor whose type it has a writer for (``gguf_blocks``), using the calibration
-statistics: importance-weighted scales and mins, and GPTQ error feedback through each layer's input
-Hessian. Tensors that share an input and a type (q/k/v, gate/up) are quantized together.
-``types`` maps tensor names to types explicitly instead (mixed precision to a size target).
+every tensor gets (its quantizer runs on a probe file with the model's names and row lengths, fallbacks for
+rows that do not split into 256 included), so the files have exactly llama.cpp's types and size. EdgeTailor
+then writes the blocks of every tensor whose type it has a writer for (``gguf_blocks``), walking the model one
+decoder block at a time on the calibration text: the block's input statistics (second moments, X^T X) give
+importance-weighted scales and mins and GPTQ error feedback; tensors that share an input and a type (q/k/v,
+gate/up) are quantized together. Only one block's Hessians and one tensor's blocks are in memory at a time;
+the blocks go to a scratch file and from there into the GGUF. ``types`` maps tensor names to types
+explicitly instead (mixed precision to a size target).
 """
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,28 +22,59 @@ import torch
 
 from ..engine.architectures import arch_spec
 from ..engine.errors import EdgeTailorError, RunCancelled
+from ..engine.memory import release_pages, trim_heap
 from . import gguf_blocks
-from .gguf import _permute, llama_quantize, write_gguf
+from .gguf import EncodedTensor, hf_matrix, llama_quantize, write_gguf
+
+#: rows per tensor in the probe file llama.cpp's quantizer types (its choice reads names and row lengths only)
+PROBE_ROWS = 32
 
 
 def llama_cpp_types(model, tokenizer, tokenizer_dir, qtype: str, workdir: Path) -> dict[str, str]:
-    """The type llama.cpp's quantizer gives every tensor for the file type ``qtype`` (e.g. Q4_K_M)."""
+    """The type llama.cpp's quantizer gives every tensor for the file type ``qtype`` (e.g. Q4_K_M).
+
+    llama.cpp decides from a tensor's name, its row length and the model's hyperparameters, never from the
+    values or the row count (``llama_tensor_get_type``), so the probe it quantizes has every matrix cut to
+    ``PROBE_ROWS`` zero rows: a file of a few MB instead of an F16 copy of the model.
+    """
     import gguf
 
-    mid = Path(workdir) / "types-F16.gguf"
+    mid = Path(workdir) / "types-probe.gguf"
     dst = Path(workdir) / f"types-{qtype}.gguf"
-    write_gguf(model, tokenizer, tokenizer_dir, mid, "F16")
-    llama_quantize(mid, dst, qtype)
-    reader = gguf.GGUFReader(str(dst))
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    del reader
-    mid.unlink()
-    dst.unlink()
+    probe = {}
+    for name, src in tensor_sources(model).items():
+        shape = (min(src.shape[0], PROBE_ROWS), src.shape[1])
+        probe[name] = EncodedTensor(shape, np.dtype(np.float16), None,
+                                    lambda shape=shape: np.zeros(shape, dtype=np.float16))
+    try:
+        write_gguf(model, tokenizer, tokenizer_dir, mid, "F16", tensor_types=probe)
+        llama_quantize(mid, dst, qtype)
+        reader = gguf.GGUFReader(str(dst))
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        del reader
+    finally:
+        mid.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
     return types
 
 
-def tensor_sources(model) -> dict[str, tuple[str, np.ndarray]]:
-    """GGUF tensor name -> (HF module name whose input statistics apply, matrix as llama.cpp stores it)."""
+@dataclass(frozen=True)
+class Source:
+    """A 2-D tensor of the model as a GGUF tensor: the HF module whose inputs it sees and its matrix."""
+    module: str | None        # HF module name (``lm_head`` for a tied embedding; None: no calibrated input)
+    hf_name: str
+    shape: tuple
+    tensor: torch.Tensor
+    spec: object
+    heads: tuple
+
+    def matrix(self) -> np.ndarray:
+        """The matrix as llama.cpp stores it (float32; q/k rows in its RoPE order), made when asked for."""
+        return hf_matrix(self.hf_name, self.tensor, self.spec, *self.heads)
+
+
+def tensor_sources(model) -> dict[str, Source]:
+    """GGUF tensor name -> ``Source`` for every matrix the file holds."""
     import gguf
 
     cfg = model.config
@@ -55,15 +89,10 @@ def tensor_sources(model) -> dict[str, tuple[str, np.ndarray]]:
         if p.ndim != 2 or (tied and hf_name == "lm_head.weight"):
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        data = p.detach().float().numpy()
-        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
-            data = _permute(data, heads)
-        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
-            data = _permute(data, kv_heads)
         module = hf_name[:-len(".weight")]
         if module.endswith("embed_tokens"):
             module = "lm_head" if tied else None     # a tied embedding is also the output head
-        out[name] = (module, data)
+        out[name] = Source(module, hf_name, tuple(p.shape), p, spec, (heads, kv_heads))
     return out
 
 
@@ -78,83 +107,222 @@ WEIGHTED_ONLY = (".attn_q.", ".attn_k.", ".attn_v.", ".attn_qkv.")
 #: GPTQ's dampening, a fraction of the Hessian's mean diagonal: 0.1 generalizes from the ~10k tokens of
 #: calibration text to other text better than the customary 0.01 (lower held-out output error and KL).
 GPTQ_DAMP = 0.1
+#: rows quantized at once: rows are independent (GPTQ's feedback runs along a row), so a large matrix
+#: (the embedding) is done in slices instead of holding several float copies of it
+ROW_CHUNK = 4096
 
 
-def quantize_tensors(sources: dict, types: dict[str, str], stats, method: str = "gptq",
-                     progress: Callable[[float, str], None] | None = None,
-                     cancelled: Callable[[], bool] | None = None) -> dict:
-    """{gguf name: (bytes, GGMLQuantizationType)} for every tensor with a type EdgeTailor writes.
+def quantize_rows(t: str, W: np.ndarray, importance=None, hessian=None, release: bool = False) -> np.ndarray:
+    """``gguf_blocks.quantize_matrix``'s bytes, ``ROW_CHUNK`` rows at a time (``release``: each slice of W
+    is dropped from resident memory once encoded, see ``engine.memory``)."""
+    parts = []
+    for r in range(0, W.shape[0], ROW_CHUNK):
+        parts.append(gguf_blocks.quantize_matrix(t, W[r:r + ROW_CHUNK], importance, hessian, damp=GPTQ_DAMP)[0])
+        if release:
+            release_pages([torch.from_numpy(np.ascontiguousarray(W[r:r + ROW_CHUNK]))])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
 
-    ``gptq``: error feedback through the input Hessian, except for ``WEIGHTED_ONLY`` tensors and the output
-    head; those (and every tensor under ``imatrix``) get the importance-weighted search alone.
-    """
-    jobs: dict[tuple, list[str]] = {}
-    for name, (module, data) in sources.items():
-        t = types.get(name)
-        if t not in gguf_blocks.TYPES or data.shape[1] % gguf_blocks.TYPES[t].block:
-            continue
-        key_in = stats.input_of.get(module, module) if (stats is not None and module) else name
-        jobs.setdefault((key_in, t), []).append(name)
-    done = {}
-    total = sum(sources[n][1].size for names in jobs.values() for n in names)
-    seen = 0
-    for (key_in, t), names in jobs.items():
-        if cancelled and cancelled():
-            raise RunCancelled()
-        module = sources[names[0]][0]
-        imp = hess = None
-        if stats is not None and module in stats.sum_sq:
-            imp = stats.second_moment(module).numpy()
-            if (method == "gptq" and not module.endswith("lm_head")
-                    and not any(part in names[0] for part in WEIGHTED_ONLY)):
-                h = stats.hessian(module)
-                hess = None if h is None else h.numpy()
-        W = np.concatenate([sources[n][1] for n in names], 0)
-        data, _ = gguf_blocks.quantize_matrix(t, W, imp, hess, damp=GPTQ_DAMP)
+
+def writable(src: Source, t: str | None) -> bool:
+    return t in gguf_blocks.TYPES and src.shape[1] % gguf_blocks.TYPES[t].block == 0
+
+
+class BlockSink:
+    """Encoded tensors appended to a scratch file as they are made; ``encoded()`` hands them to write_gguf."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fh = open(self.path, "wb")
+        self.where: dict[str, tuple[int, tuple, object]] = {}
+
+    def put(self, name: str, data: np.ndarray, t: str) -> None:
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        self.where[name] = (self.fh.tell(), data.shape, gguf_blocks.ggml_type(t))
+        data.tofile(self.fh)
+
+    def put_rows(self, names: list[str], sources: dict, data: np.ndarray, t: str) -> None:
         row = 0
         for n in names:
-            rows = sources[n][1].shape[0]
-            done[n] = (data[row:row + rows], gguf_blocks.ggml_type(t))
+            rows = sources[n].shape[0]
+            self.put(n, data[row:row + rows], t)
             row += rows
-        seen += W.size
-        if progress:
-            progress(seen / total, f"{', '.join(names)} -> {t}")
-    return done
+
+    def encoded(self) -> dict[str, EncodedTensor]:
+        self.fh.close()
+        path = self.path
+
+        def load(offset, shape):
+            return np.fromfile(path, dtype=np.uint8, count=int(np.prod(shape)), offset=offset).reshape(shape)
+        return {n: EncodedTensor(shape, np.dtype(np.uint8), raw, lambda o=off, s=shape: load(o, s))
+                for n, (off, shape, raw) in self.where.items()}
+
+    def close(self) -> None:
+        self.fh.close()
 
 
-def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, stats, method: str = "gptq",
-                      types: dict[str, str] | None = None, progress=None, cancelled=None) -> dict:
-    """Write ``out`` as a GGUF of llama.cpp's mix ``qtype`` (or the explicit ``types``) with EdgeTailor's blocks."""
-    if method not in ("gptq", "imatrix", "plain"):
-        raise EdgeTailorError(f"Unknown calibrated method '{method}'.", "Use gptq, imatrix or plain.")
-    out = Path(out)
-    if types is None:
-        if progress:
-            progress(0.0, f"llama.cpp's {qtype} type mix")
-        with tempfile.TemporaryDirectory(prefix="edgetailor-types-", dir=out.parent) as tmp:
-            types = llama_cpp_types(model, tokenizer, tokenizer_dir, qtype, Path(tmp))
+def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, str], sink: BlockSink,
+                       method: str = "gptq", batch_size: int = 4,
+                       progress: Callable[[float, str], None] | None = None,
+                       cancelled: Callable[[], bool] | None = None):
+    """Quantize every tensor with a type EdgeTailor writes into ``sink``, one decoder block at a time.
+
+    The calibration sequences' hidden states enter block 0; each block's linear inputs are measured as the
+    block runs (the full-precision model's own activations, exactly what a whole-model pass sees), its
+    tensors are quantized (``gptq``: error feedback through the input Hessian, except ``WEIGHTED_ONLY``
+    tensors; ``imatrix``: the importance-weighted search alone), and its outputs feed the next block. The
+    output head (and a tied embedding) is weighted by the final norm's output. ``plain`` (no sequences):
+    no statistics at all. Returns the importance statistics measured (second moments of every linear
+    input, the head's included), to be saved with the run; None for ``plain``.
+    """
+    from ..engine.calibration import _block_output, _hooks, capture_block_inputs, decoder_layers
+    from ..engine.imatrix import ImportanceStats
+
     sources = tensor_sources(model)
-    missing = sorted(n for n in sources if types.get(n) not in gguf_blocks.TYPES and types.get(n) not in ("F16", "F32"))
-    if missing:
-        raise EdgeTailorError(f"{qtype} puts types EdgeTailor does not write on {len(missing)} tensors "
-                              f"(e.g. {missing[0]}: {types.get(missing[0])}).",
-                              "Use a k-quant mix (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) or the plain export step.")
-    use = stats if method != "plain" else None
+    gguf_of = {src.module: name for name, src in sources.items() if src.module}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # many small tensor ops: one thread is several times faster than two
+    sum_sq: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    head_imp = None
+    was_training = model.training
+    model.eval()
     try:
-        encoded = quantize_tensors(sources, types, use, method,
-                                   progress=(lambda f, m: progress(0.1 + 0.8 * f, m)) if progress else None,
-                                   cancelled=cancelled)
+        if method != "plain":
+            qualified = {id(m): n for n, m in model.named_modules()}
+            layers = decoder_layers(model)
+            inputs = capture_block_inputs(model, sequences, batch_size, cancelled)
+            for li, layer in enumerate(layers):
+                mods = {qualified[id(m)]: m for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+                xtx: dict[str, torch.Tensor] = {}
+                sq_of: dict[str, torch.Tensor] = {}
+                key_of: dict[str, str] = {}
+                last: dict = {"x": None}
+
+                def hook(name):
+                    def fn(module, args):
+                        x = args[0]
+                        if last["x"] is x:                # q/k/v, gate/up: one input, one Hessian
+                            key = last["key"]
+                        else:
+                            key = name
+                            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                            sq = (x2.double() ** 2).sum(0)
+                            sq_of[key] = sq_of[key] + sq if key in sq_of else sq
+                            if method == "gptq":
+                                xtx[key] = xtx[key] + x2.T @ x2 if key in xtx else x2.T @ x2
+                            last.update(x=x, key=key)
+                        key_of[name] = key
+                        count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
+                    return fn
+
+                torch.set_num_threads(threads)
+                with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()), torch.inference_mode():
+                    for i, (h, kw) in enumerate(inputs):
+                        if cancelled and cancelled():
+                            raise RunCancelled()
+                        inputs[i] = (_block_output(layer(h, **kw)).detach(), kw)    # the next block's input
+                        del h
+                last.clear()
+                trim_heap()
+                for name in mods:
+                    sum_sq[name] = sq_of[key_of[name]].clone()
+                groups: dict[tuple, list[str]] = {}
+                for module in mods:
+                    name = gguf_of.get(module)
+                    if name is not None and writable(sources[name], types.get(name)):
+                        groups.setdefault((key_of[module], types[name]), []).append(name)
+                torch.set_num_threads(1)      # many small tensor ops: one thread is several times faster
+                for (key, t), names in groups.items():
+                    if cancelled and cancelled():
+                        raise RunCancelled()
+                    n = max(count[key], 1)
+                    imp = (sq_of[key] / n).numpy()
+                    hess = None
+                    if method == "gptq" and not any(part in names[0] for part in WEIGHTED_ONLY):
+                        hess = (xtx[key].double() / n).numpy()
+                    W = np.concatenate([sources[nm].matrix() for nm in names], 0)
+                    sink.put_rows(names, sources, quantize_rows(t, W, imp, hess), t)
+                    del W, hess
+                    trim_heap()
+                del xtx, sq_of
+                release_pages(p.data for p in layer.parameters())     # done with this block's weights
+                trim_heap()
+                if progress:
+                    progress((li + 1) / (len(layers) + 1), f"block {li + 1}/{len(layers)}")
+            norm = getattr(getattr(model, "model", None), "norm", None)
+            if isinstance(norm, torch.nn.Module):
+                sq, n = None, 0
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    for h, _ in inputs:
+                        y = norm(h).reshape(-1, h.shape[-1]).double()
+                        sq = (y ** 2).sum(0) if sq is None else sq + (y ** 2).sum(0)
+                        n += y.shape[0]
+                head_imp = (sq / max(n, 1)).numpy()
+                sum_sq["lm_head"], count["lm_head"] = sq, n
+            del inputs
+        torch.set_num_threads(1)
+        for name, src in sources.items():
+            t = types.get(name)
+            if name in sink.where or not writable(src, t):
+                continue
+            if cancelled and cancelled():
+                raise RunCancelled()
+            sink.put(name, quantize_rows(t, src.matrix(), head_imp if src.module == "lm_head" else None,
+                                         release=True), t)
+            release_pages([src.tensor])
+            trim_heap()
+        if progress:
+            progress(1.0, "quantized")
     finally:
         torch.set_num_threads(threads)
-    for n, (module, data) in sources.items():
-        if n not in encoded:          # F16/F32 by llama.cpp's choice (rows too short for any block)
-            encoded[n] = (data.astype(np.float16 if types.get(n) == "F16" else np.float32), None)
-    info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, tensor_types=encoded,
-                      cancelled=cancelled)
+        model.train(was_training)
+    if method == "plain":
+        return None
+    return ImportanceStats(sum_sq, count, tokens=int(sequences.numel()))
+
+
+def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, sequences: torch.Tensor | None,
+                      method: str = "gptq", types: dict[str, str] | None = None, progress=None,
+                      cancelled=None) -> dict:
+    """Write ``out`` as a GGUF of llama.cpp's mix ``qtype`` (or the explicit ``types``) with EdgeTailor's blocks.
+
+    ``sequences``: calibration token ids [n, seq_len] (not needed for ``plain``). The returned info holds
+    the importance statistics measured on the way (``stats``).
+    """
+    if method not in ("gptq", "imatrix", "plain"):
+        raise EdgeTailorError(f"Unknown calibrated method '{method}'.", "Use gptq, imatrix or plain.")
+    if method != "plain" and sequences is None:
+        raise EdgeTailorError(f"The {method} method needs calibration text.", "Give calibration sequences.")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="edgetailor-calibrated-", dir=out.parent) as tmp:
+        if types is None:
+            if progress:
+                progress(0.0, f"llama.cpp's {qtype} type mix")
+            types = llama_cpp_types(model, tokenizer, tokenizer_dir, qtype, Path(tmp))
+            trim_heap()
+        sources = tensor_sources(model)
+        missing = sorted(n for n in sources if types.get(n) not in gguf_blocks.TYPES and types.get(n) not in ("F16", "F32"))
+        if missing:
+            raise EdgeTailorError(f"{qtype} puts types EdgeTailor does not write on {len(missing)} tensors "
+                                  f"(e.g. {missing[0]}: {types.get(missing[0])}).",
+                                  "Use a k-quant mix (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) or the plain export step.")
+        sink = BlockSink(Path(tmp) / "blocks.bin")
+        try:
+            stats = quantize_blockwise(model, sequences, types, sink, method,
+                                       progress=(lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None,
+                                       cancelled=cancelled)
+            encoded = sink.encoded()
+        finally:
+            sink.close()
+        for n, src in sources.items():
+            if n not in encoded:      # F16/F32 by llama.cpp's choice (rows too short for any block)
+                dt = np.dtype(np.float16 if types.get(n) == "F16" else np.float32)
+                encoded[n] = EncodedTensor(src.shape, dt, None, lambda src=src, dt=dt: src.matrix().astype(dt))
+        info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, tensor_types=encoded,
+                          progress=(lambda f, m: progress(0.9 + 0.1 * f, m)) if progress else None,
+                          cancelled=cancelled)
     info.update(type=qtype, quantized_by=f"EdgeTailor {method}",
-                tensor_types={n: types.get(n) for n in sources})
+                tensor_types={n: types.get(n) for n in sources}, stats=stats)
     return info
 
 
@@ -205,7 +373,7 @@ def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
     for k, name in enumerate(names):
         if cancelled and cancelled():
             raise RunCancelled()
-        module, W = sources[name]
+        module, W = sources[name].module, sources[name].matrix()
         imp = stats.second_moment(module).numpy() if (stats is not None and module in stats.sum_sq) else np.ones(W.shape[1])
         rows = np.linspace(0, W.shape[0] - 1, min(max_rows, W.shape[0])).astype(int)
         sub = W[rows]
@@ -272,9 +440,13 @@ def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
     return {n: o[0] for n, o in chosen.items()}
 
 
-def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_bytes: int, method: str = "gptq",
-                     progress=None, cancelled=None) -> dict:
-    """A GGUF of about ``target_bytes`` (within 2%), each tensor's type chosen by its measured sensitivity."""
+def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_bytes: int,
+                     sequences: torch.Tensor | None, method: str = "gptq", progress=None, cancelled=None) -> dict:
+    """A GGUF of about ``target_bytes`` (within 2%), each tensor's type chosen by its measured sensitivity.
+
+    ``stats``: importance statistics (second moments) for the sensitivities; ``sequences``: the calibration
+    text for the blocks themselves, as in ``export_calibrated``.
+    """
     out = Path(out)
     overhead = metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
     sources = tensor_sources(model)
@@ -285,7 +457,7 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_b
                            progress=(lambda f, m: progress(0.4 * f, m)) if progress else None, cancelled=cancelled)
     finally:
         torch.set_num_threads(threads)
-    info = export_calibrated(model, tokenizer, tokenizer_dir, out, "Q4_K_M", stats, method, types=types,
+    info = export_calibrated(model, tokenizer, tokenizer_dir, out, "Q4_K_M", sequences, method, types=types,
                              progress=(lambda f, m: progress(0.4 + 0.6 * f, m)) if progress else None,
                              cancelled=cancelled)
     info["type"] = "mixed"

@@ -73,22 +73,50 @@ def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
     torch.testing.assert_close(stats.second_moment("lm_head"), (h ** 2).mean(0))
 
 
-def test_gptq_leaves_attention_inputs_weighted_only(tiny_models):
+def _blockwise(model, seqs, types, method, tmp_path):
+    from edgetailor.exporters.gguf_calibrated import BlockSink, quantize_blockwise
+
+    sink = BlockSink(tmp_path / f"{method}.bin")
+    stats = quantize_blockwise(model, seqs, types, sink, method, batch_size=2)
+    return {n: e.load() for n, e in sink.encoded().items()}, stats
+
+
+def test_gptq_leaves_attention_inputs_weighted_only(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgetailor.exporters.gguf_calibrated import tensor_sources
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    seqs = torch.randint(3, 500, (4, 64))
+    types = {n: "Q4_0" for n in tensor_sources(model)}
+    gptq, _ = _blockwise(model, seqs, types, "gptq", tmp_path)
+    weighted, _ = _blockwise(model, seqs, types, "imatrix", tmp_path)
+    for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+        np.testing.assert_array_equal(gptq[n], weighted[n])
+    for n in ("blk.0.attn_output.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        assert not np.array_equal(gptq[n], weighted[n])
+
+
+def test_block_by_block_statistics_equal_a_whole_model_pass(tiny_models, tmp_path):
+    """Walking the model one block at a time sees the activations a whole-model pass sees, head included,
+    and leaves the model's weights as they were."""
     from transformers import AutoModelForCausalLM
 
     from edgetailor.engine import imatrix
-    from edgetailor.exporters.gguf_calibrated import quantize_tensors, tensor_sources
+    from edgetailor.exporters.gguf_calibrated import tensor_sources
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
-    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
-    sources = tensor_sources(model)
-    types = {n: "Q4_0" for n in sources}
-    gptq = quantize_tensors(sources, types, stats, "gptq")
-    weighted = quantize_tensors(sources, types, stats, "imatrix")
-    for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
-        np.testing.assert_array_equal(gptq[n][0], weighted[n][0])
-    for n in ("blk.0.attn_output.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
-        assert not np.array_equal(gptq[n][0], weighted[n][0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seqs = torch.randint(3, 500, (5, 48))
+    whole = imatrix.collect(model, seqs, hessians=False, batch_size=2)
+    types = {n: "Q4_0" for n in tensor_sources(model)}
+    _, walked = _blockwise(model, seqs, types, "gptq", tmp_path)
+    assert set(walked.sum_sq) == set(whole.sum_sq) and "lm_head" in walked.sum_sq
+    for name in whole.sum_sq:
+        torch.testing.assert_close(walked.second_moment(name), whole.second_moment(name), rtol=1e-4, atol=1e-7)
+        assert walked.count[name] == whole.count[name] == seqs.numel()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def _unpermute(w, n_head):
@@ -107,9 +135,8 @@ def test_calibrated_file_has_llama_cpps_types_and_runs_like_torch(tiny_models, t
     src = tiny_models["llama"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
-    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
     ours = tmp_path / "ours.gguf"
-    export_calibrated(model, tok, src, ours, "Q4_K_M", stats, "gptq")
+    export_calibrated(model, tok, src, ours, "Q4_K_M", torch.randint(3, 500, (4, 64)), "gptq")
     write_gguf(model, tok, src, tmp_path / "f32.gguf", "F32")
     llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama.gguf", "Q4_K_M")
     mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
@@ -171,6 +198,19 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
     assert abs(mixed["metrics"]["size_bytes"] / 0.15e6 - 1) < 0.02 and mixed["metrics"]["perplexity"] > 1
 
 
+def test_calibrated_export_alone_saves_the_statistics_it_used(tiny_models):
+    from edgetailor.engine.imatrix import ImportanceStats
+    from edgetailor.engine.job import JobSpec, run_job
+
+    recipe = {"name": "alone", "steps": [
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "seq_len": 64, "max_sequences": 3}}]}
+    record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}))
+    assert record.manifest["status"] == "succeeded", record.manifest
+    stats = ImportanceStats.load(record.folder / "artifacts" / "imatrix.safetensors")
+    assert stats.tokens == 3 * 64 and "lm_head" in stats.sum_sq and not stats.has_hessians()
+    assert record.variant("base-Q4_K_M-gptq")["params"]["calibration_tokens"] == 3 * 64
+
+
 @pytest.mark.parametrize("target_mb", [0.13, 0.18])
 def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_path, target_mb):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,14 +223,15 @@ def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_p
     src = tiny_models["mistral"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
-    stats = imatrix.collect(model, torch.randint(3, 500, (4, 64)), hessians=True)
+    seqs = torch.randint(3, 500, (4, 64))
+    stats = imatrix.collect(model, seqs, hessians=False)
     out = tmp_path / "mixed.gguf"
-    info = export_to_target(model, tok, src, out, stats, int(target_mb * 1e6))
+    info = export_to_target(model, tok, src, out, stats, int(target_mb * 1e6), seqs)
     assert abs(out.stat().st_size / (target_mb * 1e6) - 1) < 0.02
     assert len(set(info["tensor_types"].values())) > 1           # really mixed
     assert verify_gguf(out)["loaded_by"] == "llama.cpp"
     with pytest.raises(EdgeTailorError, match="larger than the largest"):
-        export_to_target(model, tok, src, tmp_path / "too-big.gguf", stats, int(1e6))
+        export_to_target(model, tok, src, tmp_path / "too-big.gguf", stats, int(1e6), seqs)
 
 
 def _with_outlier_channels(model, factor=30.0):
@@ -257,3 +298,57 @@ def test_recipe_awq_then_llama_cpp_quantizer(tiny_models):
     variants = [v for v in record.manifest["variants"] if v["name"] != "baseline"]
     assert len(variants) == 2 and all("awq4" in v["steps"] for v in variants)
     assert all(v["metrics"]["perplexity"] > 1 for v in variants)
+
+
+def test_released_weights_leave_resident_memory_and_keep_their_values(tmp_path):
+    """What the block-by-block writer does to a block it is done with: a file-mapped weight (as transformers
+    maps safetensors) leaves the process's resident memory, and reads back the same."""
+    import sys
+
+    import psutil
+
+    from edgetailor.engine.memory import release_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise(MADV_PAGEOUT) is Linux's")
+    path = tmp_path / "weights.bin"
+    np.random.default_rng(0).standard_normal(16 * 2**20 // 4, dtype=np.float32).tofile(path)   # 16 MB
+    w = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    total = float(w.sum())                                      # every page read: resident
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    release_pages([w])
+    after = proc.memory_info().rss
+    assert before - after > 12 * 2**20, (before, after)
+    assert float(w.sum()) == total
+
+
+def test_gguf_writer_streams_tensors_instead_of_holding_the_file(tiny_models, tmp_path):
+    """Tensors are converted and written one at a time: the writer's peak allocation stays far below the
+    tensor data it writes (it used to hold every converted tensor until the end)."""
+    import tracemalloc
+
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.exporters.gguf import write_gguf
+
+    from transformers import AutoConfig
+
+    src = tiny_models["llama"]                 # its small SentencePiece vocabulary; wider, deeper layers
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.update(dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                    num_key_value_heads=4, head_dim=64))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    out = tmp_path / "f32.gguf"
+    tracemalloc.start()
+    try:
+        write_gguf(model, tok, src, out, "F32")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tensors = gguf.GGUFReader(str(out)).tensors
+    data = sum(int(t.n_bytes) for t in tensors)
+    largest = max(int(t.n_bytes) for t in tensors)
+    assert data > 10 * 2**20 and peak < data / 4, (peak, data, largest)

@@ -1,9 +1,11 @@
 """Importance statistics from calibration text, and GGUF files quantized with them.
 
 ``imatrix`` runs the calibration text through the current model and keeps, for every linear layer, the
-per-input-channel second moments (llama.cpp's importance matrix) and the inputs' X^T X (GPTQ's Hessian);
-they are saved with the run as ``imatrix.safetensors`` (and in llama.cpp's imatrix GGUF format). ``quant.gguf_calibrated`` writes llama.cpp's
-type mixes (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) with EdgeTailor's own blocks chosen with those statistics.
+per-input-channel second moments (llama.cpp's importance matrix) and, if asked, the inputs' X^T X (GPTQ's
+Hessian); they are saved with the run as ``imatrix.safetensors`` (and in llama.cpp's imatrix GGUF format).
+``quant.gguf_calibrated`` writes llama.cpp's type mixes (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) with EdgeTailor's
+own blocks, measuring the same statistics one decoder block at a time as it goes (and saving them with the
+run when no imatrix step did).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from ..registry import register_step
 from ..runs import Variant
 
 METHODS = ("gptq", "imatrix")
+#: tokens per calibration sequence, as llama-imatrix's default context
+SEQ_LEN = 512
 
 
 @dataclass
 class ImatrixConfig:
-    seq_len: int = field(default=512, metadata={"help": "tokens per calibration sequence"})
+    seq_len: int = field(default=SEQ_LEN, metadata={"help": "tokens per calibration sequence"})
     max_sequences: int | None = field(default=None, metadata={"help": "at most this many sequences (default: all the text gives)"})
-    hessians: bool = field(default=True, metadata={"help": "also keep X^T X per layer input (needed by GPTQ)"})
+    hessians: bool = field(default=False, metadata={"help": "also keep X^T X per layer input (AWQ's search uses it; the calibrated GGUF writer measures its own, one block at a time)"})
 
     def __post_init__(self):
         if self.seq_len < 64:
@@ -68,8 +72,12 @@ class CalibratedQuantConfig:
     target_mb: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this size (MB, within 2%)"})
     target_bpw: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this many bits per weight"})
     verify: bool = field(default=True, metadata={"help": "load each file back in llama.cpp before keeping it"})
+    seq_len: int = field(default=SEQ_LEN, metadata={"help": "tokens per calibration sequence"})
+    max_sequences: int | None = field(default=None, metadata={"help": "at most this many calibration sequences (default: all the text gives)"})
 
     def __post_init__(self):
+        if self.seq_len < 64:
+            raise ValueError("seq_len must be at least 64")
         if not self.types:
             raise ValueError("give at least one type")
         if self.target_mb is not None and self.target_bpw is not None:
@@ -94,8 +102,10 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     from ...exporters.gguf import verify_gguf
     from ...exporters.gguf_calibrated import export_calibrated, export_to_target
     from ..atomic import tree_size
+    from ..calibration import token_sequences
 
-    stats = current_stats(ctx, cfg.method == "gptq")
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
+    ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens, walked one decoder block at a time")
     target = None
     if cfg.target_mb is not None:
         target = int(cfg.target_mb * 1e6)
@@ -103,6 +113,7 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         params = sum(p.numel() for k, p in ctx.model.state_dict().items() if k != "lm_head.weight"
                      or not getattr(ctx.model.config, "tie_word_embeddings", False))
         target = int(cfg.target_bpw * params / 8)
+    stats = current_stats(ctx, need_hessians=False) if target else None     # sensitivities need second moments
     types = [f"{target / 1e6:.2f}MB"] if target else [t.upper() for t in cfg.types]
     n = len(types)
     for i, t in enumerate(types):
@@ -113,20 +124,23 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         with ctx.artifact(filename) as tmp:
             sub = (lambda f, m, i=i, t=t: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"))
             if target:
-                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, stats, target, cfg.method,
-                                        progress=sub, cancelled=ctx.cancel.is_set)
+                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, stats, target, seqs,
+                                        cfg.method, progress=sub, cancelled=ctx.cancel.is_set)
             else:
-                info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, stats, cfg.method,
+                info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, seqs, cfg.method,
                                          progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = verify_gguf(tmp) if cfg.verify else {}
         if cfg.verify and not checked:
             raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+        held = ctx.scratch.get("imatrix")
+        if not (held and held[0] == tuple(ctx.applied)):
+            keep_stats(ctx, info["stats"], cfg.seq_len)      # the statistics these blocks were fitted with, saved
         path = ctx.record.artifacts_dir / filename
         ctx.add_variant(Variant(
             name=variant, format="gguf", path=str(path.relative_to(ctx.record.folder)),
             params={"type": info["type"], "method": cfg.method, "quantized_by": info["quantized_by"],
-                    "calibration_tokens": stats.tokens, **({"target_bytes": target} if target else {})},
+                    "calibration_tokens": int(seqs.numel()), **({"target_bytes": target} if target else {})},
             metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3)},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(path) / 1e6:.1f} MB in {seconds:.1f} s")

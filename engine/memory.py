@@ -1,0 +1,55 @@
+"""Keeping a long pass over a model's weights small in memory (Linux; elsewhere these do nothing).
+
+* ``release_pages(tensors)``: tells the kernel the process is done reading these tensors for now
+  (``madvise(MADV_PAGEOUT)``). Weights that transformers maps from a safetensors file are dropped from the
+  process's resident memory and read back from the file if touched again, values unchanged; llama.cpp's
+  quantizer unmaps each weight after use for the same reason. Memory that is not file-backed stays (or,
+  with swap, may be swapped): it is a hint, never a change of contents.
+* ``trim_heap()``: hands freed heap memory back to the OS (glibc keeps what large temporaries leave).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Iterable
+
+MADV_PAGEOUT = 21          # Linux 5.4+; older kernels answer EINVAL and nothing happens
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL("libc.so.6", use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _libc = lib
+            except (OSError, AttributeError):
+                pass
+    return _libc
+
+
+def release_pages(tensors: Iterable) -> None:
+    """Drop the whole pages these CPU tensors occupy from resident memory (their contents are kept)."""
+    lib = _c()
+    if not lib:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        lo = (start + page - 1) // page * page
+        hi = (start + t.numel() * t.element_size()) // page * page
+        if hi > lo:
+            lib.madvise(lo, hi - lo, MADV_PAGEOUT)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (without it the resident size keeps every past peak)."""
+    lib = _c()
+    if lib:
+        lib.malloc_trim(0)
