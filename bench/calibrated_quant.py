@@ -74,6 +74,8 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
         t0 = time.perf_counter()
         export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, seqs, method)
         res["types"][t] = time.perf_counter() - t0
+        res.setdefault("rss_after_type_mb", {})[t] = psutil.Process().memory_info().rss / 2**20
+        res.setdefault("peak_after_type_mb", {})[t] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["awq_types"] = {}
     if awq_types:
