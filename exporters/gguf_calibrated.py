@@ -187,6 +187,9 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     head_imp = None
     was_training = model.training
     model.eval()
+    # Start from nothing resident: loading a model whose file is in the page cache maps much of it at once
+    # (fault-around), ~270 MB here, which would otherwise stay until each block is done.
+    release_pages(p.data for p in model.parameters())
     try:
         if method != "plain":
             qualified = {id(m): n for n, m in model.named_modules()}
