@@ -46,6 +46,19 @@ TARGET_RATIO = {"Q5_K_M": 0.85, "Q4_K_M": 0.75, "Q3_K_M": 0.75, "Q2_K": 0.75}
 AWQ_BITS = {"Q6_K": (6, 16), "Q5_K_M": (5, 32), "Q4_K_M": (4, 32), "Q3_K_M": (3, 16), "Q2_K": (2, 16)}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident size: VmHWM, the high-water mark of its address space since exec.
+    (getrusage's ru_maxrss is not it for a child: Linux carries the forked copy of the parent's size into it,
+    which made a child of this script report the parent's 1252 MB.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str, awq_types: list[str]) -> dict:
     """Child process: EdgeTailor's pipeline, timed, from loading the model to the last file."""
     import copy
@@ -75,8 +88,8 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
         export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, seqs, method)
         res["types"][t] = time.perf_counter() - t0
         res.setdefault("rss_after_type_mb", {})[t] = psutil.Process().memory_info().rss / 2**20
-        res.setdefault("peak_after_type_mb", {})[t] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res.setdefault("peak_after_type_mb", {})[t] = peak_rss_mb()
+    res["peak_rss_mb"] = peak_rss_mb()
     res["awq_types"] = {}
     if awq_types:
         from edgetailor.engine.steps.awq import AwqConfig, apply_awq
