@@ -261,11 +261,6 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of ``_permute``: llama.cpp's q/k row order back to Hugging Face's."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _tensor_for_type(name: str, data: np.ndarray, qtype: str):
     """(array, raw ggml type or None) for one tensor under the file type, as convert_hf_to_gguf chooses."""
     import gguf

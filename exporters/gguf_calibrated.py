@@ -275,7 +275,6 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                 raise RunCancelled()
             sink.put(name, quantize_rows(t, src.matrix(), head_imp if src.module == "lm_head" else None,
                                          release=True), t)
-            release_pages([src.tensor])
             trim_heap()
         if progress:
             progress(1.0, "quantized")
