@@ -11,6 +11,10 @@ ctx 512, first N windows; KL to the F16 file's log-probs):
   (ctx 512, every sequence the text has), which measures each decoder block's input statistics and
   Hessians as it walks the model block by block - in a child process, so its wall time and peak memory
   are its own.
+* EdgeTailor measured (``--mixes``): the same writer, each tensor's type chosen by its measured effect on
+  the loss (``mix: measured``: a forward/backward sensitivity pass on the calibration text, then a plan
+  under the byte count of llama.cpp's file of the type), so the file is never larger than llama.cpp's.
+  Its time includes the sensitivity pass for every type, as a user making one file pays it.
 * AWQ + llama.cpp (``--awq-types``): EdgeTailor's ``awq.scale`` transform (the same statistics, stand-in
   quantizer at the type's bits) folded into the weights, then the *plain* llama.cpp quantizer (no
   importance matrix): what the equivalent transform alone gives a runtime's own quantizer.
@@ -39,7 +43,8 @@ WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 sys.path.insert(0, str(REPO / "bench"))
 
 TYPES = ["Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-PIPELINES = ("llama", "llama+imatrix", "AWQ + llama", "EdgeTailor")
+PIPELINES = ("llama", "llama+imatrix", "AWQ + llama", "EdgeTailor", "EdgeTailor measured")
+OURS = ("EdgeTailor", "EdgeTailor measured")
 TARGET_RATIO = {"Q5_K_M": 0.85, "Q4_K_M": 0.75, "Q3_K_M": 0.75, "Q2_K": 0.75}
 
 
@@ -59,7 +64,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str, awq_types: list[str]) -> dict:
+def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str, awq_types: list[str],
+         mixes: list[str]) -> dict:
     """Child process: EdgeTailor's pipeline, timed, from loading the model to the last file."""
     import copy
 
@@ -71,7 +77,8 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
 
     from edgetailor.engine import imatrix
     from edgetailor.engine.calibration import token_sequences
-    from edgetailor.exporters.gguf_calibrated import export_calibrated
+    from edgetailor.engine.sensitivity import measure_sensitivity
+    from edgetailor.exporters.gguf_calibrated import export_calibrated, export_to_target
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
@@ -83,12 +90,26 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
     res = {"load_s": t_load, "calibration_s": 0.0, "calibration_sequences": int(len(seqs)), "types": {},
            "rss_before_model_mb": rss_before_model, "rss_after_load_mb": rss_loaded,
            "fp32_weights_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20}
-    for t in types:          # calibration is inside: the writer walks the model block by block on the text
+    for t in types if "llama.cpp" in mixes else []:   # calibration is inside: the writer walks the model block by block
         t0 = time.perf_counter()
         export_calibrated(model, tok, model_dir, Path(outdir) / f"et-{t}.gguf", t, seqs, method)
         res["types"][t] = time.perf_counter() - t0
         res.setdefault("rss_after_type_mb", {})[t] = psutil.Process().memory_info().rss / 2**20
         res.setdefault("peak_after_type_mb", {})[t] = peak_rss_mb()
+    if "measured" in mixes:
+        t0 = time.perf_counter()
+        sens = measure_sensitivity(model, seqs)
+        res["sensitivity_s"] = time.perf_counter() - t0
+        res["peak_after_sensitivity_mb"] = peak_rss_mb()
+        res["measured_types"], res["measured_mix"] = {}, {}
+        for t in types:
+            t0 = time.perf_counter()
+            info = export_to_target(model, tok, model_dir, Path(outdir) / f"et-measured-{t}.gguf", None, seqs, method,
+                                    like=t, sensitivity=sens)
+            res["measured_types"][t] = time.perf_counter() - t0 + res["sensitivity_s"]
+            res["measured_mix"][t] = {k: sum(1 for v in info["tensor_types"].values() if v == k)
+                                      for k in sorted(set(info["tensor_types"].values()))}
+            res.setdefault("peak_after_type_mb", {})[f"measured {t}"] = peak_rss_mb()
     res["peak_rss_mb"] = peak_rss_mb()
     res["awq_types"] = {}
     if awq_types:
@@ -129,13 +150,14 @@ def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: i
         finally:
             rt.close()
         out[label] = {"perplexity": r.perplexity, "kl": r.kl, "top1": r.top1, "size_mb": path.stat().st_size / 1e6,
+                      "size_bytes": path.stat().st_size,
                       "eval_windows": r.windows}
         print(f"  {label}: ppl {r.perplexity:.4f}" + (f" KL {r.kl:.5f}" if r.kl is not None else ""), flush=True)
     return out
 
 
 def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: int, work: Path, method: str,
-          awq_types: list[str], plain: bool = True) -> dict:
+          awq_types: list[str], plain: bool = True, mixes: tuple = ("llama.cpp", "measured")) -> dict:
     import reference_tools as rt
 
     work.mkdir(parents=True, exist_ok=True)
@@ -157,13 +179,16 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
     t0 = time.perf_counter()
     awq_types = [t for t in awq_types if t in types]
     child = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(calib), ",".join(types), str(work),
-                            method, ",".join(awq_types)], capture_output=True, text=True)
+                            method, ",".join(awq_types), ",".join(mixes)], capture_output=True, text=True)
     t_ours_total = time.perf_counter() - t0
     if child.returncode:
         raise SystemExit(child.stderr[-4000:])
     our = json.loads(child.stdout.strip().splitlines()[-1])
     for t in types:
-        files[f"EdgeTailor {t}"] = work / f"et-{t}.gguf"
+        if "llama.cpp" in mixes:
+            files[f"EdgeTailor {t}"] = work / f"et-{t}.gguf"
+        if "measured" in mixes:
+            files[f"EdgeTailor measured {t}"] = work / f"et-measured-{t}.gguf"
     for t in awq_types:
         files[f"AWQ + llama {t}"] = work / f"awq-llama-{t}.gguf"
     scores = evaluate_files(str(model_dir), files, f16, windows)
@@ -180,9 +205,17 @@ def suite(name: str, model_dir: Path, calib: Path, types: list[str], windows: in
         if plain:
             row["llama"]["seconds"] = t_convert + times[f"llama {t}"]
         row["llama+imatrix"]["seconds"] = t_convert + t_imatrix + times[f"llama+imatrix {t}"]
-        row["EdgeTailor"]["seconds"] = our["load_s"] + our["types"][t]
-        row["ratio_to_imatrix"] = row["EdgeTailor"]["increase_pct"] / row["llama+imatrix"]["increase_pct"]
-        row["time_ratio_to_imatrix"] = row["EdgeTailor"]["seconds"] / row["llama+imatrix"]["seconds"]
+        if "EdgeTailor" in row:
+            row["EdgeTailor"]["seconds"] = our["load_s"] + our["types"][t]
+        if "EdgeTailor measured" in row:
+            row["EdgeTailor measured"]["seconds"] = our["load_s"] + our["measured_types"][t]
+            row["EdgeTailor measured"]["mix"] = our["measured_mix"][t]
+        ref = row["llama+imatrix"]
+        for who in OURS:
+            if who in row:
+                row[who]["ratio_to_imatrix"] = row[who]["increase_pct"] / ref["increase_pct"]
+                row[who]["time_ratio_to_imatrix"] = row[who]["seconds"] / ref["seconds"]
+                row[who]["not_larger"] = row[who]["size_bytes"] <= ref["size_bytes"]
         rows.append(row)
     return {"name": name, "model": model_dir.name, "calibration": calib.name, "windows": windows,
             "f16_perplexity": base, "imatrix_chunks": chunks, "ours": our, "ours_child_seconds": t_ours_total,
@@ -224,22 +257,37 @@ def markdown(results: dict) -> str:
                 x = r[who]
                 lines.append(f"| {r['type']} | {who} | {x['size_mb']:.1f} | {x['perplexity']:.4f} | "
                              f"{x['increase_pct']:+.2f}% | {x['kl']:.5f} | {x['seconds']:.1f} |")
-        lines += ["", "| type | increase ratio EdgeTailor / llama+imatrix | target | met | time ratio |",
-                  "|---|---:|---:|---|---:|"]
+        lines += ["", "Ratios to llama+imatrix (increase over F16; wall time). Met: ratio at most the target and the file "
+                  "no larger than llama.cpp's.", "",
+                  "| type | target | EdgeTailor, llama.cpp's mix | met | time | EdgeTailor, measured mix | met | time |",
+                  "|---|---:|---:|---|---:|---:|---|---:|"]
         for r in s["rows"]:
             tgt = TARGET_RATIO.get(r["type"])
-            met = "" if tgt is None else ("yes" if r["ratio_to_imatrix"] <= tgt and
-                                          r["EdgeTailor"]["size_mb"] <= r["llama+imatrix"]["size_mb"] else "no")
-            lines.append(f"| {r['type']} | {r['ratio_to_imatrix']:.3f} | {tgt or '-'} | {met} | "
-                         f"{r['time_ratio_to_imatrix']:.2f} |")
+            cells = []
+            for who in OURS:
+                x = r.get(who)
+                if x is None:
+                    cells += ["-", "", "-"]
+                    continue
+                met = "" if tgt is None else ("yes" if x["ratio_to_imatrix"] <= tgt and x["not_larger"] else "no")
+                cells += [f"{x['ratio_to_imatrix']:.3f}", met, f"{x['time_ratio_to_imatrix']:.2f}"]
+            lines.append(f"| {r['type']} | {tgt or '-'} | " + " | ".join(cells) + " |")
+        if any("EdgeTailor measured" in r for r in s["rows"]):
+            lines += ["", f"Measured mixes (sensitivity pass {s['ours'].get('sensitivity_s', 0):.1f} s, counted in every "
+                      "type's time): tensors per type"]
+            for r in s["rows"]:
+                if "EdgeTailor measured" in r:
+                    mix = r["EdgeTailor measured"]["mix"]
+                    lines.append(f"- {r['type']}: " + ", ".join(f"{k} {v}" for k, v in mix.items()))
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, model_dir, calib, types, outdir, method, awq = sys.argv
-        print(json.dumps(ours(model_dir, calib, types.split(","), outdir, method, [t for t in awq.split(",") if t])))
+        _, _, model_dir, calib, types, outdir, method, awq, mixes = sys.argv
+        print(json.dumps(ours(model_dir, calib, types.split(","), outdir, method, [t for t in awq.split(",") if t],
+                              mixes.split(","))))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=100)
@@ -251,6 +299,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--awq-types", default="Q4_K_M,Q3_K_M", help="types that also get the AWQ + llama.cpp row ('' = none)")
     ap.add_argument("--no-plain", action="store_true", help="leave out llama.cpp without an importance matrix")
+    ap.add_argument("--mixes", default="llama.cpp,measured", help="EdgeTailor's type mixes: llama.cpp, measured")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-calibrated")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "calibrated_quant"))
     args = ap.parse_args()
@@ -267,20 +316,21 @@ def main() -> None:
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
     awq = [t for t in args.awq_types.split(",") if t]
+    mixes = tuple(m for m in args.mixes.split(",") if m)
     suites = [suite(f"Benchmark model ({model.name}), calibration.txt", model, calib,
-                    args.types.split(","), args.windows, work / "main", args.method, awq, not args.no_plain)]
+                    args.types.split(","), args.windows, work / "main", args.method, awq, not args.no_plain, mixes)]
     if args.check_types:
         check = args.check_types.split(",")
         checks = args.checks.split(",")
         if "alt" in checks:
             suites.append(suite("Ordering check: benchmark model, second calibration text", model,
                                 REPO / "assets" / "text" / "calibration_alt.txt", check, args.check_windows,
-                                work / "alt", args.method, awq, not args.no_plain))
+                                work / "alt", args.method, awq, not args.no_plain, mixes))
     if args.check_types and "demo" in checks:
         from edgetailor.engine import resolve
 
         suites.append(suite("Ordering check: the demo model itself", Path(resolve("demo").path), calib, check,
-                            args.check_windows, work / "demo", args.method, awq, not args.no_plain))
+                            args.check_windows, work / "demo", args.method, awq, not args.no_plain, mixes))
     results = {"machine": f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gb']} GB RAM, load average at start "
                           f"{m['load_average_at_start'][0]:.2f}",
                "machine_info": m, "llama_cpp": tools["version"], "command": " ".join(["python"] + sys.argv),

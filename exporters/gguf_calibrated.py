@@ -333,7 +333,10 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, se
 
 
 # --- mixed precision to a size target ---------------------------------------------------------------
-CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+#: the types a planned file chooses from (Q4_0 left out: IQ4_NL has its size and a lower error)
+CANDIDATES = ("Q2_K", "Q3_K", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+#: rows of each tensor whose errors the planner measures (evenly spaced; the cost is scaled to all rows)
+PLAN_ROWS = 64
 
 
 def metadata_bytes(model, tokenizer, tokenizer_dir, workdir: Path) -> int:
@@ -363,15 +366,44 @@ def type_bytes(t: str, shape) -> int:
     return shape[0] * shape[1] // bt.block * bt.bytes
 
 
-def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
+#: GGUF's default data alignment: each tensor's data may be padded by up to this many bytes
+ALIGN = 32
+
+
+def _tensor_bytes(t: str, shape) -> int:
+    """Bytes of a tensor's data in any type llama.cpp puts in a file (F16/F32 for rows too short to block)."""
+    if t in gguf_blocks.TYPES:
+        return type_bytes(t, shape)
+    return shape[0] * shape[1] * {"F16": 2, "BF16": 2, "F32": 4}[t]
+
+
+def _sample_rows(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows drawn with probability proportional to their weight (systematic sampling along the cumulative
+    weight, so deterministic), and the factor each sampled row's error counts with, so that the sum over the
+    sample estimates the weighted sum over all rows. A handful of rows can carry most of the weight (the output
+    head's rows of the tokens the text uses): evenly spaced rows would miss them."""
+    R = len(weights)
+    if R <= n:
+        return np.arange(R), np.asarray(weights, dtype=np.float64)
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0) + 1e-12 * (float(np.max(weights)) + 1e-30)
+    cum = np.cumsum(w)
+    rows = np.minimum(np.searchsorted(cum, (np.arange(n) + 0.5) * cum[-1] / n), R - 1)
+    return rows, np.full(n, cum[-1] / n)
+
+
+def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = None,
                progress: Callable[[float, str], None] | None = None,
                cancelled: Callable[[], bool] | None = None) -> dict[str, str]:
-    """Each tensor's type so that the tensors fit ``budget`` bytes with the least importance-weighted error.
+    """Each tensor's type so that the tensors fit ``budget`` bytes with the least expected loss increase.
 
-    Sensitivity of a tensor under a type: sum over inputs j of E[x_j^2] * (W - Q(W))_ij^2 (the expected
-    squared error the layer's output gets), measured on up to ``max_rows`` rows. A greedy pass then buys,
-    at every step, the upgrade with the largest error drop per byte until the budget is spent.
+    The cost of a tensor under a type is ``sum_ij E[g_i^2] E[x_j^2] (W - Q(W))_ij^2`` (``engine.sensitivity``:
+    the loss gradient at each output row times the second moment of each input), measured on ``max_rows``
+    ``PLAN_ROWS`` rows drawn in proportion to their weight and scaled to the whole tensor; it compares tensors of different layers with each
+    other, which the input statistics alone cannot. A greedy pass then buys, at every step, the upgrade with
+    the largest cost drop per byte until the budget is spent.
     """
+    row_weights = gguf_row_weights(sources, sensitivity.output_grad_sq)
+    max_rows = max_rows or PLAN_ROWS
     options: dict[str, list[tuple[str, int, float]]] = {}
     every: dict[str, list[tuple[str, int, float]]] = {}
     names = list(sources)
@@ -379,17 +411,21 @@ def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
         if cancelled and cancelled():
             raise RunCancelled()
         module, W = sources[name].module, sources[name].matrix()
-        imp = stats.second_moment(module).numpy() if (stats is not None and module in stats.sum_sq) else np.ones(W.shape[1])
-        rows = np.linspace(0, W.shape[0] - 1, min(max_rows, W.shape[0])).astype(int)
+        x2 = sensitivity.input_sq.get(module)
+        imp = x2.numpy() if x2 is not None else np.ones(W.shape[1])
+        rows, rw = _sample_rows(row_weights.get(name, np.ones(W.shape[0])), max_rows)
         sub = W[rows]
         opts = []
         for t in CANDIDATES:
             if W.shape[1] % gguf_blocks.TYPES[t].block:
                 continue
             _, deq = gguf_blocks.quantize_matrix(t, sub, imp)
-            err = float((((deq - sub) ** 2) * imp[None, :]).sum()) * W.shape[0] / len(rows)
+            err = float(rw @ (((deq - sub) ** 2) * imp[None, :]).sum(1))
             opts.append((t, type_bytes(t, W.shape), err))
-        opts.sort(key=lambda o: o[1])
+        if not opts:          # rows no block type divides (llama.cpp keeps these in F16 too)
+            opts = [("F16", W.shape[0] * W.shape[1] * 2, 0.0)]
+        opts.sort(key=lambda o: (o[1], o[2]))
+        opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
         # keep the lower convex hull of (bytes, error): the types worth buying in order
         hull = []
         for o in opts:
@@ -401,6 +437,7 @@ def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
             hull.append(o)
         options[name] = hull
         every[name] = opts
+        release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
             progress((k + 1) / len(names), f"sensitivity of {name}")
     level = {n: 0 for n in names}
@@ -445,26 +482,54 @@ def plan_types(sources: dict, stats, budget: int, max_rows: int = 2048,
     return {n: o[0] for n, o in chosen.items()}
 
 
-def export_to_target(model, tokenizer, tokenizer_dir, out: Path, stats, target_bytes: int,
-                     sequences: torch.Tensor | None, method: str = "gptq", progress=None, cancelled=None) -> dict:
+def gguf_row_weights(sources: dict[str, Source], output_moments: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per-row weights of every GGUF matrix (its rows in llama.cpp's order) from E[(dL/dy)^2] per output
+    channel of the HF modules (``engine.sensitivity``); a tied embedding takes the output head's."""
+    out = {}
+    for name, src in sources.items():
+        g = output_moments.get(src.module)
+        if g is not None and g.numel() == src.shape[0]:
+            out[name] = hf_matrix(src.hf_name, g.reshape(-1, 1), src.spec, *src.heads).ravel().astype(np.float64)
+    return out
+
+
+def export_to_target(model, tokenizer, tokenizer_dir, out: Path, target_bytes: int | None,
+                     sequences: torch.Tensor | None, method: str = "gptq", progress=None, cancelled=None,
+                     like: str | None = None, sensitivity=None) -> dict:
     """A GGUF of about ``target_bytes`` (within 2%), each tensor's type chosen by its measured sensitivity.
 
-    ``stats``: importance statistics (second moments) for the sensitivities; ``sequences``: the calibration
-    text for the blocks themselves, as in ``export_calibrated``.
+    ``like``: instead of a byte count, the size of llama.cpp's file of that mix (e.g. Q4_K_M) - the planned
+    file is then never larger than llama.cpp's. ``sequences``: the calibration text, for the sensitivity
+    pass (``engine.sensitivity``, unless ``sensitivity`` is given) and for the blocks themselves, as in
+    ``export_calibrated``.
     """
+    from ..engine.sensitivity import measure_sensitivity
+
     out = Path(out)
-    overhead = metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
     sources = tensor_sources(model)
+    if like is not None:
+        # the same metadata as llama.cpp's file, so its tensors' bytes are the budget (less worst-case padding)
+        llama_types = llama_cpp_types(model, tokenizer, tokenizer_dir, like, out.parent)
+        budget = sum(_tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
+        target_bytes = budget + metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
+    else:
+        budget = target_bytes - metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
+    if sensitivity is None:
+        if sequences is None:
+            raise EdgeTailorError("A size target needs calibration text to measure sensitivities.",
+                                  "Give calibration sequences.")
+        sensitivity = measure_sensitivity(model, sequences, progress=(lambda f, m: progress(0.15 * f, m)) if progress else None,
+                                          cancelled=cancelled)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        types = plan_types(sources, stats, target_bytes - overhead,
-                           progress=(lambda f, m: progress(0.4 * f, m)) if progress else None, cancelled=cancelled)
+        types = plan_types(sources, sensitivity, budget,
+                           progress=(lambda f, m: progress(0.15 + 0.25 * f, m)) if progress else None, cancelled=cancelled)
     finally:
         torch.set_num_threads(threads)
-    info = export_calibrated(model, tokenizer, tokenizer_dir, out, "Q4_K_M", sequences, method, types=types,
+    info = export_calibrated(model, tokenizer, tokenizer_dir, out, like or "Q4_K_M", sequences, method, types=types,
                              progress=(lambda f, m: progress(0.4 + 0.6 * f, m)) if progress else None,
                              cancelled=cancelled)
-    info["type"] = "mixed"
+    info["type"] = f"mixed like {like}" if like else "mixed"
     info["target_bytes"] = int(target_bytes)
     return info

@@ -123,6 +123,60 @@ def _unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _runs_like_torch_with_its_decoded_weights(model, tok, path):
+    """torch with the weights gguf-py decodes from the file's blocks gives the logits llama.cpp computes."""
+    import gguf
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    from edgetailor.engine.runtimes import LlamaCppRuntime
+
+    mine = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    sd = model.state_dict()
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    with torch.no_grad():
+        for hf_name, p in sd.items():
+            g = names.get_name(hf_name, try_suffixes=(".weight",))
+            if p.ndim != 2 or g not in mine:
+                continue
+            t = mine[g]
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
+            if hf_name.endswith("q_proj.weight"):
+                w = _unpermute(w, model.config.num_attention_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                w = _unpermute(w, model.config.num_key_value_heads)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    ids = tok("Once upon a time there was a little girl", add_special_tokens=True)["input_ids"]
+    with torch.no_grad():
+        expect = model(torch.tensor([ids])).logits[0].numpy()
+    rt = LlamaCppRuntime(path, n_ctx=64, threads=2)
+    try:
+        got = rt.logits(ids)
+    finally:
+        rt.close()
+    assert np.abs(got - expect).max() < 0.05 * np.abs(expect).max()
+
+
+def test_iq4_nl_blocks_run_in_llama_cpp_and_beat_q4_0_at_its_size(tiny_models, tmp_path):
+    """IQ4_NL (Q4_0's 18 bytes per 32 weights, a non-uniform grid): llama.cpp runs our blocks as torch does,
+    and the same importance statistics give a smaller weighted error than Q4_0's uniform grid."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.exporters.gguf_calibrated import export_calibrated, tensor_sources
+
+    src = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((64, 256)).astype(np.float32) * 0.05
+    imp = rng.uniform(0.1, 5, 256).astype(np.float32)
+    err = {t: float((((gguf_blocks.quantize_matrix(t, W, imp)[1] - W) ** 2) * imp).sum()) for t in ("Q4_0", "IQ4_NL")}
+    assert err["IQ4_NL"] < 0.9 * err["Q4_0"]
+    types = {n: "IQ4_NL" if n.startswith("blk.") else "Q8_0" for n in tensor_sources(model)}
+    out = tmp_path / "iq4nl.gguf"
+    export_calibrated(model, tok, src, out, "IQ4_NL", torch.randint(3, 500, (4, 64)), "gptq", types=types)
+    _runs_like_torch_with_its_decoded_weights(model, tok, out)
+
+
 def test_calibrated_file_has_llama_cpps_types_and_runs_like_torch(tiny_models, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,32 +201,7 @@ def test_calibrated_file_has_llama_cpps_types_and_runs_like_torch(tiny_models, t
         int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "llama.gguf")).tensors)
     assert ours.stat().st_size <= (tmp_path / "llama.gguf").stat().st_size
 
-    # torch with the weights llama.cpp decodes from our blocks gives llama.cpp's logits
-    sd = model.state_dict()
-    from gguf import get_tensor_name_map, MODEL_ARCH
-
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    with torch.no_grad():
-        for hf_name, p in sd.items():
-            g = names.get_name(hf_name, try_suffixes=(".weight",))
-            if p.ndim != 2 or g not in mine:
-                continue
-            t = mine[g]
-            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
-            if hf_name.endswith("q_proj.weight"):
-                w = _unpermute(w, model.config.num_attention_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                w = _unpermute(w, model.config.num_key_value_heads)
-            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-    ids = tok("Once upon a time there was a little girl", add_special_tokens=True)["input_ids"]
-    with torch.no_grad():
-        expect = model(torch.tensor([ids])).logits[0].numpy()
-    rt = LlamaCppRuntime(ours, n_ctx=64, threads=2)
-    try:
-        got = rt.logits(ids)
-    finally:
-        rt.close()
-    assert np.abs(got - expect).max() < 0.05 * np.abs(expect).max()
+    _runs_like_torch_with_its_decoded_weights(model, tok, ours)
 
 
 def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
@@ -182,6 +211,7 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
         {"step": "imatrix", "params": {"seq_len": 128, "max_sequences": 6}},
         {"step": "quant.gguf_calibrated", "params": {"types": ["Q3_K_M"]}},
         {"step": "quant.gguf_calibrated", "params": {"target_mb": 0.15, "method": "imatrix"}},
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "mix": "measured"}},
         {"step": "evaluate", "params": {"windows": 2, "ctx": 128}}]}
     record = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}))
     assert record.manifest["status"] == "succeeded", record.manifest
@@ -196,6 +226,9 @@ def test_recipe_runs_imatrix_then_calibrated_export(tiny_models, tmp_path):
     assert v["format"] == "gguf" and v["metrics"]["perplexity"] > 1
     mixed = record.variant("base-0.15MB-imatrix")
     assert abs(mixed["metrics"]["size_bytes"] / 0.15e6 - 1) < 0.02 and mixed["metrics"]["perplexity"] > 1
+    measured = record.variant("base-Q4_K_M-gptq-measured")
+    assert measured["params"]["mix"] == "measured" and measured["params"]["type"] == "mixed like Q4_K_M"
+    assert measured["metrics"]["perplexity"] > 1
 
 
 def test_calibrated_export_alone_saves_the_statistics_it_used(tiny_models):
@@ -215,7 +248,6 @@ def test_calibrated_export_alone_saves_the_statistics_it_used(tiny_models):
 def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_path, target_mb):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetailor.engine import imatrix
     from edgetailor.engine.errors import EdgeTailorError
     from edgetailor.exporters.gguf import verify_gguf
     from edgetailor.exporters.gguf_calibrated import export_to_target
@@ -224,14 +256,63 @@ def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_p
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
     seqs = torch.randint(3, 500, (4, 64))
-    stats = imatrix.collect(model, seqs, hessians=False)
     out = tmp_path / "mixed.gguf"
-    info = export_to_target(model, tok, src, out, stats, int(target_mb * 1e6), seqs)
+    info = export_to_target(model, tok, src, out, int(target_mb * 1e6), seqs)
     assert abs(out.stat().st_size / (target_mb * 1e6) - 1) < 0.02
     assert len(set(info["tensor_types"].values())) > 1           # really mixed
     assert verify_gguf(out)["loaded_by"] == "llama.cpp"
     with pytest.raises(EdgeTailorError, match="larger than the largest"):
-        export_to_target(model, tok, src, tmp_path / "too-big.gguf", stats, int(1e6), seqs)
+        export_to_target(model, tok, src, tmp_path / "too-big.gguf", int(1e6), seqs)
+
+
+def test_measured_mix_is_never_larger_than_llama_cpps_file_and_runs(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.exporters.gguf import llama_quantize, write_gguf
+    from edgetailor.exporters.gguf_calibrated import export_to_target
+
+    src = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    write_gguf(model, tok, src, tmp_path / "f32.gguf", "F32")
+    for like in ("Q4_K_M", "Q2_K"):
+        llama_quantize(tmp_path / "f32.gguf", tmp_path / f"llama-{like}.gguf", like)
+        out = tmp_path / f"ours-{like}.gguf"
+        info = export_to_target(model, tok, src, out, None, torch.randint(3, 500, (4, 64)), like=like)
+        size, theirs = out.stat().st_size, (tmp_path / f"llama-{like}.gguf").stat().st_size
+        assert 0.97 * theirs < size <= theirs, (like, size, theirs)
+        assert info["type"] == f"mixed like {like}"
+    _runs_like_torch_with_its_decoded_weights(model, tok, out)
+
+
+def test_sensitivity_is_the_loss_gradient_at_each_output_and_the_inputs_moments(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from edgetailor.engine.sensitivity import measure_sensitivity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    seqs = torch.randint(3, 500, (2, 32))
+    sens = measure_sensitivity(model, seqs, seq_len=16)          # four pieces of 16 tokens
+    assert sens.tokens == 64 and all(p.grad is None and p.requires_grad for p in model.parameters())
+    name = "model.layers.1.mlp.down_proj"
+    mod = model.get_submodule(name)
+    grads, inputs = [], []
+    def keep(module, args, out):
+        inputs.append(args[0].detach())
+        out.retain_grad()
+        grads.append(out)
+
+    h = mod.register_forward_hook(keep)
+    for ids in seqs.reshape(4, 16):
+        out = model(input_ids=ids[None]).logits[0, :-1]
+        torch.nn.functional.cross_entropy(out, ids[1:], reduction="sum").backward()
+    h.remove()
+    model.zero_grad(set_to_none=True)
+    g2 = torch.cat([o.grad.reshape(-1, o.shape[-1]) for o in grads]).double().pow(2).mean(0)
+    x2 = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double().pow(2).mean(0)
+    torch.testing.assert_close(sens.output_grad_sq[name], g2, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(sens.input_sq[name], x2, rtol=1e-5, atol=1e-9)
+    assert sens.output_grad_sq["lm_head"].shape == (model.config.vocab_size,)
 
 
 def _with_outlier_channels(model, factor=30.0):

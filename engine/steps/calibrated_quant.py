@@ -5,7 +5,8 @@ per-input-channel second moments (llama.cpp's importance matrix) and, if asked, 
 Hessian); they are saved with the run as ``imatrix.safetensors`` (and in llama.cpp's imatrix GGUF format).
 ``quant.gguf_calibrated`` writes llama.cpp's type mixes (Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) with EdgeTailor's
 own blocks, measuring the same statistics one decoder block at a time as it goes (and saving them with the
-run when no imatrix step did).
+run when no imatrix step did). With ``mix: measured`` (or a size target) each tensor's type is chosen by its
+measured effect on the loss (``engine.sensitivity``) instead, at the size of llama.cpp's file of that type.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from ..registry import register_step
 from ..runs import Variant
 
 METHODS = ("gptq", "imatrix")
+#: where each file's per-tensor types come from: llama.cpp's mix of the named type, or EdgeTailor's plan by
+#: measured sensitivity at the size of llama.cpp's file of that type (never larger)
+MIXES = ("llama.cpp", "measured")
 #: tokens per calibration sequence, as llama-imatrix's default context
 SEQ_LEN = 512
 
@@ -69,6 +73,7 @@ class CalibratedQuantConfig:
     types: list[str] = field(default_factory=lambda: ["Q4_K_M"],
                              metadata={"help": "llama.cpp type mixes: Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K (also Q5_K_S, Q4_K_S, Q3_K_S ...)"})
     method: str = field(default="gptq", metadata={"help": "gptq (error feedback through the Hessian) or imatrix (weighted search only)"})
+    mix: str = field(default="llama.cpp", metadata={"help": "llama.cpp: llama.cpp's types for each tensor; measured: types chosen by measured sensitivity, at the size of llama.cpp's file of that type"})
     target_mb: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this size (MB, within 2%)"})
     target_bpw: float | None = field(default=None, metadata={"help": "instead of types: one mixed-precision file of this many bits per weight"})
     verify: bool = field(default=True, metadata={"help": "load each file back in llama.cpp before keeping it"})
@@ -86,6 +91,8 @@ class CalibratedQuantConfig:
             raise ValueError("a size target must be positive")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {', '.join(MIXES)}")
 
 
 def current_stats(ctx, need_hessians: bool):
@@ -113,19 +120,28 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         params = sum(p.numel() for k, p in ctx.model.state_dict().items() if k != "lm_head.weight"
                      or not getattr(ctx.model.config, "tie_word_embeddings", False))
         target = int(cfg.target_bpw * params / 8)
-    stats = current_stats(ctx, need_hessians=False) if target else None     # sensitivities need second moments
+    planned = bool(target) or cfg.mix == "measured"
+    sensitivity = None
+    if planned:
+        from ..sensitivity import measure_sensitivity
+
+        sensitivity = measure_sensitivity(ctx.model, seqs, progress=lambda f, m: ctx.progress(0.05 * f, m),
+                                          cancelled=ctx.cancel.is_set)
+        ctx.log(f"Sensitivity: loss gradients and input moments of every linear layer on {sensitivity.tokens} tokens")
     types = [f"{target / 1e6:.2f}MB"] if target else [t.upper() for t in cfg.types]
     n = len(types)
     for i, t in enumerate(types):
         ctx.check_cancelled()
-        variant = ctx.current_variant_name(f"{t}-{cfg.method}")
+        label = f"{t}-{cfg.method}" + ("-measured" if planned and not target else "")
+        variant = ctx.current_variant_name(label)
         filename = f"{ctx.source.display_name}-{variant}.gguf"
         t0 = time.perf_counter()
         with ctx.artifact(filename) as tmp:
             sub = (lambda f, m, i=i, t=t: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"))
-            if target:
-                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, stats, target, seqs,
-                                        cfg.method, progress=sub, cancelled=ctx.cancel.is_set)
+            if planned:
+                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, target, seqs, cfg.method,
+                                        progress=sub, cancelled=ctx.cancel.is_set, like=None if target else t,
+                                        sensitivity=sensitivity)
             else:
                 info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, seqs, cfg.method,
                                          progress=sub, cancelled=ctx.cancel.is_set)
@@ -139,8 +155,9 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         path = ctx.record.artifacts_dir / filename
         ctx.add_variant(Variant(
             name=variant, format="gguf", path=str(path.relative_to(ctx.record.folder)),
-            params={"type": info["type"], "method": cfg.method, "quantized_by": info["quantized_by"],
-                    "calibration_tokens": int(seqs.numel()), **({"target_bytes": target} if target else {})},
+            params={"type": info["type"], "method": cfg.method, "mix": "measured" if planned else "llama.cpp",
+                    "quantized_by": info["quantized_by"],
+                    "calibration_tokens": int(seqs.numel()), **({"target_bytes": info["target_bytes"]} if planned else {})},
             metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3)},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(path) / 1e6:.1f} MB in {seconds:.1f} s")
