@@ -439,7 +439,7 @@ def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = N
         every[name] = opts
         release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
-            progress((k + 1) / len(names), f"sensitivity of {name}")
+            progress((k + 1) / len(names), f"pricing the types of {name}")
     level = {n: 0 for n in names}
     total = sum(options[n][0][1] for n in names)
     if total > budget:
@@ -507,13 +507,15 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, target_bytes: i
 
     out = Path(out)
     sources = tensor_sources(model)
-    if like is not None:
-        # the same metadata as llama.cpp's file, so its tensors' bytes are the budget (less worst-case padding)
-        llama_types = llama_cpp_types(model, tokenizer, tokenizer_dir, like, out.parent)
-        budget = sum(_tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
-        target_bytes = budget + metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
-    else:
-        budget = target_bytes - metadata_bytes(model, tokenizer, tokenizer_dir, out.parent)
+    with tempfile.TemporaryDirectory(prefix="edgetailor-plan-", dir=out.parent) as tmp:
+        overhead = metadata_bytes(model, tokenizer, tokenizer_dir, Path(tmp))
+        if like is not None:
+            # the same metadata as llama.cpp's file, so its tensors' bytes are the budget (less worst-case padding)
+            llama_types = llama_cpp_types(model, tokenizer, tokenizer_dir, like, Path(tmp))
+            budget = sum(_tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
+            target_bytes = budget + overhead
+        else:
+            budget = target_bytes - overhead
     if sensitivity is None:
         if sequences is None:
             raise EdgeTailorError("A size target needs calibration text to measure sensitivities.",
