@@ -1,8 +1,8 @@
 """EdgeTailor's own writers for llama.cpp's block types, guided by importance statistics.
 
 Every type here is a grid ``w ~= scale_g * q - min_g`` over groups of ``group`` weights along a row, with
-integer ``q`` in ``[qmin, qmax]`` (IQ4_NL: ``q`` indexes a fixed non-uniform set of 16 levels); the k-quants (Q2_K..Q6_K) store each group's scale (and min) as a small
-integer times a per-256-weight fp16 factor. The writer works in two layers:
+integer ``q`` in ``[qmin, qmax]`` (IQ4_NL: ``q`` indexes a fixed non-uniform set of 16 levels); the k-quants
+(Q2_K..Q6_K) store each group's scale (and min) as a small integer times a per-256-weight fp16 factor. The writer works in two layers:
 
 * ``fit_params(type, x, importance)`` chooses every group's scale and min for a block of columns (a
   weighted least-squares search over candidate scales, then the k-quant integer scales and their fp16
@@ -394,22 +394,7 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
     else:
         imp = torch.tensor(np.asarray(importance, dtype=np.float32))
         imp = imp + 1e-6 * float(imp.mean()) + 1e-30
-    Q = torch.zeros_like(Wt)
-    out_q = torch.zeros_like(Wt)
-    raws = []
-    Hinv = None
-    if hessian is not None:
-        H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        Wt[:, dead] = 0
-        H.diagonal().add_(damp * float(torch.diag(H).mean()))
-        L = torch.linalg.cholesky(H)
-        del H                                       # (C x C float64 each: keep one or two alive at a time)
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
-    if Hinv is None:            # no error feedback: every block at once (the groups are independent)
+    if hessian is None:         # no error feedback: every block at once (the groups are independent)
         nb = C // bt.block
         x = Wt.reshape(R * nb, bt.block)
         p = fit_params(bt, x, imp.reshape(1, nb, bt.block).expand(R, nb, bt.block).reshape(R * nb, bt.block))
@@ -419,6 +404,19 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
         per_block = {k: v.reshape(R, nb, *v.shape[1:]) for k, v in {**p.raw, "scale": p.scale}.items()}
         raws = [{k: v[:, b] for k, v in per_block.items()} for b in range(nb)]
         return q.reshape(R, C), raws, dequant(bt, q, sc, mn).reshape(R, C)
+    H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Wt[:, dead] = 0
+    H.diagonal().add_(damp * float(torch.diag(H).mean()))
+    L = torch.linalg.cholesky(H)
+    del H                                       # (C x C float64 each: keep one or two alive at a time)
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
+    Q = torch.zeros_like(Wt)
+    out_q = torch.zeros_like(Wt)
+    raws = []
     for c0 in range(0, C, bt.block):
         c1 = c0 + bt.block
         p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])

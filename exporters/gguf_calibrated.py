@@ -335,7 +335,8 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, se
 # --- mixed precision to a size target ---------------------------------------------------------------
 #: the types a planned file chooses from (Q4_0 left out: IQ4_NL has its size and a lower error)
 CANDIDATES = ("Q2_K", "Q3_K", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
-#: rows of each tensor whose errors the planner measures (evenly spaced; the cost is scaled to all rows)
+#: rows of each tensor whose errors the planner measures (drawn in proportion to their loss weight; the cost is
+#: scaled to all rows)
 PLAN_ROWS = 64
 
 
@@ -398,8 +399,8 @@ def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = N
 
     The cost of a tensor under a type is ``sum_ij E[g_i^2] E[x_j^2] (W - Q(W))_ij^2`` (``engine.sensitivity``:
     the loss gradient at each output row times the second moment of each input), measured on ``max_rows``
-    ``PLAN_ROWS`` rows drawn in proportion to their weight and scaled to the whole tensor; it compares tensors of different layers with each
-    other, which the input statistics alone cannot. A greedy pass then buys, at every step, the upgrade with
+    (default ``PLAN_ROWS``) rows drawn in proportion to their weight and scaled to the whole tensor; it compares
+    tensors of different layers with each other, which the input statistics alone cannot. A greedy pass then buys, at every step, the upgrade with
     the largest cost drop per byte until the budget is spent.
     """
     row_weights = gguf_row_weights(sources, sensitivity.output_grad_sq)
@@ -423,7 +424,7 @@ def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = N
             err = float(rw @ (((deq - sub) ** 2) * imp[None, :]).sum(1))
             opts.append((t, type_bytes(t, W.shape), err))
         if not opts:          # rows no block type divides (llama.cpp keeps these in F16 too)
-            opts = [("F16", W.shape[0] * W.shape[1] * 2, 0.0)]
+            opts = [("F16", _tensor_bytes("F16", W.shape), 0.0)]
         opts.sort(key=lambda o: (o[1], o[2]))
         opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
         # keep the lower convex hull of (bytes, error): the types worth buying in order

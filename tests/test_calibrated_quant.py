@@ -285,6 +285,25 @@ def test_measured_mix_is_never_larger_than_llama_cpps_file_and_runs(tiny_models,
     _runs_like_torch_with_its_decoded_weights(model, tok, out)
 
 
+def test_planner_samples_rows_by_weight_so_a_few_heavy_rows_are_not_missed():
+    """The output head's loss weight sits on the rows of the tokens the text uses: a sample of 64 of 49152 rows
+    must still estimate the weighted error sum; evenly spaced rows would see none of the heavy ones."""
+    from edgetailor.exporters.gguf_calibrated import _sample_rows
+
+    rng = np.random.default_rng(4)
+    weights = np.full(49152, 1e-4)
+    heavy = rng.choice(49152, 300, replace=False)
+    weights[heavy] = rng.uniform(0.5, 3, 300)
+    err = rng.uniform(0.5, 1.5, 49152)                   # each row's squared error under some type
+    exact = float(weights @ err)
+    rows, factor = _sample_rows(weights, 64)
+    assert abs(float(factor @ err[rows]) / exact - 1) < 0.1
+    even = np.linspace(0, 49151, 64).astype(int)
+    assert abs(float(weights[even] @ err[even]) * 49152 / 64 / exact - 1) > 0.5
+    small_rows, small_factor = _sample_rows(weights[:50], 64)           # fewer rows than the sample: all, exactly
+    assert list(small_rows) == list(range(50)) and np.allclose(small_factor, weights[:50])
+
+
 def test_sensitivity_is_the_loss_gradient_at_each_output_and_the_inputs_moments(tiny_models):
     from transformers import AutoModelForCausalLM
 
