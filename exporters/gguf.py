@@ -315,12 +315,13 @@ def hf_matrix(hf_name: str, tensor, spec, heads: int, kv_heads: int) -> np.ndarr
 def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F16",
                progress: Callable[[float, str], None] | None = None,
                cancelled: Callable[[], bool] | None = None, extra_metadata: dict | None = None,
-               tensor_types: dict[str, EncodedTensor] | None = None) -> dict:
+               tensor_types: dict[str, EncodedTensor] | None = None, vocabulary: bool = True) -> dict:
     """Write a Hugging Face Llama-family model as a GGUF file of type F32, F16, BF16 or Q8_0.
 
     Tensors are converted and written one at a time (the file is never assembled in memory).
     ``tensor_types`` maps GGUF tensor names to ``EncodedTensor`` s that replace the default encoding; the
-    calibrated quantizer uses it to write its own blocks.
+    calibrated quantizer uses it to write its own blocks. ``vocabulary=False`` leaves the tokenizer out:
+    only for probes that llama.cpp's quantizer reads (it never loads a vocabulary), not for a model to run.
     """
     import gguf
 
@@ -346,7 +347,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for k, v in (extra_metadata or {}).items():
         w.add_string(k, str(v))
-    tok_kind = _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size))
+    tok_kind = _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
 
     state = model.state_dict()
     items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]

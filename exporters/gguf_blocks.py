@@ -377,13 +377,19 @@ def symmetric_int4(block: int) -> BlockType:
     return BlockType(f"INT4_B{block}", block, block, -8, 7, False, 0, False, block // 2 + 4)
 
 
+#: columns GPTQ's error feedback updates one by one before the rest of a (256-wide) block gets the sub-block's
+#: errors at once
+SUB_BLOCK = 32
+
+
 def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None = None,
                     hessian: np.ndarray | None = None, damp: float = 0.01):
     """Integer codes (R, C), each block's fitted parameters (``BlockParams.raw`` per block of columns, with the
     effective float ``scale``) and the dequantized matrix, for any grid ``bt`` (ggml's types, ONNX int4).
 
-    With ``hessian`` (X^T X of the inputs) the columns are rounded in order with GPTQ error feedback, and each
-    block's scales are fitted to the already-corrected weights just before its columns are rounded.
+    With ``hessian`` (X^T X of the inputs, or its ``inverse_hessian_factor``) the columns are rounded in order
+    with GPTQ error feedback, and each block's scales are fitted to the already-corrected weights just before
+    its columns are rounded.
     """
     Wt = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).clone()
     R, C = Wt.shape
@@ -404,37 +410,65 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
         per_block = {k: v.reshape(R, nb, *v.shape[1:]) for k, v in {**p.raw, "scale": p.scale}.items()}
         raws = [{k: v[:, b] for k, v in per_block.items()} for b in range(nb)]
         return q.reshape(R, C), raws, dequant(bt, q, sc, mn).reshape(R, C)
-    H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    U, dead = hessian if isinstance(hessian, tuple) else inverse_hessian_factor(hessian, damp)
     Wt[:, dead] = 0
-    H.diagonal().add_(damp * float(torch.diag(H).mean()))
-    L = torch.linalg.cholesky(H)
-    del H                                       # (C x C float64 each: keep one or two alive at a time)
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
-    Q = torch.zeros_like(Wt)
-    out_q = torch.zeros_like(Wt)
+    out_q = torch.empty_like(Wt)
+    Q = torch.empty_like(Wt)
     raws = []
     for c0 in range(0, C, bt.block):
         c1 = c0 + bt.block
         p = fit_params(bt, Wt[:, c0:c1], imp[c0:c1])
         raws.append({**p.raw, "scale": p.scale})
-        sc = p.scale.repeat_interleave(bt.group, 1)
-        mn = p.minv.repeat_interleave(bt.group, 1)
-        Err = torch.zeros(R, bt.block)
-        for j in range(bt.block):
-            col = c0 + j
-            w = Wt[:, col]
-            q = round_q(bt, w, sc[:, j], mn[:, j])
-            dq = dequant(bt, q, sc[:, j], mn[:, j])
-            out_q[:, col] = q
-            Q[:, col] = dq
-            e = (w - dq) / Hinv[col, col]
-            Err[:, j] = e
-            if j + 1 < bt.block:
-                Wt[:, col + 1:c1] -= e[:, None] * Hinv[col, col + 1:c1][None, :]
+        # the block's columns as contiguous rows: each step below reads and writes one of them
+        sc = p.scale.T.repeat_interleave(bt.group, 0).contiguous()         # (block, R)
+        mn = p.minv.T.repeat_interleave(bt.group, 0).contiguous()
+        inv = torch.where(sc != 0, 1 / sc, torch.zeros_like(sc))
+        Wb = Wt[:, c0:c1].T.contiguous()
+        Ub = U[c0:c1, c0:c1]
+        diag = torch.diagonal(Ub)
+        qb = torch.empty_like(Wb)
+        dqb = torch.empty_like(Wb)
+        err = torch.empty_like(Wb)
+        rows = zip(Wb.unbind(0), qb.unbind(0), dqb.unbind(0), err.unbind(0), sc.unbind(0), mn.unbind(0),
+                   inv.unbind(0), diag.unbind(0))
+        for j, (w, q, dq, e, s_j, m_j, i_j, d_j) in enumerate(rows):
+            if bt.values:
+                q.copy_(round_q(bt, w, s_j, m_j))
+                torch.mul(level(bt, q), s_j, out=dq)
+            else:
+                torch.round((w + m_j) * i_j, out=q)
+                q.clamp_(bt.qmin, bt.qmax)
+                torch.mul(q, s_j, out=dq)
+            dq.sub_(m_j)
+            torch.sub(w, dq, out=e).div_(d_j)
+            # feedback to the rest of this sub-block now, to the rest of the block once the sub-block is done
+            s1 = min((j // SUB_BLOCK + 1) * SUB_BLOCK, bt.block)
+            if j + 1 < s1:
+                Wb[j + 1:s1].addr_(Ub[j, j + 1:s1], e, alpha=-1)
+            elif s1 < bt.block:
+                s0 = s1 - SUB_BLOCK
+                Wb[s1:].addmm_(Ub[s0:s1, s1:].T, err[s0:s1], alpha=-1)
+        out_q[:, c0:c1] = qb.T
+        Q[:, c0:c1] = dqb.T
         if c1 < C:
-            Wt[:, c1:] -= Err @ Hinv[c0:c1, c1:]
+            Wt[:, c1:].addmm_(err.T, U[c0:c1, c1:], alpha=-1)
     return out_q, raws, Q
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's factor of the inputs' Hessian: the upper Cholesky factor U of H^-1 (U^T U = H^-1, float32), and
+    the mask of dead inputs (never nonzero: their columns are zeroed), after damping H by ``damp`` x its mean
+    diagonal. One factorization serves every matrix fed by the same inputs (q/k/v, gate/up).
+
+    With J the reversal permutation and J H J = L L^T, U = J L^-1 J (upper triangular, positive diagonal) -
+    one Cholesky and one triangular inverse, half the work of inverting H and factoring the inverse.
+    """
+    H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(damp * float(torch.diag(H).mean()))
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    del H
+    eye = torch.eye(L.shape[0], dtype=L.dtype)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return Linv.flip(0, 1).float().contiguous(), dead

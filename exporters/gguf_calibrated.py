@@ -35,7 +35,8 @@ def llama_cpp_types(model, tokenizer, tokenizer_dir, qtype: str, workdir: Path) 
 
     llama.cpp decides from a tensor's name, its row length and the model's hyperparameters, never from the
     values or the row count (``llama_tensor_get_type``), so the probe it quantizes has every matrix cut to
-    ``PROBE_ROWS`` zero rows: a file of a few MB instead of an F16 copy of the model.
+    ``PROBE_ROWS`` zero rows: a file of a few MB instead of an F16 copy of the model. The quantizer never
+    loads a vocabulary, so the probe has none (reading a 49k-token vocabulary back took seconds).
     """
     import gguf
 
@@ -47,7 +48,7 @@ def llama_cpp_types(model, tokenizer, tokenizer_dir, qtype: str, workdir: Path) 
         probe[name] = EncodedTensor(shape, np.dtype(np.float16), None,
                                     lambda shape=shape: np.zeros(shape, dtype=np.float16))
     try:
-        write_gguf(model, tokenizer, tokenizer_dir, mid, "F16", tensor_types=probe)
+        write_gguf(model, tokenizer, tokenizer_dir, mid, "F16", tensor_types=probe, vocabulary=False)
         llama_quantize(mid, dst, qtype)
         reader = gguf.GGUFReader(str(dst))
         types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -202,6 +203,10 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                 key_of: dict[str, str] = {}
                 last: dict = {"x": None}
 
+                # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY)
+                needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of
+                                 and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
+
                 def hook(name):
                     def fn(module, args):
                         x = args[0]
@@ -212,9 +217,11 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                             x2 = x.detach().reshape(-1, x.shape[-1]).float()
                             sq = (x2.double() ** 2).sum(0)
                             sq_of[key] = sq_of[key] + sq if key in sq_of else sq
-                            if method == "gptq":
-                                xtx[key] = xtx[key] + x2.T @ x2 if key in xtx else x2.T @ x2
-                            last.update(x=x, key=key)
+                            last.update(x=x, key=key, x2=x2, hessian=False)
+                        if name in needs_hessian and not last["hessian"]:
+                            x2 = last["x2"]
+                            xtx[key] = xtx[key] + x2.T @ x2 if key in xtx else x2.T @ x2
+                            last["hessian"] = True
                         key_of[name] = key
                         count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
                     return fn
@@ -231,6 +238,7 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                 for name in mods:
                     sum_sq[name] = sq_of[key_of[name]].clone()
                 groups: dict[tuple, list[str]] = {}
+                factors: dict[str, tuple] = {}
                 for module in mods:
                     name = gguf_of.get(module)
                     if name is not None and writable(sources[name], types.get(name)):
@@ -244,12 +252,17 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                     imp = (sq_of[key] / n).numpy()
                     hess = None
                     if method == "gptq" and not weighted:
-                        hess = (xtx[key].double() / n).numpy()
+                        if key not in factors:          # once per input (gate and up may differ in type)
+                            torch.set_num_threads(threads)
+                            factors[key] = gguf_blocks.inverse_hessian_factor((xtx[key].double() / n).numpy(),
+                                                                              GPTQ_DAMP)
+                            torch.set_num_threads(1)
+                        hess = factors[key]
                     W = np.concatenate([sources[nm].matrix() for nm in names], 0)
                     sink.put_rows(names, sources, quantize_rows(t, W, imp, hess), t)
                     del W, hess
                     trim_heap()
-                del xtx, sq_of
+                del xtx, sq_of, factors
                 release_pages(p.data for p in layer.parameters())     # done with this block's weights
                 trim_heap()
                 if progress:
