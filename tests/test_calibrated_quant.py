@@ -52,6 +52,59 @@ def test_importance_lowers_weighted_error_and_gptq_lowers_output_error(name):
     assert out_err(gptq) < 0.9 * out_err(weighted)
 
 
+def _reference_gptq(bt, W, imp, H, damp):
+    """GPTQ as written in the paper's pseudo-code: every column's error fed to all later columns at once."""
+    W = torch.from_numpy(W.copy())
+    H = torch.from_numpy(H).double()
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Q = torch.zeros_like(W)
+    for c0 in range(0, W.shape[1], bt.block):
+        p = gguf_blocks.fit_params(bt, W[:, c0:c0 + bt.block], torch.from_numpy(imp[c0:c0 + bt.block]) + 1e-6 * float(imp.mean()) + 1e-30)
+        sc, mn = p.scale.repeat_interleave(bt.group, 1), p.minv.repeat_interleave(bt.group, 1)
+        for j in range(bt.block):
+            col = c0 + j
+            q = gguf_blocks.round_q(bt, W[:, col], sc[:, j], mn[:, j])
+            Q[:, col] = gguf_blocks.dequant(bt, q, sc[:, j], mn[:, j])
+            e = (W[:, col] - Q[:, col]) / U[col, col]
+            W[:, col + 1:] -= e[:, None] * U[col, col + 1:][None, :]
+    return Q.numpy()
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "IQ4_NL"])
+def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(name):
+    """The writer's GPTQ (contiguous rows, 32-column sub-blocks, one product per block, the Hessian factor
+    from one Cholesky and a triangular inverse, reusable across matrices) is the textbook algorithm."""
+    from edgetailor.exporters.gguf_calibrated import add_gram_upper
+
+    rng = np.random.default_rng(5)
+    X = _correlated(rng, 1024, 512)
+    W = rng.standard_normal((48, 512)).astype(np.float32) * 0.05
+    wide = torch.from_numpy(rng.standard_normal((300, 1100)).astype(np.float32))
+    acc = torch.zeros(1100, 1100)
+    for part in wide.split(100):
+        add_gram_upper(acc, part, strips=3)          # row strips, each from its diagonal on
+    full = (wide.double().T @ wide.double()).numpy()
+    np.testing.assert_allclose(np.triu(acc.numpy()), np.triu(full), atol=1e-5 * np.abs(full).max())
+    H = X.astype(np.float64).T @ X
+    imp = (np.diag(H) / len(X)).astype(np.float32)
+    U, dead = gguf_blocks.inverse_hessian_factor(H, 0.1)
+    Hd = H + 0.1 * np.diag(H).mean() * np.eye(512)
+    np.testing.assert_allclose(U.double().T @ U.double(), np.linalg.inv(Hd), rtol=1e-3, atol=1e-6 * np.abs(np.linalg.inv(Hd)).max())
+    assert torch.equal(U, U.triu()) and not dead.any()
+    bt = gguf_blocks.TYPES[name]
+    ours = gguf_blocks.quantize_blocks(bt, W, imp, (U, dead))[2].numpy()
+    again = gguf_blocks.quantize_blocks(bt, W, imp, H, 0.1)[2].numpy()
+    np.testing.assert_array_equal(ours, again)
+    ref = _reference_gptq(bt, W, imp, H, 0.1)
+
+    def out_err(D):
+        return float((((D - W) @ X.T) ** 2).mean())
+
+    assert out_err(ours) == pytest.approx(out_err(ref), rel=0.01)
+    assert np.mean(ours == ref) > 0.98
+
+
 def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
     from transformers import AutoModelForCausalLM
 
