@@ -208,7 +208,11 @@ def test_worker_crash_message_and_app_goes_on(qtbot, tmp_path, stories_dir):
     assert "ended unexpectedly" in box.text() and "Traceback" not in box.text() + box.informativeText()
     assert "ended unexpectedly" in w.queue.detail.text()
     box.close()
-    # the app goes on: it answers the keyboard and runs the next job (cancelled at once here)
+    # the app goes on: it answers the keyboard and runs the next job (cancelled at once here). Shortcuts
+    # reach the active window only, so the main window takes the focus back from the closed box first.
+    qtbot.waitUntil(lambda: not box.isVisible())
+    w.activateWindow()
+    qtbot.waitUntil(lambda: QApplication.activeWindow() is w, timeout=5_000)
     qtbot.keyClick(w, Qt.Key.Key_1, Qt.KeyboardModifier.ControlModifier)
     assert w.tabs.currentIndex() == 0
     with qtbot.waitSignal(w.controller.run_finished, timeout=RUN_TIMEOUT_MS) as second:
