@@ -51,7 +51,7 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
 
     The pass goes block by block, not piece by piece (activation checkpointing at block granularity): all
     pieces go forward through one block at a time (only each block's input is kept, and its input moments
-    are taken), the head turns the last hidden states into the loss one piece at a time, and the gradient
+    are taken), the head turns the last hidden states into the loss ``HEAD_ROWS`` tokens at a time, and the gradient
     then goes back through one block at a time, each recomputed from its kept input. Each block's weights
     are read twice in all (and released after each use), and only one block's activations exist at once.
     """
