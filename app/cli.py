@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_CANCELLED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_UNSUPPORTED, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
 
 
 def _add_source_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -132,7 +132,7 @@ def cmd_inspect(args) -> int:
     rep = preflight(src, recipe)
     if args.json:
         print(json.dumps({"source": src.to_dict(), **rep.to_dict()}, indent=2))
-        return EXIT_OK if rep.fits else EXIT_NO_FIT
+        return _inspect_exit(rep)
     gb = 1024**3
     print(f"model        {src.display_name}  ({src.kind}: {src.path})")
     print(f"architecture {rep.model_type}  {'supported' if rep.supported else 'NOT supported'}  {rep.architecture_note}")
@@ -143,8 +143,20 @@ def cmd_inspect(args) -> int:
     print("exporters    " + ", ".join(f"{k}" if v == "yes" else f"{k} (no)" for k, v in rep.exporters.items()))
     print(f"RAM          needs ~{rep.ram_needed_bytes / gb:.2f} GB, {rep.ram_available_bytes / gb:.1f} GB available")
     print(f"disk         needs ~{rep.disk_needed_bytes / gb:.2f} GB, {rep.disk_available_bytes / gb:.1f} GB free")
+    for note in rep.warnings:
+        print(f"note         {note}")
+    if rep.features:
+        print("family       " + ", ".join(rep.features))
+    for refusal in rep.refusals:
+        print(f"NOT SUPPORTED: {refusal}")
     for prob in rep.problems:
         print(f"DOES NOT FIT: {prob}")
+    return _inspect_exit(rep)
+
+
+def _inspect_exit(rep) -> int:
+    if rep.refusals:
+        return EXIT_UNSUPPORTED
     return EXIT_OK if rep.fits else EXIT_NO_FIT
 
 
@@ -185,6 +197,8 @@ def cmd_compress(args) -> int:
         print(f"fix: {err['fix']}", file=sys.stderr)
     if status == "cancelled":
         return EXIT_CANCELLED
+    if isinstance(err.get("exit_code"), int):
+        return err["exit_code"]
     return EXIT_NO_FIT if err.get("type") == "DoesNotFitError" else (
         EXIT_BAD_INPUT if err.get("type") == "EdgeTailorError" else EXIT_FAILED)
 

@@ -8,24 +8,73 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Techniques verified on every family: they change weight values only and export through either GGUF writer.
+VALUE_TECHNIQUES = ("prune.magnitude", "prune.wanda")
+# Steps that measure or export and work on any supported family.
+FAMILY_AGNOSTIC = ("export", "evaluate", "benchmark")
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     model_type: str            # Hugging Face config.model_type
     gguf_arch: str             # llama.cpp's general.architecture
-    permute_qk: bool           # HF rotate-half rope -> llama.cpp interleaved rope for this arch
+    permute_qk: bool = False   # HF rotate-half rope -> llama.cpp interleaved rope for this arch
     qk_norm: bool = False      # per-head RMSNorm on q and k (qwen3)
     qkv_bias: bool = False     # biases on q/k/v projections (qwen2)
+    # "edgetailor": the project's own writer (exporters/gguf.py), into which the calibrated quantizer writes
+    # its blocks; "llama.cpp": llama.cpp's converter (exporters/hf_converter.py), which knows the family.
+    gguf_writer: str = "llama.cpp"
+    # "" when EdgeTailor's ONNX graph writer does not cover the family; onnx_note says why.
+    onnx: bool = False
+    onnx_note: str = "EdgeTailor's ONNX graph covers llama, mistral, qwen2 and qwen3 so far"
+    # None: every technique; else the transform/calibration steps verified on this family (the others say why not).
+    techniques: tuple[str, ...] | None = VALUE_TECHNIQUES
+    moe: bool = False
+    features: tuple[str, ...] = ()   # what the family brings, as the user reads it
     notes: str = ""
-    exporters: tuple[str, ...] = ("gguf", "onnx")
     extra: dict = field(default_factory=dict)
 
+    @property
+    def exporters(self) -> tuple[str, ...]:
+        return ("gguf", "onnx") if self.onnx else ("gguf",)
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", "llama", permute_qk=True),
-    "mistral": ArchSpec("mistral", "llama", permute_qk=True, notes="written as GGUF arch 'llama'"),
-    "qwen2": ArchSpec("qwen2", "qwen2", permute_qk=False, qkv_bias=True),
-    "qwen3": ArchSpec("qwen3", "qwen3", permute_qk=False, qk_norm=True),
-}
+    @property
+    def own_gguf_writer(self) -> bool:
+        return self.gguf_writer == "edgetailor"
+
+    def technique(self, step: str, kind: str) -> str:
+        """"yes", or why ``step`` does not apply to this family."""
+        if step in FAMILY_AGNOSTIC or self.techniques is None or step in self.techniques:
+            return "yes"
+        if kind == "measure" and step not in ("imatrix",):
+            return "yes"
+        why = ("it edits expert layers this step does not know" if self.moe else
+               "it assumes the Llama block layout (q/k/v/o, gate/up/down, pre-norms) and is verified on "
+               "llama, mistral, qwen2 and qwen3 only so far")
+        return f"not for {self.model_type} yet: {why}"
+
+
+_LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx=True, onnx_note="", techniques=None)
+ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
+    ArchSpec("llama", "llama", permute_qk=True, **_LLAMA_LIKE),
+    ArchSpec("mistral", "llama", permute_qk=True, notes="written as GGUF arch 'llama'",
+             features=("sliding window (llama.cpp attends to the whole context)",), **_LLAMA_LIKE),
+    ArchSpec("qwen2", "qwen2", qkv_bias=True, features=("q/k/v biases",), **_LLAMA_LIKE),
+    ArchSpec("qwen3", "qwen3", qk_norm=True, features=("QK norms",), **_LLAMA_LIKE),
+    ArchSpec("gemma", "gemma", features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
+    ArchSpec("gemma2", "gemma2", features=("logit soft-capping", "attention soft-capping", "local/global layers",
+                                            "sliding window", "query pre-attention scaling", "post-norms")),
+    ArchSpec("gemma3_text", "gemma3", features=("local/global layers", "sliding window", "two rope bases",
+                                                 "QK norms", "embedding scaling", "norm offset")),
+    ArchSpec("phi3", "phi3", features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
+    ArchSpec("granite", "granite", features=("embedding, residual, attention and logit multipliers",)),
+    ArchSpec("olmo2", "olmo2", features=("QK norms over all heads", "post-norms")),
+    ArchSpec("smollm3", "smollm3", features=("NoPE layers",)),
+    ArchSpec("starcoder2", "starcoder2", features=("biases", "LayerNorm", "GeLU MLP")),
+    ArchSpec("stablelm", "stablelm", features=("partial rotary", "LayerNorm", "q/k/v biases")),
+    ArchSpec("qwen3_moe", "qwen3moe", moe=True, features=("mixture of experts (top-k routing)", "QK norms")),
+    ArchSpec("mixtral", "llama", moe=True, features=("mixture of experts (top-2 routing)",)),
+)}
 
 
 def arch_spec(model_type: str) -> ArchSpec | None:
@@ -34,6 +83,18 @@ def arch_spec(model_type: str) -> ArchSpec | None:
 
 def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
+
+
+def gguf_writer_for(cfg) -> str:
+    """Which writer a model's GGUF file needs: the own writer covers plain Llama/Qwen blocks; a llama model with
+    attention or MLP biases goes through llama.cpp's converter (the own writer has no bias permutation)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    spec = arch_spec(get("model_type"))
+    if spec is None:
+        return ""
+    if spec.own_gguf_writer and get("model_type") in ("llama", "mistral") and (get("attention_bias") or get("mlp_bias")):
+        return "llama.cpp"
+    return spec.gguf_writer
 
 
 def count_parameters(cfg: dict) -> dict:

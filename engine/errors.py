@@ -19,13 +19,19 @@ class EdgeTailorError(Exception):
         return f"{self.problem}\nFix: {self.fix}" if self.fix else self.problem
 
     def to_dict(self) -> dict:
-        return {"type": type(self).__name__, "problem": self.problem, "fix": self.fix}
+        return {"type": type(self).__name__, "problem": self.problem, "fix": self.fix, "exit_code": self.exit_code}
 
 
 class DoesNotFitError(EdgeTailorError):
     """The job needs more memory or disk than the machine has."""
 
     exit_code = 3
+
+
+class UnsupportedModelError(EdgeTailorError):
+    """A model family (architecture) that neither EdgeTailor nor its runtimes support yet."""
+
+    exit_code = 4
 
 
 class RunCancelled(Exception):

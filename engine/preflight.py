@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from .architectures import arch_spec, count_parameters, supported_model_types
-from .errors import DoesNotFitError
+from .errors import DoesNotFitError, UnsupportedModelError
 from .sources import ResolvedSource
 
 GB = 1024**3
@@ -43,11 +43,14 @@ class PreflightReport:
     ram_available_bytes: int = 0
     disk_needed_bytes: int = 0
     disk_available_bytes: int = 0
-    problems: list = field(default_factory=list)
+    problems: list = field(default_factory=list)       # resources: RAM or disk short
+    refusals: list = field(default_factory=list)       # the family, or a step of the recipe for it, not supported
+    warnings: list = field(default_factory=list)       # works, with a caveat the user should know
+    features: list = field(default_factory=list)       # what the family brings (soft-capping, experts, ...)
 
     @property
     def fits(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.refusals
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,6 +58,10 @@ class PreflightReport:
         return d
 
     def raise_if_not_fits(self) -> None:
+        if self.refusals:
+            raise UnsupportedModelError("; ".join(self.refusals),
+                                        "Pick a model of a supported family, or drop the steps that do not apply "
+                                        "to this one (`edgetailor inspect MODEL` lists them).")
         if self.problems:
             raise DoesNotFitError("; ".join(self.problems),
                                   "Free memory or disk, pick a smaller model, or drop steps from the recipe.")
@@ -98,9 +105,43 @@ def estimate_job(recipe, params_total: int) -> tuple[float, int]:
     return ram_multiple, disk
 
 
-def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:
+def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
+    """What the model's family supports: techniques and exporters (each "yes" or why not), caveats."""
+    from ..exporters import all_exporters
     from .registry import all_steps
 
+    for name, info in sorted(all_steps().items()):
+        if spec is None:
+            report.techniques[name] = "yes" if not info.needs_supported_arch else report.architecture_note
+        else:
+            report.techniques[name] = spec.technique(name, info.kind)
+    for name in sorted(all_exporters()):
+        if spec is None:
+            report.exporters[name] = report.architecture_note
+        elif name in spec.exporters:
+            report.exporters[name] = "yes"
+        else:
+            report.exporters[name] = f"not for {spec.model_type} yet: {spec.onnx_note}"
+    if spec is None:
+        report.refusals.append(report.architecture_note)
+        return
+    report.features = list(spec.features)
+    window = cfg.get("sliding_window")
+    if window and spec.model_type in ("mistral", "starcoder2", "mixtral", "qwen2", "qwen3") and (
+            cfg.get("use_sliding_window", True)):
+        report.warnings.append(
+            f"this model attends within a sliding window of {window} tokens; llama.cpp's {spec.gguf_arch} graph "
+            f"attends to the whole context, so GGUF files match the model up to {window} tokens of context")
+    for step in (recipe.steps if recipe is not None else []):
+        verdict = report.techniques.get(step.name, "yes")
+        if verdict != "yes":
+            report.refusals.append(f"step '{step.name}': {verdict}")
+        if step.name == "export" and str((step.params or {}).get("format", "gguf")) not in spec.exporters:
+            fmt = (step.params or {}).get("format")
+            report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")
+
+
+def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:
     cfg = src.config
     mt = cfg.get("model_type", "?")
     spec = arch_spec(mt)
@@ -116,17 +157,10 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     report = PreflightReport(
         model_type=mt, supported=spec is not None,
         architecture_note=(spec.notes if spec else
-                           f"'{mt}' is not supported; supported: {', '.join(supported_model_types())}"),
+                           f"not supported yet: '{mt}'; supported: {', '.join(supported_model_types())}"),
         parameters=params, dtype=dtype, weights_bytes=weights_bytes,
         context_length=int(cfg.get("max_position_embeddings") or 0))
-    for name, info in sorted(all_steps().items()):
-        report.techniques[name] = "yes" if spec is not None or not info.needs_supported_arch else report.architecture_note
-    from ..exporters import all_exporters
-
-    for name, exporter in sorted(all_exporters().items()):
-        report.exporters[name] = "yes" if spec is not None and name in spec.exporters else report.architecture_note
-    if spec is None:
-        report.problems.append(report.architecture_note)
+    _family(report, spec, cfg, recipe)
 
     ram_multiple, disk = estimate_job(recipe, params["total"])
     fp32 = params["total"] * 4

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.architectures import arch_spec
+from ..engine.architectures import arch_spec, gguf_writer_for, supported_model_types
 from ..engine.errors import EdgeTailorError, RunCancelled
 from . import register_exporter
 from .base import Exporter, ExportResult
@@ -75,7 +75,13 @@ class GGUFExporter(Exporter):
                 f"llama.cpp writes {qtype} only with an importance matrix.",
                 "Use a calibrated step (quant.gguf_calibrated) or a type like Q2_K, IQ3_S, IQ4_XS that needs none.")
         out = Path(out)
-        if qtype in DIRECT_TYPES:
+        writer = gguf_writer_for(model.config)
+        if not writer:
+            raise unsupported_error(model.config.model_type)
+        if writer == "llama.cpp":
+            info = export_converted(model, tokenizer_dir, out, qtype, source_dir=options.get("source_dir"),
+                                    threads=threads, progress=progress, cancelled=cancelled)
+        elif qtype in DIRECT_TYPES:
             info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
         else:
             with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
@@ -97,6 +103,57 @@ class GGUFExporter(Exporter):
 
 
 register_exporter(GGUFExporter())
+
+
+def export_converted(model, tokenizer_dir, out: Path, qtype: str, source_dir=None, threads=None,
+                     progress=None, cancelled=None) -> dict:
+    """A GGUF file of a family EdgeTailor's writer does not cover, written by llama.cpp's converter.
+
+    ``source_dir``: the untouched source folder (the converter reads its safetensors lazily); otherwise the
+    current model is saved to a scratch folder first. Types the converter does not write come from an
+    F32 (small models) or F16 intermediate through llama.cpp's quantizer, as for the own writer.
+    """
+    from .hf_converter import OUTTYPES, convert
+
+    with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
+        folder = Path(source_dir) if source_dir else save_hf_folder(model, tokenizer_dir, Path(tmp) / "model")
+        sub = (lambda f, m: progress(0.5 * f, m)) if progress else None
+        if qtype in OUTTYPES:
+            info = convert(folder, out, qtype, progress=progress, cancelled=cancelled)
+        else:
+            mid_type = "F32" if _param_count(model) < 2_000_000_000 else "F16"
+            mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
+            info = convert(folder, mid, mid_type, progress=sub, cancelled=cancelled)
+            if progress:
+                progress(0.55, f"llama.cpp quantizes to {qtype}")
+            info.update(llama_quantize(mid, out, qtype, threads=threads))
+            info["quantized_by"] = "llama.cpp llama_model_quantize"
+    info.update(type=qtype, arch=model.config.model_type)
+    return info
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "edgetailor.json")
+
+
+def save_hf_folder(model, tokenizer_dir, folder: Path) -> Path:
+    """The in-memory (transformed) model as a Hugging Face folder (safetensors) with the source's tokenizer."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists() and not (folder / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, folder / name)
+    return folder
+
+
+def unsupported_error(model_type: str) -> EdgeTailorError:
+    from ..engine.errors import UnsupportedModelError
+
+    return UnsupportedModelError(
+        f"Not supported yet: '{model_type}' models. Supported: {', '.join(supported_model_types())}.",
+        "Pick a model of a supported family; ask for this one in an issue, naming the model.")
 
 
 def _param_count(model) -> int:
@@ -327,9 +384,10 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
 
     cfg = model.config
     spec = arch_spec(cfg.model_type)
-    if spec is None:
-        raise EdgeTailorError(f"The GGUF exporter does not support '{cfg.model_type}' models.",
-                              "Supported: llama, mistral, qwen2, qwen3.")
+    if gguf_writer_for(cfg) != "edgetailor":
+        raise EdgeTailorError(f"EdgeTailor's own GGUF writer does not cover this '{cfg.model_type}' model "
+                              "(its family, or biases the writer does not place).",
+                              "Use the export step: it writes this family with llama.cpp's converter.")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
     n_layers = int(cfg.num_hidden_layers)
     names = gguf.get_tensor_name_map(arch, n_layers)

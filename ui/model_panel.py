@@ -174,7 +174,12 @@ def card_html(src, report) -> str:
         ("Exporters", ", ".join(f"{html.escape(k)}: {'✓' if v == 'yes' else '✗'}" for k, v in report.exporters.items())),
         ("Techniques", ", ".join(f"{html.escape(k)} {'✓' if v == 'yes' else '✗'}" for k, v in report.techniques.items())),
     ]
+    if getattr(report, "features", None):
+        rows.insert(1, ("Family", html.escape(", ".join(report.features))))
     body = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in rows)
     title = f"<b>{html.escape(src.display_name)}</b> <small>({html.escape(src.kind)}: {html.escape(str(src.path))})</small>"
-    problems = "".join(f"<br><b>⚠ {html.escape(x)}</b>" for x in report.problems)
-    return f"{title}<table>{body}</table>{problems or '<br>✓ The job fits this machine.'}"
+    problems = "".join(f"<br><b>⚠ {html.escape(x)}</b>"
+                       for x in [*getattr(report, "refusals", []), *report.problems])
+    problems += "".join(f"<br>ⓘ {html.escape(x)}" for x in getattr(report, "warnings", []))
+    fits = "<br>✓ The job fits this machine." if report.fits else ""
+    return f"{title}<table>{body}</table>{problems}{fits}"

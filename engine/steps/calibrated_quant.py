@@ -40,6 +40,11 @@ def compute_stats(ctx, cfg: ImatrixConfig):
     from ..calibration import token_sequences
     from ..imatrix import collect
 
+    if gguf_writer_for(ctx.model.config) != "edgetailor":
+        raise UnsupportedModelError(
+            f"Calibrated GGUF blocks go into EdgeTailor's own GGUF writer, which does not cover this "
+            f"'{ctx.model.config.model_type}' model (its family, or attention/MLP biases).",
+            "Use the export step with llama.cpp's types (Q4_K_M, ...) for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
     stats = collect(ctx.model, seqs, hessians=cfg.hessians,
@@ -107,10 +112,18 @@ def current_stats(ctx, need_hessians: bool):
                exports="this is the export (GGUF)")
 def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     from ...exporters.gguf import verify_gguf
+    from ..architectures import gguf_writer_for
+    from ..errors import UnsupportedModelError
+    from ..verification import check_variant
     from ...exporters.gguf_calibrated import export_calibrated, export_to_target
     from ..atomic import tree_size
     from ..calibration import token_sequences
 
+    if gguf_writer_for(ctx.model.config) != "edgetailor":
+        raise UnsupportedModelError(
+            f"Calibrated GGUF blocks go into EdgeTailor's own GGUF writer, which does not cover this "
+            f"'{ctx.model.config.model_type}' model (its family, or attention/MLP biases).",
+            "Use the export step with llama.cpp's types (Q4_K_M, ...) for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens, walked one decoder block at a time")
     target = None
@@ -147,8 +160,9 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
                                          progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = verify_gguf(tmp) if cfg.verify else {}
-        if cfg.verify and not checked:
-            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+            if cfg.verify and not checked:
+                raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+            agreement = check_variant(ctx, ctx.model, "gguf", t, tmp) if cfg.verify else {}
         held = ctx.scratch.get("imatrix")
         if not (held and held[0] == tuple(ctx.applied)):
             keep_stats(ctx, info["stats"], cfg.seq_len)      # the statistics these blocks were fitted with, saved
@@ -158,7 +172,7 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
             params={"type": info["type"], "method": cfg.method, "mix": "measured" if planned else "llama.cpp",
                     "quantized_by": info["quantized_by"],
                     "calibration_tokens": int(seqs.numel()), **({"target_bytes": info["target_bytes"]} if planned else {})},
-            metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3)},
+            metrics={"size_bytes": tree_size(path), "export_seconds": round(seconds, 3), **agreement},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(path) / 1e6:.1f} MB in {seconds:.1f} s")
     ctx.progress(1.0, "exported")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..errors import EdgeTailorError
 from ..plain import plain_weights
 from ..registry import register_step
+from ..verification import check_variant
 from ..runs import Variant
 
 SUFFIX = {"gguf": ".gguf", "onnx": ""}     # ONNX variants are folders
@@ -19,7 +20,8 @@ class ExportConfig:
                              metadata={"help": "GGUF: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K IQ4_XS ...; "
                                                "ONNX: fp32 fp16 int8 int4"})
     options: dict = field(default_factory=dict, metadata={"help": "exporter-specific options"})
-    verify: bool = field(default=True, metadata={"help": "load each file back in its runtime before keeping it"})
+    verify: bool = field(default=True, metadata={"help": "run each file in its runtime against the model it was "
+                                                         "written from (KL, top-1 on fixed windows) before keeping it"})
 
     def __post_init__(self):
         if not self.types:
@@ -56,6 +58,8 @@ def export(ctx, cfg: ExportConfig) -> None:
         ctx.progress(i / n, f"{cfg.format} {t}")
         t0 = time.perf_counter()
         options = {"threads": ctx.options.resolved_threads(), **cfg.options, "type": t}
+        if not ctx.applied and any(ctx.source.path.glob("*.safetensors")):
+            options.setdefault("source_dir", ctx.source.path)    # untouched: writers may read the files lazily
         if cfg.format == "onnx" and options.get("method") == "gptq":
             options.setdefault("calibration_text", ctx.calibration_text())
 
@@ -67,8 +71,9 @@ def export(ctx, cfg: ExportConfig) -> None:
                                      progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = exporter.verify(tmp) if cfg.verify else {}
-        if cfg.verify and not checked:
-            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+            if cfg.verify and not checked:
+                raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+            agreement = check_variant(ctx, model, cfg.format, t, tmp) if cfg.verify else {}
         size = (ctx.record.artifacts_dir / filename)
         from ..atomic import tree_size
 
@@ -76,8 +81,11 @@ def export(ctx, cfg: ExportConfig) -> None:
             name=variant, format=cfg.format, path=str((ctx.record.artifacts_dir / filename).relative_to(ctx.record.folder)),
             params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by", "fallback_tensors",
                                                                         "block_size", "method")}},
-            metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3)},
+            metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3), **agreement},
             parent="baseline", steps=list(ctx.applied)))
         ctx.log(f"{filename}: {tree_size(size) / 1e6:.1f} MB in {seconds:.1f} s"
-                + (f", verified by {checked.get('loaded_by')}" if checked else ""))
+                + (f", verified by {checked.get('loaded_by')}" if checked else "")
+                + (f": KL {agreement['verify_kl']:.2g}, top-1 {agreement['verify_top1']:.0%} against the source"
+                   if agreement else ""))
     ctx.progress(1.0, "exported")
+
