@@ -24,9 +24,10 @@ class ArchSpec:
     # "edgetailor": the project's own writer (exporters/gguf.py), into which the calibrated quantizer writes
     # its blocks; "llama.cpp": llama.cpp's converter (exporters/hf_converter.py), which knows the family.
     gguf_writer: str = "llama.cpp"
-    # "" when EdgeTailor's ONNX graph writer does not cover the family; onnx_note says why.
-    onnx: bool = False
-    onnx_note: str = "EdgeTailor's ONNX graph covers llama, mistral, qwen2 and qwen3 so far"
+    # Who writes the ONNX graph: "edgetailor" (exporters/onnx.py, every int4 method), "genai-builder"
+    # (onnxruntime-genai's model builder, which knows the family), or "" (nobody yet: onnx_note says why).
+    onnx: str = ""
+    onnx_note: str = "neither EdgeTailor's ONNX graph nor onnxruntime-genai's model builder covers it yet"
     # None: every technique; else the transform/calibration steps verified on this family (the others say why not).
     techniques: tuple[str, ...] | None = VALUE_TECHNIQUES
     moe: bool = False
@@ -54,22 +55,25 @@ class ArchSpec:
         return f"not for {self.model_type} yet: {why}"
 
 
-_LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx=True, onnx_note="", techniques=None)
+_LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx="edgetailor", onnx_note="", techniques=None)
+_BUILDER = dict(onnx="genai-builder", onnx_note="")
+_SWA_NOTE = ("onnxruntime-genai's builder writes its sliding-window layers for a preallocated KV cache, which "
+             "EdgeTailor's ONNX runtime does not give yet (and the 0.18 builder fails on transformers 5's Gemma 3 config)")
 ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("llama", "llama", permute_qk=True, **_LLAMA_LIKE),
     ArchSpec("mistral", "llama", permute_qk=True, notes="written as GGUF arch 'llama'",
              features=("sliding window (llama.cpp attends to the whole context)",), **_LLAMA_LIKE),
     ArchSpec("qwen2", "qwen2", qkv_bias=True, features=("q/k/v biases",), **_LLAMA_LIKE),
     ArchSpec("qwen3", "qwen3", qk_norm=True, features=("QK norms",), **_LLAMA_LIKE),
-    ArchSpec("gemma", "gemma", features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
-    ArchSpec("gemma2", "gemma2", features=("logit soft-capping", "attention soft-capping", "local/global layers",
+    ArchSpec("gemma", "gemma", **_BUILDER, features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
+    ArchSpec("gemma2", "gemma2", onnx_note=_SWA_NOTE, features=("logit soft-capping", "attention soft-capping", "local/global layers",
                                             "sliding window", "query pre-attention scaling", "post-norms")),
-    ArchSpec("gemma3_text", "gemma3", features=("local/global layers", "sliding window", "two rope bases",
+    ArchSpec("gemma3_text", "gemma3", onnx_note=_SWA_NOTE, features=("local/global layers", "sliding window", "two rope bases",
                                                  "QK norms", "embedding scaling", "norm offset")),
-    ArchSpec("phi3", "phi3", features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
-    ArchSpec("granite", "granite", features=("embedding, residual, attention and logit multipliers",)),
+    ArchSpec("phi3", "phi3", **_BUILDER, features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
+    ArchSpec("granite", "granite", **_BUILDER, features=("embedding, residual, attention and logit multipliers",)),
     ArchSpec("olmo2", "olmo2", features=("QK norms over all heads", "post-norms")),
-    ArchSpec("smollm3", "smollm3", features=("NoPE layers",)),
+    ArchSpec("smollm3", "smollm3", onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
     ArchSpec("starcoder2", "starcoder2", features=("biases", "LayerNorm", "GeLU MLP")),
     ArchSpec("stablelm", "stablelm", features=("partial rotary", "LayerNorm", "q/k/v biases")),
     ArchSpec("qwen3_moe", "qwen3moe", moe=True, features=("mixture of experts (top-k routing)", "QK norms")),

@@ -90,8 +90,16 @@ def verify_against_source(fmt: str, qtype: str, path, reference: list[np.ndarray
     from .runtimes import open_runtime as default_open
 
     opener = open_runtime or default_open
-    with opener(fmt, path, n_ctx=max(len(w) for w in windows), threads=threads) as rt:
-        found = compare(reference, rt, windows)
+    try:
+        with opener(fmt, path, n_ctx=max(len(w) for w in windows), threads=threads) as rt:
+            found = compare(reference, rt, windows)
+    except EdgeTailorError:
+        raise
+    except Exception as exc:      # the runtime refuses the file: it is not usable, whatever wrote it
+        raise WrongFileError(f"The {fmt} {qtype} file does not run on {len(windows)} windows of "
+                             f"{len(windows[0])} tokens: {type(exc).__name__}: {str(exc)[:300]}. It was not kept.",
+                             "This is a bug in the exporter or the runtime for this model family; please report it "
+                             "with the run folder. Meanwhile try the other format.") from exc
     tol = tolerance_for(fmt, qtype)
     found.update(max_kl=tol.max_kl, min_top1=tol.min_top1, passed=found["kl"] <= tol.max_kl and found["top1"] >= tol.min_top1)
     if not found["passed"]:

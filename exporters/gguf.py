@@ -114,9 +114,10 @@ def export_converted(model, tokenizer_dir, out: Path, qtype: str, source_dir=Non
     F32 (small models) or F16 intermediate through llama.cpp's quantizer, as for the own writer.
     """
     from .hf_converter import OUTTYPES, convert
+    from .hf_folder import model_folder
 
     with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
-        folder = Path(source_dir) if source_dir else save_hf_folder(model, tokenizer_dir, Path(tmp) / "model")
+        folder = model_folder(model, tokenizer_dir, source_dir, Path(tmp))
         sub = (lambda f, m: progress(0.5 * f, m)) if progress else None
         if qtype in OUTTYPES:
             info = convert(folder, out, qtype, progress=progress, cancelled=cancelled)
@@ -130,22 +131,6 @@ def export_converted(model, tokenizer_dir, out: Path, qtype: str, source_dir=Non
             info["quantized_by"] = "llama.cpp llama_model_quantize"
     info.update(type=qtype, arch=model.config.model_type)
     return info
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "edgetailor.json")
-
-
-def save_hf_folder(model, tokenizer_dir, folder: Path) -> Path:
-    """The in-memory (transformed) model as a Hugging Face folder (safetensors) with the source's tokenizer."""
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).exists() and not (folder / name).exists():
-            shutil.copy(Path(tokenizer_dir) / name, folder / name)
-    return folder
 
 
 def unsupported_error(model_type: str) -> EdgeTailorError:

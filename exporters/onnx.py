@@ -31,8 +31,12 @@ int64, ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] -> ``
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +97,9 @@ class ONNXExporter(Exporter):
             if progress:
                 progress(f, m)
 
+        spec = arch_spec(model.config.model_type)
+        if spec is not None and spec.onnx == "genai-builder":
+            return export_with_builder(model, tokenizer_dir, out, opts, options.get("source_dir"), step, cancelled)
         step(0.0, "building the ONNX graph")
         float_type = "fp16" if qtype == "fp16" else "fp32"
         graph = build_graph(model, float_type, quantizable=qtype in ("int8", "int4"))
@@ -122,6 +129,56 @@ class ONNXExporter(Exporter):
 
 
 register_exporter(ONNXExporter())
+
+
+# --- onnxruntime-genai's model builder, for the families EdgeTailor's graph does not cover ----------------
+BUILDER_TYPES = ("fp32", "fp16", "int8", "int4")
+
+
+def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir, step, cancelled) -> ExportResult:
+    """The family's graph as onnxruntime-genai's model builder writes it (in a child process: it loads the model
+    in torch itself), from the untouched source folder or the transformed model saved to scratch. Its int4 is
+    MatMulNBits RTN at the given block size; EdgeTailor's GPTQ and HQQ need EdgeTailor's own graph."""
+    from .hf_folder import model_folder
+
+    if opts["type"] == "int4" and opts["method"] != "rtn":
+        raise EdgeTailorError(
+            f"int4 method '{opts['method']}' runs on EdgeTailor's own ONNX graph, which does not cover "
+            f"'{model.config.model_type}' models; onnxruntime-genai's builder writes them with RTN.",
+            "Use method: rtn for this model, or export it to GGUF.")
+    step(0.0, "onnxruntime-genai's model builder writes the graph")
+    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-", dir=out.parent) as tmp:
+        folder = model_folder(model, tokenizer_dir, source_dir, Path(tmp))
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+               "-p", opts["type"], "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        if opts["type"] == "int4":
+            cmd += ["--extra_options", f"int4_block_size={opts['block_size']}",
+                    f"int4_accuracy_level={opts['accuracy_level']}"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with open(Path(tmp) / "builder.log", "w+b") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                while proc.poll() is None:
+                    if cancelled and cancelled():
+                        raise RunCancelled()
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace")
+    if proc.returncode != 0 or not (out / "model.onnx").exists():
+        tail = " | ".join(ln for ln in text.strip().splitlines()[-3:])[-600:]
+        raise EdgeTailorError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}): {tail}",
+                              "Export this model to GGUF, or update onnxruntime-genai.")
+    step(0.9, "written")
+    info = {"type": opts["type"], "written_by": "onnxruntime-genai model builder",
+            **({"block_size": opts["block_size"], "method": "rtn",
+                "quantized_by": "onnxruntime-genai builder (MatMulNBits RTN)"} if opts["type"] == "int4" else {})}
+    files = sorted(p for p in out.iterdir())
+    info["bytes"] = sum(p.stat().st_size for p in files if p.is_file())
+    return ExportResult(path=out, files=files, info=info)
 
 
 # --- graph ------------------------------------------------------------------------------------------
@@ -187,9 +244,13 @@ def build_graph(model, float_type: str = "fp32", quantizable: bool = False) -> D
 
     cfg = model.config
     spec = arch_spec(cfg.model_type)
-    if spec is None or "onnx" not in spec.exporters:
-        raise EdgeTailorError(f"The ONNX exporter does not support '{cfg.model_type}' models.",
-                              "Supported: llama, mistral, qwen2, qwen3.")
+    if spec is None or spec.onnx != "edgetailor":
+        from ..engine.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"EdgeTailor's ONNX graph does not cover '{cfg.model_type}' models"
+            + (f": {spec.onnx_note}." if spec is not None and spec.onnx_note else "."),
+            "Export this model to GGUF; `edgetailor inspect MODEL` lists what applies to it.")
     inner = model.model
     layers = inner.layers
     heads = int(cfg.num_attention_heads)

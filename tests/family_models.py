@@ -24,7 +24,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                layer_types=["sliding_attention"] * 5 + ["full_attention"],
                                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
-    "phi3": ("bpe", dict(model_type="phi3", partial_rotary_factor=0.75, pad_token_id=0,
+    # onnxruntime's attention needs the rotary half-width a multiple of 8 (Phi-4-mini: 128 x 0.75 / 2 = 48)
+    "phi3": ("bpe", dict(model_type="phi3", hidden_size=128, partial_rotary_factor=0.5, pad_token_id=0,
+                         original_max_position_embeddings=512,
                          tokenizer_class="GPT2Tokenizer")),     # Phi-4-mini: BPE tokenizer, partial rotary
     "granite": ("bpe", dict(model_type="granite", embedding_multiplier=6.0, residual_multiplier=0.3,
                             attention_multiplier=0.2, logits_scaling=2.0)),

@@ -48,9 +48,13 @@ def test_family_exports_exactly_tokenizes_alike_and_survives_a_transform(family,
     from edgetailor.engine.verification import tolerance_for
     from transformers import AutoTokenizer
 
+    from edgetailor.engine.architectures import arch_spec
+
     folder = family_model(family)
+    onnx = bool(arch_spec(json.loads((folder / "config.json").read_text())["model_type"]).onnx)
     record = _run(folder, [
         {"step": "export", "params": {"format": "gguf", "types": ["F16"]}},            # the source read lazily
+        *([{"step": "export", "params": {"format": "onnx", "types": ["fp32"]}}] if onnx else []),
         {"step": "prune.magnitude", "params": {"sparsity": 0.3, "modules": PRUNED.get(family, ATTENTION + [
             "gate_proj", "up_proj", "down_proj"])}},
         {"step": "export", "params": {"format": "gguf", "types": ["F16", "Q4_K_M"]}},  # the pruned model, saved
@@ -68,10 +72,29 @@ def test_family_exports_exactly_tokenizes_alike_and_survives_a_transform(family,
     step = next(s for s in m["steps"] if s["name"] == "prune.magnitude")
     assert 0.25 < step["report"]["sparsity"] < 0.35
 
+    if onnx:
+        assert variants["base-fp32"]["metrics"]["verify_kl"] < 1e-5
+        _onnx_logits_match_torch(folder, record.folder / variants["base-fp32"]["path"])
+
     tok = AutoTokenizer.from_pretrained(folder)
     with LlamaCppRuntime(record.folder / variants["base-F16"]["path"], n_ctx=128, threads=1) as rt:
         for s in TEST_STRINGS:
             assert rt.tokenize(s) == tok(s, add_special_tokens=False)["input_ids"], (family, s)
+
+
+def _onnx_logits_match_torch(folder: Path, onnx_folder: Path) -> None:
+    import numpy as np
+    import torch
+    from edgetailor.engine.runtimes import open_runtime
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    with open_runtime("onnx", onnx_folder, n_ctx=64, threads=1) as rt:
+        got = rt.logits(ids)
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
 
 
 @pytest.mark.slow
@@ -141,3 +164,14 @@ def test_preflight_lists_family_features_techniques_and_the_sliding_window_cavea
     assert any("experts" in f for f in rep.features)
     sw = resolve(str(_fake_model(tmp_path / "sc", {**base, "model_type": "starcoder2", "sliding_window": 4096})))
     assert any("sliding window of 4096" in w for w in preflight(sw).warnings)
+
+
+@pytest.mark.slow
+def test_biased_llama_onnx_matches_torch(family_model):
+    """The own ONNX graph carries attention and MLP biases (the GGUF side goes through llama.cpp's converter)."""
+    folder = family_model("llama_bias")
+    record = _run(folder, [{"step": "export", "params": {"format": "onnx", "types": ["fp32"]}}])
+    assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+    variant = record.manifest["variants"][0]
+    assert variant["metrics"]["verify_kl"] < 1e-5
+    _onnx_logits_match_torch(folder, record.folder / variant["path"])

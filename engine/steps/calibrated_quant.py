@@ -40,11 +40,6 @@ def compute_stats(ctx, cfg: ImatrixConfig):
     from ..calibration import token_sequences
     from ..imatrix import collect
 
-    if gguf_writer_for(ctx.model.config) != "edgetailor":
-        raise UnsupportedModelError(
-            f"Calibrated GGUF blocks go into EdgeTailor's own GGUF writer, which does not cover this "
-            f"'{ctx.model.config.model_type}' model (its family, or attention/MLP biases).",
-            "Use the export step with llama.cpp's types (Q4_K_M, ...) for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
     stats = collect(ctx.model, seqs, hessians=cfg.hessians,
