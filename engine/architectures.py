@@ -101,6 +101,20 @@ def gguf_writer_for(cfg) -> str:
     return spec.gguf_writer
 
 
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")    # config lists with one entry per decoder block
+
+
+def keep_layers(cfg, keep: list[int]) -> None:
+    """Give a transformers config ``len(keep)`` blocks, the i-th like the source's block ``keep[i]``: per-layer
+    lists (Gemma 3's local/global ``layer_types``, SmolLM3's ``no_rope_layers``) are carried along first, so the
+    config stays valid."""
+    for name in PER_LAYER_LISTS:
+        values = getattr(cfg, name, None)
+        if isinstance(values, list) and values:
+            setattr(cfg, name, [values[i % len(values)] for i in keep])
+    cfg.num_hidden_layers = len(keep)
+
+
 def count_parameters(cfg: dict) -> dict:
     """Parameter count of a Llama-family config, without loading weights.
 

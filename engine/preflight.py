@@ -13,11 +13,12 @@ from pathlib import Path
 
 import psutil
 
-from .architectures import arch_spec, count_parameters, supported_model_types
+from .architectures import arch_spec, count_parameters, gguf_writer_for, supported_model_types
 from .errors import DoesNotFitError, UnsupportedModelError
 from .sources import ResolvedSource
 
 GB = 1024**3
+OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated")     # they write into EdgeTailor's own GGUF writer
 # Bytes per weight of each GGUF type (block size and block bytes from ggml), for disk estimates.
 GGUF_BITS_PER_WEIGHT = {
     "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
@@ -125,6 +126,10 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
     if spec is None:
         report.refusals.append(report.architecture_note)
         return
+    if spec.own_gguf_writer and gguf_writer_for(cfg) != "edgetailor":
+        for name in OWN_WRITER_STEPS:
+            report.techniques[name] = (f"not for {spec.model_type} with attention/MLP biases yet: its blocks go "
+                                       "into EdgeTailor's GGUF writer, which does not place those biases")
     report.features = list(spec.features)
     window = cfg.get("sliding_window")
     if window and spec.model_type in ("mistral", "starcoder2", "mixtral", "qwen2", "qwen3") and (

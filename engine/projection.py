@@ -287,9 +287,14 @@ def make_overhead_probe(source_folder: str | Path, out: Path, shape: dict | None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .architectures import keep_layers
+
     cfg = AutoConfig.from_pretrained(str(source_folder))
     for k, v in (shape or TINY_SHAPE).items():
-        setattr(cfg, k, v)
+        if k == "num_hidden_layers":
+            keep_layers(cfg, list(range(int(v))))
+        else:
+            setattr(cfg, k, v)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)

@@ -175,3 +175,24 @@ def test_biased_llama_onnx_matches_torch(family_model):
     variant = record.manifest["variants"][0]
     assert variant["metrics"]["verify_kl"] < 1e-5
     _onnx_logits_match_torch(folder, record.folder / variant["path"])
+
+
+@pytest.mark.slow
+def test_a_local_global_family_is_benchmarked_and_projected(family_model):
+    """Gemma 3 (per-layer local/global attention): the benchmark's one-layer probes keep the config valid."""
+    record = _run(family_model("gemma3_text"), [
+        {"step": "export", "params": {"format": "gguf", "types": ["Q8_0"]}},
+        {"step": "benchmark", "params": {"prompt_tokens": 24, "gen_tokens": 8, "repeats": 2, "n_ctx": 64,
+                                         "baseline": False}}])
+    assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+    m = record.variant("base-Q8_0")["metrics"]
+    assert m["decode_tps"] > 0 and m["predicted_memory_bytes"] > 0 and m["projected_decode_tps"] > 0
+
+
+def test_biased_llama_refuses_the_steps_of_the_own_writer_before_loading(tmp_path):
+    from edgetailor.engine import preflight, resolve
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 100, "attention_bias": True}
+    rep = preflight(resolve(str(_fake_model(tmp_path / "b", cfg))))
+    assert rep.techniques["prune.width"] == "yes" and "biases" in rep.techniques["quant.gguf_calibrated"]

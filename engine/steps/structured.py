@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..architectures import count_parameters
+from ..architectures import count_parameters, keep_layers
 from ..calibration import (
     block_influence,
     decoder_layers,
@@ -250,9 +250,7 @@ def remove_blocks(model, drop: list[int]):
         elif int(m.group(1)) in renumber:
             state[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().clone()
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
+    keep_layers(config, keep)
     return rebuild(model, config, state)
 
 
