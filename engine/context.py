@@ -54,6 +54,8 @@ class RunContext:
         self.step_name: str | None = None
         self.applied: list[str] = []       # transform steps applied to the current model, in order
         self._loaded = None                # LoadedModel of the current (possibly transformed) model
+        self._tokenizer = None             # the tokenizer alone, while the model is not loaded
+        self._lazy = None                  # LazyModel of the untouched source (export-only steps)
         self._texts: dict[str, str] = {}
         self.scratch: dict = {}            # steps may leave things for later steps (e.g. importance stats)
 
@@ -108,14 +110,38 @@ class RunContext:
 
     @property
     def tokenizer(self):
-        return self.loaded.tokenizer
+        """The source's tokenizer; reading it does not load the model."""
+        if self._loaded is not None:
+            return self._loaded.tokenizer
+        if self._tokenizer is None:
+            from .modeling import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.source)
+        return self._tokenizer
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def source_weights(self):
+        """The untouched source for writers: the loaded model when a step already loaded it, else its files read
+        lazily (``LazyModel``: nothing in memory until a tensor's turn; no fp32 copy)."""
+        if self._loaded is not None or self.applied:
+            return self.model
+        from .lazy import LazyModel, can_read_lazily
+
+        if not can_read_lazily(self.source.path):
+            return self.model
+        if self._lazy is None:
+            self._lazy = LazyModel(self.source.path, trust_remote_code=self.source.trust_remote_code)
+        return self._lazy
 
     def load_baseline(self):
         """A fresh copy of the untouched source model (the reference every variant is compared with)."""
         from .modeling import load_model
 
-        if self._loaded is not None and not self.applied:
-            return self._loaded
+        if not self.applied:
+            return self.loaded          # loaded once and kept: the current model is the source
         return load_model(self.source, self.options.dtype)
 
     def current_variant_name(self, suffix: str = "") -> str:

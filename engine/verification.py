@@ -117,7 +117,14 @@ def check_variant(ctx, model, fmt: str, qtype: str, path) -> dict:
     key = ("verification", tuple(ctx.applied))
     if key not in ctx.scratch:
         windows = check_windows(ctx.tokenizer, ctx.calibration_text())
-        ctx.scratch[key] = (windows, source_logprobs(model, windows))
+        if getattr(model, "is_lazy", False):         # the untouched source, never loaded: its reference runtime
+            from .reference import open_reference
+
+            with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
+                reference = [_log_softmax(rt.logits(w)) for w in windows]
+        else:
+            reference = source_logprobs(model, windows)
+        ctx.scratch[key] = (windows, reference)
     windows, reference = ctx.scratch[key]
     found = verify_against_source(fmt, qtype, path, reference, windows, threads=ctx.options.resolved_threads())
     return {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}

@@ -85,7 +85,7 @@ class GGUFExporter(Exporter):
             info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
         else:
             with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
-                mid_type = "F32" if _param_count(model) < 2_000_000_000 else "F16"
+                mid_type = intermediate_type(model)
                 mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
                 info = write_gguf(model, tokenizer, tokenizer_dir, mid, mid_type,
                                   progress=(lambda f, m: progress(0.5 * f, m)) if progress else None,
@@ -122,7 +122,7 @@ def export_converted(model, tokenizer_dir, out: Path, qtype: str, source_dir=Non
         if qtype in OUTTYPES:
             info = convert(folder, out, qtype, progress=progress, cancelled=cancelled)
         else:
-            mid_type = "F32" if _param_count(model) < 2_000_000_000 else "F16"
+            mid_type = intermediate_type(model)
             mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
             info = convert(folder, mid, mid_type, progress=sub, cancelled=cancelled)
             if progress:
@@ -141,7 +141,19 @@ def unsupported_error(model_type: str) -> EdgeTailorError:
         "Pick a model of a supported family; ask for this one in an issue, naming the model.")
 
 
+def intermediate_type(model) -> str:
+    """The file llama.cpp's quantizer reads: BF16 for a source stored in bf16 (lossless, half of F32), F32 for
+    small models, F16 above 2B parameters (as llama.cpp's own pipeline does)."""
+    if getattr(model, "is_lazy", False):
+        dtypes = {t.dtype for t in model.state_dict().values() if t.ndim == 2}
+        if dtypes == {"BF16"}:
+            return "BF16"
+    return "F32" if _param_count(model) < 2_000_000_000 else "F16"
+
+
 def _param_count(model) -> int:
+    if getattr(model, "is_lazy", False):
+        return model.parameter_count()
     return sum(p.numel() for p in model.parameters())
 
 
@@ -354,6 +366,28 @@ def hf_matrix(hf_name: str, tensor, spec, heads: int, kv_heads: int) -> np.ndarr
     return data
 
 
+CHUNK_ELEMENTS = 1 << 24      # rows converted at a time: 64 MB of fp32 whatever the tensor's size
+
+
+def encode_tensor(hf_name: str, name: str, tensor, qtype: str, spec, heads: int, kv_heads: int,
+                  shape: tuple, dtype) -> np.ndarray:
+    """One tensor as the file stores it under ``qtype``, converted a chunk of rows at a time, so no fp32 copy
+    of a large matrix exists (the bytes are those of a whole-tensor conversion: every type here works per row).
+    ``tensor`` is a torch tensor or a ``LazyTensor`` (read from its file chunk by chunk)."""
+    permuted = spec.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
+    rows = int(tensor.shape[0]) if tensor.ndim == 2 else 0
+    step = max(1, CHUNK_ELEMENTS // max(1, int(tensor.shape[-1]))) if rows else 0
+    if permuted or not rows or rows <= step:
+        whole = tensor.load() if hasattr(tensor, "load") else tensor
+        return _tensor_for_type(name, hf_matrix(hf_name, whole, spec, heads, kv_heads), qtype)[0]
+    out = np.empty(shape, dtype=dtype)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        part = tensor.rows(a, b) if hasattr(tensor, "rows") else tensor[a:b]
+        out[a:b] = _tensor_for_type(name, part.detach().to("cpu").float().numpy(), qtype)[0]
+    return out
+
+
 def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F16",
                progress: Callable[[float, str], None] | None = None,
                cancelled: Callable[[], bool] | None = None, extra_metadata: dict | None = None,
@@ -413,8 +447,8 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         shape, dtype, raw = _layout_for_type(name, tuple(tensor.shape), qtype)
         if qtype == "Q8_0" and raw is None and tensor.ndim > 1:
             kept_f16.append(name)
-        load = (lambda hf_name=hf_name, tensor=tensor, name=name:
-                _tensor_for_type(name, hf_matrix(hf_name, tensor, spec, heads, kv_heads), qtype)[0])
+        load = (lambda hf_name=hf_name, tensor=tensor, name=name, shape=shape, dtype=dtype:
+                encode_tensor(hf_name, name, tensor, qtype, spec, heads, kv_heads, shape, dtype))
         plan.append((name, EncodedTensor(shape, dtype, raw, load)))
     try:
         for name, enc in plan:

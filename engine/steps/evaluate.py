@@ -33,17 +33,20 @@ def ensure_baseline(ctx, windows) -> dict:
         return base
     from ..preflight import safetensors_parameter_count
 
+    from ..reference import choose, open_reference
+
     counted = safetensors_parameter_count(ctx.source.path)
-    ctx.add_variant(Variant(name="baseline", format="torch", path=None,
-                            params={"dtype": ctx.options.dtype, "source": ctx.source.spec},
+    choice = choose(ctx)
+    ctx.add_variant(Variant(name="baseline", format=choice.format, path=None,
+                            params={"dtype": ctx.options.dtype if choice.format == "torch" else choice.type,
+                                    "source": ctx.source.spec, "reference": choice.reason},
                             metrics={"size_bytes": counted[1] if counted else None,
                                      "parameters": counted[0] if counted else None}))
-    loaded = ctx.load_baseline()
-    rt = TorchRuntime(loaded.model, ctx.options.resolved_threads())
-    res = evaluate(rt, windows, reference=ref, record_reference=True,
-                   on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
-                                                ctx.sample("perplexity", ppl, "baseline")),
-                   cancelled=ctx.cancel.is_set)
+    with open_reference(ctx, n_ctx=len(windows[0])) as rt:
+        res = evaluate(rt, windows, reference=ref, record_reference=True,
+                       on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
+                                                    ctx.sample("perplexity", ppl, "baseline")),
+                       cancelled=ctx.cancel.is_set)
     ctx.add_metrics("baseline", **_metrics(res, None))
     return ctx.record.variant("baseline")
 

@@ -48,7 +48,11 @@ def export(ctx, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
     exporter = get_exporter(cfg.format)
-    model = plain_weights(ctx.model)      # factored layers (low-rank) are multiplied back for the file formats
+    # GGUF of the untouched source is written from its files read lazily (no fp32 copy); otherwise the current
+    # model, with factored layers (low-rank) multiplied back for the file formats
+    model = ctx.source_weights() if cfg.format == "gguf" else plain_weights(ctx.model)
+    if not getattr(model, "is_lazy", False):
+        model = plain_weights(model)
     model_name = ctx.source.display_name
     n = len(cfg.types)
     for i, t in enumerate(cfg.types):

@@ -1,0 +1,171 @@
+"""HF (bf16 safetensors) -> Q4_K_M GGUF on models of real size: EdgeTailor's export against llama.cpp's pipeline,
+side by side in one run.
+
+  ours       edgetailor compress MODEL --recipe (export gguf Q4_K_M): the source read lazily, tensor by tensor,
+             a BF16 intermediate, llama.cpp's quantizer in process; once without and once with the check of the
+             file against the source (which writes a BF16 reference GGUF and runs both files in llama.cpp)
+  llama.cpp  convert_hf_to_gguf.py --outtype f16 (the converter of the same llama-cpp-python source), then
+             llama_model_quantize Q4_K_M (the library call behind llama-quantize) in a fresh process
+
+The models are random-initialised at real shapes (Llama-3.2-1B, -3B) with the demo's 49152-token vocabulary,
+written on the fly as one bf16 safetensors shard per decoder block; random weights measure memory and time,
+not quality. Peak RSS and wall time come from GNU time for each whole command (RSS includes the file pages
+a process has mapped, for both sides).
+
+Usage: python bench/streaming_export.py [--shapes 1b,3b] [--threads 2]
+Writes bench/results/streaming_export.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from machine import machine  # noqa: E402
+
+SHAPES = {   # Llama-3.2 shapes (vocabulary: the demo tokenizer's 49152)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+}
+
+
+def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
+    """A random Llama of ``shape`` in bf16, one safetensors shard per block (never the whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    cfg = LlamaConfig(vocab_size=tok_cfg["vocab_size"], max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
+                      dtype="bfloat16", **shape)
+    cfg.save_pretrained(tmp)
+    h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s):
+        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards = {"embed": {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
+    index = {}
+    n = cfg.num_hidden_layers
+    names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
+    for i in range(n):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+             p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+             p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+             p + "mlp.down_proj.weight": rnd(h, inter),
+             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        save_file(t, tmp / names[i], metadata={"format": "pt"})
+        index.update({k: names[i] for k in t})
+    save_file(shards["embed"], tmp / names[n], metadata={"format": "pt"})
+    index.update({k: names[n] for k in shards["embed"]})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "edgetailor.json"):
+            shutil.copy(f, tmp / f.name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds and peak RSS (MB) of a whole command, from GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as fh:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", fh.name, *cmd], capture_output=True, text=True,
+                              env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        wall, kb = fh.read().split()[-2:]
+    return {"seconds": float(wall), "peak_rss_mb": round(int(kb) / 1024, 1)}
+
+
+QUANTIZE = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+p.nthread = int(sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+def run_shape(name: str, folder: Path, work: Path, threads: int) -> dict:
+    from edgetailor.exporters.hf_converter import SCRIPT, converter_dir
+
+    py = sys.executable
+    rows = {}
+    for verify in (False, True):
+        recipe = work / f"recipe-{verify}.json"
+        recipe.write_text(json.dumps({"name": "q4", "steps": [
+            {"step": "export", "params": {"format": "gguf", "types": ["Q4_K_M"], "verify": verify}}]}))
+        cmd = [str(Path(py).with_name("edgetailor")), "--home", str(work / "home"), "compress", str(folder),
+               "--recipe", str(recipe), "--quiet", "--threads", str(threads)]
+        rows["edgetailor" + (" + check" if verify else "")] = timed(cmd)
+    f16 = work / "llama-f16.gguf"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
+    conv = timed([py, str(converter_dir() / SCRIPT), str(folder), "--outfile", str(f16), "--outtype", "f16"], env)
+    quant = timed([py, "-c", QUANTIZE, str(f16), str(work / "llama-q4.gguf"), str(threads)])
+    rows["llama.cpp"] = {"seconds": round(conv["seconds"] + quant["seconds"], 2),
+                         "peak_rss_mb": max(conv["peak_rss_mb"], quant["peak_rss_mb"]),
+                         "convert": conv, "quantize": quant}
+    f16.unlink(missing_ok=True)
+    ours, ref = rows["edgetailor"], rows["llama.cpp"]
+    return {"rows": rows, "ratios": {"peak_rss": round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3),
+                                     "seconds": round(ours["seconds"] / ref["seconds"], 3)}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1b,3b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "edgetailor-bench" / "shaped"))
+    ap.add_argument("--out", default=str(HERE / "results" / "streaming_export"))
+    args = ap.parse_args()
+    from edgetailor.engine import resolve
+
+    tokenizer_dir = resolve("demo").path
+    results = {"machine": machine(), "threads": args.threads, "shapes": {}}
+    for name in args.shapes.split(","):
+        folder = make_shaped_model(Path(args.cache) / f"llama-{name}-shaped", SHAPES[name], tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="edgetailor-stream-", dir=Path(args.cache)) as work:
+            print(f"{name}: measuring", file=sys.stderr)
+            results["shapes"][name] = run_shape(name, folder, Path(work), args.threads)
+        print(json.dumps(results["shapes"][name]), file=sys.stderr)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    md = ["# HF (bf16) -> Q4_K_M GGUF: EdgeTailor vs llama.cpp's pipeline", "",
+          f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cores']} logical cores, "
+          f"{results['machine']['ram_gb']} GB; threads {args.threads}. Random weights at real shapes.", "",
+          "| shape | pipeline | wall s | peak RSS MB |", "|---|---|---|---|"]
+    for name, r in results["shapes"].items():
+        for k, v in r["rows"].items():
+            md.append(f"| {name} | {k} | {v['seconds']:.1f} | {v['peak_rss_mb']:.0f} |")
+        md.append(f"| {name} | **ratio ours / llama.cpp** | {r['ratios']['seconds']} | {r['ratios']['peak_rss']} |")
+    md += ["", "Targets (issue 14): peak RSS <= 0.8x, wall time <= 1.2x llama.cpp's convert + quantize.",
+           "Reproduce: `.venv/bin/python bench/streaming_export.py`", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""A model's weights read from its safetensors files on demand, in their stored dtype.
+
+``LazyModel(folder)`` offers what the writers read of a transformers model — ``config`` and ``state_dict()`` —
+without loading anything: ``state_dict()`` maps each name to a ``LazyTensor`` whose shape and dtype come from
+the file header. A writer reads a tensor when its turn comes, whole (``load()``) or a range of rows at a time
+(``rows(a, b)``), each read through a memory map that is closed right after, so the pages it touched are not
+kept in the process. Nothing is ever converted to fp32 whole: an export-only recipe holds one tensor's
+output (and one chunk of rows of its input) at a time. ``LazyModel.loaded_bytes`` counts what was read, for
+tests and pre-flight.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass
+class LazyTensor:
+    file: Path
+    name: str
+    shape: tuple
+    dtype: str                  # safetensors dtype name (BF16, F16, F32, ...)
+    owner: "LazyModel"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * DTYPE_BYTES.get(self.dtype, 4)
+
+    def load(self):
+        """The whole tensor, in its stored dtype (a copy out of the file)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as f:
+            t = f.get_tensor(self.name)
+        self.owner.loaded_bytes += t.numel() * t.element_size()
+        return t
+
+    def rows(self, start: int, stop: int):
+        """Rows ``start:stop`` of the tensor (its first dimension), in its stored dtype."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as f:
+            t = f.get_slice(self.name)[start:stop]
+        self.owner.loaded_bytes += t.numel() * t.element_size()
+        return t
+
+    def detach(self):       # what exporters call on a parameter: here, the read
+        return self.load()
+
+
+class LazyModel:
+    """The untouched source model, as a config and a state dict of ``LazyTensor`` s (nothing loaded)."""
+
+    is_lazy = True
+
+    def __init__(self, folder: Path, trust_remote_code: bool = False):
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        self.loaded_bytes = 0
+        self._state: dict[str, LazyTensor] = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            for name, info in read_header(f).items():
+                self._state[name] = LazyTensor(f, name, tuple(info["shape"]), info["dtype"], self)
+        if getattr(self.config, "tie_word_embeddings", False) and "lm_head.weight" not in self._state \
+                and "model.embed_tokens.weight" in self._state:
+            self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]
+        order = self._module_order(trust_remote_code)
+        self._state = {**{k: self._state[k] for k in order if k in self._state}, **self._state}
+
+    def _module_order(self, trust_remote_code: bool) -> list[str]:
+        """The state-dict order of the model's modules (an empty skeleton on the meta device: no memory), so a
+        file written from the lazy model is byte for byte the one written from the loaded model."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
+        except Exception:           # an unknown class: keep the files' order
+            return []
+        return list(skeleton.state_dict())
+
+    def state_dict(self) -> dict[str, LazyTensor]:
+        return dict(self._state)
+
+    def parameter_count(self) -> int:
+        unique = {id(t): t for t in self._state.values()}       # a tied head is the embedding once
+        return sum(t.numel() for t in unique.values())
+
+    def largest_tensor_bytes(self) -> int:
+        return max((t.nbytes for t in self._state.values()), default=0)
+
+
+def can_read_lazily(folder: Path) -> bool:
+    return any(Path(folder).glob("*.safetensors"))

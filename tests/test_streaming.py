@@ -1,0 +1,78 @@
+"""The untouched source is written to GGUF from its files read lazily: byte for byte the file the loaded model
+gives, no tensor converted whole to fp32, and an export-only recipe reads each weight once."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "BF16"])
+def test_lazy_and_loaded_model_write_the_same_bytes(stories_dir, tmp_path, monkeypatch, qtype):
+    import edgetailor.exporters.gguf as g
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+
+    src = resolve(str(stories_dir))
+    lm = load_model(src)
+    monkeypatch.setattr(g, "CHUNK_ELEMENTS", 4096)          # many row chunks even on a tiny model
+    g.write_gguf(lm.model, lm.tokenizer, src.path, tmp_path / "loaded.gguf", qtype)
+    lazy = LazyModel(src.path)
+    g.write_gguf(lazy, lm.tokenizer, src.path, tmp_path / "lazy.gguf", qtype)
+    digest = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("loaded.gguf", "lazy.gguf")]
+    assert digest[0] == digest[1]
+    weights = sum(t.nbytes for t in {id(t): t for t in lazy.state_dict().values()}.values())
+    assert lazy.loaded_bytes == weights            # every weight read once, none twice
+
+
+def test_no_matrix_is_converted_whole_when_it_is_large(stories_dir, tmp_path, monkeypatch):
+    """encode_tensor reads a large matrix a chunk of rows at a time: the biggest read is one chunk."""
+    import edgetailor.exporters.gguf as g
+    from edgetailor.engine.lazy import LazyModel, LazyTensor
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.engine.sources import resolve
+
+    src = resolve(str(stories_dir))
+    reads = []
+    real_rows, real_load = LazyTensor.rows, LazyTensor.load
+    monkeypatch.setattr(LazyTensor, "rows", lambda self, a, b: reads.append((b - a) * self.shape[-1]) or real_rows(self, a, b))
+    monkeypatch.setattr(LazyTensor, "load", lambda self: reads.append(self.numel()) or real_load(self))
+    monkeypatch.setattr(g, "CHUNK_ELEMENTS", 2048)
+    lazy = LazyModel(src.path)
+    g.write_gguf(lazy, load_tokenizer(src), src.path, tmp_path / "x.gguf", "F16")
+    largest = max(t.numel() for t in lazy.state_dict().values())
+    assert largest > 4 * 2048 and max(reads) <= max(2048, max(t.numel() for n, t in lazy.state_dict().items()
+                                                            if n.endswith(("q_proj.weight", "k_proj.weight"))))
+
+
+def test_export_only_recipe_never_loads_the_model_for_writing(tiny_models, tmp_path):
+    from edgetailor.engine.job import JobSpec, run_job
+
+    recipe = {"name": "lazy", "steps": [{"step": "export", "params": {"format": "gguf", "types": ["F16", "Q4_K_M"],
+                                                                      "verify": False}}]}
+    events = []
+    rec = run_job(JobSpec(recipe=recipe, source=str(tiny_models["qwen3"]), options={"threads": 2}), emit=events.append)
+    assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+    assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
+    assert len(rec.manifest["variants"]) == 2
+
+
+def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_models, monkeypatch):
+    """Above the torch limit, baseline and checks come from a 16-bit GGUF written lazily; the choice is recorded."""
+    import edgetailor.engine.reference as reference
+    from edgetailor.engine.job import JobSpec, run_job
+
+    monkeypatch.setattr(reference, "TORCH_REFERENCE_MAX_BYTES", 0)
+    events = []
+    recipe = {"name": "big", "steps": [{"step": "export", "params": {"format": "gguf", "types": ["Q8_0"]}},
+                                       {"step": "evaluate", "params": {"windows": 1, "ctx": 64}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}), emit=events.append)
+    m = rec.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    assert m["reference"]["format"] == "gguf" and m["reference"]["type"] in ("F16", "BF16")
+    assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
+    base, q8 = rec.variant("baseline"), rec.variant("base-Q8_0")
+    assert base["format"] == "gguf" and base["metrics"]["perplexity"] > 1
+    assert 0 <= q8["metrics"]["kl"] < 0.1 and q8["metrics"]["verify_kl"] < 0.1
+    assert not (rec.folder / "scratch").exists()           # the reference file went with the scratch folder
