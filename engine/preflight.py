@@ -146,6 +146,34 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
             report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")
 
 
+def largest_tensor_bytes(folder: Path) -> int:
+    from .lazy import DTYPE_BYTES, read_header
+
+    largest = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        for info in read_header(f).values():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            largest = max(largest, n * DTYPE_BYTES.get(info["dtype"], 4))
+    return largest
+
+
+def streamed_export_ram(src: ResolvedSource, recipe, params_total: int) -> int | None:
+    """RAM of a recipe that only exports the untouched source to GGUF, which never loads the model: the runtime,
+    the largest tensor read and written (its output at up to 4 bytes a weight beside its stored copy), and the
+    check's reference (the torch model when it is under the reference limit). None for any other recipe."""
+    from .reference import TORCH_REFERENCE_MAX_BYTES
+
+    if recipe is None or not recipe.steps or not any(Path(src.path).glob("*.safetensors")):
+        return None
+    if any(s.name != "export" or str((s.params or {}).get("format", "gguf")) != "gguf" for s in recipe.steps):
+        return None
+    largest = largest_tensor_bytes(src.path)
+    reference = params_total * 4 if params_total * 4 <= TORCH_REFERENCE_MAX_BYTES else 0
+    return int(RUNTIME_OVERHEAD_BYTES + largest * 3 + reference)
+
+
 def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:
     cfg = src.config
     mt = cfg.get("model_type", "?")
@@ -170,6 +198,11 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     ram_multiple, disk = estimate_job(recipe, params["total"])
     fp32 = params["total"] * 4
     report.ram_needed_bytes = int(fp32 * ram_multiple + RUNTIME_OVERHEAD_BYTES)
+    streamed = streamed_export_ram(src, recipe, params["total"])
+    if streamed is not None:
+        report.ram_needed_bytes = streamed
+        report.warnings.append("export-only recipe: the weights are read from the files a tensor at a time "
+                               "(no fp32 copy of the model)")
     report.ram_available_bytes = int(psutil.virtual_memory().available)
     report.disk_needed_bytes = int(disk)
     target = Path(work_dir) if work_dir else src.path

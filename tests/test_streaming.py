@@ -76,3 +76,53 @@ def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_
     assert base["format"] == "gguf" and base["metrics"]["perplexity"] > 1
     assert 0 <= q8["metrics"]["kl"] < 0.1 and q8["metrics"]["verify_kl"] < 0.1
     assert not (rec.folder / "scratch").exists()           # the reference file went with the scratch folder
+
+
+def _sparse_llama_8b(folder):
+    """Llama-3.1-8B's tensors as a sparse bf16 safetensors file: real headers, zeros (no disk blocks)."""
+    import json
+    import struct
+
+    h, inter, layers, kv, vocab = 4096, 14336, 32, 1024, 128256
+    shapes = {"model.embed_tokens.weight": [vocab, h], "lm_head.weight": [vocab, h], "model.norm.weight": [h]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
+                       p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
+                       p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
+                       p + "mlp.down_proj.weight": [h, inter], p + "input_layernorm.weight": [h],
+                       p + "post_attention_layernorm.weight": [h]})
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    folder.mkdir()
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": vocab,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}))
+    return folder
+
+
+def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_path, monkeypatch):
+    import psutil
+    from edgetailor.engine import Recipe, preflight, resolve
+
+    src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
+
+    class SixteenGB:
+        available = 16 * 1024**3
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
+    export = Recipe.from_dict({"name": "x", "steps": [{"step": "export", "params": {"types": ["Q4_K_M"]}}]})
+    rep = preflight(src, export)
+    assert rep.parameters["total"] > 8e9 and rep.fits, rep.problems
+    assert rep.ram_needed_bytes < 6 * 1024**3          # runtime + the 1 GB embedding read and written
+    prune = Recipe.from_dict({"name": "x", "steps": [{"step": "prune.magnitude"}, {"step": "export"}]})
+    assert not preflight(src, prune).fits             # a transform still holds the model in fp32 (32 GB)
