@@ -101,7 +101,10 @@ def verify_against_source(fmt: str, qtype: str, path, reference: list[np.ndarray
                              "This is a bug in the exporter or the runtime for this model family; please report it "
                              "with the run folder. Meanwhile try the other format.") from exc
     tol = tolerance_for(fmt, qtype)
-    found.update(max_kl=tol.max_kl, min_top1=tol.min_top1, passed=found["kl"] <= tol.max_kl and found["top1"] >= tol.min_top1)
+    # Top-1 counts only beside a distribution that moved: on flat distributions (random weights, 50k tokens)
+    # argmax flips with no real change (a random 1B model's Q4_K_M: KL 0.089, top-1 24%).
+    top1_ok = found["top1"] >= tol.min_top1 or found["kl"] <= tol.max_kl / 10
+    found.update(max_kl=tol.max_kl, min_top1=tol.min_top1, passed=found["kl"] <= tol.max_kl and top1_ok)
     if not found["passed"]:
         raise WrongFileError(
             f"The {fmt} {qtype} file does not reproduce the model it was exported from: on {found['positions']} "
