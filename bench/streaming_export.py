@@ -55,6 +55,7 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     cfg = LlamaConfig(vocab_size=tok_cfg["vocab_size"], max_position_embeddings=8192, rms_norm_eps=1e-5,
                       bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
                       dtype="bfloat16", **shape)
+    cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(tmp)
     h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
