@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -87,11 +88,10 @@ def convert(folder: Path, out: Path, qtype: str, *, progress: Callable[[float, s
     env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(root / SCRIPT), str(folder), "--outfile", str(out), "--outtype", outtype]
-    log = out.with_name(out.name + ".convert.log")
     t0 = time.perf_counter()
     if progress:
         progress(0.1, "llama.cpp's converter writes the tensors")
-    with open(log, "w+b") as fh:
+    with tempfile.TemporaryFile() as fh:        # its log: nothing written beside the output
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(root))
         try:
             while proc.poll() is None:
@@ -108,7 +108,6 @@ def convert(folder: Path, out: Path, qtype: str, *, progress: Callable[[float, s
             raise
         fh.seek(0)
         text = fh.read().decode("utf-8", "replace")
-    log.unlink(missing_ok=True)
     if proc.returncode != 0 or not out.exists():
         out.unlink(missing_ok=True)
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
