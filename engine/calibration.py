@@ -130,9 +130,16 @@ def recording_channel_stats(mods: dict[str, torch.nn.Module]):
 
 def linear_input_stats(model, sequences: torch.Tensor, name_filter: Callable[[str], bool] | None = None,
                        batch_size: int = 4, progress=None, cancelled=None) -> dict[str, ChannelStats]:
-    """Per-input-channel sum of squares and of absolute values of every linear layer's input."""
-    with recording_channel_stats(linear_modules(model, name_filter)) as stats:
-        run_batches(model, sequences, batch_size, progress, cancelled)
+    """Per-input-channel sum of squares and of absolute values of every decoder block's linear inputs (the
+    model walked one block at a time, ``engine.walker``)."""
+    from .walker import BlockWalk
+
+    stats: dict[str, ChannelStats] = {}
+    for block in BlockWalk(model, sequences, batch_size, cancelled=cancelled, progress=progress):
+        mods = {n: m for n, m in block.linears().items() if name_filter is None or name_filter(n)}
+        with recording_channel_stats(mods) as found:
+            block.forward()
+        stats.update(found)
     return stats
 
 
@@ -160,30 +167,16 @@ def block_influence(model, sequences: torch.Tensor, batch_size: int = 4, progres
 
     A block whose output is nearly its input (low influence) changes the residual stream least.
     """
-    layers = decoder_layers(model)
-    sums = [0.0] * len(layers)
-    count = [0]
-    inputs: dict[int, torch.Tensor] = {}
+    from .walker import BlockWalk
 
-    def pre(i):
-        def fn(module, args, kwargs):
-            inputs[i] = _block_input(args, kwargs).detach()
-        return fn
-
-    def post(i):
-        def fn(module, args, kwargs, output):
-            x, y = inputs.pop(i).float(), _block_output(output).detach().float()
-            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
-            sums[i] += float((1 - cos).sum())
-            if i == 0:
-                count[0] += cos.numel()
-        return fn
-
-    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles += [layer.register_forward_hook(post(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    with _hooks(handles):
-        run_batches(model, sequences, batch_size, progress, cancelled)
-    return [s / max(count[0], 1) for s in sums]
+    influence = []
+    for block in BlockWalk(model, sequences, batch_size, cancelled=cancelled, progress=progress):
+        before = list(block.walk.hidden)
+        block.forward()
+        total = sum(float((1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).sum())
+                    for x, y in zip(before, block.walk.hidden))
+        influence.append(total / max(sum(x.shape[0] * x.shape[1] for x in before), 1))
+    return influence
 
 
 @contextlib.contextmanager
@@ -214,39 +207,3 @@ def mean_loss(model, sequences: torch.Tensor, batch_size: int = 4, cancelled=Non
             total += float(loss)
             n += ids[:, 1:].numel()
     return total / max(n, 1)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def capture_block_inputs(model, sequences: torch.Tensor, batch_size: int = 4,
-                         cancelled=None) -> list[tuple[torch.Tensor, dict]]:
-    """The input of decoder block 0 for each batch: (hidden states, the keyword arguments blocks get).
-
-    With ``run_block`` this walks the model block by block, so a block can be changed (pruned) before its
-    output feeds the next one, as Wanda and SparseGPT do.
-    """
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def fn(module, args, kwargs):
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((_block_input(args, kwargs).detach(), kw))
-        raise _StopForward()
-
-    model.eval()
-    with _hooks([decoder_layers(model)[0].register_forward_pre_hook(fn, with_kwargs=True)]), torch.inference_mode():
-        for i in range(0, len(sequences), batch_size):
-            if cancelled and cancelled():
-                raise RunCancelled()
-            try:
-                model(input_ids=sequences[i:i + batch_size], use_cache=False)
-            except _StopForward:
-                pass
-    return captured
-
-
-def run_block(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    """Run one decoder block on captured inputs; its outputs are the next block's inputs."""
-    with torch.inference_mode():
-        return [(_block_output(layer(h, **kw)).detach(), kw) for h, kw in inputs]

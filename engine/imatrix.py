@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .calibration import _hooks, run_batches
+from .calibration import _hooks
 from .errors import EdgeTailorError
 
 
@@ -74,53 +74,60 @@ def linear_layers(model) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+class InputCollector:
+    """Accumulates the statistics of linear layers' inputs as hooks see them: sum of x^2 per channel and
+    optionally X^T X, once per input tensor (layers fed by the same tensor share one accumulation)."""
+
+    def __init__(self, hessians: bool):
+        self.hessians = hessians
+        self.sum_sq: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.input_of: dict[str, str] = {}
+        self.last: dict[str, object] = {"x": None, "key": None, "sq": None}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if self.last["x"] is x:                     # same input tensor as the previous layer (q/k/v, gate/up)
+            key, sq = self.last["key"], self.last["sq"]
+        else:
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            sq = (x2.double() ** 2).sum(0)
+            key = name
+            if self.hessians:
+                if key not in self.xtx:
+                    self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
+                self.xtx[key] += x2.T @ x2
+            self.last.update(x=x, key=key, sq=sq)
+        if self.hessians:
+            self.input_of.setdefault(name, key)
+        self.sum_sq[name] = self.sum_sq[name] + sq if name in self.sum_sq else sq.clone()
+        self.count[name] = self.count.get(name, 0) + x.numel() // x.shape[-1]
+
+    def hooks(self, mods: dict[str, torch.nn.Module]):
+        return _hooks(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
+                      for n, m in mods.items())
+
+    def stats(self, tokens: int) -> ImportanceStats:
+        self.last.clear()
+        return ImportanceStats(self.sum_sq, self.count, self.xtx, self.input_of, tokens)
+
+
 def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: int = 4,
             progress: Callable[[float, str], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> ImportanceStats:
-    """Run the calibration sequences through the model and accumulate the statistics of every linear input."""
-    mods = linear_layers(model)
-    sum_sq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
-    count = {n: 0 for n in mods}
-    xtx: dict[str, torch.Tensor] = {}
-    input_of: dict[str, str] = {}
-    last: dict[str, object] = {"x": None, "key": None, "sq": None}
+    """Walk the calibration sequences through the model (loaded or lazy, one block at a time) and accumulate
+    the statistics of every linear input; the output head's input is the final norm's output (read there, so
+    no [batch, seq, vocab] logits are ever made)."""
+    from .walker import BlockWalk
 
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            if last["x"] is x:                     # same input tensor as the previous layer (q/k/v, gate/up)
-                key, sq = last["key"], last["sq"]
-            else:
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                sq = (x2.double() ** 2).sum(0)
-                key = name
-                if hessians:
-                    if key not in xtx:
-                        xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
-                    xtx[key] += x2.T @ x2
-                last.update(x=x, key=key, sq=sq)
-            if hessians:
-                input_of.setdefault(name, key)
-            sum_sq[name] += sq
-            count[name] += x.numel() // x.shape[-1]
-        return fn
-
-    # The output head's input is the final norm's output: read it there and run only the model's body, so
-    # the calibration never holds [batch, seq, vocab] logits (hundreds of MB) or pays for the head's matmul.
-    head, body = mods.get("lm_head"), getattr(model, "model", None)
-    norm = getattr(body, "norm", None)
-    runner = model
-    handles = []
-    if head is not None and isinstance(norm, torch.nn.Module) and model.get_output_embeddings() is head:
-        head_hook = hook("lm_head")
-        handles.append(norm.register_forward_hook(lambda m, args, out: head_hook(head, (out,))))
-        mods = {n: m for n, m in mods.items() if n != "lm_head"}
-        runner = body
-    handles += [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
-    with _hooks(handles):
-        run_batches(runner, sequences, batch_size, progress, cancelled)
-    last.clear()
-    return ImportanceStats(sum_sq, count, xtx, input_of, int(sequences.numel()))
+    walk = BlockWalk(model, sequences, batch_size, cancelled=cancelled, progress=progress)
+    acc = InputCollector(hessians)
+    for block in walk:
+        with acc.hooks(block.linears()):
+            block.forward()
+    for y in walk.final_hidden():
+        acc.add("lm_head", y)
+    return acc.stats(int(sequences.numel()))
 
 
 def save_llama_imatrix(stats: ImportanceStats, model, path: Path, dataset: str = "calibration", chunk_size: int = 512) -> int:

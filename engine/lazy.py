@@ -34,6 +34,7 @@ class LazyTensor:
     shape: tuple
     dtype: str                  # safetensors dtype name (BF16, F16, F32, ...)
     owner: "LazyModel"
+    is_lazy = True
 
     @property
     def ndim(self) -> int:

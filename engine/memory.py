@@ -39,7 +39,7 @@ def release_pages(tensors: Iterable) -> None:
         return
     page = mmap.PAGESIZE
     for t in tensors:
-        if t.device.type != "cpu" or t.numel() == 0:
+        if getattr(t, "is_lazy", False) or t.device.type != "cpu" or t.numel() == 0:     # lazy: nothing held
             continue
         start = t.data_ptr()
         lo = (start + page - 1) // page * page

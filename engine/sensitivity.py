@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .calibration import _hooks, decoder_layers
+from .calibration import _hooks
 from .errors import RunCancelled
 from .memory import release_pages, trim_heap
 
@@ -55,13 +55,13 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
     then goes back through one block at a time, each recomputed from its kept input. Each block's weights
     are read twice in all (and released after each use), and only one block's activations exist at once.
     """
-    from .calibration import _block_output, capture_block_inputs
+    from .calibration import _block_output
+    from .walker import BlockWalk
 
     seq_len = min(seq_len, sequences.shape[1])
     pieces = sequences[:, : (sequences.shape[1] // seq_len) * seq_len].reshape(-1, seq_len)[:max_sequences]
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    grad_sq = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
-    in_sq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    grad_sq: dict[str, torch.Tensor] = {}
+    in_sq: dict[str, torch.Tensor] = {}
     state = {"moments": True}
 
     def forward_hook(name):
@@ -71,10 +71,15 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
 
         def fn(module, args, out):
             if state["moments"]:
-                in_sq[name].add_((args[0].detach().reshape(-1, args[0].shape[-1]).double() ** 2).sum(0))
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                in_sq[name] = in_sq[name] + (x ** 2).sum(0) if name in in_sq else (x ** 2).sum(0)
             if out.requires_grad:
+                grad_sq.setdefault(name, torch.zeros(out.shape[-1], dtype=torch.float64))
                 out.register_hook(record)
         return fn
+
+    def hooked(mods: dict):
+        return _hooks(m.register_forward_hook(forward_hook(n)) for n, m in mods.items())
 
     def check():
         if cancelled and cancelled():
@@ -83,64 +88,69 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
     def plain(t):                 # tensors made under inference mode, usable by autograd
         return t.clone() if isinstance(t, torch.Tensor) else t
 
-    layers = list(decoder_layers(model))
-    inner = model.get_submodule("model")
-    norm = getattr(inner, "norm", None)
-    head = model.get_output_embeddings()
-    steps = 2 * len(layers) + 1
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
+    lazy = bool(getattr(model, "is_lazy", False))
+    flags = [] if lazy else [(p, p.requires_grad) for p in model.parameters()]
+    if not lazy:
+        was_training = model.training
+        model.eval()
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with _hooks(m.register_forward_hook(forward_hook(n)) for n, m in mods.items()):
-            (h, kw), = capture_block_inputs(model, pieces, batch_size=len(pieces), cancelled=cancelled)
-            h = plain(h)
-            kw = {k: tuple(plain(v) for v in x) if isinstance(x, tuple) else plain(x) for k, x in kw.items()}
-            kept = []
-            with torch.no_grad():
-                for i, layer in enumerate(layers):
-                    check()
-                    kept.append(h)
-                    h = _block_output(layer(h, **kw))
-                    release_pages(p.data for p in layer.parameters())
-                    if progress:
-                        progress((i + 1) / steps, f"sensitivity: block {i + 1}/{len(layers)} forward")
-            # the head and the loss over HEAD_ROWS tokens at a time (a vocabulary's logits are large); a piece's
-            # last token predicts nothing (ignored by the loss: its gradient is zero)
-            flat = h.reshape(-1, h.shape[-1])
-            targets = torch.cat([pieces[:, 1:], torch.full_like(pieces[:, :1], -100)], 1).reshape(-1)
-            grad_flat = torch.zeros_like(flat)
+        walk = BlockWalk(model, pieces, batch_size=len(pieces), cancelled=cancelled)
+        steps = 2 * len(walk) + 1
+        kws = [{k: tuple(plain(v) for v in x) if isinstance(x, tuple) else plain(x) for k, x in kw[0].items()}
+               for kw in walk.kwargs]
+        h = plain(walk.hidden[0])
+        kept = []
+        with torch.no_grad():
+            for i in range(len(walk)):
+                check()
+                kept.append(h)
+                with walk.block(i) as block, hooked(block.linears()):
+                    h = _block_output(block.module(h, **kws[i]))
+                    if not lazy:
+                        release_pages(p.data for p in block.module.parameters())
+                if progress:
+                    progress((i + 1) / steps, f"sensitivity: block {i + 1}/{len(walk)} forward")
+        # the head and the loss over HEAD_ROWS tokens at a time (a vocabulary's logits are large); a piece's
+        # last token predicts nothing (ignored by the loss: its gradient is zero)
+        flat = h.reshape(-1, h.shape[-1])
+        targets = torch.cat([pieces[:, 1:], torch.full_like(pieces[:, :1], -100)], 1).reshape(-1)
+        grad_flat = torch.zeros_like(flat)
+        head_module = walk.model.get_output_embeddings()
+        with walk.holding(walk.final_norm()) as norm, walk.holding(head_module) as head, \
+                hooked({"lm_head": head}):
             for a in range(0, len(flat), HEAD_ROWS):
                 check()
                 hi = flat[a:a + HEAD_ROWS].detach().requires_grad_(True)
-                y = norm(hi) if isinstance(norm, torch.nn.Module) else hi
-                logits = head(y)
+                logits = head(norm(hi))
                 torch.nn.functional.cross_entropy(logits.float(), targets[a:a + HEAD_ROWS], reduction="sum",
                                                   ignore_index=-100).backward()
                 grad_flat[a:a + HEAD_ROWS] = hi.grad
-                del hi, y, logits
-            grad = grad_flat.reshape(h.shape)
-            del flat, grad_flat
+                del hi, logits
+        grad = grad_flat.reshape(h.shape)
+        del flat, grad_flat
+        if progress:
+            progress((len(walk) + 1) / steps, "sensitivity: loss")
+        state["moments"] = False
+        del h
+        for i in reversed(range(len(walk))):
+            check()
+            x = kept.pop().requires_grad_(True)
+            with walk.block(i) as block, hooked(block.linears()):
+                _block_output(block.module(x, **kws[i])).backward(grad)
+                if not lazy:
+                    release_pages(p.data for p in block.module.parameters())
+            grad = x.grad
+            del x
+            trim_heap()
             if progress:
-                progress((len(layers) + 1) / steps, "sensitivity: loss")
-            state["moments"] = False
-            del h
-            for i, layer in reversed(list(enumerate(layers))):
-                check()
-                x = kept.pop().requires_grad_(True)
-                _block_output(layer(x, **kw)).backward(grad)
-                grad = x.grad
-                del x
-                release_pages(p.data for p in layer.parameters())
-                trim_heap()
-                if progress:
-                    progress((2 * len(layers) + 1 - i) / steps, f"sensitivity: block {i + 1}/{len(layers)} backward")
+                progress((2 * len(walk) + 1 - i) / steps, f"sensitivity: block {i + 1}/{len(walk)} backward")
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
-    release_pages(p.data for p in model.parameters())
+        if not lazy:
+            model.train(was_training)
+            release_pages(p.data for p in model.parameters())
     n = max(int(pieces.numel()), 1)
     return Sensitivity({k: v / n for k, v in in_sq.items()}, {k: v / n for k, v in grad_sq.items()}, n)

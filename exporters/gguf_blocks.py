@@ -463,12 +463,31 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[tor
     With J the reversal permutation and J H J = L L^T, U = J L^-1 J (upper triangular, positive diagonal) -
     one Cholesky and one triangular inverse, half the work of inverting H and factoring the inverse.
     """
-    H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
+    return factor_in_place(torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone(), damp)
+
+
+#: columns of L^-1 solved at once (a strip of the identity instead of the whole: one n x n copy fewer)
+SOLVE_STRIP = 1024
+
+
+def factor_in_place(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inverse_hessian_factor`` of a float64 ``H`` that the call consumes (overwritten): at most two n x n
+    float64 matrices exist at once (8192 inputs, a 1B model's down_proj: 1.1 GB instead of 2.7), with
+    bit for bit the same result."""
+    n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H.diagonal().add_(damp * float(torch.diag(H).mean()))
-    L = torch.linalg.cholesky(H.flip(0, 1))
+    L = H.flip(0, 1)
     del H
-    eye = torch.eye(L.shape[0], dtype=L.dtype)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return Linv.flip(0, 1).float().contiguous(), dead
+    torch.linalg.cholesky(L, out=L)
+    Linv = torch.empty_like(L)
+    for a in range(0, n, SOLVE_STRIP):
+        b = min(a + SOLVE_STRIP, n)
+        eye = torch.zeros(n, b - a, dtype=L.dtype)
+        eye[torch.arange(a, b), torch.arange(b - a)] = 1
+        Linv[:, a:b] = torch.linalg.solve_triangular(L, eye, upper=False)
+    del L
+    low = Linv.float()
+    del Linv
+    return low.flip(0, 1).contiguous(), dead

@@ -128,6 +128,18 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strips: int = 4) -> None:
         acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
 
+def symmetric(upper: torch.Tensor, strip: int = 1024) -> torch.Tensor:
+    """The float64 symmetric matrix whose upper triangle (diagonal included) is ``upper``'s (``add_gram_upper``
+    leaves below the diagonal whatever its strips made); mirrored a strip at a time, so no n x n temporary."""
+    H = upper.double()
+    del upper
+    for a in range(0, H.shape[0], strip):
+        b = min(a + strip, H.shape[0])
+        H[b:, a:b] = H[a:b, b:].T
+        H[a:b, a:b] = H[a:b, a:b].triu() + H[a:b, a:b].triu(1).T
+    return H
+
+
 def quantize_rows(t: str, W: np.ndarray, importance=None, hessian=None, release: bool = False) -> np.ndarray:
     """``gguf_blocks.quantize_matrix``'s bytes, ``ROW_CHUNK`` rows at a time (``release``: each slice of W
     is dropped from resident memory once encoded, see ``engine.memory``)."""
@@ -176,6 +188,73 @@ class BlockSink:
         self.fh.close()
 
 
+def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled) -> None:
+    """Measure one decoder block's linear inputs as the walk runs it, then write its tensors' blocks."""
+    from ..engine.calibration import _hooks
+
+    mods = {n: m for n, m in block.linears().items()}
+    xtx: dict[str, torch.Tensor] = {}
+    sq_of: dict[str, torch.Tensor] = {}
+    key_of: dict[str, str] = {}
+    last: dict = {"x": None}
+    # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY)
+    needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of
+                     and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            if last["x"] is x:                # q/k/v, gate/up: one input, one Hessian
+                key = last["key"]
+            else:
+                key = name
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                sq = (x2.double() ** 2).sum(0)
+                sq_of[key] = sq_of[key] + sq if key in sq_of else sq
+                last.update(x=x, key=key, x2=x2, hessian=False)
+            if name in needs_hessian and not last["hessian"]:
+                x2 = last["x2"]
+                if key not in xtx:
+                    xtx[key] = torch.zeros(x2.shape[1], x2.shape[1])
+                add_gram_upper(xtx[key], x2)
+                last["hessian"] = True
+            key_of[name] = key
+            count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
+        return fn
+
+    torch.set_num_threads(threads)
+    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
+        block.forward()
+    last.clear()
+    trim_heap()
+    for name in mods:
+        sum_sq[name] = sq_of[key_of[name]].clone()
+    groups: dict[tuple, list[str]] = {}
+    factors: dict[str, tuple] = {}
+    for module in mods:
+        name = gguf_of.get(module)
+        if name is not None and writable(sources[name], types.get(name)):
+            weighted = any(part in name for part in WEIGHTED_ONLY)
+            groups.setdefault((key_of[module], types[name], weighted), []).append(name)
+    torch.set_num_threads(1)      # many small tensor ops: one thread is several times faster
+    for (key, t, weighted), names in groups.items():
+        if cancelled and cancelled():
+            raise RunCancelled()
+        n = max(count[key], 1)
+        imp = (sq_of[key] / n).numpy()
+        hess = None
+        if method == "gptq" and not weighted:
+            if key not in factors:          # once per input (gate and up may differ in type)
+                torch.set_num_threads(threads)
+                factors[key] = gguf_blocks.factor_in_place(symmetric(xtx.pop(key)).div_(n), GPTQ_DAMP)
+                torch.set_num_threads(1)
+            hess = factors[key]
+        W = np.concatenate([sources[nm].matrix() for nm in names], 0)
+        sink.put_rows(names, sources, quantize_rows(t, W, imp, hess), t)
+        del W, hess
+        trim_heap()
+
+
 def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, str], sink: BlockSink,
                        method: str = "gptq", batch_size: int = 4,
                        progress: Callable[[float, str], None] | None = None,
@@ -190,8 +269,9 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     no statistics at all. Returns the importance statistics measured (second moments of every linear
     input, the head's included), to be saved with the run; None for ``plain``.
     """
-    from ..engine.calibration import _block_output, _hooks, capture_block_inputs, decoder_layers
+    from ..engine.calibration import decoder_layers
     from ..engine.imatrix import ImportanceStats
+    from ..engine.walker import BlockWalk
 
     sources = tensor_sources(model)
     gguf_of = {src.module: name for name, src in sources.items() if src.module}
@@ -199,103 +279,32 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     sum_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
     head_imp = None
-    was_training = model.training
-    model.eval()
-    # Start from nothing resident: loading a model whose file is in the page cache maps much of it at once
-    # (fault-around), ~270 MB here, which would otherwise stay until each block is done.
-    release_pages(p.data for p in model.parameters())
+    lazy = bool(getattr(model, "is_lazy", False))
+    if not lazy:
+        was_training = model.training
+        model.eval()
+        # Start from nothing resident: loading a model whose file is in the page cache maps much of it at once
+        # (fault-around), ~270 MB here, which would otherwise stay until each block is done.
+        release_pages(p.data for p in model.parameters())
     try:
         if method != "plain":
-            qualified = {id(m): n for n, m in model.named_modules()}
-            layers = decoder_layers(model)
-            inputs = capture_block_inputs(model, sequences, batch_size, cancelled)
-            for li, layer in enumerate(layers):
-                mods = {qualified[id(m)]: m for m in layer.modules() if isinstance(m, torch.nn.Linear)}
-                xtx: dict[str, torch.Tensor] = {}
-                sq_of: dict[str, torch.Tensor] = {}
-                key_of: dict[str, str] = {}
-                last: dict = {"x": None}
-
-                # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY)
-                needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of
-                                 and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
-
-                def hook(name):
-                    def fn(module, args):
-                        x = args[0]
-                        if last["x"] is x:                # q/k/v, gate/up: one input, one Hessian
-                            key = last["key"]
-                        else:
-                            key = name
-                            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                            sq = (x2.double() ** 2).sum(0)
-                            sq_of[key] = sq_of[key] + sq if key in sq_of else sq
-                            last.update(x=x, key=key, x2=x2, hessian=False)
-                        if name in needs_hessian and not last["hessian"]:
-                            x2 = last["x2"]
-                            if key not in xtx:
-                                xtx[key] = torch.zeros(x2.shape[1], x2.shape[1])
-                            add_gram_upper(xtx[key], x2)
-                            last["hessian"] = True
-                        key_of[name] = key
-                        count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
-                    return fn
-
-                torch.set_num_threads(threads)
-                with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()), torch.inference_mode():
-                    for i, (h, kw) in enumerate(inputs):
-                        if cancelled and cancelled():
-                            raise RunCancelled()
-                        inputs[i] = (_block_output(layer(h, **kw)).detach(), kw)    # the next block's input
-                        del h
-                last.clear()
+            n_blocks = len(decoder_layers(model)) if not lazy else int(model.config.num_hidden_layers)
+            walk = BlockWalk(model, sequences, batch_size, cancelled=cancelled,        # reports blocks done, ETA
+                             progress=(lambda f, m: progress(f * n_blocks / (n_blocks + 1), m)) if progress else None)
+            for block in walk:
+                _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled)
+                if not lazy:
+                    release_pages(p.data for p in block.module.parameters())     # done with this block's weights
                 trim_heap()
-                for name in mods:
-                    sum_sq[name] = sq_of[key_of[name]].clone()
-                groups: dict[tuple, list[str]] = {}
-                factors: dict[str, tuple] = {}
-                for module in mods:
-                    name = gguf_of.get(module)
-                    if name is not None and writable(sources[name], types.get(name)):
-                        weighted = any(part in name for part in WEIGHTED_ONLY)
-                        groups.setdefault((key_of[module], types[name], weighted), []).append(name)
-                torch.set_num_threads(1)      # many small tensor ops: one thread is several times faster
-                for (key, t, weighted), names in groups.items():
-                    if cancelled and cancelled():
-                        raise RunCancelled()
-                    n = max(count[key], 1)
-                    imp = (sq_of[key] / n).numpy()
-                    hess = None
-                    if method == "gptq" and not weighted:
-                        if key not in factors:          # once per input (gate and up may differ in type)
-                            torch.set_num_threads(threads)
-                            H = xtx[key].double().triu()
-                            H += H.triu(1).T
-                            factors[key] = gguf_blocks.inverse_hessian_factor((H / n).numpy(), GPTQ_DAMP)
-                            del H
-                            torch.set_num_threads(1)
-                        hess = factors[key]
-                    W = np.concatenate([sources[nm].matrix() for nm in names], 0)
-                    sink.put_rows(names, sources, quantize_rows(t, W, imp, hess), t)
-                    del W, hess
-                    trim_heap()
-                del xtx, sq_of, factors
-                release_pages(p.data for p in layer.parameters())     # done with this block's weights
-                trim_heap()
-                if progress:
-                    progress((li + 1) / (len(layers) + 1), f"block {li + 1}/{len(layers)}")
-            norm = getattr(getattr(model, "model", None), "norm", None)
-            if isinstance(norm, torch.nn.Module):
-                sq, n = None, 0
-                torch.set_num_threads(threads)
-                with torch.inference_mode():
-                    for h, _ in inputs:
-                        y = norm(h).reshape(-1, h.shape[-1]).double()
-                        sq = (y ** 2).sum(0) if sq is None else sq + (y ** 2).sum(0)
-                        n += y.shape[0]
-                head_imp = (sq / max(n, 1)).numpy()
-                sum_sq["lm_head"], count["lm_head"] = sq, n
-            del inputs
+            torch.set_num_threads(threads)
+            sq, n = None, 0
+            for y in walk.final_hidden():
+                y = y.reshape(-1, y.shape[-1]).double()
+                sq = (y ** 2).sum(0) if sq is None else sq + (y ** 2).sum(0)
+                n += y.shape[0]
+            head_imp = (sq / max(n, 1)).numpy()
+            sum_sq["lm_head"], count["lm_head"] = sq, n
+            del walk
         torch.set_num_threads(1)
         for name, src in sources.items():
             t = types.get(name)
@@ -310,7 +319,8 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
             progress(1.0, "quantized")
     finally:
         torch.set_num_threads(threads)
-        model.train(was_training)
+        if not lazy:
+            model.train(was_training)
     if method == "plain":
         return None
     return ImportanceStats(sum_sq, count, tokens=int(sequences.numel()))

@@ -385,6 +385,13 @@ def test_sensitivity_is_the_loss_gradient_at_each_output_and_the_inputs_moments(
     torch.testing.assert_close(sens.output_grad_sq[name], g2, rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(sens.input_sq[name], x2, rtol=1e-5, atol=1e-9)
     assert sens.output_grad_sq["lm_head"].shape == (model.config.vocab_size,)
+    # the same pass from the files read lazily (one block's weights at a time): the same statistics
+    from edgetailor.engine.lazy import LazyModel
+
+    lazy = measure_sensitivity(LazyModel(tiny_models["llama"]), seqs, seq_len=16)
+    for name in sens.output_grad_sq:
+        torch.testing.assert_close(lazy.output_grad_sq[name], sens.output_grad_sq[name], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(lazy.input_sq[name], sens.input_sq[name], rtol=1e-6, atol=1e-12)
 
 
 def _with_outlier_channels(model, factor=30.0):

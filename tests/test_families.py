@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from family_models import FAMILIES, make_family_model
+from family_models import FAMILIES
 from test_gguf_export import TEST_STRINGS
 
 FAMILY_LIST = [f for f in FAMILIES if f != "gemma2_odd_scale"]
@@ -17,24 +17,6 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRUNED = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
           "starcoder2": [*ATTENTION, "c_fc", "c_proj"],
           "qwen3_moe": ATTENTION, "mixtral": ATTENTION}     # experts are not nn.Linear in transformers 5
-FOLDER_NAME = {"phi3": "phi4-mini"}   # llama.cpp expects Phi-3's own special tokens in a model named "phi3"
-# Seed 0's tiny Mixtral has two router logits 6e-5 apart at layer 0 on the check windows: any change of
-# arithmetic (even F32 in llama.cpp) flips that expert, which is routing, not the file; another draw has no tie.
-SEED = {"mixtral": 1}
-
-
-@pytest.fixture(scope="session")
-def family_model(tmp_path_factory, stories_dir, demo_source):
-    root = tmp_path_factory.mktemp("families")
-
-    def make(family: str) -> Path:
-        folder = root / FOLDER_NAME.get(family, family)
-        if not folder.exists():
-            make_family_model(folder, family, stories_dir, demo_source.path, seed=SEED.get(family, 0))
-        return folder
-    return make
-
-
 def _run(folder: Path, steps: list[dict]):
     from edgetailor.engine.job import JobSpec, run_job
 

@@ -150,7 +150,7 @@ def awq_scale(ctx, cfg: AwqConfig) -> None:
                         cancelled=ctx.cancel.is_set)
     label = f"awq{cfg.bits}"
     ctx.applied.append(label)
-    keep_stats(ctx, stats)      # rescaled with the model: still valid, saved again for the scaled model
+    keep_stats(ctx, stats, ctx.model)      # rescaled with the model: still valid, saved again for the scaled model
     before = sum(r["error_before"] for r in records)
     after = sum(r["error_after"] for r in records)
     scaled = sum(r["alpha"] > 0 for r in records)

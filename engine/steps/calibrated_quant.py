@@ -42,22 +42,23 @@ def compute_stats(ctx, cfg: ImatrixConfig):
 
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
-    stats = collect(ctx.model, seqs, hessians=cfg.hessians,
+    model = ctx.source_weights()        # the untouched source: its files, one block at a time
+    stats = collect(model, seqs, hessians=cfg.hessians,
                     progress=lambda f, m: ctx.progress(0.95 * f, m), cancelled=ctx.cancel.is_set)
-    keep_stats(ctx, stats, cfg.seq_len)
+    keep_stats(ctx, stats, model, cfg.seq_len)
     return stats
 
 
-def keep_stats(ctx, stats, seq_len: int = 512) -> None:
+def keep_stats(ctx, stats, model, seq_len: int = 512) -> None:
     """Save the statistics with the run (ours and llama.cpp's format) and hold them for the next steps."""
     from ..architectures import arch_spec
     from ..imatrix import save_llama_imatrix
 
     with ctx.artifact("imatrix.safetensors") as tmp:
         stats.save(tmp)
-    if arch_spec(ctx.model.config.model_type) is not None:
+    if arch_spec(model.config.model_type) is not None:
         with ctx.artifact("imatrix-llama.cpp.gguf") as tmp:       # reusable with llama-quantize --imatrix
-            save_llama_imatrix(stats, ctx.model, tmp, "calibration text", seq_len)
+            save_llama_imatrix(stats, model, tmp, "calibration text", seq_len)
     ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
 
 
@@ -114,10 +115,13 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     from ..atomic import tree_size
     from ..calibration import token_sequences
 
-    if gguf_writer_for(ctx.model.config) != "edgetailor":
+    # the untouched source is read from its files one block at a time (no fp32 copy of the model); a transformed
+    # model is the one in memory
+    model = ctx.source_weights()
+    if gguf_writer_for(model.config) != "edgetailor":
         raise UnsupportedModelError(
             f"Calibrated GGUF blocks go into EdgeTailor's own GGUF writer, which does not cover this "
-            f"'{ctx.model.config.model_type}' model (its family, or attention/MLP biases).",
+            f"'{model.config.model_type}' model (its family, or attention/MLP biases).",
             "Use the export step with llama.cpp's types (Q4_K_M, ...) for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens, walked one decoder block at a time")
@@ -125,15 +129,15 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     if cfg.target_mb is not None:
         target = int(cfg.target_mb * 1e6)
     elif cfg.target_bpw is not None:
-        params = sum(p.numel() for k, p in ctx.model.state_dict().items() if k != "lm_head.weight"
-                     or not getattr(ctx.model.config, "tie_word_embeddings", False))
+        params = sum(p.numel() for k, p in model.state_dict().items() if k != "lm_head.weight"
+                     or not getattr(model.config, "tie_word_embeddings", False))
         target = int(cfg.target_bpw * params / 8)
     planned = bool(target) or cfg.mix == "measured"
     sensitivity = None
     if planned:
         from ..sensitivity import measure_sensitivity
 
-        sensitivity = measure_sensitivity(ctx.model, seqs, progress=lambda f, m: ctx.progress(0.05 * f, m),
+        sensitivity = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.05 * f, m),
                                           cancelled=ctx.cancel.is_set)
         ctx.log(f"Sensitivity: loss gradients and input moments of every linear layer on {sensitivity.tokens} tokens")
     types = [f"{target / 1e6:.2f}MB"] if target else [t.upper() for t in cfg.types]
@@ -147,20 +151,20 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
         with ctx.artifact(filename) as tmp:
             sub = (lambda f, m, i=i, t=t: ctx.progress((i + 0.9 * f) / n, f"{t}: {m}"))
             if planned:
-                info = export_to_target(ctx.model, ctx.tokenizer, ctx.source.path, tmp, target, seqs, cfg.method,
+                info = export_to_target(model, ctx.tokenizer, ctx.source.path, tmp, target, seqs, cfg.method,
                                         progress=sub, cancelled=ctx.cancel.is_set, like=None if target else t,
                                         sensitivity=sensitivity)
             else:
-                info = export_calibrated(ctx.model, ctx.tokenizer, ctx.source.path, tmp, t, seqs, cfg.method,
+                info = export_calibrated(model, ctx.tokenizer, ctx.source.path, tmp, t, seqs, cfg.method,
                                          progress=sub, cancelled=ctx.cancel.is_set)
             seconds = time.perf_counter() - t0
             checked = verify_gguf(tmp) if cfg.verify else {}
             if cfg.verify and not checked:
                 raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
-            agreement = check_variant(ctx, ctx.model, "gguf", t, tmp) if cfg.verify else {}
+            agreement = check_variant(ctx, model, "gguf", t, tmp) if cfg.verify else {}
         held = ctx.scratch.get("imatrix")
         if not (held and held[0] == tuple(ctx.applied)):
-            keep_stats(ctx, info["stats"], cfg.seq_len)      # the statistics these blocks were fitted with, saved
+            keep_stats(ctx, info["stats"], model, cfg.seq_len)      # the statistics these blocks were fitted with, saved
         path = ctx.record.artifacts_dir / filename
         ctx.add_variant(Variant(
             name=variant, format="gguf", path=str(path.relative_to(ctx.record.folder)),

@@ -19,16 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calibration import (
-    capture_block_inputs,
-    decoder_layers,
-    linear_modules,
-    recording_channel_stats,
-    run_block,
-    token_sequences,
-)
+from ..calibration import decoder_layers, linear_modules, recording_channel_stats, token_sequences
 from ..errors import EdgeTailorError
 from ..registry import register_step
+from ..walker import BlockWalk
 
 EXPORTS = "GGUF and ONNX natively: shapes are unchanged, pruned weights are stored as zeros"
 
@@ -145,16 +139,13 @@ def wanda_prune(ctx, cfg: PruneConfig) -> None:
     model = ctx.model
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
     ctx.log(f"Wanda: {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
-    inputs = capture_block_inputs(model, seqs, cancelled=ctx.cancel.is_set)
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        ctx.check_cancelled()
-        mods = _selected(layer, cfg.modules)
+    walk = BlockWalk(model, seqs, cancelled=ctx.cancel.is_set, progress=ctx.progress)
+    for block in walk:
+        mods = _selected(block.module, cfg.modules)
         with recording_channel_stats(mods) as stats:
-            run_block(layer, inputs)
+            block.forward(advance=False)
         for name, lin in mods.items():
             score = lin.weight.detach().abs().float() * stats[name].l2_norm.float().unsqueeze(0)
             _apply(lin, prune_mask(score, cfg.sparsity, cfg.pattern, "row"))
-        inputs = run_block(layer, inputs)
-        ctx.progress((i + 1) / len(layers), f"block {i + 1}/{len(layers)}")
+        block.forward()                   # the pruned block's outputs feed the next one
     _finish(ctx, cfg, _label("wanda", cfg))

@@ -1,0 +1,85 @@
+"""The block walker: one decoder block at a time sees exactly what a full forward sees, from a loaded model or
+from the files read lazily (one block's weights in memory at a time)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetailor.engine.lazy import LazyModel
+from edgetailor.engine.walker import BlockWalk
+
+
+def _full_forward(folder, seqs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model.model(input_ids=seqs, output_hidden_states=True, use_cache=False)
+    return model, out.hidden_states     # embeddings, each block's output, the last one after the final norm
+
+
+def _walk(model, seqs):
+    walk = BlockWalk(model, seqs, batch_size=2)
+    after = []
+    for block in walk:
+        block.forward()
+        after.append(torch.cat(walk.hidden))
+    return walk, after, torch.cat(list(walk.final_hidden()))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe"])
+def test_a_block_walk_sees_what_a_full_forward_sees(family, family_model, stories_dir):
+    folder = stories_dir if family == "llama" else family_model(family)
+    seqs = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
+    model, hidden = _full_forward(folder, seqs)
+    sources = [model] + ([LazyModel(folder)] if family != "qwen3_moe" else [])
+    for source in sources:
+        _, after, final = _walk(source, seqs)
+        assert len(after) == len(hidden) - 1
+        for i, h in enumerate(after[:-1]):
+            torch.testing.assert_close(h, hidden[i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final, hidden[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_lazy_walk_holds_one_block_of_weights_at_a_time(family_model):
+    folder = family_model("gemma3_text")
+    lazy = LazyModel(folder)
+    walk, _, _ = _walk(lazy, torch.randint(3, 500, (2, 32)))
+    state = lazy.state_dict()
+    block = sum(t.numel() * 4 for n, t in state.items() if n.startswith("model.layers.0."))
+    embedding = state["model.embed_tokens.weight"].nbytes
+    assert walk.peak_materialised_bytes == block             # fp32 copy of one block, never two
+    # what was read: every block once, the final norm, and the embedding table once (a slice at a time)
+    assert lazy.loaded_bytes <= sum(t.nbytes for n, t in state.items() if n.startswith("model.layers.")) \
+        + state["model.norm.weight"].nbytes + embedding
+
+
+def test_a_family_whose_files_fuse_tensors_is_refused_lazily_with_the_reason(family_model):
+    from edgetailor.engine.errors import EdgeTailorError
+
+    with pytest.raises(EdgeTailorError, match="differently"):
+        BlockWalk(LazyModel(family_model("qwen3_moe")), torch.randint(3, 500, (1, 16)))
+
+
+@pytest.mark.parametrize("mode", ["llama.cpp", "measured"])
+def test_calibrated_gguf_from_the_files_is_the_file_from_the_loaded_model(mode, tiny_models, tmp_path):
+    """qwen2 with a tied head: the lazy walk (one block read at a time) writes the same bytes, in both mixes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.engine import text
+    from edgetailor.engine.calibration import token_sequences
+    from edgetailor.exporters.gguf_calibrated import export_calibrated, export_to_target
+
+    folder = tiny_models["qwen2"]
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    seqs = token_sequences(tok, text.read_text(None), 96, 4)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    files = []
+    for i, model in enumerate([loaded, LazyModel(folder)]):
+        out = tmp_path / f"{i}.gguf"
+        if mode == "measured":
+            export_to_target(model, tok, folder, out, None, seqs, "gptq", like="Q4_K_M")
+        else:
+            export_calibrated(model, tok, folder, out, "Q4_K_M", seqs, "gptq")
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
