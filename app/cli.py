@@ -143,6 +143,8 @@ def cmd_inspect(args) -> int:
     print("exporters    " + ", ".join(f"{k}" if v == "yes" else f"{k} (no)" for k, v in rep.exporters.items()))
     print(f"RAM          needs ~{rep.ram_needed_bytes / gb:.2f} GB, {rep.ram_available_bytes / gb:.1f} GB available")
     print(f"disk         needs ~{rep.disk_needed_bytes / gb:.2f} GB, {rep.disk_available_bytes / gb:.1f} GB free")
+    for i, need in enumerate(rep.steps, 1):
+        print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} ~{need['ram_bytes'] / gb:.2f} GB  {need['how']}")
     for note in rep.warnings:
         print(f"note         {note}")
     if rep.features:
@@ -151,6 +153,13 @@ def cmd_inspect(args) -> int:
         print(f"NOT SUPPORTED: {refusal}")
     for prob in rep.problems:
         print(f"DOES NOT FIT: {prob}")
+    if not rep.fits:
+        from edgetailor.engine.errors import EdgeTailorError
+
+        try:
+            rep.raise_if_not_fits()
+        except EdgeTailorError as exc:
+            print(f"error: {exc.problem}\nfix: {exc.fix}", file=sys.stderr)
     return _inspect_exit(rep)
 
 
@@ -317,7 +326,10 @@ def cmd_runs(args) -> int:
                 print(f"  {m['error'].get('problem')}")
             print_variants(m)
         return EXIT_OK
-    runs = list_runs(root)
+    unreadable: list = []
+    runs = list_runs(root, unreadable)
+    for exc in unreadable:
+        print(f"skipped: {exc.problem} {exc.fix}", file=sys.stderr)
     if args.json:
         print(json.dumps(runs, indent=2))
     for m in runs:

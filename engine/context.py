@@ -25,6 +25,28 @@ class JobOptions:
     threads: int | None = None     # None = physical cores
     dtype: str = "float32"         # dtype the source is loaded in
 
+    def __post_init__(self):
+        """Checked when the job is made, before a run folder exists or the model loads."""
+        from .errors import EdgeTailorError
+
+        if self.eval_ctx < 8:
+            raise EdgeTailorError(f"An evaluation context of {self.eval_ctx} tokens is too short.",
+                                  "Use 64 tokens or more (--ctx).")
+        if self.eval_windows < 1:
+            raise EdgeTailorError(f"{self.eval_windows} evaluation windows evaluate nothing.",
+                                  "Give 1 window or more (--windows); 16 is the default.")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeTailorError(f"{self.threads} CPU threads cannot run anything.",
+                                  "Give 1 thread or more (--threads), or leave it out for one per physical core.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise EdgeTailorError(f"'{self.dtype}' is not a dtype the model can load in.",
+                                  "Use float32, bfloat16 or float16.")
+        for what, path in (("evaluation", self.eval_text), ("calibration", self.calibration_text)):
+            if path is not None and not Path(path).is_file():
+                raise EdgeTailorError(f"The {what} text {path} " + ("is a folder." if Path(path).is_dir()
+                                                                    else "does not exist."),
+                                      "Give an existing UTF-8 text file (--eval-text / --calibration-text).")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -19,11 +19,35 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+#: the largest header a safetensors file may have (the format's own limit)
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
+    """The tensors a safetensors file holds (name -> dtype, shape, data_offsets), checked against the file's size:
+    a file that is empty, cut short or not safetensors at all raises ``EdgeTailorError`` with the fix."""
+    from .errors import EdgeTailorError
+
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "Download the model's .safetensors files again (an interrupted download leaves a short or empty file)."
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = 0
+        for name, info in header.items():
+            lo, hi = info["data_offsets"]
+            if not (isinstance(info["shape"], list) and info["dtype"] in DTYPE_BYTES and 0 <= lo <= hi):
+                raise ValueError(f"tensor {name} is malformed")
+            end = max(end, hi)
+        if 8 + n + end > size:
+            raise ValueError(f"the tensors need {8 + n + end} bytes, the file has {size}")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise EdgeTailorError(f"{path} is not a valid safetensors file ({exc}).", fix) from exc
     return header
 
 

@@ -17,26 +17,35 @@ def data_dir() -> Path:
         import platformdirs
 
         root = Path(platformdirs.user_data_dir("edgetailor", appauthor=False))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return ensure_folder(root, "data folder")
+
+
+def ensure_folder(path: Path, what: str) -> Path:
+    """``path`` as a folder the app can write in, or an error that says what is wrong and what to do."""
+    from .errors import EdgeTailorError
+
+    fix = "Pass --home FOLDER (or set EDGETAILOR_HOME) to a writable folder."
+    if path.exists() and not path.is_dir():
+        raise EdgeTailorError(f"The {what} {path} is a file, not a folder.", f"Move the file away, or: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeTailorError(f"The {what} {path} cannot be created ({exc.strerror}).", fix) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise EdgeTailorError(f"The {what} {path} is not writable.", f"Give yourself write access, or: {fix}")
+    return path
 
 
 def models_dir() -> Path:
-    d = data_dir() / "models"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return ensure_folder(data_dir() / "models", "models folder")
 
 
 def runs_dir() -> Path:
-    d = data_dir() / "runs"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return ensure_folder(data_dir() / "runs", "runs folder")
 
 
 def cache_dir() -> Path:
-    d = data_dir() / "cache"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return ensure_folder(data_dir() / "cache", "cache folder")
 
 
 def asset_path(*parts: str) -> Path:

@@ -5,9 +5,7 @@ needs against what the machine has, refusing with the numbers when it will not f
 """
 from __future__ import annotations
 
-import json
 import shutil
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import psutil
 
 from .architectures import arch_spec, count_parameters, gguf_writer_for, supported_model_types
 from .errors import DoesNotFitError, UnsupportedModelError
+from .footprint import LOADED_OVERHEAD_BYTES, ModelShape, recipe_needs
 from .sources import ResolvedSource
 
 GB = 1024**3
@@ -48,6 +47,7 @@ class PreflightReport:
     refusals: list = field(default_factory=list)       # the family, or a step of the recipe for it, not supported
     warnings: list = field(default_factory=list)       # works, with a caveat the user should know
     features: list = field(default_factory=list)       # what the family brings (soft-capping, experts, ...)
+    steps: list = field(default_factory=list)          # per step of the recipe: ram_bytes, how, parts
 
     @property
     def fits(self) -> bool:
@@ -69,19 +69,16 @@ class PreflightReport:
 
 
 def safetensors_parameter_count(folder: Path) -> tuple[int, int, str] | None:
-    """(parameters, bytes, dtype) read from safetensors headers only."""
+    """(parameters, bytes, dtype) read from safetensors headers only (each header checked: ``lazy.read_header``)."""
+    from .lazy import read_header
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None
     n = nbytes = 0
     dtypes = set()
     for f in files:
-        with open(f, "rb") as fh:
-            (hlen,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(hlen))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
+        for v in read_header(f).values():
             count = 1
             for s in v["shape"]:
                 count *= s
@@ -146,34 +143,6 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
             report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")
 
 
-def largest_tensor_bytes(folder: Path) -> int:
-    from .lazy import DTYPE_BYTES, read_header
-
-    largest = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        for info in read_header(f).values():
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            largest = max(largest, n * DTYPE_BYTES.get(info["dtype"], 4))
-    return largest
-
-
-def streamed_export_ram(src: ResolvedSource, recipe, params_total: int) -> int | None:
-    """RAM of a recipe that only exports the untouched source to GGUF, which never loads the model: the runtime,
-    the largest tensor read and written (its output at up to 4 bytes a weight beside its stored copy), and the
-    check's reference (the torch model when it is under the reference limit). None for any other recipe."""
-    from .reference import TORCH_REFERENCE_MAX_BYTES
-
-    if recipe is None or not recipe.steps or not any(Path(src.path).glob("*.safetensors")):
-        return None
-    if any(s.name != "export" or str((s.params or {}).get("format", "gguf")) != "gguf" for s in recipe.steps):
-        return None
-    largest = largest_tensor_bytes(src.path)
-    reference = params_total * 4 if params_total * 4 <= TORCH_REFERENCE_MAX_BYTES else 0
-    return int(RUNTIME_OVERHEAD_BYTES + largest * 3 + reference)
-
-
 def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:
     cfg = src.config
     mt = cfg.get("model_type", "?")
@@ -196,13 +165,11 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     _family(report, spec, cfg, recipe)
 
     ram_multiple, disk = estimate_job(recipe, params["total"])
-    fp32 = params["total"] * 4
-    report.ram_needed_bytes = int(fp32 * ram_multiple + RUNTIME_OVERHEAD_BYTES)
-    streamed = streamed_export_ram(src, recipe, params["total"])
-    if streamed is not None:
-        report.ram_needed_bytes = streamed
-        report.warnings.append("export-only recipe: the weights are read from the files a tensor at a time "
-                               "(no fp32 copy of the model)")
+    shape = ModelShape.from_config(cfg, src.path, params["total"])
+    needs = recipe_needs(recipe, shape) if recipe is not None and recipe.steps else []
+    report.steps = [n.to_dict() for n in needs]
+    report.ram_needed_bytes = max((n.ram_bytes for n in needs), default=0) or \
+        int(shape.fp32_bytes * ram_multiple + LOADED_OVERHEAD_BYTES)
     report.ram_available_bytes = int(psutil.virtual_memory().available)
     report.disk_needed_bytes = int(disk)
     target = Path(work_dir) if work_dir else src.path
@@ -217,6 +184,3 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
             f"needs about {report.disk_needed_bytes / GB:.1f} GB of disk, {report.disk_available_bytes / GB:.1f} GB free")
     return report
 
-
-# torch, transformers and llama.cpp themselves, measured on this project's machine (rounded up).
-RUNTIME_OVERHEAD_BYTES = 1 * GB

@@ -59,10 +59,13 @@ class Recipe:
         p = Path(path)
         if not p.exists():
             raise EdgeTailorError(f"The recipe file {p} does not exist.", "Check the path, or use --preset.")
+        if not p.is_file():
+            raise EdgeTailorError(f"The recipe {p} is a folder, not a file.",
+                                  "Give the recipe's .yaml or .json file, or use --preset.")
         try:
             text = p.read_text(encoding="utf-8")
             data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
             raise EdgeTailorError(f"The recipe {p.name} could not be parsed: {exc}",
                                   "Fix the JSON/YAML syntax.") from exc
         return cls.from_dict(data, where=f"recipe {p.name}")

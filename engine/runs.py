@@ -97,10 +97,7 @@ class RunRecord:
     @classmethod
     def open(cls, folder: Path) -> "RunRecord":
         p = Path(folder) / "manifest.json"
-        try:
-            return cls(Path(folder), json.loads(p.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EdgeTailorError(f"Run record {p} is unreadable: {exc}", "Delete the run folder.") from exc
+        return cls(Path(folder), read_manifest(p))
 
     def save(self) -> None:
         atomic.write_json(self.manifest_path, self.manifest)
@@ -150,21 +147,49 @@ class RunRecord:
         self.save()
 
 
-def list_runs(root: Path) -> list[dict]:
-    """Manifests of all runs below ``root``, newest first (unreadable ones are skipped)."""
+#: keys every run record has, with their types (what the CLI and the GUI read without checking again)
+MANIFEST_KEYS = {"id": str, "status": str, "created": str, "recipe": dict, "source": dict, "variants": list,
+                 "steps": list}
+
+
+def read_manifest(p: Path) -> dict:
+    """A run record, checked: UTF-8 JSON, an object with the keys the app reads. Raises ``CorruptRecordError``."""
+    try:
+        m = json.loads(Path(p).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptRecordError(f"The run record {p} is unreadable ({type(exc).__name__}: {exc}).",
+                                 f"Move or delete the folder {Path(p).parent}; other runs are not affected.") from exc
+    wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m, dict) or not isinstance(m.get(k), t)] \
+        if isinstance(m, dict) else list(MANIFEST_KEYS)
+    if wrong:
+        raise CorruptRecordError(f"The run record {p} is not an EdgeTailor run record (missing or wrong: "
+                                 f"{', '.join(wrong)}).",
+                                 f"Move or delete the folder {Path(p).parent}; other runs are not affected.")
+    return m
+
+
+class CorruptRecordError(EdgeTailorError):
+    """A run folder whose manifest cannot be read: listed apart, never fatal to the app."""
+
+
+def list_runs(root: Path, unreadable: list | None = None) -> list[dict]:
+    """Manifests of all runs below ``root``, newest first. Unreadable ones are skipped; their problems are
+    appended to ``unreadable`` when given (so the CLI and the GUI can say which folders they skipped)."""
     out = []
     root = Path(root)
-    if not root.exists():
+    if not root.is_dir():
         return out
     for d in root.iterdir():
         p = d / "manifest.json"
         if p.is_file():
             try:
-                m = json.loads(p.read_text(encoding="utf-8"))
-                m["_folder"] = str(d)
-                out.append(m)
-            except (OSError, json.JSONDecodeError):
+                m = read_manifest(p)
+            except CorruptRecordError as exc:
+                if unreadable is not None:
+                    unreadable.append(exc)
                 continue
+            m["_folder"] = str(d)
+            out.append(m)
     return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
 
 

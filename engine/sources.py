@@ -108,8 +108,11 @@ def _finish(spec, kind, folder: Path, trust_remote_code: bool, origin: str = "")
 def read_config(folder: Path) -> dict:
     try:
         cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EdgeTailorError(f"Could not read {folder}/config.json: {exc}", "Check that the model folder is complete.") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type", ""), str):
+        raise EdgeTailorError(f"{folder}/config.json is not a model configuration (a JSON object with model_type).",
+                              "Restore the model's config.json from where the model came from.")
     # transformers >= 5 keeps rope settings under rope_parameters; older configs keep rope_theta at the top.
     if "rope_theta" not in cfg and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_theta"] = cfg["rope_parameters"].get("rope_theta", 10000.0)

@@ -63,6 +63,13 @@ class JobHandle:
         return Path(self.job.runs_root) / self.job.run_id
 
     def start(self) -> "JobHandle":
+        """Checks the recipe and the options here, in the caller (a message with the fix, no run folder made, no
+        worker started, nothing loaded), then starts the worker."""
+        from .context import JobOptions
+        from .recipe import Recipe
+
+        Recipe.from_dict(self.job.recipe).validate()
+        JobOptions.from_dict(self.job.options)
         self._proc.start()
         return self
 

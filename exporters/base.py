@@ -34,6 +34,10 @@ class Exporter(ABC):
                cancelled: Callable[[], bool] | None = None) -> ExportResult:
         """Write the model to ``out``; raise EdgeTailorError for anything the user can fix."""
 
+    def check_options(self, options: dict) -> None:
+        """Raise EdgeTailorError for a type or option this exporter cannot write (checked when the recipe is,
+        before any model loads)."""
+
     @abstractmethod
     def verify(self, path: Path) -> dict:
         """Load ``path`` in the target runtime and run a forward pass; return what was checked."""

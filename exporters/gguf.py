@@ -64,9 +64,8 @@ class GGUFExporter(Exporter):
     format = "gguf"
     runtimes = ("llama.cpp", "Ollama", "LM Studio")
 
-    def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
+    def check_options(self, options: dict) -> None:
         qtype = str(options.get("type", "F16")).upper()
-        threads = options.get("threads")
         _ftype(qtype)
         if qtype not in quant_types():
             raise EdgeTailorError(f"This llama.cpp build cannot write '{qtype}'.", f"Use one of: {', '.join(quant_types())}.")
@@ -74,6 +73,11 @@ class GGUFExporter(Exporter):
             raise EdgeTailorError(
                 f"llama.cpp writes {qtype} only with an importance matrix.",
                 "Use a calibrated step (quant.gguf_calibrated) or a type like Q2_K, IQ3_S, IQ4_XS that needs none.")
+
+    def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
+        qtype = str(options.get("type", "F16")).upper()
+        threads = options.get("threads")
+        self.check_options(options)
         out = Path(out)
         writer = gguf_writer_for(model.config)
         if not writer:

@@ -113,6 +113,8 @@ GPTQ_DAMP = 0.1
 #: rows quantized at once: rows are independent (GPTQ's feedback runs along a row), so a large matrix
 #: (the embedding) is done in slices instead of holding several float copies of it
 ROW_CHUNK = 4096
+#: weights quantized at once per thread (32 MB of float32; a 8192-wide matrix goes 1024 rows at a time)
+CHUNK_ELEMENTS = 1 << 23
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strips: int = 4) -> None:
@@ -140,14 +142,29 @@ def symmetric(upper: torch.Tensor, strip: int = 1024) -> torch.Tensor:
     return H
 
 
-def quantize_rows(t: str, W: np.ndarray, importance=None, hessian=None, release: bool = False) -> np.ndarray:
-    """``gguf_blocks.quantize_matrix``'s bytes, ``ROW_CHUNK`` rows at a time (``release``: each slice of W
-    is dropped from resident memory once encoded, see ``engine.memory``)."""
-    parts = []
-    for r in range(0, W.shape[0], ROW_CHUNK):
-        parts.append(gguf_blocks.quantize_matrix(t, W[r:r + ROW_CHUNK], importance, hessian, damp=GPTQ_DAMP)[0])
+def quantize_rows(t: str, W: np.ndarray, importance=None, hessian=None, release: bool = False,
+                  threads: int = 1) -> np.ndarray:
+    """``gguf_blocks.quantize_matrix``'s bytes, a slice of rows at a time (at most ``ROW_CHUNK`` rows and
+    ``CHUNK_ELEMENTS`` weights), on ``threads`` threads at once. Rows are independent (GPTQ's feedback runs
+    along a row), so the bytes are those of one whole-matrix call whatever the slicing. ``release``: each slice
+    of W is dropped from resident memory once encoded (see ``engine.memory``)."""
+    rows = W.shape[0]
+    step = max(1, min(ROW_CHUNK, CHUNK_ELEMENTS // max(W.shape[1], 1), -(-rows // max(threads, 1))))
+
+    def one(r: int) -> np.ndarray:
+        out = gguf_blocks.quantize_matrix(t, W[r:r + step], importance, hessian, damp=GPTQ_DAMP)[0]
         if release:
-            release_pages([torch.from_numpy(np.ascontiguousarray(W[r:r + ROW_CHUNK]))])
+            release_pages([torch.from_numpy(np.ascontiguousarray(W[r:r + step]))])
+        return out
+
+    starts = range(0, rows, step)
+    if threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:    # torch's kernels let go of the GIL: slices run side by side
+            parts = list(pool.map(one, starts))
+    else:
+        parts = [one(r) for r in starts]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
 
 
@@ -250,7 +267,7 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
                 torch.set_num_threads(1)
             hess = factors[key]
         W = np.concatenate([sources[nm].matrix() for nm in names], 0)
-        sink.put_rows(names, sources, quantize_rows(t, W, imp, hess), t)
+        sink.put_rows(names, sources, quantize_rows(t, W, imp, hess, threads=threads), t)
         del W, hess
         trim_heap()
 
@@ -313,7 +330,7 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
             if cancelled and cancelled():
                 raise RunCancelled()
             sink.put(name, quantize_rows(t, src.matrix(), head_imp if src.module == "lm_head" else None,
-                                         release=True), t)
+                                         release=True, threads=threads), t)
             trim_heap()
         if progress:
             progress(1.0, "quantized")

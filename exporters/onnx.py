@@ -85,6 +85,9 @@ class ONNXExporter(Exporter):
     format = "onnx"
     runtimes = ("onnxruntime", "onnxruntime-genai")
 
+    def check_options(self, options: dict) -> None:
+        parse_options(options)
+
     def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
         opts = parse_options(options)
         qtype = opts["type"]

@@ -85,6 +85,7 @@ def test_whole_flow_offscreen(qtbot, tmp_path, stories_dir):
     qtbot.waitUntil(lambda: w.model_panel.report is not None, timeout=60_000)
     card = w.model_panel.card.text()
     assert "llama" in card and "Parameters" in card and "Pre-flight RAM" in card and "gguf" in card
+    assert "RAM per step" in card and "1. export" in card      # what each step of the recipe needs
 
     # a budget, then the recipe
     w.budget_panel.set_profile("raspberry-pi-5-8gb")
@@ -285,3 +286,17 @@ def test_a_variant_has_one_colour_in_every_plot(qtbot):
     for k, name in enumerate(st.variants):
         assert curve_colour(plots.memory, name) == curve_colour(plots.quality, name) == bar_colours[k]
     assert curve_colour(plots.memory, "b-Q8_0") != curve_colour(plots.memory, "a-Q2_K")
+
+
+def test_the_window_starts_beside_a_corrupt_run_record_and_says_so(qtbot, tmp_path, stories_dir):
+    from edgetailor.engine import RunRecord
+
+    runs = tmp_path / "runs"
+    good = RunRecord.create(runs, {"name": "ok", "steps": []}, str(stories_dir), {})
+    good.finish("succeeded")
+    (runs / "broken").mkdir()
+    (runs / "broken" / "manifest.json").write_bytes(b"\xff\xfe not a record")
+    w = make_window(qtbot, runs, stories_dir)
+    assert good.id in w.states                                  # the readable run is listed
+    assert len(w.skipped_runs) == 1 and str(runs / "broken") in w.skipped_runs[0]
+    assert "Skipped 1 run folder" in w.status_label.text()

@@ -124,5 +124,17 @@ def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_pat
     rep = preflight(src, export)
     assert rep.parameters["total"] > 8e9 and rep.fits, rep.problems
     assert rep.ram_needed_bytes < 6 * 1024**3          # runtime + the 1 GB embedding read and written
+    calibrated = Recipe.from_dict({"name": "x", "steps": [
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "mix": "measured"}}]})
+    rep = preflight(src, calibrated)
+    assert rep.fits, rep.problems                     # the block walker: one block, GPTQ's factor, the head
+    (walk,) = rep.steps
+    assert walk["step"] == "quant.gguf_calibrated" and walk["ram_bytes"] < 8 * 1024**3
+    assert "one decoder block at a time" in walk["how"] and "block walk" in walk["parts"]
+    evaluate = preflight(src, Recipe.from_dict({"name": "x", "steps": [{"step": "evaluate"}]})).steps[0]
+    assert "16-bit reference" in evaluate["how"]      # an 8B model's reference runs in llama.cpp, not torch fp32
+    assert 16e9 < evaluate["ram_bytes"] < 18e9        # its 16 GB mapped: said per step, before anything runs
     prune = Recipe.from_dict({"name": "x", "steps": [{"step": "prune.magnitude"}, {"step": "export"}]})
-    assert not preflight(src, prune).fits             # a transform still holds the model in fp32 (32 GB)
+    rep = preflight(src, prune)
+    assert not rep.fits                               # a transform still holds the model in fp32 (32 GB)
+    assert [s["how"] for s in rep.steps] == ["holds the fp32 model", "holds the fp32 model"]

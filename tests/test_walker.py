@@ -83,3 +83,23 @@ def test_calibrated_gguf_from_the_files_is_the_file_from_the_loaded_model(mode, 
             export_calibrated(model, tok, folder, out, "Q4_K_M", seqs, "gptq")
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def test_a_walk_reports_blocks_with_a_time_estimate_and_cancels_within_a_block(stories_dir):
+    from edgetailor.engine.errors import RunCancelled
+
+    seqs = torch.randint(3, 500, (4, 32))
+    seen = []
+    for block in BlockWalk(LazyModel(stories_dir), seqs, batch_size=1, progress=lambda f, m: seen.append((f, m))):
+        block.forward()
+    n = len(seen)
+    assert [f for f, _ in seen] == [(i + 1) / n for i in range(n)]
+    assert all(m.startswith(f"block {i + 1}/{n}, about ") and m.endswith(" s left") for i, (_, m) in enumerate(seen))
+    batches = []
+    walk = BlockWalk(LazyModel(stories_dir), seqs, batch_size=1, cancelled=lambda: len(batches) >= 2)
+    blocks = iter(walk)
+    block = next(blocks)               # (the walk holds the block's weights while its generator is alive)
+    with pytest.raises(RunCancelled):
+        with torch.nn.modules.module.register_module_forward_hook(lambda *a: batches.append(1)):
+            block.forward()
+    assert len(batches) < 4 * 10          # stopped after two batches' modules, not at the block's end

@@ -133,7 +133,13 @@ class MainWindow(QMainWindow):
 
     # --- runs ----------------------------------------------------------------------------------------
     def load_previous_runs(self) -> None:
-        for m in list_runs(self.runs_root)[:MAX_PREVIOUS_RUNS]:
+        unreadable: list = []
+        runs = list_runs(self.runs_root, unreadable)
+        self.skipped_runs = [f"{exc.problem} {exc.fix}" for exc in unreadable]
+        if unreadable:                     # said in words, never fatal: the other runs still show
+            self.status_label.setText(f"Skipped {len(unreadable)} run folder(s) with an unreadable record: "
+                                      + self.skipped_runs[0])
+        for m in runs[:MAX_PREVIOUS_RUNS]:
             if m["id"] in self.states:
                 continue
             try:

@@ -62,7 +62,37 @@ def keep_stats(ctx, stats, model, seq_len: int = 512) -> None:
     ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
 
 
-@register_step("imatrix", ImatrixConfig, kind="measure",
+def _imatrix_ram(cfg: ImatrixConfig, shape):
+    from ..footprint import calibrated_need, calibration_tokens
+
+    need = calibrated_need("imatrix", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
+                           gptq=False, measured=False, quantizes=False)
+    if cfg.hessians:      # X^T X of every distinct input of every block, kept for the next steps
+        held = shape.layers * (2 * shape.hidden ** 2 + shape.q_dim ** 2 + shape.intermediate ** 2) * 4
+        need.parts["X^T X of every layer input"] = held
+        need.ram_bytes += held
+    return need
+
+
+def _calibrated_disk(cfg: "CalibratedQuantConfig", params_total: int) -> float:
+    """Each file, and its blocks in a scratch file while it is assembled."""
+    from ..preflight import GGUF_BITS_PER_WEIGHT
+
+    if cfg.target_mb is not None:
+        return 2 * cfg.target_mb * 1e6
+    bits = [cfg.target_bpw] if cfg.target_bpw is not None else [GGUF_BITS_PER_WEIGHT.get(t.upper(), 8.5) for t in cfg.types]
+    return sum(2 * params_total * b / 8 for b in bits)
+
+
+def _calibrated_ram(cfg: "CalibratedQuantConfig", shape):
+    from ..footprint import calibrated_need, calibration_tokens
+
+    return calibrated_need("quant.gguf_calibrated", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len),
+                           cfg.seq_len, gptq=cfg.method == "gptq",
+                           measured=cfg.mix == "measured" or cfg.target_mb is not None or cfg.target_bpw is not None)
+
+
+@register_step("imatrix", ImatrixConfig, kind="measure", streamed_ram=_imatrix_ram,
                summary="Importance statistics of every linear layer's inputs on the calibration text (saved with the run)")
 def imatrix_step(ctx, cfg: ImatrixConfig) -> None:
     compute_stats(ctx, cfg)
@@ -105,7 +135,7 @@ def current_stats(ctx, need_hessians: bool):
 
 @register_step("quant.gguf_calibrated", CalibratedQuantConfig, kind="export",
                summary="GGUF k-quant mixes with EdgeTailor's calibrated blocks (importance-weighted, GPTQ)",
-               exports="this is the export (GGUF)")
+               exports="this is the export (GGUF)", streamed_ram=_calibrated_ram, disk_bytes=_calibrated_disk)
 def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
     from ...exporters.gguf import verify_gguf
     from ..architectures import gguf_writer_for

@@ -62,9 +62,23 @@ def _metrics(res, base_ppl) -> dict:
     return m
 
 
+def reference_need(step: str, shape):
+    """Of the untouched source: a large model's reference is a 16-bit GGUF in llama.cpp (``engine.reference``),
+    whose logits are kept before the variants run one at a time (each at most 16-bit, so never larger); a small
+    one is the torch model (the registered multiple)."""
+    from ..footprint import PROCESS_BYTES, StepNeed
+    from ..reference import TORCH_REFERENCE_MAX_BYTES
+
+    if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
+        return None
+    mapped = shape.params * 2
+    return StepNeed(step, PROCESS_BYTES + mapped, "runs the 16-bit reference GGUF, then each variant, in llama.cpp",
+                    {"process": PROCESS_BYTES, "reference (16-bit GGUF, mapped)": mapped})
+
+
 @register_step("evaluate", EvaluateConfig, kind="measure",
                summary="Perplexity, KL to the baseline and top-1 agreement of every variant, on the evaluation text",
-               ram_multiple=2.0)
+               ram_multiple=2.0, streamed_ram=lambda cfg, shape: reference_need("evaluate", shape))
 def evaluate_step(ctx, cfg: EvaluateConfig) -> None:
     n_ctx = cfg.ctx or ctx.options.eval_ctx
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), n_ctx, cfg.windows or ctx.options.eval_windows)

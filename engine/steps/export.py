@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import EdgeTailorError
+from ..footprint import export_need
 from ..plain import plain_weights
 from ..registry import register_step
 from ..verification import check_variant
@@ -24,8 +25,13 @@ class ExportConfig:
                                                          "written from (KL, top-1 on fixed windows) before keeping it"})
 
     def __post_init__(self):
+        from ...exporters import get_exporter
+
         if not self.types:
             raise ValueError("give at least one type")
+        exporter = get_exporter(self.format)          # an unknown format: the formats there are
+        for t in self.types:                           # an unknown type: the types the format has
+            exporter.check_options({**self.options, "type": t})
 
 
 def _disk(cfg: ExportConfig, params_total: int) -> float:
@@ -43,7 +49,8 @@ def _disk(cfg: ExportConfig, params_total: int) -> float:
 
 @register_step("export", ExportConfig, kind="export",
                summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
-               exports="this is the export", disk_bytes=_disk)
+               exports="this is the export", disk_bytes=_disk,
+               streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format == "gguf"))
 def export(ctx, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 

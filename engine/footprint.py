@@ -1,0 +1,187 @@
+"""What each step of a recipe needs in RAM, from the model's shape alone (its config and file headers; nothing loads).
+
+Two kinds of step:
+
+* steps that read the **untouched source from its files** — GGUF export (tensor by tensor), ``imatrix`` and
+  ``quant.gguf_calibrated`` (the block walker, ``engine.walker``) — need the process, one decoder block and
+  what their algorithm holds (GPTQ's Hessian factors, the calibration hidden states, the output head);
+* every other step, and any step after one that changed the model, holds the **fp32 model** times the step's
+  own multiple (gradients, a teacher, copies), as registered with the step.
+
+``recipe_needs`` walks a recipe in order and gives one ``StepNeed`` per step; pre-flight shows them (CLI and
+the GUI's model card) and checks the largest against the machine. The parts of each figure are named in
+``StepNeed.parts`` so a user sees where the memory goes; ``bench/calibrated_streaming.py`` compares them with
+measured peaks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GB = 1024**3
+MB = 1024**2
+#: the worker process before any weight is read: Python, torch, transformers, the tokenizer, llama.cpp's library
+#: (measured: 0.40-0.55 GB resident on this project's machines)
+PROCESS_BYTES = 550 * MB
+#: the calibration tokens a walk takes when the recipe does not limit them (the bundled calibration text: 21
+#: sequences of 512 tokens with the demo's tokenizer)
+DEFAULT_CALIBRATION_TOKENS = 21 * 512
+#: batch of calibration sequences run through a block at once (``engine.walker.BlockWalk``'s default)
+WALK_BATCH = 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes memory depends on, read from a config dict and the safetensors headers."""
+
+    params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    q_dim: int                      # attention heads x head_dim (o_proj's input width)
+    block_params: int               # one decoder block
+    largest_tensor_params: int
+    streamable: bool                # safetensors files the writers and the walker read lazily
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.params * 4
+
+    @classmethod
+    def from_config(cls, cfg: dict, folder: Path | None = None, params_total: int | None = None) -> "ModelShape":
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        h = int(text.get("hidden_size") or 0)
+        inter = int(text.get("intermediate_size") or 4 * h)
+        layers = max(int(text.get("num_hidden_layers") or 1), 1)
+        vocab = int(text.get("vocab_size") or 0)
+        heads = int(text.get("num_attention_heads") or 1)
+        q_dim = heads * int(text.get("head_dim") or (h // heads if heads else h))
+        largest, total = 0, params_total or 0
+        streamable = bool(folder and any(Path(folder).glob("*.safetensors")))
+        if streamable:
+            from .lazy import read_header
+
+            counted = 0
+            for f in sorted(Path(folder).glob("*.safetensors")):
+                for info in read_header(f).values():
+                    n = 1
+                    for d in info["shape"]:
+                        n *= int(d)
+                    largest, counted = max(largest, n), counted + n
+            total = total or counted
+        embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
+        block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
+        return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable)
+
+
+@dataclass
+class StepNeed:
+    step: str
+    ram_bytes: int
+    how: str                                   # in words: what the step holds
+    parts: dict = field(default_factory=dict)  # name -> bytes, the figure's terms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: a step that loads the model through transformers: the process plus what loading leaves besides the weights
+#: (rounded up from this project's measurements)
+LOADED_OVERHEAD_BYTES = 1 * GB
+
+
+def whole_model(step: str, shape: ModelShape, multiple: float) -> StepNeed:
+    fp32 = int(shape.fp32_bytes * multiple)
+    return StepNeed(step, LOADED_OVERHEAD_BYTES + fp32,
+                    f"holds the fp32 model{f' x{multiple:g}' if multiple != 1 else ''}",
+                    {"process and loading": LOADED_OVERHEAD_BYTES, "fp32 model": fp32})
+
+
+def walk_parts(shape: ModelShape, tokens: int, seq_len: int) -> dict:
+    """What a block walk holds while it runs a block: the block's fp32 weights, the hidden states of every
+    calibration token, one batch's activations inside the block."""
+    return {"one block (fp32)": shape.block_params * 4,
+            "hidden states": tokens * shape.hidden * 4,
+            "one batch's activations": WALK_BATCH * seq_len * (3 * shape.intermediate + 6 * shape.hidden) * 4}
+
+
+#: float32 copies of a slice of rows that the block quantizer holds at once (measured: 5-8)
+QUANTIZER_COPIES = 8
+
+
+def quantizer_bytes(rows: int, columns: int, threads: int) -> int:
+    """The block quantizer's working memory on a rows x columns matrix: the slices ``quantize_rows`` has in
+    flight, ``QUANTIZER_COPIES`` float32 copies each."""
+    from ..exporters.gguf_calibrated import CHUNK_ELEMENTS, ROW_CHUNK
+
+    step = max(1, min(ROW_CHUNK, CHUNK_ELEMENTS // max(columns, 1), -(-rows // threads)))
+    return min(threads, -(-rows // step)) * QUANTIZER_COPIES * step * columns * 4
+
+
+def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gptq: bool, measured: bool,
+                    quantizes: bool = True, threads: int | None = None) -> StepNeed:
+    """``quant.gguf_calibrated`` / ``imatrix`` from the files: the largest of its phases, each named."""
+    import psutil
+
+    threads = threads or psutil.cpu_count(logical=False) or 1
+    h, n, q = shape.hidden, shape.intermediate, shape.q_dim
+    walk = walk_parts(shape, tokens, seq_len)
+    base = walk["one block (fp32)"] + walk["hidden states"]
+    inside = [walk["one batch's activations"]]
+    if gptq:      # X^T X of the block's inputs (not q/k/v's), then the down projection's in float64, twice
+        inside += [walk["one batch's activations"] + (n * n + h * h + q * q) * 4,
+                   2 * n * n * 8 + (h * h + q * q) * 4]
+    if quantizes:     # the widest matrices: gate and up together (2n x h), down (h x n), with its factor
+        inside.append(max(2 * n * h * 4 + quantizer_bytes(2 * n, h, threads),
+                          (n * n * 4 if gptq else 0) + n * h * 4 + quantizer_bytes(h, n, threads)))
+    phases = {"block walk": base + max(inside)}
+    head = shape.vocab * h * 4
+    if quantizes:
+        phases["output head (fp32, quantized in slices)"] = head + shape.vocab * h \
+            + quantizer_bytes(shape.vocab, h, threads) + walk["hidden states"]
+    if measured:   # sensitivity: every block's input for 8 x 128 tokens, the head in fp32; then the type plan
+        phases["sensitivity pass"] = head + shape.layers * 1024 * h * 4 + shape.block_params * 4
+        phases["type plan (largest tensor in fp32)"] = shape.largest_tensor_params * 4 * 2
+    name, peak = max(phases.items(), key=lambda kv: kv[1])
+    return StepNeed(step, PROCESS_BYTES + int(peak),
+                    f"reads the source one decoder block at a time; largest phase: {name}",
+                    {"process": PROCESS_BYTES, **{k: int(v) for k, v in phases.items()}})
+
+
+def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
+    """A GGUF export of the untouched source: tensor by tensor from the files (its output at up to 4 bytes a weight
+    beside its stored copy), and the check's reference: the torch model while it is small, else a 16-bit GGUF
+    that llama.cpp maps (``engine.reference``)."""
+    from .reference import TORCH_REFERENCE_MAX_BYTES
+
+    if not gguf:
+        return None
+    largest = shape.largest_tensor_params * 2 * 3
+    reference = shape.fp32_bytes if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES else 0
+    return StepNeed(step, PROCESS_BYTES + largest + reference,
+                    "writes the source tensor by tensor from its files (no fp32 copy of the model)",
+                    {"process": PROCESS_BYTES, "largest tensor, read and written": largest,
+                     "reference (fp32 torch model)" if reference else "reference (16-bit GGUF, mapped by llama.cpp)":
+                         reference})
+
+
+def calibration_tokens(max_sequences: int | None, seq_len: int) -> int:
+    return min(max_sequences * seq_len, DEFAULT_CALIBRATION_TOKENS) if max_sequences else DEFAULT_CALIBRATION_TOKENS
+
+
+def recipe_needs(recipe, shape: ModelShape) -> list[StepNeed]:
+    """One ``StepNeed`` per step, in order; a step after one that changed the model holds the fp32 model."""
+    from .registry import get_step
+
+    needs, untouched = [], True
+    for step in (recipe.steps if recipe is not None else []):
+        info = get_step(step.name)
+        cfg = info.parse(step.params)
+        need = info.streamed_ram(cfg, shape) if (untouched and shape.streamable) else None
+        if need is None:
+            need = whole_model(step.name, shape, info.ram_multiple(cfg))
+        needs.append(need)
+        if info.kind == "transform":
+            untouched = False
+    return needs

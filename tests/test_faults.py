@@ -1,0 +1,146 @@
+"""Fault injection, fast cases: bad input of every kind the CLI reads gets a message that names the problem and the
+fix, in its own exit code, never a traceback, and nothing is left behind (no run folder for input that can be
+checked before the model loads). Each case fails without the fix it names (see the issue's list)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgetailor.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSUPPORTED, main
+
+
+def _recipe(tmp: Path, steps: list) -> str:
+    p = tmp / "recipe.json"
+    p.write_text(json.dumps({"name": "fault", "steps": steps}))
+    return str(p)
+
+
+def _model(tmp: Path, files: dict) -> str:
+    folder = tmp / "model"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(folder)
+
+
+LLAMA = json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "intermediate_size": 128, "vocab_size": 512})
+EXPORT = [{"step": "export", "params": {"types": ["F16"]}}]
+
+# name -> (argv builder (tmp, stories) -> list, exit code, words the message must hold)
+CASES = {
+    # model files
+    "empty safetensors": (lambda t, s: ["inspect", _model(t, {"config.json": LLAMA, "model.safetensors": b""})],
+                          EXIT_BAD_INPUT, "not a valid safetensors file"),
+    "random bytes as safetensors": (lambda t, s: ["inspect", _model(t, {"config.json": LLAMA,
+                                                                        "model.safetensors": os.urandom(4096)})],
+                                    EXIT_BAD_INPUT, "not a valid safetensors file"),
+    "safetensors cut short": (lambda t, s: ["inspect", _model(t, {"config.json": LLAMA, "model.safetensors":
+                                                                  (s / "model.safetensors").read_bytes()[:2000]})],
+                              EXIT_BAD_INPUT, "not a valid safetensors file"),
+    "config is a list": (lambda t, s: ["inspect", _model(t, {"config.json": "[1, 2]"})],
+                         EXIT_BAD_INPUT, "not a model configuration"),
+    "config is not JSON": (lambda t, s: ["inspect", _model(t, {"config.json": "{bad"})],
+                           EXIT_BAD_INPUT, "config.json"),
+    "config is not UTF-8": (lambda t, s: ["inspect", _model(t, {"config.json": b"\xff\xfe{}"})],
+                            EXIT_BAD_INPUT, "config.json"),
+    "unsupported family": (lambda t, s: ["inspect", _model(t, {"config.json": json.dumps({"model_type": "rwkv7"})})],
+                           EXIT_UNSUPPORTED, "not supported yet"),
+    "path with a typo": (lambda t, s: ["inspect", str(s) + "-typo"], EXIT_BAD_INPUT, "Check the spelling"),
+    # recipes
+    "recipe is a folder": (lambda t, s: ["compress", str(s), "--recipe", str(t)], EXIT_BAD_INPUT, "is a folder"),
+    "recipe missing": (lambda t, s: ["compress", str(s), "--recipe", str(t / "nope.yaml")], EXIT_BAD_INPUT,
+                       "does not exist"),
+    "recipe not UTF-8": (lambda t, s: ["compress", str(s), "--recipe", str(_write(t / "r.yaml", b"\xff\xfe\x00"))],
+                         EXIT_BAD_INPUT, "could not be parsed"),
+    "recipe unknown step": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [{"step": "quantize.magic"}])],
+                            EXIT_BAD_INPUT, "no step named"),
+    "recipe unknown export type": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "export", "params": {"types": ["Q9_Z"]}}])], EXIT_BAD_INPUT, "not a GGUF file type"),
+    "recipe unknown format": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "export", "params": {"format": "tflite"}}])], EXIT_BAD_INPUT, "no exporter for 'tflite'"),
+    "recipe unknown ONNX type": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "export", "params": {"format": "onnx", "types": ["int3"]}}])], EXIT_BAD_INPUT, "not an ONNX"),
+    "recipe wrong parameter type": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "prune.magnitude", "params": {"sparsity": "lots"}}])], EXIT_BAD_INPUT, "sparsity"),
+    "recipe unknown parameter": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "export", "params": {"typo": 1}}])], EXIT_BAD_INPUT, "no parameter 'typo'"),
+    # job options
+    "negative threads": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--threads", "-2"],
+                         EXIT_BAD_INPUT, "threads"),
+    "zero windows": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--windows", "0"],
+                     EXIT_BAD_INPUT, "windows"),
+    "negative context": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--ctx", "-5"],
+                         EXIT_BAD_INPUT, "too short"),
+    "missing calibration text": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
+                                               "--calibration-text", str(t / "nope.txt")],
+                                 EXIT_BAD_INPUT, "does not exist"),
+    "evaluation text is a folder": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
+                                                  "--eval-text", str(t)], EXIT_BAD_INPUT, "is a folder"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A private data folder for the case (the CLI's --home sets the environment: restored afterwards)."""
+    monkeypatch.setenv("EDGETAILOR_HOME", os.environ["EDGETAILOR_HOME"])
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_names_the_problem_and_the_fix_and_leaves_nothing(case, home, tmp_path, stories_dir, capsys):
+    build, code, words = CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = main(["--home", str(home), *build(work, stories_dir)])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert words in err and "error: " in err and "fix: " in err, err
+    assert "Traceback" not in err
+    runs = home / "runs"
+    assert not runs.exists() or not any(runs.iterdir())          # checked before any run folder was made
+
+
+def test_the_data_folder_is_a_file_or_read_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGETAILOR_HOME", os.environ["EDGETAILOR_HOME"])
+    a_file = tmp_path / "data"
+    a_file.write_text("not a folder")
+    assert main(["--home", str(a_file), "runs"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "--home" in err and "Traceback" not in err
+    if os.geteuid() == 0:
+        return                      # root writes anywhere: the read-only case cannot happen here
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["--home", str(ro), "runs"]) == EXIT_BAD_INPUT
+        assert "cannot be created" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00 not utf-8", b"[1, 2, 3]", b'{"id": 5, "status": 7}', b""])
+def test_a_corrupt_run_record_is_skipped_with_its_folder_named(content, home, capsys):
+    from edgetailor.engine import RunRecord
+
+    runs = home / "runs"
+    good = RunRecord.create(runs, {"name": "ok", "steps": []}, "demo", {})
+    good.finish("succeeded")
+    bad = runs / "broken-run"
+    bad.mkdir()
+    (bad / "manifest.json").write_bytes(content)
+    assert main(["--home", str(home), "runs"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert good.id in out.out and "broken-run" not in out.out
+    assert "skipped" in out.err and str(bad) in out.err and "Traceback" not in out.err
