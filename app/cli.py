@@ -17,8 +17,10 @@ fit this machine, 130 cancelled (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -181,14 +183,15 @@ def cmd_compress(args) -> int:
     handle = start_job(job)
     print(f"run {handle.run_id}: {recipe.name} on {args.model}  ->  {handle.folder}", file=sys.stderr)
     view = _ProgressView(quiet=args.quiet)
-    try:
-        for ev in handle.events():
-            view.show(ev)
-    except KeyboardInterrupt:
-        print("\ncancelling...", file=sys.stderr)
-        handle.cancel()
-        for ev in handle.events():
-            view.show(ev)
+    with _interrupts_cancel():       # Ctrl-C, a closed terminal (SIGHUP) and SIGTERM all cancel the run
+        try:
+            for ev in handle.events():
+                view.show(ev)
+        except KeyboardInterrupt:
+            _say("\ncancelling...")
+            handle.cancel()
+            for ev in handle.events():
+                view.show(ev)
     view.close()
     from edgetailor.engine.runs import RunRecord
 
@@ -212,6 +215,29 @@ def cmd_compress(args) -> int:
         EXIT_BAD_INPUT if err.get("type") == "EdgeTailorError" else EXIT_FAILED)
 
 
+def _say(text: str) -> None:
+    """Print to stderr unless the terminal is gone (after SIGHUP writing to it fails)."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _interrupts_cancel():
+    """Within the block SIGHUP and SIGTERM raise KeyboardInterrupt, as Ctrl-C does, so the run is cancelled and
+    recorded as such instead of the CLI dying and leaving its worker behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 class _ProgressView:
     """tqdm bars per step, log lines above them."""
 
@@ -220,6 +246,12 @@ class _ProgressView:
         self.bar = None
 
     def show(self, ev: dict) -> None:
+        try:
+            self._show(ev)
+        except OSError:          # the terminal is gone (SIGHUP): the run goes on being recorded, silently
+            self.quiet, self.bar = True, None
+
+    def _show(self, ev: dict) -> None:
         from tqdm import tqdm
 
         t, d = ev["type"], ev["data"]
@@ -243,7 +275,10 @@ class _ProgressView:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            try:
+                self.bar.close()
+            except OSError:
+                pass
             self.bar = None
 
 

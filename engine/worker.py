@@ -24,12 +24,36 @@ from .runs import RunRecord, new_run_id
 CANCEL_GRACE_SECONDS = 5.0
 
 
+#: how often a worker checks that the app that started it is still there
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _watch_parent(cancel) -> None:
+    """A run stops when the app that started it ends (killed, its terminal closed): the worker sees itself
+    re-parented and cancels the run, which records itself as cancelled and removes its partial files."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while not cancel.is_set():
+            if os.getppid() != parent:
+                cancel.set()
+                return
+            time.sleep(PARENT_CHECK_SECONDS)
+
+    threading.Thread(target=watch, name="edgetailor-parent-watch", daemon=True).start()
+
+
 def _child(job_dict: dict, events: mp.Queue, cancel) -> None:
     import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C in a terminal goes to the parent, which cancels
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # so does a closed terminal: the parent cancels, or dies
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _watch_parent(cancel)
     run_job(JobSpec(**job_dict), emit=events.put, cancel=cancel)
 
 
@@ -146,12 +170,27 @@ class JobHandle:
                 if s["status"] == "running":
                     s["status"] = status
             rec.finish(status, error)
+            sweep_run_folder(self.folder)
         ev = make_event("run_finished", self.run_id, None, None, status=status, error=error,
                         manifest=str(self.folder / "manifest.json"))
         self._finished = True
         self.status = status
         out.append(ev)
         return out
+
+
+def sweep_run_folder(folder: Path) -> list[Path]:
+    """What a worker that died mid-write leaves in its run folder: partial files, temporary folders of the
+    exporters (``edgetailor-*``) and the scratch folder. Returns what was removed."""
+    from .atomic import remove_partials, remove_path
+
+    folder = Path(folder)
+    removed = remove_partials(folder)
+    for p in [folder / "scratch", *folder.glob("artifacts/edgetailor-*")]:
+        if p.exists():
+            remove_path(p)
+            removed.append(p)
+    return removed
 
 
 def start_job(job: JobSpec) -> JobHandle:

@@ -144,3 +144,113 @@ def test_a_corrupt_run_record_is_skipped_with_its_folder_named(content, home, ca
     out = capsys.readouterr()
     assert good.id in out.out and "broken-run" not in out.out
     assert "skipped" in out.err and str(bad) in out.err and "Traceback" not in out.err
+
+
+# --- process faults: a run's status is always true, and nothing is left behind ---------------------------------
+CALIBRATED = [{"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "max_sequences": 4, "seq_len": 128,
+                                                           "verify": False}}]
+
+
+def _start_cli(tmp_path, demo_source, home):
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, CALIBRATED)
+    env = {**os.environ, "EDGETAILOR_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgetailor.cli", "compress", str(demo_source.path), "--recipe", recipe,
+                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    return proc
+
+
+def _wait_for(predicate, timeout=120.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _running_step(home):
+    from edgetailor.engine.runs import list_runs
+
+    runs = list_runs(home / "runs")
+    if runs and any(s.get("status") == "running" for s in runs[0]["steps"]):
+        return runs[0]
+    return None
+
+
+def _final(home, run_id, timeout=90.0):
+    from edgetailor.engine import RunRecord
+
+    return _wait_for(lambda: (m := RunRecord.open(home / "runs" / run_id).manifest)["status"] != "running" and m,
+                     timeout)
+
+
+def _left_behind(folder: Path) -> list:
+    return [p for p in folder.rglob("*") if p.name.endswith(".partial") or p.name.startswith("edgetailor-")
+            or p.name == "scratch"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGHUP", "SIGTERM", "SIGINT"])
+def test_the_cli_closed_or_stopped_cancels_its_run_and_its_worker(signal_name, tmp_path, demo_source, home):
+    import signal
+
+    import psutil
+
+    proc = _start_cli(tmp_path, demo_source, home)
+    try:
+        run = _wait_for(lambda: _running_step(home))
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(getattr(signal, signal_name))
+        manifest = _final(home, run["id"])
+        assert manifest["status"] == "cancelled"
+        assert proc.wait(60) == 130
+        psutil.wait_procs(workers, timeout=30)
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert _left_behind(Path(run["_folder"])) == []
+    finally:
+        proc.kill()
+
+
+def test_a_killed_cli_takes_its_run_down_with_it(tmp_path, demo_source, home):
+    """The worker sees its parent gone (kill -9 leaves no chance to cancel) and cancels the run itself."""
+    import signal
+
+    import psutil
+
+    proc = _start_cli(tmp_path, demo_source, home)
+    run = _wait_for(lambda: _running_step(home))
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    manifest = _final(home, run["id"])
+    assert manifest["status"] == "cancelled"
+    psutil.wait_procs(workers, timeout=60)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert _left_behind(Path(run["_folder"])) == []
+
+
+def test_a_killed_worker_is_recorded_and_its_leftovers_swept(tmp_path, demo_source, home):
+    import signal
+
+    import psutil
+
+    proc = _start_cli(tmp_path, demo_source, home)
+    try:
+        run = _wait_for(lambda: _running_step(home))
+        folder = Path(run["_folder"])
+        _wait_for(lambda: list(folder.glob("artifacts/edgetailor-calibrated-*")))     # mid-write
+        for w in psutil.Process(proc.pid).children(recursive=True):
+            if "multiprocessing" in " ".join(w.cmdline()):
+                w.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == 1
+        manifest = _final(home, run["id"], timeout=10)
+        assert manifest["status"] == "failed" and "ended unexpectedly" in manifest["error"]["problem"]
+        assert _left_behind(folder) == []
+    finally:
+        proc.kill()
