@@ -56,6 +56,36 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the partial files and folders in ``folder`` (not below) whose writer no longer runs (a process
+    killed mid-write leaves ``.NAME.PID.partial``); those of live processes are left alone. Returns what went."""
+    import psutil
+
+    removed = []
+    for p in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        try:
+            pid = int(p.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            remove_path(p)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive(name: str):
+    """Within the block no other EdgeTailor process holds the lock ``name`` (a file lock in the cache folder):
+    one process converts a model while the others wait and then find it done."""
+    from filelock import FileLock
+
+    from . import paths
+
+    folder = paths.ensure_folder(paths.cache_dir() / "locks", "lock folder")
+    with FileLock(str(folder / f"{name}.lock")):
+        yield
+
+
 def remove_partials(folder: str | os.PathLike) -> list[Path]:
     """Delete leftovers of interrupted atomic writes below ``folder``; return what was removed."""
     removed = []

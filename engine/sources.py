@@ -65,9 +65,7 @@ def resolve(spec: str | None = None, *, trust_remote_code: bool = False, allow_n
     """Turn what the user picked into a local Hugging Face folder (converting or downloading if needed)."""
     spec = (spec or DEMO_NAME).strip()
     if spec == DEMO_NAME:
-        folder = paths.models_dir() / DEMO_FOLDER
-        if not (folder / "config.json").exists():
-            gguf_to_hf_folder(demo_gguf_path(), folder, progress=progress)
+        folder = converted_folder(demo_gguf_path(), paths.models_dir() / DEMO_FOLDER, progress)
         return _finish(spec, "demo", folder, trust_remote_code, origin=str(demo_gguf_path()))
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -81,9 +79,7 @@ def resolve(spec: str | None = None, *, trust_remote_code: bool = False, allow_n
         if p.suffix.lower() != ".gguf":
             raise EdgeTailorError(f"{p} is neither a model folder nor a .gguf file.",
                                   "Pick a Hugging Face model folder (with config.json) or a .gguf file.")
-        folder = paths.models_dir() / f"gguf-{p.stem}-{_short_hash_of_file(p)}"
-        if not (folder / "config.json").exists():
-            gguf_to_hf_folder(p, folder, progress=progress)
+        folder = converted_folder(p, paths.models_dir() / f"gguf-{p.stem}-{_short_hash_of_file(p)}", progress)
         return _finish(spec, "gguf", folder, trust_remote_code, origin=str(p))
     if _HUB_ID.match(spec):
         folder = _hub_snapshot(spec, allow_network)
@@ -148,6 +144,19 @@ def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
     except Exception as exc:  # network errors come in many types
         raise EdgeTailorError(f"Could not download '{repo_id}': {type(exc).__name__}: {str(exc)[:300]}",
                               "Check the hub id and your internet connection, or pick a local folder.") from exc
+
+
+def converted_folder(gguf_file: Path, folder: Path, progress=None) -> Path:
+    """The Hugging Face folder converted from ``gguf_file``, made once: one process converts while others that
+    want the same folder wait for it (a folder in use is never replaced); leftovers of a conversion that was
+    killed are removed first."""
+    if (folder / "config.json").exists():
+        return folder
+    with atomic.exclusive(folder.name):
+        if not (folder / "config.json").exists():
+            atomic.sweep_stale_partials(folder.parent)
+            gguf_to_hf_folder(gguf_file, folder, progress=progress)
+    return folder
 
 
 def gguf_to_hf_folder(gguf_file: Path, folder: Path, progress=None) -> Path:

@@ -254,3 +254,49 @@ def test_a_killed_worker_is_recorded_and_its_leftovers_swept(tmp_path, demo_sour
         assert _left_behind(folder) == []
     finally:
         proc.kill()
+
+
+# --- concurrency and leftovers of killed conversions -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def stories_gguf(tmp_path_factory, stories_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetailor.exporters import get_exporter
+
+    out = tmp_path_factory.mktemp("gguf") / "stories-f16.gguf"
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir))
+    get_exporter("gguf").export(model, AutoTokenizer.from_pretrained(str(stories_dir)), stories_dir, out,
+                                {"type": "F16"})
+    return out
+
+
+def test_runs_that_share_a_new_gguf_source_convert_it_once_and_all_succeed(stories_gguf, tmp_path):
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    code = ("import sys; from edgetailor.engine import resolve; s = resolve(sys.argv[1]); "
+            "import transformers; transformers.AutoConfig.from_pretrained(str(s.path)); print(s.path)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(stories_gguf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGETAILOR_HOME": str(home)})
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1
+    models = home / "models"
+    assert [p.name for p in models.iterdir()] == [Path(outs[0][0].strip()).name]     # no partial, one folder
+
+
+def test_a_conversion_killed_midway_is_swept_by_the_next_one(stories_gguf, home, monkeypatch):
+    from edgetailor.engine import resolve
+
+    monkeypatch.setenv("EDGETAILOR_HOME", str(home))
+    models = home / "models"
+    models.mkdir(parents=True)
+    dead = models / ".gguf-stories-f16-abc.999999999.partial"        # a pid that cannot be running
+    (dead / "sub").mkdir(parents=True)
+    alive = models / f".other.{os.getpid()}.partial"                  # this process: in progress, kept
+    alive.write_text("x")
+    src = resolve(str(stories_gguf))
+    assert (src.path / "config.json").exists()
+    assert not dead.exists() and alive.exists()

@@ -299,4 +299,4 @@ def test_the_window_starts_beside_a_corrupt_run_record_and_says_so(qtbot, tmp_pa
     w = make_window(qtbot, runs, stories_dir)
     assert good.id in w.states                                  # the readable run is listed
     assert len(w.skipped_runs) == 1 and str(runs / "broken") in w.skipped_runs[0]
-    assert "Skipped 1 run folder" in w.status_label.text()
+    assert "Skipped 1 run folder" in w.status_label.text() and "broken" in w.status_label.toolTip()

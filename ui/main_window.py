@@ -137,8 +137,9 @@ class MainWindow(QMainWindow):
         runs = list_runs(self.runs_root, unreadable)
         self.skipped_runs = [f"{exc.problem} {exc.fix}" for exc in unreadable]
         if unreadable:                     # said in words, never fatal: the other runs still show
-            self.status_label.setText(f"Skipped {len(unreadable)} run folder(s) with an unreadable record: "
-                                      + self.skipped_runs[0])
+            self.status_label.setText(f"Skipped {len(unreadable)} run folder(s) with an unreadable record "
+                                      "(hover for which and what to do)")
+            self.status_label.setToolTip("\n".join(self.skipped_runs))
         for m in runs[:MAX_PREVIOUS_RUNS]:
             if m["id"] in self.states:
                 continue
