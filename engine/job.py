@@ -96,6 +96,11 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
         error = {"type": "Cancelled", "problem": "The run was cancelled by the user.", "fix": ""}
     except EdgeTailorError as exc:
         status, error = "failed", exc.to_dict()
+    except (OSError, MemoryError) as exc:         # the machine, not the app: say which and what to do
+        status = "failed"
+        error = machine_error(exc) or {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}",
+                                       "fix": "This is likely a bug in EdgeTailor; the run folder's manifest holds "
+                                              "the traceback.", "traceback": traceback.format_exc()}
     except Exception as exc:  # a bug or a library failure: record it whole, for the report
         status = "failed"
         error = {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}",
@@ -112,6 +117,27 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
                                 manifest=str(record.manifest_path)))
         events_log.close()
     return record
+
+
+def machine_error(exc: BaseException) -> dict | None:
+    """A full disk, a folder the app may not write, or memory running out, as a problem and its fix; None for
+    anything else (a bug, reported with its traceback)."""
+    import errno
+
+    if isinstance(exc, MemoryError):
+        return {"type": "OutOfMemory", "problem": "The machine ran out of memory during the run.",
+                "fix": "Close other programs, pick a smaller model, or drop the steps that hold the whole model "
+                       "(`edgetailor inspect MODEL --recipe R` shows what each step needs).", "exit_code": 3}
+    where = getattr(exc, "filename", None) or "a file the run writes"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return {"type": "DiskFull", "problem": f"The disk is full (writing {where}).",
+                "fix": "Free disk space (pre-flight shows what the recipe needs), or point --home at a larger disk.",
+                "exit_code": 3}
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return {"type": "NotWritable", "problem": f"EdgeTailor may not write {where} ({exc.strerror}).",
+                "fix": "Give yourself write access to the data folder, or pass --home FOLDER to a writable one.",
+                "exit_code": 2}
+    return None
 
 
 def _cleanup_scratch(record: RunRecord) -> None:

@@ -300,3 +300,22 @@ def test_a_conversion_killed_midway_is_swept_by_the_next_one(stories_gguf, home,
     src = resolve(str(stories_gguf))
     assert (src.path / "config.json").exists()
     assert not dead.exists() and alive.exists()
+
+
+@pytest.mark.parametrize("fault, kind, words", [
+    (OSError(28, "No space left on device", "/data/runs/x/artifacts/m.gguf"), "DiskFull", "Free disk space"),
+    (OSError(30, "Read-only file system", "/data/runs/x/artifacts/m.gguf"), "NotWritable", "--home"),
+    (MemoryError(), "OutOfMemory", "smaller model"),
+])
+def test_a_full_disk_a_read_only_folder_or_no_memory_is_named_not_called_a_bug(fault, kind, words, stories_dir,
+                                                                               tmp_path, monkeypatch):
+    from edgetailor.engine.job import JobSpec, run_job
+    from edgetailor.engine.registry import get_step
+
+    def failing(ctx, cfg):
+        raise fault
+    monkeypatch.setattr(get_step("export"), "run", failing)
+    rec = run_job(JobSpec(recipe={"name": "x", "steps": EXPORT}, source=str(stories_dir), runs_root=str(tmp_path)))
+    err = rec.manifest["error"]
+    assert rec.manifest["status"] == "failed" and err["type"] == kind and words in err["fix"]
+    assert "bug" not in err["fix"] and "traceback" not in err
