@@ -319,3 +319,15 @@ def test_a_full_disk_a_read_only_folder_or_no_memory_is_named_not_called_a_bug(f
     err = rec.manifest["error"]
     assert rec.manifest["status"] == "failed" and err["type"] == kind and words in err["fix"]
     assert "bug" not in err["fix"] and "traceback" not in err
+
+
+def test_the_app_with_a_data_folder_that_is_a_file_says_so_and_exits(tmp_path):
+    import subprocess
+    import sys
+
+    a_file = tmp_path / "data"
+    a_file.write_text("not a folder")
+    r = subprocess.run([sys.executable, "-m", "edgetailor.gui"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "EDGETAILOR_HOME": str(a_file), "QT_QPA_PLATFORM": "offscreen"})
+    assert r.returncode == EXIT_BAD_INPUT, r.stderr[-800:]
+    assert "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QApplication, QLabel, QMainWindow, QPushButton, QScrollArea,
+from PySide6.QtWidgets import (QApplication, QLabel, QMainWindow, QMessageBox, QPushButton, QScrollArea,
                                QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from edgetailor.engine import EdgeTailorError, RunRecord, list_runs, paths
@@ -297,6 +297,15 @@ def run_app(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("EdgeTailor")
     configure_plots(app)
-    window = MainWindow()
+    try:
+        window = MainWindow()
+    except EdgeTailorError as exc:        # e.g. the data folder is a file or read-only: said in words, exit 2
+        box = QMessageBox(QMessageBox.Icon.Critical, "EdgeTailor cannot start", exc.problem)
+        box.setInformativeText(f"Fix: {exc.fix}")
+        box.setObjectName("startupErrorBox")
+        if os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+            box.exec()
+        print(f"error: {exc.problem}\nfix: {exc.fix}", file=sys.stderr)
+        return exc.exit_code
     window.show()
     return app.exec()
