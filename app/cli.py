@@ -12,7 +12,8 @@
 MODEL is "demo" (default), a Hugging Face folder, a .gguf file, or a hub id (with --online).
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (the message says what to fix), 3 the job does not
-fit this machine, 130 cancelled (Ctrl-C).
+fit this machine, 4 not supported yet (a model family, or a step for it), 130 cancelled (Ctrl-C, a closed
+terminal, SIGTERM).
 """
 from __future__ import annotations
 
@@ -414,7 +415,10 @@ def cmd_report(args) -> int:
 def cmd_devices(args) -> int:
     from edgetailor.engine.devices import list_devices
 
-    devices = list_devices()
+    unreadable: list = []
+    devices = list_devices(unreadable=unreadable)
+    for exc in unreadable:
+        print(f"skipped: {exc.problem} {exc.fix}", file=sys.stderr)
     if args.json:
         print(json.dumps({k: d.to_dict() for k, d in devices.items()}, indent=2))
         return EXIT_OK

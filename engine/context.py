@@ -42,10 +42,13 @@ class JobOptions:
             raise EdgeTailorError(f"'{self.dtype}' is not a dtype the model can load in.",
                                   "Use float32, bfloat16 or float16.")
         for what, path in (("evaluation", self.eval_text), ("calibration", self.calibration_text)):
-            if path is not None and not Path(path).is_file():
-                raise EdgeTailorError(f"The {what} text {path} " + ("is a folder." if Path(path).is_dir()
-                                                                    else "does not exist."),
-                                      "Give an existing UTF-8 text file (--eval-text / --calibration-text).")
+            if path is None:
+                continue
+            try:
+                text.read_text(path)             # exists, a file, UTF-8, not empty
+            except EdgeTailorError as exc:
+                raise EdgeTailorError(f"The {what} text: {exc.problem}",
+                                      f"{exc.fix} (--{'eval' if what == 'evaluation' else 'calibration'}-text)") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -96,20 +96,27 @@ def user_devices_dir() -> Path:
     return data_dir() / "devices"
 
 
-def list_devices(measure_host: bool = True) -> dict[str, DeviceProfile]:
-    """Bundled profiles, then the user's (same id = override), then this machine (measured once, cached)."""
+def list_devices(measure_host: bool = True, unreadable: list | None = None) -> dict[str, DeviceProfile]:
+    """Bundled profiles, then the user's (same id = override), then this machine (measured once, cached). A user
+    profile that cannot be read or is incomplete is skipped; its problem goes to ``unreadable`` when given."""
     out = bundled_devices()
-    user = {}
     d = user_devices_dir()
     for f in sorted(d.glob("*.json")) if d.exists() else []:
         try:
-            raw = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise EdgeTailorError(f"Device profile {f} is not valid JSON: {exc}", "Fix or remove the file.") from exc
-        user[raw.get("id")] = (raw, f)
-    for pid, (raw, f) in user.items():
-        if pid != HOST_ID:
-            out[pid] = DeviceProfile.from_dict(raw, "user", str(f))
+            try:
+                raw = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise EdgeTailorError(f"Device profile {f} is not valid JSON: {exc}", "Fix or remove the file.") from exc
+            if not isinstance(raw, dict):
+                raise EdgeTailorError(f"Device profile {f} is not a JSON object.",
+                                      "Write it as an object with the fields of a bundled profile.")
+            if raw.get("id") != HOST_ID:
+                profile = DeviceProfile.from_dict(raw, "user", str(f))
+                out[profile.id] = profile
+        except (EdgeTailorError, TypeError) as exc:
+            if unreadable is not None:
+                unreadable.append(exc if isinstance(exc, EdgeTailorError) else
+                                  EdgeTailorError(f"Device profile {f}: {exc}", "Fix or remove the file."))
     if measure_host:
         out[HOST_ID] = host_profile()
     return out

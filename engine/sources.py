@@ -152,11 +152,26 @@ def converted_folder(gguf_file: Path, folder: Path, progress=None) -> Path:
     killed are removed first."""
     if (folder / "config.json").exists():
         return folder
+    check_gguf_file(gguf_file)
     with atomic.exclusive(folder.name):
         if not (folder / "config.json").exists():
             atomic.sweep_stale_partials(folder.parent)
             gguf_to_hf_folder(gguf_file, folder, progress=progress)
     return folder
+
+
+def check_gguf_file(path: Path) -> None:
+    """A file that cannot be a GGUF (empty, another format, cut short before its header) is named as such."""
+    fix = "Download the file again (an interrupted download leaves it short), or pick another .gguf file."
+    size = Path(path).stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if size == 0:
+        raise EdgeTailorError(f"{path} is empty.", fix)
+    if head[:4] != b"GGUF":
+        raise EdgeTailorError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).", fix)
+    if size < 24:
+        raise EdgeTailorError(f"{path} is cut short: {size} bytes, not even a GGUF header.", fix)
 
 
 def gguf_to_hf_folder(gguf_file: Path, folder: Path, progress=None) -> Path:

@@ -50,12 +50,25 @@ CASES = {
     "unsupported family": (lambda t, s: ["inspect", _model(t, {"config.json": json.dumps({"model_type": "rwkv7"})})],
                            EXIT_UNSUPPORTED, "not supported yet"),
     "path with a typo": (lambda t, s: ["inspect", str(s) + "-typo"], EXIT_BAD_INPUT, "Check the spelling"),
+    "GGUF of random bytes": (lambda t, s: ["inspect", str(_write(t / "m.gguf", os.urandom(3000)))], EXIT_BAD_INPUT,
+                             "not a GGUF file"),
+    "GGUF empty": (lambda t, s: ["inspect", str(_write(t / "m.gguf", b""))], EXIT_BAD_INPUT, "is empty"),
+    "GGUF cut short": (lambda t, s: ["inspect", str(_write(t / "m.gguf", b"GGUF\x03\x00\x00\x00"))], EXIT_BAD_INPUT,
+                       "cut short"),
+    "not a model file": (lambda t, s: ["inspect", str(_write(t / "notes.txt", b"hello"))], EXIT_BAD_INPUT,
+                         "neither a model folder nor a .gguf"),
+    "folder without config": (lambda t, s: ["inspect", str(t)], EXIT_BAD_INPUT, "has no config.json"),
     # recipes
     "recipe is a folder": (lambda t, s: ["compress", str(s), "--recipe", str(t)], EXIT_BAD_INPUT, "is a folder"),
     "recipe missing": (lambda t, s: ["compress", str(s), "--recipe", str(t / "nope.yaml")], EXIT_BAD_INPUT,
                        "does not exist"),
     "recipe not UTF-8": (lambda t, s: ["compress", str(s), "--recipe", str(_write(t / "r.yaml", b"\xff\xfe\x00"))],
                          EXIT_BAD_INPUT, "could not be parsed"),
+    "recipe steps not a list": (lambda t, s: ["compress", str(s), "--recipe", str(_write(t / "r.yaml", b"steps: 5"))],
+                                EXIT_BAD_INPUT, "non-empty 'steps' list"),
+    "recipe is a list": (lambda t, s: ["compress", str(s), "--recipe", str(_write(t / "r.yaml", b"- a\n- b"))],
+                         EXIT_BAD_INPUT, "non-empty 'steps' list"),
+    "preset unknown": (lambda t, s: ["compress", str(s), "--preset", "nosuch"], EXIT_BAD_INPUT, "no preset named"),
     "recipe unknown step": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [{"step": "quantize.magic"}])],
                             EXIT_BAD_INPUT, "no step named"),
     "recipe unknown export type": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
@@ -78,6 +91,19 @@ CASES = {
     "missing calibration text": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
                                                "--calibration-text", str(t / "nope.txt")],
                                  EXIT_BAD_INPUT, "does not exist"),
+    "calibration text not UTF-8": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
+                                                  "--calibration-text", str(_write(t / "c.txt", b"\xff\xfe\x00x"))],
+                                   EXIT_BAD_INPUT, "not UTF-8"),
+    "calibration text empty": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
+                                             "--calibration-text", str(_write(t / "c.txt", b"  \n"))],
+                               EXIT_BAD_INPUT, "is empty"),
+    "evaluation text empty": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
+                                            "--eval-text", str(_write(t / "e.txt", b""))], EXIT_BAD_INPUT, "is empty"),
+    "evaluate a missing file": (lambda t, s: ["evaluate", str(t / "nope.gguf")], EXIT_BAD_INPUT, "not a .gguf file"),
+    "evaluate random bytes": (lambda t, s: ["evaluate", str(_write(t / "v.gguf", os.urandom(3000))), "--baseline",
+                                            str(s)], EXIT_BAD_INPUT, "could not load"),
+    "show an unknown run": (lambda t, s: ["runs", "nosuchrun"], EXIT_BAD_INPUT, "No single run matches"),
+    "report an unknown run": (lambda t, s: ["report", "nosuchrun"], EXIT_BAD_INPUT, "No single run matches"),
     "evaluation text is a folder": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
                                                   "--eval-text", str(t)], EXIT_BAD_INPUT, "is a folder"),
 }
@@ -331,3 +357,13 @@ def test_the_app_with_a_data_folder_that_is_a_file_says_so_and_exits(tmp_path):
                        env={**os.environ, "EDGETAILOR_HOME": str(a_file), "QT_QPA_PLATFORM": "offscreen"})
     assert r.returncode == EXIT_BAD_INPUT, r.stderr[-800:]
     assert "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b'{"id": "x"}', b"\xff\xfe"])
+def test_a_broken_device_profile_of_the_user_is_skipped_and_named(content, home, capsys):
+    (home / "devices").mkdir()
+    (home / "devices" / "mine.json").write_bytes(content)
+    assert main(["--home", str(home), "devices"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert "raspberry-pi-5-8gb" in out.out                       # the bundled profiles still list
+    assert "skipped: " in out.err and "mine.json" in out.err and "Traceback" not in out.err
