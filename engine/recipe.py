@@ -43,7 +43,11 @@ class Recipe:
             if extra:
                 raise EdgeTailorError(f"Step {i + 1} ({s['step']}) has unknown keys {sorted(extra)}.",
                                       "Put parameters under 'params:'.")
-            steps.append(StepSpec(str(s["step"]), dict(s.get("params") or {})))
+            params = s.get("params") or {}
+            if not isinstance(params, dict):
+                raise EdgeTailorError(f"{where}: the parameters of step '{s['step']}' must be a mapping, not "
+                                      f"{type(params).__name__}.", "Write them as params: {name: value, ...}.")
+            steps.append(StepSpec(str(s["step"]), dict(params)))
         return cls(name=str(data.get("name") or "recipe"), steps=steps,
                    description=str(data.get("description") or ""))
 

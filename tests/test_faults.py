@@ -84,6 +84,12 @@ CASES = {
     # job options
     "negative threads": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--threads", "-2"],
                          EXIT_BAD_INPUT, "threads"),
+    "zero threads": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--threads", "0"],
+                     EXIT_BAD_INPUT, "threads"),
+    "recipe parameters not a mapping": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [
+        {"step": "export", "params": [1, 2]}])], EXIT_BAD_INPUT, "must be a mapping"),
+    "recipe step not a mapping": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, [5])], EXIT_BAD_INPUT,
+                                  "step"),
     "zero windows": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--windows", "0"],
                      EXIT_BAD_INPUT, "windows"),
     "negative context": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT), "--ctx", "-5"],

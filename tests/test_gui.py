@@ -300,3 +300,13 @@ def test_the_window_starts_beside_a_corrupt_run_record_and_says_so(qtbot, tmp_pa
     assert good.id in w.states                                  # the readable run is listed
     assert len(w.skipped_runs) == 1 and str(runs / "broken") in w.skipped_runs[0]
     assert "Skipped 1 run folder" in w.status_label.text() and "broken" in w.status_label.toolTip()
+
+
+def test_the_window_starts_over_settings_that_are_garbage(qtbot, tmp_path, stories_dir, monkeypatch):
+    """The settings the GUI keeps (<data>/app.ini): random bytes are ignored, not fatal."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "app.ini").write_bytes(os.urandom(2000) + b"\n[General]\nrecent=[[[\n")
+    monkeypatch.setenv("EDGETAILOR_HOME", str(home))
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    assert w.isVisible() and w.model_panel.combo.count() >= 1
