@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from conftest import tiny_recipe
 
 from edgetailor.engine import JobSpec, run_job, start_job
+from edgetailor.engine.errors import EdgeTailorError
 from edgetailor.engine.atomic import sha256_file
 
 
@@ -44,11 +47,18 @@ def test_bad_parameters_fail_before_any_work(stories_dir, tmp_path):
 
 
 def test_failed_run_is_recorded(tmp_path, stories_dir):
-    recipe = {"name": "x", "steps": [{"step": "export", "params": {"types": ["IQ1_S"]}}]}
+    recipe = {"name": "x", "steps": [{"step": "export", "params": {"types": ["F16"]}},
+                                     {"step": "prune.magnitude", "params": {"modules": ["no_such_proj"]}},
+                                     {"step": "export", "params": {"types": ["Q8_0"]}}]}
     rec = run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)))
     assert rec.manifest["status"] == "failed"
-    assert "importance matrix" in rec.manifest["error"]["problem"]
-    assert not list((rec.folder / "artifacts").iterdir())
+    assert "no_such_proj" in rec.manifest["error"]["problem"]
+    assert [p.name for p in (rec.folder / "artifacts").iterdir()] == ["stories260K-base-F16.gguf"]   # no partial
+    # a type the exporter cannot write is refused with the recipe, before any run folder exists
+    with pytest.raises(EdgeTailorError, match="importance matrix"):
+        run_job(JobSpec(recipe={"name": "x", "steps": [{"step": "export", "params": {"types": ["IQ1_S"]}}]},
+                        source=str(stories_dir), runs_root=str(tmp_path / "other")))
+    assert not (tmp_path / "other").exists()
 
 
 def _run_until(handle, predicate, timeout=120):
