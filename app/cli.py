@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.home:
         os.environ["EDGETAILOR_HOME"] = str(Path(args.home).expanduser().resolve())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from edgetailor.engine.atomic import sweep_stale_temp
     from edgetailor.engine.errors import EdgeTailorError
 
+    sweep_stale_temp()          # temporary folders of EdgeTailor processes that were killed
     try:
         return COMMANDS[args.command](args)
     except EdgeTailorError as exc:
@@ -330,7 +332,9 @@ def cmd_evaluate(args) -> int:
     loaded = load_model(src)
     windows = make_windows(loaded.tokenizer, read_text(args.eval_text or default_evaluation_path()), args.ctx,
                            args.windows)
-    with tempfile.TemporaryDirectory(prefix="edgetailor-ref-") as tmp:
+    from edgetailor.engine.atomic import temp_prefix
+
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("ref")) as tmp:
         ref = ReferenceLogprobs(Path(tmp))
         base = evaluate(TorchRuntime(loaded.model, args.threads), windows, reference=ref, record_reference=True)
         del loaded

@@ -122,5 +122,26 @@ def tree_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def make_temp_dir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
+#: every temporary folder EdgeTailor makes outside a run folder starts with this, and names its process
+TEMP_PREFIX = "edgetailor-"
+
+
+def temp_prefix(kind: str) -> str:
+    """The prefix of a temporary folder of this process (``tempfile``'s ``prefix=``): the pid in its name lets a
+    later start of the app remove it if this process was killed before it could (``sweep_stale_temp``)."""
+    return f"{TEMP_PREFIX}{kind}-pid{os.getpid()}-"
+
+
+def sweep_stale_temp(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove EdgeTailor's temporary folders whose process no longer runs (in the system's temp folder)."""
+    import re
+
+    import psutil
+
+    removed = []
+    for p in Path(folder or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-pid*-*"):
+        m = re.search(r"-pid(\d+)-", p.name)
+        if m and int(m.group(1)) != os.getpid() and not psutil.pid_exists(int(m.group(1))):
+            remove_path(p)
+            removed.append(p)
+    return removed

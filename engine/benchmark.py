@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import temp_prefix
 from .energy import EnergyMeter
 from .errors import EdgeTailorError, RunCancelled
 
@@ -41,7 +42,7 @@ def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_toke
     spec = {"format": fmt, "path": str(path), "prompt": list(map(int, prompt)), "gen_tokens": gen_tokens,
             "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx, "dtype": dtype,
             "energy": meter.to_dict()}
-    with tempfile.TemporaryDirectory(prefix="edgetailor-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))
         t_start = time.perf_counter()

@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import temp_prefix
 from .errors import EdgeTailorError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -327,7 +328,7 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
     if fmt not in ("gguf", "torch"):
         raise EdgeTailorError(f"Runtime overhead is measured for gguf and torch variants, not '{fmt}'.",
                               "Its memory is measured by the benchmark; the prediction is left out.")
-    with tempfile.TemporaryDirectory(prefix="edgetailor-overhead-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("overhead")) as tmp:
         folder = make_overhead_probe(source_folder, Path(tmp) / "probe")
         path = folder
         if fmt == "gguf":
@@ -420,7 +421,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         # neighbour on a shared host) only adds time, so the median of five can carry a stall
         return 1.0 / max(res["decode_tps_runs"] or [res["decode_tps"]])
 
-    with tempfile.TemporaryDirectory(prefix="edgetailor-decode-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("decode-model")) as tmp:
         tmp = Path(tmp)
         made: dict[str, Path] = {}
 

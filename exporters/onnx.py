@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.atomic import temp_prefix
 from ..engine.architectures import arch_spec
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.runtimes import Runtime, register_runtime
@@ -430,7 +431,7 @@ def quantize_int8(graph: DecoderGraph):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("onnx-int8")) as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(graph.proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
                         location="fp32.onnx.data", size_threshold=1024)
@@ -492,7 +493,7 @@ def collect_input_hessians(proto, feeds, step=None) -> dict:
     from onnx import TensorProto, helper
 
     names = sorted({n.input[0] for n, _ in constant_matmuls(proto)})
-    with tempfile.TemporaryDirectory(prefix="edgetailor-onnx-hessians-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("onnx-hessians")) as tmp:
         added = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names]
         proto.graph.output.extend(added)
         try:

@@ -373,3 +373,18 @@ def test_a_broken_device_profile_of_the_user_is_skipped_and_named(content, home,
     out = capsys.readouterr()
     assert "raspberry-pi-5-8gb" in out.out                       # the bundled profiles still list
     assert "skipped: " in out.err and "mine.json" in out.err and "Traceback" not in out.err
+
+
+def test_temporary_folders_of_killed_processes_are_swept_when_the_app_starts(tmp_path, home, monkeypatch):
+    import tempfile
+
+    from edgetailor.engine.atomic import temp_prefix
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "edgetailor-bench-pid999999999-abc"            # a benchmark child killed mid-run
+    (dead / "model").mkdir(parents=True)
+    mine = Path(tempfile.mkdtemp(prefix=temp_prefix("onnx-int8")))      # this process: in use, kept
+    other = tmp_path / "someone-elses-pid999999999-x"                   # not ours: never touched
+    other.mkdir()
+    assert main(["--home", str(home), "presets"]) == EXIT_OK
+    assert not dead.exists() and mine.exists() and other.exists()

@@ -297,6 +297,9 @@ def run_app(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("EdgeTailor")
     configure_plots(app)
+    from edgetailor.engine.atomic import sweep_stale_temp
+
+    sweep_stale_temp()          # temporary folders of EdgeTailor processes that were killed
     try:
         window = MainWindow()
     except EdgeTailorError as exc:        # e.g. the data folder is a file or read-only: said in words, exit 2
