@@ -178,7 +178,6 @@ def cmd_compress(args) -> int:
     from edgetailor.engine import JobSpec, start_job
 
     recipe = _recipe(args)
-    recipe.validate()
     options = {"eval_ctx": args.ctx, "eval_windows": args.windows, "eval_text": args.eval_text,
                "calibration_text": args.calibration_text, "threads": args.threads}
     job = JobSpec(recipe=recipe.to_dict(), source=args.model, options=options, runs_root=args.runs_dir,

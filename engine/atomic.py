@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,21 +57,23 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
-    """Remove the partial files and folders in ``folder`` (not below) whose writer no longer runs (a process
-    killed mid-write leaves ``.NAME.PID.partial``); those of live processes are left alone. Returns what went."""
+def _remove_orphans(candidates, pid_pattern: str) -> list[Path]:
+    """Remove the candidates whose name holds (``pid_pattern``'s group) the id of a process that no longer runs."""
     import psutil
 
     removed = []
-    for p in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
-        try:
-            pid = int(p.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not psutil.pid_exists(pid):
+    for p in candidates:
+        m = re.search(pid_pattern, p.name)
+        if m and int(m.group(1)) != os.getpid() and not psutil.pid_exists(int(m.group(1))):
             remove_path(p)
             removed.append(p)
     return removed
+
+
+def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the partial files and folders in ``folder`` (not below) whose writer no longer runs (a process
+    killed mid-write leaves ``.NAME.PID.partial``); those of live processes are left alone. Returns what went."""
+    return _remove_orphans(Path(folder).glob(f".*{PARTIAL_SUFFIX}"), r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
 
 
 @contextlib.contextmanager
@@ -134,14 +137,4 @@ def temp_prefix(kind: str) -> str:
 
 def sweep_stale_temp(folder: str | os.PathLike | None = None) -> list[Path]:
     """Remove EdgeTailor's temporary folders whose process no longer runs (in the system's temp folder)."""
-    import re
-
-    import psutil
-
-    removed = []
-    for p in Path(folder or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-pid*-*"):
-        m = re.search(r"-pid(\d+)-", p.name)
-        if m and int(m.group(1)) != os.getpid() and not psutil.pid_exists(int(m.group(1))):
-            remove_path(p)
-            removed.append(p)
-    return removed
+    return _remove_orphans(Path(folder or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-pid*-*"), r"-pid(\d+)-")

@@ -74,41 +74,51 @@ def linear_layers(model) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-class InputCollector:
-    """Accumulates the statistics of linear layers' inputs as hooks see them: sum of x^2 per channel and
-    optionally X^T X, once per input tensor (layers fed by the same tensor share one accumulation)."""
+def _full_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    acc += x.T @ x
 
-    def __init__(self, hessians: bool):
-        self.hessians = hessians
+
+class InputCollector:
+    """The one collector of linear layers' input statistics, fed by forward pre-hooks: per layer the sum of x^2
+    per channel and the token count; per distinct input tensor (q/k/v share one, gate/up another) X^T X where
+    ``hessians`` asks for it (True, or a predicate on the layer name). ``input_of`` maps each layer to the key
+    of its input; ``gram(acc, x)`` adds x^T x (default: the full product; the GPTQ writer passes its
+    upper-triangle product)."""
+
+    def __init__(self, hessians: bool | Callable[[str], bool], gram: Callable | None = None):
+        self.wants_gram = hessians if callable(hessians) else (lambda name, on=bool(hessians): on)
+        self.gram = gram or _full_gram
         self.sum_sq: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.input_of: dict[str, str] = {}
-        self.last: dict[str, object] = {"x": None, "key": None, "sq": None}
+        self.last: dict[str, object] = {"x": None}
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        if self.last["x"] is x:                     # same input tensor as the previous layer (q/k/v, gate/up)
-            key, sq = self.last["key"], self.last["sq"]
-        else:
+        if self.last["x"] is not x:                 # a new input (else: the previous layer's, as q/k/v, gate/up)
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            sq = (x2.double() ** 2).sum(0)
-            key = name
-            if self.hessians:
-                if key not in self.xtx:
-                    self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
-                self.xtx[key] += x2.T @ x2
-            self.last.update(x=x, key=key, sq=sq)
-        if self.hessians:
-            self.input_of.setdefault(name, key)
+            self.last.update(x=x, key=name, x2=x2, sq=(x2.double() ** 2).sum(0), gram=False)
+        key, sq = self.last["key"], self.last["sq"]
+        if not self.last["gram"] and self.wants_gram(name):
+            x2 = self.last["x2"]
+            if key not in self.xtx:
+                self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
+            self.gram(self.xtx[key], x2)
+            self.last["gram"] = True
+        self.input_of[name] = key
         self.sum_sq[name] = self.sum_sq[name] + sq if name in self.sum_sq else sq.clone()
         self.count[name] = self.count.get(name, 0) + x.numel() // x.shape[-1]
+
+    def done(self) -> None:
+        """Drop the last input held for sharing (call after each run through the hooked modules)."""
+        self.last = {"x": None}
 
     def hooks(self, mods: dict[str, torch.nn.Module]):
         return _hooks(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
                       for n, m in mods.items())
 
     def stats(self, tokens: int) -> ImportanceStats:
-        self.last.clear()
+        self.done()
         return ImportanceStats(self.sum_sq, self.count, self.xtx, self.input_of, tokens)
 
 

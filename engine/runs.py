@@ -159,8 +159,9 @@ def read_manifest(p: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptRecordError(f"The run record {p} is unreadable ({type(exc).__name__}: {exc}).",
                                  f"Move or delete the folder {Path(p).parent}; other runs are not affected.") from exc
-    wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m, dict) or not isinstance(m.get(k), t)] \
-        if isinstance(m, dict) else list(MANIFEST_KEYS)
+    if not isinstance(m, dict):
+        m = {}
+    wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k), t)]
     if wrong:
         raise CorruptRecordError(f"The run record {p} is not an EdgeTailor run record (missing or wrong: "
                                  f"{', '.join(wrong)}).",

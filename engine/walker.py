@@ -6,7 +6,7 @@ untouched source read lazily (``engine.lazy.LazyModel``): then only an empty ske
 the meta device), each block's weights are read from the files when its turn comes, used and released, and
 the memory of the walk is one block plus the calibration hidden states, whatever the model's size::
 
-    walk = BlockWalk(ctx.walk_source(), sequences, cancelled=ctx.cancel.is_set)
+    walk = BlockWalk(ctx.source_weights(), sequences, cancelled=ctx.cancel.is_set)
     for block in walk:                              # block i's weights materialised (lazy) or as loaded
         with recording_channel_stats(block.linears()) as stats:
             block.forward()                         # every batch through the block; its outputs feed block i+1
@@ -92,7 +92,7 @@ class BlockWalk:
         self.progress = progress
         self.model = skeleton(model.config) if self.lazy else model
         self.layers = decoder_layers(self.model)
-        self.tokens = int(sequences.numel())
+        self._names = {id(m): name + "." for name, m in self.model.named_modules()}
         self.materialised_bytes = 0        # weights held now (lazy walks)
         self.peak_materialised_bytes = 0   # the most held at once
         if self.lazy:
@@ -115,10 +115,8 @@ class BlockWalk:
                                   "Load the model whole for this step (its family stores fused tensors).")
 
     def _name(self, module: torch.nn.Module, fallback: str) -> str:
-        for name, m in self.model.named_modules():
-            if m is module:
-                return name + "."
-        return fallback
+        """The module's qualified name in the model, with a trailing dot (the prefix of its parameters)."""
+        return self._names.get(id(module), fallback)
 
     # --- weights --------------------------------------------------------------------------------
     def _materialise(self, module: torch.nn.Module, prefix: str) -> None:

@@ -207,45 +207,22 @@ class BlockSink:
 
 def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled) -> None:
     """Measure one decoder block's linear inputs as the walk runs it, then write its tensors' blocks."""
-    from ..engine.calibration import _hooks
+    from ..engine.imatrix import InputCollector
 
-    mods = {n: m for n, m in block.linears().items()}
-    xtx: dict[str, torch.Tensor] = {}
-    sq_of: dict[str, torch.Tensor] = {}
-    key_of: dict[str, str] = {}
-    last: dict = {"x": None}
+    mods = block.linears()
     # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY)
     needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of
                      and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            if last["x"] is x:                # q/k/v, gate/up: one input, one Hessian
-                key = last["key"]
-            else:
-                key = name
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                sq = (x2.double() ** 2).sum(0)
-                sq_of[key] = sq_of[key] + sq if key in sq_of else sq
-                last.update(x=x, key=key, x2=x2, hessian=False)
-            if name in needs_hessian and not last["hessian"]:
-                x2 = last["x2"]
-                if key not in xtx:
-                    xtx[key] = torch.zeros(x2.shape[1], x2.shape[1])
-                add_gram_upper(xtx[key], x2)
-                last["hessian"] = True
-            key_of[name] = key
-            count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
-        return fn
-
+    acc = InputCollector(needs_hessian.__contains__, gram=add_gram_upper)
     torch.set_num_threads(threads)
-    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
+    with acc.hooks(mods):
         block.forward()
-    last.clear()
+    acc.done()
     trim_heap()
-    for name in mods:
-        sum_sq[name] = sq_of[key_of[name]].clone()
+    sum_sq.update(acc.sum_sq)
+    for name, n in acc.count.items():
+        count[name] = count.get(name, 0) + n
+    key_of, xtx = acc.input_of, acc.xtx
     groups: dict[tuple, list[str]] = {}
     factors: dict[str, tuple] = {}
     for module in mods:
@@ -257,8 +234,8 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
     for (key, t, weighted), names in groups.items():
         if cancelled and cancelled():
             raise RunCancelled()
-        n = max(count[key], 1)
-        imp = (sq_of[key] / n).numpy()
+        n = max(acc.count[key], 1)
+        imp = (acc.sum_sq[key] / n).numpy()
         hess = None
         if method == "gptq" and not weighted:
             if key not in factors:          # once per input (gate and up may differ in type)
