@@ -66,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final manifest as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("fit", help="search under a device budget, build the best candidates, recommend one")
+    _add_source_args(p)
+    p.add_argument("--device", default="this-machine", help="device profile (edgetailor devices)")
+    p.add_argument("--context", type=int, default=2048, help="the app's context length, tokens (default 2048)")
+    p.add_argument("--max-memory", help="memory limit at that context, e.g. 1.5GB or 800MB (default: the device's)")
+    p.add_argument("--min-tps", type=float, help="slowest acceptable decode on the device, tok/s")
+    p.add_argument("--max-j-per-token", type=float, help="energy limit, J/token (estimated)")
+    p.add_argument("--max-ppl-increase", type=float, help="max perplexity increase, percent")
+    p.add_argument("--max-kl", type=float, help="max mean KL to the source model")
+    p.add_argument("--kv-types", default="f16,q8_0,q4_0", help="KV-cache types to consider (default f16,q8_0,q4_0)")
+    p.add_argument("--candidates", type=int, default=3, help="files built and measured (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="search / build / refit rounds (default 2)")
+    p.add_argument("--trials", type=int, default=120, help="predicted points per round (default 120)")
+    p.add_argument("--max-sequences", type=int, help="calibration sequences (default: all the text gives)")
+    p.add_argument("--out", default=".", help="where the recommended bundle is written (default: here)")
+    _add_eval_args(p)
+    p.add_argument("--calibration-text", help="calibration text file (default: the bundled calibration text)")
+    p.add_argument("--runs-dir", help="where run folders go (default: <data folder>/runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("evaluate", help="evaluate one variant file against a baseline model")
     p.add_argument("variant", help="a .gguf file (or an ONNX folder)")
     p.add_argument("--baseline", default="demo", help="the model it came from (default: demo)")
@@ -175,9 +195,20 @@ def _inspect_exit(rep) -> int:
 
 
 def cmd_compress(args) -> int:
-    from edgetailor.engine import JobSpec, start_job
-
     recipe = _recipe(args)
+    rec = _run(args, recipe)
+    if args.json:
+        print(json.dumps(rec.manifest, indent=2))
+    else:
+        print_variants(rec.manifest)
+    return _exit_code(rec.manifest)
+
+
+def _run(args, recipe):
+    """Start the recipe as a job, show its progress until it ends (Ctrl-C, SIGHUP, SIGTERM cancel it)."""
+    from edgetailor.engine import JobSpec, start_job
+    from edgetailor.engine.runs import RunRecord
+
     options = {"eval_ctx": args.ctx, "eval_windows": args.windows, "eval_text": args.eval_text,
                "calibration_text": args.calibration_text, "threads": args.threads}
     job = JobSpec(recipe=recipe.to_dict(), source=args.model, options=options, runs_root=args.runs_dir,
@@ -195,17 +226,14 @@ def cmd_compress(args) -> int:
             for ev in handle.events():
                 view.show(ev)
     view.close()
-    from edgetailor.engine.runs import RunRecord
+    return RunRecord.open(handle.folder)
 
-    rec = RunRecord.open(handle.folder)
-    if args.json:
-        print(json.dumps(rec.manifest, indent=2))
-    else:
-        print_variants(rec.manifest)
-    status = rec.manifest["status"]
+
+def _exit_code(manifest: dict) -> int:
+    status = manifest["status"]
     if status == "succeeded":
         return EXIT_OK
-    err = rec.manifest.get("error") or {}
+    err = manifest.get("error") or {}
     print(f"{status}: {err.get('problem', '')}", file=sys.stderr)
     if err.get("fix"):
         print(f"fix: {err['fix']}", file=sys.stderr)
@@ -215,6 +243,74 @@ def cmd_compress(args) -> int:
         return err["exit_code"]
     return EXIT_NO_FIT if err.get("type") == "DoesNotFitError" else (
         EXIT_BAD_INPUT if err.get("type") == "EdgeTailorError" else EXIT_FAILED)
+
+
+def cmd_fit(args) -> int:
+    """Search under the budget, build and measure the best candidates, print the recommendation, write its bundle."""
+    from edgetailor.engine import Recipe
+    from edgetailor.engine.errors import EdgeTailorError
+
+    out = Path(args.out).expanduser()
+    if not out.is_dir():
+        raise EdgeTailorError(f"{out} is not a folder to write the bundle into.", "Give an existing folder with --out.")
+    params = {"device": args.device, "context": args.context, "candidates": args.candidates, "rounds": args.rounds,
+              "trials": args.trials, "kv_types": args.kv_types.split(","),
+              "max_memory_mb": parse_bytes(args.max_memory) / 1e6 if args.max_memory else None,
+              "min_decode_tps": args.min_tps, "max_j_per_token": args.max_j_per_token,
+              "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl}
+    if args.max_sequences:
+        params["max_sequences"] = args.max_sequences
+    recipe = Recipe.from_dict({"name": "fit", "steps": [{"step": "fit", "params": {k: v for k, v in params.items()
+                                                                                   if v is not None}}]})
+    rec = _run(args, recipe)
+    code = _exit_code(rec.manifest)
+    if code != EXIT_OK:
+        return code
+    print(format_plan(rec))
+    chosen = (rec.manifest.get("recommendation") or {}).get("variant")
+    if not chosen:
+        return EXIT_NO_FIT
+    from edgetailor.engine.bundle import plan_bundle, write_bundle
+
+    folder = write_bundle(plan_bundle(rec.folder, chosen), out)
+    print(f"\nbundle: {folder}")
+    return EXIT_OK
+
+
+def parse_bytes(text: str) -> float:
+    """'1.5GB', '800MB', '2GiB', '512MiB' or a number of MB."""
+    import re
+
+    from edgetailor.engine.errors import EdgeTailorError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|mib|gb|mb|g|m)?\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise EdgeTailorError(f"'{text}' is not a memory size.", "Write it as 1.5GB, 800MB, 2GiB or 512MiB.")
+    unit = {"gib": 1024**3, "mib": 1024**2, "gb": 1e9, "g": 1e9, "mb": 1e6, "m": 1e6, None: 1e6}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+def format_plan(rec) -> str:
+    """The search's frontier (predicted), the measured candidates and the recommendation, as text."""
+    plan = json.loads((rec.artifacts_dir / "plan.json").read_text())
+    last = plan["rounds"][-1]
+    by_label = {p["label"]: p for p in last["points"]}
+    lines = [f"Plan for {plan['device']['name']} at {plan['context']} tokens of context "
+             f"({len(plan['rounds'])} rounds, {sum(len(r['points']) for r in plan['rounds'])} predicted points)",
+             "", "Frontier (predicted, last round):", "  size MB  KV    memory MB  tok/s  KL        ppl %"]
+    for label in last["frontier"]:
+        p = by_label[label]
+        lines.append(f"  {p['file_bytes'] / 1e6:7.1f}  {p['kv_type']:<5} {p['memory_bytes'] / 1e6:9.0f}  "
+                     f"{p['decode_tps']:5.1f}  {p['kl']:.5f}  {p['ppl_increase_pct']:+.2f}")
+    lines += ["", "Built and measured:", "  variant                     memory MB (pred)  tok/s dev  KL (pred)          ppl %"]
+    for m in plan["measured"]:
+        lines.append(f"  {m['name']:<27} {m['memory_bytes'] / 1e6:6.0f} ({m['predicted']['memory_bytes'] / 1e6:4.0f})"
+                     f"  {m['decode_tps']:9.1f}  {m['kl']:.5f} ({m['predicted']['kl']:.5f})  {m['ppl_increase_pct']:+.2f}")
+    r = plan["recommendation"]
+    lines += ["", ("Recommended: " + r["variant"]) if r.get("variant") else "Nothing fits.", "  " + r["reason"]]
+    for limit, ru in r.get("runner_up", {}).items():
+        lines.append("  runner-up: " + ru["text"])
+    return "\n".join(lines)
 
 
 def _say(text: str) -> None:
@@ -432,7 +528,7 @@ def cmd_devices(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "run": cmd_compress, "evaluate": cmd_evaluate,
+COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "run": cmd_compress, "fit": cmd_fit, "evaluate": cmd_evaluate,
             "runs": cmd_runs, "steps": cmd_steps, "presets": cmd_presets, "report": cmd_report,
             "devices": cmd_devices}
 

@@ -31,11 +31,14 @@ class LlamaCppDecoder:
     name = "llama.cpp"
     kv_cache = "llama.cpp KV cache (f16)"
 
-    def __init__(self, path: str, n_ctx: int, threads: int):
+    def __init__(self, path: str, n_ctx: int, threads: int, kv_type: str = "f16"):
         from llama_cpp import Llama
 
+        from .runtimes import llama_kv_settings
+
         self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+                         n_threads_batch=threads, verbose=False, **llama_kv_settings(kv_type))
+        self.kv_cache = f"llama.cpp KV cache ({kv_type})"
         self.n_vocab = self.llm.n_vocab()
 
     def _last(self) -> int:
@@ -111,7 +114,7 @@ class RuntimeDecoder:
 def open_decoder(spec: dict):
     fmt, path, threads = spec["format"], spec["path"], int(spec["threads"])
     if fmt == "gguf":
-        return LlamaCppDecoder(path, int(spec["n_ctx"]), threads)
+        return LlamaCppDecoder(path, int(spec["n_ctx"]), threads, spec.get("kv_type", "f16"))
     if fmt == "torch":
         return TorchDecoder(path, threads, spec.get("dtype", "float32"))
     return RuntimeDecoder(fmt, path, int(spec["n_ctx"]), threads)

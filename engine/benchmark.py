@@ -31,7 +31,8 @@ def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_toke
                       warmup: int = 1, threads: int = 2, n_ctx: int = 512, dtype: str = "float32",
                       meter: EnergyMeter | None = None, sample_hz: float = 25.0,
                       on_sample: Callable[[str, float], None] | None = None,
-                      cancelled: Callable[[], bool] | None = None, timeout_s: float = 1800) -> dict:
+                      cancelled: Callable[[], bool] | None = None, timeout_s: float = 1800,
+                      kv_type: str = "f16") -> dict:
     if len(prompt) + gen_tokens > n_ctx:
         raise EdgeTailorError(f"The prompt ({len(prompt)} tokens) plus {gen_tokens} generated tokens exceed the "
                               f"context of {n_ctx}.", "Raise the context or shorten the prompt.")
@@ -41,7 +42,7 @@ def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_toke
     on_sample = on_sample or (lambda s, v: None)
     spec = {"format": fmt, "path": str(path), "prompt": list(map(int, prompt)), "gen_tokens": gen_tokens,
             "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx, "dtype": dtype,
-            "energy": meter.to_dict()}
+            "energy": meter.to_dict(), "kv_type": kv_type}
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))

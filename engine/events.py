@@ -13,6 +13,7 @@ Types:
     metric        data: variant, name, value
     variant       data: the variant record (name, format, path, params, metrics)
     artifact      data: path, sha256, bytes
+    plan          data: phase ("predicted" | "measured"), points (the planner's candidates), frontier, budget
     step_finished data: index, seconds
     run_finished  data: status ("succeeded" | "failed" | "cancelled"), error, manifest path
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-EVENT_TYPES = ("run_started", "step_started", "progress", "log", "sample", "metric", "variant", "artifact",
+EVENT_TYPES = ("run_started", "step_started", "progress", "log", "sample", "metric", "variant", "artifact", "plan",
                "step_finished", "run_finished")
 
 

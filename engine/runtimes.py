@@ -6,6 +6,7 @@ format; new formats register a factory with ``register_runtime``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,12 +51,36 @@ class TorchRuntime(Runtime):
             return out.logits[0].float().numpy()
 
 
+@dataclass(frozen=True)
+class KvType:
+    """A KV-cache type llama.cpp offers."""
+    name: str
+    ggml_type: int             # llama.cpp's GGML type id (type_k / type_v)
+    bytes_per_element: float
+    flash_attention: bool      # llama.cpp quantizes the V cache only with flash attention
+
+
+KV_TYPES = {
+    "f16": KvType("f16", 1, 2.0, False),
+    "q8_0": KvType("q8_0", 8, 34 / 32, True),
+    "q4_0": KvType("q4_0", 2, 18 / 32, True),
+}
+
+
+def llama_kv_settings(kv_type: str = "f16") -> dict:
+    """``Llama(...)`` keyword arguments for a KV-cache type (f16: llama.cpp's default, none)."""
+    kv = KV_TYPES[kv_type]
+    if kv.name == "f16":
+        return {}
+    return {"type_k": kv.ggml_type, "type_v": kv.ggml_type, "flash_attn": kv.flash_attention}
+
+
 class LlamaCppRuntime(Runtime):
     """A GGUF file run by llama.cpp (llama-cpp-python), the engine users ship to."""
 
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "f16"):
         from llama_cpp import Llama
 
         path = Path(path)
@@ -63,7 +88,7 @@ class LlamaCppRuntime(Runtime):
             raise EdgeTailorError(f"The GGUF file {path} does not exist.", "Check the path.")
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                             n_threads=threads, n_threads_batch=threads, verbose=False)
+                             n_threads=threads, n_threads_batch=threads, verbose=False, **llama_kv_settings(kv_type))
         except (ValueError, RuntimeError) as exc:
             raise EdgeTailorError(f"llama.cpp could not load {path.name}: {exc}",
                                   "The file may be truncated or of an architecture this llama.cpp lacks.") from exc
@@ -94,8 +119,9 @@ def register_runtime(fmt: str, factory: Callable[..., Runtime]) -> None:
 
 
 def open_runtime(fmt: str, path: str | Path | None = None, *, model=None, n_ctx: int = 512,
-                 threads: int | None = None) -> Runtime:
-    """Open a runtime for a variant: ``fmt`` is the variant's format ("torch", "gguf", "onnx", ...)."""
+                 threads: int | None = None, **settings) -> Runtime:
+    """Open a runtime for a variant: ``fmt`` is the variant's format ("torch", "gguf", "onnx", ...);
+    ``settings`` are the runtime's own (llama.cpp: ``kv_type``)."""
     if fmt == "torch":
         if model is None:
             from .modeling import load_model
@@ -108,7 +134,7 @@ def open_runtime(fmt: str, path: str | Path | None = None, *, model=None, n_ctx:
     if fmt not in _FACTORIES:
         raise EdgeTailorError(f"No runtime can run variants of format '{fmt}'.",
                               f"Known formats: torch, {', '.join(sorted(_FACTORIES))}.")
-    return _FACTORIES[fmt](path, n_ctx=n_ctx, threads=threads)
+    return _FACTORIES[fmt](path, n_ctx=n_ctx, threads=threads, **settings)
 
 
 def _load_plugins() -> None:
@@ -119,4 +145,4 @@ def _load_plugins() -> None:
     all_exporters()
 
 
-register_runtime("gguf", lambda path, n_ctx=512, threads=None: LlamaCppRuntime(path, n_ctx, threads))
+register_runtime("gguf", LlamaCppRuntime)

@@ -426,20 +426,34 @@ def _sample_rows(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.full(n, cum[-1] / n)
 
 
-def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = None,
-               progress: Callable[[float, str], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> dict[str, str]:
-    """Each tensor's type so that the tensors fit ``budget`` bytes with the least expected loss increase.
+@dataclass
+class TypePrices:
+    """Every tensor's types priced: (type, bytes, expected loss cost) per tensor, all of them (``every``) and the
+    lower convex hull of (bytes, cost) (``hull``: the types worth buying in order)."""
+    hull: dict[str, list[tuple[str, int, float]]]
+    every: dict[str, list[tuple[str, int, float]]]
+
+    def smallest_bytes(self) -> int:
+        return sum(o[0][1] for o in self.hull.values())
+
+    def largest_bytes(self) -> int:
+        return sum(max(x[1] for x in o) for o in self.every.values())
+
+
+def price_types(sources: dict, sensitivity, max_rows: int | None = None,
+                progress: Callable[[float, str], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> TypePrices:
+    """The expected loss cost of every tensor under every candidate type.
 
     The cost of a tensor under a type is ``sum_ij E[g_i^2] E[x_j^2] (W - Q(W))_ij^2`` (``engine.sensitivity``:
     the loss gradient at each output row times the second moment of each input), measured on ``max_rows``
     (default ``PLAN_ROWS``) rows drawn in proportion to their weight and scaled to the whole tensor; it compares
-    tensors of different layers with each other, which the input statistics alone cannot. A greedy pass then buys, at every step, the upgrade with
-    the largest cost drop per byte until the budget is spent.
+    tensors of different layers with each other, which the input statistics alone cannot. To second order the
+    loss increase per token (and the KL to the source) is half the summed cost.
     """
     row_weights = gguf_row_weights(sources, sensitivity.output_grad_sq)
     max_rows = max_rows or PLAN_ROWS
-    options: dict[str, list[tuple[str, int, float]]] = {}
+    hull_of: dict[str, list[tuple[str, int, float]]] = {}
     every: dict[str, list[tuple[str, int, float]]] = {}
     names = list(sources)
     for k, name in enumerate(names):
@@ -461,26 +475,39 @@ def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = N
             opts = [("F16", _tensor_bytes("F16", W.shape), 0.0)]
         opts.sort(key=lambda o: (o[1], o[2]))
         opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
-        # keep the lower convex hull of (bytes, error): the types worth buying in order
-        hull = []
-        for o in opts:
-            if hull and o[2] >= hull[-1][2]:
-                continue
-            while len(hull) >= 2 and ((hull[-1][2] - o[2]) * (hull[-1][1] - hull[-2][1])
-                                      >= (hull[-2][2] - hull[-1][2]) * (o[1] - hull[-1][1])):
-                hull.pop()
-            hull.append(o)
-        options[name] = hull
+        hull_of[name] = _lower_hull(opts)
         every[name] = opts
         release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
             progress((k + 1) / len(names), f"pricing the types of {name}")
+    return TypePrices(hull_of, every)
+
+
+def _lower_hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """The lower convex hull of (bytes, cost), options sorted by bytes."""
+    hull: list[tuple[str, int, float]] = []
+    for o in opts:
+        if hull and o[2] >= hull[-1][2]:
+            continue
+        while len(hull) >= 2 and ((hull[-1][2] - o[2]) * (hull[-1][1] - hull[-2][1])
+                                  >= (hull[-2][2] - hull[-1][2]) * (o[1] - hull[-1][1])):
+            hull.pop()
+        hull.append(o)
+    return hull
+
+
+def choose_types(prices: TypePrices, budget: int) -> tuple[dict[str, str], int, float]:
+    """Each tensor's type so that the tensors fit ``budget`` bytes with the least expected cost: (types, tensor
+    bytes, summed cost). A greedy pass buys, at every step, the hull upgrade with the largest cost drop per byte
+    until the budget is spent, then fills what is left with upgrades off the hull that still fit."""
+    options, every = prices.hull, prices.every
+    names = list(options)
     level = {n: 0 for n in names}
-    total = sum(options[n][0][1] for n in names)
+    total = prices.smallest_bytes()
     if total > budget:
         raise EdgeTailorError(f"The target is too small: even the smallest types need {total / 1e6:.1f} MB of tensors.",
                               "Give a larger size or more bits per weight.")
-    largest = sum(max(o[1] for o in every[n]) for n in names)
+    largest = prices.largest_bytes()
     if budget > 1.02 * largest:
         raise EdgeTailorError(f"The target is larger than the largest file of these types ({largest / 1e6:.1f} MB of tensors).",
                               "Give a smaller size, or export F16/BF16 with the plain export step.")
@@ -514,7 +541,15 @@ def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = N
         n, o = best
         total += o[1] - chosen[n][1]
         chosen[n] = o
-    return {n: o[0] for n, o in chosen.items()}
+    return {n: o[0] for n, o in chosen.items()}, total, sum(o[2] for o in chosen.values())
+
+
+def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = None,
+               progress: Callable[[float, str], None] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> dict[str, str]:
+    """Each tensor's type so that the tensors fit ``budget`` bytes with the least expected loss increase
+    (``price_types``, then ``choose_types``)."""
+    return choose_types(price_types(sources, sensitivity, max_rows, progress, cancelled), budget)[0]
 
 
 def gguf_row_weights(sources: dict[str, Source], output_moments: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -48,8 +48,10 @@ TINY_SHAPES = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
 
-def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, tie: bool = False) -> Path:
-    """A random-initialised model of ``model_type`` with the tokenizer files of ``tokenizer_dir``."""
+def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, tie: bool = False,
+                    **shape) -> Path:
+    """A random-initialised model of ``model_type`` with the tokenizer files of ``tokenizer_dir`` (``shape``
+    overrides ``TINY_SHAPES``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,7 +62,7 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
         extra = {}
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab, tie_word_embeddings=tie,
                                bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
-                               **TINY_SHAPES, **extra)
+                               **{**TINY_SHAPES, **extra, **shape})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -196,7 +196,9 @@ class MainWindow(QMainWindow):
         st = self.states[run_id]
         if st.folder and (st.folder / "manifest.json").exists():    # the manifest has every variant's final record
             try:
-                st.variants = {v["name"]: v for v in RunRecord.open(st.folder).manifest["variants"]}
+                manifest = RunRecord.open(st.folder).manifest
+                st.variants = {v["name"]: v for v in manifest["variants"]}
+                st.recommendation = manifest.get("recommendation")
             except EdgeTailorError:
                 pass
         self.queue.update_run(run_id)
@@ -220,6 +222,7 @@ class MainWindow(QMainWindow):
         if st is None:
             return
         self.results.set_variants(st.variant_rows(), self.budget_panel.engine_budget())
+        self.results.set_recommendation(st.recommendation)
         self.try_panel.set_run(st.folder, st.source, st.variant_rows())
 
     def _budget_changed(self, budget: dict) -> None:

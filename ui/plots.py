@@ -103,8 +103,40 @@ class LivePlots(QWidget):
             ys = [v for _, v in points]
             self._curve(self.quality, ("ppl", str(variant)), str(variant), symbols=True).setData(
                 list(range(1, len(ys) + 1)), ys)
-        self._bars(self.speed, "decode_tps")
-        self._bars(self.energy, "energy_j_per_token")
+        if st.plan["predicted"]:          # the planner's search: its planes instead of per-variant bars
+            self._plan(self.speed, "memory_bytes", "memory at the app's context", "B", "memory")
+            self._plan(self.energy, "decode_tps", "decode on the device", "tok/s", "speed")
+        else:
+            self._bars(self.speed, "decode_tps")
+            self._bars(self.energy, "energy_j_per_token")
+
+    def _plan(self, plot: pg.PlotWidget, xkey: str, xlabel: str, unit: str, limit: str) -> None:
+        """Predicted points (hollow) and measured ones (filled) against KL, the budget as a dashed line."""
+        st = self.state
+        key = ("plan", xkey)
+        sig = (len(st.plan["predicted"]), len(st.plan["measured"]), id(st.plan["predicted"]))
+        if self._curves.get(key) == sig:
+            return
+        self._curves[key] = sig
+        plot.clear()
+        plot.setTitle(f"Search: {xlabel} against KL (hollow: predicted, filled: measured)")
+        plot.setLabel("bottom", xlabel, units=unit)
+        plot.setLabel("left", "KL to the source")
+        plot.getAxis("bottom").setTicks(None)
+        pred = [p for p in st.plan["predicted"] if p.get(xkey) is not None]
+        plot.addItem(pg.ScatterPlotItem([p[xkey] for p in pred], [p["kl"] for p in pred], size=7,
+                                        pen=pg.mkPen(pen(1).color()), brush=None))
+        meas = [p for p in st.plan["measured"] if p.get(xkey) is not None and p.get("kl") is not None]
+        plot.addItem(pg.ScatterPlotItem([p[xkey] for p in meas], [p["kl"] for p in meas], size=11,
+                                        pen=pg.mkPen(None), brush=pen(4).color()))
+        b = st.plan.get("budget") or {}
+        line = {"memory": b.get("max_memory_bytes"), "speed": b.get("min_decode_tps")}[limit]
+        if line:
+            plot.addItem(pg.InfiniteLine(line, angle=90, label="budget", labelOpts={"position": 0.9},
+                                         pen=pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine)))
+        if b.get("max_kl"):
+            plot.addItem(pg.InfiniteLine(b["max_kl"], angle=0, label="KL budget",
+                                         pen=pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine)))
 
     def _curve(self, plot: pg.PlotWidget, key, name: str, symbols: bool = False):
         if key not in self._curves:

@@ -14,22 +14,12 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHB
                                QListWidget, QPushButton, QVBoxLayout, QWidget)
 
 from edgetailor.engine import Recipe, all_steps, list_presets
-from edgetailor.engine.preflight import GGUF_BITS_PER_WEIGHT
 
 from .budget_panel import benchmark_params
 from .common import problem_and_fix
 
 FIT_PRESET = "fit-my-budget"
 PRESET_ORDER = ("balanced", "best-quality", "smallest", FIT_PRESET)
-
-
-def fit_types_to_budget(types: list[str], params_total: int, memory_bytes: int | None) -> list[str]:
-    """The GGUF types whose weights fit the memory budget (the smallest one if none does)."""
-    if not memory_bytes or not params_total:
-        return list(types)
-    size = {t: params_total * GGUF_BITS_PER_WEIGHT.get(t.upper(), 16) / 8 for t in types}
-    fitting = [t for t in types if size[t] <= memory_bytes]
-    return fitting or [min(types, key=size.get)]
 
 
 class RecipePanel(QGroupBox):
@@ -100,17 +90,12 @@ class RecipePanel(QGroupBox):
         self._refresh_steps(0)
 
     def current_recipe(self) -> dict:
-        """The recipe to run: the edited steps, with fit-my-budget's types cut to the budget."""
+        """The recipe to run: the edited steps, the budget given to the steps that check or search against it."""
         recipe = copy.deepcopy(self.recipe)
-        if self.budget.get("device"):    # the benchmark checks variants against the chosen budget
+        if self.budget.get("device"):    # the benchmark checks variants against the chosen budget, fit searches under it
             for s in recipe["steps"]:
-                if s["step"] == "benchmark":
+                if s["step"] in ("benchmark", "fit"):
                     s["params"] = {**benchmark_params(self.budget), **s.get("params", {})}
-        if self.preset_name == FIT_PRESET:
-            for s in recipe["steps"]:
-                if s["step"] == "export" and s["params"].get("format", "gguf") == "gguf":
-                    s["params"]["types"] = fit_types_to_budget(s["params"]["types"], self.params_total,
-                                                               self.budget.get("memory_bytes"))
         return recipe
 
     def validate(self) -> str | None:
@@ -232,9 +217,10 @@ class RecipePanel(QGroupBox):
             self.status.setText(f"<b>⚠ {problem}</b>")
             return
         note = ""
-        if self.preset_name == FIT_PRESET and self.budget.get("memory_bytes") and self.params_total:
-            types = next((s["params"]["types"] for s in self.current_recipe()["steps"] if s["step"] == "export"), [])
-            note = f" For this budget: {', '.join(types)}."
+        if any(s["step"] == "fit" for s in self.recipe["steps"]):
+            b = self.budget
+            note = (f" Searches under the budget for {b.get('device_name') or b.get('device') or 'this machine'}"
+                    + (f", {b['memory_bytes'] / 1e9:.2f} GB" if b.get("memory_bytes") else "") + ".")
         self.status.setText(f"✓ {len(self.recipe['steps'])} steps.{note}")
 
 

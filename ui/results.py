@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyqtgraph as pg
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QPushButton,
-                               QSplitter, QTableView, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFrame, QHBoxLayout, QHeaderView, QLabel,
+                               QPushButton, QSplitter, QTableView, QVBoxLayout, QWidget)
 
 from edgetailor.engine.scoring import pareto_front
 
@@ -102,6 +102,50 @@ class _Proxy(QSortFilterProxyModel):
             return str(a) < str(b)
 
 
+class RecommendationCard(QFrame):
+    """What to ship, from the planner: the variant, why (each limit with its headroom), the runner-up for each
+    relaxed limit, and one click to export its bundle."""
+    export_requested = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName("recommendationCard")
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.variant: str | None = None
+        self.title = QLabel()
+        self.title.setObjectName("recommendationTitle")
+        self.reason = QLabel()
+        self.reason.setWordWrap(True)
+        self.reason.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.export_button = QPushButton("Export this &bundle…")
+        self.export_button.setObjectName("recommendationExport")
+        top = QHBoxLayout()
+        top.addWidget(self.title, 1)
+        top.addWidget(self.export_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 6, 8, 6)
+        lay.addLayout(top)
+        lay.addWidget(self.reason)
+        self.export_button.clicked.connect(lambda: self.variant and self.export_requested.emit(self.variant))
+        self.hide()
+
+    def set_recommendation(self, rec: dict | None) -> None:
+        if not rec:
+            self.variant = None
+            self.hide()
+            return
+        self.variant = rec.get("variant")
+        self.export_button.setVisible(bool(self.variant))
+        if self.variant:
+            self.title.setText(f"<b>Ship {self.variant}</b>")
+        else:
+            self.title.setText(f"<b>Nothing built meets every limit</b> — closest: {rec.get('closest', DASH)}")
+        lines = [p.strip() for p in rec.get("reason", "").split(";") if p.strip()]
+        lines += [f"Runner-up — {r['text']}" for r in (rec.get("runner_up") or {}).values()]
+        self.reason.setText("<br>".join(f"• {line}" for line in lines))
+        self.show()
+
+
 class ResultsPanel(QWidget):
     variant_selected = Signal(str)
     export_requested = Signal(str)
@@ -144,11 +188,14 @@ class ResultsPanel(QWidget):
         bar.addWidget(self.y_axis)
         bar.addWidget(self.try_button)
         bar.addWidget(self.export_button)
+        self.card = RecommendationCard()
+        self.card.export_requested.connect(self.export_requested)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.table)
         split.addWidget(self.scatter_plot)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.card)
         lay.addLayout(bar)
         lay.addWidget(split)
         self.table.selectionModel().selectionChanged.connect(self._row_selected)
@@ -164,6 +211,11 @@ class ResultsPanel(QWidget):
             self.select(keep)
         measured = sum(1 for v in variants if v.get("metrics", {}).get("perplexity") is not None)
         self.summary.setText(f"{len(variants)} variants, {measured} evaluated")
+
+    def set_recommendation(self, rec: dict | None) -> None:
+        self.card.set_recommendation(rec)
+        if rec and rec.get("variant") and not self.current():
+            self.select(rec["variant"])
 
     def current(self) -> str | None:
         rows = self.table.selectionModel().selectedRows()

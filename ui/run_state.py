@@ -26,6 +26,8 @@ class RunState:
         self.samples: dict[str, dict[str | None, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
         self.worker_memory: list[tuple[float, float]] = []   # (seconds since start, RSS bytes), sampled by the app
         self.variants: dict[str, dict] = {}
+        self.plan: dict = {"predicted": [], "measured": [], "budget": None}   # the planner's points (fit step)
+        self.recommendation: dict | None = None
         self.log: list[str] = []
         self.error: dict | None = None
         self.finished_wall: float | None = None
@@ -62,6 +64,12 @@ class RunState:
         elif kind == "metric":
             self.variants.setdefault(data["variant"], {"name": data["variant"], "metrics": {}})
             self.variants[data["variant"]]["metrics"][data["name"]] = data["value"]
+        elif kind == "plan":
+            if data.get("phase") == "predicted":
+                self.plan["predicted"] = data.get("points", [])
+                self.plan["budget"] = data.get("budget")
+            else:
+                self.plan["measured"] += data.get("points", [])
         elif kind == "run_finished":
             self.status = data.get("status", "failed")
             self.error = data.get("error")
@@ -130,4 +138,5 @@ class RunState:
         st.source = (manifest.get("source") or {}).get("spec", st.source)
         for v in manifest.get("variants", []):      # the manifest is the record of truth for variants
             st.variants[v["name"]] = v
+        st.recommendation = manifest.get("recommendation")
         return st

@@ -1,0 +1,373 @@
+"""Fit a budget: predict every candidate's memory, speed, energy and quality, search, build the best, recommend one.
+
+A candidate is a GGUF file of a planned size (each tensor's type bought by its measured effect on the loss,
+``gguf_calibrated.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types at the app's
+context. Its predictions:
+
+* **memory** at the app's context: the planned file's resident bytes (llama.cpp's repacked copies included)
+  + the KV cache in its type for the whole context + the runtime's overhead measured on this machine
+  (``projection``), times the ratio measured/predicted of the candidates built so far;
+* **decode speed** on the device: the roofline of the bytes and FLOPs per token (``projection.project_decode``),
+  times the ratio measured/projected on this machine of the candidates built so far; energy = typical power /
+  speed (estimated, as everywhere);
+* **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2)
+  + the KL the KV-cache type adds (measured on the first built file); perplexity increase = exp(KL) - 1,
+  both scales refitted on every measured point.
+
+``search`` runs optuna's NSGA-II over (file size, KV type) with the budget as constraints on the predictions;
+``pick`` takes the best feasible candidates to build; ``recommend`` chooses among the *measured* ones and says
+why, what each constraint costs, and what to relax when nothing fits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import EdgeTailorError
+
+
+from .runtimes import KV_TYPES
+
+#: quantized KV caches need a head size that their 32-element blocks divide
+KV_BLOCK = 32
+
+
+def kv_types_for(names, head_dim: int) -> list[str]:
+    unknown = [n for n in names if n not in KV_TYPES]
+    if unknown:
+        raise EdgeTailorError(f"Unknown KV-cache type {', '.join(unknown)}.", f"Use {', '.join(KV_TYPES)}.")
+    return [n for n in names if n == "f16" or head_dim % KV_BLOCK == 0]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tensor_bytes: int          # the planned file's 2-D tensors
+    kv_type: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.tensor_bytes / 1e6:.1f}MB-kv-{self.kv_type}"
+
+
+@dataclass
+class Prediction:
+    file_bytes: int
+    bits_per_weight: float
+    memory_bytes: float
+    decode_tps: float          # on the device
+    j_per_token: float         # on the device (estimated)
+    kl: float
+    ppl_increase_pct: float
+    decode_tps_here: float     # on this machine (what the benchmark measures)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Calibration:
+    """Scales that bring the predictions to what was measured (geometric means over the measured points)."""
+    kl_scale: float = 0.5                   # second-order theory: KL ~= 1/2 x summed cost
+    ppl_scale: float = 1.0                  # log(ppl ratio) ~= KL
+    memory_ratio: float = 1.0
+    speed_ratio: float = 1.0                # all measured points
+    kv_speed_ratio: dict = field(default_factory=dict)   # per KV-cache type, where measured
+    kv_kl: dict = field(default_factory=lambda: {"f16": 0.0})    # KL a KV-cache type adds (measured)
+    points: int = 0
+
+    def refit(self, measured: list[dict]) -> None:
+        """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here) and measurements."""
+        def gmean(ratios):
+            ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
+            return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+        kl = gmean([(m["kl"] - self.kv_kl.get(m["kv_type"], 0.0)) / m["cost"] for m in measured
+                    if m.get("kl") is not None and m["cost"] > 0 and m["kv_type"] == "f16"])
+        ppl = gmean([math.log1p(m["ppl_increase_pct"] / 100) / m["kl"] for m in measured
+                     if m.get("kl") and m.get("ppl_increase_pct") is not None and m["ppl_increase_pct"] > 0])
+        mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured if m.get("memory_measured")])
+        speed = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured if m.get("decode_tps_measured")])
+        for kv in {m["kv_type"] for m in measured}:
+            r = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
+                       if m["kv_type"] == kv and m.get("decode_tps_measured")])
+            if r:
+                self.kv_speed_ratio[kv] = r
+        self.kl_scale = kl or self.kl_scale
+        self.ppl_scale = ppl or self.ppl_scale
+        self.memory_ratio = mem or self.memory_ratio
+        self.speed_ratio = speed or self.speed_ratio
+        self.points = len(measured)
+
+    def speed(self, kv_type: str) -> float:
+        return self.kv_speed_ratio.get(kv_type, self.speed_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Predictor:
+    """Cheap predictions for any candidate of one model on one device at one context."""
+
+    def __init__(self, prices, sources: dict, config, metadata_bytes: int, params: int, device, host, context: int,
+                 tokens_used: int, overhead: dict | None):
+        self.prices, self.sources, self.config, self.metadata = prices, sources, config, metadata_bytes
+        self.params, self.device, self.host = params, device, host
+        self.context, self.tokens_used, self.overhead = context, tokens_used, overhead
+        self.calibration = Calibration()
+        self._plans: dict[int, tuple] = {}
+
+    # the file
+    def plan(self, tensor_bytes: int) -> tuple[dict, int, float]:
+        from ..exporters.gguf_calibrated import choose_types
+
+        key = int(tensor_bytes)
+        if key not in self._plans:
+            plan = choose_types(self.prices, key)
+            self._plans[key] = self._plans[plan[1]] = plan      # a plan's own size plans itself
+        return self._plans[key]
+
+    def candidate(self, tensor_bytes: float, kv_type: str) -> Candidate:
+        """The candidate a requested size gives: its size is what the planned types actually take (sizes
+        past the point where no upgrade lowers the cost give the same file)."""
+        return Candidate(self.plan(int(tensor_bytes))[1], kv_type)
+
+    def size_range(self) -> tuple[int, int]:
+        return self.prices.smallest_bytes(), int(self.prices.largest_bytes())
+
+    def weights_info(self, types: dict):
+        """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
+        from ..exporters.gguf_calibrated import _tensor_bytes
+        from .projection import REPACKED_TYPES, WeightsInfo, llama_cpp_repacks
+
+        nbytes = {n: _tensor_bytes(types[n], s.shape) for n, s in self.sources.items()}
+        total = sum(nbytes.values()) + self.metadata
+        emb = self.sources.get("token_embd.weight")
+        tied = "output.weight" not in self.sources
+        n_vocab = emb.shape[0] if emb is not None else 0
+        if tied or emb is None:
+            per_token = resident = total
+        else:
+            row = nbytes["token_embd.weight"] // max(n_vocab, 1)
+            per_token = total - nbytes["token_embd.weight"] + row
+            resident = per_token - row + row * min(n_vocab, self.tokens_used)
+        repacked = 0
+        if llama_cpp_repacks():
+            repacked = sum(nbytes[n] for n, s in self.sources.items() if n != "token_embd.weight"
+                           and types[n] in REPACKED_TYPES and s.shape[0] % 8 == 0)
+        type_elements: dict[str, int] = {}
+        for n, s in self.sources.items():
+            if n.startswith("blk."):
+                type_elements[types[n]] = type_elements.get(types[n], 0) + s.shape[0] * s.shape[1]
+        head = "output.weight" if not tied else "token_embd.weight"
+        matmul = sum(s.shape[0] * s.shape[1] for n, s in self.sources.items() if tied or n != "token_embd.weight")
+        heads, kv_heads = next(iter(self.sources.values())).heads
+        cfg = self.config
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(cfg.num_hidden_layers), heads,
+                           kv_heads, head_dim, n_vocab, repacked, type_elements, types.get(head, ""),
+                           self.sources[head].shape[0] * self.sources[head].shape[1] if head in self.sources else 0)
+
+    def raw(self, cand: Candidate) -> dict:
+        """Predictions before calibration, and the planned types' summed cost."""
+        from .projection import kv_cache_bytes, project_decode
+
+        types, tensor_bytes, cost = self.plan(cand.tensor_bytes)
+        info = self.weights_info(types)
+        kv = KV_TYPES[cand.kv_type]
+        memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv.bytes_per_element) \
+            + (self.overhead or {}).get("overhead_bytes", 0)
+        latency = (self.overhead or {}).get("token_latency_s", 0.0)
+        here = project_decode(self.host, info, self.tokens_used, kv.bytes_per_element, latency)
+        there = project_decode(self.device, info, self.tokens_used, kv.bytes_per_element,
+                               latency if self.device.id == self.host.id else 0.0)
+        return {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
+                "cost": cost, "memory_raw": memory, "decode_tps_raw": here["decode_tps"],
+                "decode_tps_device_raw": there["decode_tps"], "info": info}
+
+    def predict(self, cand: Candidate) -> Prediction:
+        r = self.raw(cand)
+        c = self.calibration
+        kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0)
+        tps = c.speed(cand.kv_type) * r["decode_tps_device_raw"]
+        return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
+                          memory_bytes=c.memory_ratio * r["memory_raw"], decode_tps=tps,
+                          j_per_token=self.device.power_typical_w / tps, kl=kl,
+                          ppl_increase_pct=100 * math.expm1(c.ppl_scale * kl),
+                          decode_tps_here=c.speed(cand.kv_type) * r["decode_tps_raw"])
+
+
+#: the budget's limits, in the order of optuna's constraints, and how they are named to a user
+LIMIT_WORDS = {"memory": "memory", "speed": "decode speed", "energy": "energy per token", "kl": "KL",
+               "perplexity": "perplexity increase"}
+
+
+# --- the budget ---------------------------------------------------------------------------------------
+def violations(budget, pred: dict) -> dict[str, float]:
+    """Constraint -> how far past its limit, as a fraction of the limit (absent: within). ``pred`` holds
+    memory_bytes, decode_tps, j_per_token, kl, ppl_increase_pct."""
+    out = {}
+    if pred["memory_bytes"] > budget.memory_limit:
+        out["memory"] = pred["memory_bytes"] / budget.memory_limit - 1
+    if budget.min_decode_tps and pred["decode_tps"] < budget.min_decode_tps:
+        out["speed"] = budget.min_decode_tps / pred["decode_tps"] - 1
+    if budget.max_j_per_token and pred["j_per_token"] > budget.max_j_per_token:
+        out["energy"] = pred["j_per_token"] / budget.max_j_per_token - 1
+    if budget.max_kl is not None and pred["kl"] > budget.max_kl:
+        out["kl"] = pred["kl"] / max(budget.max_kl, 1e-12) - 1
+    if budget.max_ppl_increase_pct is not None and pred["ppl_increase_pct"] > budget.max_ppl_increase_pct:
+        out["perplexity"] = (pred["ppl_increase_pct"] - budget.max_ppl_increase_pct) / max(budget.max_ppl_increase_pct, 1e-9)
+    return out
+
+
+def constraint_values(budget, p: Prediction) -> list[float]:
+    """optuna's constraints (<= 0 is feasible), one per limit, relative to the limit."""
+    names = list(LIMIT_WORDS)
+    rel = {"memory": p.memory_bytes / budget.memory_limit - 1}
+    if budget.min_decode_tps:
+        rel["speed"] = budget.min_decode_tps / p.decode_tps - 1
+    if budget.max_j_per_token:
+        rel["energy"] = p.j_per_token / budget.max_j_per_token - 1
+    if budget.max_kl is not None:
+        rel["kl"] = p.kl / max(budget.max_kl, 1e-12) - 1
+    if budget.max_ppl_increase_pct is not None:
+        rel["perplexity"] = (p.ppl_increase_pct - budget.max_ppl_increase_pct) / max(budget.max_ppl_increase_pct, 1e-9)
+    return [rel.get(n, -1.0) for n in names]
+
+
+# --- the search ---------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    candidate: Candidate
+    prediction: Prediction
+    feasible: bool
+
+    def to_dict(self) -> dict:
+        return {"label": self.candidate.label, "tensor_bytes": self.candidate.tensor_bytes,
+                "kv_type": self.candidate.kv_type, "feasible": self.feasible, **self.prediction.to_dict()}
+
+
+def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120, seed: int = 0,
+           cancelled=None) -> list[Point]:
+    """Multi-objective search (optuna NSGA-II, constrained) over file size and KV type on the predictions:
+    minimize predicted KL and predicted memory. Returns every distinct point tried."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    lo, hi = predictor.size_range()
+    hi = int(min(hi, 1.02 * hi))
+    points: dict[Candidate, Point] = {}
+
+    def objective(trial):
+        if cancelled and cancelled():
+            trial.study.stop()
+        cand = predictor.candidate(trial.suggest_float("tensor_bytes", lo, hi),
+                                   trial.suggest_categorical("kv_type", kv_types))
+        p = predictor.predict(cand)
+        cons = constraint_values(budget, p)
+        for name, value in zip(LIMIT_WORDS, cons):
+            trial.set_constraint(name, value)
+        points[cand] = Point(cand, p, all(c <= 0 for c in cons))
+        return p.kl, p.memory_bytes
+
+    sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(24, max(4, trials // 5)))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    # the two ends of the size range are always tried (the smallest file answers "does anything fit")
+    for kv in kv_types:
+        study.enqueue_trial({"tensor_bytes": float(lo), "kv_type": kv})
+        study.enqueue_trial({"tensor_bytes": float(hi), "kv_type": kv})
+    study.optimize(objective, n_trials=trials)
+    return list(points.values())
+
+
+def frontier(points: list[Point]) -> list[Point]:
+    """Feasible points no other feasible point beats on both predicted KL and memory (by memory)."""
+    feas = [p for p in points if p.feasible]
+    out = [p for p in feas if not any(q.prediction.kl <= p.prediction.kl and q.prediction.memory_bytes
+                                      <= p.prediction.memory_bytes and q is not p
+                                      and (q.prediction.kl < p.prediction.kl
+                                           or q.prediction.memory_bytes < p.prediction.memory_bytes) for q in feas)]
+    return sorted(out, key=lambda p: p.prediction.memory_bytes)
+
+
+def pick(points: list[Point], budget, n: int, built_sizes: list[int], tolerance: float = 0.02) -> list[Point]:
+    """The best-quality feasible points to build next: sizes not within ``tolerance`` of one already built or
+    picked; when nothing is feasible, the points closest to feasible."""
+    feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
+    pool = feas or sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
+    chosen: list[Point] = []
+    sizes = list(built_sizes)
+    for p in pool:
+        if len(chosen) >= n:
+            break
+        if any(abs(p.candidate.tensor_bytes / s - 1) <= tolerance for s in sizes):
+            continue
+        chosen.append(p)
+        sizes.append(p.candidate.tensor_bytes)
+    return chosen
+
+
+# --- the recommendation -------------------------------------------------------------------------------
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB" if x >= 1e9 else f"{x / 1e6:.0f} MB"
+
+
+def describe(budget, m: dict, context: int) -> list[str]:
+    """One phrase per constraint: the measured figure, the limit, the headroom."""
+    out = [f"fits {_gb(m['memory_bytes'])} with {_gb(budget.memory_limit - m['memory_bytes'])} to spare at "
+           f"{context}-token context (limit {_gb(budget.memory_limit)})"
+           if m["memory_bytes"] <= budget.memory_limit else
+           f"needs {_gb(m['memory_bytes'])} at {context}-token context, {_gb(m['memory_bytes'] - budget.memory_limit)} "
+           f"over the limit of {_gb(budget.memory_limit)}"]
+    speed = f"{m['decode_tps']:.1f} tok/s projected on {budget.device.name}"
+    out.append(speed + (f", budget {budget.min_decode_tps:g}" if budget.min_decode_tps else ""))
+    energy = f"{m['j_per_token']:.3f} J/token (estimated)"
+    out.append(energy + (f", budget {budget.max_j_per_token:g}" if budget.max_j_per_token else ""))
+    q = f"perplexity {m['ppl_increase_pct']:+.2f}%"
+    if budget.max_ppl_increase_pct is not None:
+        q += f", budget {budget.max_ppl_increase_pct:g}%"
+    q += f"; KL {m['kl']:.4f}" + (f", budget {budget.max_kl:g}" if budget.max_kl is not None else "")
+    out.append(q)
+    return out
+
+
+def recommend(measured: list[dict], budget, context: int) -> dict:
+    """Choose among measured candidates. Each dict: name, memory_bytes (measured), decode_tps (device,
+    projected from the measured speed), j_per_token, kl, ppl_increase_pct (measured), plus anything to carry.
+
+    Returns {"variant", "reason", "headroom", "runner_up" (per constraint: the best candidate if only that
+    limit were relaxed), "relax" (when nothing fits: the closest and by how much to relax)}."""
+    if not measured:
+        raise EdgeTailorError("No candidate was built, so there is nothing to recommend.",
+                              "Loosen the budget or allow more candidates.")
+    scored = [(m, violations(budget, m)) for m in measured]
+    fits = sorted((m for m, v in scored if not v), key=lambda m: (m["kl"], m["memory_bytes"]))
+    out: dict = {"budget": budget.to_dict(), "context": context, "runner_up": {}}
+    best = fits[0] if fits else None
+    if best:
+        out["variant"] = best["name"]
+        out["reason"] = "; ".join(describe(budget, best, context))
+        out["headroom"] = {"memory_bytes": budget.memory_limit - best["memory_bytes"],
+                           **({"decode_tps": best["decode_tps"] - budget.min_decode_tps} if budget.min_decode_tps else {}),
+                           **({"j_per_token": budget.max_j_per_token - best["j_per_token"]} if budget.max_j_per_token else {}),
+                           **({"kl": budget.max_kl - best["kl"]} if budget.max_kl is not None else {}),
+                           **({"ppl_increase_pct": budget.max_ppl_increase_pct - best["ppl_increase_pct"]}
+                              if budget.max_ppl_increase_pct is not None else {})}
+    for limit in LIMIT_WORDS:
+        better = sorted(((m, v) for m, v in scored if set(v) == {limit} and (best is None or m["kl"] < best["kl"])),
+                        key=lambda mv: mv[0]["kl"])
+        if better:
+            m, v = better[0]
+            out["runner_up"][limit] = {"variant": m["name"], "kl": m["kl"], "relax_pct": round(100 * v[limit], 1),
+                                       "text": f"relax {LIMIT_WORDS[limit]} by {100 * v[limit]:.0f}%: {m['name']}, "
+                                               f"KL {m['kl']:.4f} (" + "; ".join(describe(budget, m, context)) + ")"}
+    if not best:
+        closest, v = min(scored, key=lambda mv: max(mv[1].values()))
+        out["variant"] = None
+        out["closest"] = closest["name"]
+        out["relax"] = {k: round(100 * x, 1) for k, x in v.items()}
+        out["reason"] = ("Nothing built meets every limit. Closest: " + closest["name"] + " — "
+                         + ", ".join(f"relax {LIMIT_WORDS[k]} by {100 * x:.0f}%" for k, x in sorted(v.items()))
+                         + " (" + "; ".join(describe(budget, closest, context)) + ")")
+    return out

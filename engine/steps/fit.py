@@ -1,0 +1,314 @@
+"""Fit a device budget: search GGUF files and KV-cache types on predictions, build and measure the best, recommend one.
+
+One pass of the calibration text (the sensitivity of every tensor, ``engine.sensitivity``) prices every tensor's
+types; the runtime's overhead is measured once at the app's context. ``engine.planner`` then predicts memory,
+speed, energy and KL for any (file size, KV type), optuna searches that space under the budget, and the best
+feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ), checked against the source,
+evaluated (perplexity, KL, top-1 in llama.cpp with their KV type) and benchmarked in a fresh process at the
+app's context. Each round refits the predictors on what was measured and searches again. The recommendation
+comes from the measured candidates only; ``plan.json`` holds every predicted and measured point.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EdgeTailorError
+from ..registry import register_step
+from ..runs import Variant
+
+
+@dataclass
+class FitConfig:
+    device: str = field(default="this-machine", metadata={"help": "the target device profile (edgetailor devices)"})
+    context: int = field(default=2048, metadata={"help": "the context length the app needs (tokens); memory includes its KV cache"})
+    max_memory_mb: float | None = field(default=None, metadata={"help": "memory limit at that context (default: the device's memory for apps)"})
+    min_decode_tps: float | None = field(default=None, metadata={"help": "slowest acceptable decode on the device (tok/s)"})
+    max_j_per_token: float | None = field(default=None, metadata={"help": "energy limit (J/token, estimated)"})
+    max_ppl_increase_pct: float | None = field(default=None, metadata={"help": "quality loss limit: perplexity increase (%)"})
+    max_kl: float | None = field(default=None, metadata={"help": "quality loss limit: mean KL to the source"})
+    kv_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_0"], metadata={"help": "KV-cache types to consider"})
+    candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
+    rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
+    trials: int = field(default=120, metadata={"help": "predicted points the search tries per round"})
+    method: str = field(default="gptq", metadata={"help": "how the files' blocks are fitted: gptq or imatrix"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per calibration sequence"})
+    max_sequences: int | None = field(default=None, metadata={"help": "at most this many calibration sequences"})
+    prompt_tokens: int = field(default=64, metadata={"help": "benchmark prompt length"})
+    gen_tokens: int = field(default=32, metadata={"help": "benchmark tokens generated per pass"})
+    repeats: int = field(default=2, metadata={"help": "benchmark timed passes"})
+    seed: int = field(default=0, metadata={"help": "the search's seed"})
+
+    def __post_init__(self):
+        from ..runtimes import KV_TYPES
+
+        if self.context < 16:
+            raise ValueError("context must be at least 16 tokens")
+        if self.candidates < 1 or self.rounds < 1 or self.trials < 8:
+            raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
+        if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
+            raise ValueError(f"kv_types must be among {', '.join(KV_TYPES)}")
+        if self.method not in ("gptq", "imatrix"):
+            raise ValueError("method must be gptq or imatrix")
+        for name in ("max_memory_mb", "min_decode_tps", "max_j_per_token", "max_kl"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_ppl_increase_pct is not None and self.max_ppl_increase_pct < 0:
+            raise ValueError("max_ppl_increase_pct must not be negative")
+        if self.prompt_tokens + self.gen_tokens > self.context:
+            raise ValueError("prompt_tokens + gen_tokens exceed the context")
+
+    def budget(self):
+        from ..devices import Budget, get_device
+
+        return Budget(get_device(self.device), max_memory_bytes=self.max_memory_mb * 1e6 if self.max_memory_mb else None,
+                      min_decode_tps=self.min_decode_tps, max_j_per_token=self.max_j_per_token,
+                      max_ppl_increase_pct=self.max_ppl_increase_pct, max_kl=self.max_kl)
+
+
+def _fit_ram(cfg: FitConfig, shape):
+    from ..footprint import calibrated_need, calibration_tokens
+
+    return calibrated_need("fit", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
+                           gptq=cfg.method == "gptq", measured=True)
+
+
+@dataclass
+class Built:
+    """One file built for the plan."""
+    name: str
+    path: object
+    raw: dict
+    seconds: float
+
+
+@register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF)", streamed_ram=_fit_ram,
+               summary="Search GGUF files and KV-cache types under a device budget, build the best, recommend one")
+def fit(ctx, cfg: FitConfig) -> None:
+    from ..planner import frontier, kv_types_for, pick, recommend, search
+
+    budget = cfg.budget()
+    planner = _prepare(ctx, cfg, budget)
+    kv_types = kv_types_for(cfg.kv_types, planner.weights_info(planner.plan(planner.size_range()[0])[0]).head_dim)
+    if kv_types != cfg.kv_types:
+        ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
+                "not a multiple of 32", level="warning")
+    windows = _windows(ctx)
+    built: list[Built] = []
+    measured: list[dict] = []
+    history = []
+    per_round = max(1, -(-cfg.candidates // cfg.rounds))
+    for r in range(cfg.rounds):
+        ctx.check_cancelled()
+        points = search(planner, budget, kv_types, cfg.trials, cfg.seed + r, cancelled=ctx.cancel.is_set)
+        front = frontier(points)
+        history.append({"round": r + 1, "calibration": planner.calibration.to_dict(),
+                        "points": [p.to_dict() for p in points], "frontier": [p.candidate.label for p in front]})
+        ctx.emit("plan", phase="predicted", round=r + 1, points=[p.to_dict() for p in points],
+                 frontier=[p.candidate.label for p in front], budget=budget.to_dict(), context=cfg.context)
+        n = min(per_round, cfg.candidates - len(built))
+        todo = pick(points, budget, n, [b.raw["tensor_bytes"] for b in built])
+        ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
+                f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
+        for p in todo:
+            k = len(built)
+            b = _build(ctx, cfg, planner, p.candidate, k, cfg.candidates)
+            built.append(b)
+            kvs = kv_types if k == 0 else [p.candidate.kv_type]      # the first file measures every KV type
+            for j, kv in enumerate(kvs):
+                at = 0.2 + 0.75 * (k + 0.6 + 0.4 * j / len(kvs)) / cfg.candidates
+                measured.append(_measure(ctx, cfg, planner, budget, b, kv, windows, at))
+            _refit(planner, measured)
+        if len(built) >= cfg.candidates:
+            break
+    rec = recommend(measured, budget, cfg.context)
+    _record(ctx, cfg, planner, budget, history, measured, rec)
+    ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
+
+
+def _prepare(ctx, cfg: FitConfig, budget):
+    """Sensitivities, type prices, the runtime's overhead: everything the predictions need, measured once."""
+    import torch
+
+    from ...exporters.gguf_calibrated import metadata_bytes, price_types, tensor_sources
+    from ..architectures import gguf_writer_for
+    from ..calibration import token_sequences
+    from ..devices import host_profile
+    from ..energy import EnergyMeter
+    from ..errors import UnsupportedModelError
+    from ..planner import Predictor
+    from ..projection import measure_overhead
+    from ..sensitivity import measure_sensitivity
+    from .benchmark import prompt_ids
+
+    model = ctx.source_weights()
+    if gguf_writer_for(model.config) != "edgetailor":
+        raise UnsupportedModelError(
+            f"The planner writes its files with EdgeTailor's GGUF writer, which does not cover this "
+            f"'{model.config.model_type}' model yet.", "Use the gguf-ladder-measured preset for this model.")
+    seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
+    ctx.scratch["fit.sequences"] = seqs
+    ctx.progress(0.0, "sensitivity of every tensor")
+    sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
+    sources = tensor_sources(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prices = price_types(sources, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
+                             cancelled=ctx.cancel.is_set)
+    finally:
+        torch.set_num_threads(threads)
+    scratch = ctx.record.folder / "scratch"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fit-", dir=scratch) as tmp:
+        metadata = metadata_bytes(model, ctx.tokenizer, ctx.source.path, Path(tmp))
+    ctx.progress(0.15, "measuring the runtime's overhead at the app's context")
+    host = host_profile()
+    prompt = prompt_ids(ctx, cfg.prompt_tokens)
+    overhead = measure_overhead("gguf", ctx.source.path, prompt, cfg.gen_tokens, cfg.context,
+                                ctx.options.resolved_threads(), ctx.options.dtype, EnergyMeter.detect(host))
+    params = sum(s.shape[0] * s.shape[1] for s in sources.values())
+    ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
+            f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
+    ctx.scratch["fit.prompt"] = prompt
+    return Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
+                     cfg.prompt_tokens + cfg.gen_tokens, overhead)
+
+
+def _windows(ctx):
+    from ..evaluate import make_windows
+    from .evaluate import ensure_baseline
+
+    windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
+    ensure_baseline(ctx, windows)
+    return windows
+
+
+def _build(ctx, cfg: FitConfig, planner, cand, k: int, n: int) -> Built:
+    from ...exporters.gguf import verify_gguf
+    from ...exporters.gguf_calibrated import export_calibrated
+    from ..verification import check_variant
+
+    raw = planner.raw(cand)
+    label = _file_type(8 * raw["tensor_bytes"] / planner.params)
+    name = f"fit-{raw['file_bytes'] / 1e6:.1f}MB"
+    filename = f"{ctx.source.display_name}-{name}.gguf"
+    model = ctx.source_weights()
+    t0 = time.perf_counter()
+    lo, hi = 0.2 + 0.75 * k / n, 0.2 + 0.75 * (k + 1) / n
+    with ctx.artifact(filename) as tmp:
+        export_calibrated(model, ctx.tokenizer, ctx.source.path, tmp, label, ctx.scratch["fit.sequences"],
+                          cfg.method, types=raw["types"],
+                          progress=lambda f, m: ctx.progress(lo + 0.6 * (hi - lo) * f, f"{name}: {m}"),
+                          cancelled=ctx.cancel.is_set)
+        if not verify_gguf(tmp):
+            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+        agreement = check_variant(ctx, model, "gguf", label, tmp)
+    seconds = time.perf_counter() - t0
+    ctx.scratch.setdefault("fit.agreement", {})[name] = agreement
+    ctx.log(f"{filename}: {raw['file_bytes'] / 1e6:.1f} MB planned, built in {seconds:.0f} s")
+    return Built(name, ctx.record.artifacts_dir / filename, raw, seconds)
+
+
+#: llama.cpp file types a planned mix is labelled with (general.file_type), by bits per weight
+LABELS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def _file_type(bpw: float) -> str:
+    """The llama.cpp file type nearest the planned file's bits per weight (a label: the tensors keep their types)."""
+    from ..preflight import GGUF_BITS_PER_WEIGHT
+
+    return min(LABELS, key=lambda t: abs(GGUF_BITS_PER_WEIGHT[t] - bpw))
+
+
+def _measure(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, windows, at: float) -> dict:
+    """Evaluate and benchmark one file with one KV-cache type; the variant goes into the run."""
+    from ..atomic import tree_size
+    from ..benchmark import benchmark_variant
+    from ..energy import EnergyMeter
+    from ..evaluate import ReferenceLogprobs, evaluate
+    from ..planner import Candidate
+    from ..runtimes import open_runtime
+    from .evaluate import _metrics, reference_folder
+
+    name = f"{b.name}-kv-{kv}"
+    cand = Candidate(b.raw["tensor_bytes"], kv)
+    pred = planner.predict(cand)
+    raw = planner.raw(cand)
+    threads = ctx.options.resolved_threads()
+    base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
+    ctx.add_variant(Variant(name=name, format="gguf", path=str(b.path.relative_to(ctx.record.folder)),
+                            params={"type": "mixed (planned)", "kv_type": kv, "context": cfg.context,
+                                    "method": cfg.method, "mix": "measured", "quantized_by": f"EdgeTailor {cfg.method}",
+                                    "planned_bits_per_weight": round(pred.bits_per_weight, 3)},
+                            metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
+                                     **ctx.scratch["fit.agreement"][b.name]},
+                            parent="baseline", steps=list(ctx.applied)))
+    ctx.progress(at, f"{name}: evaluating")
+    with open_runtime("gguf", b.path, n_ctx=len(windows[0]), threads=threads, kv_type=kv) as rt:
+        res = evaluate(rt, windows, reference=ReferenceLogprobs(reference_folder(ctx)), cancelled=ctx.cancel.is_set)
+    quality = _metrics(res, base_ppl)
+    ctx.progress(at, f"{name}: benchmarking at {cfg.context} tokens of context")
+    bench = benchmark_variant("gguf", b.path, ctx.scratch["fit.prompt"], gen_tokens=cfg.gen_tokens,
+                              repeats=cfg.repeats, threads=threads, n_ctx=cfg.context, dtype=ctx.options.dtype,
+                              meter=EnergyMeter.detect(planner.host), cancelled=ctx.cancel.is_set, kv_type=kv)
+    if budget.device.id == planner.host.id:
+        tps_device = bench["decode_tps"]
+    else:       # the device's projection, scaled by how this machine's measurement compares with its own
+        tps_device = raw["decode_tps_device_raw"] * bench["decode_tps"] / raw["decode_tps_raw"]
+    metrics = {**quality, **bench, "predicted_memory_bytes": int(pred.memory_bytes),
+               "predicted_kl": round(pred.kl, 6), "predicted_ppl_increase_pct": round(pred.ppl_increase_pct, 3),
+               "projected_decode_tps_here": round(pred.decode_tps_here, 2), "projected_device": budget.device.id,
+               "projected_decode_tps": round(tps_device, 2),
+               "projected_j_per_token": round(budget.device.power_typical_w / tps_device, 6),
+               "predicted_memory_error_pct": round(100 * (pred.memory_bytes / bench["peak_rss_os_bytes"] - 1), 2),
+               "projected_decode_error_pct": round(100 * (pred.decode_tps_here / bench["decode_tps"] - 1), 2)}
+    ctx.add_metrics(name, **metrics)
+    ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
+            f"{quality.get('ppl_increase_pct', 0):+.2f}%, peak {bench['peak_rss_os_bytes'] / 1e6:.0f} MB (predicted "
+            f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
+            f"{pred.decode_tps_here:.1f})")
+    point = {"name": name, "label": cand.label, "kv_type": kv, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
+             "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": bench["peak_rss_os_bytes"],
+             "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"),
+             "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
+             "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps": tps_device,
+             "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
+             "predicted": pred.to_dict()}
+    ctx.emit("plan", phase="measured", points=[point])
+    return point
+
+
+def _refit(planner, measured: list[dict]) -> None:
+    """The KV types' own KL (each against the same file at f16), then the scales."""
+    by_file: dict[str, dict[str, float]] = {}
+    for m in measured:
+        by_file.setdefault(m["label"].rsplit("-kv-", 1)[0], {})[m["kv_type"]] = m["kl"]
+    for kls in by_file.values():
+        if "f16" in kls:
+            for kv, kl in kls.items():
+                planner.calibration.kv_kl[kv] = max(0.0, kl - kls["f16"])
+    planner.calibration.refit(measured)
+
+
+def _record(ctx, cfg, planner, budget, history, measured, rec) -> None:
+    from .. import atomic
+
+    plan = {"budget": budget.to_dict(), "context": cfg.context, "device": budget.device.to_dict(),
+            "kv_types": cfg.kv_types, "rounds": history, "measured": measured,
+            "calibration": planner.calibration.to_dict(), "recommendation": rec,
+            "method": "predicted: memory (weights + KV + measured overhead), decode (roofline), KL (second-order "
+                      "cost of the planned types + the KV type's measured KL), each scaled to the measured points; "
+                      "search: optuna NSGA-II with the budget as constraints; recommendation: measured figures "
+                      "(memory and KL here, decode projected to the device from the speed measured here)"}
+    with ctx.artifact("plan.json") as tmp:
+        atomic.write_json(tmp, plan)
+    ctx.record.manifest["recommendation"] = rec
+    ctx.record.save()
+    if rec.get("variant"):
+        ctx.add_metrics(rec["variant"], recommended=True)
+    ctx.report(recommended=rec.get("variant") or "none", candidates_built=len({m["label"].rsplit("-kv-", 1)[0]
+                                                                                 for m in measured}))
+    ctx.log(("Recommended: " + rec["variant"] + " — " if rec.get("variant") else "") + rec["reason"])

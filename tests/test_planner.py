@@ -1,0 +1,157 @@
+"""The planner: search under a device budget, build and measure the best candidates, recommend one (CLI, GUI)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_tiny_model
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+BUDGET_KEYS = ("memory_bytes", "decode_tps", "j_per_token", "kl", "ppl_increase_pct")
+
+
+@pytest.fixture(scope="module")
+def kv_model(tmp_path_factory, stories_dir):
+    """A tiny random Llama whose head size (32) lets llama.cpp quantize its KV cache."""
+    return make_tiny_model(tmp_path_factory.mktemp("planner") / "llama-hd32", "llama", stories_dir, seed=4,
+                           hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+FIT = {"context": 256, "kv_types": ["f16", "q8_0"], "candidates": 2, "rounds": 2, "trials": 16,
+       "max_sequences": 4, "seq_len": 128, "prompt_tokens": 32, "gen_tokens": 8, "repeats": 1}
+
+
+@pytest.fixture(scope="module")
+def fit_run(kv_model):
+    from edgetailor.engine import JobSpec, run_job
+
+    events = []
+    record = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": FIT}]}, source=str(kv_model),
+                             options={"threads": 2, "eval_windows": 2, "eval_ctx": 128}), emit=events.append)
+    assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+    return record, events
+
+
+def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fits(fit_run):
+    from edgetailor.engine.planner import violations
+    from edgetailor.engine.steps.fit import FitConfig
+
+    record, events = fit_run
+    plan = json.loads((record.artifacts_dir / "plan.json").read_text())
+    assert len(plan["rounds"]) >= 1 and all(r["points"] for r in plan["rounds"])
+    # the first file is measured with every KV type, each later one with its own
+    files = {m["label"].rsplit("-kv-", 1)[0] for m in plan["measured"]}
+    assert len(files) == 2
+    assert {m["kv_type"] for m in plan["measured"]} == {"f16", "q8_0"}
+    by_name = {v["name"]: v for v in record.manifest["variants"]}
+    for m in plan["measured"]:
+        v = by_name[m["name"]]
+        assert (record.folder / v["path"]).exists()
+        assert v["params"]["kv_type"] == m["kv_type"]
+        # checked against the source before it was kept, then evaluated and benchmarked in llama.cpp
+        assert v["metrics"]["verify_top1"] > 0.5 and v["metrics"]["kl"] >= 0
+        assert v["metrics"]["peak_rss_os_bytes"] > 0 and v["metrics"]["decode_tps"] > 0
+        assert v["metrics"]["predicted_memory_bytes"] > 0
+    # the q8_0 cache of the first file is smaller than its f16 cache
+    first = sorted(plan["measured"], key=lambda m: plan["measured"].index(m))[:2]
+    assert first[0]["predicted"]["memory_bytes"] != first[1]["predicted"]["memory_bytes"]
+    rec = record.manifest["recommendation"]
+    assert rec == plan["recommendation"]
+    chosen = next(m for m in plan["measured"] if m["name"] == rec["variant"])
+    budget = FitConfig(**FIT).budget()
+    assert violations(budget, {k: chosen[k] for k in BUDGET_KEYS}) == {}          # it fits, as measured
+    assert chosen["kl"] == min(m["kl"] for m in plan["measured"]
+                               if not violations(budget, {k: m[k] for k in BUDGET_KEYS}))
+    assert by_name[rec["variant"]]["metrics"]["recommended"] is True
+    assert "to spare" in rec["reason"] and "perplexity" in rec["reason"]
+    # after the first round the predictions are scaled to what was measured
+    assert plan["calibration"]["points"] == len(plan["measured"])
+    kinds = [e["data"]["phase"] for e in events if e["type"] == "plan"]
+    assert kinds[0] == "predicted" and "measured" in kinds
+
+
+def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_limit():
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.planner import recommend
+
+    budget = Budget(get_device("pixel-8"), max_memory_bytes=1e9, min_decode_tps=10, max_ppl_increase_pct=5)
+    row = dict(decode_tps=20.0, j_per_token=0.3, ppl_increase_pct=1.0)
+    small = {"name": "small", "memory_bytes": 8e8, "kl": 0.05, **row}
+    big = {"name": "big", "memory_bytes": 1.2e9, "kl": 0.01, **row}
+    slow = {"name": "slow", "memory_bytes": 9e8, "kl": 0.02, **{**row, "decode_tps": 8.0}}
+    rec = recommend([small, big, slow], budget, 4096)
+    assert rec["variant"] == "small"
+    assert "200 MB to spare" in rec["reason"] and "4096-token context" in rec["reason"]
+    assert rec["runner_up"]["memory"]["variant"] == "big" and rec["runner_up"]["memory"]["relax_pct"] == 20.0
+    assert rec["runner_up"]["speed"]["variant"] == "slow"
+    none = recommend([big, slow], Budget(get_device("pixel-8"), max_memory_bytes=5e8), 4096)
+    assert none["variant"] is None and none["closest"] == "slow"
+    assert "relax memory by 80%" in none["reason"]
+
+
+def test_calibration_scales_the_predictions_to_the_measured_points():
+    from edgetailor.engine.planner import Calibration
+
+    c = Calibration()
+    c.refit([{"kv_type": "f16", "cost": 0.01, "kl": 0.02, "ppl_increase_pct": 2.0, "memory_raw": 100.0,
+              "memory_measured": 110.0, "decode_tps_raw": 50.0, "decode_tps_measured": 25.0}])
+    assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
+    assert c.speed("f16") == pytest.approx(0.5) and c.speed("q4_0") == pytest.approx(0.5)
+    assert c.points == 1
+
+
+def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "edgetailor", "fit", str(kv_model), "--context", "256", "--kv-types", "f16",
+           "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows", "2",
+           "--ctx", "128", "--out", str(out), "--quiet", "--max-memory", "4GB"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Frontier (predicted" in res.stdout and "Recommended: fit-" in res.stdout
+    bundles = list(out.iterdir())
+    assert len(bundles) == 1 and any(f.suffix == ".gguf" for f in bundles[0].iterdir())
+
+
+def test_cli_fit_when_nothing_fits_says_which_limit_to_relax(kv_model, tmp_path):
+    cmd = [sys.executable, "-m", "edgetailor", "fit", str(kv_model), "--context", "256", "--kv-types", "f16",
+           "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows", "2",
+           "--ctx", "128", "--out", str(tmp_path), "--quiet", "--max-memory", "2MB"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "Nothing fits." in res.stdout and "relax memory by" in res.stdout
+    assert list(tmp_path.iterdir()) == []          # no bundle
+
+
+def test_cli_fit_refuses_a_bad_memory_size_before_anything_runs(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "edgetailor", "fit", "demo", "--max-memory", "lots",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert res.returncode == 2 and "not a memory size" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp):
+    from edgetailor.ui.plots import LivePlots
+    from edgetailor.ui.results import ResultsPanel
+    from edgetailor.ui.run_state import RunState
+
+    record, _ = fit_run
+    st = RunState.from_folder(record.folder)
+    assert st.plan["predicted"] and st.plan["measured"]
+    plots = LivePlots()
+    plots.show_state(st)
+    items = [i for i in plots.speed.getPlotItem().items if hasattr(i, "points")]
+    assert sum(len(i.points()) for i in items) >= len(st.plan["predicted"])
+    panel = ResultsPanel()
+    panel.set_variants(st.variant_rows(), None)
+    panel.set_recommendation(st.recommendation)
+    assert not panel.card.isHidden() and st.recommendation["variant"] in panel.card.title.text()
+    assert panel.current() == st.recommendation["variant"]
+    asked = []
+    panel.export_requested.connect(asked.append)
+    panel.card.export_button.click()
+    assert asked == [st.recommendation["variant"]]
