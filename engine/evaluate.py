@@ -30,6 +30,7 @@ class EvalResult:
     ctx: int
     seconds: float
     kl: float | None = None       # mean KL(baseline || variant), nats
+    kl_p999: float | None = None  # its 99.9th percentile over the scored tokens
     top1: float | None = None     # share of positions where the argmax agrees with the baseline's
     runtime: str = ""
 
@@ -113,6 +114,7 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
     first = ctx // 2
     nll_sum, count = 0.0, 0
     kl_sum, agree = 0.0, 0
+    kls: list[np.ndarray] = []
     compare = reference is not None and not record_reference and reference.has(len(windows))
     for i, w in enumerate(windows):
         if cancelled and cancelled():
@@ -128,7 +130,9 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
             reference.put(i, lp)
         elif compare:
             ref = reference.get(i)
-            kl_sum += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+            per_token = (np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64)
+            kls.append(per_token)
+            kl_sum += float(per_token.sum())
             agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
         if on_window:
             on_window(i + 1, len(windows), math.exp(nll_sum / count))
@@ -136,5 +140,6 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
     return EvalResult(perplexity=math.exp(nll), nll=nll, tokens_scored=count, windows=len(windows), ctx=ctx,
                       seconds=round(time.perf_counter() - t0, 3),
                       kl=(kl_sum / count) if compare else None,
+                      kl_p999=float(np.quantile(np.concatenate(kls), 0.999)) if compare else None,
                       top1=(agree / count) if compare else None,
                       runtime=getattr(runtime, "name", "?"))

@@ -132,7 +132,8 @@ class Predictor:
         return Candidate(self.plan(int(tensor_bytes))[1], kv_type)
 
     def size_range(self) -> tuple[int, int]:
-        return self.prices.smallest_bytes(), int(self.prices.largest_bytes())
+        """The smallest file and the largest worth making (past it no upgrade lowers the predicted cost)."""
+        return self.prices.smallest_bytes(), self.plan(int(self.prices.largest_bytes()))[1]
 
     def weights_info(self, types: dict):
         """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
@@ -254,7 +255,6 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lo, hi = predictor.size_range()
-    hi = int(min(hi, 1.02 * hi))
     points: dict[Candidate, Point] = {}
 
     def objective(trial):

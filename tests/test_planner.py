@@ -144,8 +144,9 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     assert st.plan["predicted"] and st.plan["measured"]
     plots = LivePlots()
     plots.show_state(st)
-    items = [i for i in plots.speed.getPlotItem().items if hasattr(i, "points")]
-    assert sum(len(i.points()) for i in items) >= len(st.plan["predicted"])
+    items = plots.speed.getPlotItem().listDataItems()
+    drawn = sum(len(i.getData()[0]) for i in items)
+    assert drawn == len([p for p in st.plan["predicted"] if p["kl"] > 0]) + len(st.plan["measured"])
     panel = ResultsPanel()
     panel.set_variants(st.variant_rows(), None)
     panel.set_recommendation(st.recommendation)

@@ -2,6 +2,8 @@
 and decode speed and energy per variant as they are measured."""
 from __future__ import annotations
 
+import math
+
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QGridLayout, QWidget
@@ -104,14 +106,15 @@ class LivePlots(QWidget):
             self._curve(self.quality, ("ppl", str(variant)), str(variant), symbols=True).setData(
                 list(range(1, len(ys) + 1)), ys)
         if st.plan["predicted"]:          # the planner's search: its planes instead of per-variant bars
-            self._plan(self.speed, "memory_bytes", "memory at the app's context", "B", "memory")
-            self._plan(self.energy, "decode_tps", "decode on the device", "tok/s", "speed")
+            self._plan(self.speed, "memory_bytes", "Search: memory against KL", "memory at the app's context", "B", "memory")
+            self._plan(self.energy, "decode_tps", "Search: speed against KL", "decode on the device", "tok/s", "speed")
         else:
             self._bars(self.speed, "decode_tps")
             self._bars(self.energy, "energy_j_per_token")
 
-    def _plan(self, plot: pg.PlotWidget, xkey: str, xlabel: str, unit: str, limit: str) -> None:
-        """Predicted points (hollow) and measured ones (filled) against KL, the budget as a dashed line."""
+    def _plan(self, plot: pg.PlotWidget, xkey: str, title: str, xlabel: str, unit: str, limit: str) -> None:
+        """Predicted points (hollow) and measured ones (filled) against KL (log scale), the budget as a dashed
+        line inside the view."""
         st = self.state
         key = ("plan", xkey)
         sig = (len(st.plan["predicted"]), len(st.plan["measured"]), id(st.plan["predicted"]))
@@ -119,24 +122,29 @@ class LivePlots(QWidget):
             return
         self._curves[key] = sig
         plot.clear()
-        plot.setTitle(f"Search: {xlabel} against KL (hollow: predicted, filled: measured)")
+        plot.setTitle(title)
         plot.setLabel("bottom", xlabel, units=unit)
-        plot.setLabel("left", "KL to the source")
+        plot.setLabel("left", "KL (○ predicted, ● measured)")
+        plot.setLogMode(x=False, y=True)
         plot.getAxis("bottom").setTicks(None)
-        pred = [p for p in st.plan["predicted"] if p.get(xkey) is not None]
-        plot.addItem(pg.ScatterPlotItem([p[xkey] for p in pred], [p["kl"] for p in pred], size=7,
-                                        pen=pg.mkPen(pen(1).color()), brush=None))
-        meas = [p for p in st.plan["measured"] if p.get(xkey) is not None and p.get("kl") is not None]
-        plot.addItem(pg.ScatterPlotItem([p[xkey] for p in meas], [p["kl"] for p in meas], size=11,
-                                        pen=pg.mkPen(None), brush=pen(4).color()))
+        pred = [p for p in st.plan["predicted"] if p.get(xkey) is not None and p.get("kl", 0) > 0]
+        plot.getAxis("left").enableAutoSIPrefix(False)
+        plot.plot([p[xkey] for p in pred], [p["kl"] for p in pred], pen=None, symbol="o", symbolSize=7,
+                  symbolPen=pg.mkPen(pen(1).color()), symbolBrush=None)
+        meas = [p for p in st.plan["measured"] if p.get(xkey) is not None and p.get("kl")]
+        plot.plot([p[xkey] for p in meas], [p["kl"] for p in meas], pen=None, symbol="o", symbolSize=11,
+                  symbolPen=None, symbolBrush=pen(4).color())
         b = st.plan.get("budget") or {}
         line = {"memory": b.get("max_memory_bytes"), "speed": b.get("min_decode_tps")}[limit]
+        dash = pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine)
+        xs = [p[xkey] for p in pred + meas]
         if line:
-            plot.addItem(pg.InfiniteLine(line, angle=90, label="budget", labelOpts={"position": 0.9},
-                                         pen=pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine)))
+            plot.addItem(pg.InfiniteLine(line, angle=90, label="budget", labelOpts={"position": 0.9}, pen=dash))
+            xs.append(line)
+        if xs:
+            plot.setXRange(min(xs), max(xs), padding=0.05)
         if b.get("max_kl"):
-            plot.addItem(pg.InfiniteLine(b["max_kl"], angle=0, label="KL budget",
-                                         pen=pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine)))
+            plot.addItem(pg.InfiniteLine(math.log10(b["max_kl"]), angle=0, label="KL budget", pen=dash))
 
     def _curve(self, plot: pg.PlotWidget, key, name: str, symbols: bool = False):
         if key not in self._curves:

@@ -56,6 +56,7 @@ def _metrics(res, base_ppl) -> dict:
          "eval_ctx": res.ctx, "eval_seconds": res.seconds, "eval_runtime": res.runtime}
     if res.kl is not None:
         m["kl"] = round(res.kl, 6)
+        m["kl_p999"] = round(res.kl_p999, 6)
         m["top1"] = round(res.top1, 5)
     if base_ppl:
         m["ppl_increase_pct"] = round(100 * (res.perplexity / base_ppl - 1), 3)

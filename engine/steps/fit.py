@@ -272,7 +272,7 @@ def _measure(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, windows, a
             f"{pred.decode_tps_here:.1f})")
     point = {"name": name, "label": cand.label, "kv_type": kv, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
              "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": bench["peak_rss_os_bytes"],
-             "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"),
+             "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
              "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],

@@ -1,0 +1,281 @@
+"""The planner (``edgetailor fit``) against llama.cpp's ladder under the same device budgets, in one run.
+
+For each model and budget:
+
+* EdgeTailor: the ``fit`` step (sensitivity pass, optuna search over file size and KV-cache type on predictions,
+  the best candidates built with calibrated GPTQ blocks, evaluated and benchmarked at the app's context, the
+  recommendation from the measured ones);
+* llama.cpp: convert to F16, ``llama-imatrix`` on the same calibration text, ``llama-quantize --imatrix`` for
+  every ladder type (Q8_0 ... Q2_K), each file evaluated with the same evaluator and windows and benchmarked
+  at the same context with an f16 KV cache; the best-quality type that meets the budget (memory measured here,
+  decode projected to the device from the speed measured here, as the planner does) is the reference answer.
+
+Reported per budget: both answers' memory, perplexity increase, KL (mean and 99.9th percentile); for every
+built candidate predicted vs measured memory and decode speed; whether any recommendation fails a limit
+when measured; the planner's wall time against one calibrated Q4_K_M export of the same model.
+
+    flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/planner.py
+
+Writes bench/results/planner.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+CONTEXT = 2048
+#: budgets chosen so the ladder's answer is not obvious: a memory limit between two ladder types at 2k context,
+#: a speed floor on a slow board, a quality limit with a memory limit
+BUDGETS = [
+    {"name": "pixel-8, memory between Q4_K_M and Q5_K_M", "device": "pixel-8", "memory_between": ("Q4_K_M", "Q5_K_M")},
+    {"name": "raspberry-pi-4, speed floor", "device": "raspberry-pi-4-4gb", "speed_between": ("Q4_K_M", "Q6_K"),
+     "max_ppl_increase_pct": 15},
+    {"name": "orange-pi-5, memory + quality limit", "device": "orange-pi-5-8gb", "memory_between": ("Q3_K_M", "Q4_K_M"),
+     "max_ppl_increase_pct": 10},
+]
+
+
+def ladder(model_dir: Path, calib: Path, work: Path, windows: list, threads: int) -> dict:
+    """llama.cpp's ladder with an importance matrix: each type's file, size, quality and measured footprint."""
+    import reference_tools as rt
+
+    from edgetailor.engine.benchmark import benchmark_variant
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate
+    from edgetailor.engine.runtimes import open_runtime
+
+    f16 = work / "f16.gguf"
+    t_convert = rt.run_convert(model_dir, f16, "f16", log_path=work / "convert.log")
+    imat = work / "imatrix.gguf"
+    t_imatrix = rt.run_imatrix(f16, calib, imat, ctx=512, chunks=100, threads=threads, extra_args=["--no-ppl"],
+                               log_path=work / "imatrix.log")
+    ref = ReferenceLogprobs(work / "reference")
+    out = {"convert_s": t_convert, "imatrix_s": t_imatrix, "types": {}}
+    for t in LADDER:
+        path = work / f"llama-imatrix-{t}.gguf"
+        secs = rt.run_quantize(f16, path, t, imatrix=imat, threads=threads)
+        with open_runtime("gguf", path, n_ctx=len(windows[0]), threads=threads) as r:
+            res = evaluate(r, windows, reference=ref)
+        bench = benchmark_variant("gguf", path, PROMPT["ids"], gen_tokens=32, repeats=2, threads=threads,
+                                  n_ctx=CONTEXT)
+        out["types"][t] = {"path": str(path), "size_bytes": path.stat().st_size, "quantize_s": secs,
+                           "perplexity": res.perplexity, "kl": res.kl, "kl_p999": res.kl_p999, "top1": res.top1,
+                           "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps_here": bench["decode_tps"]}
+        print(f"  llama.cpp {t}: {path.stat().st_size / 1e6:.1f} MB, KL {res.kl:.5f}, "
+              f"peak {bench['peak_rss_os_bytes'] / 1e6:.0f} MB", flush=True)
+    return out
+
+
+PROMPT: dict = {}
+
+
+def reference_logprobs(model_dir: Path, work: Path, windows: list, threads: int) -> float:
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.sources import resolve
+
+    loaded = load_model(resolve(str(model_dir)))
+    res = evaluate(TorchRuntime(loaded.model, threads), windows, reference=ReferenceLogprobs(work / "reference"),
+                   record_reference=True)
+    return res.perplexity
+
+
+def device_tps(device, here_tps: float, path) -> float:
+    """The ladder file's decode on the device as the planner projects it: the device's roofline for the file,
+    scaled by the speed measured here over this machine's roofline for it."""
+    from edgetailor.engine.devices import host_profile
+    from edgetailor.engine.projection import project_decode, variant_info
+
+    info = variant_info("gguf", path, tokens_used=96)
+    there, here = project_decode(device, info, 96), project_decode(host_profile(), info, 96)
+    return there["decode_tps"] * here_tps / here["decode_tps"]
+
+
+def make_budget(spec: dict, lad: dict, base_ppl: float) -> dict:
+    from edgetailor.engine.devices import get_device
+
+    dev = get_device(spec["device"])
+    params = {"device": spec["device"]}
+    if "memory_between" in spec:
+        a, b = (lad["types"][t]["memory_bytes"] for t in spec["memory_between"])
+        params["max_memory_mb"] = round((a + b) / 2 / 1e6, 1)
+    if "speed_between" in spec:
+        a, b = (device_tps(dev, lad["types"][t]["decode_tps_here"], lad["types"][t]["path"])
+                for t in spec["speed_between"])
+        params["min_decode_tps"] = round((a + b) / 2, 2)
+    for k in ("max_ppl_increase_pct", "max_kl"):
+        if k in spec:
+            params[k] = spec[k]
+    return params
+
+
+def ladder_answer(params: dict, lad: dict, base_ppl: float) -> dict | None:
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.planner import violations
+
+    dev = get_device(params["device"])
+    budget = Budget(dev, max_memory_bytes=params.get("max_memory_mb", 0) * 1e6 or None,
+                    min_decode_tps=params.get("min_decode_tps"), max_ppl_increase_pct=params.get("max_ppl_increase_pct"),
+                    max_kl=params.get("max_kl"))
+    fits = []
+    for t, m in lad["types"].items():
+        tps = device_tps(dev, m["decode_tps_here"], m["path"])
+        row = {"memory_bytes": m["memory_bytes"], "decode_tps": tps, "j_per_token": dev.power_typical_w / tps,
+               "kl": m["kl"], "ppl_increase_pct": 100 * (m["perplexity"] / base_ppl - 1)}
+        if not violations(budget, row):
+            fits.append((m["kl"], t, row))
+    if not fits:
+        return None
+    kl, t, row = min(fits)
+    return {"type": t, **lad["types"][t], **row}
+
+
+def run_fit(model_dir: Path, params: dict, calib: Path, runs: Path, windows: int) -> tuple[dict, float]:
+    from edgetailor.engine import JobSpec, run_job
+
+    t0 = time.perf_counter()
+    rec = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": {
+        **params, "context": CONTEXT, "candidates": 2, "rounds": 2, "trials": 80}}]}, source=str(model_dir),
+        options={"threads": 2, "eval_windows": windows, "eval_ctx": 512, "eval_text": str(WIKITEXT),
+                 "calibration_text": str(calib)}, runs_root=str(runs)))
+    seconds = time.perf_counter() - t0
+    if rec.manifest["status"] != "succeeded":
+        raise SystemExit(f"fit failed: {rec.manifest.get('error')}")
+    return json.loads((rec.artifacts_dir / "plan.json").read_text()), seconds
+
+
+def one_calibrated_export(model_dir: Path, calib: Path, runs: Path) -> float:
+    from edgetailor.engine import JobSpec, run_job
+
+    t0 = time.perf_counter()
+    rec = run_job(JobSpec(recipe={"name": "q4", "steps": [{"step": "quant.gguf_calibrated",
+                                                           "params": {"types": ["Q4_K_M"]}}]},
+                          source=str(model_dir), options={"threads": 2, "calibration_text": str(calib)},
+                          runs_root=str(runs)))
+    assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+    return time.perf_counter() - t0
+
+
+def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, budgets: list) -> dict:
+    from edgetailor.engine.evaluate import make_windows
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.text import read_text
+
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"== {name}", flush=True)
+    tok = load_tokenizer(resolve(str(model_dir)))
+    windows = make_windows(tok, read_text(str(WIKITEXT)), 512, windows_n)
+    PROMPT["ids"] = list(tok(read_text(str(WIKITEXT))[:3000]).input_ids)[:64]
+    base_ppl = reference_logprobs(model_dir, work, windows, 2)
+    lad = ladder(model_dir, calib, work, windows, 2)
+    export_s = one_calibrated_export(model_dir, calib, work / "runs")
+    rows = []
+    for spec in budgets:
+        params = make_budget(spec, lad, base_ppl)
+        print(f"-- {spec['name']}: {params}", flush=True)
+        plan, seconds = run_fit(model_dir, params, calib, work / "runs", windows_n)
+        rec = plan["recommendation"]
+        ours = next((m for m in plan["measured"] if m["name"] == rec.get("variant")), None)
+        ref = ladder_answer(params, lad, base_ppl)
+        rows.append({"budget": spec["name"], "params": params, "ours": ours, "recommendation": rec,
+                     "llama_cpp": ref, "planner_seconds": seconds, "candidates": [
+                         {"name": m["name"], "memory": m["memory_bytes"], "memory_predicted": m["predicted"]["memory_bytes"],
+                          "decode_here": m["decode_tps_measured"], "decode_here_predicted": m["predicted"]["decode_tps_here"],
+                          "kl": m["kl"], "kl_predicted": m["predicted"]["kl"]} for m in plan["measured"]],
+                     "calibration": plan["calibration"]})
+    return {"name": name, "model": model_dir.name, "baseline_perplexity": base_ppl, "ladder": lad,
+            "calibrated_q4_k_m_export_s": export_s, "rows": rows}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    out = ["# The planner (`edgetailor fit`) vs llama.cpp's ladder under the same budgets", "",
+           f"Machine: {m['cpu']}, {m['logical_cores']} cores, {m['ram_gb']} GB, load average at start {m['load_average_at_start'][0]:.2f}. Context {CONTEXT} "
+           f"tokens; evaluation on wikitext-2 test (ctx 512, {results['windows']} windows), KL to the fp32 model; "
+           "calibration on the bundled calibration text (never the evaluation text). Memory: peak RSS measured here "
+           "at that context; decode on the device: projected from the speed measured here. llama.cpp: imatrix on the "
+           "same calibration text, `llama-quantize --imatrix`, f16 KV cache.", "",
+           f"Command: `python bench/planner.py`", ""]
+    for s in results["suites"]:
+        out += [f"## {s['name']}", "", f"Baseline perplexity {s['baseline_perplexity']:.4f}. One calibrated Q4_K_M "
+                f"export (quant.gguf_calibrated, GPTQ): {s['calibrated_q4_k_m_export_s']:.0f} s.", "",
+                "| budget | answer | file MB | KV | memory MB | ppl increase | KL mean | KL p99.9 | planner s | time ratio |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        base = s["baseline_perplexity"]
+        for r in s["rows"]:
+            o, l = r["ours"], r["llama_cpp"]
+            limits = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            if o:
+                out.append(f"| {r['budget']} ({limits}) | EdgeTailor {o['name']} | {o['file_bytes'] / 1e6:.1f} | "
+                           f"{o['kv_type']} | {o['memory_bytes'] / 1e6:.0f} | {o['ppl_increase_pct']:+.2f}% | "
+                           f"{o['kl']:.5f} | {o['kl_p999']:.4f} | {r['planner_seconds']:.0f} | "
+                           f"{r['planner_seconds'] / s['calibrated_q4_k_m_export_s']:.1f} |")
+            else:
+                out.append(f"| {r['budget']} ({limits}) | EdgeTailor: nothing fits — {r['recommendation']['reason']} | | | | | | | "
+                           f"{r['planner_seconds']:.0f} | |")
+            if l:
+                out.append(f"| | llama.cpp+imatrix {l['type']} | {l['size_bytes'] / 1e6:.1f} | f16 | "
+                           f"{l['memory_bytes'] / 1e6:.0f} | {100 * (l['perplexity'] / base - 1):+.2f}% | {l['kl']:.5f} | "
+                           f"{l['kl_p999']:.4f} | | |")
+            else:
+                out.append("| | llama.cpp+imatrix: no ladder type meets the budget | | | | | | | | |")
+        out += ["", "Predictions for every built candidate (after the predictors were refitted on the points measured "
+                "before it was chosen, the first of each run on theory and probes alone):", "",
+                "| budget | candidate | memory MB measured / predicted | error | decode here tok/s measured / predicted | error | KL measured / predicted |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for r in s["rows"]:
+            for c in r["candidates"]:
+                out.append(f"| {r['budget']} | {c['name']} | {c['memory'] / 1e6:.0f} / {c['memory_predicted'] / 1e6:.0f} | "
+                           f"{100 * (c['memory_predicted'] / c['memory'] - 1):+.1f}% | {c['decode_here']:.1f} / "
+                           f"{c['decode_here_predicted']:.1f} | {100 * (c['decode_here_predicted'] / c['decode_here'] - 1):+.1f}% | "
+                           f"{c['kl']:.5f} / {c['kl_predicted']:.5f} |")
+        failing = [r for r in s["rows"] if r["ours"] and r["recommendation"].get("variant") is None]
+        out += ["", f"Recommendations that fail a limit when measured: {len(failing)} (the recommendation is chosen "
+                "from measured figures only).", ""]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--models", default="dithered,demo")
+    ap.add_argument("--demo-budgets", type=int, default=1, help="budgets run on the demo model (first N)")
+    ap.add_argument("--work", default="/tmp/edgetailor-bench-planner")
+    args = ap.parse_args()
+    from edgetailor.engine import resolve
+    from machine import machine
+
+    work = Path(args.work)
+    calib = REPO / "assets" / "text" / "calibration.txt"
+    results = {"machine": machine(), "windows": args.windows, "suites": []}
+    for name in args.models.split(","):
+        if name == "dithered":
+            model = Path("/tmp/smollm2-dithered")
+            if not model.exists():
+                subprocess.run([sys.executable, str(SHARED / "tools" / "make_smollm2_dithered.py"), str(model)], check=True)
+            budgets = BUDGETS
+        else:
+            model = resolve("demo").path
+            budgets = BUDGETS[: args.demo_budgets]
+        results["suites"].append(suite(f"{name} ({model.name})", Path(model), calib, work / name, args.windows, budgets))
+        out = HERE / "results" / "planner"
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
+        out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
