@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="search / build / refit rounds (default 2)")
     p.add_argument("--trials", type=int, default=120, help="predicted points per round (default 120)")
     p.add_argument("--max-sequences", type=int, help="calibration sequences (default: all the text gives)")
+    p.add_argument("--workers", type=int, help="build and measure candidates in this many local worker processes")
+    p.add_argument("--ray", metavar="ADDRESS", help="build and measure candidates as Ray tasks on this cluster "
+                                                   "('auto', host:6379, ray://host:10001, or 'local' for a new one)")
     p.add_argument("--out", default=".", help="where the recommended bundle is written (default: here)")
     _add_eval_args(p)
     p.add_argument("--calibration-text", help="calibration text file (default: the bundled calibration text)")
@@ -260,6 +263,10 @@ def cmd_fit(args) -> int:
               "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl}
     if args.max_sequences:
         params["max_sequences"] = args.max_sequences
+    if args.ray:
+        params.update(executor="ray", ray_address=args.ray)
+    elif args.workers:
+        params.update(executor="processes", workers=args.workers)
     recipe = Recipe.from_dict({"name": "fit", "steps": [{"step": "fit", "params": {k: v for k, v in params.items()
                                                                                    if v is not None}}]})
     rec = _run(args, recipe)

@@ -156,3 +156,26 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     panel.export_requested.connect(asked.append)
     panel.card.export_button.click()
     assert asked == [st.recommendation["variant"]]
+
+
+def test_candidates_run_as_ray_tasks_with_the_same_results(kv_model):
+    """A local Ray instance builds and measures a small plan's candidates; the files and their quality are those
+    of the same plan built in this process."""
+    from edgetailor.engine import JobSpec, run_job
+    from edgetailor.engine.atomic import sha256_file
+
+    pytest.importorskip("ray")
+    small = {**FIT, "rounds": 1, "kv_types": ["f16"]}
+    runs = {}
+    for how in ({"executor": "inline"}, {"executor": "ray", "ray_address": "local"}):
+        rec = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": {**small, **how}}]},
+                              source=str(kv_model), options={"threads": 2, "eval_windows": 2, "eval_ctx": 128}))
+        assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+        runs[how["executor"]] = rec
+    got = {}
+    for how, rec in runs.items():
+        got[how] = {v["name"]: (sha256_file(rec.folder / v["path"]), v["metrics"]["kl"], v["metrics"]["perplexity"])
+                    for v in rec.manifest["variants"] if v["name"] != "baseline"}
+    assert len(got["ray"]) == 2 and got["ray"] == got["inline"]
+    plan = json.loads((runs["ray"].artifacts_dir / "plan.json").read_text())
+    assert plan["recommendation"]["variant"] in got["ray"]

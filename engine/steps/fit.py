@@ -40,6 +40,9 @@ class FitConfig:
     gen_tokens: int = field(default=32, metadata={"help": "benchmark tokens generated per pass"})
     repeats: int = field(default=2, metadata={"help": "benchmark timed passes"})
     seed: int = field(default=0, metadata={"help": "the search's seed"})
+    executor: str = field(default="inline", metadata={"help": "where candidates are built and measured: inline (this process), processes (local worker processes) or ray"})
+    workers: int = field(default=2, metadata={"help": "worker processes (executor: processes)"})
+    ray_address: str | None = field(default=None, metadata={"help": "the Ray cluster (executor: ray): an address, 'auto', or 'local' for a new local instance"})
 
     def __post_init__(self):
         from ..runtimes import KV_TYPES
@@ -50,6 +53,12 @@ class FitConfig:
             raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
         if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
             raise ValueError(f"kv_types must be among {', '.join(KV_TYPES)}")
+        from ..plan_tasks import EXECUTORS
+
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
         if self.method not in ("gptq", "imatrix"):
             raise ValueError("method must be gptq or imatrix")
         for name in ("max_memory_mb", "min_decode_tps", "max_j_per_token", "max_kl"):
@@ -79,14 +88,16 @@ def _fit_ram(cfg: FitConfig, shape):
 class Built:
     """One file built for the plan."""
     name: str
-    path: object
+    path: Path
     raw: dict
     seconds: float
+    agreement: dict
 
 
 @register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF)", streamed_ram=_fit_ram,
                summary="Search GGUF files and KV-cache types under a device budget, build the best, recommend one")
 def fit(ctx, cfg: FitConfig) -> None:
+    from ..plan_tasks import run_tasks
     from ..planner import frontier, kv_types_for, pick, recommend, search
 
     budget = cfg.budget()
@@ -96,6 +107,7 @@ def fit(ctx, cfg: FitConfig) -> None:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
     windows = _windows(ctx)
+    _save_verification(ctx)
     built: list[Built] = []
     measured: list[dict] = []
     history = []
@@ -112,14 +124,19 @@ def fit(ctx, cfg: FitConfig) -> None:
         todo = pick(points, budget, n, [b.raw["tensor_bytes"] for b in built])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
-        for p in todo:
-            k = len(built)
-            b = _build(ctx, cfg, planner, p.candidate, k, cfg.candidates)
+        tasks, raws = [], []
+        for p in todo:       # the first file is measured with every KV type (their own KL), later ones with theirs
+            raws.append(planner.raw(p.candidate))
+            tasks.append(_task(ctx, cfg, planner, raws[-1], kv_types if not built and not tasks else [p.candidate.kv_type],
+                               {b.name for b in built} | {t.name for t in tasks}))
+        lo, hi = 0.2 + 0.75 * len(built) / cfg.candidates, 0.2 + 0.75 * (len(built) + len(tasks)) / cfg.candidates
+        results = run_tasks(tasks, cfg.executor, cfg.ray_address, cfg.workers,
+                            progress=lambda f, m: ctx.progress(lo + (hi - lo) * f, m), cancelled=ctx.cancel.is_set)
+        for task, raw, res in zip(tasks, raws, results):
+            b = _keep(ctx, task, raw, res)
             built.append(b)
-            kvs = kv_types if k == 0 else [p.candidate.kv_type]      # the first file measures every KV type
-            for j, kv in enumerate(kvs):
-                at = 0.2 + 0.75 * (k + 0.6 + 0.4 * j / len(kvs)) / cfg.candidates
-                measured.append(_measure(ctx, cfg, planner, budget, b, kv, windows, at))
+            for kv, found in res["measured"].items():
+                measured.append(_measured(ctx, cfg, planner, budget, b, kv, found))
             _refit(planner, measured)
         if len(built) >= cfg.candidates:
             break
@@ -183,33 +200,24 @@ def _windows(ctx):
 
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
     ensure_baseline(ctx, windows)
+    ctx.scratch["fit.windows"] = windows
     return windows
 
 
-def _build(ctx, cfg: FitConfig, planner, cand, k: int, n: int) -> Built:
-    from ...exporters.gguf import verify_gguf
-    from ...exporters.gguf_calibrated import export_calibrated
-    from ..verification import check_variant
+def _save_verification(ctx) -> None:
+    """The fixed check windows and the source's log-probs on them, for every candidate's check."""
+    from ..plan_tasks import save_verification
+    from ..reference import open_reference
+    from ..verification import WINDOW_TOKENS, check_windows
 
-    raw = planner.raw(cand)
-    label = _file_type(8 * raw["tensor_bytes"] / planner.params)
-    name = f"fit-{raw['file_bytes'] / 1e6:.1f}MB"
-    filename = f"{ctx.source.display_name}-{name}.gguf"
-    model = ctx.source_weights()
-    t0 = time.perf_counter()
-    lo, hi = 0.2 + 0.75 * k / n, 0.2 + 0.75 * (k + 1) / n
-    with ctx.artifact(filename) as tmp:
-        export_calibrated(model, ctx.tokenizer, ctx.source.path, tmp, label, ctx.scratch["fit.sequences"],
-                          cfg.method, types=raw["types"],
-                          progress=lambda f, m: ctx.progress(lo + 0.6 * (hi - lo) * f, f"{name}: {m}"),
-                          cancelled=ctx.cancel.is_set)
-        if not verify_gguf(tmp):
-            raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
-        agreement = check_variant(ctx, model, "gguf", label, tmp)
-    seconds = time.perf_counter() - t0
-    ctx.scratch.setdefault("fit.agreement", {})[name] = agreement
-    ctx.log(f"{filename}: {raw['file_bytes'] / 1e6:.1f} MB planned, built in {seconds:.0f} s")
-    return Built(name, ctx.record.artifacts_dir / filename, raw, seconds)
+    windows = check_windows(ctx.tokenizer, ctx.calibration_text())
+    with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
+        from ..evaluate import _log_softmax
+
+        reference = [_log_softmax(rt.logits(w)) for w in windows]
+    path = ctx.record.folder / "scratch" / "verify.npz"
+    save_verification(path, windows, reference)
+    ctx.scratch["fit.verify"] = str(path)
 
 
 #: llama.cpp file types a planned mix is labelled with (general.file_type), by bits per weight
@@ -223,37 +231,64 @@ def _file_type(bpw: float) -> str:
     return min(LABELS, key=lambda t: abs(GGUF_BITS_PER_WEIGHT[t] - bpw))
 
 
-def _measure(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, windows, at: float) -> dict:
-    """Evaluate and benchmark one file with one KV-cache type; the variant goes into the run."""
-    from ..atomic import tree_size
-    from ..benchmark import benchmark_variant
+def _file_name(file_bytes: int, taken: set[str]) -> str:
+    """fit-<size>MB, with enough digits to tell the run's files apart."""
+    mb = file_bytes / 1e6
+    for digits in (1, 2, 3, 4):
+        name = f"fit-{mb:.{digits}f}MB"
+        if name not in taken:
+            return name
+    return f"fit-{file_bytes}B"
+
+
+def _task(ctx, cfg: FitConfig, planner, raw: dict, kv_types: list[str], taken: set[str]):
     from ..energy import EnergyMeter
-    from ..evaluate import ReferenceLogprobs, evaluate
+    from ..plan_tasks import CandidateTask
+    from .evaluate import reference_folder
+
+    name = _file_name(raw["file_bytes"], taken)
+    return CandidateTask(
+        name=name, source=str(ctx.source.path), trust_remote_code=ctx.source.trust_remote_code,
+        out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}.gguf"), types=raw["types"],
+        file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
+        sequences=ctx.scratch["fit.sequences"].tolist(), verify=ctx.scratch["fit.verify"],
+        eval_windows=ctx.scratch["fit.windows"], reference=str(reference_folder(ctx)), kv_types=list(kv_types),
+        context=cfg.context, prompt=ctx.scratch["fit.prompt"], gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
+        threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
+        energy=EnergyMeter.detect(planner.host).to_dict())
+
+
+def _keep(ctx, task, raw: dict, res: dict) -> Built:
+    """A built file into the run's record (its task wrote it atomically into the artifacts folder)."""
+    path = Path(res["path"])
+    ctx.emit("artifact", **ctx.record.add_artifact(path))
+    ctx.log(f"{path.name}: {raw['file_bytes'] / 1e6:.1f} MB planned, built and checked in {res['seconds']:.0f} s "
+            f"(KL to the source {res['agreement']['verify_kl']:.2g} on the check windows)")
+    return Built(task.name, path, raw, res["seconds"], res["agreement"])
+
+
+def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: dict) -> dict:
+    """One file with one KV-cache type, as measured: a variant of the run, and the planner's point."""
+    from types import SimpleNamespace
+
+    from ..atomic import tree_size
     from ..planner import Candidate
-    from ..runtimes import open_runtime
-    from .evaluate import _metrics, reference_folder
+    from .evaluate import _metrics
 
     name = f"{b.name}-kv-{kv}"
     cand = Candidate(b.raw["tensor_bytes"], kv)
     pred = planner.predict(cand)
     raw = planner.raw(cand)
-    threads = ctx.options.resolved_threads()
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
+    quality = _metrics(SimpleNamespace(**found["evaluation"]), base_ppl)
+    bench = found["benchmark"]
     ctx.add_variant(Variant(name=name, format="gguf", path=str(b.path.relative_to(ctx.record.folder)),
                             params={"type": "mixed (planned)", "kv_type": kv, "context": cfg.context,
                                     "method": cfg.method, "mix": "measured", "quantized_by": f"EdgeTailor {cfg.method}",
                                     "planned_bits_per_weight": round(pred.bits_per_weight, 3)},
                             metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
-                                     **ctx.scratch["fit.agreement"][b.name]},
+                                     **b.agreement},
                             parent="baseline", steps=list(ctx.applied)))
-    ctx.progress(at, f"{name}: evaluating")
-    with open_runtime("gguf", b.path, n_ctx=len(windows[0]), threads=threads, kv_type=kv) as rt:
-        res = evaluate(rt, windows, reference=ReferenceLogprobs(reference_folder(ctx)), cancelled=ctx.cancel.is_set)
-    quality = _metrics(res, base_ppl)
-    ctx.progress(at, f"{name}: benchmarking at {cfg.context} tokens of context")
-    bench = benchmark_variant("gguf", b.path, ctx.scratch["fit.prompt"], gen_tokens=cfg.gen_tokens,
-                              repeats=cfg.repeats, threads=threads, n_ctx=cfg.context, dtype=ctx.options.dtype,
-                              meter=EnergyMeter.detect(planner.host), cancelled=ctx.cancel.is_set, kv_type=kv)
     if budget.device.id == planner.host.id:
         tps_device = bench["decode_tps"]
     else:       # the device's projection, scaled by how this machine's measurement compares with its own

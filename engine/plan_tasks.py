@@ -1,0 +1,201 @@
+"""Building and measuring the planner's candidates: one self-contained task per file, run here, in local worker
+processes, or as Ray tasks on a cluster, with the same results.
+
+A ``CandidateTask`` carries everything its file needs as plain data (the source's path, the planned types, the
+calibration token ids, the paths of the verification and evaluation references in the run's scratch folder,
+the benchmark setting); ``build_candidate`` writes the file atomically, checks it against the source, and
+evaluates and benchmarks it with each KV-cache type asked. Ray workers must see the same paths (a shared
+filesystem, or a single-machine cluster), as Ray's own docs advise for data.
+
+    results = run_tasks(tasks, executor="ray", address="auto")      # or "inline", "processes"
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import EdgeTailorError, RunCancelled
+
+EXECUTORS = ("inline", "processes", "ray")
+
+
+@dataclass
+class CandidateTask:
+    name: str
+    source: str                  # the source model's folder
+    trust_remote_code: bool
+    out: str                     # the GGUF to write (atomically)
+    types: dict                  # GGUF tensor name -> type
+    file_type: str               # llama.cpp file-type label
+    method: str
+    sequences: list              # calibration token ids [n][seq_len]
+    verify: str                  # .npz with the fixed check windows and the source's log-probs on them
+    eval_windows: list           # evaluation windows (token ids)
+    reference: str               # ReferenceLogprobs folder of the baseline on those windows
+    kv_types: list
+    context: int
+    prompt: list
+    gen_tokens: int
+    repeats: int
+    threads: int
+    dtype: str = "float32"
+    energy: dict = field(default_factory=dict)   # EnergyMeter.to_dict()
+
+
+def save_verification(path: Path, windows: list[list[int]], reference: list) -> None:
+    import numpy as np
+
+    np.savez(path, **{f"w{i}": np.asarray(w) for i, w in enumerate(windows)},
+             **{f"r{i}": r for i, r in enumerate(reference)})
+
+
+def load_verification(path: str) -> tuple[list[list[int]], list]:
+    import numpy as np
+
+    with np.load(path) as z:
+        n = sum(1 for k in z.files if k.startswith("w"))
+        return [z[f"w{i}"].tolist() for i in range(n)], [z[f"r{i}"] for i in range(n)]
+
+
+def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> dict:
+    """Write the task's file, check it against the source, evaluate and benchmark it per KV type."""
+    import torch
+
+    from ..exporters.gguf import verify_gguf
+    from ..exporters.gguf_calibrated import export_calibrated
+    from .atomic import atomic_path
+    from .lazy import LazyModel
+    from .modeling import load_tokenizer
+    from .sources import resolve
+    from .verification import verify_against_source
+
+    say = progress or (lambda f, m: None)
+    source = resolve(task.source, trust_remote_code=task.trust_remote_code)
+    tokenizer = load_tokenizer(source)
+    model = LazyModel(source.path, trust_remote_code=task.trust_remote_code)
+    torch.set_num_threads(task.threads)
+    t0 = time.perf_counter()
+    with atomic_path(Path(task.out)) as tmp:
+        export_calibrated(model, tokenizer, source.path, tmp, task.file_type, torch.tensor(task.sequences),
+                          task.method, types=task.types, progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
+        if not verify_gguf(tmp):
+            raise EdgeTailorError(f"{Path(task.out).name} could not be verified.", "See the log.")
+        windows, reference = load_verification(task.verify)
+        found = verify_against_source("gguf", task.file_type, tmp, reference, windows, threads=task.threads)
+        if cancelled and cancelled():
+            raise RunCancelled()
+    seconds = time.perf_counter() - t0
+    out = {"name": task.name, "path": task.out, "seconds": seconds,
+           "agreement": {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}, "measured": {}}
+    for j, kv in enumerate(task.kv_types):
+        say(0.6 + 0.4 * j / len(task.kv_types), f"{task.name}: evaluating and benchmarking with a {kv} KV cache")
+        out["measured"][kv] = measure(task, kv, cancelled)
+    return out
+
+
+def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
+    from .benchmark import benchmark_variant
+    from .energy import EnergyMeter
+    from .evaluate import ReferenceLogprobs, evaluate
+    from .runtimes import open_runtime
+
+    with open_runtime("gguf", task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, kv_type=kv) as rt:
+        res = evaluate(rt, task.eval_windows, reference=ReferenceLogprobs(Path(task.reference)), cancelled=cancelled)
+    bench = benchmark_variant("gguf", task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
+                              threads=task.threads, n_ctx=task.context, dtype=task.dtype,
+                              meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
+                              cancelled=cancelled, kv_type=kv)
+    return {"evaluation": res.to_dict(), "benchmark": bench}
+
+
+def run_tasks(tasks: list[CandidateTask], executor: str = "inline", address: str | None = None, workers: int = 1,
+              progress: Callable[[float, str], None] | None = None,
+              cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    """Run the tasks and return their results in order. ``inline``: one after another here (progress within
+    each, cancellable anywhere); ``processes``: ``workers`` spawned local processes; ``ray``: Ray tasks on the
+    cluster at ``address`` ("local" starts a local instance)."""
+    say = progress or (lambda f, m: None)
+    if executor not in EXECUTORS:
+        raise EdgeTailorError(f"Unknown executor '{executor}'.", f"Use one of {', '.join(EXECUTORS)}.")
+    if executor == "inline":
+        return [build_candidate(t, lambda f, m, k=k: say((k + f) / len(tasks), m), cancelled)
+                for k, t in enumerate(tasks)]
+    if executor == "processes":
+        return _in_processes(tasks, workers, say, cancelled)
+    return _on_ray(tasks, address, say, cancelled)
+
+
+def _in_processes(tasks, workers, say, cancelled) -> list[dict]:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(build_candidate, t): k for k, t in enumerate(tasks)}
+        results: dict[int, dict] = {}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[futures[f]] = f.result()
+                say(len(results) / len(tasks), f"{tasks[futures[f]].name} built and measured in a worker process")
+            if cancelled and cancelled():
+                raise RunCancelled()
+        return [results[k] for k in range(len(tasks))]
+    finally:
+        stopped = [p for p in list(getattr(pool, "_processes", {}).values()) if p.is_alive()]
+        for p in stopped:          # cancelled or failed: stop the others now
+            p.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if stopped:
+            sweep_outputs(tasks)
+
+
+def _on_ray(tasks, address, say, cancelled) -> list[dict]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise EdgeTailorError("Ray is not installed in this environment.",
+                              "pip install 'edgetailor[ray]' (or ray), or run without --ray.") from exc
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=None if address in (None, "local") else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except ConnectionError as exc:
+            raise EdgeTailorError(f"No Ray cluster answers at {address}: {exc}",
+                                  "Start one (ray start --head) or give its address (ray://host:10001 or host:6379).") from exc
+    try:
+        remote = ray.remote(build_candidate)
+        refs = [remote.remote(t) for t in tasks]
+        index = {r: k for k, r in enumerate(refs)}
+        results: dict[int, dict] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for r in done:
+                results[index[r]] = ray.get(r)
+                say(len(results) / len(tasks), f"{tasks[index[r]].name} built and measured as a Ray task")
+            if cancelled and cancelled():
+                for r in pending:
+                    ray.cancel(r, force=True)
+                time.sleep(1.0)
+                sweep_outputs(tasks)
+                raise RunCancelled()
+        return [results[k] for k in range(len(tasks))]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def sweep_outputs(tasks: list[CandidateTask]) -> None:
+    """What stopped tasks leave beside their files: partial files and the writers' temporary folders."""
+    from .atomic import remove_partials, remove_path
+
+    for folder in {Path(t.out).parent for t in tasks}:
+        remove_partials(folder)
+        for p in folder.glob("edgetailor-*"):
+            remove_path(p)
