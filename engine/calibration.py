@@ -179,6 +179,34 @@ def block_influence(model, sequences: torch.Tensor, batch_size: int = 4, progres
     return influence
 
 
+def final_logprobs(model, sequences: torch.Tensor, rows: int = 64, cancelled=None) -> torch.Tensor:
+    """The model's next-token log-probabilities at every position of ``sequences`` [n, L] -> [n * L, vocab],
+    one decoder block at a time (a ``LazyModel`` reads each block's weights from its files)."""
+    from .walker import BlockWalk
+
+    walk = BlockWalk(model, sequences, batch_size=len(sequences), cancelled=cancelled)
+    for block in walk:
+        block.forward()
+    out = []
+    with walk.holding(walk.model.get_output_embeddings()) as head, torch.inference_mode():
+        for h in walk.final_hidden():
+            flat = h.reshape(-1, h.shape[-1])
+            for a in range(0, len(flat), rows):
+                out.append(torch.log_softmax(head(flat[a:a + rows]).float(), -1))
+    return torch.cat(out)
+
+
+def depth_kl(model, sequences: torch.Tensor, drops: list[list[int]], cancelled=None) -> list[float]:
+    """Mean KL(model || model without the blocks of each ``drops`` entry) over the tokens of ``sequences``:
+    what removing those blocks costs, measured (a walk per entry, each block read once)."""
+    ref = final_logprobs(model, sequences, cancelled=cancelled)
+    out = []
+    for drop in drops:
+        lp = final_logprobs(model.without_blocks(drop), sequences, cancelled=cancelled)
+        out.append(float((ref.exp() * (ref - lp)).sum(-1).mean()))
+    return out
+
+
 @contextlib.contextmanager
 def skipping_block(model, index: int):
     """Within the block, decoder block ``index`` passes its input through unchanged (as if removed)."""

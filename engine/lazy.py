@@ -137,6 +137,30 @@ class LazyModel:
         unique = {id(t): t for t in self._state.values()}       # a tied head is the embedding once
         return sum(t.numel() for t in unique.values())
 
+    def without_blocks(self, drop) -> "LazyModel":
+        """The same files seen as the model without decoder blocks ``drop`` (the others renumbered in order, the
+        config's per-layer lists carried along): nothing is read or copied."""
+        import copy
+        import re
+
+        from .architectures import keep_layers
+
+        n = int(self.config.num_hidden_layers)
+        keep = [i for i in range(n) if i not in set(drop)]
+        renumber = {old: new for new, old in enumerate(keep)}
+        layer = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+        out = copy.copy(self)
+        out.config = copy.deepcopy(self.config)
+        keep_layers(out.config, keep)
+        out._state = {}
+        for name, t in self._state.items():
+            m = layer.match(name)
+            if m is None:
+                out._state[name] = t
+            elif int(m.group(1)) in renumber:
+                out._state[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = t
+        return out
+
     def largest_tensor_bytes(self) -> int:
         return max((t.nbytes for t in self._state.values()), default=0)
 

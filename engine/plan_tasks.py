@@ -41,6 +41,7 @@ class CandidateTask:
     repeats: int
     threads: int
     dtype: str = "float32"
+    drop_blocks: list = field(default_factory=list)   # decoder blocks removed (the types are the pruned file's)
     energy: dict = field(default_factory=dict)   # EnergyMeter.to_dict()
 
 
@@ -76,6 +77,8 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
     source = resolve(task.source, trust_remote_code=task.trust_remote_code)
     tokenizer = load_tokenizer(source)
     model = LazyModel(source.path, trust_remote_code=task.trust_remote_code)
+    if task.drop_blocks:
+        model = model.without_blocks(task.drop_blocks)
     torch.set_num_threads(task.threads)
     t0 = time.perf_counter()
     with atomic_path(Path(task.out)) as tmp:
@@ -84,6 +87,8 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
         if not verify_gguf(tmp):
             raise EdgeTailorError(f"{Path(task.out).name} could not be verified.", "See the log.")
         windows, reference = load_verification(task.verify)
+        if task.drop_blocks:       # checked against the model it was written from: the source without those blocks
+            reference = pruned_reference(model, windows)
         found = verify_against_source("gguf", task.file_type, tmp, reference, windows, threads=task.threads)
         if cancelled and cancelled():
             raise RunCancelled()
@@ -94,6 +99,16 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
         say(0.6 + 0.4 * j / len(task.kv_types), f"{task.name}: evaluating and benchmarking with a {kv} KV cache")
         out["measured"][kv] = measure(task, kv, cancelled)
     return out
+
+
+def pruned_reference(model, windows: list[list[int]]) -> list:
+    """Log-probabilities of a (lazy, pruned) model on the check windows, one block at a time."""
+    import torch
+
+    from .calibration import final_logprobs
+
+    lp = final_logprobs(model, torch.tensor(windows)).numpy()
+    return list(lp.reshape(len(windows), len(windows[0]), -1))
 
 
 def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:

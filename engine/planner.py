@@ -43,10 +43,15 @@ def kv_types_for(names, head_dim: int) -> list[str]:
 class Candidate:
     tensor_bytes: int          # the planned file's 2-D tensors
     kv_type: str
+    drop: int = 0              # decoder blocks removed (the least influential first)
+
+    @property
+    def file_label(self) -> str:
+        return f"{self.tensor_bytes / 1e6:.1f}MB" + (f"-minus{self.drop}blocks" if self.drop else "")
 
     @property
     def label(self) -> str:
-        return f"{self.tensor_bytes / 1e6:.1f}MB-kv-{self.kv_type}"
+        return f"{self.file_label}-kv-{self.kv_type}"
 
 
 @dataclass
@@ -75,13 +80,15 @@ class Calibration:
     kv_kl: dict = field(default_factory=lambda: {"f16": 0.0})    # KL a KV-cache type adds (measured)
     points: int = 0
 
-    def refit(self, measured: list[dict]) -> None:
-        """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here) and measurements."""
+    def refit(self, measured: list[dict], depth_kl: list[float] | None = None) -> None:
+        """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here) and measurements;
+        ``depth_kl``: the measured KL of removing k blocks (taken off before the quantization's scale is fitted)."""
+        depth = depth_kl or [0.0]
         def gmean(ratios):
             ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
             return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
-        kl = gmean([(m["kl"] - self.kv_kl.get(m["kv_type"], 0.0)) / m["cost"] for m in measured
+        kl = gmean([(m["kl"] - depth[m.get("drop_blocks", 0)]) / m["cost"] for m in measured
                     if m.get("kl") is not None and m["cost"] > 0 and m["kv_type"] == "f16"])
         ppl = gmean([math.log1p(m["ppl_increase_pct"] / 100) / m["kl"] for m in measured
                      if m.get("kl") and m.get("ppl_increase_pct") is not None and m["ppl_increase_pct"] > 0])
@@ -109,41 +116,78 @@ class Predictor:
     """Cheap predictions for any candidate of one model on one device at one context."""
 
     def __init__(self, prices, sources: dict, config, metadata_bytes: int, params: int, device, host, context: int,
-                 tokens_used: int, overhead: dict | None):
+                 tokens_used: int, overhead: dict | None, drop_order: list[int] | None = None,
+                 depth_kl: list[float] | None = None):
         self.prices, self.sources, self.config, self.metadata = prices, sources, config, metadata_bytes
         self.params, self.device, self.host = params, device, host
         self.context, self.tokens_used, self.overhead = context, tokens_used, overhead
+        self.drop_order = drop_order or []          # blocks, the least influential first
+        self.depth_kl = [0.0, *(depth_kl or [])]    # measured KL of removing the first k of them
         self.calibration = Calibration()
-        self._plans: dict[int, tuple] = {}
+        self._plans: dict[tuple, tuple] = {}
+        self._prices: dict[int, object] = {0: prices}
+
+    @property
+    def max_drop(self) -> int:
+        return len(self.depth_kl) - 1
+
+    def dropped(self, drop: int) -> list[int]:
+        return sorted(self.drop_order[:drop])
+
+    def kept(self, drop: int) -> dict:
+        """The GGUF tensors of the model without ``drop`` blocks (under their names in the full model)."""
+        gone = tuple(f"blk.{i}." for i in self.dropped(drop))
+        return {n: s for n, s in self.sources.items() if not n.startswith(gone)} if gone else self.sources
+
+    def renamed(self, types: dict, drop: int) -> dict:
+        """``types`` under the tensor names of the pruned model's file (its blocks renumbered in order)."""
+        import re
+
+        if not drop:
+            return dict(types)
+        gone = set(self.dropped(drop))
+        new = {old: old - sum(1 for g in gone if g < old) for old in range(int(self.config.num_hidden_layers))}
+        return {re.sub(r"^blk\.(\d+)\.", lambda m: f"blk.{new[int(m.group(1))]}.", n): t for n, t in types.items()}
 
     # the file
-    def plan(self, tensor_bytes: int) -> tuple[dict, int, float]:
+    def prices_for(self, drop: int):
+        from ..exporters.gguf_calibrated import TypePrices
+
+        if drop not in self._prices:
+            keep = self.kept(drop)
+            self._prices[drop] = TypePrices({n: o for n, o in self.prices.hull.items() if n in keep},
+                                            {n: o for n, o in self.prices.every.items() if n in keep})
+        return self._prices[drop]
+
+    def plan(self, tensor_bytes: int, drop: int = 0) -> tuple[dict, int, float]:
         from ..exporters.gguf_calibrated import choose_types
 
-        key = int(tensor_bytes)
+        key = (int(tensor_bytes), drop)
         if key not in self._plans:
-            plan = choose_types(self.prices, key)
-            self._plans[key] = self._plans[plan[1]] = plan      # a plan's own size plans itself
+            plan = choose_types(self.prices_for(drop), key[0])
+            self._plans[key] = self._plans[(plan[1], drop)] = plan      # a plan's own size plans itself
         return self._plans[key]
 
-    def candidate(self, tensor_bytes: float, kv_type: str) -> Candidate:
+    def candidate(self, tensor_bytes: float, kv_type: str, drop: int = 0) -> Candidate:
         """The candidate a requested size gives: its size is what the planned types actually take (sizes
         past the point where no upgrade lowers the cost give the same file)."""
-        return Candidate(self.plan(int(tensor_bytes))[1], kv_type)
+        return Candidate(self.plan(int(tensor_bytes), drop)[1], kv_type, drop)
 
-    def size_range(self) -> tuple[int, int]:
+    def size_range(self, drop: int = 0) -> tuple[int, int]:
         """The smallest file and the largest worth making (past it no upgrade lowers the predicted cost)."""
-        return self.prices.smallest_bytes(), self.plan(int(self.prices.largest_bytes()))[1]
+        prices = self.prices_for(drop)
+        return prices.smallest_bytes(), self.plan(int(prices.largest_bytes()), drop)[1]
 
-    def weights_info(self, types: dict):
+    def weights_info(self, types: dict, drop: int = 0):
         """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
         from ..exporters.gguf_calibrated import _tensor_bytes
         from .projection import REPACKED_TYPES, WeightsInfo, llama_cpp_repacks
 
-        nbytes = {n: _tensor_bytes(types[n], s.shape) for n, s in self.sources.items()}
+        sources = self.kept(drop)
+        nbytes = {n: _tensor_bytes(types[n], s.shape) for n, s in sources.items()}
         total = sum(nbytes.values()) + self.metadata
-        emb = self.sources.get("token_embd.weight")
-        tied = "output.weight" not in self.sources
+        emb = sources.get("token_embd.weight")
+        tied = "output.weight" not in sources
         n_vocab = emb.shape[0] if emb is not None else 0
         if tied or emb is None:
             per_token = resident = total
@@ -153,27 +197,27 @@ class Predictor:
             resident = per_token - row + row * min(n_vocab, self.tokens_used)
         repacked = 0
         if llama_cpp_repacks():
-            repacked = sum(nbytes[n] for n, s in self.sources.items() if n != "token_embd.weight"
+            repacked = sum(nbytes[n] for n, s in sources.items() if n != "token_embd.weight"
                            and types[n] in REPACKED_TYPES and s.shape[0] % 8 == 0)
         type_elements: dict[str, int] = {}
-        for n, s in self.sources.items():
+        for n, s in sources.items():
             if n.startswith("blk."):
                 type_elements[types[n]] = type_elements.get(types[n], 0) + s.shape[0] * s.shape[1]
         head = "output.weight" if not tied else "token_embd.weight"
-        matmul = sum(s.shape[0] * s.shape[1] for n, s in self.sources.items() if tied or n != "token_embd.weight")
-        heads, kv_heads = next(iter(self.sources.values())).heads
+        matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
+        heads, kv_heads = next(iter(sources.values())).heads
         cfg = self.config
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(cfg.num_hidden_layers), heads,
+        return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(cfg.num_hidden_layers) - drop, heads,
                            kv_heads, head_dim, n_vocab, repacked, type_elements, types.get(head, ""),
-                           self.sources[head].shape[0] * self.sources[head].shape[1] if head in self.sources else 0)
+                           sources[head].shape[0] * sources[head].shape[1] if head in sources else 0)
 
     def raw(self, cand: Candidate) -> dict:
         """Predictions before calibration, and the planned types' summed cost."""
         from .projection import kv_cache_bytes, project_decode
 
-        types, tensor_bytes, cost = self.plan(cand.tensor_bytes)
-        info = self.weights_info(types)
+        types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop)
+        info = self.weights_info(types, cand.drop)
         kv = KV_TYPES[cand.kv_type]
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv.bytes_per_element) \
             + (self.overhead or {}).get("overhead_bytes", 0)
@@ -182,13 +226,14 @@ class Predictor:
         there = project_decode(self.device, info, self.tokens_used, kv.bytes_per_element,
                                latency if self.device.id == self.host.id else 0.0)
         return {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
+                "drop": cand.drop, "dropped": self.dropped(cand.drop),
                 "cost": cost, "memory_raw": memory, "decode_tps_raw": here["decode_tps"],
                 "decode_tps_device_raw": there["decode_tps"], "info": info}
 
     def predict(self, cand: Candidate) -> Prediction:
         r = self.raw(cand)
         c = self.calibration
-        kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0)
+        kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
         tps = c.speed(cand.kv_type) * r["decode_tps_device_raw"]
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
                           memory_bytes=c.memory_ratio * r["memory_raw"], decode_tps=tps,
@@ -244,24 +289,25 @@ class Point:
 
     def to_dict(self) -> dict:
         return {"label": self.candidate.label, "tensor_bytes": self.candidate.tensor_bytes,
-                "kv_type": self.candidate.kv_type, "feasible": self.feasible, **self.prediction.to_dict()}
+                "kv_type": self.candidate.kv_type, "drop_blocks": self.candidate.drop, "feasible": self.feasible, **self.prediction.to_dict()}
 
 
 def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120, seed: int = 0,
            cancelled=None) -> list[Point]:
-    """Multi-objective search (optuna NSGA-II, constrained) over file size and KV type on the predictions:
-    minimize predicted KL and predicted memory. Returns every distinct point tried."""
+    """Multi-objective search (optuna NSGA-II, constrained) over file size, KV type and blocks removed on the
+    predictions: minimize predicted KL and predicted memory. Returns every distinct point tried."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    lo, hi = predictor.size_range()
     points: dict[Candidate, Point] = {}
 
     def objective(trial):
         if cancelled and cancelled():
             trial.study.stop()
-        cand = predictor.candidate(trial.suggest_float("tensor_bytes", lo, hi),
-                                   trial.suggest_categorical("kv_type", kv_types))
+        drop = trial.suggest_int("drop_blocks", 0, predictor.max_drop) if predictor.max_drop else 0
+        lo, hi = predictor.size_range(drop)
+        cand = predictor.candidate(lo + trial.suggest_float("size", 0.0, 1.0) * (hi - lo),
+                                   trial.suggest_categorical("kv_type", kv_types), drop)
         p = predictor.predict(cand)
         cons = constraint_values(budget, p)
         for name, value in zip(LIMIT_WORDS, cons):
@@ -273,8 +319,8 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     # the two ends of the size range are always tried (the smallest file answers "does anything fit")
     for kv in kv_types:
-        study.enqueue_trial({"tensor_bytes": float(lo), "kv_type": kv})
-        study.enqueue_trial({"tensor_bytes": float(hi), "kv_type": kv})
+        study.enqueue_trial({"size": 0.0, "kv_type": kv, **({"drop_blocks": 0} if predictor.max_drop else {})})
+        study.enqueue_trial({"size": 1.0, "kv_type": kv, **({"drop_blocks": 0} if predictor.max_drop else {})})
     study.optimize(objective, n_trials=trials)
     return list(points.values())
 
@@ -289,9 +335,9 @@ def frontier(points: list[Point]) -> list[Point]:
     return sorted(out, key=lambda p: p.prediction.memory_bytes)
 
 
-def pick(points: list[Point], budget, n: int, built_sizes: list[int], tolerance: float = 0.02) -> list[Point]:
-    """The best-quality feasible points to build next: sizes not within ``tolerance`` of one already built or
-    picked; when nothing is feasible, the points closest to feasible."""
+def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int]], tolerance: float = 0.02) -> list[Point]:
+    """The best-quality feasible points to build next: (size, blocks removed) not within ``tolerance`` of a file
+    already built or picked; when nothing is feasible, the points closest to feasible."""
     feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
     pool = feas or sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
     chosen: list[Point] = []
@@ -299,10 +345,10 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[int], tolerance:
     for p in pool:
         if len(chosen) >= n:
             break
-        if any(abs(p.candidate.tensor_bytes / s - 1) <= tolerance for s in sizes):
+        if any(d == p.candidate.drop and abs(p.candidate.tensor_bytes / s - 1) <= tolerance for s, d in sizes):
             continue
         chosen.append(p)
-        sizes.append(p.candidate.tensor_bytes)
+        sizes.append((p.candidate.tensor_bytes, p.candidate.drop))
     return chosen
 
 

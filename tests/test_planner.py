@@ -22,7 +22,7 @@ def kv_model(tmp_path_factory, stories_dir):
                            hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
-FIT = {"context": 256, "kv_types": ["f16", "q8_0"], "candidates": 2, "rounds": 2, "trials": 16,
+FIT = {"context": 256, "kv_types": ["f16", "q8_0"], "max_drop_blocks": 1, "candidates": 2, "rounds": 2, "trials": 16,
        "max_sequences": 4, "seq_len": 128, "prompt_tokens": 32, "gen_tokens": 8, "repeats": 1}
 
 
@@ -179,3 +179,48 @@ def test_candidates_run_as_ray_tasks_with_the_same_results(kv_model):
     assert len(got["ray"]) == 2 and got["ray"] == got["inline"]
     plan = json.loads((runs["ray"].artifacts_dir / "plan.json").read_text())
     assert plan["recommendation"]["variant"] in got["ray"]
+
+
+def test_a_candidate_without_blocks_is_written_from_the_files_and_checked_against_the_pruned_model(kv_model,
+                                                                                                 tmp_path, stories_dir):
+    """Depth pruning in the search: the pruned model is a view of the source's files (no copy), identical to
+    pruning the loaded model, and its file is checked against it, evaluated and benchmarked."""
+    import numpy as np
+    import torch
+
+    from edgetailor.engine.calibration import final_logprobs, token_sequences
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model, load_tokenizer
+    from edgetailor.engine.plan_tasks import CandidateTask, build_candidate, save_verification
+    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.structured import remove_blocks
+    from edgetailor.engine.text import read_text
+    from edgetailor.exporters.gguf_calibrated import tensor_sources
+
+    src = resolve(str(stories_dir))
+    seqs = token_sequences(load_tokenizer(src), read_text(None), 64, 2)
+    lazy, loaded = LazyModel(src.path), load_model(src).model
+    assert torch.equal(final_logprobs(lazy.without_blocks([1, 3]), seqs),
+                       final_logprobs(remove_blocks(loaded, [1, 3]), seqs))
+
+    src = resolve(str(kv_model))
+    tok = load_tokenizer(src)
+    pruned = LazyModel(src.path).without_blocks([0])
+    types = {n: "Q8_0" for n in tensor_sources(pruned)}
+    windows = make_windows(tok, read_text(None), 64, 2)
+    ref = ReferenceLogprobs(tmp_path / "reference")
+    evaluate(TorchRuntime(load_model(src).model), windows, reference=ref, record_reference=True)
+    save_verification(tmp_path / "verify.npz", windows, [np.zeros((64, 8))] * 2)   # the full model's: not used
+    task = CandidateTask(name="minus1", source=str(src.path), trust_remote_code=False, out=str(tmp_path / "m.gguf"),
+                         types=types, file_type="Q8_0", method="gptq", sequences=seqs.tolist()[:2],
+                         verify=str(tmp_path / "verify.npz"), eval_windows=windows, reference=str(ref.folder),
+                         kv_types=["f16"], context=128, prompt=windows[0][:16], gen_tokens=4, repeats=1, threads=2,
+                         drop_blocks=[0])
+    res = build_candidate(task)
+    assert res["agreement"]["verify_top1"] > 0.9            # the pruned model's own log-probs, not the source's
+    import gguf
+
+    assert gguf.GGUFReader(task.out).fields["llama.block_count"].contents() == 1
+    assert res["measured"]["f16"]["evaluation"]["kl"] > 0.01   # a block is gone: far from the source

@@ -30,6 +30,7 @@ class FitConfig:
     max_ppl_increase_pct: float | None = field(default=None, metadata={"help": "quality loss limit: perplexity increase (%)"})
     max_kl: float | None = field(default=None, metadata={"help": "quality loss limit: mean KL to the source"})
     kv_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_0"], metadata={"help": "KV-cache types to consider"})
+    max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
     rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
     trials: int = field(default=120, metadata={"help": "predicted points the search tries per round"})
@@ -49,6 +50,8 @@ class FitConfig:
 
         if self.context < 16:
             raise ValueError("context must be at least 16 tokens")
+        if self.max_drop_blocks < 0:
+            raise ValueError("max_drop_blocks must not be negative")
         if self.candidates < 1 or self.rounds < 1 or self.trials < 8:
             raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
         if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
@@ -121,7 +124,7 @@ def fit(ctx, cfg: FitConfig) -> None:
         ctx.emit("plan", phase="predicted", round=r + 1, points=[p.to_dict() for p in points],
                  frontier=[p.candidate.label for p in front], budget=budget.to_dict(), context=cfg.context)
         n = min(per_round, cfg.candidates - len(built))
-        todo = pick(points, budget, n, [b.raw["tensor_bytes"] for b in built])
+        todo = pick(points, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"]) for b in built])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = [], []
@@ -187,11 +190,32 @@ def _prepare(ctx, cfg: FitConfig, budget):
     overhead = measure_overhead("gguf", ctx.source.path, prompt, cfg.gen_tokens, cfg.context,
                                 ctx.options.resolved_threads(), ctx.options.dtype, EnergyMeter.detect(host))
     params = sum(s.shape[0] * s.shape[1] for s in sources.values())
+    order, kls = _depth(ctx, cfg, model, seqs)
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
     ctx.scratch["fit.prompt"] = prompt
     return Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
-                     cfg.prompt_tokens + cfg.gen_tokens, overhead)
+                     cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls)
+
+
+#: calibration sequences the depth measurements use (block influence; the KL of removing blocks)
+DEPTH_SEQUENCES = 2
+
+
+def _depth(ctx, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
+    """Blocks by influence (ShortGPT's, least first) and the KL of removing the first 1..k of them, measured."""
+    from ..calibration import block_influence, depth_kl
+
+    k = min(cfg.max_drop_blocks, int(model.config.num_hidden_layers) - 1)
+    if k <= 0:
+        return [], []
+    ctx.progress(0.16, f"measuring what removing up to {k} blocks costs")
+    influence = block_influence(model, seqs[:DEPTH_SEQUENCES], cancelled=ctx.cancel.is_set)
+    order = sorted(range(len(influence)), key=lambda i: influence[i])
+    kls = depth_kl(model, seqs[:DEPTH_SEQUENCES], [order[:j] for j in range(1, k + 1)], cancelled=ctx.cancel.is_set)
+    ctx.log("Removing blocks " + ", ".join(f"{sorted(order[:j + 1])}: KL {kl:.4f}" for j, kl in enumerate(kls))
+            + " (measured on the calibration text)")
+    return order, kls
 
 
 def _windows(ctx):
@@ -246,10 +270,11 @@ def _task(ctx, cfg: FitConfig, planner, raw: dict, kv_types: list[str], taken: s
     from ..plan_tasks import CandidateTask
     from .evaluate import reference_folder
 
-    name = _file_name(raw["file_bytes"], taken)
+    name = _file_name(raw["file_bytes"], taken) + (f"-minus{raw['drop']}blocks" if raw["drop"] else "")
     return CandidateTask(
         name=name, source=str(ctx.source.path), trust_remote_code=ctx.source.trust_remote_code,
-        out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}.gguf"), types=raw["types"],
+        out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}.gguf"),
+        types=planner.renamed(raw["types"], raw["drop"]), drop_blocks=raw["dropped"],
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
         sequences=ctx.scratch["fit.sequences"].tolist(), verify=ctx.scratch["fit.verify"],
         eval_windows=ctx.scratch["fit.windows"], reference=str(reference_folder(ctx)), kv_types=list(kv_types),
@@ -276,7 +301,7 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
     from .evaluate import _metrics
 
     name = f"{b.name}-kv-{kv}"
-    cand = Candidate(b.raw["tensor_bytes"], kv)
+    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"])
     pred = planner.predict(cand)
     raw = planner.raw(cand)
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
@@ -285,7 +310,8 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
     ctx.add_variant(Variant(name=name, format="gguf", path=str(b.path.relative_to(ctx.record.folder)),
                             params={"type": "mixed (planned)", "kv_type": kv, "context": cfg.context,
                                     "method": cfg.method, "mix": "measured", "quantized_by": f"EdgeTailor {cfg.method}",
-                                    "planned_bits_per_weight": round(pred.bits_per_weight, 3)},
+                                    "planned_bits_per_weight": round(pred.bits_per_weight, 3),
+                                    "removed_blocks": b.raw["dropped"]},
                             metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
                                      **b.agreement},
                             parent="baseline", steps=list(ctx.applied)))
@@ -305,7 +331,7 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
             f"{quality.get('ppl_increase_pct', 0):+.2f}%, peak {bench['peak_rss_os_bytes'] / 1e6:.0f} MB (predicted "
             f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
             f"{pred.decode_tps_here:.1f})")
-    point = {"name": name, "label": cand.label, "kv_type": kv, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
+    point = {"name": name, "label": cand.label, "kv_type": kv, "drop_blocks": cand.drop, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
              "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": bench["peak_rss_os_bytes"],
              "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
@@ -325,7 +351,7 @@ def _refit(planner, measured: list[dict]) -> None:
         if "f16" in kls:
             for kv, kl in kls.items():
                 planner.calibration.kv_kl[kv] = max(0.0, kl - kls["f16"])
-    planner.calibration.refit(measured)
+    planner.calibration.refit(measured, planner.depth_kl)
 
 
 def _record(ctx, cfg, planner, budget, history, measured, rec) -> None:
