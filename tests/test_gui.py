@@ -310,3 +310,74 @@ def test_the_window_starts_over_settings_that_are_garbage(qtbot, tmp_path, stori
     monkeypatch.setenv("EDGETAILOR_HOME", str(home))
     w = make_window(qtbot, tmp_path / "runs", stories_dir)
     assert w.isVisible() and w.model_panel.combo.count() >= 1
+
+
+def test_the_window_fits_a_laptop_screen_with_run_in_view(qtbot, tmp_path, stories_dir):
+    """1024x700: the window's minimum fits, and the Run button is visible without scrolling."""
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    hint = w.minimumSizeHint()
+    assert hint.width() <= 1024 and hint.height() <= 700
+    w.resize(1024, 700)
+    qtbot.waitUntil(lambda: w.width() <= 1024)
+    bottom = w.run_button.mapTo(w, w.run_button.rect().bottomLeft())
+    assert w.run_button.isVisible() and 0 < bottom.y() <= w.height() and bottom.x() < w.width()
+
+
+def test_the_wheel_scrolls_the_panel_and_edits_only_a_field_with_focus(qtbot, tmp_path, stories_dir):
+    from PySide6.QtCore import QPoint, QPointF
+    from PySide6.QtGui import QWheelEvent
+
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    w.resize(1024, 700)
+    box, profile = w.budget_panel.max_ppl, w.budget_panel.profile
+    profile.setCurrentIndex(3)          # the wheel (up) could move it either way from here
+    before = (box.value(), profile.currentIndex())
+
+    def wheel(widget):
+        pos = QPointF(widget.rect().center())
+        ev = QWheelEvent(pos, QPointF(widget.mapToGlobal(pos.toPoint())), QPoint(0, 0), QPoint(0, 120),
+                         Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+        QApplication.sendEvent(widget, ev)
+
+    w.run_button.setFocus()
+    wheel(box)
+    wheel(profile)
+    assert (box.value(), profile.currentIndex()) == before          # scrolling past them changed nothing
+    box.setFocus()
+    qtbot.waitUntil(box.hasFocus)
+    wheel(box)
+    assert box.value() != before[0]                                  # a field with focus takes the wheel
+
+
+def test_the_budget_device_and_preset_are_remembered(qtbot, tmp_path, stories_dir, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("EDGETAILOR_HOME", str(home))
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    w.budget_panel.set_profile("pixel-8")
+    w.budget_panel.memory.setValue(1234)
+    w.budget_panel.max_kl.setValue(0.05)
+    w.recipe_panel.load_preset("fit-my-budget")
+    w.close()
+    again = make_window(qtbot, tmp_path / "runs", stories_dir)
+    b = again.budget_panel.budget()
+    assert b["device"] == "pixel-8" and b["memory_bytes"] == 1234e6 and b["max_kl"] == 0.05
+    assert again.recipe_panel.preset_name == "fit-my-budget"
+
+
+def test_quitting_during_a_run_asks_and_records_it_cancelled(qtbot, tmp_path, stories_dir):
+    from edgetailor.engine import RunRecord
+
+    w = make_window(qtbot, tmp_path / "runs", stories_dir)
+    small_recipe(w)
+    with qtbot.waitSignal(w.controller.run_event, timeout=RUN_TIMEOUT_MS):
+        w.run_button.click()
+    run_id = w.queue.current()
+    w.close()
+    box = w.last_dialog
+    assert w.isVisible() and box.isVisible() and "still going" in box.text()    # asked; nothing stopped yet
+    assert w.controller.is_live(run_id)
+    box.findChild(QWidget, "quitAnyway").click()
+    qtbot.waitUntil(lambda: not w.isVisible(), timeout=60_000)
+    record = RunRecord.open(w.states[run_id].folder)
+    assert record.manifest["status"] == "cancelled"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QRunnable, Qt, QThreadPool, Signal
+from PySide6.QtWidgets import QAbstractSpinBox, QComboBox, QMessageBox, QWidget
 
 from edgetailor.engine.errors import EdgeTailorError
 
@@ -98,3 +98,31 @@ def fmt_seconds(s) -> str:
         return DASH
     s = int(round(s))
     return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s} s"
+
+
+#: a combo box never asks for more width than this (its entries are elided)
+COMBO_MIN_WIDTH = 120
+
+
+class WheelGuard(QObject):
+    """Spin boxes and combo boxes take wheel events only when they have focus; otherwise the wheel scrolls the
+    panel they sit in (``target``), so scrolling past a field never edits it."""
+
+    def __init__(self, target: QWidget, parent=None):
+        super().__init__(parent)
+        self.target = target
+
+    def guard(self, root: QWidget) -> None:
+        for w in root.findChildren(QAbstractSpinBox) + root.findChildren(QComboBox):
+            w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+            w.installEventFilter(self)
+        for combo in root.findChildren(QComboBox):      # long entries (paths, device names) must not widen the panel
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(10)
+            combo.setMinimumWidth(COMBO_MIN_WIDTH)
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == QEvent.Type.Wheel and not obj.hasFocus():
+            QCoreApplication.sendEvent(self.target, event)
+            return True
+        return False

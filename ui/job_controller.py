@@ -68,6 +68,15 @@ class JobController(QObject):
         for h in list(self.handles.values()):
             h.cancel()
 
+    def wait_finished(self, seconds: float) -> bool:
+        """Block until every live run has finished (after ``shutdown``: recorded as cancelled), at most
+        ``seconds``; True when none is left."""
+        end = time.monotonic() + seconds
+        while self.handles and time.monotonic() < end:
+            self._tick()
+            time.sleep(0.05)
+        return not self.handles
+
     def _tick(self) -> None:
         now = time.time()
         sample_memory = now - self._last_memory >= MEMORY_SAMPLE_SECONDS

@@ -15,7 +15,7 @@ from edgetailor.engine import EdgeTailorError, RunRecord, list_runs, paths
 from edgetailor.engine.bundle import plan_bundle
 
 from .budget_panel import BudgetPanel
-from .common import Background, show_error
+from .common import Background, WheelGuard, show_error
 from .export_dialog import ExportDialog
 from .job_controller import JobController
 from .model_panel import ModelPanel
@@ -28,6 +28,9 @@ from .try_panel import TryPanel
 
 TABS = ("Runs", "Live", "Results", "Try it")
 MAX_PREVIOUS_RUNS = 50
+#: narrowest the two columns get: together with the frame they fit a 1024-pixel-wide screen
+LEFT_MIN_WIDTH = 400
+TABS_MIN_WIDTH = 520
 
 
 class MainWindow(QMainWindow):
@@ -43,6 +46,7 @@ class MainWindow(QMainWindow):
         self.current_run: str | None = None
         self.last_error = None
         self._prewarmed = False
+        self._quitting = False
 
         self.model_panel = ModelPanel(self.background, self.settings)
         self.budget_panel = BudgetPanel(self.background)
@@ -54,12 +58,19 @@ class MainWindow(QMainWindow):
         ll.addWidget(self.model_panel)
         ll.addWidget(self.budget_panel)
         ll.addWidget(self.recipe_panel)
-        ll.addWidget(self.run_button)
         ll.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidget(left)
         scroll.setWidgetResizable(True)
-        scroll.setMinimumWidth(left.sizeHint().width() + 24)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.wheel_guard = WheelGuard(scroll.verticalScrollBar(), self)   # scrolling never edits a field
+        self.wheel_guard.guard(left)
+        column = QWidget()          # the Run button under the scrolling panels: always in view
+        cl = QVBoxLayout(column)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(scroll, 1)
+        cl.addWidget(self.run_button)
+        column.setMinimumWidth(LEFT_MIN_WIDTH)
 
         self.queue = RunQueue()
         self.plots = LivePlots()
@@ -69,11 +80,13 @@ class MainWindow(QMainWindow):
         self.tabs.setObjectName("mainTabs")
         for w, name in zip((self.queue, self.plots, self.results, self.try_panel), TABS):
             self.tabs.addTab(w, name)
+        self.tabs.setMinimumWidth(TABS_MIN_WIDTH)
         split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(scroll)
+        split.addWidget(column)
         split.addWidget(self.tabs)
+        split.setChildrenCollapsible(False)
         split.setStretchFactor(1, 1)
-        split.setSizes([1, 3])      # the results need the room; the left panel scrolls
+        split.setSizes([LEFT_MIN_WIDTH + 60, 1000])      # the results need the room; the left panel scrolls
         self.setCentralWidget(split)
         self.status_label = QLabel()
         self.statusBar().addWidget(self.status_label, 1)
@@ -89,7 +102,10 @@ class MainWindow(QMainWindow):
         self.recipe_panel.set_budget(self.budget_panel.budget())
         self.model_panel.set_recipe(self.recipe_panel.current_recipe())
         self.model_panel.set_spec(model)
-        self.resize(1360, 860)
+        self.restore_settings()
+        screen = QApplication.primaryScreen()
+        room = screen.availableGeometry() if screen else None
+        self.resize(min(1360, room.width()) if room else 1360, min(860, room.height()) if room else 860)
 
     # --- wiring --------------------------------------------------------------------------------------
     def _actions(self) -> None:
@@ -279,11 +295,75 @@ class MainWindow(QMainWindow):
             self.tabs.currentWidget().repaint()
         self.tabs.setCurrentIndex(current)
 
+    # --- settings ---------------------------------------------------------------------------------------
+    def save_settings(self) -> None:
+        """The device, the budget and the recipe preset, for the next start (the model is kept by its panel)."""
+        b = self.budget_panel.budget()
+        self.settings.setValue("budget/device", b["device"])
+        for key in ("memory_bytes", "min_decode_tps", "max_j_per_token", "max_ppl_increase_pct", "max_kl"):
+            self.settings.setValue(f"budget/{key}", b[key] or 0)
+        self.settings.setValue("recipe/preset", self.recipe_panel.preset_name)
+        self.settings.sync()
+
+    def restore_settings(self) -> None:
+        """What ``save_settings`` kept; a value that no longer makes sense (a removed profile, garbage) is skipped."""
+        def number(key):
+            try:
+                return float(self.settings.value(f"budget/{key}", 0) or 0)
+            except (TypeError, ValueError):
+                return 0.0
+
+        device = self.settings.value("budget/device")
+        if isinstance(device, str) and device in self.budget_panel.devices:
+            self.budget_panel.set_profile(device)
+        if number("memory_bytes"):
+            self.budget_panel.memory.setValue(int(number("memory_bytes") / 1e6))
+        for key, box in (("min_decode_tps", self.budget_panel.min_tps), ("max_j_per_token", self.budget_panel.max_j),
+                         ("max_ppl_increase_pct", self.budget_panel.max_ppl), ("max_kl", self.budget_panel.max_kl)):
+            box.setValue(number(key))
+        preset = self.settings.value("recipe/preset")
+        if isinstance(preset, str) and preset in self.recipe_panel.presets:
+            self.recipe_panel.load_preset(preset)
+            self.model_panel.set_recipe(self.recipe_panel.current_recipe())
+
+    def running_runs(self) -> list[str]:
+        return list(self.controller.handles)
+
     def closeEvent(self, event) -> None:
+        """Quitting during a run asks first (without blocking: the runs go on while the question is open); the
+        runs are then cancelled and recorded as cancelled before the window goes."""
+        running = self.running_runs()
+        if running and not self._quitting:
+            event.ignore()
+            self.ask_quit(len(running))
+            return
+        self.save_settings()
         self.controller.shutdown()
+        self.controller.wait_finished(CANCEL_WAIT_S)
         self.try_panel.close_models()
         self.background.wait(5_000)
         super().closeEvent(event)
+
+    def ask_quit(self, n: int) -> None:
+        box = QMessageBox(QMessageBox.Icon.Question, "Quit EdgeTailor?",
+                          f"{n} run{'s are' if n > 1 else ' is'} still going. Quitting cancels "
+                          f"{'them' if n > 1 else 'it'}: finished variants stay, the run is recorded as cancelled.",
+                          QMessageBox.StandardButton.Cancel, self)
+        quit_button = box.addButton("Cancel the run and quit", QMessageBox.ButtonRole.AcceptRole)
+        quit_button.setObjectName("quitAnyway")
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.setObjectName("confirmQuit")
+        box.buttonClicked.connect(lambda b: b is quit_button and self._quit_now())
+        self.last_dialog = box
+        box.open()
+
+    def _quit_now(self) -> None:
+        self._quitting = True
+        self.close()
+
+
+#: how long quitting waits for cancelled workers to record their runs
+CANCEL_WAIT_S = 30
 
 
 def configure_plots(app: QApplication) -> None:

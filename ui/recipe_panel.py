@@ -57,9 +57,15 @@ class RecipePanel(QGroupBox):
         self.status.setWordWrap(True)
         self.status.setObjectName("recipeStatus")
 
-        edit_row = QHBoxLayout()
-        for w in (self.add_combo, self.add_button, self.remove_button, self.up_button, self.down_button):
-            edit_row.addWidget(w)
+        edit_row = QVBoxLayout()        # two short rows: the panel stays narrow enough for a laptop screen
+        add_row, move_row = QHBoxLayout(), QHBoxLayout()
+        add_row.addWidget(self.add_combo, 1)
+        add_row.addWidget(self.add_button)
+        for w in (self.remove_button, self.up_button, self.down_button):
+            move_row.addWidget(w)
+        move_row.addStretch(1)
+        edit_row.addLayout(add_row)
+        edit_row.addLayout(move_row)
         form = QFormLayout()
         form.addRow("Pre&set", self.preset)
         lay = QVBoxLayout(self)
