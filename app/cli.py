@@ -161,7 +161,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps({"source": src.to_dict(), **rep.to_dict()}, indent=2))
         return _inspect_exit(rep)
-    gb = 1024**3
+    gb = 1e9          # decimal, as the GUI and the device profiles' bandwidths
     print(f"model        {src.display_name}  ({src.kind}: {src.path})")
     print(f"architecture {rep.model_type}  {'supported' if rep.supported else 'NOT supported'}  {rep.architecture_note}")
     p = rep.parameters

@@ -178,9 +178,9 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     report.disk_available_bytes = int(shutil.disk_usage(target).free)
     if report.ram_needed_bytes > report.ram_available_bytes:
         report.problems.append(
-            f"needs about {report.ram_needed_bytes / GB:.1f} GB of RAM, {report.ram_available_bytes / GB:.1f} GB available")
+            f"needs about {report.ram_needed_bytes / 1e9:.1f} GB of RAM, {report.ram_available_bytes / 1e9:.1f} GB available")
     if report.disk_needed_bytes > report.disk_available_bytes:
         report.problems.append(
-            f"needs about {report.disk_needed_bytes / GB:.1f} GB of disk, {report.disk_available_bytes / GB:.1f} GB free")
+            f"needs about {report.disk_needed_bytes / 1e9:.1f} GB of disk, {report.disk_available_bytes / 1e9:.1f} GB free")
     return report
 
