@@ -124,7 +124,10 @@ def fit(ctx, cfg: FitConfig) -> None:
         ctx.emit("plan", phase="predicted", round=r + 1, points=[p.to_dict() for p in points],
                  frontier=[p.candidate.label for p in front], budget=budget.to_dict(), context=cfg.context)
         n = min(per_round, cfg.candidates - len(built))
-        todo = pick(points, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"]) for b in built])
+        # a KV type whose own KL is not measured yet is not free: prefer the measured ones while any fits
+        known = [p for p in points if p.candidate.kv_type in planner.calibration.kv_kl]
+        pool = known if any(p.feasible for p in known) else points
+        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"]) for b in built])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = [], []
