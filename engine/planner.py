@@ -378,12 +378,17 @@ def describe(budget, m: dict, context: int) -> list[str]:
     return out
 
 
-def recommend(measured: list[dict], budget, context: int) -> dict:
+#: a relaxed limit is worth naming when it buys at least this much lower KL
+WORTH = 0.8
+
+
+def recommend(measured: list[dict], budget, context: int, predicted: list[Point] | None = None) -> dict:
     """Choose among measured candidates. Each dict: name, memory_bytes (measured), decode_tps (device,
     projected from the measured speed), j_per_token, kl, ppl_increase_pct (measured), plus anything to carry.
 
-    Returns {"variant", "reason", "headroom", "runner_up" (per constraint: the best candidate if only that
-    limit were relaxed), "relax" (when nothing fits: the closest and by how much to relax)}."""
+    Returns {"variant", "reason", "headroom", "runner_up" (per limit: the smallest relaxation of that limit
+    alone that buys a clearly better KL, measured where a built candidate shows it, else ``predicted``),
+    "relax" (when nothing fits: the closest and by how much to relax)}."""
     if not measured:
         raise EdgeTailorError("No candidate was built, so there is nothing to recommend.",
                               "Loosen the budget or allow more candidates.")
@@ -400,14 +405,11 @@ def recommend(measured: list[dict], budget, context: int) -> dict:
                            **({"kl": budget.max_kl - best["kl"]} if budget.max_kl is not None else {}),
                            **({"ppl_increase_pct": budget.max_ppl_increase_pct - best["ppl_increase_pct"]}
                               if budget.max_ppl_increase_pct is not None else {})}
+    guesses = [(p.to_dict(), violations(budget, p.prediction.to_dict())) for p in predicted or []]
     for limit in LIMIT_WORDS:
-        better = sorted(((m, v) for m, v in scored if set(v) == {limit} and (best is None or m["kl"] < best["kl"])),
-                        key=lambda mv: mv[0]["kl"])
-        if better:
-            m, v = better[0]
-            out["runner_up"][limit] = {"variant": m["name"], "kl": m["kl"], "relax_pct": round(100 * v[limit], 1),
-                                       "text": f"relax {LIMIT_WORDS[limit]} by {100 * v[limit]:.0f}%: {m['name']}, "
-                                               f"KL {m['kl']:.4f} (" + "; ".join(describe(budget, m, context)) + ")"}
+        found = _runner_up(scored, limit, best) or _runner_up(guesses, limit, best)
+        if found:
+            out["runner_up"][limit] = found
     if not best:
         closest, v = min(scored, key=lambda mv: max(mv[1].values()))
         out["variant"] = None
@@ -417,3 +419,18 @@ def recommend(measured: list[dict], budget, context: int) -> dict:
                          + ", ".join(f"relax {LIMIT_WORDS[k]} by {100 * x:.0f}%" for k, x in sorted(v.items()))
                          + " (" + "; ".join(describe(budget, closest, context)) + ")")
     return out
+
+
+def _runner_up(rows: list[tuple[dict, dict]], limit: str, best: dict | None) -> dict | None:
+    """Among rows that miss ``limit`` alone with a KL clearly below ``best``'s, the one needing the least
+    relaxation; rows with a ``name`` were measured, the others are predictions (not built)."""
+    ok = [(m, v) for m, v in rows if set(v) == {limit} and (best is None or m["kl"] < WORTH * best["kl"])]
+    if not ok:
+        return None
+    m, v = min(ok, key=lambda mv: (mv[1][limit], mv[0]["kl"]))
+    built = "name" in m
+    what = m["name"] if built else f"a {m['file_bytes'] / 1e6:.1f} MB file with a {m['kv_type']} KV cache" + (
+        f", {m['drop_blocks']} blocks removed" if m.get("drop_blocks") else "")
+    kl = f"KL {m['kl']:.4f}" if built else f"KL about {m['kl']:.4f} predicted (not built)"
+    return {"variant": m.get("name"), "measured": built, "kl": m["kl"], "relax_pct": round(100 * v[limit], 1),
+            "text": f"relax {LIMIT_WORDS[limit]} by {100 * v[limit]:.0f}%: {what}, {kl}"}

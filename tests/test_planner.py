@@ -89,6 +89,15 @@ def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_lim
     assert "200 MB to spare" in rec["reason"] and "4096-token context" in rec["reason"]
     assert rec["runner_up"]["memory"]["variant"] == "big" and rec["runner_up"]["memory"]["relax_pct"] == 20.0
     assert rec["runner_up"]["speed"]["variant"] == "slow"
+    # a limit no built candidate shows the price of: the search's predictions say it (marked as not built)
+    from edgetailor.engine.planner import Candidate, Point, Prediction
+
+    guess = Point(Candidate(300_000_000, "f16"), Prediction(file_bytes=301_000_000, bits_per_weight=6.0,
+                                                            memory_bytes=1.1e9, decode_tps=30.0, j_per_token=0.2,
+                                                            kl=0.004, ppl_increase_pct=0.4, decode_tps_here=40.0), False)
+    rec = recommend([small, slow], budget, 4096, [guess])
+    assert rec["runner_up"]["memory"]["measured"] is False and rec["runner_up"]["memory"]["relax_pct"] == 10.0
+    assert "not built" in rec["runner_up"]["memory"]["text"] and "301.0 MB file" in rec["runner_up"]["memory"]["text"]
     none = recommend([big, slow], Budget(get_device("pixel-8"), max_memory_bytes=5e8), 4096)
     assert none["variant"] is None and none["closest"] == "slow"
     assert "relax memory by 80%" in none["reason"]

@@ -146,7 +146,7 @@ def fit(ctx, cfg: FitConfig) -> None:
             _refit(planner, measured)
         if len(built) >= cfg.candidates:
             break
-    rec = recommend(measured, budget, cfg.context)
+    rec = recommend(measured, budget, cfg.context, points)
     _record(ctx, cfg, planner, budget, history, measured, rec)
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
 
