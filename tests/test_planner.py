@@ -161,6 +161,18 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     panel.set_recommendation(st.recommendation)
     assert not panel.card.isHidden() and st.recommendation["variant"] in panel.card.title.text()
     assert panel.current() == st.recommendation["variant"]
+    # the decision first, each column saying what it is; the recommended row marked
+    from PySide6.QtCore import Qt
+
+    from edgetailor.ui.results import COLUMNS
+
+    assert [c[0] for c in COLUMNS[:3]] == ["Variant", "Fits", "Score"]
+    score_tip = panel.model.headerData(2, Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
+    assert "P_c^1.5" in score_tip and "Lower is better" in score_tip
+    row = next(r for r, v in enumerate(panel.model.rows) if v["name"] == st.recommendation["variant"])
+    assert panel.model.index(row, 0).data() == "★ " + st.recommendation["variant"]
+    device_col = [c[1] for c in COLUMNS].index("projected_decode_tps")
+    assert panel.model.index(row, device_col).data(Qt.ItemDataRole.ToolTipRole).startswith("projected for ")
     asked = []
     panel.export_requested.connect(asked.append)
     panel.card.export_button.click()

@@ -19,21 +19,30 @@ def _num(fmt):
     return lambda v: DASH if v is None else fmt(v)
 
 
-# (header, metric name or special key, formatter)
+# (header, metric name or special key, formatter, what it is): the decision first (fits, score), then what the
+# budget constrains, then the rest
 COLUMNS = [
-    ("Variant", "name", str),
-    ("Format", "format", str),
-    ("Size", "size_bytes", fmt_bytes),
-    ("Parameters", "parameters", _num(lambda v: f"{v / 1e6:.2f} M")),
-    ("Perplexity", "perplexity", _num(lambda v: f"{v:.3f}")),
-    ("PPL +%", "ppl_increase_pct", _num(lambda v: f"{v:+.2f} %")),
-    ("KL", "kl", _num(lambda v: f"{v:.4f}")),
-    ("Tokens/s", "decode_tps", _num(lambda v: f"{v:.1f}")),
-    ("TTFT", "ttft_seconds", _num(lambda v: f"{1000 * v:.0f} ms")),
-    ("Peak memory", "peak_rss_bytes", fmt_bytes),
-    ("J/token", "energy_j_per_token", _num(lambda v: f"{v:.4f}")),
-    ("Fits", "fits", str),
-    ("Score", "opt_score", _num(lambda v: f"{v:.3f}")),
+    ("Variant", "name", str, "The variant (★: the planner's recommendation)"),
+    ("Fits", "fits", str, "Does it meet the budget? Memory, speed and energy on the chosen device (projected from "
+                          "what was measured here), quality as measured here. The tooltip of a cell says why not."),
+    ("Score", "opt_score", _num(lambda v: f"{v:.3f}"),
+     "Optimization score (Wallace et al. 2025): P_c^1.5 x (alpha x T_c + beta x E_c), where P_c, T_c and E_c are "
+     "the variant's perplexity, time per token and energy per token as ratios to the baseline's. Lower is better; "
+     "the baseline scores 1."),
+    ("Size", "size_bytes", fmt_bytes, "The file's size"),
+    ("PPL +%", "ppl_increase_pct", _num(lambda v: f"{v:+.2f} %"), "Perplexity increase over the baseline, measured here"),
+    ("KL", "kl", _num(lambda v: f"{v:.4f}"), "Mean KL divergence to the baseline's next-token distribution, measured here"),
+    ("Tok/s device", "projected_decode_tps", _num(lambda v: f"{v:.1f}"),
+     "Decode speed projected for the device the variant was benchmarked for (its profile's bandwidth and compute)"),
+    ("Tok/s here", "decode_tps", _num(lambda v: f"{v:.1f}"), "Decode speed measured on this machine"),
+    ("Peak memory", "peak_rss_bytes", fmt_bytes, "Peak memory measured here while it generated"),
+    ("J/token", "energy_j_per_token", _num(lambda v: f"{v:.4f}"),
+     "Energy per generated token here: measured where the machine has energy counters (RAPL, NVML), else "
+     "estimated from CPU time x power (the cell's tooltip says which)"),
+    ("Perplexity", "perplexity", _num(lambda v: f"{v:.3f}"), "Perplexity on the evaluation text, measured here"),
+    ("TTFT", "ttft_seconds", _num(lambda v: f"{1000 * v:.0f} ms"), "Time to first token, measured here"),
+    ("Format", "format", str, "The runtime it is for: gguf (llama.cpp, Ollama, LM Studio), onnx, torch"),
+    ("Parameters", "parameters", _num(lambda v: f"{v / 1e6:.2f} M"), "Parameters of the model"),
 ]
 
 
@@ -58,6 +67,8 @@ class ResultsModel(QAbstractTableModel):
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return COLUMNS[section][0]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return COLUMNS[section][3]
         return None
 
     def value(self, row: int, key: str):
@@ -71,7 +82,7 @@ class ResultsModel(QAbstractTableModel):
     def data(self, index, role=Qt.ItemDataRole.DisplayRole):
         if not index.isValid():
             return None
-        _, key, fmt = COLUMNS[index.column()]
+        _, key, fmt, _ = COLUMNS[index.column()]
         value = self.value(index.row(), key)
         if key == "fits":
             fits, why = value
@@ -82,12 +93,29 @@ class ResultsModel(QAbstractTableModel):
             if role == SORT_ROLE:
                 return {True: 2, None: 1, False: 0}[fits]
             return None
+        metrics = self.rows[index.row()].get("metrics", {})
         if role == Qt.ItemDataRole.DisplayRole:
+            if key == "name" and metrics.get("recommended"):
+                return f"★ {value}"
             return fmt(value) if value is not None else DASH
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self.tooltip(key, metrics)
         if role == SORT_ROLE:
             return value       # None (unmeasured) sorts last, see _Proxy
         if role == Qt.ItemDataRole.TextAlignmentRole and key not in ("name", "format"):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+
+    @staticmethod
+    def tooltip(key: str, m: dict) -> str | None:
+        """Where a figure comes from: measured here, projected for a device, or estimated."""
+        if key == "projected_decode_tps" and m.get("projected_device"):
+            return f"projected for {m['projected_device']}"
+        if key == "energy_j_per_token" and "energy_measured" in m:
+            return "measured here (energy counters)" if m["energy_measured"] else "estimated here (CPU time x power)"
+        if key == "name" and m.get("recommended"):
+            return "the planner's recommendation"
         return None
 
 
