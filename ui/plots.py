@@ -14,6 +14,18 @@ from .run_state import RunState
 REFRESH_MS = 500      # plots redraw at most this often, however fast events arrive
 
 
+class IntegerAxis(pg.AxisItem):
+    """An axis that counts things (windows): ticks on whole numbers only."""
+
+    def tickValues(self, minVal, maxVal, size):
+        out = []
+        for spacing, values in super().tickValues(minVal, maxVal, size):
+            whole = [v for v in values if abs(v - round(v)) < 1e-9]
+            if spacing >= 1 and whole:
+                out.append((spacing, whole))
+        return out or [(1, list(range(max(1, math.ceil(minVal)), int(maxVal) + 1)))]
+
+
 def pen(i: int):
     return pg.mkPen(pg.intColor(i, hues=9, values=1, maxValue=220, minValue=150), width=2)
 
@@ -25,9 +37,10 @@ class LivePlots(QWidget):
         self.memory_limit: float | None = None
         self.memory = pg.PlotWidget(title="Memory over time")
         self.memory.setLabel("left", "RSS", units="B")
-        self.memory.setLabel("bottom", "time", units="s")
+        self.memory.setLabel("bottom", "time (s)")         # seconds stay seconds (no "ks")
         self.memory.addLegend(offset=(5, 5))
-        self.quality = pg.PlotWidget(title="Perplexity per window, as it is measured")
+        self.quality = pg.PlotWidget(title="Perplexity per window",
+                                     axisItems={"bottom": IntegerAxis("bottom")})
         self.quality.setLabel("bottom", "window")
         self.quality.addLegend(offset=(5, 5))
         self.speed = pg.PlotWidget(title="Decode speed per variant (tokens/s)")
@@ -59,7 +72,9 @@ class LivePlots(QWidget):
 
     def show_state(self, state: RunState | None) -> None:
         self.state = state
-        self._drawn_state = None     # a different run: start from empty plots
+        self._drawn_state = None     # a different run: start from empty plots, each view following its data
+        for w in (self.memory, self.quality, self.speed, self.energy):
+            w.enableAutoRange()
         self.redraw()
 
     def set_memory_limit(self, limit_bytes: float | None) -> None:
@@ -91,10 +106,19 @@ class LivePlots(QWidget):
             if points:
                 xs, ys = zip(*points)
                 self._curve(self.memory, ("memory", name), name).setData(xs, ys)
+        peak = max((v for pts in memory.values() for _, v in pts), default=0)
+        # the budget is in view when it is near the curves; far above them it would flatten them: its label says so
+        near = bool(self.memory_limit) and self.memory_limit <= 3 * max(peak, 1)
+        if self._limit_line is not None and getattr(self._limit_line, "near", None) != near:
+            self.memory.removeItem(self._limit_line)
+            self._limit_line = None
         if self.memory_limit and self._limit_line is None:
-            self._limit_line = pg.InfiniteLine(self.memory_limit, angle=0, label="budget", labelOpts={"position": 0.05},
-                                               pen=pg.mkPen(pg.intColor(0), style=pg.QtCore.Qt.PenStyle.DashLine))
-            self.memory.addItem(self._limit_line, ignoreBounds=True)    # the curve sets the scale, not the budget
+            label = f"budget {self.memory_limit / 1e6:,.0f} MB" + ("" if near else " (above the curves)")
+            self._limit_line = pg.InfiniteLine(self.memory_limit, angle=0, label=label,
+                                               labelOpts={"position": 0.05, "anchors": [(0, 1), (0, 1)]},
+                                               pen=pg.mkPen(pg.intColor(0), width=2, style=pg.QtCore.Qt.PenStyle.DashLine))
+            self._limit_line.near = near
+            self.memory.addItem(self._limit_line, ignoreBounds=not near)
         elif self._limit_line is not None:
             if self.memory_limit:
                 self._limit_line.setValue(self.memory_limit)
@@ -106,8 +130,8 @@ class LivePlots(QWidget):
             self._curve(self.quality, ("ppl", str(variant)), str(variant), symbols=True).setData(
                 list(range(1, len(ys) + 1)), ys)
         if st.plan["predicted"]:          # the planner's search: its planes instead of per-variant bars
-            self._plan(self.speed, "memory_bytes", "Search: memory against KL", "memory at the app's context", "B", "memory")
-            self._plan(self.energy, "decode_tps", "Search: speed against KL", "decode on the device", "tok/s", "speed")
+            self._plan(self.speed, "memory_bytes", "Search: memory vs KL", "memory at the app's context", "B", "memory")
+            self._plan(self.energy, "decode_tps", "Search: speed vs KL", "decode on the device", "tok/s", "speed")
         else:
             self._bars(self.speed, "decode_tps")
             self._bars(self.energy, "energy_j_per_token")

@@ -204,7 +204,7 @@ class ResultsPanel(QWidget):
         self.scatter_plot = pg.PlotWidget(title="Size against quality (click a point)")
         self.scatter_plot.setLabel("bottom", "size", units="B")
         self.scatter_plot.showGrid(x=True, y=True, alpha=0.2)
-        self.scatter = pg.ScatterPlotItem(size=12, hoverable=True)
+        self.scatter = pg.ScatterPlotItem(size=12, hoverable=True, tip=self._tip)
         self.scatter.sigClicked.connect(self._point_clicked)
         self.scatter_plot.addItem(self.scatter)
         self.front_line = pg.PlotDataItem(pen=pg.mkPen(pg.intColor(1), width=1, style=Qt.PenStyle.DashLine))
@@ -273,6 +273,9 @@ class ResultsPanel(QWidget):
             if m.get("size_bytes") is not None and m.get(key) is not None:
                 out.append((v["name"], float(m["size_bytes"]), float(m[key])))
         return out
+
+    def _tip(self, x: float, y: float, data) -> str:
+        return f"{data}\n{fmt_bytes(x)}, {self.y_axis.currentText().lower()} {y:.4g}"
 
     def _draw_scatter(self) -> None:
         pts = self.points()
