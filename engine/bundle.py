@@ -27,7 +27,7 @@ METRIC_LABELS = {
     "ppl_increase_pct": ("Perplexity increase", lambda v: f"{v:+.2f} %"),
     "kl": ("KL divergence to the baseline", lambda v: f"{v:.5f}"),
     "top1": ("Top-1 agreement with the baseline", lambda v: f"{100 * v:.1f} %"),
-    "decode_tps": ("Decode speed", lambda v: f"{v:.1f} tokens/s"),
+    "decode_tps": ("Decode speed (measured on the machine below)", lambda v: f"{v:.1f} tokens/s"),
     "ttft_seconds": ("Time to first token", lambda v: f"{1000 * v:.0f} ms"),
     "peak_rss_bytes": ("Peak memory", lambda v: f"{v / 1e6:.1f} MB"),
     "energy_j_per_token": ("Energy", lambda v: f"{v:.4f} J/token"),
@@ -84,7 +84,7 @@ def plan_bundle(run_folder: str | Path, variant_name: str) -> BundlePlan:
     plan.entries.append(BundleEntry("metrics.json", "the variant's metrics and provenance (machine-readable)",
                                     len(metrics.encode()), text=metrics))
     if v["format"] == "gguf":
-        modelfile = ollama_modelfile(model_name, m)
+        modelfile = ollama_modelfile(model_name, m, v)
         plan.entries.append(BundleEntry("Modelfile", "runtime config for Ollama (ollama create NAME -f Modelfile)",
                                         len(modelfile.encode()), text=modelfile))
     return plan
@@ -125,10 +125,16 @@ def model_card(manifest: dict, variant: dict, model_name: str, sha256: str | Non
     metrics = variant.get("metrics", {})
     for key, (label, fmt) in METRIC_LABELS.items():
         if metrics.get(key) is not None:
+            if key == "energy_j_per_token" and "energy_measured" in metrics:
+                label += " (measured)" if metrics["energy_measured"] else " (estimated: CPU time x power)"
             lines.append(f"| {label} | {fmt(metrics[key])} |")
-    extra = {k: v for k, v in metrics.items() if k not in METRIC_LABELS}
+    extra = {k: v for k, v in metrics.items() if k not in METRIC_LABELS and isinstance(v, (int, float, str, bool))}
     for k, v in sorted(extra.items()):
         lines.append(f"| {k} | {v} |")
+    if isinstance(metrics.get("budget"), dict):
+        lines += ["", "## Budget it was checked against", "", budget_text(metrics["budget"])
+                  + (" — it fits." if metrics.get("fits") else
+                     f" — it does not fit: {'; '.join(metrics.get('fit_reasons') or [])}." if "fits" in metrics else ".")]
     if metrics.get("eval_windows"):
         lines += ["", f"Quality measured on {metrics['eval_windows']} windows of {metrics.get('eval_ctx')} tokens "
                       f"({metrics.get('eval_tokens')} scored tokens) with {metrics.get('eval_runtime')}, against the "
@@ -140,8 +146,15 @@ def model_card(manifest: dict, variant: dict, model_name: str, sha256: str | Non
         lines += [f"sha256 of `{model_name}`: `{sha256}`", ""]
     lines += ["## Run it", ""]
     if variant["format"] == "gguf":
-        lines += ["```bash", f"llama-cli -m {model_name} -p \"Once upon a time\"",
+        params = variant.get("params") or {}
+        kv = params.get("kv_type", "f16")
+        flags = (f" -c {params['context']}" if params.get("context") else "") + (
+            f" -ctk {kv} -ctv {kv} -fa on" if kv != "f16" else "")
+        lines += ["```bash", f"llama-cli -m {model_name}{flags} -p \"Once upon a time\"",
                   f"ollama create {_safe(Path(model_name).stem).lower()} -f Modelfile", "```"]
+        if kv != "f16":
+            lines += ["", f"Measured with a {kv} KV cache (flash attention on). Ollama sets the KV-cache type for "
+                          f"the whole server: OLLAMA_FLASH_ATTENTION=1 OLLAMA_KV_CACHE_TYPE={kv}."]
     elif variant["format"] == "onnx":
         lines += ["```python", "import onnxruntime_genai as og",
                   f"model = og.Model(\"{model_name}\")   # the folder holds genai_config.json", "```"]
@@ -152,8 +165,25 @@ def model_card(manifest: dict, variant: dict, model_name: str, sha256: str | Non
     return "\n".join(lines) + "\n"
 
 
-def ollama_modelfile(model_name: str, manifest: dict) -> str:
-    ctx = (manifest.get("preflight") or {}).get("context_length") or 2048
+def budget_text(b: dict) -> str:
+    """A budget record (``Budget.to_dict``) in words, only the limits that are set."""
+    parts = [f"device {b.get('device')}"]
+    if b.get("max_memory_bytes"):
+        parts.append(f"memory at most {b['max_memory_bytes'] / 1e6:,.0f} MB")
+    if b.get("min_decode_tps"):
+        parts.append(f"decode at least {b['min_decode_tps']:g} tokens/s")
+    if b.get("max_j_per_token"):
+        parts.append(f"energy at most {b['max_j_per_token']:g} J/token")
+    if b.get("max_ppl_increase_pct") is not None:
+        parts.append(f"perplexity increase at most {b['max_ppl_increase_pct']:g} %")
+    if b.get("max_kl") is not None:
+        parts.append(f"KL at most {b['max_kl']:g}")
+    return ", ".join(parts)
+
+
+def ollama_modelfile(model_name: str, manifest: dict, variant: dict | None = None) -> str:
+    ctx = ((variant or {}).get("params") or {}).get("context") \
+        or (manifest.get("preflight") or {}).get("context_length") or 2048
     return f"FROM ./{model_name}\nPARAMETER num_ctx {min(int(ctx), 8192)}\n"
 
 

@@ -125,6 +125,10 @@ def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp
     assert "Frontier (predicted" in res.stdout and "Recommended: fit-" in res.stdout
     bundles = list(out.iterdir())
     assert len(bundles) == 1 and any(f.suffix == ".gguf" for f in bundles[0].iterdir())
+    card = (bundles[0] / "README.md").read_text()
+    assert "-c 256" in card and "## Budget it was checked against" in card and "memory at most 4,000 MB" in card
+    assert "None" not in card and "{'" not in card                      # no Python reprs in a model card
+    assert "PARAMETER num_ctx 256" in (bundles[0] / "Modelfile").read_text()
 
 
 def test_cli_fit_when_nothing_fits_says_which_limit_to_relax(kv_model, tmp_path):

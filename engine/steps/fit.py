@@ -300,7 +300,7 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
     from types import SimpleNamespace
 
     from ..atomic import tree_size
-    from ..planner import Candidate
+    from ..planner import LIMIT_WORDS, Candidate, violations
     from .evaluate import _metrics
 
     name = f"{b.name}-kv-{kv}"
@@ -341,6 +341,9 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
              "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
              "predicted": pred.to_dict()}
+    missed = violations(budget, point)
+    ctx.add_metrics(name, budget=budget.to_dict(), fits=not missed,
+                    fit_reasons=[f"{LIMIT_WORDS[k]} {100 * x:.0f}% past its limit" for k, x in missed.items()])
     ctx.emit("plan", phase="measured", points=[point])
     return point
 
