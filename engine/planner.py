@@ -75,7 +75,7 @@ class Calibration:
     kl_scale: float = 0.5                   # second-order theory: KL ~= 1/2 x summed cost
     ppl_scale: float = 1.0                  # log(ppl ratio) ~= KL
     memory_ratio: float = 1.0
-    speed_ratio: float = 1.0                # all measured points
+    speed_ratio: float | None = None        # measured / roofline, all measured points (None: none yet)
     kv_speed_ratio: dict = field(default_factory=dict)   # per KV-cache type, where measured
     kv_kl: dict = field(default_factory=lambda: {"f16": 0.0})    # KL a KV-cache type adds (measured)
     points: int = 0
@@ -105,7 +105,8 @@ class Calibration:
         self.speed_ratio = speed or self.speed_ratio
         self.points = len(measured)
 
-    def speed(self, kv_type: str) -> float:
+    def speed(self, kv_type: str) -> float | None:
+        """Measured decode over the roofline for a KV type (all types' when it has none); None before any."""
         return self.kv_speed_ratio.get(kv_type, self.speed_ratio)
 
     def to_dict(self) -> dict:
@@ -221,25 +222,28 @@ class Predictor:
         kv = KV_TYPES[cand.kv_type]
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv.bytes_per_element) \
             + (self.overhead or {}).get("overhead_bytes", 0)
+        # speeds are rooflines (bandwidth and FLOPs) here and on the device; the runtime's efficiency against its
+        # roofline is one ratio, from its measured per-token latency until candidates are measured
+        here = project_decode(self.host, info, self.tokens_used, kv.bytes_per_element)
+        there = project_decode(self.device, info, self.tokens_used, kv.bytes_per_element)
         latency = (self.overhead or {}).get("token_latency_s", 0.0)
-        here = project_decode(self.host, info, self.tokens_used, kv.bytes_per_element, latency)
-        there = project_decode(self.device, info, self.tokens_used, kv.bytes_per_element,
-                               latency if self.device.id == self.host.id else 0.0)
+        efficiency = 1.0 / (1.0 + latency * here["decode_tps"])
         return {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
                 "drop": cand.drop, "dropped": self.dropped(cand.drop),
                 "cost": cost, "memory_raw": memory, "decode_tps_raw": here["decode_tps"],
-                "decode_tps_device_raw": there["decode_tps"], "info": info}
+                "decode_tps_device_raw": there["decode_tps"], "efficiency": efficiency, "info": info}
 
     def predict(self, cand: Candidate) -> Prediction:
         r = self.raw(cand)
         c = self.calibration
         kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
-        tps = c.speed(cand.kv_type) * r["decode_tps_device_raw"]
+        ratio = c.speed(cand.kv_type) or r["efficiency"]
+        tps = ratio * r["decode_tps_device_raw"]
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
                           memory_bytes=c.memory_ratio * r["memory_raw"], decode_tps=tps,
                           j_per_token=self.device.power_typical_w / tps, kl=kl,
                           ppl_increase_pct=100 * math.expm1(c.ppl_scale * kl),
-                          decode_tps_here=c.speed(cand.kv_type) * r["decode_tps_raw"])
+                          decode_tps_here=ratio * r["decode_tps_raw"])
 
 
 #: the budget's limits, in the order of optuna's constraints, and how they are named to a user

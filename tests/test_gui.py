@@ -69,7 +69,8 @@ def small_recipe(w, benchmark=False):
         rp.add_combo.setCurrentText("benchmark")
         rp.add_button.click()
         assert rp.recipe["steps"][2]["step"] == "benchmark"
-        for name, value in (("prompt_tokens", 16), ("gen_tokens", 8), ("repeats", 1), ("n_ctx", 64)):
+        for name, value in (("prompt_tokens", 16), ("gen_tokens", 8), ("repeats", 1), ("n_ctx", 64),
+                            ("decode_model", False)):
             rp.set_param(2, name, value)
     assert rp.validate() is None
     return rp.current_recipe()

@@ -225,3 +225,25 @@ def test_baseline_has_no_quality_loss_by_definition():
     m = {"peak_rss_bytes": 1e9, "perplexity": 10.0}
     assert b.check(m, reference=True) == []
     assert b.check(m) == ["perplexity: not measured", "KL: not measured"]
+
+
+def test_without_the_decode_model_the_device_speed_comes_from_the_measured_speed(stories_dir, tmp_path):
+    """The presets' quick path: no probes; each variant's device projection is its speed measured here, scaled by
+    the device's roofline over this machine's for that file."""
+    from edgetailor.engine import JobSpec, run_job
+    from edgetailor.engine.devices import get_device, host_profile
+    from edgetailor.engine.projection import project_decode, variant_info
+
+    recipe = {"name": "quick-bench", "steps": [
+        {"step": "export", "params": {"format": "gguf", "types": ["Q8_0"]}},
+        {"step": "benchmark", "params": {"decode_model": False, "baseline": False, "device": "pixel-8",
+                                         "prompt_tokens": 16, "gen_tokens": 8, "repeats": 1, "n_ctx": 64}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(stories_dir), options={"threads": 1}, runs_root=str(tmp_path)))
+    assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+    v = next(v for v in rec.manifest["variants"] if v["name"] != "baseline")
+    m = v["metrics"]
+    assert "measured here over its roofline" in m["projected_decode_method"]
+    assert "projected_decode_error_pct" not in m
+    info = variant_info("gguf", rec.folder / v["path"], tokens_used=24)
+    ratio = project_decode(get_device("pixel-8"), info, 24)["roofline_tps"] / project_decode(host_profile(), info, 24)["roofline_tps"]
+    assert m["projected_decode_tps"] / m["decode_tps"] == pytest.approx(ratio, rel=0.05)

@@ -27,6 +27,7 @@ class BenchmarkConfig:
     alpha: float = field(default=0.5, metadata={"help": "weight of time in the optimization score"})
     beta: float = field(default=0.5, metadata={"help": "weight of energy in the optimization score"})
     sample_hz: float = field(default=25.0, metadata={"help": "memory sampling rate while a variant runs"})
+    decode_model: bool = field(default=True, metadata={"help": "measure the runtime's decode costs on probes (once per machine, minutes) to project speed from the file alone; off: the device's speed is projected from each variant's speed measured here"})
 
     def __post_init__(self):
         if self.prompt_tokens < 1 or self.gen_tokens < 2 or self.repeats < 1:
@@ -64,7 +65,8 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     from ..benchmark import benchmark_variant
     from ..devices import host_profile
     from ..energy import EnergyMeter
-    from ..projection import measure_decode_model, measure_overhead, predict_memory, project, variant_info
+    from ..projection import (measure_decode_model, measure_overhead, predict_memory, project, project_decode,
+                              variant_info)
 
     budget = budget_for(cfg)
     host = host_profile(refresh=True)      # bandwidth and compute as they are now, beside the runs
@@ -107,7 +109,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
         except EdgeTailorError as exc:
             ctx.log(f"{v['name']}: no prediction ({exc.problem})", level="warning")
     decode_models: dict[str, dict | None] = {}
-    for fmt in sorted({f for _, f, _ in todo}):
+    for fmt in sorted({f for _, f, _ in todo}) if cfg.decode_model else []:
         types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].storage_types()}
         if not types:
             continue
@@ -132,7 +134,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
             except EdgeTailorError as exc:
                 overheads[fmt] = None
                 ctx.log(f"{fmt}: {exc.problem}", level="warning")
-        predicted = {}
+        predicted, here, there = {}, None, None
         if name in infos:
             info = infos[name]
             over = overheads[fmt]
@@ -160,10 +162,22 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
                                 threads=threads, n_ctx=cfg.n_ctx, dtype=dtype, meter=meter,
                                 sample_hz=cfg.sample_hz, on_sample=on_sample, cancelled=ctx.cancel.is_set)
         metrics = {**res, **predicted}
+        if there is not None and decode_models.get(fmt) is None and res.get("decode_tps"):
+            # no decode model: the device's speed from this variant's own speed here, scaled by the two rooflines
+            info = infos[name]
+            roof_here = project_decode(host, info, used)["roofline_tps"]
+            roof_there = project_decode(budget.device, info, used)["roofline_tps"]
+            tps = res["decode_tps"] * roof_there / roof_here
+            metrics.update(projected_decode_tps=round(tps, 2),
+                           projected_j_per_token=round(budget.device.power_typical_w / tps, 6),
+                           projected_decode_method=f"projected: {res['decode_tps']:.2f} tok/s measured here x "
+                                                   f"{roof_there:.1f} / {roof_here:.1f}, the device's roofline over "
+                                                   f"this machine's for this file, measured here over its roofline "
+                                                   f"here kept (on '{budget.device.id}')")
         if predicted.get("predicted_memory_bytes"):
             metrics["predicted_memory_error_pct"] = round(
                 100 * (predicted["predicted_memory_bytes"] / res["peak_rss_os_bytes"] - 1), 2)
-        if predicted.get("projected_decode_tps_here") and res.get("decode_tps"):
+        if predicted.get("projected_decode_tps_here") and res.get("decode_tps") and decode_models.get(fmt):
             metrics["projected_decode_error_pct"] = round(
                 100 * (predicted["projected_decode_tps_here"] / res["decode_tps"] - 1), 2)
         ctx.add_metrics(name, **metrics)
