@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -208,7 +206,7 @@ def markdown(results: dict) -> str:
            "calibration on the bundled calibration text (never the evaluation text). Memory: peak RSS measured here "
            "at that context; decode on the device: projected from the speed measured here. llama.cpp: imatrix on the "
            "same calibration text, `llama-quantize --imatrix`, f16 KV cache.", "",
-           f"Command: `python bench/planner.py`", ""]
+           "Command: `python bench/planner.py`", ""]
     for s in results["suites"]:
         out += [f"## {s['name']}", "", f"Baseline perplexity {s['baseline_perplexity']:.4f}. One calibrated Q4_K_M "
                 f"export (quant.gguf_calibrated, GPTQ): {s['calibrated_q4_k_m_export_s']:.0f} s.", "",

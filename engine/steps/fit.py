@@ -11,11 +11,9 @@ comes from the measured candidates only; ``plan.json`` holds every predicted and
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeTailorError
 from ..registry import register_step
 from ..runs import Variant
 
@@ -109,7 +107,7 @@ def fit(ctx, cfg: FitConfig) -> None:
     if kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
-    windows = _windows(ctx)
+    _windows(ctx)
     _save_verification(ctx)
     built: list[Built] = []
     measured: list[dict] = []
