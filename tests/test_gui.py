@@ -165,9 +165,12 @@ def test_whole_flow_offscreen(qtbot, tmp_path, stories_dir):
     assert w.try_panel.variant.currentText() == "base-Q8_0"
     done = []
     w.try_panel.generated.connect(lambda side, g: done.append((side, g)))
+    streamed = []
+    w.try_panel.streamed.connect(lambda side, piece: streamed.append(side))
     qtbot.mouseClick(w.try_panel.button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: len(done) == 2, timeout=60_000)
     by_side = dict(done)
+    assert streamed.count("baseline") >= 2 and streamed.count("variant") >= 2     # shown as it is generated
     assert by_side["baseline"].runtime == "torch" and by_side["variant"].runtime == "llama.cpp"
     assert by_side["baseline"].tokens > 0 and by_side["variant"].tokens > 0
     assert w.try_panel.outputs["variant"].toPlainText() == by_side["variant"].text

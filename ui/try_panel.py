@@ -1,10 +1,13 @@
-"""Try it: the same prompt through the baseline and a variant, side by side (generated off the GUI thread)."""
+"""Try it: the same prompt through the baseline and a variant, side by side, streamed as it is generated (off the
+GUI thread), as a chat message through the model's chat template when it has one, with tokens/s live."""
 from __future__ import annotations
+
+import time
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QLabel, QPlainTextEdit, QPushButton, QSpinBox,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGridLayout, QLabel, QPlainTextEdit, QPushButton,
+                               QSpinBox, QVBoxLayout, QWidget)
 
 from edgetailor.engine.generate import Generator
 
@@ -15,6 +18,7 @@ DEFAULT_PROMPT = "Once upon a time, a little robot"
 
 class TryPanel(QWidget):
     generated = Signal(str, object)     # side ("baseline" | "variant"), Generation
+    streamed = Signal(str, str)         # side, a piece of text (from the generating thread; queued to the GUI's)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -34,12 +38,15 @@ class TryPanel(QWidget):
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(1, 512)
         self.max_tokens.setValue(48)
+        self.chat = QCheckBox("As a &chat message (the model's chat template, when it has one)")
+        self.chat.setChecked(True)
         self.button = QPushButton("&Generate (Ctrl+Enter)")
         self.button.setObjectName("tryGenerate")
         form = QFormLayout()
         form.addRow("&Prompt", self.prompt)
         form.addRow("&Variant", self.variant)
         form.addRow("Max &tokens", self.max_tokens)
+        form.addRow(self.chat)
         form.addRow(self.button)
         self.outputs, self.infos = {}, {}
         grid = QGridLayout()
@@ -58,6 +65,9 @@ class TryPanel(QWidget):
         lay.addLayout(form)
         lay.addLayout(grid, 1)
         self.button.clicked.connect(self.generate)
+        self.streamed.connect(self._piece)
+        self._started: dict[str, float] = {}
+        self._pieces: dict[str, int] = {}
         QShortcut(QKeySequence("Ctrl+Return"), self, self.generate)
 
     def set_run(self, run_folder, source_spec: str, variants: list[dict]) -> None:
@@ -84,13 +94,29 @@ class TryPanel(QWidget):
         else:
             self.outputs["variant"].setPlainText("(this run has no exported variant yet)")
         self.button.setEnabled(False)
-        folder, spec = self.run_folder, self.source_spec
+        folder, spec, chat = self.run_folder, self.source_spec, self.chat.isChecked()
         for side, v in jobs:
-            self.outputs[side].setPlainText("…")
-            self.infos[side].setText(f"{v['name']}: generating…")
-            self.background.run(lambda v=v: self.generator.generate(v, folder, spec, prompt, n),
+            self.outputs[side].clear()
+            self.infos[side].setText(f"{v['name']}: loading…")
+            self._pieces[side] = 0
+            self._started.pop(side, None)
+            self.background.run(lambda v=v, side=side: self.generator.generate(
+                                    v, folder, spec, prompt, n, chat=chat,
+                                    on_text=lambda piece, side=side: self.streamed.emit(side, piece)),
                                 lambda g, side=side, v=v: self._done(side, v, g),
                                 lambda e, side=side, v=v: self._failed(side, v, e))
+
+    def _piece(self, side: str, piece: str) -> None:
+        """A piece of generated text: appended where it is shown, with the speed so far."""
+        now = time.perf_counter()
+        self._started.setdefault(side, now)
+        self._pieces[side] = self._pieces.get(side, 0) + 1
+        out = self.outputs[side]
+        out.moveCursor(out.textCursor().MoveOperation.End)
+        out.insertPlainText(piece)
+        elapsed = now - self._started[side]
+        if elapsed > 0:
+            self.infos[side].setText(f"generating… {self._pieces[side]} pieces, {self._pieces[side] / elapsed:.1f}/s")
 
     def _done(self, side, v, g) -> None:
         self.outputs[side].setPlainText(g.text)
