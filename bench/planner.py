@@ -91,14 +91,11 @@ def reference_logprobs(model_dir: Path, work: Path, windows: list, threads: int)
 
 
 def device_tps(device, here_tps: float, path) -> float:
-    """The ladder file's decode on the device as the planner projects it: the device's roofline for the file,
-    scaled by the speed measured here over this machine's roofline for it."""
+    """The ladder file's decode on the device as the planner projects it (``projection.device_speed``)."""
     from edgetailor.engine.devices import host_profile
-    from edgetailor.engine.projection import project_decode, variant_info
+    from edgetailor.engine.projection import device_speed, variant_info
 
-    info = variant_info("gguf", path, tokens_used=96)
-    there, here = project_decode(device, info, 96), project_decode(host_profile(), info, 96)
-    return there["decode_tps"] * here_tps / here["decode_tps"]
+    return device_speed(here_tps, variant_info("gguf", path, tokens_used=96), device, host_profile(), 96)[0]
 
 
 def make_budget(spec: dict, lad: dict, base_ppl: float) -> dict:

@@ -238,7 +238,7 @@ class Predictor:
         c = self.calibration
         kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
         ratio = c.speed(cand.kv_type) or r["efficiency"]
-        tps = ratio * r["decode_tps_device_raw"]
+        tps = min(ratio, 1.0) * r["decode_tps_device_raw"]        # as projection.device_speed
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
                           memory_bytes=c.memory_ratio * r["memory_raw"], decode_tps=tps,
                           j_per_token=self.device.power_typical_w / tps, kl=kl,

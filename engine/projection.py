@@ -223,6 +223,19 @@ def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_eleme
             "method": f"{method} on '{profile.id}'; energy = {profile.power_typical_w:g} W typical power / tok/s"}
 
 
+def device_speed(measured_tps: float, info: WeightsInfo, device, host, position: int,
+                 kv_bytes_per_element: float = 2) -> tuple[float, str]:
+    """A file's decode speed on ``device`` from its speed measured here: the device's roofline for the file times
+    the efficiency reached here (measured / this machine's roofline), at most 1 - a speed above the roofline here
+    comes from this machine's caches holding part of the weights, which a device's small caches do not."""
+    there = project_decode(device, info, position, kv_bytes_per_element)["roofline_tps"]
+    here = project_decode(host, info, position, kv_bytes_per_element)["roofline_tps"]
+    efficiency = min(1.0, measured_tps / here)
+    return there * efficiency, (f"projected: the device's roofline {there:.1f} tok/s x the efficiency measured here "
+                                f"{efficiency:.2f} ({measured_tps:.1f} tok/s over this machine's roofline {here:.1f}, "
+                                f"at most 1) on '{device.id}'")
+
+
 def kernel_seconds(info: WeightsInfo, decode_model: dict) -> float | None:
     """Time per token in the weight kernels: the blocks' matrices at each type's measured per-layer rate, the
     head at the head rate of its type (the block rate where none was measured); None if a type has no rate."""

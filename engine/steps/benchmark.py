@@ -65,7 +65,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     from ..benchmark import benchmark_variant
     from ..devices import host_profile
     from ..energy import EnergyMeter
-    from ..projection import (measure_decode_model, measure_overhead, predict_memory, project, project_decode,
+    from ..projection import (device_speed, measure_decode_model, measure_overhead, predict_memory, project,
                               variant_info)
 
     budget = budget_for(cfg)
@@ -164,16 +164,10 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
         metrics = {**res, **predicted}
         if there is not None and decode_models.get(fmt) is None and res.get("decode_tps"):
             # no decode model: the device's speed from this variant's own speed here, scaled by the two rooflines
-            info = infos[name]
-            roof_here = project_decode(host, info, used)["roofline_tps"]
-            roof_there = project_decode(budget.device, info, used)["roofline_tps"]
-            tps = res["decode_tps"] * roof_there / roof_here
+            tps, how = device_speed(res["decode_tps"], infos[name], budget.device, host, used)
             metrics.update(projected_decode_tps=round(tps, 2),
                            projected_j_per_token=round(budget.device.power_typical_w / tps, 6),
-                           projected_decode_method=f"projected: {res['decode_tps']:.2f} tok/s measured here x "
-                                                   f"{roof_there:.1f} / {roof_here:.1f}, the device's roofline over "
-                                                   f"this machine's for this file, measured here over its roofline "
-                                                   f"here kept (on '{budget.device.id}')")
+                           projected_decode_method=how)
         if predicted.get("predicted_memory_bytes"):
             metrics["predicted_memory_error_pct"] = round(
                 100 * (predicted["predicted_memory_bytes"] / res["peak_rss_os_bytes"] - 1), 2)

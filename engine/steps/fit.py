@@ -299,6 +299,8 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
 
     from ..atomic import tree_size
     from ..planner import LIMIT_WORDS, Candidate, violations
+    from ..projection import device_speed
+    from ..runtimes import KV_TYPES
     from .evaluate import _metrics
 
     name = f"{b.name}-kv-{kv}"
@@ -318,8 +320,9 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
                             parent="baseline", steps=list(ctx.applied)))
     if budget.device.id == planner.host.id:
         tps_device = bench["decode_tps"]
-    else:       # the device's projection, scaled by how this machine's measurement compares with its own
-        tps_device = raw["decode_tps_device_raw"] * bench["decode_tps"] / raw["decode_tps_raw"]
+    else:       # the device's roofline times the efficiency measured here (at most 1)
+        tps_device = device_speed(bench["decode_tps"], raw["info"], budget.device, planner.host, planner.tokens_used,
+                                  KV_TYPES[kv].bytes_per_element)[0]
     metrics = {**quality, **bench, "predicted_memory_bytes": int(pred.memory_bytes),
                "predicted_kl": round(pred.kl, 6), "predicted_ppl_increase_pct": round(pred.ppl_increase_pct, 3),
                "projected_decode_tps_here": round(pred.decode_tps_here, 2), "projected_device": budget.device.id,
