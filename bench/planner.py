@@ -45,7 +45,7 @@ BUDGETS = [
 ]
 
 
-def ladder(model_dir: Path, calib: Path, work: Path, windows: list, threads: int) -> dict:
+def ladder(model_dir: Path, calib: Path, work: Path, windows: list, prompt: list[int], threads: int) -> dict:
     """llama.cpp's ladder with an importance matrix: each type's file, size, quality and measured footprint."""
     import reference_tools as rt
 
@@ -65,7 +65,7 @@ def ladder(model_dir: Path, calib: Path, work: Path, windows: list, threads: int
         secs = rt.run_quantize(f16, path, t, imatrix=imat, threads=threads)
         with open_runtime("gguf", path, n_ctx=len(windows[0]), threads=threads) as r:
             res = evaluate(r, windows, reference=ref)
-        bench = benchmark_variant("gguf", path, PROMPT["ids"], gen_tokens=32, repeats=2, threads=threads,
+        bench = benchmark_variant("gguf", path, prompt, gen_tokens=32, repeats=2, threads=threads,
                                   n_ctx=CONTEXT)
         out["types"][t] = {"path": str(path), "size_bytes": path.stat().st_size, "quantize_s": secs,
                            "perplexity": res.perplexity, "kl": res.kl, "kl_p999": res.kl_p999, "top1": res.top1,
@@ -74,8 +74,6 @@ def ladder(model_dir: Path, calib: Path, work: Path, windows: list, threads: int
               f"peak {bench['peak_rss_os_bytes'] / 1e6:.0f} MB", flush=True)
     return out
 
-
-PROMPT: dict = {}
 
 
 def reference_logprobs(model_dir: Path, work: Path, windows: list, threads: int) -> float:
@@ -98,7 +96,7 @@ def device_tps(device, here_tps: float, path) -> float:
     return device_speed(here_tps, variant_info("gguf", path, tokens_used=96), device, host_profile(), 96)[0]
 
 
-def make_budget(spec: dict, lad: dict, base_ppl: float) -> dict:
+def make_budget(spec: dict, lad: dict) -> dict:
     from edgetailor.engine.devices import get_device
 
     dev = get_device(spec["device"])
@@ -173,13 +171,13 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
     print(f"== {name}", flush=True)
     tok = load_tokenizer(resolve(str(model_dir)))
     windows = make_windows(tok, read_text(str(WIKITEXT)), 512, windows_n)
-    PROMPT["ids"] = list(tok(read_text(str(WIKITEXT))[:3000]).input_ids)[:64]
+    prompt = list(tok(read_text(str(WIKITEXT))[:3000]).input_ids)[:64]
     base_ppl = reference_logprobs(model_dir, work, windows, 2)
-    lad = ladder(model_dir, calib, work, windows, 2)
+    lad = ladder(model_dir, calib, work, windows, prompt, 2)
     export_s = one_calibrated_export(model_dir, calib, work / "runs")
     rows = []
     for spec in budgets:
-        params = make_budget(spec, lad, base_ppl)
+        params = make_budget(spec, lad)
         print(f"-- {spec['name']}: {params}", flush=True)
         plan, seconds = run_fit(model_dir, params, calib, work / "runs", windows_n)
         rec = plan["recommendation"]

@@ -252,36 +252,30 @@ LIMIT_WORDS = {"memory": "memory", "speed": "decode speed", "energy": "energy pe
 
 
 # --- the budget ---------------------------------------------------------------------------------------
-def violations(budget, pred: dict) -> dict[str, float]:
-    """Constraint -> how far past its limit, as a fraction of the limit (absent: within). ``pred`` holds
-    memory_bytes, decode_tps, j_per_token, kl, ppl_increase_pct."""
-    out = {}
-    if pred["memory_bytes"] > budget.memory_limit:
-        out["memory"] = pred["memory_bytes"] / budget.memory_limit - 1
-    if budget.min_decode_tps and pred["decode_tps"] < budget.min_decode_tps:
+def margins(budget, pred: dict) -> dict[str, float]:
+    """Per limit the budget sets, how far ``pred`` is past it as a fraction of the limit (<= 0: within). ``pred``
+    holds memory_bytes, decode_tps, j_per_token, kl, ppl_increase_pct."""
+    out = {"memory": pred["memory_bytes"] / budget.memory_limit - 1}
+    if budget.min_decode_tps:
         out["speed"] = budget.min_decode_tps / pred["decode_tps"] - 1
-    if budget.max_j_per_token and pred["j_per_token"] > budget.max_j_per_token:
+    if budget.max_j_per_token:
         out["energy"] = pred["j_per_token"] / budget.max_j_per_token - 1
-    if budget.max_kl is not None and pred["kl"] > budget.max_kl:
+    if budget.max_kl is not None:
         out["kl"] = pred["kl"] / max(budget.max_kl, 1e-12) - 1
-    if budget.max_ppl_increase_pct is not None and pred["ppl_increase_pct"] > budget.max_ppl_increase_pct:
+    if budget.max_ppl_increase_pct is not None:
         out["perplexity"] = (pred["ppl_increase_pct"] - budget.max_ppl_increase_pct) / max(budget.max_ppl_increase_pct, 1e-9)
     return out
 
 
+def violations(budget, pred: dict) -> dict[str, float]:
+    """The limits ``pred`` misses, each with how far past it (absent: within)."""
+    return {k: v for k, v in margins(budget, pred).items() if v > 0}
+
+
 def constraint_values(budget, p: Prediction) -> list[float]:
-    """optuna's constraints (<= 0 is feasible), one per limit, relative to the limit."""
-    names = list(LIMIT_WORDS)
-    rel = {"memory": p.memory_bytes / budget.memory_limit - 1}
-    if budget.min_decode_tps:
-        rel["speed"] = budget.min_decode_tps / p.decode_tps - 1
-    if budget.max_j_per_token:
-        rel["energy"] = p.j_per_token / budget.max_j_per_token - 1
-    if budget.max_kl is not None:
-        rel["kl"] = p.kl / max(budget.max_kl, 1e-12) - 1
-    if budget.max_ppl_increase_pct is not None:
-        rel["perplexity"] = (p.ppl_increase_pct - budget.max_ppl_increase_pct) / max(budget.max_ppl_increase_pct, 1e-9)
-    return [rel.get(n, -1.0) for n in names]
+    """optuna's constraints (<= 0 is feasible), one per limit in ``LIMIT_WORDS`` order (-1 where none is set)."""
+    m = margins(budget, p.to_dict())
+    return [m.get(n, -1.0) for n in LIMIT_WORDS]
 
 
 # --- the search ---------------------------------------------------------------------------------------

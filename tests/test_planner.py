@@ -114,13 +114,18 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     assert c.points == 1
 
 
+def fit_cli(model, out, max_memory: str):
+    """``edgetailor fit`` on a small plan: one f16 candidate, short calibration and evaluation."""
+    return subprocess.run([sys.executable, "-m", "edgetailor", "fit", str(model), "--context", "256", "--kv-types", "f16",
+                           "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows",
+                           "2", "--ctx", "128", "--out", str(out), "--quiet", "--max-memory", max_memory],
+                          capture_output=True, text=True, timeout=900, env=os.environ)
+
+
 def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
-    cmd = [sys.executable, "-m", "edgetailor", "fit", str(kv_model), "--context", "256", "--kv-types", "f16",
-           "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows", "2",
-           "--ctx", "128", "--out", str(out), "--quiet", "--max-memory", "4GB"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ)
+    res = fit_cli(kv_model, out, "4GB")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Frontier (predicted" in res.stdout and "Recommended: fit-" in res.stdout
     bundles = list(out.iterdir())
@@ -132,10 +137,7 @@ def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp
 
 
 def test_cli_fit_when_nothing_fits_says_which_limit_to_relax(kv_model, tmp_path):
-    cmd = [sys.executable, "-m", "edgetailor", "fit", str(kv_model), "--context", "256", "--kv-types", "f16",
-           "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows", "2",
-           "--ctx", "128", "--out", str(tmp_path), "--quiet", "--max-memory", "2MB"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ)
+    res = fit_cli(kv_model, tmp_path, "2MB")
     assert res.returncode == 3, res.stderr[-3000:]
     assert "Nothing fits." in res.stdout and "relax memory by" in res.stdout
     assert list(tmp_path.iterdir()) == []          # no bundle

@@ -107,7 +107,7 @@ def fit(ctx, cfg: FitConfig) -> None:
     if kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
-    _windows(ctx)
+    _keep_eval_windows(ctx)
     _save_verification(ctx)
     built: list[Built] = []
     measured: list[dict] = []
@@ -219,14 +219,14 @@ def _depth(ctx, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
     return order, kls
 
 
-def _windows(ctx):
+def _keep_eval_windows(ctx) -> None:
+    """The evaluation windows, with the baseline's log-probs on them (the KL reference of every candidate)."""
     from ..evaluate import make_windows
     from .evaluate import ensure_baseline
 
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
     ensure_baseline(ctx, windows)
     ctx.scratch["fit.windows"] = windows
-    return windows
 
 
 def _save_verification(ctx) -> None:
