@@ -38,7 +38,7 @@ def main() -> int:
     from edgetailor.engine.modeling import load_tokenizer
     from edgetailor.engine.runtimes import TorchRuntime
     from edgetailor.exporters import get_exporter
-    from edgetailor.exporters.onnx import OnnxRuntime
+    from edgetailor.engine.runtimes import OnnxRuntime
     from transformers import AutoConfig, AutoModelForCausalLM
 
     demo = resolve("demo")

@@ -88,28 +88,20 @@ def folder_mb(folder: Path) -> float:
 
 
 def genai_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict:
+    """Greedy decoding of ``new_tokens`` tokens in onnxruntime-genai (its KV cache), timed apart from the prefill."""
     import numpy as np
-    import onnxruntime_genai as og
 
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(np.array(prompt_ids, dtype=np.int32))
-    gen.generate_next_token()
-    t1 = time.perf_counter()
-    n = 1
-    while not gen.is_done():
-        gen.generate_next_token()
-        n += 1
-    t2 = time.perf_counter()
-    tokens = list(gen.get_sequence(0))[len(prompt_ids):]
-    del gen, model
-    return {"prefill_s": t1 - t0, "decode_tokens": n - 1, "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens}
+    from edgetailor.engine.runtimes import OnnxGenaiRuntime
+
+    with OnnxGenaiRuntime(folder, n_ctx=len(prompt_ids) + new_tokens, threads=threads) as rt:
+        t0 = time.perf_counter()
+        tokens = [int(np.argmax(rt.prefill(prompt_ids)))]
+        t1 = time.perf_counter()
+        while len(tokens) < new_tokens:
+            tokens.append(int(np.argmax(rt.decode_one(tokens[-1]))))
+        t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_tokens": len(tokens) - 1, "decode_tps": (len(tokens) - 1) / (t2 - t1),
+            "tokens": tokens}
 
 
 def main() -> int:
@@ -138,7 +130,7 @@ def main() -> int:
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.runtimes import TorchRuntime
     from edgetailor.engine.text import read_text
-    from edgetailor.exporters.onnx import OnnxRuntime
+    from edgetailor.engine.runtimes import OnnxRuntime
     from gguf_ladder import machine
 
     src = resolve(args.model)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -35,42 +34,18 @@ from machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 
 def torch_decode_tps(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Greedy decoding with the model's own forward and a DynamicCache; median tokens/s."""
-    import torch
-    from transformers import DynamicCache
+    """Greedy decoding with the model's own forward and its KV cache (the torch runtime); median tokens/s."""
+    from edgetailor.engine.runtimes import TorchRuntime, decode_tokens_per_second
 
-    speeds = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = out.logits[0, -1].argmax().view(1, 1)
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            speeds.append(new_tokens / (time.perf_counter() - t0))
-    return round(statistics.median(speeds), 3)
+    return decode_tokens_per_second(TorchRuntime(model), prompt, new_tokens, repeats)["decode_tps"]
 
 
 def llama_decode_tps(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> float:
     """Greedy decoding in llama.cpp, one token per eval; median tokens/s."""
-    import numpy as np
-    from llama_cpp import Llama
+    from edgetailor.engine.runtimes import decode_tokens_per_second, open_runtime
 
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    speeds = []
-    try:
-        for _ in range(repeats):
-            llm.reset()
-            llm.eval(prompt)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                llm.eval([tok])
-            speeds.append(new_tokens / (time.perf_counter() - t0))
-    finally:
-        llm.close()
-    return round(statistics.median(speeds), 3)
+    with open_runtime("gguf", path, n_ctx=512, threads=threads, all_logits=False) as rt:
+        return decode_tokens_per_second(rt, prompt, new_tokens, repeats)["decode_tps"]
 
 
 def main() -> int:
@@ -101,7 +76,7 @@ def main() -> int:
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.plain import plain_weights
-    from edgetailor.engine.runtimes import LlamaCppRuntime
+    from edgetailor.engine.runtimes import EarlyExitRuntime, LlamaCppRuntime
     from edgetailor.engine.steps import cluster, early_exit, lowrank, share
     from edgetailor.exporters.gguf import verify_gguf, write_gguf
 
@@ -225,7 +200,7 @@ def main() -> int:
     ref_torch = ReferenceLogprobs(work / "reference-torch")
     exit_rows = []
     for threshold in (1.0, 0.9, 0.8, 0.6):
-        rt = early_exit.EarlyExitRuntime(ee, threshold)
+        rt = EarlyExitRuntime(ee, threshold)
         res = evaluate(rt, windows[:args.exit_windows], reference=ref_torch, record_reference=threshold == 1.0)
         speed = early_exit.decode_speed(ee, prompt, args.decode_tokens, threshold, args.repeats)
         exit_rows.append({"threshold": threshold, "perplexity": round(res.perplexity, 4), "eval_windows": res.windows,

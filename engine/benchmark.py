@@ -27,6 +27,11 @@ from .energy import EnergyMeter
 from .errors import EdgeTailorError, RunCancelled
 
 
+def decode_settings(fmt: str, dtype: str, kv_type: str) -> dict:
+    """The runtime settings a variant is benchmarked with: as an app decodes (llama.cpp: last logits only)."""
+    return {"gguf": {"kv_type": kv_type, "all_logits": False}, "torch": {"dtype": dtype}}.get(fmt, {})
+
+
 def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_tokens: int = 64, repeats: int = 3,
                       warmup: int = 1, threads: int = 2, n_ctx: int = 512, dtype: str = "float32",
                       meter: EnergyMeter | None = None, sample_hz: float = 25.0,
@@ -41,8 +46,8 @@ def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_toke
     meter = meter or EnergyMeter.detect()
     on_sample = on_sample or (lambda s, v: None)
     spec = {"format": fmt, "path": str(path), "prompt": list(map(int, prompt)), "gen_tokens": gen_tokens,
-            "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx, "dtype": dtype,
-            "energy": meter.to_dict(), "kv_type": kv_type}
+            "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx,
+            "energy": meter.to_dict(), "settings": decode_settings(fmt, dtype, kv_type)}
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))

@@ -1,4 +1,4 @@
-"""ONNX export for onnxruntime and onnxruntime-genai (phones, laptop apps), plus the runtime that runs it.
+"""ONNX export for onnxruntime and onnxruntime-genai (phones, laptop apps); ``engine.runtimes.onnx`` runs it.
 
 The graph is written directly with ``onnx.helper`` in the shape onnxruntime-genai's model builder emits for
 CPU, so the same fused kernels run it: ``GroupQueryAttention`` (rotary inside, KV cache in and out),
@@ -16,17 +16,8 @@ onto the MatMulNBits grid itself, see ``quantize_int4_gptq``),
 The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
 work), ``genai_config.json`` and the tokenizer files: ``onnxruntime_genai.Model(folder)`` runs it as it is.
 
-Graph I/O (onnxruntime-genai's names): ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, total]
-int64, ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] -> ``logits`` [batch, seq, vocab],
-``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
-
-``OnnxRuntime`` (registered as the runtime of format "onnx") runs a folder in plain onnxruntime::
-
-    rt = OnnxRuntime(folder, threads=2)
-    rt.logits(tokens)             # [n, vocab] float32, whole window with an empty cache (the evaluator)
-    rt.prefill(prompt_ids)        # logits of the last prompt token; starts a KV cache
-    rt.decode_one(token_id)       # logits of the next position; extends the cache
-    rt.generate(prompt_ids, 32)   # greedy: the new token ids (prefill + decode_one in a loop)
+The graph's inputs and outputs carry onnxruntime-genai's names (see ``engine/runtimes/onnx.py``, whose
+``OnnxRuntime`` and ``OnnxGenaiRuntime`` run the folder with its KV cache).
 """
 from __future__ import annotations
 
@@ -42,17 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.atomic import temp_prefix
 from ..engine.architectures import arch_spec
+from ..engine.atomic import temp_prefix
 from ..engine.errors import EdgeTailorError, RunCancelled
-from ..engine.runtimes import Runtime, register_runtime
+from ..engine.runtimes.onnx import MODEL_FILE, OnnxGenaiRuntime, OnnxRuntime, empty_cache
 from . import register_exporter
 from .base import Exporter, ExportResult
 
 TYPES = ("fp32", "fp16", "int8", "int4")
 INT4_METHODS = ("rtn", "hqq", "gptq")
 BLOCK_SIZES = (32, 64, 128)
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -612,7 +602,7 @@ def CalibrationReader(graph: DecoderGraph, tokenizer, text: str, windows: int, c
             w = self.items[self.pos]
             self.pos += 1
             feed = {"input_ids": np.array([w], dtype=np.int64), "attention_mask": np.ones((1, len(w)), dtype=np.int64)}
-            feed.update(_empty_cache(graph.n_layers, graph.kv_heads, graph.head_dim, np.float32))
+            feed.update(empty_cache(graph.n_layers, graph.kv_heads, graph.head_dim, np.float32))
             return feed
 
         def rewind(self):
@@ -739,89 +729,6 @@ def copy_tokenizer_files(src: Path, out: Path, tokenizer) -> None:
         backend.save(str(out / "tokenizer.json"))
 
 
-# --- runtime ----------------------------------------------------------------------------------------
-def _empty_cache(n_layers, kv_heads, head_dim, dtype) -> dict:
-    z = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
-    return {f"past_key_values.{i}.{k}": z for i in range(n_layers) for k in ("key", "value")}
-
-
-class OnnxRuntime(Runtime):
-    """An exported folder run in plain onnxruntime, with its KV cache (see the module docstring)."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
-        import onnxruntime as ort
-
-        path = Path(path)
-        model_file = path / MODEL_FILE if path.is_dir() else path
-        if not model_file.exists():
-            raise EdgeTailorError(f"There is no ONNX model at {model_file}.", "Export the variant again.")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model_file), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise EdgeTailorError(f"onnxruntime could not load {model_file}: {exc}",
-                                  "The folder may be incomplete; export the variant again.") from exc
-        self.n_ctx = n_ctx
-        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.n_layers = len(past) // 2
-        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
-        genai = model_file.parent / "genai_config.json"
-        if genai.exists():      # folders of other writers (the genai builder) may leave these dims symbolic
-            decoder = json.loads(genai.read_text())["model"]["decoder"]
-            self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
-        self.kv_heads, self.head_dim = int(self.kv_heads), int(self.head_dim)
-        self.float_dtype = np.float16 if "float16" in past[0].type else np.float32
-        self.past: dict | None = None
-        self.seen = 0
-
-    def _run(self, ids: Sequence[int], past: dict, seen: int):
-        feed = {"input_ids": np.array([list(ids)], dtype=np.int64),
-                "attention_mask": np.ones((1, seen + len(ids)), dtype=np.int64), **past}
-        outs = self.session.run(None, feed)
-        names = [o.name for o in self.session.get_outputs()]
-        logits = outs[names.index("logits")][0].astype(np.float32)
-        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")}
-        return logits, present
-
-    def logits(self, tokens):
-        logits, _ = self._run(tokens, _empty_cache(self.n_layers, self.kv_heads, self.head_dim, self.float_dtype), 0)
-        return logits
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        logits, self.past = self._run(ids, _empty_cache(self.n_layers, self.kv_heads, self.head_dim, self.float_dtype), 0)
-        self.seen = len(ids)
-        return logits[-1]
-
-    def decode_one(self, token: int) -> np.ndarray:
-        if self.past is None:
-            raise RuntimeError("call prefill() before decode_one()")
-        logits, self.past = self._run([int(token)], self.past, self.seen)
-        self.seen += 1
-        return logits[-1]
-
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-        out: list[int] = []
-        logits = self.prefill(prompt_ids)
-        for _ in range(max_new_tokens):
-            nxt = int(np.argmax(logits))
-            out.append(nxt)
-            if nxt == eos_token_id or self.seen + 1 > self.n_ctx:
-                break
-            logits = self.decode_one(nxt)
-        return out
-
-    def close(self) -> None:
-        self.session = None
-        self.past = None
-
-
-register_runtime("onnx", lambda path, n_ctx=512, threads=None: OnnxRuntime(path, n_ctx, threads))
 
 
 def verify_onnx(path: Path, n_tokens: int = 8) -> dict:
@@ -842,15 +749,10 @@ def verify_onnx(path: Path, n_tokens: int = 8) -> dict:
         rt.close()
     checked = {"loaded_by": "onnxruntime", "tokens": n_tokens}
     try:
-        import onnxruntime_genai as og
+        import onnxruntime_genai  # noqa: F401
     except ImportError:
         return checked
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=n_tokens + 4, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(ids, dtype=np.int32))
-    gen.generate_next_token()
+    with OnnxGenaiRuntime(path, n_ctx=n_tokens + 4) as genai:
+        checked["genai_token"] = int(np.argmax(genai.prefill(ids)))
     checked["loaded_by"] = "onnxruntime and onnxruntime-genai"
-    checked["genai_token"] = int(gen.get_next_tokens()[0])
     return checked

@@ -8,7 +8,8 @@ from edgetailor.engine import text
 from edgetailor.engine.calibration import token_sequences
 from edgetailor.engine.modeling import load_model
 from edgetailor.engine.sources import resolve
-from edgetailor.engine.steps.early_exit import EarlyExitModel, EarlyExitRuntime, fit_heads, load_heads, save_heads
+from edgetailor.engine.runtimes import EarlyExitRuntime
+from edgetailor.engine.steps.early_exit import EarlyExitModel, fit_heads, load_heads, save_heads
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
 from edgetailor.engine.modeling import load_model
 from edgetailor.engine.runtimes import TorchRuntime, open_runtime
 from edgetailor.exporters import get_exporter
-from edgetailor.exporters.onnx import OnnxRuntime
+from edgetailor.engine.runtimes import OnnxRuntime
 
 PROMPTS = ["Once upon a time, there was a little girl named Lily.",
            "The cat sat on the mat and looked at the big red ball in the garden."]

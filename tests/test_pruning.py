@@ -48,7 +48,7 @@ def gguf_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
 
 def onnx_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
     from edgetailor.exporters import get_exporter
-    from edgetailor.exporters.onnx import OnnxRuntime
+    from edgetailor.engine.runtimes import OnnxRuntime
 
     out = tmp_path / "m-onnx"
     exporter = get_exporter("onnx")

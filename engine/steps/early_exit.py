@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -34,7 +31,7 @@ from torch.nn import functional as F
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
 from ..runs import Variant
-from ..runtimes import Runtime
+from ..runtimes import EarlyExitRuntime, decode_tokens_per_second
 from ..step_report import record_step_report
 
 
@@ -168,42 +165,6 @@ class EarlyExitModel:
             out, exited = self._final(h[0, -1:])[0], self.n_layers
         return out, exited
 
-    def generate(self, prompt: list[int], new_tokens: int, threshold: float) -> tuple[list[int], float, list[int]]:
-        """Greedy decoding: (tokens, seconds spent on the new tokens, blocks run per new token)."""
-        cache = self.new_cache()
-        logits = None
-        for p, tok in enumerate(prompt):
-            logits, _ = self.decode_step(tok, cache, p, threshold)
-        out, depth = [], []
-        t0 = time.perf_counter()
-        for k in range(new_tokens):
-            tok = int(logits.argmax())
-            out.append(tok)
-            logits, ran = self.decode_step(tok, cache, len(prompt) + k, threshold)
-            depth.append(ran)
-        return out, time.perf_counter() - t0, depth
-
-
-class EarlyExitRuntime(Runtime):
-    """``Runtime`` over an ``EarlyExitModel`` at one threshold; counts where the tokens left."""
-
-    name = "torch-early-exit"
-
-    def __init__(self, ee: EarlyExitModel, threshold: float):
-        self.ee, self.threshold = ee, threshold
-        self.exit_counts = np.zeros(ee.n_layers + 1, dtype=np.int64)
-
-    def logits(self, tokens):
-        logits, exit_at = self.ee.forward(tokens, self.threshold)
-        self.exit_counts += np.bincount(exit_at.numpy(), minlength=self.ee.n_layers + 1)
-        return logits.float().numpy()
-
-    def exit_shares(self) -> dict[str, float]:
-        total = max(int(self.exit_counts.sum()), 1)
-        return {str(layer): float(self.exit_counts[layer] / total) for layer in self.ee.heads}
-
-    def mean_blocks(self) -> float:
-        return float((np.arange(len(self.exit_counts)) * self.exit_counts).sum() / max(self.exit_counts.sum(), 1))
 
 
 def fit_heads(model, sequences: torch.Tensor, exit_layers: list[int], distill_steps: int = 30, lr: float = 1e-3,
@@ -278,10 +239,9 @@ def load_heads(model, path) -> dict[int, ExitHead]:
 
 
 def decode_speed(ee: EarlyExitModel, prompt: list[int], new_tokens: int, threshold: float, repeats: int) -> dict:
-    runs = [ee.generate(prompt, new_tokens, threshold) for _ in range(repeats)]
-    tps = [new_tokens / s for _, s, _ in runs]
-    depth = [d for _, _, ds in runs for d in ds]
-    return {"decode_tps": round(statistics.median(tps), 3), "decode_mean_blocks": round(sum(depth) / len(depth), 3)}
+    rt = EarlyExitRuntime(ee, threshold)
+    speed = decode_tokens_per_second(rt, prompt, new_tokens, repeats)
+    return {**speed, "decode_mean_blocks": round(sum(rt.blocks_run) / len(rt.blocks_run), 3)}
 
 
 @dataclass
