@@ -73,12 +73,11 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
     import torch
 
     torch.set_num_threads(2)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.engine import imatrix
     from edgetailor.engine.calibration import token_sequences
     from edgetailor.engine.sensitivity import measure_sensitivity
     from edgetailor.exporters.gguf_calibrated import export_calibrated, export_to_target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     seqs = token_sequences(tok, Path(calib).read_text(encoding="utf-8"), 512)
@@ -134,10 +133,9 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
 
 
 def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: int) -> dict:
-    from transformers import AutoTokenizer
-
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.runtimes import LlamaCppRuntime
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     win = make_windows(tok, WIKI.read_bytes().decode("utf-8"), 512, windows)

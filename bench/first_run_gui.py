@@ -4,14 +4,15 @@ time-left estimate every 10 s, a screenshot of the results.
     rm -rf /tmp/fresh && EDGETAILOR_HOME=/tmp/fresh xvfb-run -a -s "-screen 0 1024x700x24" \
         .venv/bin/python bench/first_run_gui.py /tmp/first-run.png
 """
-import sys, time
+import sys
+import time
 
 
 def main():
     from PySide6.QtCore import QEventLoop
     from PySide6.QtWidgets import QApplication
     app = QApplication(sys.argv[:1])
-    from edgetailor.ui.main_window import MainWindow, TABS, configure_plots
+    from edgetailor.ui.main_window import TABS, MainWindow, configure_plots
     configure_plots(app)
     w = MainWindow(job_options={"threads": 2})
     w.resize(1024, 700); w.show()

@@ -43,7 +43,6 @@ def main() -> int:
     types = args.types.split(",")
 
     import reference_tools as ref
-
     from edgetailor.engine import resolve
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.modeling import load_model

@@ -36,9 +36,8 @@ def main() -> int:
     import torch
     from edgetailor.engine import resolve
     from edgetailor.engine.modeling import load_tokenizer
-    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.runtimes import OnnxRuntime, TorchRuntime
     from edgetailor.exporters import get_exporter
-    from edgetailor.engine.runtimes import OnnxRuntime
     from transformers import AutoConfig, AutoModelForCausalLM
 
     demo = resolve("demo")

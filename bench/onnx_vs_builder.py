@@ -90,7 +90,6 @@ def folder_mb(folder: Path) -> float:
 def genai_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict:
     """Greedy decoding of ``new_tokens`` tokens in onnxruntime-genai (its KV cache), timed apart from the prefill."""
     import numpy as np
-
     from edgetailor.engine.runtimes import OnnxGenaiRuntime
 
     with OnnxGenaiRuntime(folder, n_ctx=len(prompt_ids) + new_tokens, threads=threads) as rt:
@@ -128,9 +127,8 @@ def main() -> int:
     from edgetailor.engine import resolve
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.runtimes import OnnxRuntime, TorchRuntime
     from edgetailor.engine.text import read_text
-    from edgetailor.engine.runtimes import OnnxRuntime
     from gguf_ladder import machine
 
     src = resolve(args.model)

@@ -48,7 +48,6 @@ BUDGETS = [
 def ladder(model_dir: Path, calib: Path, work: Path, windows: list, prompt: list[int], threads: int) -> dict:
     """llama.cpp's ladder with an importance matrix: each type's file, size, quality and measured footprint."""
     import reference_tools as rt
-
     from edgetailor.engine.benchmark import benchmark_variant
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate
     from edgetailor.engine.runtimes import open_runtime

@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import machine  # noqa: E402  (bench/ is on sys.path)
+
 WIKITEXT = HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 PRUNINGS = [("magnitude 50%", "prune.magnitude", {"sparsity": 0.5}),
             ("wanda 50%", "prune.wanda", {"sparsity": 0.5}),

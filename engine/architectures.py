@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 # Techniques verified on every family: they change weight values only and export through either GGUF writer.
 VALUE_TECHNIQUES = ("prune.magnitude", "prune.wanda")
 # Steps that measure or export and work on any supported family.

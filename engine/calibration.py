@@ -100,7 +100,7 @@ def run_batches(model, sequences: torch.Tensor, batch_size: int = 4,
 
 
 @contextlib.contextmanager
-def _hooks(handles: Iterable):
+def input_hooks(handles: Iterable):
     handles = list(handles)
     try:
         yield
@@ -124,7 +124,7 @@ def recording_channel_stats(mods: dict[str, torch.nn.Module]):
             s.count += x.shape[0]
         return fn
 
-    with _hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
+    with input_hooks(m.register_forward_pre_hook(hook(n)) for n, m in mods.items()):
         yield stats
 
 
@@ -153,11 +153,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def _block_input(args, kwargs) -> torch.Tensor:
+def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _block_output(output) -> torch.Tensor:
+def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -213,10 +213,10 @@ def skipping_block(model, index: int):
     layer = decoder_layers(model)[index]
 
     def fn(module, args, kwargs, output):
-        x = _block_input(args, kwargs)
+        x = block_input(args, kwargs)
         return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
 
-    with _hooks([layer.register_forward_hook(fn, with_kwargs=True)]):
+    with input_hooks([layer.register_forward_hook(fn, with_kwargs=True)]):
         yield
 
 

@@ -5,13 +5,16 @@ import contextlib
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import atomic, text
 from .errors import RunCancelled
 from .events import make_event
 from .runs import RunRecord, Variant
 from .sources import ResolvedSource
+
+if TYPE_CHECKING:
+    from .reference import ReferenceChoice
 
 
 @dataclass
@@ -67,6 +70,21 @@ class JobOptions:
         return psutil.cpu_count(logical=False) or 1
 
 
+@dataclass
+class Held:
+    """Something measured on the model as it stood after the transforms ``applied`` (stale after another)."""
+    applied: tuple[str, ...]
+    value: Any
+
+
+@dataclass
+class Scratch:
+    """What a step leaves for later steps of the same run: one typed slot each."""
+    imatrix: Held | None = None                       # ImatrixStats (with or without Hessians)
+    verification: Held | None = None                  # (check windows, the model's log-probs on them)
+    reference_choice: "ReferenceChoice | None" = None # the runtime that gives the run's reference logits
+
+
 class RunContext:
     def __init__(self, record: RunRecord, source: ResolvedSource, options: JobOptions,
                  emit: Callable[[dict], None], cancel: threading.Event | None = None, t0: float | None = None):
@@ -82,7 +100,7 @@ class RunContext:
         self._tokenizer = None             # the tokenizer alone, while the model is not loaded
         self._lazy = None                  # LazyModel of the untouched source (export-only steps)
         self._texts: dict[str, str] = {}
-        self.scratch: dict = {}            # steps may leave things for later steps (e.g. importance stats)
+        self.scratch = Scratch()           # what steps leave for later steps (importance stats, references)
 
     # --- reporting -----------------------------------------------------------------------------
     @property
@@ -102,14 +120,28 @@ class RunContext:
         self.emit("sample", series=series, value=value, variant=variant)
 
     def report(self, **data) -> None:
-        """What the running step changed (e.g. sparsity per layer type): kept under ``report`` in the step's
-        manifest entry and streamed as a log line, so runs and later steps can show it."""
+        """What the running step did (what it changed, what it measured): kept under ``report`` in the step's
+        manifest entry (later calls add to it) and streamed as a log line of its short values."""
         steps = self.record.manifest.get("steps") or []
         if steps and steps[-1].get("name") == self.step_name:
             steps[-1].setdefault("report", {}).update(data)
             self.record.save()
-        self.emit("log", message=f"{self.step_name}: " + ", ".join(f"{k}={v}" for k, v in data.items()),
+        short = {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        self.emit("log", message=f"{self.step_name}: " + ", ".join(f"{k}={v}" for k, v in short.items()),
                   level="info", report=data)
+
+    def mark_applied(self, label: str) -> None:
+        """The running transform changed the model: later variants are named after it, later steps see it."""
+        self.applied.append(label)
+
+    def hold(self, slot: str, value) -> None:
+        """Keep ``value`` in the scratch slot, stamped with the transforms applied so far."""
+        setattr(self.scratch, slot, Held(tuple(self.applied), value))
+
+    def held(self, slot: str):
+        """The slot's value if it was measured on the model as it stands now, else None."""
+        held = getattr(self.scratch, slot)
+        return held.value if held is not None and held.applied == tuple(self.applied) else None
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():

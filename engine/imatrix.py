@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .calibration import _hooks
+from .calibration import input_hooks
 from .errors import EdgeTailorError
 
 
@@ -114,7 +114,7 @@ class InputCollector:
         self.last = {"x": None}
 
     def hooks(self, mods: dict[str, torch.nn.Module]):
-        return _hooks(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
+        return input_hooks(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
                       for n, m in mods.items())
 
     def stats(self, tokens: int) -> ImportanceStats:

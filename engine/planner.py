@@ -24,8 +24,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import EdgeTailorError
-
-
 from .runtimes import KV_TYPES
 
 #: quantized KV caches need a head size that their 32-element blocks divide
@@ -181,11 +179,11 @@ class Predictor:
 
     def weights_info(self, types: dict, drop: int = 0):
         """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
-        from ..exporters.gguf_calibrated import _tensor_bytes
+        from ..exporters.gguf_calibrated import tensor_bytes
         from .projection import REPACKED_TYPES, WeightsInfo, llama_cpp_repacks
 
         sources = self.kept(drop)
-        nbytes = {n: _tensor_bytes(types[n], s.shape) for n, s in sources.items()}
+        nbytes = {n: tensor_bytes(types[n], s.shape) for n, s in sources.items()}
         total = sum(nbytes.values()) + self.metadata
         emb = sources.get("token_embd.weight")
         tied = "output.weight" not in sources

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .context import RunContext
+
 GB = 1024**3
 TORCH_REFERENCE_MAX_BYTES = 2 * GB      # fp32 bytes (500M parameters) up to which torch is the reference
 
@@ -27,11 +29,10 @@ class ReferenceChoice:
         return asdict(self)
 
 
-def choose(ctx) -> ReferenceChoice:
+def choose(ctx: RunContext) -> ReferenceChoice:
     """Decide once per run (from the files' headers; nothing loads) and record the choice in the manifest."""
-    held = ctx.scratch.get("reference_choice")
-    if held is not None:
-        return held
+    if ctx.scratch.reference_choice is not None:
+        return ctx.scratch.reference_choice
     from .preflight import safetensors_parameter_count
 
     counted = safetensors_parameter_count(ctx.source.path)
@@ -45,14 +46,14 @@ def choose(ctx) -> ReferenceChoice:
                                          f"{TORCH_REFERENCE_MAX_BYTES / GB:.0f} GB): a {qtype} GGUF of the source, "
                                          "written tensor by tensor, runs in llama.cpp instead",
                                  type=qtype)
-    ctx.scratch["reference_choice"] = choice
+    ctx.scratch.reference_choice = choice
     ctx.record.manifest["reference"] = choice.to_dict()
     ctx.record.save()
     ctx.log(f"Reference logits: {choice.format} ({choice.reason})")
     return choice
 
 
-def reference_gguf(ctx, choice: ReferenceChoice) -> Path:
+def reference_gguf(ctx: RunContext, choice: ReferenceChoice) -> Path:
     """Write the 16-bit reference file once per run (scratch; removed with the run's scratch folder)."""
     if choice.path and Path(choice.path).exists():
         return Path(choice.path)
@@ -73,7 +74,7 @@ def reference_gguf(ctx, choice: ReferenceChoice) -> Path:
     return path
 
 
-def open_reference(ctx, n_ctx: int):
+def open_reference(ctx: RunContext, n_ctx: int):
     """A runtime for the untouched source's logits, as ``choose`` decided."""
     from .runtimes import TorchRuntime, open_runtime
 

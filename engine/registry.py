@@ -10,7 +10,7 @@ registers quant types and Olive registers passes::
 
     @register_step("prune.magnitude", MagnitudePruneConfig, kind="transform",
                    summary="Zero the smallest weights", exports="GGUF and ONNX (plain weights)")
-    def magnitude_prune(ctx, cfg): ...
+    def magnitude_prune(ctx: RunContext, cfg): ...
 """
 from __future__ import annotations
 

@@ -23,10 +23,9 @@ from typing import Callable
 
 import torch
 
-from .calibration import _hooks
+from .calibration import input_hooks
 from .errors import RunCancelled
 from .memory import release_pages, trim_heap
-
 
 #: tokens whose logits the loss is computed from at once (64 x a 49k vocabulary: 12 MB of float32 logits)
 HEAD_ROWS = 64
@@ -55,7 +54,7 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
     then goes back through one block at a time, each recomputed from its kept input. Each block's weights
     are read twice in all (and released after each use), and only one block's activations exist at once.
     """
-    from .calibration import _block_output
+    from .calibration import block_output
     from .walker import BlockWalk
 
     seq_len = min(seq_len, sequences.shape[1])
@@ -79,7 +78,7 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
         return fn
 
     def hooked(mods: dict):
-        return _hooks(m.register_forward_hook(forward_hook(n)) for n, m in mods.items())
+        return input_hooks(m.register_forward_hook(forward_hook(n)) for n, m in mods.items())
 
     def check():
         if cancelled and cancelled():
@@ -107,7 +106,7 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
                 check()
                 kept.append(h)
                 with walk.block(i) as block, hooked(block.linears()):
-                    h = _block_output(block.module(h, **kws[i]))
+                    h = block_output(block.module(h, **kws[i]))
                     if not lazy:
                         release_pages(p.data for p in block.module.parameters())
                 if progress:
@@ -138,7 +137,7 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
             check()
             x = kept.pop().requires_grad_(True)
             with walk.block(i) as block, hooked(block.linears()):
-                _block_output(block.module(x, **kws[i])).backward(grad)
+                block_output(block.module(x, **kws[i])).backward(grad)
                 if not lazy:
                     release_pages(p.data for p in block.module.parameters())
             grad = x.grad

@@ -18,8 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from .context import RunContext
 from .errors import EdgeTailorError
-from .evaluate import _log_softmax
+from .evaluate import log_softmax
 
 WINDOWS = 2            # fixed windows of the calibration text (its start: the same tokens for every variant)
 WINDOW_TOKENS = 64
@@ -66,7 +67,7 @@ def source_logprobs(model, windows: list[list[int]]) -> list[np.ndarray]:
     from .runtimes import TorchRuntime
 
     rt = TorchRuntime(model)
-    return [_log_softmax(rt.logits(w)) for w in windows]
+    return [log_softmax(rt.logits(w)) for w in windows]
 
 
 def compare(reference: list[np.ndarray], runtime, windows: list[list[int]]) -> dict:
@@ -76,7 +77,7 @@ def compare(reference: list[np.ndarray], runtime, windows: list[list[int]]) -> d
         logits = runtime.logits(w)
         if not np.isfinite(logits).all():
             return {"kl": float("inf"), "kl_max": float("inf"), "top1": 0.0, "positions": len(w)}
-        lp = _log_softmax(logits[:, : ref.shape[1]])
+        lp = log_softmax(logits[:, : ref.shape[1]])
         kls.append((np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64))
         agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
         n += len(w)
@@ -115,20 +116,19 @@ def verify_against_source(fmt: str, qtype: str, path, reference: list[np.ndarray
     return found
 
 
-def check_variant(ctx, model, fmt: str, qtype: str, path) -> dict:
+def check_variant(ctx: RunContext, model, fmt: str, qtype: str, path) -> dict:
     """The file against the model it was written from, on fixed windows (raises with the numbers when off)."""
-    key = ("verification", tuple(ctx.applied))
-    if key not in ctx.scratch:
+    if ctx.held("verification") is None:
         windows = check_windows(ctx.tokenizer, ctx.calibration_text())
         if getattr(model, "is_lazy", False):         # the untouched source, never loaded: its reference runtime
             from .reference import open_reference
 
             with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
-                reference = [_log_softmax(rt.logits(w)) for w in windows]
+                reference = [log_softmax(rt.logits(w)) for w in windows]
         else:
             reference = source_logprobs(model, windows)
-        ctx.scratch[key] = (windows, reference)
-    windows, reference = ctx.scratch[key]
+        ctx.hold("verification", (windows, reference))
+    windows, reference = ctx.held("verification")
     found = verify_against_source(fmt, qtype, path, reference, windows, threads=ctx.options.resolved_threads())
     return {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import _block_input, _block_output, decoder_layers
+from .calibration import block_input, block_output, decoder_layers
 from .errors import EdgeTailorError, RunCancelled
 from .memory import trim_heap
 
@@ -73,7 +73,7 @@ class Block:
         with torch.inference_mode():
             for b, h in enumerate(walk.hidden):
                 walk.check_cancelled()
-                out = _block_output(self.module(h, **walk.kwargs[self.index][b])).detach()
+                out = block_output(self.module(h, **walk.kwargs[self.index][b])).detach()
                 if advance:
                     walk.hidden[b] = out
                 del h, out
@@ -167,7 +167,7 @@ class BlockWalk:
 
         def passthrough(i):
             def fn(*args, **kw):
-                h = _block_input(args, kw)
+                h = block_input(args, kw)
                 if i == 0:
                     hidden.append(h.detach())
                 kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})

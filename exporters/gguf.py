@@ -162,7 +162,7 @@ def _param_count(model) -> int:
 
 
 # --- metadata ---------------------------------------------------------------------------------------
-def _add_hparams(w, cfg, spec, n_layers: int) -> None:
+def add_hparams(w, cfg, spec, n_layers: int) -> None:
     h = cfg.hidden_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
@@ -251,7 +251,7 @@ def _bpe_pre_name(tokenizer, tokenizer_dir: Path) -> str:
     return table[chkhsh]
 
 
-def _add_vocab(w, tokenizer, tokenizer_dir: Path, vocab_size: int) -> str:
+def add_vocab(w, tokenizer, tokenizer_dir: Path, vocab_size: int) -> str:
     import gguf
 
     tokenizer_dir = Path(tokenizer_dir)
@@ -422,13 +422,13 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
     w = gguf.GGUFWriter(str(out), spec.gguf_arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model"))
-    _add_hparams(w, cfg, spec, n_layers)
+    add_hparams(w, cfg, spec, n_layers)
     w.add_file_type(_ftype(qtype))
     if qtype in ("Q8_0",) or tensor_types:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for k, v in (extra_metadata or {}).items():
         w.add_string(k, str(v))
-    tok_kind = _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
+    tok_kind = add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
 
     state = model.state_dict()
     items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]

@@ -378,14 +378,14 @@ def metadata_bytes(model, tokenizer, tokenizer_dir, workdir: Path) -> int:
     """Bytes of everything in the file but the 2-D tensors' data: header, vocabulary, tensor infos, norms."""
     import gguf
 
-    from .gguf import _add_hparams, _add_vocab
+    from .gguf import add_hparams, add_vocab
 
     cfg = model.config
     spec = arch_spec(cfg.model_type)
     probe = Path(workdir) / "metadata.gguf"
     w = gguf.GGUFWriter(str(probe), spec.gguf_arch)
-    _add_hparams(w, cfg, spec, int(cfg.num_hidden_layers))
-    _add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size))
+    add_hparams(w, cfg, spec, int(cfg.num_hidden_layers))
+    add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
@@ -405,14 +405,14 @@ def type_bytes(t: str, shape) -> int:
 ALIGN = 32
 
 
-def _tensor_bytes(t: str, shape) -> int:
+def tensor_bytes(t: str, shape) -> int:
     """Bytes of a tensor's data in any type llama.cpp puts in a file (F16/F32 for rows too short to block)."""
     if t in gguf_blocks.TYPES:
         return type_bytes(t, shape)
     return shape[0] * shape[1] * {"F16": 2, "BF16": 2, "F32": 4}[t]
 
 
-def _sample_rows(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_rows(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` rows drawn with probability proportional to their weight (systematic sampling along the cumulative
     weight, so deterministic), and the factor each sampled row's error counts with, so that the sum over the
     sample estimates the weighted sum over all rows. A handful of rows can carry most of the weight (the output
@@ -462,7 +462,7 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
         module, W = sources[name].module, sources[name].matrix()
         x2 = sensitivity.input_sq.get(module)
         imp = x2.numpy() if x2 is not None else np.ones(W.shape[1])
-        rows, rw = _sample_rows(row_weights.get(name, np.ones(W.shape[0])), max_rows)
+        rows, rw = sample_rows(row_weights.get(name, np.ones(W.shape[0])), max_rows)
         sub = W[rows]
         opts = []
         for t in CANDIDATES:
@@ -472,7 +472,7 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
             err = float(rw @ (((deq - sub) ** 2) * imp[None, :]).sum(1))
             opts.append((t, type_bytes(t, W.shape), err))
         if not opts:          # rows no block type divides (llama.cpp keeps these in F16 too)
-            opts = [("F16", _tensor_bytes("F16", W.shape), 0.0)]
+            opts = [("F16", tensor_bytes("F16", W.shape), 0.0)]
         opts.sort(key=lambda o: (o[1], o[2]))
         opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
         hull_of[name] = _lower_hull(opts)
@@ -582,7 +582,7 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, target_bytes: i
         if like is not None:
             # the same metadata as llama.cpp's file, so its tensors' bytes are the budget (less worst-case padding)
             llama_types = llama_cpp_types(model, tokenizer, tokenizer_dir, like, Path(tmp))
-            budget = sum(_tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
+            budget = sum(tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
             target_bytes = budget + overhead
         else:
             budget = target_bytes - overhead

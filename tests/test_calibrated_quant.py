@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from edgetailor.exporters import gguf_blocks
 
 
@@ -106,9 +105,8 @@ def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(na
 
 
 def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
-    from transformers import AutoModelForCausalLM
-
     from edgetailor.engine import imatrix
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     ids = torch.randint(3, 500, (3, 40))
@@ -135,9 +133,8 @@ def _blockwise(model, seqs, types, method, tmp_path):
 
 
 def test_gptq_leaves_attention_inputs_weighted_only(tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from edgetailor.exporters.gguf_calibrated import tensor_sources
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     seqs = torch.randint(3, 500, (4, 64))
@@ -153,10 +150,9 @@ def test_gptq_leaves_attention_inputs_weighted_only(tiny_models, tmp_path):
 def test_block_by_block_statistics_equal_a_whole_model_pass(tiny_models, tmp_path):
     """Walking the model one block at a time sees the activations a whole-model pass sees, head included,
     and leaves the model's weights as they were."""
-    from transformers import AutoModelForCausalLM
-
     from edgetailor.engine import imatrix
     from edgetailor.exporters.gguf_calibrated import tensor_sources
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -179,9 +175,8 @@ def _unpermute(w, n_head):
 def _runs_like_torch_with_its_decoded_weights(model, tok, path):
     """torch with the weights gguf-py decodes from the file's blocks gives the logits llama.cpp computes."""
     import gguf
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
     from edgetailor.engine.runtimes import LlamaCppRuntime
+    from gguf import MODEL_ARCH, get_tensor_name_map
 
     mine = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     sd = model.state_dict()
@@ -212,9 +207,8 @@ def _runs_like_torch_with_its_decoded_weights(model, tok, path):
 def test_iq4_nl_blocks_run_in_llama_cpp_and_beat_q4_0_at_its_size(tiny_models, tmp_path):
     """IQ4_NL (Q4_0's 18 bytes per 32 weights, a non-uniform grid): llama.cpp runs our blocks as torch does,
     and the same importance statistics give a smaller weighted error than Q4_0's uniform grid."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.exporters.gguf_calibrated import export_calibrated, tensor_sources
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models["llama"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -232,12 +226,9 @@ def test_iq4_nl_blocks_run_in_llama_cpp_and_beat_q4_0_at_its_size(tiny_models, t
 
 def test_calibrated_file_has_llama_cpps_types_and_runs_like_torch(tiny_models, tmp_path):
     import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgetailor.engine import imatrix
-    from edgetailor.engine.runtimes import LlamaCppRuntime
     from edgetailor.exporters.gguf import llama_quantize, write_gguf
     from edgetailor.exporters.gguf_calibrated import export_calibrated
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models["llama"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -299,11 +290,10 @@ def test_calibrated_export_alone_saves_the_statistics_it_used(tiny_models):
 
 @pytest.mark.parametrize("target_mb", [0.13, 0.18])
 def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_path, target_mb):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.engine.errors import EdgeTailorError
     from edgetailor.exporters.gguf import verify_gguf
     from edgetailor.exporters.gguf_calibrated import export_to_target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models["mistral"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -319,10 +309,9 @@ def test_mixed_precision_lands_within_2_percent_of_the_target(tiny_models, tmp_p
 
 
 def test_measured_mix_is_never_larger_than_llama_cpps_file_and_runs(tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.exporters.gguf import llama_quantize, write_gguf
     from edgetailor.exporters.gguf_calibrated import export_to_target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models["llama"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -341,7 +330,7 @@ def test_measured_mix_is_never_larger_than_llama_cpps_file_and_runs(tiny_models,
 def test_planner_samples_rows_by_weight_so_a_few_heavy_rows_are_not_missed():
     """The output head's loss weight sits on the rows of the tokens the text uses: a sample of 64 of 49152 rows
     must still estimate the weighted error sum; evenly spaced rows would see none of the heavy ones."""
-    from edgetailor.exporters.gguf_calibrated import _sample_rows
+    from edgetailor.exporters.gguf_calibrated import sample_rows
 
     rng = np.random.default_rng(4)
     weights = np.full(49152, 1e-4)
@@ -349,18 +338,17 @@ def test_planner_samples_rows_by_weight_so_a_few_heavy_rows_are_not_missed():
     weights[heavy] = rng.uniform(0.5, 3, 300)
     err = rng.uniform(0.5, 1.5, 49152)                   # each row's squared error under some type
     exact = float(weights @ err)
-    rows, factor = _sample_rows(weights, 64)
+    rows, factor = sample_rows(weights, 64)
     assert abs(float(factor @ err[rows]) / exact - 1) < 0.1
     even = np.linspace(0, 49151, 64).astype(int)
     assert abs(float(weights[even] @ err[even]) * 49152 / 64 / exact - 1) > 0.5
-    small_rows, small_factor = _sample_rows(weights[:50], 64)           # fewer rows than the sample: all, exactly
+    small_rows, small_factor = sample_rows(weights[:50], 64)           # fewer rows than the sample: all, exactly
     assert list(small_rows) == list(range(50)) and np.allclose(small_factor, weights[:50])
 
 
 def test_sensitivity_is_the_loss_gradient_at_each_output_and_the_inputs_moments(tiny_models):
-    from transformers import AutoModelForCausalLM
-
     from edgetailor.engine.sensitivity import measure_sensitivity
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     seqs = torch.randint(3, 500, (2, 32))
@@ -410,10 +398,9 @@ def _with_outlier_channels(model, factor=30.0):
 def test_awq_scaling_keeps_the_function_and_lowers_quantization_error(tiny_models):
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     from edgetailor.engine import imatrix
     from edgetailor.engine.steps.awq import AwqConfig, apply_awq, fake_quantize
+    from transformers import AutoModelForCausalLM
 
     model = _with_outlier_channels(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32))
     ids = torch.randint(3, 500, (4, 64))
@@ -466,7 +453,6 @@ def test_released_weights_leave_resident_memory_and_keep_their_values(tmp_path):
     import sys
 
     import psutil
-
     from edgetailor.engine.memory import release_pages
 
     if not sys.platform.startswith("linux"):
@@ -489,11 +475,8 @@ def test_gguf_writer_streams_tensors_instead_of_holding_the_file(tiny_models, tm
     import tracemalloc
 
     import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.exporters.gguf import write_gguf
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models["llama"]                 # its small SentencePiece vocabulary; wider, deeper layers
     cfg = AutoConfig.from_pretrained(src)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from edgetailor.engine import text
 from edgetailor.engine.calibration import decoder_layers, mean_loss, token_sequences
 from edgetailor.engine.modeling import load_model

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from edgetailor.engine import JobSpec, run_job
 
 

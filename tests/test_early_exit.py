@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from edgetailor.engine import text
 from edgetailor.engine.calibration import token_sequences
 from edgetailor.engine.modeling import load_model
-from edgetailor.engine.sources import resolve
 from edgetailor.engine.runtimes import EarlyExitRuntime
+from edgetailor.engine.sources import resolve
 from edgetailor.engine.steps.early_exit import EarlyExitModel, fit_heads, load_heads, save_heads
 
 

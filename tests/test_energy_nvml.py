@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-
 from edgetailor.engine.energy import EnergyMeter, nvml_counters
 
 pytestmark = pytest.mark.skipif(not nvml_counters(), reason="no NVIDIA GPU with an energy counter")

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import torch
-
 from edgetailor.engine import resolve
 from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
 from edgetailor.engine.modeling import load_model

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from family_models import FAMILIES
 from test_gguf_export import TEST_STRINGS
 
@@ -26,11 +25,10 @@ def _run(folder: Path, steps: list[dict]):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_LIST)
 def test_family_exports_exactly_tokenizes_alike_and_survives_a_transform(family, family_model):
+    from edgetailor.engine.architectures import arch_spec
     from edgetailor.engine.runtimes import LlamaCppRuntime
     from edgetailor.engine.verification import tolerance_for
     from transformers import AutoTokenizer
-
-    from edgetailor.engine.architectures import arch_spec
 
     folder = family_model(family)
     onnx = bool(arch_spec(json.loads((folder / "config.json").read_text())["model_type"]).onnx)

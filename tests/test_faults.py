@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from edgetailor.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSUPPORTED, main
 
 
@@ -291,9 +290,8 @@ def test_a_killed_worker_is_recorded_and_its_leftovers_swept(tmp_path, demo_sour
 # --- concurrency and leftovers of killed conversions -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def stories_gguf(tmp_path_factory, stories_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.exporters import get_exporter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("gguf") / "stories-f16.gguf"
     model = AutoModelForCausalLM.from_pretrained(str(stories_dir))

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 from edgetailor.engine import resolve
 from edgetailor.engine.modeling import load_model
 from edgetailor.engine.runtimes import LlamaCppRuntime, TorchRuntime

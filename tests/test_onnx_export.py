@@ -8,9 +8,8 @@ import pytest
 from edgetailor.engine import EdgeTailorError, JobSpec, resolve, run_job
 from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
 from edgetailor.engine.modeling import load_model
-from edgetailor.engine.runtimes import TorchRuntime, open_runtime
+from edgetailor.engine.runtimes import OnnxRuntime, TorchRuntime, open_runtime
 from edgetailor.exporters import get_exporter
-from edgetailor.engine.runtimes import OnnxRuntime
 
 PROMPTS = ["Once upon a time, there was a little girl named Lily.",
            "The cat sat on the mat and looked at the big red ball in the garden."]

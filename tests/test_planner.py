@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_tiny_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -168,9 +167,8 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     assert not panel.card.isHidden() and st.recommendation["variant"] in panel.card.title.text()
     assert panel.current() == st.recommendation["variant"]
     # the decision first, each column saying what it is; the recommended row marked
-    from PySide6.QtCore import Qt
-
     from edgetailor.ui.results import COLUMNS
+    from PySide6.QtCore import Qt
 
     assert [c[0] for c in COLUMNS[:3]] == ["Variant", "Fits", "Score"]
     score_tip = panel.model.headerData(2, Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
@@ -214,7 +212,6 @@ def test_a_candidate_without_blocks_is_written_from_the_files_and_checked_agains
     pruning the loaded model, and its file is checked against it, evaluated and benchmarked."""
     import numpy as np
     import torch
-
     from edgetailor.engine.calibration import final_logprobs, token_sequences
     from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
     from edgetailor.engine.lazy import LazyModel

@@ -47,8 +47,8 @@ def gguf_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
 
 
 def onnx_logits(model, tokenizer, tokenizer_dir, tmp_path, tokens):
-    from edgetailor.exporters import get_exporter
     from edgetailor.engine.runtimes import OnnxRuntime
+    from edgetailor.exporters import get_exporter
 
     out = tmp_path / "m-onnx"
     exporter = get_exporter("onnx")

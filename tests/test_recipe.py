@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from edgetailor.engine import EdgeTailorError, Recipe, list_presets, load_preset
 
 

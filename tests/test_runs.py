@@ -5,12 +5,10 @@ import json
 import time
 
 import pytest
-
 from conftest import tiny_recipe
-
 from edgetailor.engine import JobSpec, run_job, start_job
-from edgetailor.engine.errors import EdgeTailorError
 from edgetailor.engine.atomic import sha256_file
+from edgetailor.engine.errors import EdgeTailorError
 
 
 def test_run_in_process_records_everything(stories_dir, tmp_path):
@@ -37,7 +35,6 @@ def test_run_in_process_records_everything(stories_dir, tmp_path):
 
 def test_bad_parameters_fail_before_any_work(stories_dir, tmp_path):
     import pytest
-
     from edgetailor.engine import EdgeTailorError
 
     with pytest.raises(EdgeTailorError):

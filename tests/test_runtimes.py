@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from edgetailor.engine import EdgeTailorError, resolve
 from edgetailor.engine.modeling import load_model
-from edgetailor.engine.runtimes import (EarlyExitRuntime, Runtime, TorchRuntime, open_runtime,
-                                        runtime_names)
+from edgetailor.engine.runtimes import EarlyExitRuntime, Runtime, TorchRuntime, open_runtime, runtime_names
 from edgetailor.exporters import get_exporter
 
 ROOT = Path(__file__).resolve().parents[1]

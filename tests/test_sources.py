@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from edgetailor.engine import EdgeTailorError, preflight, resolve
 from edgetailor.engine.modeling import load_model
 
@@ -82,7 +81,6 @@ def test_pickled_checkpoint_loads_weights_only(stories_dir, tmp_path):
 
 def test_preflight_counts_parameters_and_refuses_with_numbers(stories_dir, monkeypatch):
     import psutil
-
     from edgetailor.engine import DoesNotFitError, load_preset
 
     src = resolve(str(stories_dir))

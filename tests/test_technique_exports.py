@@ -3,7 +3,6 @@ exports to GGUF (loaded back by llama.cpp in the export step) and is scored by t
 from __future__ import annotations
 
 import pytest
-
 from edgetailor.engine import JobSpec, run_job
 from edgetailor.engine.steps.cluster import load_palette
 from edgetailor.engine.steps.early_exit import load_heads

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from edgetailor.engine.lazy import LazyModel
 from edgetailor.engine.walker import BlockWalk
 
@@ -64,11 +63,10 @@ def test_a_family_whose_files_fuse_tensors_is_refused_lazily_with_the_reason(fam
 @pytest.mark.parametrize("mode", ["llama.cpp", "measured"])
 def test_calibrated_gguf_from_the_files_is_the_file_from_the_loaded_model(mode, tiny_models, tmp_path):
     """qwen2 with a tied head: the lazy walk (one block read at a time) writes the same bytes, in both mixes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgetailor.engine import text
     from edgetailor.engine.calibration import token_sequences
     from edgetailor.exporters.gguf_calibrated import export_calibrated, export_to_target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_models["qwen2"]
     tok = AutoTokenizer.from_pretrained(str(folder))

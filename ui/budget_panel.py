@@ -2,10 +2,9 @@
 them with the engine's own ``Budget.check`` and the benchmark step gets them as its parameters."""
 from __future__ import annotations
 
+from edgetailor.engine.devices import HOST_ID, Budget, host_profile, list_devices
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSpinBox
-
-from edgetailor.engine.devices import HOST_ID, Budget, host_profile, list_devices
 
 from .common import Background
 

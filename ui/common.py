@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from edgetailor.engine.errors import EdgeTailorError
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QRunnable, Qt, QThreadPool, Signal
 from PySide6.QtWidgets import QAbstractSpinBox, QComboBox, QMessageBox, QWidget
-
-from edgetailor.engine.errors import EdgeTailorError
 
 DASH = "—"
 

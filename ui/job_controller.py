@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import psutil
-from PySide6.QtCore import QObject, QTimer, Signal
-
 from edgetailor.engine import JobSpec, start_job
+from PySide6.QtCore import QObject, QTimer, Signal
 
 from .run_state import RunState
 

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import html
 
-from PySide6.QtCore import QSettings, QTimer, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton,
-                               QVBoxLayout)
-
 from edgetailor.engine import preflight, resolve
 from edgetailor.engine.recipe import Recipe
+from PySide6.QtCore import QSettings, QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+)
 
 from .common import Background, fmt_bytes, problem_and_fix
 

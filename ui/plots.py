@@ -6,8 +6,8 @@ import math
 
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QGridLayout, QWidget
 from PySide6.QtGui import QFontMetrics
+from PySide6.QtWidgets import QGridLayout, QWidget
 
 from .run_state import RunState
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import time
 
+from edgetailor.engine.generate import Generator
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGridLayout, QLabel, QPlainTextEdit, QPushButton,
-                               QSpinBox, QVBoxLayout, QWidget)
-
-from edgetailor.engine.generate import Generator
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from .common import Background, problem_and_fix
 

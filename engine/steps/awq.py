@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
-from ..step_report import record_step_report
 
 GROUPS = ("attn_in", "mlp_in", "mlp_down")
 
@@ -142,19 +142,19 @@ def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> li
                summary="AWQ-style per-channel scaling folded into the norms and up_proj (equivalent model, easier to quantize)",
                exports="GGUF and ONNX natively: the scales fold into existing weights, so the graph is unchanged",
                ram_multiple=1.2)
-def awq_scale(ctx, cfg: AwqConfig) -> None:
+def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
     from .calibrated_quant import current_stats, keep_stats
 
     stats = current_stats(ctx, need_hessians=True)
     records = apply_awq(ctx.model, stats, cfg, progress=lambda f, m: ctx.progress(0.99 * f, m),
                         cancelled=ctx.cancel.is_set)
     label = f"awq{cfg.bits}"
-    ctx.applied.append(label)
+    ctx.mark_applied(label)
     keep_stats(ctx, stats, ctx.model)      # rescaled with the model: still valid, saved again for the scaled model
     before = sum(r["error_before"] for r in records)
     after = sum(r["error_after"] for r in records)
     scaled = sum(r["alpha"] > 0 for r in records)
-    record_step_report(ctx, {"label": label, "groups_scaled": scaled, "groups": len(records),
+    ctx.report(**{"label": label, "groups_scaled": scaled, "groups": len(records),
                              "stand_in_output_error_before": before, "stand_in_output_error_after": after,
                              "alphas": [r["alpha"] for r in records]})
     ctx.log(f"{label}: {scaled}/{len(records)} layer groups rescaled; stand-in {cfg.bits}-bit output error "

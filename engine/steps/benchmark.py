@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 from ..runs import Variant
@@ -47,7 +48,7 @@ def budget_for(cfg: BenchmarkConfig):
                   max_ppl_increase_pct=cfg.max_ppl_increase_pct, max_kl=cfg.max_kl)
 
 
-def prompt_ids(ctx, n: int) -> list[int]:
+def prompt_ids(ctx: RunContext, n: int) -> list[int]:
     from ..modeling import load_tokenizer
 
     tok = ctx._loaded.tokenizer if ctx._loaded is not None else load_tokenizer(ctx.source)
@@ -61,12 +62,18 @@ def prompt_ids(ctx, n: int) -> list[int]:
 @register_step("benchmark", BenchmarkConfig, kind="measure",
                summary="Load time, peak memory, time to first token, prefill/decode tok/s and energy of every "
                        "variant, each in a fresh process; predicted memory and projected speed on a device")
-def benchmark(ctx, cfg: BenchmarkConfig) -> None:
+def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
     from ..benchmark import benchmark_variant
     from ..devices import host_profile
     from ..energy import EnergyMeter
-    from ..projection import (device_speed, measure_decode_model, measure_overhead, predict_memory, project,
-                              variant_info)
+    from ..projection import (
+        device_speed,
+        measure_decode_model,
+        measure_overhead,
+        predict_memory,
+        project,
+        variant_info,
+    )
 
     budget = budget_for(cfg)
     host = host_profile(refresh=True)      # bandwidth and compute as they are now, beside the runs
@@ -185,7 +192,7 @@ def benchmark(ctx, cfg: BenchmarkConfig) -> None:
     ctx.progress(1.0, "benchmarked")
 
 
-def record_scores(ctx, budget, alpha: float, beta: float) -> None:
+def record_scores(ctx: RunContext, budget, alpha: float, beta: float) -> None:
     """Fit badge, optimization score and Pareto membership of every variant, into the manifest."""
     from ..scoring import score_variants
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 from ..runs import Variant
@@ -36,7 +37,7 @@ class ImatrixConfig:
             raise ValueError("seq_len must be at least 64")
 
 
-def compute_stats(ctx, cfg: ImatrixConfig):
+def compute_stats(ctx: RunContext, cfg: ImatrixConfig):
     from ..calibration import token_sequences
     from ..imatrix import collect
 
@@ -49,7 +50,7 @@ def compute_stats(ctx, cfg: ImatrixConfig):
     return stats
 
 
-def keep_stats(ctx, stats, model, seq_len: int = 512) -> None:
+def keep_stats(ctx: RunContext, stats, model, seq_len: int = 512) -> None:
     """Save the statistics with the run (ours and llama.cpp's format) and hold them for the next steps."""
     from ..architectures import arch_spec
     from ..imatrix import save_llama_imatrix
@@ -59,7 +60,7 @@ def keep_stats(ctx, stats, model, seq_len: int = 512) -> None:
     if arch_spec(model.config.model_type) is not None:
         with ctx.artifact("imatrix-llama.cpp.gguf") as tmp:       # reusable with llama-quantize --imatrix
             save_llama_imatrix(stats, model, tmp, "calibration text", seq_len)
-    ctx.scratch["imatrix"] = (tuple(ctx.applied), stats)
+    ctx.hold("imatrix", stats)
 
 
 def _imatrix_ram(cfg: ImatrixConfig, shape):
@@ -94,7 +95,7 @@ def _calibrated_ram(cfg: "CalibratedQuantConfig", shape):
 
 @register_step("imatrix", ImatrixConfig, kind="measure", streamed_ram=_imatrix_ram,
                summary="Importance statistics of every linear layer's inputs on the calibration text (saved with the run)")
-def imatrix_step(ctx, cfg: ImatrixConfig) -> None:
+def imatrix_step(ctx: RunContext, cfg: ImatrixConfig) -> None:
     compute_stats(ctx, cfg)
     ctx.progress(1.0, "importance statistics saved")
 
@@ -126,24 +127,24 @@ class CalibratedQuantConfig:
             raise ValueError(f"mix must be one of {', '.join(MIXES)}")
 
 
-def current_stats(ctx, need_hessians: bool):
-    held = ctx.scratch.get("imatrix")
-    if held and held[0] == tuple(ctx.applied) and (held[1].has_hessians() or not need_hessians):
-        return held[1]
+def current_stats(ctx: RunContext, need_hessians: bool):
+    held = ctx.held("imatrix")
+    if held is not None and (held.has_hessians() or not need_hessians):
+        return held
     return compute_stats(ctx, ImatrixConfig(hessians=need_hessians))
 
 
 @register_step("quant.gguf_calibrated", CalibratedQuantConfig, kind="export",
                summary="GGUF k-quant mixes with EdgeTailor's calibrated blocks (importance-weighted, GPTQ)",
                exports="this is the export (GGUF)", streamed_ram=_calibrated_ram, disk_bytes=_calibrated_disk)
-def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
+def calibrated_quant(ctx: RunContext, cfg: CalibratedQuantConfig) -> None:
     from ...exporters.gguf import verify_gguf
-    from ..architectures import gguf_writer_for
-    from ..errors import UnsupportedModelError
-    from ..verification import check_variant
     from ...exporters.gguf_calibrated import export_calibrated, export_to_target
+    from ..architectures import gguf_writer_for
     from ..atomic import tree_size
     from ..calibration import token_sequences
+    from ..errors import UnsupportedModelError
+    from ..verification import check_variant
 
     # the untouched source is read from its files one block at a time (no fp32 copy of the model); a transformed
     # model is the one in memory
@@ -192,8 +193,7 @@ def calibrated_quant(ctx, cfg: CalibratedQuantConfig) -> None:
             if cfg.verify and not checked:
                 raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
             agreement = check_variant(ctx, model, "gguf", t, tmp) if cfg.verify else {}
-        held = ctx.scratch.get("imatrix")
-        if not (held and held[0] == tuple(ctx.applied)):
+        if ctx.held("imatrix") is None:
             keep_stats(ctx, info["stats"], model, cfg.seq_len)      # the statistics these blocks were fitted with, saved
         path = ctx.record.artifacts_dir / filename
         ctx.add_variant(Variant(

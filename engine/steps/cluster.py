@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
-from ..step_report import record_step_report
 
 
 @dataclass
@@ -189,7 +189,7 @@ def load_palette(path) -> dict[str, torch.Tensor]:
                exports="GGUF and ONNX natively as plain weights (the k values per tensor are kept; no palette "
                        "type in those formats, so no size saving there); palette.safetensors holds the real "
                        "compressed form (indices + codebooks)")
-def cluster_kmeans(ctx, cfg: ClusterConfig) -> None:
+def cluster_kmeans(ctx: RunContext, cfg: ClusterConfig) -> None:
     importance = None
     if cfg.activation_weighted:
         importance = _channel_importance(ctx.model, ctx.tokenizer, ctx.calibration_text(), cfg,
@@ -203,14 +203,14 @@ def cluster_kmeans(ctx, cfg: ClusterConfig) -> None:
               "index_bits": bits, "bits_per_weight": round((clustered * bits + codebook_bits) / clustered, 4),
               "max_distinct_values": max(len(c) for c, _ in palette.values())}
     label = f"km{cfg.clusters}" + ("a" if cfg.activation_weighted else "")
-    ctx.applied.append(label)
+    ctx.mark_applied(label)
     if cfg.write_palette:
         name = f"{ctx.source.display_name}-{ctx.current_variant_name()}-palette.safetensors"
         with ctx.artifact(name) as tmp:
             write_palette(ctx.model, palette, cfg.clusters, tmp)
         report["palette_file_bytes"] = (ctx.record.artifacts_dir / name).stat().st_size
         report["palette_file"] = name
-    record_step_report(ctx, report)
+    ctx.report(**report)
     ctx.log(f"{label}: {len(palette)} tensors, {clustered:,} weights at {report['bits_per_weight']:.3f} bits each "
             f"(index {bits} bits + float16 codebook)"
             + (f"; palette file {report['palette_file_bytes'] / 1e6:.1f} MB" if cfg.write_palette else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 
@@ -55,7 +56,7 @@ def split_heldout(text: str, share: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def training_text(ctx, cfg) -> str:
+def training_text(ctx: RunContext, cfg) -> str:
     from .. import text as texts
 
     return texts.read_text(cfg.text) if cfg.text else ctx.calibration_text()
@@ -64,7 +65,7 @@ def training_text(ctx, cfg) -> str:
 @register_step("distill", DistillConfig, kind="transform", exports=EXPORTS, ram_multiple=4.0,
                summary="Knowledge distillation: the original model teaches the compressed one on calibration text "
                        "(logit KL, optional hidden-state loss), with checkpoints and resume")
-def distill_step(ctx, cfg: DistillConfig) -> None:
+def distill_step(ctx: RunContext, cfg: DistillConfig) -> None:
     import torch
 
     from ..calibration import token_sequences
@@ -105,7 +106,7 @@ def distill_step(ctx, cfg: DistillConfig) -> None:
         p.requires_grad_(False)
     kl_after = mean_kl(student, teacher, heldout) if heldout is not None else None
     del teacher
-    ctx.applied.append("distilled")
+    ctx.mark_applied("distilled")
     first, last = result.losses[:10], result.losses[-10:]
     ctx.report(steps=result.steps, resumed_from_step=result.start_step, seconds=result.seconds,
                stopped_by=result.stopped_by, tokens_trained=(result.steps - result.start_step) * cfg.batch_size * cfg.seq_len,

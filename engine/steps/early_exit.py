@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
 from ..runs import Variant
 from ..runtimes import EarlyExitRuntime, decode_tokens_per_second
-from ..step_report import record_step_report
 
 
 def _rms(h: torch.Tensor) -> torch.Tensor:
@@ -280,10 +280,10 @@ def exit_layers_for(n_layers: int, depths: list[float]) -> list[int]:
                        "at each confidence threshold",
                exports="not expressible in standard GGUF/ONNX graphs: the heads are saved as a torch safetensors "
                        "artifact beside the model; later export steps write the full-depth model as usual")
-def early_exit_heads(ctx, cfg: EarlyExitConfig) -> None:
+def early_exit_heads(ctx: RunContext, cfg: EarlyExitConfig) -> None:
     from ..calibration import decoder_layers, token_sequences
     from ..evaluate import ReferenceLogprobs, evaluate, make_windows
-    from .evaluate import _metrics, ensure_baseline, reference_folder
+    from .evaluate import ensure_baseline, reference_folder, variant_metrics
 
     model = ctx.model
     threads = ctx.options.resolved_threads()
@@ -311,7 +311,7 @@ def early_exit_heads(ctx, cfg: EarlyExitConfig) -> None:
         res = evaluate(rt, windows, reference=ref, cancelled=ctx.cancel.is_set,
                        on_window=lambda i, n, ppl, k=k: ctx.progress(0.3 + 0.7 * (k + i / n) / len(todo),
                                                                      f"threshold {todo[k]}: {i}/{n}, ppl {ppl:.3f}"))
-        metrics = {**_metrics(res, base["metrics"]["perplexity"]), "exit_shares": rt.exit_shares(),
+        metrics = {**variant_metrics(res, base["metrics"]["perplexity"]), "exit_shares": rt.exit_shares(),
                    "exited_share": round(sum(rt.exit_shares().values()), 5), "mean_blocks": round(rt.mean_blocks(), 3),
                    "blocks": ee.n_layers}
         if cfg.decode_tokens:
@@ -327,7 +327,7 @@ def early_exit_heads(ctx, cfg: EarlyExitConfig) -> None:
                 f"({', '.join(f'{100 * v:.1f}% after block {l}' for l, v in metrics['exit_shares'].items())}), "
                 f"perplexity {res.perplexity:.3f}, KL {res.kl:.4f}"
                 + (f", {metrics['decode_tps']:.1f} tokens/s" if cfg.decode_tokens else ""))
-    record_step_report(ctx, {"exit_layers": layers, "heads_file": heads_file,
+    ctx.report(**{"exit_layers": layers, "heads_file": heads_file,
                              "head_parameters": sum(p.numel() for h in heads.values() for p in h.parameters()),
                              "rows": rows, "kv_scheme": "state propagation (skipped blocks' k/v from the exited state)"})
     ctx.progress(1.0, "early exit measured")

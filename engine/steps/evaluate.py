@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..evaluate import ReferenceLogprobs, evaluate, make_windows
 from ..registry import register_step
 from ..runs import Variant
@@ -21,18 +22,17 @@ class EvaluateConfig:
             raise ValueError("windows must be at least 1")
 
 
-def reference_folder(ctx):
+def reference_folder(ctx: RunContext):
     return ctx.record.folder / "scratch" / "reference"
 
 
-def ensure_baseline(ctx, windows) -> dict:
+def ensure_baseline(ctx: RunContext, windows) -> dict:
     """Evaluate the untouched source model once per run; its log-probs become the KL reference."""
     ref = ReferenceLogprobs(reference_folder(ctx))
     base = ctx.record.variant("baseline")
     if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
         return base
     from ..preflight import safetensors_parameter_count
-
     from ..reference import choose, open_reference
 
     counted = safetensors_parameter_count(ctx.source.path)
@@ -47,11 +47,11 @@ def ensure_baseline(ctx, windows) -> dict:
                        on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
                                                     ctx.sample("perplexity", ppl, "baseline")),
                        cancelled=ctx.cancel.is_set)
-    ctx.add_metrics("baseline", **_metrics(res, None))
+    ctx.add_metrics("baseline", **variant_metrics(res, None))
     return ctx.record.variant("baseline")
 
 
-def _metrics(res, base_ppl) -> dict:
+def variant_metrics(res, base_ppl) -> dict:
     m = {"perplexity": round(res.perplexity, 5), "eval_tokens": res.tokens_scored, "eval_windows": res.windows,
          "eval_ctx": res.ctx, "eval_seconds": res.seconds, "eval_runtime": res.runtime}
     if res.kl is not None:
@@ -80,7 +80,7 @@ def reference_need(step: str, shape):
 @register_step("evaluate", EvaluateConfig, kind="measure",
                summary="Perplexity, KL to the baseline and top-1 agreement of every variant, on the evaluation text",
                ram_multiple=2.0, streamed_ram=lambda cfg, shape: reference_need("evaluate", shape))
-def evaluate_step(ctx, cfg: EvaluateConfig) -> None:
+def evaluate_step(ctx: RunContext, cfg: EvaluateConfig) -> None:
     n_ctx = cfg.ctx or ctx.options.eval_ctx
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), n_ctx, cfg.windows or ctx.options.eval_windows)
     base = ensure_baseline(ctx, windows)
@@ -108,7 +108,7 @@ def evaluate_step(ctx, cfg: EvaluateConfig) -> None:
                            cancelled=ctx.cancel.is_set)
         finally:
             rt.close()
-        ctx.add_metrics(v["name"], **_metrics(res, base_ppl))
+        ctx.add_metrics(v["name"], **variant_metrics(res, base_ppl))
         ctx.log(f"{v['name']}: perplexity {res.perplexity:.4f} ({100 * (res.perplexity / base_ppl - 1):+.2f}%), "
                 f"KL {res.kl:.5f}, top-1 {100 * res.top1:.1f}%")
     ctx.progress(1.0, "evaluated")

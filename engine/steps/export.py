@@ -4,12 +4,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..footprint import export_need
 from ..plain import plain_weights
 from ..registry import register_step
-from ..verification import check_variant
 from ..runs import Variant
+from ..verification import check_variant
 
 SUFFIX = {"gguf": ".gguf", "onnx": ""}     # ONNX variants are folders
 
@@ -51,7 +52,7 @@ def _disk(cfg: ExportConfig, params_total: int) -> float:
                summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
                exports="this is the export", disk_bytes=_disk,
                streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format == "gguf"))
-def export(ctx, cfg: ExportConfig) -> None:
+def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
     exporter = get_exporter(cfg.format)

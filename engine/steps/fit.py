@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..context import RunContext
 from ..registry import register_step
 from ..runs import Variant
 
@@ -95,20 +96,37 @@ class Built:
     agreement: dict
 
 
+@dataclass
+class Prepared:
+    """The planner and what its measurements ran on."""
+    planner: object               # planner.Predictor
+    sequences: object             # calibration token ids [n, seq_len] (torch)
+    prompt: list[int]             # the benchmark prompt
+
+
+@dataclass
+class SharedInputs:
+    """What every candidate task reads: the same calibration, references and prompt."""
+    sequences: list[list[int]]
+    prompt: list[int]
+    eval_windows: list[list[int]]
+    verify: str                   # the check windows and the source's log-probs (npz in the run's scratch)
+
+
 @register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF)", streamed_ram=_fit_ram,
                summary="Search GGUF files and KV-cache types under a device budget, build the best, recommend one")
-def fit(ctx, cfg: FitConfig) -> None:
+def fit(ctx: RunContext, cfg: FitConfig) -> None:
     from ..plan_tasks import run_tasks
     from ..planner import frontier, kv_types_for, pick, recommend, search
 
     budget = cfg.budget()
-    planner = _prepare(ctx, cfg, budget)
+    prepared = _prepare(ctx, cfg, budget)
+    planner = prepared.planner
     kv_types = kv_types_for(cfg.kv_types, planner.weights_info(planner.plan(planner.size_range()[0])[0]).head_dim)
     if kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
-    _keep_eval_windows(ctx)
-    _save_verification(ctx)
+    shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx), _save_verification(ctx))
     built: list[Built] = []
     measured: list[dict] = []
     history = []
@@ -131,7 +149,8 @@ def fit(ctx, cfg: FitConfig) -> None:
         tasks, raws = [], []
         for p in todo:       # the first file is measured with every KV type (their own KL), later ones with theirs
             raws.append(planner.raw(p.candidate))
-            tasks.append(_task(ctx, cfg, planner, raws[-1], kv_types if not built and not tasks else [p.candidate.kv_type],
+            tasks.append(_task(ctx, cfg, planner, shared, raws[-1],
+                               kv_types if not built and not tasks else [p.candidate.kv_type],
                                {b.name for b in built} | {t.name for t in tasks}))
         lo, hi = 0.2 + 0.75 * len(built) / cfg.candidates, 0.2 + 0.75 * (len(built) + len(tasks)) / cfg.candidates
         results = run_tasks(tasks, cfg.executor, cfg.ray_address, cfg.workers,
@@ -149,7 +168,7 @@ def fit(ctx, cfg: FitConfig) -> None:
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
 
 
-def _prepare(ctx, cfg: FitConfig, budget):
+def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     """Sensitivities, type prices, the runtime's overhead: everything the predictions need, measured once."""
     import torch
 
@@ -170,7 +189,6 @@ def _prepare(ctx, cfg: FitConfig, budget):
             f"The planner writes its files with EdgeTailor's GGUF writer, which does not cover this "
             f"'{model.config.model_type}' model yet.", "Use the gguf-ladder-measured preset for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
-    ctx.scratch["fit.sequences"] = seqs
     ctx.progress(0.0, "sensitivity of every tensor")
     sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
     sources = tensor_sources(model)
@@ -194,16 +212,16 @@ def _prepare(ctx, cfg: FitConfig, budget):
     order, kls = _depth(ctx, cfg, model, seqs)
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
-    ctx.scratch["fit.prompt"] = prompt
-    return Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
-                     cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls)
+    planner = Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
+                        cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls)
+    return Prepared(planner, seqs, prompt)
 
 
 #: calibration sequences the depth measurements use (block influence; the KL of removing blocks)
 DEPTH_SEQUENCES = 2
 
 
-def _depth(ctx, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
+def _depth(ctx: RunContext, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
     """Blocks by influence (ShortGPT's, least first) and the KL of removing the first 1..k of them, measured."""
     from ..calibration import block_influence, depth_kl
 
@@ -219,17 +237,17 @@ def _depth(ctx, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
     return order, kls
 
 
-def _keep_eval_windows(ctx) -> None:
+def _eval_windows(ctx: RunContext) -> list[list[int]]:
     """The evaluation windows, with the baseline's log-probs on them (the KL reference of every candidate)."""
     from ..evaluate import make_windows
     from .evaluate import ensure_baseline
 
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
     ensure_baseline(ctx, windows)
-    ctx.scratch["fit.windows"] = windows
+    return windows
 
 
-def _save_verification(ctx) -> None:
+def _save_verification(ctx: RunContext) -> str:
     """The fixed check windows and the source's log-probs on them, for every candidate's check."""
     from ..plan_tasks import save_verification
     from ..reference import open_reference
@@ -237,12 +255,12 @@ def _save_verification(ctx) -> None:
 
     windows = check_windows(ctx.tokenizer, ctx.calibration_text())
     with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
-        from ..evaluate import _log_softmax
+        from ..evaluate import log_softmax
 
-        reference = [_log_softmax(rt.logits(w)) for w in windows]
+        reference = [log_softmax(rt.logits(w)) for w in windows]
     path = ctx.record.folder / "scratch" / "verify.npz"
     save_verification(path, windows, reference)
-    ctx.scratch["fit.verify"] = str(path)
+    return str(path)
 
 
 #: llama.cpp file types a planned mix is labelled with (general.file_type), by bits per weight
@@ -266,7 +284,8 @@ def _file_name(file_bytes: int, taken: set[str]) -> str:
     return f"fit-{file_bytes}B"
 
 
-def _task(ctx, cfg: FitConfig, planner, raw: dict, kv_types: list[str], taken: set[str]):
+def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: dict, kv_types: list[str],
+          taken: set[str]):
     from ..energy import EnergyMeter
     from ..plan_tasks import CandidateTask
     from .evaluate import reference_folder
@@ -277,14 +296,14 @@ def _task(ctx, cfg: FitConfig, planner, raw: dict, kv_types: list[str], taken: s
         out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}.gguf"),
         types=planner.renamed(raw["types"], raw["drop"]), drop_blocks=raw["dropped"],
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
-        sequences=ctx.scratch["fit.sequences"].tolist(), verify=ctx.scratch["fit.verify"],
-        eval_windows=ctx.scratch["fit.windows"], reference=str(reference_folder(ctx)), kv_types=list(kv_types),
-        context=cfg.context, prompt=ctx.scratch["fit.prompt"], gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
+        sequences=shared.sequences, verify=shared.verify, eval_windows=shared.eval_windows,
+        reference=str(reference_folder(ctx)), kv_types=list(kv_types), context=cfg.context, prompt=shared.prompt,
+        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
         threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
         energy=EnergyMeter.detect(planner.host).to_dict())
 
 
-def _keep(ctx, task, raw: dict, res: dict) -> Built:
+def _keep(ctx: RunContext, task, raw: dict, res: dict) -> Built:
     """A built file into the run's record (its task wrote it atomically into the artifacts folder)."""
     path = Path(res["path"])
     ctx.emit("artifact", **ctx.record.add_artifact(path))
@@ -293,7 +312,7 @@ def _keep(ctx, task, raw: dict, res: dict) -> Built:
     return Built(task.name, path, raw, res["seconds"], res["agreement"])
 
 
-def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: dict) -> dict:
+def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: str, found: dict) -> dict:
     """One file with one KV-cache type, as measured: a variant of the run, and the planner's point."""
     from types import SimpleNamespace
 
@@ -301,14 +320,14 @@ def _measured(ctx, cfg: FitConfig, planner, budget, b: Built, kv: str, found: di
     from ..planner import LIMIT_WORDS, Candidate, violations
     from ..projection import device_speed
     from ..runtimes import KV_TYPES
-    from .evaluate import _metrics
+    from .evaluate import variant_metrics
 
     name = f"{b.name}-kv-{kv}"
     cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"])
     pred = planner.predict(cand)
     raw = planner.raw(cand)
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
-    quality = _metrics(SimpleNamespace(**found["evaluation"]), base_ppl)
+    quality = variant_metrics(SimpleNamespace(**found["evaluation"]), base_ppl)
     bench = found["benchmark"]
     ctx.add_variant(Variant(name=name, format="gguf", path=str(b.path.relative_to(ctx.record.folder)),
                             params={"type": "mixed (planned)", "kv_type": kv, "context": cfg.context,
@@ -361,7 +380,7 @@ def _refit(planner, measured: list[dict]) -> None:
     planner.calibration.refit(measured, planner.depth_kl)
 
 
-def _record(ctx, cfg, planner, budget, history, measured, rec) -> None:
+def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec) -> None:
     from .. import atomic
 
     plan = {"budget": budget.to_dict(), "context": cfg.context, "device": budget.device.to_dict(),

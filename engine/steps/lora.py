@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 
@@ -48,7 +49,7 @@ class LoraConfig:
 
 @register_step("finetune.lora", LoraConfig, kind="transform", exports=EXPORTS, ram_multiple=3.0,
                summary="LoRA fine-tuning (peft) on your text or as healing after compression, merged into the weights")
-def lora_finetune(ctx, cfg: LoraConfig) -> None:
+def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
     import peft
     import torch
 
@@ -88,7 +89,7 @@ def lora_finetune(ctx, cfg: LoraConfig) -> None:
     for p in merged.parameters():
         p.requires_grad_(False)
     ctx.model = merged.eval()
-    ctx.applied.append(f"lora{cfg.rank}")
+    ctx.mark_applied(f"lora{cfg.rank}")
     first, last = result.losses[:10], result.losses[-10:]
     ctx.report(objective=cfg.objective, rank=cfg.rank, trainable_parameters=trainable, steps=result.steps,
                seconds=result.seconds, stopped_by=result.stopped_by,

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
-from ..step_report import record_step_report
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Linear layers that read the same input share one covariance (one Cholesky factor).
@@ -245,7 +245,7 @@ def factorize(model, cfg: LowRankConfig, sequences=None, progress=None, cancelle
                exports="torch: stays factored (real size and speed). GGUF and ONNX: B @ A is multiplied back "
                        "into plain weights at export (same file size as dense; the quality change is kept)",
                ram_multiple=1.5)
-def lowrank_svd(ctx, cfg: LowRankConfig) -> None:
+def lowrank_svd(ctx: RunContext, cfg: LowRankConfig) -> None:
     seqs = None
     if cfg.activation_aware:
         from ..calibration import token_sequences
@@ -259,8 +259,8 @@ def lowrank_svd(ctx, cfg: LowRankConfig) -> None:
     label = f"{'asvd' if cfg.activation_aware else 'svd'}{round(100 * (share if cfg.mode == 'budget' else cfg.keep))}"
     if cfg.mode == "energy":
         label += "e"
-    ctx.applied.append(label)
-    record_step_report(ctx, {"label": label, "parameters_before": total_before, "parameters_after": total_after,
+    ctx.mark_applied(label)
+    ctx.report(**{"label": label, "parameters_before": total_before, "parameters_after": total_after,
                              **{k: v for k, v in rep.items() if k != "ranks"},
                              "ranks": rep["ranks"], "factored_in_torch": cfg.factored})
     ctx.log(f"{label}: factored {rep['layers_factored']}/{rep['layers']} linear layers; linear parameters "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration import decoder_layers, linear_modules, recording_channel_stats, token_sequences
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 from ..walker import BlockWalk
@@ -102,21 +103,21 @@ def _label(prefix: str, cfg: PruneConfig) -> str:
     return f"{prefix}{cfg.pattern.replace(':', '_')}" if cfg.pattern else f"{prefix}{round(cfg.sparsity * 100)}"
 
 
-def _check_modules(ctx, cfg: PruneConfig) -> None:
+def _check_modules(ctx: RunContext, cfg: PruneConfig) -> None:
     if not any(_selected(layer, cfg.modules) for layer in decoder_layers(ctx.model)):
         raise EdgeTailorError(f"No linear layer of the decoder blocks is named any of {cfg.modules}.",
                               "Use names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.")
 
 
-def _finish(ctx, cfg: PruneConfig, label: str) -> None:
+def _finish(ctx: RunContext, cfg: PruneConfig, label: str) -> None:
     report = sparsity_report(ctx.model, cfg.modules)
-    ctx.applied.append(label)
+    ctx.mark_applied(label)
     ctx.report(**report, pattern=cfg.pattern or None)
 
 
 @register_step("prune.magnitude", PruneConfig, kind="transform", exports=EXPORTS,
                summary="Zero the smallest weights of the linear layers (unstructured or N:M such as 2:4)")
-def magnitude_prune(ctx, cfg: PruneConfig) -> None:
+def magnitude_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     _check_modules(ctx, cfg)
     layers = decoder_layers(ctx.model)
@@ -130,7 +131,7 @@ def magnitude_prune(ctx, cfg: PruneConfig) -> None:
 
 @register_step("prune.wanda", PruneConfig, kind="transform", exports=EXPORTS,
                summary="Zero the weights with the smallest |weight| x input-activation norm on calibration text (Wanda)")
-def wanda_prune(ctx, cfg: PruneConfig) -> None:
+def wanda_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     if cfg.scope != "row":
         raise EdgeTailorError("Wanda compares weights within each output row (scope: row).",

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
-from ..step_report import record_step_report
 
 
 @dataclass
@@ -43,18 +43,18 @@ class ShareConfig:
 
 def block_inputs(model, sequences: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
     """The residual stream entering each block and leaving the last one: n_layers + 1 tensors [n, t, h]."""
-    from ..calibration import _block_input, _block_output, decoder_layers, run_batches
+    from ..calibration import block_input, block_output, decoder_layers, run_batches
 
     layers = decoder_layers(model)
     seen: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
 
     def pre(i):
         def fn(module, args, kwargs):
-            seen[i].append(_block_input(args, kwargs).detach().clone())
+            seen[i].append(block_input(args, kwargs).detach().clone())
         return fn
 
     def post(module, args, kwargs, output):
-        seen[-1].append(_block_output(output).detach().clone())
+        seen[-1].append(block_output(output).detach().clone())
 
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
@@ -67,7 +67,7 @@ def block_inputs(model, sequences: torch.Tensor, batch_size: int = 4) -> list[to
 
 
 def _run_block(model, block, hidden: torch.Tensor) -> torch.Tensor:
-    from ..calibration import _block_output
+    from ..calibration import block_output
 
     inner = model.model
     pos = torch.arange(hidden.shape[1])[None, :]
@@ -76,7 +76,7 @@ def _run_block(model, block, hidden: torch.Tensor) -> torch.Tensor:
 
     mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
                               past_key_values=None, position_ids=pos)
-    return _block_output(block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe))
+    return block_output(block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe))
 
 
 def substitution_errors(model, sequences: torch.Tensor) -> list[float]:
@@ -147,7 +147,7 @@ def heal(student, teacher, sequences: torch.Tensor, scope_params, steps: int, lr
                exports="torch: truly shared (fewer parameters). GGUF and ONNX: each block's tensors are written "
                        "separately (the shared weights twice; no size saving on disk)",
                ram_multiple=3.0)
-def share_layers(ctx, cfg: ShareConfig) -> None:
+def share_layers(ctx: RunContext, cfg: ShareConfig) -> None:
     from ..calibration import decoder_layers, token_sequences
 
     model = ctx.model
@@ -184,8 +184,8 @@ def share_layers(ctx, cfg: ShareConfig) -> None:
         ctx.log(f"healing: KL to the untied model on held-out calibration text {kl_before:.4f} -> {kl_after:.4f}")
         del teacher
     label = f"share{cfg.pairs}"
-    ctx.applied.append(label)
-    record_step_report(ctx, {"tied": [[i, i + 1] for i in chosen], "substitution_errors": errors,
+    ctx.mark_applied(label)
+    ctx.report(**{"tied": [[i, i + 1] for i in chosen], "substitution_errors": errors,
                              "parameters_before": before, "parameters_after": after,
                              "heal_steps": cfg.heal_steps, "heldout_kl_before_heal": kl_before,
                              "heldout_kl_after_heal": kl_after})

@@ -35,6 +35,7 @@ from ..calibration import (
     skipping_block,
     token_sequences,
 )
+from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 
@@ -199,7 +200,7 @@ def apply_slices(model, slices: dict, changes: dict):
 
 @register_step("prune.width", WidthPruneConfig, kind="transform", exports=EXPORTS,
                summary="Remove attention heads, MLP channels and hidden channels ranked by activation on calibration text")
-def width_prune(ctx, cfg: WidthPruneConfig) -> None:
+def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.model
     decoder_layers(model)
@@ -216,7 +217,7 @@ def width_prune(ctx, cfg: WidthPruneConfig) -> None:
     after = _non_embedding(ctx.model.config)
     short = {"num_attention_heads": "h", "num_key_value_heads": "kv", "intermediate_size": "ffn", "hidden_size": "d"}
     label = "width-" + "-".join(f"{short[k]}{v}" for k, v in changes.items() if k in short)
-    ctx.applied.append(label)
+    ctx.mark_applied(label)
     ctx.report(**{k: v for k, v in changes.items()}, non_embedding_before=before, non_embedding_after=after,
                non_embedding_removed=round(1 - after / before, 4))
     ctx.progress(1.0, "pruned")
@@ -256,7 +257,7 @@ def remove_blocks(model, drop: list[int]):
 
 @register_step("prune.depth", DepthPruneConfig, kind="transform", exports=EXPORTS,
                summary="Remove whole decoder blocks, the least important on calibration text first")
-def depth_prune(ctx, cfg: DepthPruneConfig) -> None:
+def depth_prune(ctx: RunContext, cfg: DepthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.model
     n = len(decoder_layers(model))
@@ -271,7 +272,7 @@ def depth_prune(ctx, cfg: DepthPruneConfig) -> None:
     before = _non_embedding(model.config)
     ctx.model = remove_blocks(model, drop)
     after = _non_embedding(ctx.model.config)
-    ctx.applied.append(f"depth-{count}")
+    ctx.mark_applied(f"depth-{count}")
     ctx.report(removed_blocks=drop, method=cfg.method, scores=[round(s, 5) for s in scores],
                num_hidden_layers=n - count, non_embedding_before=before, non_embedding_after=after,
                non_embedding_removed=round(1 - after / before, 4))
