@@ -27,6 +27,7 @@ class ExportResult:
 class Exporter(ABC):
     format: str = "?"           # variant format name, also the runtime that opens it
     runtimes: tuple[str, ...] = ()   # who can run the output, for the user
+    suffix: str = ""            # the written file's ending ("" for a folder)
 
     @abstractmethod
     def export(self, model, tokenizer, tokenizer_dir: Path, out: Path, options: dict,

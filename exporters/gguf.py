@@ -62,6 +62,7 @@ def _ftype(name: str):
 
 class GGUFExporter(Exporter):
     format = "gguf"
+    suffix = ".gguf"
     runtimes = ("llama.cpp", "Ollama", "LM Studio")
 
     def check_options(self, options: dict) -> None:
@@ -75,32 +76,44 @@ class GGUFExporter(Exporter):
                 "Use a calibrated step (quant.gguf_calibrated) or a type like Q2_K, IQ3_S, IQ4_XS that needs none.")
 
     def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
+        """``options``: ``type``; ``threads``; ``source_dir`` (the untouched source, read lazily by llama.cpp's
+        converter); ``calibration`` (``gguf_calibrated.Calibration``: EdgeTailor's calibrated blocks instead of
+        llama.cpp's quantizer)."""
         qtype = str(options.get("type", "F16")).upper()
-        threads = options.get("threads")
-        self.check_options(options)
         out = Path(out)
+        if options.get("calibration") is not None:
+            from .gguf_calibrated import export_with_calibration
+
+            info = export_with_calibration(model, tokenizer, tokenizer_dir, out, qtype, options["calibration"],
+                                           progress=progress, cancelled=cancelled)
+        else:
+            self.check_options(options)
+            info = self._export_plain(model, tokenizer, tokenizer_dir, out, qtype, options, progress, cancelled)
+        info["bytes"] = out.stat().st_size
+        return ExportResult(path=out, files=[out], info=info)
+
+    @staticmethod
+    def _export_plain(model, tokenizer, tokenizer_dir, out: Path, qtype: str, options: dict, progress, cancelled):
+        threads = options.get("threads")
         writer = gguf_writer_for(model.config)
         if not writer:
             raise unsupported_error(model.config.model_type)
         if writer == "llama.cpp":
-            info = export_converted(model, tokenizer_dir, out, qtype, source_dir=options.get("source_dir"),
+            return export_converted(model, tokenizer_dir, out, qtype, source_dir=options.get("source_dir"),
                                     threads=threads, progress=progress, cancelled=cancelled)
-        elif qtype in DIRECT_TYPES:
-            info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
-        else:
-            with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
-                mid_type = intermediate_type(model)
-                mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
-                info = write_gguf(model, tokenizer, tokenizer_dir, mid, mid_type,
-                                  progress=(lambda f, m: progress(0.5 * f, m)) if progress else None,
-                                  cancelled=cancelled)
-                if progress:
-                    progress(0.55, f"llama.cpp quantizes to {qtype}")
-                info.update(llama_quantize(mid, out, qtype, threads=threads))
-            info["type"] = qtype
-            info["quantized_by"] = "llama.cpp llama_model_quantize"
-        info["bytes"] = out.stat().st_size
-        return ExportResult(path=out, files=[out], info=info)
+        if qtype in DIRECT_TYPES:
+            return write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
+        with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
+            mid_type = intermediate_type(model)
+            mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
+            info = write_gguf(model, tokenizer, tokenizer_dir, mid, mid_type,
+                              progress=(lambda f, m: progress(0.5 * f, m)) if progress else None, cancelled=cancelled)
+            if progress:
+                progress(0.55, f"llama.cpp quantizes to {qtype}")
+            info.update(llama_quantize(mid, out, qtype, threads=threads))
+        info["type"] = qtype
+        info["quantized_by"] = "llama.cpp llama_model_quantize"
+        return info
 
     def verify(self, path):
         return verify_gguf(path)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine.architectures import arch_spec
+from ..engine.architectures import arch_spec, gguf_writer_for
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.memory import release_pages, trim_heap
 from . import gguf_blocks
@@ -364,6 +364,43 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, se
                 tensor_types={n: types.get(n) for n in sources}, stats=stats)
     return info
 
+
+
+@dataclass
+class Calibration:
+    """The GGUF exporter's ``calibration`` option: EdgeTailor's own blocks, fitted on calibration text."""
+    sequences: torch.Tensor | None          # calibration token ids [n, seq_len] (None only for method "plain")
+    method: str = "gptq"                    # gptq (error feedback through the Hessian), imatrix, plain
+    mix: str = "llama.cpp"                  # llama.cpp's types per tensor, or "measured": by measured sensitivity
+    target_bytes: int | None = None         # one measured mix of this size, instead of the type's size
+    sensitivity: object | None = None       # engine.sensitivity's measurements, when a step shares them
+
+    @property
+    def planned(self) -> bool:
+        return self.target_bytes is not None or self.mix == "measured"
+
+
+def require_own_writer(config) -> None:
+    """Calibrated blocks go into EdgeTailor's GGUF writer: refuse a model it does not write, before any work."""
+    from ..engine.errors import UnsupportedModelError
+
+    if gguf_writer_for(config) != "edgetailor":
+        raise UnsupportedModelError(
+            f"Calibrated GGUF blocks go into EdgeTailor's own GGUF writer, which does not cover this "
+            f"'{config.model_type}' model (its family, or attention/MLP biases).",
+            "Use the export step with llama.cpp's types (Q4_K_M, ...) for this model.")
+
+
+def export_with_calibration(model, tokenizer, tokenizer_dir, out: Path, qtype: str, cal: Calibration,
+                            progress=None, cancelled=None) -> dict:
+    """A calibrated file of llama.cpp's mix ``qtype``, of a measured mix at its size, or of a size target."""
+    require_own_writer(model.config)
+    if cal.planned:
+        return export_to_target(model, tokenizer, tokenizer_dir, out, cal.target_bytes, cal.sequences, cal.method,
+                                progress=progress, cancelled=cancelled,
+                                like=None if cal.target_bytes else qtype, sensitivity=cal.sensitivity)
+    return export_calibrated(model, tokenizer, tokenizer_dir, out, qtype, cal.sequences, cal.method,
+                             progress=progress, cancelled=cancelled)
 
 
 # --- mixed precision to a size target ---------------------------------------------------------------

@@ -59,3 +59,13 @@ def test_bundled_texts_are_large_enough():
 
     assert default_calibration_path().stat().st_size >= 30_000
     assert default_evaluation_path().stat().st_size >= 30_000
+
+
+def test_every_step_lives_in_the_module_named_after_it():
+    """A step "family.variant" is found in engine/steps/family.py (or the package engine/steps/family/)."""
+    from edgetailor.engine.registry import all_steps
+
+    for name, info in all_steps().items():
+        parts = info.run.__module__.split(".")
+        family = name.split(".")[0]
+        assert family in (parts[-1], parts[-2]) and "steps" in parts, (name, info.run.__module__)

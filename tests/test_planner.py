@@ -219,7 +219,7 @@ def test_a_candidate_without_blocks_is_written_from_the_files_and_checked_agains
     from edgetailor.engine.plan_tasks import CandidateTask, build_candidate, save_verification
     from edgetailor.engine.runtimes import TorchRuntime
     from edgetailor.engine.sources import resolve
-    from edgetailor.engine.steps.structured import remove_blocks
+    from edgetailor.engine.steps.prune.structured import remove_blocks
     from edgetailor.engine.text import read_text
     from edgetailor.exporters.gguf_calibrated import tensor_sources
 

@@ -143,7 +143,7 @@ def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> li
                exports="GGUF and ONNX natively: the scales fold into existing weights, so the graph is unchanged",
                ram_multiple=1.2)
 def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
-    from .calibrated_quant import current_stats, keep_stats
+    from .imatrix import current_stats, keep_stats
 
     stats = current_stats(ctx, need_hessians=True)
     records = apply_awq(ctx.model, stats, cfg, progress=lambda f, m: ctx.progress(0.99 * f, m),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..context import RunContext
@@ -11,8 +12,6 @@ from ..plain import plain_weights
 from ..registry import register_step
 from ..runs import Variant
 from ..verification import check_variant
-
-SUFFIX = {"gguf": ".gguf", "onnx": ""}     # ONNX variants are folders
 
 
 @dataclass
@@ -48,6 +47,58 @@ def _disk(cfg: ExportConfig, params_total: int) -> float:
     return total
 
 
+@dataclass
+class ExportJob:
+    """One file for ``export_variants`` to write: the variant's label (appended to the current model's name),
+    the exporter's options (``type`` among them) and the parameters recorded with the variant."""
+    label: str
+    options: dict
+    params: dict = field(default_factory=dict)
+
+
+#: what an exporter's result info says that a variant's params keep
+RECORDED_INFO = ("type", "kept_f16", "quantized_by", "fallback_tensors", "block_size", "method", "target_bytes")
+
+
+def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], verify: bool = True,
+                    on_written: Callable[[dict], None] | None = None) -> None:
+    """Write each job's file atomically into the run, check it (loaded in its runtime, then KL / top-1 against
+    ``model`` on fixed windows) and record it as a variant; ``on_written`` sees each result's info."""
+    from ..atomic import tree_size
+
+    n = len(jobs)
+    for i, job in enumerate(jobs):
+        ctx.check_cancelled()
+        variant = ctx.current_variant_name(job.label)
+        filename = f"{ctx.source.display_name}-{variant}{exporter.suffix}"
+        qtype = job.options.get("type")
+        ctx.progress(i / n, f"{exporter.format} {job.label}")
+        t0 = time.perf_counter()
+        with ctx.artifact(filename) as tmp:
+            result = exporter.export(model, ctx.tokenizer, ctx.source.path, tmp, job.options,
+                                     progress=lambda f, m, i=i: ctx.progress((i + f * 0.9) / n, f"{qtype}: {m}"),
+                                     cancelled=ctx.cancel.is_set)
+            seconds = time.perf_counter() - t0
+            checked = exporter.verify(tmp) if verify else {}
+            if verify and not checked:
+                raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
+            agreement = check_variant(ctx, model, exporter.format, qtype, tmp) if verify else {}
+        if on_written:
+            on_written(result.info)
+        path = ctx.record.artifacts_dir / filename
+        size = tree_size(path)
+        ctx.add_variant(Variant(
+            name=variant, format=exporter.format, path=str(path.relative_to(ctx.record.folder)),
+            params={**job.params, **{k: v for k, v in result.info.items() if k in RECORDED_INFO}},
+            metrics={"size_bytes": size, "export_seconds": round(seconds, 3), **agreement},
+            parent="baseline", steps=list(ctx.applied)))
+        ctx.log(f"{filename}: {size / 1e6:.1f} MB in {seconds:.1f} s"
+                + (f", verified by {checked.get('loaded_by')}" if checked else "")
+                + (f": KL {agreement['verify_kl']:.2g}, top-1 {agreement['verify_top1']:.0%} against the source"
+                   if agreement else ""))
+    ctx.progress(1.0, "exported")
+
+
 @register_step("export", ExportConfig, kind="export",
                summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
                exports="this is the export", disk_bytes=_disk,
@@ -55,49 +106,15 @@ def _disk(cfg: ExportConfig, params_total: int) -> float:
 def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
-    exporter = get_exporter(cfg.format)
     # GGUF of the untouched source is written from its files read lazily (no fp32 copy); otherwise the current
     # model, with factored layers (low-rank) multiplied back for the file formats
     model = ctx.source_weights() if cfg.format == "gguf" else plain_weights(ctx.model)
     if not getattr(model, "is_lazy", False):
         model = plain_weights(model)
-    model_name = ctx.source.display_name
-    n = len(cfg.types)
-    for i, t in enumerate(cfg.types):
-        ctx.check_cancelled()
-        variant = ctx.current_variant_name(t)
-        filename = f"{model_name}-{variant}{SUFFIX.get(cfg.format, '')}"
-        ctx.progress(i / n, f"{cfg.format} {t}")
-        t0 = time.perf_counter()
-        options = {"threads": ctx.options.resolved_threads(), **cfg.options, "type": t}
-        if not ctx.applied and any(ctx.source.path.glob("*.safetensors")):
-            options.setdefault("source_dir", ctx.source.path)    # untouched: writers may read the files lazily
-        if cfg.format == "onnx" and options.get("method") == "gptq":
-            options.setdefault("calibration_text", ctx.calibration_text())
-
-        def sub(f, m, i=i):
-            ctx.progress((i + f * 0.9) / n, f"{t}: {m}")
-
-        with ctx.artifact(filename) as tmp:
-            result = exporter.export(model, ctx.tokenizer, ctx.source.path, tmp, options,
-                                     progress=sub, cancelled=ctx.cancel.is_set)
-            seconds = time.perf_counter() - t0
-            checked = exporter.verify(tmp) if cfg.verify else {}
-            if cfg.verify and not checked:
-                raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
-            agreement = check_variant(ctx, model, cfg.format, t, tmp) if cfg.verify else {}
-        size = (ctx.record.artifacts_dir / filename)
-        from ..atomic import tree_size
-
-        ctx.add_variant(Variant(
-            name=variant, format=cfg.format, path=str((ctx.record.artifacts_dir / filename).relative_to(ctx.record.folder)),
-            params={"type": t, **{k: v for k, v in result.info.items() if k in ("type", "kept_f16", "quantized_by", "fallback_tensors",
-                                                                        "block_size", "method")}},
-            metrics={"size_bytes": tree_size(size), "export_seconds": round(seconds, 3), **agreement},
-            parent="baseline", steps=list(ctx.applied)))
-        ctx.log(f"{filename}: {tree_size(size) / 1e6:.1f} MB in {seconds:.1f} s"
-                + (f", verified by {checked.get('loaded_by')}" if checked else "")
-                + (f": KL {agreement['verify_kl']:.2g}, top-1 {agreement['verify_top1']:.0%} against the source"
-                   if agreement else ""))
-    ctx.progress(1.0, "exported")
-
+    shared = {"threads": ctx.options.resolved_threads(), **cfg.options}
+    if not ctx.applied and any(ctx.source.path.glob("*.safetensors")):
+        shared.setdefault("source_dir", ctx.source.path)       # untouched: writers may read the files lazily
+    if cfg.format == "onnx" and shared.get("method") == "gptq":
+        shared.setdefault("calibration_text", ctx.calibration_text())
+    jobs = [ExportJob(t, {**shared, "type": t}, {"type": t}) for t in cfg.types]
+    export_variants(ctx, get_exporter(cfg.format), model, jobs, verify=cfg.verify)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calibration import decoder_layers, linear_modules, recording_channel_stats, token_sequences
-from ..context import RunContext
-from ..errors import EdgeTailorError
-from ..registry import register_step
-from ..walker import BlockWalk
+from ...calibration import decoder_layers, linear_modules, recording_channel_stats, token_sequences
+from ...context import RunContext
+from ...errors import EdgeTailorError
+from ...registry import register_step
+from ...walker import BlockWalk
 
 EXPORTS = "GGUF and ONNX natively: shapes are unchanged, pruned weights are stored as zeros"
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..architectures import count_parameters, keep_layers
-from ..calibration import (
+from ...architectures import count_parameters, keep_layers
+from ...calibration import (
     block_influence,
     decoder_layers,
     linear_input_stats,
@@ -35,9 +35,9 @@ from ..calibration import (
     skipping_block,
     token_sequences,
 )
-from ..context import RunContext
-from ..errors import EdgeTailorError
-from ..registry import register_step
+from ...context import RunContext
+from ...errors import EdgeTailorError
+from ...registry import register_step
 
 EXPORTS = "GGUF and ONNX natively: the result is a smaller model of the same architecture with a consistent config"
 
