@@ -416,12 +416,9 @@ def print_variants(manifest: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import tempfile
-
     from edgetailor.engine import resolve
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.evaluate import Comparison, make_windows
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import TorchRuntime, open_runtime
     from edgetailor.engine.text import default_evaluation_path, read_text
 
     variant = Path(args.variant)
@@ -434,16 +431,12 @@ def cmd_evaluate(args) -> int:
     loaded = load_model(src)
     windows = make_windows(loaded.tokenizer, read_text(args.eval_text or default_evaluation_path()), args.ctx,
                            args.windows)
-    from edgetailor.engine.atomic import temp_prefix
-
-    with tempfile.TemporaryDirectory(prefix=temp_prefix("ref")) as tmp:
-        ref = ReferenceLogprobs(Path(tmp))
-        base = evaluate(TorchRuntime(loaded.model, args.threads), windows, reference=ref, record_reference=True)
+    with Comparison(loaded.model, windows, threads=args.threads) as cmp:
         del loaded
-        with open_runtime(fmt, variant, n_ctx=args.ctx, threads=args.threads) as rt:
-            res = evaluate(rt, windows, reference=ref)
-    out = {"variant": str(variant), "baseline_perplexity": base.perplexity, **res.to_dict(),
-           "ppl_increase_pct": 100 * (res.perplexity / base.perplexity - 1)}
+        res = cmp.score(fmt, variant)
+        base = cmp.baseline
+        out = {"variant": str(variant), "baseline_perplexity": base.perplexity, **res.to_dict(),
+               "ppl_increase_pct": cmp.row(res)["ppl_increase_pct"]}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

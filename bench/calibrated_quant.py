@@ -133,21 +133,18 @@ def ours(model_dir: str, calib: str, types: list[str], outdir: str, method: str,
 
 
 def evaluate_files(model_dir: str, files: dict[str, Path], f16: Path, windows: int) -> dict:
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
-    from edgetailor.engine.runtimes import LlamaCppRuntime
+    from edgetailor.engine.evaluate import Comparison, make_windows
+    from edgetailor.engine.runtimes import open_runtime
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     win = make_windows(tok, WIKI.read_bytes().decode("utf-8"), 512, windows)
-    ref = ReferenceLogprobs(f16.parent / "reference")
+    with open_runtime("gguf", f16, n_ctx=512, threads=2) as rt:        # llama.cpp's F16 is the reference
+        cmp = Comparison(rt, win, threads=2, folder=f16.parent / "reference")
     out = {}
     for label, path in [("F16", f16)] + list(files.items()):
-        rt = LlamaCppRuntime(path, n_ctx=512, threads=2)
-        try:
-            r = evaluate(rt, win, reference=ref, record_reference=(label == "F16"))
-        finally:
-            rt.close()
-        out[label] = {"perplexity": r.perplexity, "kl": r.kl, "top1": r.top1, "size_mb": path.stat().st_size / 1e6,
+        r = cmp.baseline if label == "F16" else cmp.score("gguf", path)
+        out[label] = {"perplexity": r.perplexity, "kl": r.kl, "kl_p999": r.kl_p999, "top1": r.top1, "size_mb": path.stat().st_size / 1e6,
                       "size_bytes": path.stat().st_size,
                       "eval_windows": r.windows}
         print(f"  {label}: ppl {r.perplexity:.4f}" + (f" KL {r.kl:.5f}" if r.kl is not None else ""), flush=True)

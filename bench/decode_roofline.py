@@ -73,21 +73,18 @@ def gguf_files(args, work: Path) -> dict[str, Path]:
 
 def quality(src, files: dict, windows: int, ctx: int, threads: int) -> dict:
     """Perplexity (and KL to the baseline) of the baseline and each file on the bundled evaluation text."""
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.evaluate import Comparison, make_windows
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import LlamaCppRuntime, TorchRuntime
     from edgetailor.engine.text import default_evaluation_path, read_text
 
     lm = load_model(src)
     wins = make_windows(lm.tokenizer, read_text(default_evaluation_path()), ctx, windows)
-    ref = ReferenceLogprobs(Path(tempfile.mkdtemp(prefix="edgetailor-ref-")))
-    base = evaluate(TorchRuntime(lm.model, threads), wins, reference=ref, record_reference=True)
-    del lm
-    out = {"baseline": {"perplexity": base.perplexity}}
-    for t, path in files.items():
-        with LlamaCppRuntime(path, n_ctx=ctx, threads=threads) as rt:
-            r = evaluate(rt, wins, reference=ref)
-        out[t] = {"perplexity": r.perplexity, "kl": r.kl, "ppl_increase_pct": 100 * (r.perplexity / base.perplexity - 1)}
+    with Comparison(lm.model, wins, threads=threads) as cmp:
+        del lm
+        out = {"baseline": {"perplexity": cmp.baseline.perplexity}}
+        for t, path in files.items():
+            row = cmp.row(cmp.score("gguf", path))
+            out[t] = {k: row[k] for k in ("perplexity", "kl", "kl_p999", "ppl_increase_pct")}
     return out
 
 

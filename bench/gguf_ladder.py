@@ -44,9 +44,9 @@ def main() -> int:
 
     import reference_tools as ref
     from edgetailor.engine import resolve
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.evaluate import Comparison, evaluate, make_windows
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import LlamaCppRuntime, TorchRuntime
+    from edgetailor.engine.runtimes import LlamaCppRuntime
     from edgetailor.engine.text import read_text
     from edgetailor.exporters import get_exporter
 
@@ -56,14 +56,13 @@ def main() -> int:
     text = read_text(args.text)
     windows = make_windows(lm.tokenizer, text, args.ctx, args.windows)
     work = Path(tempfile.mkdtemp(prefix="edgetailor-ladder-"))
-    refdir = ReferenceLogprobs(work / "reference")
     print(f"baseline: {len(windows)} windows x {args.ctx}", file=sys.stderr)
-    base = evaluate(TorchRuntime(lm.model, args.threads), windows, reference=refdir, record_reference=True)
+    cmp = Comparison(lm.model, windows, threads=args.threads, folder=work / "reference")
+    base = cmp.baseline
 
     def score(path: Path) -> dict:
-        with LlamaCppRuntime(path, n_ctx=args.ctx, threads=args.threads) as rt:
-            r = evaluate(rt, windows, reference=refdir)
-        return {"perplexity": r.perplexity, "kl": r.kl, "top1": r.top1,
+        r = cmp.score("gguf", path)
+        return {"perplexity": r.perplexity, "kl": r.kl, "kl_p999": r.kl_p999, "top1": r.top1,
                 "size_mb": path.stat().st_size / 1e6}
 
     exporter = get_exporter("gguf")

@@ -125,9 +125,8 @@ def main() -> int:
     import onnxruntime
     import onnxruntime_genai as og
     from edgetailor.engine import resolve
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.evaluate import Comparison, make_windows
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import OnnxRuntime, TorchRuntime
     from edgetailor.engine.text import read_text
     from gguf_ladder import machine
 
@@ -152,14 +151,14 @@ def main() -> int:
 
     lm = load_model(src)
     windows = make_windows(lm.tokenizer, read_text(args.text), args.ctx, args.windows)
-    ref = ReferenceLogprobs(work / "reference")
     print(f"baseline: {len(windows)} windows x {args.ctx}", file=sys.stderr)
-    base = evaluate(TorchRuntime(lm.model, args.threads), windows, reference=ref, record_reference=True)
+    cmp = Comparison(lm.model, windows, threads=args.threads, folder=work / "reference")
+    base = cmp.baseline
     for name, folder in folders.items():
         print(f"evaluating {name}", file=sys.stderr)
-        with OnnxRuntime(folder, n_ctx=args.ctx, threads=args.threads) as rt:
-            r = evaluate(rt, windows, reference=ref)
-        rows[name].update(perplexity=round(r.perplexity, 4), kl=round(r.kl, 5), top1=round(r.top1, 4))
+        r = cmp.score("onnx", folder)
+        rows[name].update(perplexity=round(r.perplexity, 4), kl=round(r.kl, 5), kl_p999=round(r.kl_p999, 5),
+                          top1=round(r.top1, 4))
 
     prompt_ids = list(lm.tokenizer(PROMPT)["input_ids"])
     runs = {name: [] for name in folders}

@@ -45,25 +45,20 @@ BUDGETS = [
 ]
 
 
-def ladder(model_dir: Path, calib: Path, work: Path, windows: list, prompt: list[int], threads: int) -> dict:
+def ladder(model_dir: Path, calib: Path, work: Path, cmp, prompt: list[int], threads: int) -> dict:
     """llama.cpp's ladder with an importance matrix: each type's file, size, quality and measured footprint."""
     import reference_tools as rt
     from edgetailor.engine.benchmark import benchmark_variant
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate
-    from edgetailor.engine.runtimes import open_runtime
-
     f16 = work / "f16.gguf"
     t_convert = rt.run_convert(model_dir, f16, "f16", log_path=work / "convert.log")
     imat = work / "imatrix.gguf"
     t_imatrix = rt.run_imatrix(f16, calib, imat, ctx=512, chunks=100, threads=threads, extra_args=["--no-ppl"],
                                log_path=work / "imatrix.log")
-    ref = ReferenceLogprobs(work / "reference")
     out = {"convert_s": t_convert, "imatrix_s": t_imatrix, "types": {}}
     for t in LADDER:
         path = work / f"llama-imatrix-{t}.gguf"
         secs = rt.run_quantize(f16, path, t, imatrix=imat, threads=threads)
-        with open_runtime("gguf", path, n_ctx=len(windows[0]), threads=threads) as r:
-            res = evaluate(r, windows, reference=ref)
+        res = cmp.score("gguf", path)
         bench = benchmark_variant("gguf", path, prompt, gen_tokens=32, repeats=2, threads=threads,
                                   n_ctx=CONTEXT)
         out["types"][t] = {"path": str(path), "size_bytes": path.stat().st_size, "quantize_s": secs,
@@ -75,16 +70,13 @@ def ladder(model_dir: Path, calib: Path, work: Path, windows: list, prompt: list
 
 
 
-def reference_logprobs(model_dir: Path, work: Path, windows: list, threads: int) -> float:
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate
+def baseline(model_dir: Path, work: Path, windows: list, threads: int):
+    """The source in torch on the windows, its log-probs kept in work/reference as the ladder's KL reference."""
+    from edgetailor.engine.evaluate import Comparison
     from edgetailor.engine.modeling import load_model
-    from edgetailor.engine.runtimes import TorchRuntime
     from edgetailor.engine.sources import resolve
 
-    loaded = load_model(resolve(str(model_dir)))
-    res = evaluate(TorchRuntime(loaded.model, threads), windows, reference=ReferenceLogprobs(work / "reference"),
-                   record_reference=True)
-    return res.perplexity
+    return Comparison(load_model(resolve(str(model_dir))).model, windows, threads=threads, folder=work / "reference")
 
 
 def device_tps(device, here_tps: float, path) -> float:
@@ -171,8 +163,9 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
     tok = load_tokenizer(resolve(str(model_dir)))
     windows = make_windows(tok, read_text(str(WIKITEXT)), 512, windows_n)
     prompt = list(tok(read_text(str(WIKITEXT))[:3000]).input_ids)[:64]
-    base_ppl = reference_logprobs(model_dir, work, windows, 2)
-    lad = ladder(model_dir, calib, work, windows, prompt, 2)
+    cmp = baseline(model_dir, work, windows, 2)
+    base_ppl = cmp.baseline.perplexity
+    lad = ladder(model_dir, calib, work, cmp, prompt, 2)
     export_s = one_calibrated_export(model_dir, calib, work / "runs")
     rows = []
     for spec in budgets:

@@ -44,18 +44,21 @@ class Scorer:
     """Export a model as GGUF F16 and score it in llama.cpp on the fixed windows."""
 
     def __init__(self, tokenizer, tokenizer_dir, windows, ctx, threads, work: Path):
-        from edgetailor.engine.evaluate import ReferenceLogprobs
-
         self.tokenizer, self.tokenizer_dir, self.windows = tokenizer, tokenizer_dir, windows
         self.ctx, self.threads, self.work = ctx, threads, work
-        self.reference = ReferenceLogprobs(work / "reference")
+        self.comparison = None
 
     def score_file(self, path: Path, record_reference: bool = False) -> dict:
-        from edgetailor.engine.evaluate import evaluate
-        from edgetailor.engine.runtimes import LlamaCppRuntime
+        """A GGUF in llama.cpp against the reference (``record_reference``: this file is the reference)."""
+        from edgetailor.engine.evaluate import Comparison
+        from edgetailor.engine.runtimes import open_runtime
 
-        with LlamaCppRuntime(path, n_ctx=self.ctx, threads=self.threads) as rt:
-            r = evaluate(rt, self.windows, reference=self.reference, record_reference=record_reference)
+        if record_reference:
+            with open_runtime("gguf", path, n_ctx=self.ctx, threads=self.threads) as rt:
+                self.comparison = Comparison(rt, self.windows, self.threads, folder=self.work / "reference")
+            r = self.comparison.baseline
+        else:
+            r = self.comparison.score("gguf", path)
         return {"perplexity": round(r.perplexity, 4), "kl": None if r.kl is None else round(r.kl, 5),
                 "top1": None if r.top1 is None else round(r.top1, 4), "size_mb": round(path.stat().st_size / 1e6, 2),
                 "eval_seconds": r.seconds}

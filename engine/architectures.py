@@ -119,14 +119,9 @@ def count_parameters(cfg: dict) -> dict:
 
     Returns total, embedding (input embeddings + untied output head) and non-embedding counts.
     """
-    h = int(cfg["hidden_size"])
-    inter = int(cfg["intermediate_size"])
-    layers = int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    hd = int(cfg.get("head_dim") or h // heads)
-    vocab = int(cfg["vocab_size"])
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    dims = ModelDims.of(cfg)
+    h, inter, layers, heads, kv, hd, vocab, tied = (dims.hidden, dims.intermediate, dims.layers, dims.heads,
+                                                    dims.kv_heads, dims.head_dim, dims.vocab, dims.tied)
     attn = h * heads * hd * 2 + h * kv * hd * 2
     if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
         attn += heads * hd + 2 * kv * hd
@@ -136,3 +131,52 @@ def count_parameters(cfg: dict) -> dict:
     embedding = vocab * h * (1 if tied else 2)
     non_embedding = layers * per_layer + h
     return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """A decoder's dimensions, read once from its config: every module that needs heads, head size or widths
+    reads them here (a transformers config, or its JSON as a dict; a multimodal config's ``text_config``)."""
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    context: int
+    rms_eps: float
+
+    @classmethod
+    def of(cls, cfg) -> "ModelDims":
+        d = cfg if isinstance(cfg, dict) else (cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg)))
+        text = d.get("text_config") if isinstance(d.get("text_config"), dict) else {}
+        d = {**text, **{k: v for k, v in d.items() if v is not None}}
+        hidden = int(d.get("hidden_size") or 0)
+        heads = int(d.get("num_attention_heads") or 1)
+        return cls(model_type=str(d.get("model_type", "")), hidden=hidden,
+                   intermediate=int(d.get("intermediate_size") or 4 * hidden),
+                   layers=int(d.get("num_hidden_layers") or 1), heads=heads,
+                   kv_heads=int(d.get("num_key_value_heads") or heads),
+                   head_dim=int(d.get("head_dim") or hidden // heads), vocab=int(d.get("vocab_size") or 0),
+                   tied=bool(d.get("tie_word_embeddings", False)),
+                   context=int(d.get("max_position_embeddings") or 0), rms_eps=float(d.get("rms_norm_eps") or 1e-6))
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def gguf_tensor_names(cfg):
+    """llama.cpp's tensor-name map for the model's family (gguf-py's ``TensorNameMap``): HF name -> GGUF name."""
+    import gguf
+
+    spec = arch_spec(cfg.model_type)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    return gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))

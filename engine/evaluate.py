@@ -143,3 +143,50 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
                       kl_p999=float(np.quantile(np.concatenate(kls), 0.999)) if compare else None,
                       top1=(agree / count) if compare else None,
                       runtime=getattr(runtime, "name", "?"))
+
+
+class Comparison:
+    """A baseline and the variants measured against it on the same windows: the source model in torch, or any
+    runtime (a 16-bit GGUF of a large model), its log-probs kept as the KL reference; then each variant in its
+    runtime. ``edgetailor evaluate`` and the benchmarks run this one sequence::
+
+        with Comparison(model, windows, threads=2) as cmp:    # evaluates the baseline
+            res = cmp.score("gguf", path)                      # an EvalResult: perplexity, KL, p99.9, top-1
+            cmp.row(res)                                       # the figures a results table shows
+    """
+
+    def __init__(self, baseline, windows: list[list[int]], threads: int | None = None,
+                 folder: str | Path | None = None, on_window: Callable[[int, int, float], None] | None = None):
+        import tempfile
+
+        from .atomic import temp_prefix
+        from .runtimes import TorchRuntime
+
+        self._tmp = None if folder else tempfile.TemporaryDirectory(prefix=temp_prefix("ref"))
+        self.windows, self.threads, self.on_window = windows, threads, on_window
+        self.reference = ReferenceLogprobs(Path(folder or self._tmp.name))
+        runtime = baseline if isinstance(baseline, Runtime) else TorchRuntime(baseline, threads)
+        self.baseline = evaluate(runtime, windows, reference=self.reference, record_reference=True,
+                                 on_window=on_window)
+
+    def score(self, fmt: str, path: str | Path, **settings) -> EvalResult:
+        """A variant (its format, its file or folder) in its runtime on the baseline's windows."""
+        from .runtimes import open_runtime
+
+        with open_runtime(fmt, path, n_ctx=len(self.windows[0]), threads=self.threads, **settings) as rt:
+            return evaluate(rt, self.windows, reference=self.reference, on_window=self.on_window)
+
+    def row(self, res: EvalResult) -> dict:
+        return {"perplexity": res.perplexity, "ppl_increase_pct": 100 * (res.perplexity / self.baseline.perplexity - 1),
+                "kl": res.kl, "kl_p999": res.kl_p999, "top1": res.top1}
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -55,8 +55,9 @@ class ModelShape:
         inter = int(text.get("intermediate_size") or 4 * h)
         layers = max(int(text.get("num_hidden_layers") or 1), 1)
         vocab = int(text.get("vocab_size") or 0)
-        heads = int(text.get("num_attention_heads") or 1)
-        q_dim = heads * int(text.get("head_dim") or (h // heads if heads else h))
+        from .architectures import ModelDims
+
+        q_dim = ModelDims.of(cfg).q_dim
         largest, total = 0, params_total or 0
         streamable = bool(folder and any(Path(folder).glob("*.safetensors")))
         if streamable:

@@ -147,15 +147,14 @@ def save_llama_imatrix(stats: ImportanceStats, model, path: Path, dataset: str =
     """
     import gguf
 
-    from .architectures import arch_spec
+    from .architectures import arch_spec, gguf_tensor_names
 
     cfg = model.config
     spec = arch_spec(cfg.model_type)
     if spec is None:
         raise EdgeTailorError(f"No llama.cpp tensor names for '{cfg.model_type}' models.",
                               "Use EdgeTailor's own imatrix.safetensors with the calibrated GGUF step.")
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
-    names = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
+    names = gguf_tensor_names(cfg)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     w = gguf.GGUFWriter(str(path), arch=None)
     w.add_type("imatrix")

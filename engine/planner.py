@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .architectures import ModelDims
 from .errors import EdgeTailorError
 from .runtimes import KV_TYPES
 
@@ -205,10 +206,9 @@ class Predictor:
         head = "output.weight" if not tied else "token_embd.weight"
         matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
         heads, kv_heads = next(iter(sources.values())).heads
-        cfg = self.config
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        return WeightsInfo("gguf", resident + repacked, per_token, matmul, int(cfg.num_hidden_layers) - drop, heads,
-                           kv_heads, head_dim, n_vocab, repacked, type_elements, types.get(head, ""),
+        dims = ModelDims.of(self.config)
+        return WeightsInfo("gguf", resident + repacked, per_token, matmul, dims.layers - drop, heads,
+                           kv_heads, dims.head_dim, n_vocab, repacked, type_elements, types.get(head, ""),
                            sources[head].shape[0] * sources[head].shape[1] if head in sources else 0)
 
     def raw(self, cand: Candidate) -> dict:

@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .architectures import ModelDims
 from .atomic import temp_prefix
 from .errors import EdgeTailorError
 
@@ -123,12 +124,12 @@ def hf_info(folder: str | Path, dtype: str = "float32") -> WeightsInfo:
     tied = bool(cfg.get("tie_word_embeddings", False))
     params_model = params          # a tied matrix is saved (and held) once
     bpe = DTYPE_BYTES[dtype]
-    n_head = int(cfg["num_attention_heads"])
+    dims = ModelDims.of(cfg)
     emb = vocab * h
     matmul = params_model - (0 if tied else emb) - _norm_params(cfg)
     per_token = (params_model if tied else params_model - emb + h) * bpe
-    return WeightsInfo("torch", params_model * bpe, per_token, matmul, int(cfg["num_hidden_layers"]), n_head,
-                       int(cfg.get("num_key_value_heads") or n_head), int(cfg.get("head_dim") or h // n_head), vocab,
+    return WeightsInfo("torch", params_model * bpe, per_token, matmul, dims.layers, dims.heads, dims.kv_heads,
+                       dims.head_dim, vocab,
                        type_elements={TORCH_TYPE[dtype]: matmul - vocab * h}, head_type=TORCH_TYPE[dtype],
                        head_elements=vocab * h)
 
@@ -387,14 +388,11 @@ def shape_probe_layers(source_folder: str | Path) -> tuple[int, int]:
     models whose float32 probe would pass PROBE_F32_BYTES). The deep probe meets the caches and memory as the
     model does; time per token is not linear in layers on a machine with large caches, so the pair spans the
     whole depth rather than interpolating from a shallow part of it."""
-    cfg = json.loads((Path(source_folder) / "config.json").read_text())
-    cfg = {**cfg.get("text_config", {}), **cfg}
-    h, inter, n = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    hd = int(cfg.get("head_dim") or h // heads)
-    per_layer = 4 * (h * hd * (2 * heads + 2 * kv) + 3 * h * inter)
-    return 1, max(2, min(n, int(PROBE_F32_BYTES // per_layer)))
+    from .architectures import ModelDims
+
+    d = ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text()))
+    per_layer = 4 * (d.hidden * (2 * d.q_dim + 2 * d.kv_dim) + 3 * d.hidden * d.intermediate)
+    return 1, max(2, min(d.layers, int(PROBE_F32_BYTES // per_layer)))
 
 
 def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: list[int], gen_tokens: int,

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.architectures import arch_spec, gguf_writer_for, supported_model_types
+from ..engine.architectures import (
+    ModelDims,
+    arch_spec,
+    gguf_tensor_names,
+    gguf_writer_for,
+    supported_model_types,
+)
 from ..engine.errors import EdgeTailorError, RunCancelled
 from . import register_exporter
 from .base import Exporter, ExportResult
@@ -176,21 +182,19 @@ def _param_count(model) -> int:
 
 # --- metadata ---------------------------------------------------------------------------------------
 def add_hparams(w, cfg, spec, n_layers: int) -> None:
-    h = cfg.hidden_size
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // heads
-    w.add_context_length(int(cfg.max_position_embeddings))
-    w.add_embedding_length(int(h))
+    d = ModelDims.of(cfg)
+    w.add_context_length(d.context)
+    w.add_embedding_length(d.hidden)
     w.add_block_count(int(n_layers))
-    w.add_feed_forward_length(int(cfg.intermediate_size))
-    w.add_head_count(int(heads))
-    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or heads))
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_vocab_size(int(cfg.vocab_size))
-    w.add_rope_dimension_count(int(head_dim))
-    if head_dim != h // heads:
-        w.add_key_length(int(head_dim))
-        w.add_value_length(int(head_dim))
+    w.add_feed_forward_length(d.intermediate)
+    w.add_head_count(d.heads)
+    w.add_head_count_kv(d.kv_heads)
+    w.add_layer_norm_rms_eps(d.rms_eps)
+    w.add_vocab_size(d.vocab)
+    w.add_rope_dimension_count(d.head_dim)
+    if d.head_dim != d.hidden // d.heads:
+        w.add_key_length(d.head_dim)
+        w.add_value_length(d.head_dim)
     rope = _rope_params(cfg)
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type") or rope.get("type")
@@ -221,7 +225,7 @@ def _llama3_rope_factors(cfg) -> np.ndarray | None:
     if (rope.get("rope_type") or rope.get("type")) != "llama3":
         return None
     base = rope.get("rope_theta", 10000.0)
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = ModelDims.of(cfg).head_dim
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     factor = rope.get("factor", 8.0)
     lo, hi = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -424,12 +428,10 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         raise EdgeTailorError(f"EdgeTailor's own GGUF writer does not cover this '{cfg.model_type}' model "
                               "(its family, or biases the writer does not place).",
                               "Use the export step: it writes this family with llama.cpp's converter.")
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
     n_layers = int(cfg.num_hidden_layers)
-    names = gguf.get_tensor_name_map(arch, n_layers)
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    names = gguf_tensor_names(cfg)
+    dims = ModelDims.of(cfg)
+    heads, kv_heads, tied = dims.heads, dims.kv_heads, dims.tied
     tensor_types = tensor_types or {}
 
     w = gguf.GGUFWriter(str(out), spec.gguf_arch)

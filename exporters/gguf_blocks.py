@@ -16,6 +16,7 @@ imatrix does) or with GPTQ-style error feedback through the inverse Hessian of t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,70 +284,106 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
     return (u[:, 0] | (u[:, 1] << 4)).astype(np.uint8)
 
 
+#: ggml's byte layout of each block type: (block type, integer codes (nb, block), the fit's raw codes, the
+#: fp16 block scales) -> bytes (nb, bytes per block); one packer per layout, registered on definition
+PACKERS: dict[str, Callable[[BlockType, np.ndarray, dict, np.ndarray], np.ndarray]] = {}
+
+
+def packs(*names: str):
+    def register(fn):
+        for n in names:
+            PACKERS[n] = fn
+        return fn
+    return register
+
+
 def pack(bt: BlockType, q: torch.Tensor, raw: dict) -> np.ndarray:
     """ggml's bytes for blocks. q: (nb, block) integers; raw: the fit's codes per block (nb, ...)."""
-    nb = q.shape[0]
-    qi = q.to(torch.int32).numpy()
-    name = bt.name
-    d = _f16(raw["d"].reshape(-1))
-    if name == "Q8_0":
-        return np.concatenate([d, qi.astype(np.int8).view(np.uint8)], 1)
-    if name == "IQ4_NL":
-        return np.concatenate([d, _nibbles(qi.astype(np.uint8).reshape(nb, 2, 16))], 1)
-    if name in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"):
-        u = (qi - bt.qmin).astype(np.uint8)
-        qs = _nibbles((u & 0xF).reshape(nb, 2, 16))
-        parts = [d]
-        if bt.affine:
-            parts.append(_f16(raw["m"].reshape(-1)))
-        if bt.qmax - bt.qmin == 31:
-            parts.append(np.packbits((u >> 4).astype(np.uint8), axis=-1, bitorder="little"))
-        return np.concatenate(parts + [qs], 1)
-    if name == "Q2_K":
-        u = qi.astype(np.uint8).reshape(nb, 2, 4, 32)
-        qs = (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).reshape(nb, 64)
-        sc = (raw["Ls"].numpy().astype(np.uint8) | (raw["Lm"].numpy().astype(np.uint8) << 4)).reshape(nb, 16)
-        return np.concatenate([sc, qs, d, _f16(raw["dmin"].reshape(-1))], 1)
-    if name == "Q3_K":
-        u = (qi + 4).astype(np.uint8)
-        ql = (u & 3).reshape(nb, 2, 4, 32)
-        qs = (ql[:, :, 0] | (ql[:, :, 1] << 2) | (ql[:, :, 2] << 4) | (ql[:, :, 3] << 6)).reshape(nb, 64)
-        hb = (u >> 2).reshape(nb, 8, 32)
-        hmask = np.zeros((nb, 32), dtype=np.uint8)
-        for j in range(8):
-            hmask |= (hb[:, j] << j).astype(np.uint8)
-        s = (raw["Ls"].numpy().astype(np.int32) + 32).astype(np.uint8).reshape(nb, 16)
-        low = s & 0xF
-        sc = np.zeros((nb, 12), dtype=np.uint8)
-        sc[:, :8] = low[:, :8] | (low[:, 8:] << 4)
-        hi = (s >> 4).reshape(nb, 4, 4)          # [k, b] for sub-block k*4+b
-        sc[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-        return np.concatenate([hmask, qs, sc, d], 1)
-    if name in ("Q4_K", "Q5_K"):
-        ls = raw["Ls"].numpy().astype(np.uint8).reshape(nb, 8)
-        lm = raw["Lm"].numpy().astype(np.uint8).reshape(nb, 8)
-        sc = np.zeros((nb, 12), dtype=np.uint8)
-        sc[:, 0:4] = (ls[:, :4] & 63) | ((ls[:, 4:] >> 4) << 6)
-        sc[:, 4:8] = (lm[:, :4] & 63) | ((lm[:, 4:] >> 4) << 6)
-        sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-        u = qi.astype(np.uint8)
-        qs = _nibbles((u & 0xF).reshape(nb, 4, 2, 32).transpose(0, 2, 1, 3).reshape(nb, 2, 128))
-        parts = [d, _f16(raw["dmin"].reshape(-1)), sc]
-        if name == "Q5_K":
-            hb = (u >> 4).reshape(nb, 8, 32)
-            qh = np.zeros((nb, 32), dtype=np.uint8)
-            for j in range(8):
-                qh |= (hb[:, j] << j).astype(np.uint8)
-            parts.append(qh)
-        return np.concatenate(parts + [qs], 1)
-    if name == "Q6_K":
-        u = (qi + 32).astype(np.uint8).reshape(nb, 2, 2, 64)    # [half, nibble k, l64]
-        ql = (u[:, :, 0] & 0xF) | ((u[:, :, 1] & 0xF) << 4)      # (nb, 2, 64)
-        h = (u >> 4).reshape(nb, 2, 4, 32)                       # [half, s, l32]
-        qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
-        sc = raw["Ls"].numpy().astype(np.int8).view(np.uint8).reshape(nb, 16)
-        return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc, d], 1)
-    raise KeyError(name)
+    return PACKERS[bt.name](bt, q.to(torch.int32).numpy(), raw, _f16(raw["d"].reshape(-1)))
+
+
+def _bits_across(hb: np.ndarray) -> np.ndarray:
+    """(nb, 8, 32) single bits -> (nb, 32) bytes, bit j from row j (the high-bit masks of Q3_K and Q5_K)."""
+    out = np.zeros((hb.shape[0], 32), dtype=np.uint8)
+    for j in range(8):
+        out |= (hb[:, j] << j).astype(np.uint8)
+    return out
+
+
+def _crumbs(u: np.ndarray) -> np.ndarray:
+    """(nb, 2, 4, 32) values < 4 -> (nb, 64) bytes, four 2-bit values a byte (Q2_K, Q3_K's low bits)."""
+    return (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).reshape(u.shape[0], 64)
+
+
+@packs("Q8_0")
+def _pack_q8_0(bt, qi, raw, d):
+    return np.concatenate([d, qi.astype(np.int8).view(np.uint8)], 1)
+
+
+@packs("IQ4_NL")
+def _pack_iq4_nl(bt, qi, raw, d):
+    return np.concatenate([d, _nibbles(qi.astype(np.uint8).reshape(qi.shape[0], 2, 16))], 1)
+
+
+@packs("Q4_0", "Q5_0", "Q4_1", "Q5_1")
+def _pack_legacy(bt, qi, raw, d):
+    u = (qi - bt.qmin).astype(np.uint8)
+    parts = [d]
+    if bt.affine:
+        parts.append(_f16(raw["m"].reshape(-1)))
+    if bt.qmax - bt.qmin == 31:
+        parts.append(np.packbits((u >> 4).astype(np.uint8), axis=-1, bitorder="little"))
+    return np.concatenate(parts + [_nibbles((u & 0xF).reshape(qi.shape[0], 2, 16))], 1)
+
+
+@packs("Q2_K")
+def _pack_q2_k(bt, qi, raw, d):
+    nb = qi.shape[0]
+    qs = _crumbs(qi.astype(np.uint8).reshape(nb, 2, 4, 32))
+    sc = (raw["Ls"].numpy().astype(np.uint8) | (raw["Lm"].numpy().astype(np.uint8) << 4)).reshape(nb, 16)
+    return np.concatenate([sc, qs, d, _f16(raw["dmin"].reshape(-1))], 1)
+
+
+@packs("Q3_K")
+def _pack_q3_k(bt, qi, raw, d):
+    nb = qi.shape[0]
+    u = (qi + 4).astype(np.uint8)
+    qs = _crumbs((u & 3).reshape(nb, 2, 4, 32))
+    hmask = _bits_across((u >> 2).reshape(nb, 8, 32))
+    s = (raw["Ls"].numpy().astype(np.int32) + 32).astype(np.uint8).reshape(nb, 16)
+    low = s & 0xF
+    sc = np.zeros((nb, 12), dtype=np.uint8)
+    sc[:, :8] = low[:, :8] | (low[:, 8:] << 4)
+    hi = (s >> 4).reshape(nb, 4, 4)          # [k, b] for sub-block k*4+b
+    sc[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return np.concatenate([hmask, qs, sc, d], 1)
+
+
+@packs("Q4_K", "Q5_K")
+def _pack_q4_k_q5_k(bt, qi, raw, d):
+    nb = qi.shape[0]
+    ls = raw["Ls"].numpy().astype(np.uint8).reshape(nb, 8)
+    lm = raw["Lm"].numpy().astype(np.uint8).reshape(nb, 8)
+    sc = np.zeros((nb, 12), dtype=np.uint8)
+    sc[:, 0:4] = (ls[:, :4] & 63) | ((ls[:, 4:] >> 4) << 6)
+    sc[:, 4:8] = (lm[:, :4] & 63) | ((lm[:, 4:] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    u = qi.astype(np.uint8)
+    qs = _nibbles((u & 0xF).reshape(nb, 4, 2, 32).transpose(0, 2, 1, 3).reshape(nb, 2, 128))
+    parts = [d, _f16(raw["dmin"].reshape(-1)), sc]
+    if bt.name == "Q5_K":
+        parts.append(_bits_across((u >> 4).reshape(nb, 8, 32)))
+    return np.concatenate(parts + [qs], 1)
+
+
+@packs("Q6_K")
+def _pack_q6_k(bt, qi, raw, d):
+    nb = qi.shape[0]
+    u = (qi + 32).astype(np.uint8).reshape(nb, 2, 2, 64)    # [half, nibble k, l64]
+    ql = (u[:, :, 0] & 0xF) | ((u[:, :, 1] & 0xF) << 4)      # (nb, 2, 64)
+    qh = _crumbs((u >> 4).reshape(nb, 2, 4, 32))
+    sc = raw["Ls"].numpy().astype(np.int8).view(np.uint8).reshape(nb, 16)
+    return np.concatenate([ql.reshape(nb, 128), qh, sc, d], 1)
 
 
 # --- whole matrices ---------------------------------------------------------------------------------

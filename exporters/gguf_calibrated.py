@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine.architectures import arch_spec, gguf_writer_for
+from ..engine.architectures import ModelDims, arch_spec, gguf_tensor_names, gguf_writer_for
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.memory import release_pages, trim_heap
 from . import gguf_blocks
@@ -76,15 +76,12 @@ class Source:
 
 def tensor_sources(model) -> dict[str, Source]:
     """GGUF tensor name -> ``Source`` for every matrix the file holds."""
-    import gguf
 
     cfg = model.config
     spec = arch_spec(cfg.model_type)
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
-    names = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    names = gguf_tensor_names(cfg)
+    dims = ModelDims.of(cfg)
+    heads, kv_heads, tied = dims.heads, dims.kv_heads, dims.tied
     out = {}
     for hf_name, p in model.state_dict().items():
         if p.ndim != 2 or (tied and hf_name == "lm_head.weight"):

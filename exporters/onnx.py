@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.architectures import arch_spec
+from ..engine.architectures import ModelDims, arch_spec
 from ..engine.atomic import temp_prefix
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.runtimes.onnx import MODEL_FILE, OnnxGenaiRuntime, OnnxRuntime, empty_cache
@@ -247,19 +247,15 @@ def build_graph(model, float_type: str = "fp32", quantizable: bool = False) -> D
             "Export this model to GGUF; `edgetailor inspect MODEL` lists what applies to it.")
     inner = model.model
     layers = inner.layers
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    true_head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    dims = ModelDims.of(cfg)
+    heads, kv_heads, true_head_dim = dims.heads, dims.kv_heads, dims.head_dim
     # GroupQueryAttention takes head sizes in multiples of 16: smaller heads are zero-padded (same results)
     head_dim = -(-true_head_dim // 16) * 16
     if head_dim != true_head_dim and spec.qk_norm:
         raise EdgeTailorError(f"Heads of {true_head_dim} dimensions with q/k norms cannot run in GroupQueryAttention.",
                               "Export this model to GGUF instead.")
-    hidden = int(cfg.hidden_size)
+    hidden, context, eps, tied = dims.hidden, dims.context, dims.rms_eps, dims.tied
     vocab = int(inner.embed_tokens.weight.shape[0])
-    context = int(cfg.max_position_embeddings)
-    eps = float(cfg.rms_norm_eps)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     window = getattr(cfg, "sliding_window", None)
     if not window or not getattr(cfg, "use_sliding_window", True) or window >= context:
         window = -1

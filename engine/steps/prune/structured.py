@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...architectures import count_parameters, keep_layers
+from ...architectures import ModelDims, count_parameters, keep_layers
 from ...calibration import (
     block_influence,
     decoder_layers,
@@ -119,12 +119,9 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]:
     """Which indices every tensor keeps: ({tensor name: [(dim, index tensor)]}, config changes)."""
-    c = model.config
-    heads = int(c.num_attention_heads)
-    kv = int(getattr(c, "num_key_value_heads", None) or heads)
-    hd = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    d = ModelDims.of(model.config)
+    heads, kv, hd, hidden, inter = d.heads, d.kv_heads, d.head_dim, d.hidden, d.intermediate
     per_group = heads // kv
-    hidden, inter = int(c.hidden_size), int(c.intermediate_size)
     n_layers = len(decoder_layers(model))
 
     keep_groups = max(1, round(kv * cfg.kv_groups_keep))
