@@ -54,97 +54,21 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
     then goes back through one block at a time, each recomputed from its kept input. Each block's weights
     are read twice in all (and released after each use), and only one block's activations exist at once.
     """
-    from .calibration import block_output
-    from .walker import BlockWalk
-
     seq_len = min(seq_len, sequences.shape[1])
     pieces = sequences[:, : (sequences.shape[1] // seq_len) * seq_len].reshape(-1, seq_len)[:max_sequences]
-    grad_sq: dict[str, torch.Tensor] = {}
-    in_sq: dict[str, torch.Tensor] = {}
-    state = {"moments": True}
-
-    def forward_hook(name):
-        def record(g):
-            g = g.detach().reshape(-1, g.shape[-1])
-            grad_sq[name].add_((g * g).sum(0, dtype=torch.float64))
-
-        def fn(module, args, out):
-            if state["moments"]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                in_sq[name] = in_sq[name] + (x ** 2).sum(0) if name in in_sq else (x ** 2).sum(0)
-            if out.requires_grad:
-                grad_sq.setdefault(name, torch.zeros(out.shape[-1], dtype=torch.float64))
-                out.register_hook(record)
-        return fn
-
-    def hooked(mods: dict):
-        return input_hooks(m.register_forward_hook(forward_hook(n)) for n, m in mods.items())
-
-    def check():
-        if cancelled and cancelled():
-            raise RunCancelled()
-
-    def plain(t):                 # tensors made under inference mode, usable by autograd
-        return t.clone() if isinstance(t, torch.Tensor) else t
-
+    run = _SensitivityPass(model, pieces, progress, cancelled)
     lazy = bool(getattr(model, "is_lazy", False))
     flags = [] if lazy else [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training if not lazy else False
     if not lazy:
-        was_training = model.training
         model.eval()
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        walk = BlockWalk(model, pieces, batch_size=len(pieces), cancelled=cancelled)
-        steps = 2 * len(walk) + 1
-        kws = [{k: tuple(plain(v) for v in x) if isinstance(x, tuple) else plain(x) for k, x in kw[0].items()}
-               for kw in walk.kwargs]
-        h = plain(walk.hidden[0])
-        kept = []
-        with torch.no_grad():
-            for i in range(len(walk)):
-                check()
-                kept.append(h)
-                with walk.block(i) as block, hooked(block.linears()):
-                    h = block_output(block.module(h, **kws[i]))
-                    if not lazy:
-                        release_pages(p.data for p in block.module.parameters())
-                if progress:
-                    progress((i + 1) / steps, f"sensitivity: block {i + 1}/{len(walk)} forward")
-        # the head and the loss over HEAD_ROWS tokens at a time (a vocabulary's logits are large); a piece's
-        # last token predicts nothing (ignored by the loss: its gradient is zero)
-        flat = h.reshape(-1, h.shape[-1])
-        targets = torch.cat([pieces[:, 1:], torch.full_like(pieces[:, :1], -100)], 1).reshape(-1)
-        grad_flat = torch.zeros_like(flat)
-        head_module = walk.model.get_output_embeddings()
-        with walk.holding(walk.final_norm()) as norm, walk.holding(head_module) as head, \
-                hooked({"lm_head": head}):
-            for a in range(0, len(flat), HEAD_ROWS):
-                check()
-                hi = flat[a:a + HEAD_ROWS].detach().requires_grad_(True)
-                logits = head(norm(hi))
-                torch.nn.functional.cross_entropy(logits.float(), targets[a:a + HEAD_ROWS], reduction="sum",
-                                                  ignore_index=-100).backward()
-                grad_flat[a:a + HEAD_ROWS] = hi.grad
-                del hi, logits
-        grad = grad_flat.reshape(h.shape)
-        del flat, grad_flat
-        if progress:
-            progress((len(walk) + 1) / steps, "sensitivity: loss")
-        state["moments"] = False
+        kept, h = run.forward()
+        grad = run.loss_gradient(h)
         del h
-        for i in reversed(range(len(walk))):
-            check()
-            x = kept.pop().requires_grad_(True)
-            with walk.block(i) as block, hooked(block.linears()):
-                block_output(block.module(x, **kws[i])).backward(grad)
-                if not lazy:
-                    release_pages(p.data for p in block.module.parameters())
-            grad = x.grad
-            del x
-            trim_heap()
-            if progress:
-                progress((2 * len(walk) + 1 - i) / steps, f"sensitivity: block {i + 1}/{len(walk)} backward")
+        run.backward(kept, grad)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -152,4 +76,105 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
             model.train(was_training)
             release_pages(p.data for p in model.parameters())
     n = max(int(pieces.numel()), 1)
-    return Sensitivity({k: v / n for k, v in in_sq.items()}, {k: v / n for k, v in grad_sq.items()}, n)
+    return Sensitivity({k: v / n for k, v in run.in_sq.items()}, {k: v / n for k, v in run.grad_sq.items()}, n)
+
+
+def _plain(t):
+    """A tensor made under inference mode, cloned so autograd can use it."""
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+class _SensitivityPass:
+    """One forward and backward pass over the block walk, with hooks that sum E[x^2] and E[(dL/dy)^2]."""
+
+    def __init__(self, model, pieces: torch.Tensor, progress, cancelled):
+        from .walker import BlockWalk
+
+        self.pieces, self.progress, self.cancelled = pieces, progress, cancelled
+        self.lazy = bool(getattr(model, "is_lazy", False))
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.in_sq: dict[str, torch.Tensor] = {}
+        self.moments = True              # input moments are taken on the forward pass only
+        self.walk = BlockWalk(model, pieces, batch_size=len(pieces), cancelled=cancelled)
+        self.steps = 2 * len(self.walk) + 1
+        self.kws = [{k: tuple(_plain(v) for v in x) if isinstance(x, tuple) else _plain(x) for k, x in kw[0].items()}
+                    for kw in self.walk.kwargs]
+
+    def _hook(self, name: str):
+        def record(g):
+            g = g.detach().reshape(-1, g.shape[-1])
+            self.grad_sq[name].add_((g * g).sum(0, dtype=torch.float64))
+
+        def fn(module, args, out):
+            if self.moments:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                self.in_sq[name] = self.in_sq[name] + (x ** 2).sum(0) if name in self.in_sq else (x ** 2).sum(0)
+            if out.requires_grad:
+                self.grad_sq.setdefault(name, torch.zeros(out.shape[-1], dtype=torch.float64))
+                out.register_hook(record)
+        return fn
+
+    def hooked(self, mods: dict):
+        return input_hooks(m.register_forward_hook(self._hook(n)) for n, m in mods.items())
+
+    def check(self) -> None:
+        if self.cancelled and self.cancelled():
+            raise RunCancelled()
+
+    def say(self, done: int, message: str) -> None:
+        if self.progress:
+            self.progress(done / self.steps, f"sensitivity: {message}")
+
+    def forward(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """All pieces through one block at a time; each block's input kept; the last hidden states."""
+        from .calibration import block_output
+
+        h, kept = _plain(self.walk.hidden[0]), []
+        with torch.no_grad():
+            for i in range(len(self.walk)):
+                self.check()
+                kept.append(h)
+                with self.walk.block(i) as block, self.hooked(block.linears()):
+                    h = block_output(block.module(h, **self.kws[i]))
+                    if not self.lazy:
+                        release_pages(p.data for p in block.module.parameters())
+                self.say(i + 1, f"block {i + 1}/{len(self.walk)} forward")
+        return kept, h
+
+    def loss_gradient(self, h: torch.Tensor) -> torch.Tensor:
+        """dL/dh of the summed next-token loss, the head run HEAD_ROWS tokens at a time (a vocabulary's logits are
+        large); a piece's last token predicts nothing (ignored by the loss: its gradient is zero)."""
+        flat = h.reshape(-1, h.shape[-1])
+        targets = torch.cat([self.pieces[:, 1:], torch.full_like(self.pieces[:, :1], -100)], 1).reshape(-1)
+        grad_flat = torch.zeros_like(flat)
+        walk = self.walk
+        with walk.holding(walk.final_norm()) as norm, walk.holding(walk.model.get_output_embeddings()) as head, \
+                self.hooked({"lm_head": head}):
+            for a in range(0, len(flat), HEAD_ROWS):
+                self.check()
+                hi = flat[a:a + HEAD_ROWS].detach().requires_grad_(True)
+                logits = head(norm(hi))
+                torch.nn.functional.cross_entropy(logits.float(), targets[a:a + HEAD_ROWS], reduction="sum",
+                                                  ignore_index=-100).backward()
+                grad_flat[a:a + HEAD_ROWS] = hi.grad
+                del hi, logits
+        self.say(len(walk) + 1, "loss")
+        self.moments = False
+        return grad_flat.reshape(h.shape)
+
+    def backward(self, kept: list[torch.Tensor], grad: torch.Tensor) -> None:
+        """The gradient back through one block at a time, each recomputed from its kept input."""
+        from .calibration import block_output
+
+        n = len(self.walk)
+        for i in reversed(range(n)):
+            self.check()
+            x = kept.pop().requires_grad_(True)
+            with self.walk.block(i) as block, self.hooked(block.linears()):
+                block_output(block.module(x, **self.kws[i])).backward(grad)
+                if not self.lazy:
+                    release_pages(p.data for p in block.module.parameters())
+            grad = x.grad
+            del x
+            trim_heap()
+            self.say(2 * n + 1 - i, f"block {i + 1}/{n} backward")

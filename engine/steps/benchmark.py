@@ -49,48 +49,75 @@ def budget_for(cfg: BenchmarkConfig):
 
 
 def prompt_ids(ctx: RunContext, n: int) -> list[int]:
-    from ..modeling import load_tokenizer
-
-    tok = ctx._loaded.tokenizer if ctx._loaded is not None else load_tokenizer(ctx.source)
-    ids = list(tok(ctx.eval_text()[: n * 20]).input_ids)[:n]
+    ids = list(ctx.tokenizer(ctx.eval_text()[: n * 20]).input_ids)[:n]
     if len(ids) < n:
         raise EdgeTailorError(f"The evaluation text gives only {len(ids)} prompt tokens.",
                               "Use a longer evaluation text or fewer prompt_tokens.")
     return ids
 
 
+@dataclass
+class Setting:
+    """What every variant of one benchmark shares: the machine, its meter, the budget, the prompt."""
+    host: object                  # devices.DeviceProfile of this machine, measured now
+    meter: object                 # energy.EnergyMeter
+    budget: object                # devices.Budget
+    threads: int
+    dtype: str
+    prompt: list[int]
+    used: int                     # tokens in the context after a pass (prompt + generated)
+    decode_models: dict = field(default_factory=dict)    # format -> the runtime's measured decode costs
+    overheads: dict = field(default_factory=dict)        # format -> the runtime's measured overhead (or None)
+
+
 @register_step("benchmark", BenchmarkConfig, kind="measure",
                summary="Load time, peak memory, time to first token, prefill/decode tok/s and energy of every "
                        "variant, each in a fresh process; predicted memory and projected speed on a device")
 def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
-    from ..benchmark import benchmark_variant
     from ..devices import host_profile
     from ..energy import EnergyMeter
-    from ..projection import (
-        device_speed,
-        measure_decode_model,
-        measure_overhead,
-        predict_memory,
-        project,
-        variant_info,
-    )
+    from ..projection import variant_info
 
-    budget = budget_for(cfg)
     host = host_profile(refresh=True)      # bandwidth and compute as they are now, beside the runs
-    meter = EnergyMeter.detect(host)
-    threads = ctx.options.resolved_threads()
-    dtype = ctx.options.dtype
-    ctx.log(f"Energy: {meter.provenance}")
+    s = Setting(host, EnergyMeter.detect(host), budget_for(cfg), ctx.options.resolved_threads(), ctx.options.dtype,
+                prompt_ids(ctx, cfg.prompt_tokens), cfg.prompt_tokens + cfg.gen_tokens)
+    ctx.log(f"Energy: {s.meter.provenance}")
     ctx.log(f"This machine: {host.memory_bandwidth_gbs:g} GB/s copy bandwidth, {host.compute_gflops:g} GFLOP/s "
             f"float32 ({host.estimates['memory_bandwidth_gbs']})")
-    if cfg.baseline and ctx.record.variant("baseline") is None:
-        from ..preflight import safetensors_parameter_count
+    if cfg.baseline:
+        _record_baseline_variant(ctx, s.dtype)
+    todo = _variants_to_run(ctx, cfg)
+    infos = {}
+    for v, fmt, path in todo:
+        try:
+            infos[v["name"]] = variant_info(fmt, path, s.dtype, tokens_used=s.used)
+        except EdgeTailorError as exc:
+            ctx.log(f"{v['name']}: no prediction ({exc.problem})", level="warning")
+    if cfg.decode_model:
+        _measure_decode_models(ctx, cfg, s, todo, infos)
+    for k, (v, fmt, path) in enumerate(todo):
+        ctx.check_cancelled()
+        ctx.progress(k / len(todo), f"{v['name']}: predicting")
+        _measure_overhead(ctx, cfg, s, fmt)
+        _benchmark_one(ctx, cfg, s, v["name"], fmt, path, infos.get(v["name"]), k / len(todo), 1 / len(todo))
+    record_scores(ctx, s.budget, cfg.alpha, cfg.beta)
+    ctx.progress(1.0, "benchmarked")
 
-        counted = safetensors_parameter_count(ctx.source.path)
-        ctx.add_variant(Variant(name="baseline", format="torch", path=None,
-                                params={"dtype": dtype, "source": ctx.source.spec},
-                                metrics={"size_bytes": counted[1] if counted else None,
-                                         "parameters": counted[0] if counted else None}))
+
+def _record_baseline_variant(ctx: RunContext, dtype: str) -> None:
+    from ..preflight import safetensors_parameter_count
+
+    if ctx.record.variant("baseline") is not None:
+        return
+    counted = safetensors_parameter_count(ctx.source.path)
+    ctx.add_variant(Variant(name="baseline", format="torch", path=None,
+                            params={"dtype": dtype, "source": ctx.source.spec},
+                            metrics={"size_bytes": counted[1] if counted else None,
+                                     "parameters": counted[0] if counted else None}))
+
+
+def _variants_to_run(ctx: RunContext, cfg: BenchmarkConfig) -> list[tuple[dict, str, object]]:
+    """(variant, format, path) of each variant to benchmark: the baseline from the source, files from the run."""
     todo = []
     for v in ctx.record.manifest["variants"]:
         if cfg.variants and v["name"] not in cfg.variants:
@@ -106,90 +133,95 @@ def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
     if missing:
         raise EdgeTailorError(f"The run has no variant named {', '.join(missing)} to benchmark.",
                               f"Its variants: {', '.join(v['name'] for v in ctx.record.manifest['variants'])}.")
-    prompt = prompt_ids(ctx, cfg.prompt_tokens)
-    used = cfg.prompt_tokens + cfg.gen_tokens
-    overheads: dict[str, dict | None] = {}
-    infos: dict[str, object] = {}
-    for v, fmt, path in todo:
-        try:
-            infos[v["name"]] = variant_info(fmt, path, dtype, tokens_used=used)
-        except EdgeTailorError as exc:
-            ctx.log(f"{v['name']}: no prediction ({exc.problem})", level="warning")
-    decode_models: dict[str, dict | None] = {}
-    for fmt in sorted({f for _, f, _ in todo}) if cfg.decode_model else []:
+    return todo
+
+
+def _measure_decode_models(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, todo, infos) -> None:
+    """Each runtime's decode costs on probes of the source's shapes, for the storage types the variants use."""
+    from ..projection import measure_decode_model
+
+    for fmt in sorted({f for _, f, _ in todo}):
         types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].storage_types()}
         if not types:
             continue
         ctx.progress(0.0, f"{fmt}: measuring the runtime's decode costs")
         try:
-            decode_models[fmt] = measure_decode_model(fmt, ctx.source.path, types, prompt, cfg.gen_tokens, cfg.n_ctx,
-                                                      threads, dtype, meter, log=ctx.log)
-            ctx.log(f"{fmt} decode cost model: {decode_models[fmt]['method']}")
+            s.decode_models[fmt] = measure_decode_model(fmt, ctx.source.path, types, s.prompt, cfg.gen_tokens,
+                                                        cfg.n_ctx, s.threads, s.dtype, s.meter, log=ctx.log)
+            ctx.log(f"{fmt} decode cost model: {s.decode_models[fmt]['method']}")
         except EdgeTailorError as exc:
             ctx.log(f"{fmt}: {exc.problem}", level="warning")
-    passes = cfg.repeats + 1
-    for k, (v, fmt, path) in enumerate(todo):
-        ctx.check_cancelled()
-        name = v["name"]
-        ctx.progress(k / len(todo), f"{name}: predicting")
-        if fmt not in overheads:
-            try:
-                overheads[fmt] = measure_overhead(fmt, ctx.source.path, prompt, cfg.gen_tokens, cfg.n_ctx, threads,
-                                                  dtype, meter)
-                ctx.log(f"{fmt} runtime overhead {overheads[fmt]['overhead_bytes'] / 1e6:.1f} MB "
-                        f"({overheads[fmt]['method']})")
-            except EdgeTailorError as exc:
-                overheads[fmt] = None
-                ctx.log(f"{fmt}: {exc.problem}", level="warning")
-        predicted, here, there = {}, None, None
-        if name in infos:
-            info = infos[name]
-            over = overheads[fmt]
-            model = decode_models.get(fmt)
-            predicted = predict_memory(info, cfg.n_ctx, used, over["overhead_bytes"] if over else None, dtype)
-            here = project(host, info, cfg.n_ctx, used, over, dtype, model)
-            there = project(budget.device, info, cfg.n_ctx, used, over, dtype, model)
-            predicted.update({"projected_decode_tps_here": round(here["decode_tps"], 2),
-                              "projected_bound_here": here["bound"],
-                              "projected_decode_method_here": here["decode_method"],
-                              "projected_device": there["device"],
-                              "projected_decode_tps": round(there["decode_tps"], 2),
-                              "projected_j_per_token": round(there["j_per_token"], 6),
-                              "projected_bound": there["bound"],
-                              "projected_decode_method": there["decode_method"]})
-        total_tokens = passes * cfg.gen_tokens
 
-        def on_sample(series, value, name=name, k=k, total_tokens=total_tokens):
-            ctx.sample(series, value, name)
-            if series == "tokens_done":
-                ctx.progress((k + min(1.0, value / total_tokens)) / len(todo), f"{name}: {int(value)} tokens")
 
-        ctx.progress(k / len(todo), f"{name}: loading")
-        res = benchmark_variant(fmt, path, prompt, gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
-                                threads=threads, n_ctx=cfg.n_ctx, dtype=dtype, meter=meter,
-                                sample_hz=cfg.sample_hz, on_sample=on_sample, cancelled=ctx.cancel.is_set)
-        metrics = {**res, **predicted}
-        if there is not None and decode_models.get(fmt) is None and res.get("decode_tps"):
-            # no decode model: the device's speed from this variant's own speed here, scaled by the two rooflines
-            tps, how = device_speed(res["decode_tps"], infos[name], budget.device, host, used)
-            metrics.update(projected_decode_tps=round(tps, 2),
-                           projected_j_per_token=round(budget.device.power_typical_w / tps, 6),
-                           projected_decode_method=how)
-        if predicted.get("predicted_memory_bytes"):
-            metrics["predicted_memory_error_pct"] = round(
-                100 * (predicted["predicted_memory_bytes"] / res["peak_rss_os_bytes"] - 1), 2)
-        if predicted.get("projected_decode_tps_here") and res.get("decode_tps") and decode_models.get(fmt):
-            metrics["projected_decode_error_pct"] = round(
-                100 * (predicted["projected_decode_tps_here"] / res["decode_tps"] - 1), 2)
-        ctx.add_metrics(name, **metrics)
-        ctx.log(f"{name}: peak {res['peak_rss_os_bytes'] / 1e6:.1f} MB"
-                + (f" (predicted {predicted['predicted_memory_bytes'] / 1e6:.1f})" if predicted else "")
-                + f", TTFT {res['ttft_seconds'] * 1000:.0f} ms, prefill {res['prefill_tps']:.1f} tok/s, decode "
-                  f"{res['decode_tps']:.2f} tok/s"
-                + (f" (projected {predicted['projected_decode_tps_here']:.1f})" if predicted else "")
-                + f", {res['energy_j_per_token']:.4f} J/token ({'measured' if res['energy_measured'] else 'estimated'})")
-    record_scores(ctx, budget, cfg.alpha, cfg.beta)
-    ctx.progress(1.0, "benchmarked")
+def _measure_overhead(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, fmt: str) -> None:
+    from ..projection import measure_overhead
+
+    if fmt in s.overheads:
+        return
+    try:
+        s.overheads[fmt] = measure_overhead(fmt, ctx.source.path, s.prompt, cfg.gen_tokens, cfg.n_ctx, s.threads,
+                                            s.dtype, s.meter)
+        ctx.log(f"{fmt} runtime overhead {s.overheads[fmt]['overhead_bytes'] / 1e6:.1f} MB "
+                f"({s.overheads[fmt]['method']})")
+    except EdgeTailorError as exc:
+        s.overheads[fmt] = None
+        ctx.log(f"{fmt}: {exc.problem}", level="warning")
+
+
+def _predictions(cfg: BenchmarkConfig, s: Setting, fmt: str, info) -> dict:
+    """Memory predicted from the file, decode projected here and on the device (before it runs)."""
+    from ..projection import predict_memory, project
+
+    over, model = s.overheads.get(fmt), s.decode_models.get(fmt)
+    predicted = predict_memory(info, cfg.n_ctx, s.used, over["overhead_bytes"] if over else None, s.dtype)
+    here = project(s.host, info, cfg.n_ctx, s.used, over, s.dtype, model)
+    there = project(s.budget.device, info, cfg.n_ctx, s.used, over, s.dtype, model)
+    return {**predicted, "projected_decode_tps_here": round(here["decode_tps"], 2), "projected_bound_here": here["bound"],
+            "projected_decode_method_here": here["decode_method"], "projected_device": there["device"],
+            "projected_decode_tps": round(there["decode_tps"], 2),
+            "projected_j_per_token": round(there["j_per_token"], 6), "projected_bound": there["bound"],
+            "projected_decode_method": there["decode_method"]}
+
+
+def _benchmark_one(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, name: str, fmt: str, path, info,
+                   start: float, share: float) -> None:
+    """One variant in a fresh process, its predictions beside it; progress from ``start`` over ``share``."""
+    from ..benchmark import benchmark_variant
+    from ..projection import device_speed
+
+    predicted = _predictions(cfg, s, fmt, info) if info is not None else {}
+    total_tokens = (cfg.repeats + 1) * cfg.gen_tokens
+
+    def on_sample(series, value):
+        ctx.sample(series, value, name)
+        if series == "tokens_done":
+            ctx.progress(start + share * min(1.0, value / total_tokens), f"{name}: {int(value)} tokens")
+
+    ctx.progress(start, f"{name}: loading")
+    res = benchmark_variant(fmt, path, s.prompt, gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, threads=s.threads,
+                            n_ctx=cfg.n_ctx, dtype=s.dtype, meter=s.meter, sample_hz=cfg.sample_hz,
+                            on_sample=on_sample, cancelled=ctx.cancel.is_set)
+    metrics = {**res, **predicted}
+    measured_model = s.decode_models.get(fmt) is not None
+    if predicted and not measured_model and res.get("decode_tps"):
+        # no decode model: the device's speed from this variant's own speed here, scaled by the two rooflines
+        tps, how = device_speed(res["decode_tps"], info, s.budget.device, s.host, s.used)
+        metrics.update(projected_decode_tps=round(tps, 2),
+                       projected_j_per_token=round(s.budget.device.power_typical_w / tps, 6),
+                       projected_decode_method=how)
+    if predicted.get("predicted_memory_bytes"):
+        metrics["predicted_memory_error_pct"] = round(
+            100 * (predicted["predicted_memory_bytes"] / res["peak_rss_os_bytes"] - 1), 2)
+    if predicted.get("projected_decode_tps_here") and res.get("decode_tps") and measured_model:
+        metrics["projected_decode_error_pct"] = round(
+            100 * (predicted["projected_decode_tps_here"] / res["decode_tps"] - 1), 2)
+    ctx.add_metrics(name, **metrics)
+    ctx.log(f"{name}: peak {res['peak_rss_os_bytes'] / 1e6:.1f} MB"
+            + (f" (predicted {predicted['predicted_memory_bytes'] / 1e6:.1f})" if predicted else "")
+            + f", TTFT {res['ttft_seconds'] * 1000:.0f} ms, prefill {res['prefill_tps']:.1f} tok/s, decode "
+              f"{res['decode_tps']:.2f} tok/s"
+            + (f" (projected {predicted['projected_decode_tps_here']:.1f})" if predicted else "")
+            + f", {res['energy_j_per_token']:.4f} J/token ({'measured' if res['energy_measured'] else 'estimated'})")
 
 
 def record_scores(ctx: RunContext, budget, alpha: float, beta: float) -> None:
