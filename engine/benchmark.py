@@ -32,6 +32,69 @@ def decode_settings(fmt: str, dtype: str, kv_type: str) -> dict:
     return {"gguf": {"kv_type": kv_type, "all_logits": False}, "torch": {"dtype": dtype}}.get(fmt, {})
 
 
+class _Child:
+    """The benchmark child process (``bench_child``), its JSON lines read as they come, its memory sampled."""
+
+    def __init__(self, spec_file: Path):
+        self.t_start = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgetailor.engine.bench_child", str(spec_file)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.messages: list[dict] = []
+        self.stderr: list[str] = []
+        self.tokens_done = 0
+        self.readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)]
+        for r in self.readers:
+            r.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            self.messages.append(msg)
+            if msg.get("event") == "tokens":
+                self.tokens_done += 1
+
+    def sample(self, hz: float, on_sample, cancelled, timeout_s: float, path) -> tuple[int, int]:
+        """RSS and CPU at ``hz`` until the child exits: (peak RSS, samples taken)."""
+        import psutil
+
+        child = psutil.Process(self.proc.pid)
+        peak, n_samples, last_tokens = 0, 0, -1
+        next_sample = time.perf_counter()
+        child.cpu_percent(None)
+        while self.proc.poll() is None:
+            if cancelled and cancelled():
+                raise RunCancelled()
+            if time.perf_counter() - self.t_start > timeout_s:
+                raise EdgeTailorError(f"The benchmark of {Path(path).name} ran past {timeout_s:.0f} s.",
+                                      "Generate fewer tokens or fewer repeats.")
+            try:
+                rss = child.memory_info().rss
+                cpu = child.cpu_percent(None)
+            except psutil.NoSuchProcess:
+                break
+            peak, n_samples = max(peak, rss), n_samples + 1
+            on_sample("rss_bytes", rss)
+            on_sample("cpu_percent", cpu)
+            if self.tokens_done != last_tokens:
+                last_tokens = self.tokens_done
+                on_sample("tokens_done", last_tokens)
+            next_sample += 1.0 / hz
+            time.sleep(max(0.0, next_sample - time.perf_counter()))
+        return peak, n_samples
+
+    def stop(self) -> None:
+        """Kill the child if it still runs (cancel, timeout, an error here), reap it, finish reading."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for r in self.readers:
+            r.join(timeout=5)
+
+
 def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_tokens: int = 64, repeats: int = 3,
                       warmup: int = 1, threads: int = 2, n_ctx: int = 512, dtype: str = "float32",
                       meter: EnergyMeter | None = None, sample_hz: float = 25.0,
@@ -41,72 +104,20 @@ def benchmark_variant(fmt: str, path: str | Path, prompt: list[int], *, gen_toke
     if len(prompt) + gen_tokens > n_ctx:
         raise EdgeTailorError(f"The prompt ({len(prompt)} tokens) plus {gen_tokens} generated tokens exceed the "
                               f"context of {n_ctx}.", "Raise the context or shorten the prompt.")
-    import psutil
-
     meter = meter or EnergyMeter.detect()
-    on_sample = on_sample or (lambda s, v: None)
     spec = {"format": fmt, "path": str(path), "prompt": list(map(int, prompt)), "gen_tokens": gen_tokens,
             "repeats": repeats, "warmup": warmup, "threads": threads, "n_ctx": n_ctx,
             "energy": meter.to_dict(), "settings": decode_settings(fmt, dtype, kv_type)}
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))
-        t_start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "edgetailor.engine.bench_child", str(spec_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        messages: list[dict] = []
-        stderr: list[str] = []
-        tokens_done = [0]
-
-        def read_stdout():
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                messages.append(msg)
-                if msg.get("event") == "tokens":
-                    tokens_done[0] += 1
-
-        readers = [threading.Thread(target=read_stdout, daemon=True),
-                   threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)]
-        for r in readers:
-            r.start()
-        child = psutil.Process(proc.pid)
-        peak, n_samples, last_tokens = 0, 0, -1
-        period = 1.0 / sample_hz
-        next_sample = time.perf_counter()
-        child.cpu_percent(None)
+        child = _Child(spec_file)
         try:
-            while proc.poll() is None:
-                if cancelled and cancelled():
-                    proc.kill()
-                    raise RunCancelled()
-                if time.perf_counter() - t_start > timeout_s:
-                    proc.kill()
-                    raise EdgeTailorError(f"The benchmark of {Path(path).name} ran past {timeout_s:.0f} s.",
-                                          "Generate fewer tokens or fewer repeats.")
-                try:
-                    rss = child.memory_info().rss
-                    cpu = child.cpu_percent(None)
-                except psutil.NoSuchProcess:
-                    break
-                peak = max(peak, rss)
-                n_samples += 1
-                on_sample("rss_bytes", rss)
-                on_sample("cpu_percent", cpu)
-                if tokens_done[0] != last_tokens:
-                    last_tokens = tokens_done[0]
-                    on_sample("tokens_done", last_tokens)
-                next_sample += period
-                time.sleep(max(0.0, next_sample - time.perf_counter()))
+            peak, n_samples = child.sample(sample_hz, on_sample or (lambda s, v: None), cancelled, timeout_s, path)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            for r in readers:
-                r.join(timeout=5)
-        wall = time.perf_counter() - t_start
+            child.stop()
+        wall = time.perf_counter() - child.t_start
+    proc, messages, stderr = child.proc, child.messages, child.stderr
     result = next((m for m in messages if m.get("event") == "result"), None)
     if proc.returncode != 0 or result is None:
         tail = "".join(stderr)[-1500:]

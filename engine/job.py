@@ -20,6 +20,7 @@ from .preflight import preflight
 from .recipe import Recipe
 from .registry import get_step
 from .runs import RunRecord, elapsed
+from .sources import ResolvedSource
 
 
 @dataclass
@@ -41,8 +42,6 @@ class JobSpec:
 def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
             cancel: threading.Event | None = None) -> RunRecord:
     """Run every step of the recipe; return the finished run record (whatever its status)."""
-    from . import sources
-
     emit = emit or (lambda e: None)
     cancel = cancel or threading.Event()
     recipe = Recipe.from_dict(job.recipe)
@@ -64,48 +63,14 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
                             folder=str(record.folder)))
     status, error = "succeeded", None
     try:
-        t = time.perf_counter()
-        src = sources.resolve(job.source, trust_remote_code=job.trust_remote_code,
-                              allow_network=job.allow_network,
-                              progress=lambda m: emit_and_log(make_event("log", record.id, None, t0, message=m,
-                                                                         level="info")))
-        report = preflight(src, recipe, work_dir=root)
-        record.manifest["source"].update(src.to_dict())
-        record.manifest["source"]["sha256"] = source_hash(src.path)
-        record.manifest["preflight"] = report.to_dict()
-        record.manifest["timings"]["resolve_seconds"] = elapsed(t)
-        record.save()
-        report.raise_if_not_fits()
+        src = _resolve_and_check(job, recipe, record, root, lambda m: emit_and_log(
+            make_event("log", record.id, None, t0, message=m, level="info")))
         ctx = RunContext(record, src, options, emit_and_log, cancel, t0)
         for i, (spec, cfg) in enumerate(zip(recipe.steps, configs)):
-            ctx.check_cancelled()
-            info = get_step(spec.name)
-            ctx.step_name = spec.name
-            ctx.emit("step_started", index=i, count=len(recipe.steps), params=spec.params, kind=info.kind)
-            entry = {"name": spec.name, "params": spec.params, "status": "running", "seconds": None}
-            record.manifest["steps"].append(entry)
-            record.save()
-            ts = time.perf_counter()
-            info.run(ctx, cfg)
-            entry.update(status="succeeded", seconds=elapsed(ts))
-            record.save()
-            ctx.emit("step_finished", index=i, seconds=entry["seconds"])
+            _run_step(ctx, i, len(recipe.steps), spec, cfg)
         ctx.step_name = None
-    except RunCancelled:
-        status = "cancelled"
-        error = {"type": "Cancelled", "problem": "The run was cancelled by the user.", "fix": ""}
-    except EdgeTailorError as exc:
-        status, error = "failed", exc.to_dict()
-    except (OSError, MemoryError) as exc:         # the machine, not the app: say which and what to do
-        status = "failed"
-        error = machine_error(exc) or {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}",
-                                       "fix": "This is likely a bug in EdgeTailor; the run folder's manifest holds "
-                                              "the traceback.", "traceback": traceback.format_exc()}
-    except Exception as exc:  # a bug or a library failure: record it whole, for the report
-        status = "failed"
-        error = {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}",
-                 "fix": "This is likely a bug in EdgeTailor; the run folder's manifest holds the traceback.",
-                 "traceback": traceback.format_exc()}
+    except Exception as exc:      # noqa: BLE001  every failure is recorded; _failure says how
+        status, error = _failure(exc)
     finally:
         for s in record.manifest["steps"]:
             if s["status"] == "running":
@@ -117,6 +82,55 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
                                 manifest=str(record.manifest_path)))
         events_log.close()
     return record
+
+
+def _resolve_and_check(job: JobSpec, recipe: Recipe, record: RunRecord, root: Path, log) -> ResolvedSource:
+    """The source, resolved and checked before anything heavy: pre-flight recorded, and raised when it fails."""
+    from . import sources
+
+    t = time.perf_counter()
+    src = sources.resolve(job.source, trust_remote_code=job.trust_remote_code, allow_network=job.allow_network,
+                          progress=log)
+    report = preflight(src, recipe, work_dir=root)
+    record.manifest["source"].update(src.to_dict())
+    record.manifest["source"]["sha256"] = source_hash(src.path)
+    record.manifest["preflight"] = report.to_dict()
+    record.manifest["timings"]["resolve_seconds"] = elapsed(t)
+    record.save()
+    report.raise_if_not_fits()
+    return src
+
+
+def _run_step(ctx: RunContext, index: int, count: int, spec, cfg) -> None:
+    """One step, with its manifest entry (running, then its seconds) and its events."""
+    ctx.check_cancelled()
+    info = get_step(spec.name)
+    ctx.step_name = spec.name
+    ctx.emit("step_started", index=index, count=count, params=spec.params, kind=info.kind)
+    entry = {"name": spec.name, "params": spec.params, "status": "running", "seconds": None}
+    ctx.record.manifest["steps"].append(entry)
+    ctx.record.save()
+    ts = time.perf_counter()
+    info.run(ctx, cfg)
+    entry.update(status="succeeded", seconds=elapsed(ts))
+    ctx.record.save()
+    ctx.emit("step_finished", index=index, seconds=entry["seconds"])
+
+
+#: what a run's error says when the cause is not known: a bug, reported with its traceback
+BUG_FIX = "This is likely a bug in EdgeTailor; the run folder's manifest holds the traceback."
+
+
+def _failure(exc: BaseException) -> tuple[str, dict]:
+    """A run's final status and error for what stopped it: cancelled, the user's problem and fix, the machine's
+    (a full disk, no permission, no memory), or a bug with its traceback."""
+    if isinstance(exc, RunCancelled):
+        return "cancelled", {"type": "Cancelled", "problem": "The run was cancelled by the user.", "fix": ""}
+    if isinstance(exc, EdgeTailorError):
+        return "failed", exc.to_dict()
+    found = machine_error(exc) if isinstance(exc, (OSError, MemoryError)) else None
+    return "failed", found or {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}", "fix": BUG_FIX,
+                               "traceback": traceback.format_exc()}
 
 
 def machine_error(exc: BaseException) -> dict | None:

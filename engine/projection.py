@@ -413,8 +413,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     import tempfile
 
     from . import atomic
-    from .benchmark import benchmark_variant
-    from .devices import cpu_model, host_profile
+    from .devices import cpu_model
 
     if fmt not in ("gguf", "torch"):
         raise EdgeTailorError(f"The decode cost model is measured for gguf and torch variants, not '{fmt}'.",
@@ -422,75 +421,21 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     cache, known, key = _probe_cache("decode-model.json", fmt, source_folder, len(prompt), gen_tokens, n_ctx,
                                      threads, dtype, cpu_model())
     entry = {} if refresh else known.get(key, {})
-    say = log or (lambda m: None)
-    host = host_profile()
-
-    def timed(path) -> float:
-        res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=5, warmup=1, threads=threads,
-                                n_ctx=n_ctx, dtype=dtype, meter=meter)
-        # the fastest run: a probe's cost is deterministic and interference (other processes, a busy
-        # neighbour on a shared host) only adds time, so the median of five can carry a stall
-        return 1.0 / max(res["decode_tps_runs"] or [res["decode_tps"]])
-
+    pair = shape_probe_layers(source_folder)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("decode-model")) as tmp:
-        tmp = Path(tmp)
-        made: dict[str, Path] = {}
-
-        def probe(shape: dict, name: str) -> Path:
-            """A random model of the source with ``shape`` overriding its config (once per name)."""
-            if name not in made:
-                folder = made[name] = make_overhead_probe(source_folder, tmp / name, shape)
-                if fmt == "gguf":
-                    from ..exporters import get_exporter
-                    from .modeling import load_model
-                    from .sources import resolve
-
-                    loaded = load_model(resolve(str(folder)))
-                    made[name] = tmp / f"{name}-F32.gguf"
-                    get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, made[name], {"type": "F32"})
-            return made[name]
-
+        probes = _DecodeProbes(fmt, source_folder, Path(tmp), prompt, gen_tokens, n_ctx, threads, dtype, meter,
+                               log or (lambda m: None))
         if "per_layer_s" not in entry:
-            times = {}
-            for n in TINY_LAYERS:
-                say(f"decode cost model: {n}-layer 64-wide probe")
-                path = probe({**TINY_SHAPE, "num_hidden_layers": n}, f"tiny{n}")
-                info = variant_info(fmt, path, dtype)
-                times[n] = (timed(path), info.bytes_per_token / (host.memory_bandwidth_gbs * 1e9))
-            (n1, (t1, w1)), (n2, (t2, w2)) = sorted(times.items())
-            per_layer = max(0.0, (t2 - w2 - (t1 - w1)) / (n2 - n1))
-            entry.update(per_layer_s=per_layer, fixed_s=max(0.0, t1 - w1 - n1 * per_layer), probes={},
-                         layer_rates={}, head_rates={}, host_gflops=host.compute_gflops,
-                         host_bandwidth_gbs=host.memory_bandwidth_gbs,
-                         tiny_probe_seconds={str(k): v[0] for k, v in times.items()})
-        probes = entry["probes"]
-        pair = shape_probe_layers(source_folder)
-        todo = sorted(set(types) - set(probes))
+            entry.update(probes.fixed_and_per_layer())
+        todo = sorted(set(types) - set(entry["probes"]))
         while todo:
             t = todo.pop(0)
-            if fmt == "gguf" and t not in GGUF_FTYPE_OF:
-                say(f"decode cost model: no probe for {t} (llama.cpp needs an importance matrix for it)")
-                probes[t] = None
+            rec = entry["probes"][t] = probes.storage_type(t, pair)
+            if rec is None:
                 continue
-            say(f"decode cost model: {t} at the source's shapes")
-            rec = {}
-            for n in pair:
-                path = probe({"num_hidden_layers": n}, f"layers{n}")
-                if fmt == "gguf" and t != "F32":
-                    from ..exporters.gguf import llama_quantize
-
-                    q = tmp / f"layers{n}-{t}.gguf"
-                    llama_quantize(path, q, GGUF_FTYPE_OF[t], threads, pure=True)
-                    path = q
-                info = variant_info(fmt, path, dtype)
-                rec[str(n)] = {"seconds": timed(path), "layer_types": {k: v / n for k, v in info.type_elements.items()},
-                               "head_type": info.head_type, "head_elements": info.head_elements}
-                if path.suffix == ".gguf" and path.name != made[f"layers{n}"].name:
-                    path.unlink(missing_ok=True)
-            probes[t] = rec
             first = rec[str(pair[0])]
             for k in list(first["layer_types"]) + [first["head_type"]]:
-                if k and k not in probes and k not in todo:
+                if k and k not in entry["probes"] and k not in todo:
                     todo.append(k)          # a fallback type: measured too, so this probe can be solved
     solve_rates(entry)
     entry["method"] = (f"measured on this machine: {'/'.join(map(str, TINY_LAYERS))}-layer 64-wide probes (fixed and "
@@ -500,6 +445,79 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     known[key] = entry
     atomic.write_json(cache, known)
     return entry
+
+
+class _DecodeProbes:
+    """The probe models of ``measure_decode_model``, made in ``tmp`` once each, and their timed decoding."""
+
+    def __init__(self, fmt, source_folder, tmp: Path, prompt, gen_tokens, n_ctx, threads, dtype, meter, say):
+        from .devices import host_profile
+
+        self.fmt, self.source_folder, self.tmp, self.say = fmt, source_folder, tmp, say
+        self.prompt, self.gen_tokens, self.n_ctx, self.threads, self.dtype, self.meter = (
+            prompt, gen_tokens, n_ctx, threads, dtype, meter)
+        self.host = host_profile()
+        self.made: dict[str, Path] = {}
+
+    def timed(self, path) -> float:
+        from .benchmark import benchmark_variant
+
+        res = benchmark_variant(self.fmt, path, self.prompt, gen_tokens=self.gen_tokens, repeats=5, warmup=1,
+                                threads=self.threads, n_ctx=self.n_ctx, dtype=self.dtype, meter=self.meter)
+        # the fastest run: a probe's cost is deterministic and interference (other processes, a busy
+        # neighbour on a shared host) only adds time, so the median of five can carry a stall
+        return 1.0 / max(res["decode_tps_runs"] or [res["decode_tps"]])
+
+    def probe(self, shape: dict, name: str) -> Path:
+        """A random model of the source with ``shape`` overriding its config (once per name)."""
+        if name not in self.made:
+            folder = self.made[name] = make_overhead_probe(self.source_folder, self.tmp / name, shape)
+            if self.fmt == "gguf":
+                from ..exporters import get_exporter
+                from .modeling import load_model
+                from .sources import resolve
+
+                loaded = load_model(resolve(str(folder)))
+                self.made[name] = self.tmp / f"{name}-F32.gguf"
+                get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, self.made[name], {"type": "F32"})
+        return self.made[name]
+
+    def fixed_and_per_layer(self) -> dict:
+        """The fixed and per-layer cost per token, from the tiny probes less their weights' bandwidth time."""
+        times = {}
+        for n in TINY_LAYERS:
+            self.say(f"decode cost model: {n}-layer 64-wide probe")
+            path = self.probe({**TINY_SHAPE, "num_hidden_layers": n}, f"tiny{n}")
+            info = variant_info(self.fmt, path, self.dtype)
+            times[n] = (self.timed(path), info.bytes_per_token / (self.host.memory_bandwidth_gbs * 1e9))
+        (n1, (t1, w1)), (n2, (t2, w2)) = sorted(times.items())
+        per_layer = max(0.0, (t2 - w2 - (t1 - w1)) / (n2 - n1))
+        return dict(per_layer_s=per_layer, fixed_s=max(0.0, t1 - w1 - n1 * per_layer), probes={}, layer_rates={},
+                    head_rates={}, host_gflops=self.host.compute_gflops,
+                    host_bandwidth_gbs=self.host.memory_bandwidth_gbs,
+                    tiny_probe_seconds={str(k): v[0] for k, v in times.items()})
+
+    def storage_type(self, t: str, pair: tuple[int, int]) -> dict | None:
+        """Seconds per token of the probe pair with every matrix in ``t``, and the types the files really hold."""
+        if self.fmt == "gguf" and t not in GGUF_FTYPE_OF:
+            self.say(f"decode cost model: no probe for {t} (llama.cpp needs an importance matrix for it)")
+            return None
+        self.say(f"decode cost model: {t} at the source's shapes")
+        rec = {}
+        for n in pair:
+            path = self.probe({"num_hidden_layers": n}, f"layers{n}")
+            if self.fmt == "gguf" and t != "F32":
+                from ..exporters.gguf import llama_quantize
+
+                q = self.tmp / f"layers{n}-{t}.gguf"
+                llama_quantize(path, q, GGUF_FTYPE_OF[t], self.threads, pure=True)
+                path = q
+            info = variant_info(self.fmt, path, self.dtype)
+            rec[str(n)] = {"seconds": self.timed(path), "layer_types": {k: v / n for k, v in info.type_elements.items()},
+                           "head_type": info.head_type, "head_elements": info.head_elements}
+            if path.suffix == ".gguf" and path.name != self.made[f"layers{n}"].name:
+                path.unlink(missing_ok=True)
+        return rec
 
 
 def solve_rates(entry: dict) -> None:

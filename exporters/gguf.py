@@ -430,24 +430,36 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
                               "Use the export step: it writes this family with llama.cpp's converter.")
     n_layers = int(cfg.num_hidden_layers)
     names = gguf_tensor_names(cfg)
-    dims = ModelDims.of(cfg)
-    heads, kv_heads, tied = dims.heads, dims.kv_heads, dims.tied
     tensor_types = tensor_types or {}
 
     w = gguf.GGUFWriter(str(out), spec.gguf_arch)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model"))
-    add_hparams(w, cfg, spec, n_layers)
-    w.add_file_type(_ftype(qtype))
-    if qtype in ("Q8_0",) or tensor_types:
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for k, v in (extra_metadata or {}).items():
-        w.add_string(k, str(v))
-    tok_kind = add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model"))
+        add_hparams(w, cfg, spec, n_layers)
+        w.add_file_type(_ftype(qtype))
+        if qtype in ("Q8_0",) or tensor_types:
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for k, v in (extra_metadata or {}).items():
+            w.add_string(k, str(v))
+        tok_kind = add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
+        plan, kept_f16, n_items = _tensor_plan(model, names, qtype, spec, tensor_types)
+        _write_planned(w, plan, progress, cancelled)
+    finally:
+        w.close()
+    if progress:
+        progress(1.0, "written")
+    return {"type": qtype, "tokenizer": tok_kind, "arch": spec.gguf_arch, "tensors": n_items,
+            "kept_f16": kept_f16}
 
-    state = model.state_dict()
-    items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]
-    if tied:
+
+def _tensor_plan(model, names, qtype: str, spec, tensor_types: dict) -> tuple[list, list[str], int]:
+    """(GGUF name, EncodedTensor) of every tensor in file order, loaded only when written; the matrices Q8_0
+    keeps in F16; the count of the model's tensors."""
+    cfg = model.config
+    dims = ModelDims.of(cfg)
+    items = [(k, v) for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")]
+    if dims.tied:
         items = [(k, v) for k, v in items if k != "lm_head.weight"]
     plan: list[tuple[str, EncodedTensor]] = []
     kept_f16 = []
@@ -457,7 +469,6 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
     for hf_name, tensor in items:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            w.close()
             raise EdgeTailorError(f"The GGUF exporter has no llama.cpp name for tensor '{hf_name}'.",
                                   "This model has modules llama.cpp's Llama graph lacks; export to ONNX instead.")
         if name in tensor_types:
@@ -467,31 +478,29 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         if qtype == "Q8_0" and raw is None and tensor.ndim > 1:
             kept_f16.append(name)
         load = (lambda hf_name=hf_name, tensor=tensor, name=name, shape=shape, dtype=dtype:
-                encode_tensor(hf_name, name, tensor, qtype, spec, heads, kv_heads, shape, dtype))
+                encode_tensor(hf_name, name, tensor, qtype, spec, dims.heads, dims.kv_heads, shape, dtype))
         plan.append((name, EncodedTensor(shape, dtype, raw, load)))
-    try:
-        for name, enc in plan:
-            w.add_tensor_info(name, enc.shape, np.dtype(enc.dtype), int(np.prod(enc.shape)) * np.dtype(enc.dtype).itemsize,
-                              raw_dtype=enc.raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, (name, enc) in enumerate(plan):
-            if cancelled and cancelled():
-                raise RunCancelled()
-            arr = enc.load()
-            if tuple(arr.shape) != tuple(enc.shape) or arr.dtype != enc.dtype:
-                raise AssertionError(f"{name}: got {arr.dtype}{arr.shape}, declared {enc.dtype}{enc.shape}")
-            w.write_tensor_data(arr)
-            del arr
-            if progress and i % 8 == 0:
-                progress((i + 1) / len(plan), f"writing {name}")
-    finally:
-        w.close()
-    if progress:
-        progress(1.0, "written")
-    return {"type": qtype, "tokenizer": tok_kind, "arch": spec.gguf_arch, "tensors": len(items),
-            "kept_f16": kept_f16}
+    return plan, kept_f16, len(items)
+
+
+def _write_planned(w, plan: list, progress, cancelled) -> None:
+    """Header, metadata and tensor infos, then each tensor's data as it is loaded (one in memory at a time)."""
+    for name, enc in plan:
+        w.add_tensor_info(name, enc.shape, np.dtype(enc.dtype), int(np.prod(enc.shape)) * np.dtype(enc.dtype).itemsize,
+                          raw_dtype=enc.raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for i, (name, enc) in enumerate(plan):
+        if cancelled and cancelled():
+            raise RunCancelled()
+        arr = enc.load()
+        if tuple(arr.shape) != tuple(enc.shape) or arr.dtype != enc.dtype:
+            raise AssertionError(f"{name}: got {arr.dtype}{arr.shape}, declared {enc.dtype}{enc.shape}")
+        w.write_tensor_data(arr)
+        del arr
+        if progress and i % 8 == 0:
+            progress((i + 1) / len(plan), f"writing {name}")
 
 
 def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, pure: bool = False) -> dict:
