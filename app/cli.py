@@ -44,6 +44,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
 
 
+# Long by design: the CLI's whole surface (every subcommand and flag) as one declarative table.
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgetailor", description="Tailor language models to edge devices.")
     ap.add_argument("--home", help="data folder (default: the platform's user data folder, or $EDGETAILOR_HOME)")

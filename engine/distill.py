@@ -138,6 +138,34 @@ def _lr_at(base: float, step: int, fraction: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
 
 
+def _batch_loss(student, teacher, batch: torch.Tensor, temperature: float, hidden_mode: str, hidden_weight: float,
+                bf16: bool) -> torch.Tensor:
+    """KL to the teacher's next-token distribution (plus the hidden-state loss), or next-token cross-entropy
+    without a teacher."""
+    want_hidden = hidden_mode != "off"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = student(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
+    if teacher is None:
+        logits = out.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+    loss = kl_loss(out.logits, t_out.logits, temperature)
+    if want_hidden:
+        loss = loss + hidden_weight * _hidden_loss(out.hidden_states, t_out.hidden_states, hidden_mode)
+    return loss
+
+
+def _resume(resume_from, student, optimizer) -> tuple[int, list[float]]:
+    """The step and losses to go on from: the latest checkpoint's (its weights and optimizer state loaded)."""
+    if not resume_from:
+        return 0, []
+    state = load_checkpoint(latest_checkpoint(resume_from), student, optimizer)
+    return int(state["step"]), list(state.get("losses", []))
+
+
+# Long by design: the training loop's budget, schedule, step and checkpoint read in one place.
 def distill(student, teacher, sequences: torch.Tensor, *, steps: int | None = None, max_seconds: float | None = None,
             lr: float = 1e-4, batch_size: int = 1, temperature: float = 1.0, hidden_weight: float = 0.0,
             warmup_steps: int = 10, weight_decay: float = 0.0, seed: int = 0, bf16: bool = False,
@@ -156,11 +184,7 @@ def distill(student, teacher, sequences: torch.Tensor, *, steps: int | None = No
     if not params:
         raise EdgeTailorError("The student has no trainable parameters.", "Unfreeze some of its weights.")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    start, losses_before = 0, []
-    if resume_from:
-        ckpt = latest_checkpoint(resume_from)
-        state = load_checkpoint(ckpt, student, optimizer)
-        start, losses_before = int(state["step"]), list(state.get("losses", []))
+    start, losses_before = _resume(resume_from, student, optimizer)
     hidden_mode = _hidden_pairs(student, teacher) if (teacher is not None and hidden_weight > 0) else "off"
     if teacher is not None:
         teacher.eval()
@@ -184,19 +208,7 @@ def distill(student, teacher, sequences: torch.Tensor, *, steps: int | None = No
             cur_lr = _lr_at(lr, step, fraction, warmup_steps)
             for g in optimizer.param_groups:
                 g["lr"] = cur_lr
-            want_hidden = hidden_mode != "off"
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = student(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
-            if teacher is None:
-                logits = out.logits[:, :-1]
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-            else:
-                loss = kl_loss(out.logits, t_out.logits, temperature)
-                if want_hidden:
-                    loss = loss + hidden_weight * _hidden_loss(out.hidden_states, t_out.hidden_states, hidden_mode)
+            loss = _batch_loss(student, teacher, batch, temperature, hidden_mode, hidden_weight, bf16)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

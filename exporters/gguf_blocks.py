@@ -67,6 +67,7 @@ def ggml_type(name: str):
 
 
 # --- choosing scales ------------------------------------------------------------------------------
+# Long by design: llama.cpp's make_qkx3 search in closed form, kept whole to compare with it line by line.
 def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 10):
     """Float scale and min per group minimizing the weighted squared error. x, w: (N, g).
 
@@ -419,6 +420,7 @@ def symmetric_int4(block: int) -> BlockType:
 SUB_BLOCK = 32
 
 
+# Long by design: GPTQ's column loop (fit, round, feed the error forward) kept whole, as in the paper's Algorithm 1.
 def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None = None,
                     hessian: np.ndarray | None = None, damp: float = 0.01):
     """Integer codes (R, C), each block's fitted parameters (``BlockParams.raw`` per block of columns, with the

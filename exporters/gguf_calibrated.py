@@ -246,6 +246,7 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
         trim_heap()
 
 
+# Long by design: one block's pass (run, collect, encode, release) reads in order; each part is a call.
 def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, str], sink: BlockSink,
                        method: str = "gptq", batch_size: int = 4,
                        progress: Callable[[float, str], None] | None = None,

@@ -43,6 +43,7 @@ TABS_MIN_WIDTH = 520
 
 
 class MainWindow(QMainWindow):
+    # Long by design: the window's widget tree built top to bottom; its parts are their own widget classes.
     def __init__(self, runs_root: str | Path | None = None, job_options: dict | None = None, model: str = "demo"):
         super().__init__()
         self.setWindowTitle("EdgeTailor")

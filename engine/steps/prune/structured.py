@@ -120,66 +120,78 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]:
     """Which indices every tensor keeps: ({tensor name: [(dim, index tensor)]}, config changes)."""
     d = ModelDims.of(model.config)
-    heads, kv, hd, hidden, inter = d.heads, d.kv_heads, d.head_dim, d.hidden, d.intermediate
-    per_group = heads // kv
     n_layers = len(decoder_layers(model))
-
-    keep_groups = max(1, round(kv * cfg.kv_groups_keep))
-    keep_per_group = max(1, round(per_group * cfg.heads_keep))
-    keep_inter = _round(cfg.intermediate_size or round(inter * cfg.mlp_keep), inter, cfg.round_to)
-    keep_hidden = _round(cfg.hidden_size or round(hidden * cfg.hidden_keep), hidden, cfg.round_to)
-
+    keep_groups = max(1, round(d.kv_heads * cfg.kv_groups_keep))
+    keep_per_group = max(1, round(d.heads // d.kv_heads * cfg.heads_keep))
+    keep_inter = _round(cfg.intermediate_size or round(d.intermediate * cfg.mlp_keep), d.intermediate, cfg.round_to)
+    keep_hidden = _round(cfg.hidden_size or round(d.hidden * cfg.hidden_keep), d.hidden, cfg.round_to)
     slices: dict[str, list] = {}
     changes = {}
-    if keep_groups < kv or keep_per_group < per_group:
-        changes.update(num_attention_heads=keep_groups * keep_per_group, num_key_value_heads=keep_groups, head_dim=hd)
+    if keep_groups < d.kv_heads or keep_per_group < d.heads // d.kv_heads:
+        changes.update(num_attention_heads=keep_groups * keep_per_group, num_key_value_heads=keep_groups,
+                       head_dim=d.head_dim)
         for i in range(n_layers):
-            o_sq = stats[f"model.layers.{i}.self_attn.o_proj"].sum_sq.reshape(heads, hd).sum(1).sqrt()
-            group_score = o_sq.reshape(kv, per_group).sum(1)
-            groups = torch.sort(torch.topk(group_score, keep_groups).indices).values
-            q_heads = []
-            for g in groups.tolist():
-                top = torch.topk(o_sq[g * per_group:(g + 1) * per_group], keep_per_group).indices
-                q_heads += [g * per_group + int(h) for h in torch.sort(top).values]
-            q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
-            kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
-            p = f"model.layers.{i}.self_attn."
-            slices[p + "q_proj.weight"] = [(0, q_rows)]
-            slices[p + "q_proj.bias"] = [(0, q_rows)]
-            for n in ("k_proj", "v_proj"):
-                slices[p + f"{n}.weight"] = [(0, kv_rows)]
-                slices[p + f"{n}.bias"] = [(0, kv_rows)]
-            slices[p + "o_proj.weight"] = [(1, q_rows)]
-    if keep_inter < inter:
+            slices.update(_head_slices(i, stats, d, keep_groups, keep_per_group))
+    if keep_inter < d.intermediate:
         changes["intermediate_size"] = keep_inter
         for i in range(n_layers):
-            score = stats[f"model.layers.{i}.mlp.down_proj"].sum_sq
-            idx = torch.sort(torch.topk(score, keep_inter).indices).values
-            p = f"model.layers.{i}.mlp."
-            for n in ("gate_proj", "up_proj"):
-                slices[p + f"{n}.weight"] = [(0, idx)]
-                slices[p + f"{n}.bias"] = [(0, idx)]
-            slices[p + "down_proj.weight"] = [(1, idx)]
-    if keep_hidden < hidden:
+            slices.update(_mlp_slices(i, stats, keep_inter))
+    if keep_hidden < d.hidden:
         changes["hidden_size"] = keep_hidden
-        changes.setdefault("head_dim", hd)
-        score = sum(stats[f"model.layers.{i}.{n}"].sum_sq for i in range(n_layers)
-                    for n in ("self_attn.q_proj", "mlp.gate_proj"))
-        idx = torch.sort(torch.topk(score, keep_hidden).indices).values
-        for name in model.state_dict():
-            m = _LAYER.match(name)
-            leaf = m.group(2) if m else name
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                slices.setdefault(name, []).append((1, idx))
-            elif name == "model.norm.weight" or leaf in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                                         "pre_feedforward_layernorm.weight",
-                                                         "post_feedforward_layernorm.weight"):
-                slices.setdefault(name, []).append((0, idx))
-            elif re.search(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", leaf):
-                slices.setdefault(name, []).append((1, idx))
-            elif re.search(r"(o_proj|down_proj)\.(weight|bias)$", leaf):
-                slices.setdefault(name, []).append((0, idx))
+        changes.setdefault("head_dim", d.head_dim)
+        _add_hidden_slices(slices, model, stats, n_layers, keep_hidden)
     return slices, changes
+
+
+def _head_slices(i: int, stats: dict, d: ModelDims, keep_groups: int, keep_per_group: int) -> dict:
+    """Layer i's kept KV groups (by their o_proj input norm) and the strongest query heads of each."""
+    hd, per_group = d.head_dim, d.heads // d.kv_heads
+    o_sq = stats[f"model.layers.{i}.self_attn.o_proj"].sum_sq.reshape(d.heads, hd).sum(1).sqrt()
+    group_score = o_sq.reshape(d.kv_heads, per_group).sum(1)
+    groups = torch.sort(torch.topk(group_score, keep_groups).indices).values
+    q_heads = []
+    for g in groups.tolist():
+        top = torch.topk(o_sq[g * per_group:(g + 1) * per_group], keep_per_group).indices
+        q_heads += [g * per_group + int(h) for h in torch.sort(top).values]
+    q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
+    kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
+    p = f"model.layers.{i}.self_attn."
+    out = {p + "q_proj.weight": [(0, q_rows)], p + "q_proj.bias": [(0, q_rows)], p + "o_proj.weight": [(1, q_rows)]}
+    for n in ("k_proj", "v_proj"):
+        out[p + f"{n}.weight"] = [(0, kv_rows)]
+        out[p + f"{n}.bias"] = [(0, kv_rows)]
+    return out
+
+
+def _mlp_slices(i: int, stats: dict, keep_inter: int) -> dict:
+    """Layer i's kept MLP channels, by their down_proj input norm."""
+    idx = torch.sort(torch.topk(stats[f"model.layers.{i}.mlp.down_proj"].sum_sq, keep_inter).indices).values
+    p = f"model.layers.{i}.mlp."
+    out = {p + "down_proj.weight": [(1, idx)]}
+    for n in ("gate_proj", "up_proj"):
+        out[p + f"{n}.weight"] = [(0, idx)]
+        out[p + f"{n}.bias"] = [(0, idx)]
+    return out
+
+
+def _add_hidden_slices(slices: dict, model, stats: dict, n_layers: int, keep_hidden: int) -> None:
+    """The kept hidden channels (by the q_proj and gate_proj inputs' norms over all layers), in every tensor."""
+    score = sum(stats[f"model.layers.{i}.{n}"].sum_sq for i in range(n_layers)
+                for n in ("self_attn.q_proj", "mlp.gate_proj"))
+    idx = torch.sort(torch.topk(score, keep_hidden).indices).values
+    for name in model.state_dict():
+        m = _LAYER.match(name)
+        leaf = m.group(2) if m else name
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            slices.setdefault(name, []).append((1, idx))
+        elif name == "model.norm.weight" or leaf in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                                     "pre_feedforward_layernorm.weight",
+                                                     "post_feedforward_layernorm.weight"):
+            slices.setdefault(name, []).append((0, idx))
+        elif re.search(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", leaf):
+            slices.setdefault(name, []).append((1, idx))
+        elif re.search(r"(o_proj|down_proj)\.(weight|bias)$", leaf):
+            slices.setdefault(name, []).append((0, idx))
 
 
 def apply_slices(model, slices: dict, changes: dict):
