@@ -65,10 +65,6 @@ class ChannelStats:
         """E[x_j^2] (the diagonal of X^T X / n, as llama.cpp's imatrix keeps)."""
         return self.sum_sq / max(self.count, 1)
 
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        return self.sum_abs / max(self.count, 1)
-
 
 def linear_modules(model, name_filter: Callable[[str], bool] | None = None) -> dict[str, torch.nn.Linear]:
     """The model's linear layers by qualified name (the output head excluded), optionally filtered."""

@@ -176,10 +176,6 @@ class RunContext:
             self._tokenizer = load_tokenizer(self.source)
         return self._tokenizer
 
-    @property
-    def model_loaded(self) -> bool:
-        return self._loaded is not None
-
     def source_weights(self):
         """The untouched source for writers: the loaded model when a step already loaded it, else its files read
         lazily (``LazyModel``: nothing in memory until a tensor's turn; no fp32 copy)."""

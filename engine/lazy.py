@@ -161,8 +161,6 @@ class LazyModel:
                 out._state[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = t
         return out
 
-    def largest_tensor_bytes(self) -> int:
-        return max((t.nbytes for t in self._state.values()), default=0)
 
 
 def can_read_lazily(folder: Path) -> bool:

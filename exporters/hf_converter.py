@@ -26,7 +26,6 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 from ..engine.errors import EdgeTailorError, RunCancelled
@@ -61,20 +60,6 @@ def converter_dir() -> Path | None:
         if (c / SCRIPT).is_file() and (c / "gguf-py").is_dir():
             return c
     return None
-
-
-@lru_cache(maxsize=1)
-def known_architectures() -> frozenset[str]:
-    """HF ``architectures`` names the installed converter registers (read from its source, nothing imported)."""
-    root = converter_dir()
-    if root is None:
-        return frozenset()
-    names: set[str] = set()
-    sources = [root / SCRIPT, *sorted((root / "conversion").glob("*.py"))]
-    for f in sources:
-        for args in re.findall(r"@ModelBase\.register\(([^)]*)\)", f.read_text(encoding="utf-8")):
-            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
-    return frozenset(names)
 
 
 def convert(folder: Path, out: Path, qtype: str, *, progress: Callable[[float, str], None] | None = None,

@@ -127,9 +127,6 @@ register_exporter(ONNXExporter())
 
 
 # --- onnxruntime-genai's model builder, for the families EdgeTailor's graph does not cover ----------------
-BUILDER_TYPES = ("fp32", "fp16", "int8", "int4")
-
-
 def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir, step, cancelled) -> ExportResult:
     """The family's graph as onnxruntime-genai's model builder writes it (in a child process: it loads the model
     in torch itself), from the untouched source folder or the transformed model saved to scratch. Its int4 is
