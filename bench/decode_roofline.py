@@ -108,13 +108,8 @@ def main() -> int:
     from edgetailor.engine.devices import host_profile, measure_bandwidth
     from edgetailor.engine.energy import EnergyMeter
     from edgetailor.engine.modeling import load_tokenizer
-    from edgetailor.engine.projection import (
-        kv_cache_bytes,
-        measure_decode_model,
-        measure_overhead,
-        project,
-        variant_info,
-    )
+    from edgetailor.engine.probes import measure_decode_model, measure_overhead
+    from edgetailor.engine.projection import kv_cache_bytes, project, variant_info
     from edgetailor.engine.scoring import score_variants
     from edgetailor.engine.text import default_evaluation_path, read_text
 
@@ -193,7 +188,7 @@ def main() -> int:
           (f"Decode: {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens greedy, median of {args.repeats} "
            "runs after a warm-up, in a fresh process per variant (GGUF: llama.cpp via llama-cpp-python; baseline: "
            "torch fp32 with its KV cache)."),
-          (f"Projected: the engine's decode cost model (engine.projection.measure_decode_model, measured in this run "
+          (f"Projected: the engine's decode cost model (engine.probes.measure_decode_model, measured in this run "
            f"in {decode_model_seconds:.0f} s on probes, never on the variants themselves): per token, the runtime's "
            "fixed and per-layer cost (1- and 5-layer 64-wide probes) + max(roofline on this machine's profile "
            f"({host.memory_bandwidth_gbs:g} GB/s, {host.compute_gflops:g} GFLOP/s), weights / kernel rate of "

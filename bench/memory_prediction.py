@@ -42,7 +42,8 @@ def main() -> int:
     from edgetailor.engine.benchmark import benchmark_variant
     from edgetailor.engine.energy import EnergyMeter
     from edgetailor.engine.modeling import load_tokenizer
-    from edgetailor.engine.projection import measure_overhead, predict_memory, variant_info
+    from edgetailor.engine.probes import measure_overhead
+    from edgetailor.engine.projection import predict_memory, variant_info
     from edgetailor.engine.text import default_evaluation_path, read_text
 
     src = resolve(args.model)

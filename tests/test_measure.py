@@ -198,7 +198,7 @@ def test_decode_projection_adds_runtime_costs_and_kernel_time():
 
 
 def test_rates_are_solved_from_probe_pairs_with_fallback_types_first():
-    from edgetailor.engine.projection import solve_rates
+    from edgetailor.engine.probes import solve_rates
 
     lo, hi = 1, 30
     fixed, per_layer = 1e-3, 1e-4

@@ -138,7 +138,7 @@ def _variants_to_run(ctx: RunContext, cfg: BenchmarkConfig) -> list[tuple[dict, 
 
 def _measure_decode_models(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, todo, infos) -> None:
     """Each runtime's decode costs on probes of the source's shapes, for the storage types the variants use."""
-    from ..projection import measure_decode_model
+    from ..probes import measure_decode_model
 
     for fmt in sorted({f for _, f, _ in todo}):
         types = {t for v, f, _ in todo if f == fmt and v["name"] in infos for t in infos[v["name"]].storage_types()}
@@ -154,7 +154,7 @@ def _measure_decode_models(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, to
 
 
 def _measure_overhead(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, fmt: str) -> None:
-    from ..projection import measure_overhead
+    from ..probes import measure_overhead
 
     if fmt in s.overheads:
         return

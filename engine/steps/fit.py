@@ -179,7 +179,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     from ..energy import EnergyMeter
     from ..errors import UnsupportedModelError
     from ..planner import Predictor
-    from ..projection import measure_overhead
+    from ..probes import measure_overhead
     from ..sensitivity import measure_sensitivity
     from .benchmark import prompt_ids
 
