@@ -128,7 +128,7 @@ def _run(model, x):
 
 
 def test_own_gptq_writes_the_grid_it_rounds_to_and_beats_onnxruntime_rtn():
-    from edgetailor.exporters.onnx import int4_gptq_weights
+    from edgetailor.exporters.onnx_quant import int4_gptq_weights
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     rng = np.random.default_rng(0)
