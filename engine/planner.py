@@ -1,7 +1,7 @@
 """Fit a budget: predict every candidate's memory, speed, energy and quality, search, build the best, recommend one.
 
 A candidate is a GGUF file of a planned size (each tensor's type bought by its measured effect on the loss,
-``gguf_calibrated.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types at the app's
+``gguf_plan.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types at the app's
 context. Its predictions:
 
 * **memory** at the app's context: the planned file's resident bytes (llama.cpp's repacked copies included)
@@ -151,7 +151,7 @@ class Predictor:
 
     # the file
     def prices_for(self, drop: int):
-        from ..exporters.gguf_calibrated import TypePrices
+        from ..exporters.gguf_plan import TypePrices
 
         if drop not in self._prices:
             keep = self.kept(drop)
@@ -160,7 +160,7 @@ class Predictor:
         return self._prices[drop]
 
     def plan(self, tensor_bytes: int, drop: int = 0) -> tuple[dict, int, float]:
-        from ..exporters.gguf_calibrated import choose_types
+        from ..exporters.gguf_plan import choose_types
 
         key = (int(tensor_bytes), drop)
         if key not in self._plans:
@@ -180,7 +180,7 @@ class Predictor:
 
     def weights_info(self, types: dict, drop: int = 0):
         """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
-        from ..exporters.gguf_calibrated import tensor_bytes
+        from ..exporters.gguf_plan import tensor_bytes
         from .projection import REPACKED_TYPES, WeightsInfo, llama_cpp_repacks
 
         sources = self.kept(drop)

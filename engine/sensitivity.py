@@ -8,7 +8,7 @@ calibration tokens, supplies the missing factor. With both, the expected loss in
 
     dL ~= 1/2 * sum_ij  E[g_i^2] * E[x_j^2] * D_ij^2
 
-which is what ``gguf_calibrated.plan_types`` spends a size budget against. One backward pass over a few
+which is what ``gguf_plan.plan_types`` spends a size budget against. One backward pass over a few
 calibration sequences suffices (the per-channel averages settle quickly); the loss is the model's own
 next-token cross-entropy on the calibration text. The weights never get gradients; the pass runs block by
 block (all pieces through one block, then the next; backward the same way, each block recomputed from its

@@ -330,7 +330,7 @@ def test_measured_mix_is_never_larger_than_llama_cpps_file_and_runs(tiny_models,
 def test_planner_samples_rows_by_weight_so_a_few_heavy_rows_are_not_missed():
     """The output head's loss weight sits on the rows of the tokens the text uses: a sample of 64 of 49152 rows
     must still estimate the weighted error sum; evenly spaced rows would see none of the heavy ones."""
-    from edgetailor.exporters.gguf_calibrated import sample_rows
+    from edgetailor.exporters.gguf_plan import sample_rows
 
     rng = np.random.default_rng(4)
     weights = np.full(49152, 1e-4)

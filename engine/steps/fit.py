@@ -172,7 +172,8 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     """Sensitivities, type prices, the runtime's overhead: everything the predictions need, measured once."""
     import torch
 
-    from ...exporters.gguf_calibrated import metadata_bytes, price_types, tensor_sources
+    from ...exporters.gguf_calibrated import tensor_sources
+    from ...exporters.gguf_plan import metadata_bytes, price_types
     from ..architectures import gguf_writer_for
     from ..calibration import token_sequences
     from ..devices import host_profile
