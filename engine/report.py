@@ -7,43 +7,46 @@ predicted for its runtime, decode speed and energy from the device's roofline), 
 from __future__ import annotations
 
 from .devices import HOST_ID, Budget
-from .scoring import score_variants
+from .scoring import verdicts
 
 
 def run_report(manifest: dict, budget: Budget, alpha: float = 0.5, beta: float = 0.5, folder=None) -> dict:
-    from pathlib import Path
-
-    from .errors import EdgeTailorError
-    from .projection import project, variant_info
-
-    scores = score_variants(manifest.get("variants", []), alpha, beta)
-    by_name = {r["name"]: r for r in scores["rows"]}
+    judged, scores = verdicts(manifest.get("variants", []), budget, alpha, beta,
+                              lambda v: _projected(manifest, v, budget, folder))
     rows = []
     for v in manifest.get("variants", []):
-        m = dict(v.get("metrics", {}))
-        projected = None
-        if budget.device.id != HOST_ID and "predicted_memory_bytes" in m:
-            path = (Path(folder) / v["path"]) if (folder and v.get("path")) else manifest["source"].get("path")
-            try:
-                info = variant_info(v["format"], path, manifest.get("options", {}).get("dtype", "float32"),
-                                    tokens_used=m.get("bench_prompt_tokens", 0) + m.get("bench_gen_tokens", 0))
-                over = {"overhead_bytes": m.get("predicted_overhead_bytes")}
-                projected = project(budget.device, info, _bench_ctx(manifest),
-                                    m.get("bench_prompt_tokens", 0) + m.get("bench_gen_tokens", 0), over)
-            except (EdgeTailorError, OSError, KeyError):
-                projected = None
-        reasons = budget.check(m, projected, reference=v["name"] == "baseline") if ("peak_rss_bytes" in m or projected) else ["not benchmarked"]
+        m, j = v.get("metrics", {}), judged[v["name"]]
         rows.append({"name": v["name"], "format": v.get("format"), "size_bytes": m.get("size_bytes"),
                      "perplexity": m.get("perplexity"), "ppl_increase_pct": m.get("ppl_increase_pct"),
                      "kl": m.get("kl"), "peak_rss_bytes": m.get("peak_rss_os_bytes") or m.get("peak_rss_bytes"),
                      "predicted_memory_bytes": m.get("predicted_memory_bytes"), "decode_tps": m.get("decode_tps"),
                      "projected_decode_tps_here": m.get("projected_decode_tps_here"),
                      "energy_j_per_token": m.get("energy_j_per_token"),
-                     "energy_provenance": m.get("energy_provenance"), "projected": projected,
-                     "fits": not reasons, "fit_reasons": reasons, "opt_score": by_name[v["name"]]["opt_score"],
-                     "pareto": [f for f, d in scores["pareto"].items() if v["name"] in d["members"]]})
+                     "energy_provenance": m.get("energy_provenance"), "projected": j["projected"],
+                     "fits": j["fits"], "fit_reasons": j["fit_reasons"], "opt_score": j["score"]["opt_score"],
+                     "pareto": j["pareto"]})
     return {"run": manifest.get("id"), "budget": budget.to_dict(), "device": budget.device.to_dict(),
             "rows": rows, "scores": scores}
+
+
+def _projected(manifest: dict, v: dict, budget: Budget, folder) -> dict | None:
+    """The variant projected on the budget's device from its file (another device than the run's), or None."""
+    from pathlib import Path
+
+    from .errors import EdgeTailorError
+    from .projection import project, variant_info
+
+    m = v.get("metrics", {})
+    if budget.device.id == HOST_ID or "predicted_memory_bytes" not in m:
+        return None
+    path = (Path(folder) / v["path"]) if (folder and v.get("path")) else manifest["source"].get("path")
+    used = m.get("bench_prompt_tokens", 0) + m.get("bench_gen_tokens", 0)
+    try:
+        info = variant_info(v["format"], path, manifest.get("options", {}).get("dtype", "float32"), tokens_used=used)
+        return project(budget.device, info, _bench_ctx(manifest), used,
+                       {"overhead_bytes": m.get("predicted_overhead_bytes")})
+    except (EdgeTailorError, OSError, KeyError):
+        return None
 
 
 def _bench_ctx(manifest: dict) -> int:

@@ -59,3 +59,21 @@ def score_variants(variants: list[dict], alpha: float = 0.5, beta: float = 0.5,
                                     for n in pts]}
     return {"alpha": alpha, "beta": beta, "baseline": baseline, "rows": rows, "pareto": fronts,
             "formula": "opt = P_c^1.5 * (alpha*T_c + beta*E_c), ratios to the baseline, lower is better"}
+
+
+def verdicts(variants: list[dict], budget, alpha: float, beta: float, projected_of) -> tuple[dict[str, dict], dict]:
+    """Per variant: whether it fits the budget (the reasons when not: "not benchmarked" without figures), its
+    optimization-score row and the Pareto fronts it is on; and the scores. ``projected_of(variant)`` gives its
+    figures projected on the budget's device, or None. The benchmark step and ``edgetailor report`` both judge
+    with it."""
+    scores = score_variants(variants, alpha, beta)
+    rows = {r["name"]: r for r in scores["rows"]}
+    out = {}
+    for v in variants:
+        m = v.get("metrics", {})
+        projected = projected_of(v)
+        reasons = (budget.check(m, projected, reference=v["name"] == "baseline")
+                   if ("peak_rss_bytes" in m or projected) else ["not benchmarked"])
+        out[v["name"]] = {"fits": not reasons, "fit_reasons": reasons, "projected": projected, "score": rows[v["name"]],
+                          "pareto": [f for f, d in scores["pareto"].items() if v["name"] in d["members"]]}
+    return out, scores

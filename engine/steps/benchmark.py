@@ -225,21 +225,23 @@ def _benchmark_one(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, name: str,
 
 
 def record_scores(ctx: RunContext, budget, alpha: float, beta: float) -> None:
-    """Fit badge, optimization score and Pareto membership of every variant, into the manifest."""
-    from ..scoring import score_variants
+    """Fit badge, optimization score and Pareto membership of every benchmarked variant, into the manifest."""
+    from ..scoring import verdicts
 
-    variants = ctx.record.manifest["variants"]
-    scores = score_variants(variants, alpha, beta)
-    for row in scores["rows"]:
-        m = ctx.record.variant(row["name"]).get("metrics", {})
-        if "peak_rss_bytes" not in m:
+    def projected_of(v: dict) -> dict | None:
+        m = v.get("metrics", {})
+        if budget.device.id == "this-machine" or "peak_rss_bytes" not in m:
+            return None
+        return {"memory_bytes": m.get("predicted_memory_bytes"), "decode_tps": m.get("projected_decode_tps"),
+                "j_per_token": m.get("projected_j_per_token")}
+
+    judged, _ = verdicts(ctx.record.manifest["variants"], budget, alpha, beta, projected_of)
+    for name, j in judged.items():
+        if "peak_rss_bytes" not in ctx.record.variant(name).get("metrics", {}):
             continue
-        projected = ({"memory_bytes": m.get("predicted_memory_bytes"), "decode_tps": m.get("projected_decode_tps"),
-                      "j_per_token": m.get("projected_j_per_token")} if budget.device.id != "this-machine" else None)
-        reasons = budget.check(m, projected, reference=row["name"] == "baseline")
-        extra = {"fits": not reasons, "fit_reasons": reasons, "budget": budget.to_dict(),
-                 "pareto": [f for f, d in scores["pareto"].items() if row["name"] in d["members"]]}
+        row = j["score"]
+        extra = {"fits": j["fits"], "fit_reasons": j["fit_reasons"], "budget": budget.to_dict(), "pareto": j["pareto"]}
         if row["opt_score"] is not None:
             extra.update(opt_score=round(row["opt_score"], 5), opt_p_c=round(row["p_c"], 5),
                          opt_t_c=round(row["t_c"], 5), opt_e_c=round(row["e_c"], 5), opt_alpha=alpha, opt_beta=beta)
-        ctx.add_metrics(row["name"], **extra)
+        ctx.add_metrics(name, **extra)
