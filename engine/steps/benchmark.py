@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
-from ..runs import Variant
 
 
 @dataclass
@@ -84,8 +83,10 @@ def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
     ctx.log(f"Energy: {s.meter.provenance}")
     ctx.log(f"This machine: {host.memory_bandwidth_gbs:g} GB/s copy bandwidth, {host.compute_gflops:g} GFLOP/s "
             f"float32 ({host.estimates['memory_bandwidth_gbs']})")
-    if cfg.baseline:
-        _record_baseline_variant(ctx, s.dtype)
+    if cfg.baseline and ctx.record.variant("baseline") is None:
+        from .evaluate import record_baseline
+
+        record_baseline(ctx, "torch", s.dtype)
     todo = _variants_to_run(ctx, cfg)
     infos = {}
     for v, fmt, path in todo:
@@ -102,18 +103,6 @@ def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
         _benchmark_one(ctx, cfg, s, v["name"], fmt, path, infos.get(v["name"]), k / len(todo), 1 / len(todo))
     record_scores(ctx, s.budget, cfg.alpha, cfg.beta)
     ctx.progress(1.0, "benchmarked")
-
-
-def _record_baseline_variant(ctx: RunContext, dtype: str) -> None:
-    from ..preflight import safetensors_parameter_count
-
-    if ctx.record.variant("baseline") is not None:
-        return
-    counted = safetensors_parameter_count(ctx.source.path)
-    ctx.add_variant(Variant(name="baseline", format="torch", path=None,
-                            params={"dtype": dtype, "source": ctx.source.spec},
-                            metrics={"size_bytes": counted[1] if counted else None,
-                                     "parameters": counted[0] if counted else None}))
 
 
 def _variants_to_run(ctx: RunContext, cfg: BenchmarkConfig) -> list[tuple[dict, str, object]]:

@@ -26,22 +26,28 @@ def reference_folder(ctx: RunContext):
     return ctx.record.folder / "scratch" / "reference"
 
 
+def record_baseline(ctx: RunContext, fmt: str, dtype: str, reference: str | None = None) -> None:
+    """The untouched source as the run's "baseline" variant (it has no file): size and parameters from headers."""
+    from ..preflight import safetensors_parameter_count
+
+    counted = safetensors_parameter_count(ctx.source.path)
+    ctx.add_variant(Variant(name="baseline", format=fmt, path=None,
+                            params={"dtype": dtype, "source": ctx.source.spec,
+                                    **({"reference": reference} if reference else {})},
+                            metrics={"size_bytes": counted[1] if counted else None,
+                                     "parameters": counted[0] if counted else None}))
+
+
 def ensure_baseline(ctx: RunContext, windows) -> dict:
     """Evaluate the untouched source model once per run; its log-probs become the KL reference."""
     ref = ReferenceLogprobs(reference_folder(ctx))
     base = ctx.record.variant("baseline")
     if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
         return base
-    from ..preflight import safetensors_parameter_count
     from ..reference import choose, open_reference
 
-    counted = safetensors_parameter_count(ctx.source.path)
     choice = choose(ctx)
-    ctx.add_variant(Variant(name="baseline", format=choice.format, path=None,
-                            params={"dtype": ctx.options.dtype if choice.format == "torch" else choice.type,
-                                    "source": ctx.source.spec, "reference": choice.reason},
-                            metrics={"size_bytes": counted[1] if counted else None,
-                                     "parameters": counted[0] if counted else None}))
+    record_baseline(ctx, choice.format, ctx.options.dtype if choice.format == "torch" else choice.type, choice.reason)
     with open_reference(ctx, n_ctx=len(windows[0])) as rt:
         res = evaluate(rt, windows, reference=ref, record_reference=True,
                        on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
