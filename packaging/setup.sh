@@ -66,6 +66,9 @@ done
 if [ "$DEV" = 1 ] && ! command -v xvfb-run >/dev/null; then
   missing="$missing xvfb xauth"
 fi
+# the tests' desktop checks: the entry validated, the launched app's window found on the X server
+if [ "$DEV" = 1 ] && ! command -v xwininfo >/dev/null; then missing="$missing x11-utils"; fi
+if [ "$DEV" = 1 ] && ! command -v desktop-file-validate >/dev/null; then missing="$missing desktop-file-utils"; fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing system packages:$missing"
@@ -74,4 +77,6 @@ if [ -n "$missing" ]; then
     echo "warning: the window needs these system packages:$missing (Debian/Ubuntu: sudo apt-get install$missing)" >&2
   fi
 fi
+# the application menu's entry and icon (~/.local/share), so the app starts without a terminal
+.venv/bin/python -m edgetailor.desktop || true
 echo "EdgeTailor is set up in .venv"

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgetailor.engine import EdgeTailorError, RunRecord, list_runs, paths
 from edgetailor.engine.bundle import plan_bundle
 from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtGui import QAction, QIcon, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QLabel,
@@ -389,6 +389,8 @@ def run_app(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("EdgeTailor")
+    app.setDesktopFileName("edgetailor")          # the app menu's entry (edgetailor.desktop), for the taskbar icon
+    app.setWindowIcon(QIcon(str(paths.asset_path("icons", "edgetailor.svg"))))
     configure_plots(app)
     from edgetailor.engine.atomic import sweep_stale_temp
 
