@@ -292,6 +292,30 @@ def test_a_variant_has_one_colour_in_every_plot(qtbot):
     assert curve_colour(plots.memory, "b-Q8_0") != curve_colour(plots.memory, "a-Q2_K")
 
 
+def test_the_variant_name_stays_in_view_when_the_table_scrolls_sideways(qtbot):
+    from edgetailor.ui.results import ResultsPanel
+
+    panel = ResultsPanel()
+    qtbot.addWidget(panel)
+    panel.resize(420, 500)
+    panel.show()
+    variants = [{"name": f"base-Q{k}_K_M-with-a-long-name", "format": "gguf",
+                 "metrics": {"size_bytes": 1e8 * k, "perplexity": 20.0 + k, "kl": 0.01 * k}} for k in range(2, 7)]
+    panel.set_variants(variants, None)
+    table, frozen = panel.table, panel.table.frozen
+    qtbot.waitUntil(lambda: table.horizontalScrollBar().maximum() > 0)
+    table.horizontalScrollBar().setValue(table.horizontalScrollBar().maximum())
+    QApplication.processEvents()
+    assert table.columnViewportPosition(0) < 0                      # the real first column scrolled away ...
+    assert frozen.isVisible() and frozen.x() <= table.frameWidth() + table.verticalHeader().width()
+    assert frozen.width() == table.columnWidth(0) > 0              # ... its copy stays, as wide
+    assert [frozen.isColumnHidden(c) for c in range(3)] == [False, True, True]
+    frozen.selectRow(3)                                            # one selection for both
+    assert panel.current() == table.model().index(3, 0).data()
+    table.sortByColumn(0, Qt.SortOrder.DescendingOrder)
+    assert frozen.model().index(0, 0).data() == table.model().index(0, 0).data() == variants[-1]["name"]
+
+
 def test_the_window_starts_beside_a_corrupt_run_record_and_says_so(qtbot, tmp_path, stories_dir):
     from edgetailor.engine import RunRecord
 

@@ -5,7 +5,15 @@ from collections.abc import Callable
 
 from edgetailor.engine.errors import EdgeTailorError
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QRunnable, Qt, QThreadPool, Signal
-from PySide6.QtWidgets import QAbstractSpinBox, QComboBox, QMessageBox, QWidget
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QAbstractSpinBox,
+    QComboBox,
+    QHeaderView,
+    QMessageBox,
+    QTableView,
+    QWidget,
+)
 
 DASH = "—"
 
@@ -125,3 +133,69 @@ class WheelGuard(QObject):
             QCoreApplication.sendEvent(self.target, event)
             return True
         return False
+
+
+class FrozenColumnTable(QTableView):
+    """A table whose first column (the row's name) stays in view while the others scroll sideways: a second
+    view over the same model and selection shows only that column, laid over the first (Qt's frozen-column
+    example)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.frozen = QTableView(self)
+        self.frozen.setObjectName("frozenColumn")
+        self.frozen.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.frozen.verticalHeader().hide()
+        self.frozen.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
+        self.frozen.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.frozen.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.frozen.setStyleSheet("QTableView { border: none; border-right: 1px solid palette(mid); }")
+        self.viewport().stackUnder(self.frozen)
+        for view in (self, self.frozen):
+            view.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.frozen.verticalScrollBar().valueChanged.connect(self.verticalScrollBar().setValue)
+        self.verticalScrollBar().valueChanged.connect(self.frozen.verticalScrollBar().setValue)
+        self.horizontalHeader().sectionResized.connect(self._section_resized)
+        self.verticalHeader().sectionResized.connect(lambda i, _old, new: self.frozen.setRowHeight(i, new))
+        self.frozen.horizontalHeader().sectionClicked.connect(self._frozen_header_clicked)
+
+    def setModel(self, model) -> None:
+        super().setModel(model)
+        self.frozen.setModel(model)
+        self.frozen.setSelectionModel(self.selectionModel())
+        for signal in (model.modelReset, model.layoutChanged, model.columnsInserted):
+            signal.connect(self._show_first_column_only)
+        self._show_first_column_only()
+
+    def setSelectionBehavior(self, behavior) -> None:
+        super().setSelectionBehavior(behavior)
+        self.frozen.setSelectionBehavior(behavior)
+
+    def _show_first_column_only(self, *_) -> None:
+        model = self.model()
+        for c in range(model.columnCount() if model is not None else 0):
+            self.frozen.setColumnHidden(c, c != 0)
+        self.frozen.setColumnWidth(0, self.columnWidth(0))
+        self._place()
+
+    def _frozen_header_clicked(self, section: int) -> None:
+        """Sort by the name column from the frozen header too, with the main header's indicator."""
+        header = self.horizontalHeader()
+        order = (Qt.SortOrder.DescendingOrder if header.sortIndicatorSection() == section
+                 and header.sortIndicatorOrder() == Qt.SortOrder.AscendingOrder else Qt.SortOrder.AscendingOrder)
+        self.sortByColumn(section, order)
+
+    def _section_resized(self, index: int, _old: int, new: int) -> None:
+        if index == 0:
+            self.frozen.setColumnWidth(0, new)
+            self._place()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._place()
+
+    def _place(self) -> None:
+        self.frozen.setGeometry(self.verticalHeader().width() + self.frameWidth(), self.frameWidth(),
+                                self.columnWidth(0), self.viewport().height() + self.horizontalHeader().height())
+        self.frozen.horizontalHeader().setFixedHeight(self.horizontalHeader().height())

@@ -14,13 +14,12 @@ from PySide6.QtWidgets import (
     QLabel,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from .budget_panel import check_variant
-from .common import DASH, fmt_bytes
+from .common import DASH, FrozenColumnTable, fmt_bytes
 
 SORT_ROLE = Qt.ItemDataRole.UserRole
 
@@ -195,7 +194,7 @@ class ResultsPanel(QWidget):
         self.proxy = _Proxy(self)
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_ROLE)
-        self.table = QTableView()
+        self.table = FrozenColumnTable()          # the variant's name stays in view as the figures scroll
         self.table.setObjectName("resultsTable")
         self.table.setAccessibleName("Results")
         self.table.setModel(self.proxy)
