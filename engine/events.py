@@ -6,7 +6,8 @@ Events are plain dicts, so they cross process boundaries and land in ``events.js
 
 Types:
     run_started   data: recipe, source
-    step_started  data: index, count, params
+    step_started  data: index, count, params, kind, expected_seconds (per step of the recipe: what it took on
+                  this source before, or None)
     progress      data: fraction (0..1 within the step), message
     log           data: message, level
     sample        data: series (e.g. "rss_bytes", "tokens_done"), value, variant   (for live plots)

@@ -19,7 +19,7 @@ from .events import make_event
 from .preflight import preflight
 from .recipe import Recipe
 from .registry import get_step
-from .runs import RunRecord, elapsed
+from .runs import RunRecord, elapsed, expected_step_seconds
 from .sources import ResolvedSource
 
 
@@ -66,8 +66,10 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
         src = _resolve_and_check(job, recipe, record, root, lambda m: emit_and_log(
             make_event("log", record.id, None, t0, message=m, level="info")))
         ctx = RunContext(record, src, options, emit_and_log, cancel, t0)
+        expected = expected_step_seconds(root, record.manifest["source"].get("sha256"),
+                                         [(s.name, s.params) for s in recipe.steps])
         for i, (spec, cfg) in enumerate(zip(recipe.steps, configs)):
-            _run_step(ctx, i, len(recipe.steps), spec, cfg)
+            _run_step(ctx, i, len(recipe.steps), spec, cfg, expected)
         ctx.step_name = None
     except Exception as exc:      # noqa: BLE001  every failure is recorded; _failure says how
         status, error = _failure(exc)
@@ -101,12 +103,14 @@ def _resolve_and_check(job: JobSpec, recipe: Recipe, record: RunRecord, root: Pa
     return src
 
 
-def _run_step(ctx: RunContext, index: int, count: int, spec, cfg) -> None:
-    """One step, with its manifest entry (running, then its seconds) and its events."""
+def _run_step(ctx: RunContext, index: int, count: int, spec, cfg, expected: list[float | None]) -> None:
+    """One step, with its manifest entry (running, then its seconds) and its events (``expected``: what every
+    step of the recipe took here before, for progress weighted by time)."""
     ctx.check_cancelled()
     info = get_step(spec.name)
     ctx.step_name = spec.name
-    ctx.emit("step_started", index=index, count=count, params=spec.params, kind=info.kind)
+    ctx.emit("step_started", index=index, count=count, params=spec.params, kind=info.kind,
+             expected_seconds=expected)
     entry = {"name": spec.name, "params": spec.params, "status": "running", "seconds": None}
     ctx.record.manifest["steps"].append(entry)
     ctx.record.save()

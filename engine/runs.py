@@ -218,3 +218,29 @@ def _now() -> str:
 
 def elapsed(t0: float) -> float:
     return round(time.perf_counter() - t0, 3)
+
+
+def expected_step_seconds(root: str | Path, source_sha: str | None, steps: list[tuple[str, dict]],
+                          limit: int = 200) -> list[float | None]:
+    """What each step (name, params) took on this source in earlier runs here: the median of its succeeded runs,
+    or None where there is none. Progress and the time left are weighted by these (the latest ``limit`` runs)."""
+    from statistics import median
+
+    found: list[list[float]] = [[] for _ in steps]
+    try:
+        folders = sorted((p for p in Path(root).iterdir() if p.is_dir()), reverse=True)[:limit]
+    except OSError:
+        folders = []
+    for folder in folders:
+        try:
+            m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            if not source_sha or m["source"].get("sha256") != source_sha:
+                continue
+            done = [e for e in m["steps"] if e.get("status") == "succeeded" and e.get("seconds")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue                                  # an unreadable record says nothing about times
+        for entry in done:
+            for i, (name, params) in enumerate(steps):
+                if entry.get("name") == name and entry.get("params") == params:
+                    found[i].append(float(entry["seconds"]))
+    return [round(median(f), 3) if f else None for f in found]

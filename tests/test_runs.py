@@ -91,3 +91,44 @@ def test_worker_crash_is_recorded_as_failed(stories_dir, tmp_path):
     m = json.loads((handle.folder / "manifest.json").read_text())
     assert m["status"] == "failed" and "ended unexpectedly" in m["error"]["problem"]
     assert not list(handle.folder.rglob("*.partial"))
+
+
+def test_a_second_run_knows_what_its_steps_took_and_weights_progress_by_it(stories_dir, tmp_path):
+    from edgetailor.ui.run_state import RunState
+
+    recipe = tiny_recipe(types=("F16",))
+    first = run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)))
+    took = [s["seconds"] for s in first.manifest["steps"]]
+    events = []
+    run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)), emit=events.append)
+    started = [e for e in events if e["type"] == "step_started"]
+    assert started[0]["data"]["expected_seconds"] == pytest.approx(took, abs=1e-3)
+    other = run_job(JobSpec(recipe=tiny_recipe(types=("Q8_0",)), source=str(stories_dir), runs_root=str(tmp_path)),
+                    emit=events.append)
+    assert [e for e in events if e["type"] == "step_started" and e["run"] == other.id][0]["data"][
+        "expected_seconds"][0] is None                      # other parameters: not the same step
+
+    st = RunState("r")
+    st.apply(started[0])
+    assert st.weights() == pytest.approx(took)
+
+
+def test_progress_and_time_left_follow_the_steps_earlier_durations():
+    from edgetailor.ui.run_state import RunState
+
+    def ev(kind, t, **data):
+        return {"type": kind, "run": "r", "t": t, "wall": 1000.0 + t, "step": "s", "data": data}
+
+    st = RunState("r")
+    st.apply(ev("run_started", 0.0, recipe={"name": "x"}, source="m"))
+    st.apply(ev("step_started", 0.0, index=0, count=3, params={}, expected_seconds=[10.0, 80.0, 10.0]))
+    st.apply(ev("progress", 5.0, fraction=1.0))
+    assert st.fraction == pytest.approx(0.10)              # the quick first step is a tenth of the run, not a third
+    st.apply(ev("step_started", 20.0, index=1, count=3, params={}, expected_seconds=[10.0, 80.0, 10.0]))
+    st.apply(ev("progress", 30.0, fraction=0.5))
+    assert st.fraction == pytest.approx(0.50)
+    assert st.time_left() == pytest.approx((40 + 10) * 2.0)  # this run is half as fast as before
+    plain = RunState("p")
+    plain.apply(ev("step_started", 0.0, index=1, count=4, params={}, expected_seconds=[None] * 4))
+    plain.apply(ev("progress", 1.0, fraction=0.5))
+    assert plain.weights() is None and plain.fraction == pytest.approx(1.5 / 4)

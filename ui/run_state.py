@@ -22,6 +22,8 @@ class RunState:
         self.step_count = 1
         self.step_name: str | None = None
         self.step_fraction = 0.0
+        self.expected: list[float | None] = []      # seconds each step took here before (None: not known)
+        self.step_started_at: dict[int, float] = {}  # step index -> seconds since the run's start
         self.message = ""
         self.samples: dict[str, dict[str | None, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
         self.worker_memory: list[tuple[float, float]] = []   # (seconds since start, RSS bytes), sampled by the app
@@ -49,6 +51,8 @@ class RunState:
         elif kind == "step_started":
             self.step_index, self.step_count = data["index"], max(1, data["count"])
             self.step_name, self.step_fraction = ev.get("step"), 0.0
+            self.expected = list(data.get("expected_seconds") or [])
+            self.step_started_at[self.step_index] = self.seconds(ev)
         elif kind == "progress":
             self.step_fraction = float(data.get("fraction", 0.0))
             self.message = data.get("message", "")
@@ -90,11 +94,24 @@ class RunState:
     def finished(self) -> bool:
         return self.status != "running"
 
+    def weights(self) -> list[float] | None:
+        """Each step's share of the run, in seconds it took here before (steps never timed get the mean of the
+        timed ones); None when no step was timed (then every step counts the same)."""
+        known = [e for e in self.expected[:self.step_count] if e]
+        if not known or len(self.expected) < self.step_count:
+            return None
+        mean = sum(known) / len(known)
+        return [e if e else mean for e in self.expected[:self.step_count]]
+
     @property
     def fraction(self) -> float:
         if self.status == "succeeded":
             return 1.0
-        return min(1.0, (self.step_index + self.step_fraction) / self.step_count)
+        w = self.weights()
+        if w is None:
+            return min(1.0, (self.step_index + self.step_fraction) / self.step_count)
+        done = sum(w[:self.step_index]) + w[self.step_index] * self.step_fraction
+        return min(1.0, done / sum(w))
 
     def elapsed(self, now: float | None = None) -> float:
         if self.t0_wall is None:
@@ -103,13 +120,20 @@ class RunState:
         return max(0.0, end - self.t0_wall)
 
     def time_left(self, now: float | None = None) -> float | None:
-        """Seconds left, extrapolated from the progress so far (None until there is enough to go on)."""
+        """Seconds left: the steps' earlier times, scaled by how this run's finished steps compare with theirs;
+        without earlier times, extrapolated from the progress so far (None until there is enough to go on)."""
         if self.finished:
             return 0.0
-        f = self.fraction
-        if f < 0.02:
-            return None
-        return self.elapsed(now) * (1 - f) / f
+        w = self.weights()
+        if w is None:
+            f = self.fraction
+            return None if f < 0.02 else self.elapsed(now) * (1 - f) / f
+        started = self.step_started_at.get(self.step_index)
+        pace = 1.0
+        if self.step_index > 0 and started:
+            pace = started / max(sum(w[:self.step_index]), 1e-9)     # this run against the earlier ones
+        left = w[self.step_index] * (1 - self.step_fraction) + sum(w[self.step_index + 1:])
+        return left * min(max(pace, 0.25), 4.0)
 
     def variant_rows(self) -> list[dict]:
         return list(self.variants.values())
