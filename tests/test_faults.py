@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,40 @@ def test_temporary_folders_of_killed_processes_are_swept_when_the_app_starts(tmp
     other.mkdir()
     assert main(["--home", str(home), "presets"]) == EXIT_OK
     assert not dead.exists() and mine.exists() and other.exists()
+
+
+def test_a_distillation_killed_midway_resumes_from_its_last_checkpoint(tmp_path, stories_dir):
+    """kill -9 of the worker during a long training step: the run is recorded as failed, its checkpoints stay
+    (they are whole: written atomically), and a new run with ``resume_from`` goes on from the last one."""
+    import signal
+
+    from edgetailor.engine import JobSpec, start_job
+
+    distill = {"seq_len": 128, "stride": 32, "batch_size": 2, "lr": 2e-3, "max_minutes": 0, "checkpoint_every": 5,
+               "keep_checkpoints": 2}
+    recipe = {"name": "kd", "steps": [{"step": "distill", "params": {**distill, "steps": 2000}}]}
+    handle = start_job(JobSpec(recipe=recipe, source=str(stories_dir), options={"threads": 1},
+                               runs_root=str(tmp_path / "runs")))
+    checkpoints = handle.folder / "checkpoints"
+    deadline = time.monotonic() + 240
+    while len(list(checkpoints.glob("distill-step-*"))) < 2 and time.monotonic() < deadline:
+        handle.poll(0.2)
+    assert list(checkpoints.glob("distill-step-*")), "no checkpoint was written in time"
+    os.kill(handle.pid, signal.SIGKILL)
+    assert handle.wait() == "failed"
+    manifest = json.loads((handle.folder / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "ended unexpectedly" in manifest["error"]["problem"]
+    kept = sorted(checkpoints.iterdir())
+    assert kept and all({f.name for f in c.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+                        for c in kept)
+    last = int(kept[-1].name.rsplit("-", 1)[1])
+
+    again = {"name": "kd", "steps": [{"step": "distill", "params": {**distill, "steps": last + 5,
+                                                                     "resume_from": str(handle.folder)}}]}
+    from edgetailor.engine import run_job
+
+    resumed = run_job(JobSpec(recipe=again, source=str(stories_dir), options={"threads": 1},
+                              runs_root=str(tmp_path / "runs")))
+    assert resumed.manifest["status"] == "succeeded", resumed.manifest["error"]
+    report = resumed.manifest["steps"][0]["report"]
+    assert report["resumed_from_step"] == last and report["steps"] == last + 5
