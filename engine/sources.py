@@ -90,6 +90,7 @@ def resolve(spec: str | None = None, *, trust_remote_code: bool = False, allow_n
 
 def _finish(spec, kind, folder: Path, trust_remote_code: bool, origin: str = "") -> ResolvedSource:
     cfg = read_config(folder)
+    check_tokenizer_files(folder)
     if cfg.get("auto_map") and not trust_remote_code:
         from .architectures import arch_spec
 
@@ -99,6 +100,56 @@ def _finish(spec, kind, folder: Path, trust_remote_code: bool, origin: str = "")
                 "Only if you trust its author, turn on 'trust remote code' (CLI: --trust-remote-code).")
     return ResolvedSource(spec=spec, kind=kind, path=folder, config=cfg, trust_remote_code=trust_remote_code,
                           origin=origin)
+
+
+TOKENIZER_FIX = "Copy the model's tokenizer files again from where it came from (an interrupted download leaves them short)."
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeTailorError(f"{path} is not {what}: {exc}", TOKENIZER_FIX) from exc
+    if not isinstance(value, dict):
+        raise EdgeTailorError(f"{path} is not {what}: it holds a JSON {type(value).__name__}, not an object.",
+                              TOKENIZER_FIX)
+    return value
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's files read as what they claim to be, before any model loads: tokenizer.json (a fast
+    tokenizer), else tokenizer.model (SentencePiece), else vocab.json; tokenizer_config.json when present."""
+    folder = Path(folder)
+    if (folder / "tokenizer_config.json").exists():
+        _json_object(folder / "tokenizer_config.json", "a tokenizer configuration (JSON)")
+    if (folder / "tokenizer.json").exists():
+        if not isinstance(_json_object(folder / "tokenizer.json", "a tokenizer (JSON)").get("model"), dict):
+            raise EdgeTailorError(f"{folder / 'tokenizer.json'} is not a tokenizer: it has no 'model' section.",
+                                  TOKENIZER_FIX)
+    elif (folder / "tokenizer.model").exists():
+        _check_sentencepiece(folder / "tokenizer.model")
+    elif (folder / "vocab.json").exists():
+        _json_object(folder / "vocab.json", "a vocabulary (JSON)")
+
+
+def require_tokenizer(folder: Path, trust_remote_code: bool = False) -> None:
+    """A folder without any tokenizer file is named before a step needs one (remote code may bring its own)."""
+    if not trust_remote_code and not any((Path(folder) / f).exists()
+                                         for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise EdgeTailorError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json).",
+                              "Copy the model's tokenizer files into the folder beside config.json.")
+
+
+def _check_sentencepiece(path: Path) -> None:
+    try:
+        import sentencepiece
+    except ImportError:
+        return
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as exc:          # noqa: BLE001  (sentencepiece raises RuntimeError or OSError)
+        raise EdgeTailorError(f"{path} is not a SentencePiece tokenizer model ({type(exc).__name__}).",
+                              TOKENIZER_FIX) from exc
 
 
 def read_config(folder: Path) -> dict:

@@ -58,6 +58,20 @@ CASES = {
     "not a model file": (lambda t, s: ["inspect", str(_write(t / "notes.txt", b"hello"))], EXIT_BAD_INPUT,
                          "neither a model folder nor a .gguf"),
     "folder without config": (lambda t, s: ["inspect", str(t)], EXIT_BAD_INPUT, "has no config.json"),
+    # tokenizers (read before any model loads)
+    "tokenizer.json not JSON": (lambda t, s: ["inspect", _model(t, {**_weights(s), "tokenizer.json": "{bad"})],
+                                EXIT_BAD_INPUT, "is not a tokenizer (JSON)"),
+    "tokenizer.json a list": (lambda t, s: ["inspect", _model(t, {**_weights(s), "tokenizer.json": "[1]"})],
+                              EXIT_BAD_INPUT, "not an object"),
+    "tokenizer.json without a model": (lambda t, s: ["inspect", _model(t, {**_weights(s), "tokenizer.json": "{}"})],
+                                       EXIT_BAD_INPUT, "no 'model' section"),
+    "tokenizer.model garbage": (lambda t, s: ["inspect", _model(t, {**_weights(s), "tokenizer.model": b"garbage"})],
+                                EXIT_BAD_INPUT, "not a SentencePiece tokenizer model"),
+    "tokenizer config not UTF-8": (lambda t, s: ["inspect", _model(t, {**_weights(s), "tokenizer.model":
+                                                                       (s / "tokenizer.model").read_bytes(),
+                                                                       "tokenizer_config.json": b"\xff\xfe"})],
+                                   EXIT_BAD_INPUT, "tokenizer configuration"),
+    "no tokenizer at all": (lambda t, s: ["inspect", _model(t, _weights(s))], EXIT_BAD_INPUT, "has no tokenizer"),
     # recipes
     "recipe is a folder": (lambda t, s: ["compress", str(s), "--recipe", str(t)], EXIT_BAD_INPUT, "is a folder"),
     "recipe missing": (lambda t, s: ["compress", str(s), "--recipe", str(t / "nope.yaml")], EXIT_BAD_INPUT,
@@ -113,6 +127,12 @@ CASES = {
     "evaluation text is a folder": (lambda t, s: ["compress", str(s), "--recipe", _recipe(t, EXPORT),
                                                   "--eval-text", str(t)], EXIT_BAD_INPUT, "is a folder"),
 }
+
+
+def _weights(stories: Path) -> dict:
+    """A whole model's config and weights (stories260K), for cases about its other files."""
+    return {"config.json": (stories / "config.json").read_bytes(),
+            "model.safetensors": (stories / "model.safetensors").read_bytes()}
 
 
 def _write(path: Path, data: bytes) -> Path:
