@@ -93,6 +93,7 @@ def _resolve_and_check(job: JobSpec, recipe: Recipe, record: RunRecord, root: Pa
     t = time.perf_counter()
     src = sources.resolve(job.source, trust_remote_code=job.trust_remote_code, allow_network=job.allow_network,
                           progress=log)
+    sources.require_tokenizer(src.path, src.trust_remote_code)     # before any step loads the model
     report = preflight(src, recipe, work_dir=root)
     record.manifest["source"].update(src.to_dict())
     record.manifest["source"]["sha256"] = source_hash(src.path)

@@ -14,7 +14,7 @@ import psutil
 from .architectures import arch_spec, count_parameters, gguf_writer_for, supported_model_types
 from .errors import DoesNotFitError, UnsupportedModelError
 from .footprint import LOADED_OVERHEAD_BYTES, ModelShape, recipe_needs
-from .sources import ResolvedSource, require_tokenizer
+from .sources import ResolvedSource
 
 GB = 1024**3
 OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated")     # they write into EdgeTailor's own GGUF writer
@@ -148,8 +148,6 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     mt = cfg.get("model_type", "?")
     spec = arch_spec(mt)
     counted = safetensors_parameter_count(src.path)
-    if spec is not None:                  # an unsupported family is said first; its tokenizer does not matter
-        require_tokenizer(src.path, src.trust_remote_code)
     try:
         params = count_parameters(cfg)
     except (KeyError, TypeError, ValueError):

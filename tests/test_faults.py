@@ -71,7 +71,6 @@ CASES = {
                                                                        (s / "tokenizer.model").read_bytes(),
                                                                        "tokenizer_config.json": b"\xff\xfe"})],
                                    EXIT_BAD_INPUT, "tokenizer configuration"),
-    "no tokenizer at all": (lambda t, s: ["inspect", _model(t, _weights(s))], EXIT_BAD_INPUT, "has no tokenizer"),
     # recipes
     "recipe is a folder": (lambda t, s: ["compress", str(s), "--recipe", str(t)], EXIT_BAD_INPUT, "is a folder"),
     "recipe missing": (lambda t, s: ["compress", str(s), "--recipe", str(t / "nope.yaml")], EXIT_BAD_INPUT,
@@ -444,3 +443,16 @@ def test_a_distillation_killed_midway_resumes_from_its_last_checkpoint(tmp_path,
     assert resumed.manifest["status"] == "succeeded", resumed.manifest["error"]
     report = resumed.manifest["steps"][0]["report"]
     assert report["resumed_from_step"] == last and report["steps"] == last + 5
+
+
+def test_a_run_on_a_model_without_a_tokenizer_stops_before_the_model_loads(tmp_path, stories_dir, home, capsys):
+    """Pre-flight sizes a folder from its config and headers alone (a tokenizer is not needed to say what fits);
+    a run needs one and says so at once, recorded as failed."""
+    model = _model(tmp_path, _weights(stories_dir))
+    assert main(["--home", str(home), "inspect", model]) == EXIT_OK
+    rc = main(["--home", str(home), "compress", model, "--recipe", _recipe(tmp_path, EXPORT)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and "has no tokenizer" in err and "fix: " in err and "Traceback" not in err, err
+    (run,) = (home / "runs").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"] == [] and not list((run / "artifacts").glob("*"))
