@@ -456,3 +456,58 @@ def test_a_run_on_a_model_without_a_tokenizer_stops_before_the_model_loads(tmp_p
     (run,) = (home / "runs").iterdir()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["steps"] == [] and not list((run / "artifacts").glob("*"))
+
+
+GUI_WITH_A_RUN = """
+import json, sys
+from PySide6.QtWidgets import QApplication
+
+
+def main():
+    app = QApplication(sys.argv)
+    from edgetailor.ui.main_window import MainWindow, configure_plots
+    configure_plots(app)
+    w = MainWindow(runs_root=sys.argv[1], job_options={"threads": 1}, model=sys.argv[2])
+    w.show()
+    run_id = w.controller.start(json.load(open(sys.argv[3])), sys.argv[2], {"threads": 1})
+    print(run_id, flush=True)
+    app.exec()
+
+
+if __name__ == "__main__":        # the worker is spawned: it imports this file again
+    main()
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGHUP"])
+def test_a_gui_that_dies_or_is_closed_takes_its_run_down_with_it(signal_name, tmp_path, demo_source, home):
+    """The window killed, terminated or its session closed mid-run: its worker sees it gone and cancels the run,
+    which is recorded as cancelled with nothing left behind (runs never outlive their app)."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "gui_with_a_run.py"
+    script.write_text(GUI_WITH_A_RUN)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"name": "fault", "steps": CALIBRATED}))
+    env = {**os.environ, "EDGETAILOR_HOME": str(home), "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.Popen([sys.executable, str(script), str(home / "runs"), str(demo_source.path), str(recipe)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        run_id = proc.stdout.readline().strip()
+        assert run_id, proc.stderr.read()[-2000:]
+        run = _wait_for(lambda: _running_step(home))
+        assert run["id"] == run_id
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(getattr(signal, signal_name))
+        proc.wait(30)
+        manifest = _final(home, run_id)
+        assert manifest["status"] == "cancelled", manifest.get("error")
+        psutil.wait_procs(workers, timeout=60)
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert _left_behind(Path(run["_folder"])) == []
+    finally:
+        proc.kill()
