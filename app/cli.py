@@ -318,6 +318,8 @@ def format_plan(rec) -> str:
     lines += ["", ("Recommended: " + r["variant"]) if r.get("variant") else "Nothing fits.", "  " + r["reason"]]
     for limit, ru in r.get("runner_up", {}).items():
         lines.append("  runner-up: " + ru["text"])
+    if r.get("shorter_context"):
+        lines.append("  " + r["shorter_context"]["text"])
     return "\n".join(lines)
 
 

@@ -384,7 +384,9 @@ def recommend(measured: list[dict], budget, context: int, predicted: list[Point]
 
     Returns {"variant", "reason", "headroom", "runner_up" (per limit: the smallest relaxation of that limit
     alone that buys a clearly better KL, measured where a built candidate shows it, else ``predicted``),
-    "relax" (when nothing fits: the closest and by how much to relax)}."""
+    "shorter_context" (when memory binds: the context at which a better built candidate fits), "relax" (when
+    nothing fits: the closest and by how much to relax)}. Measured candidates carry ``kv_bytes_per_token`` for
+    the context advice."""
     if not measured:
         raise EdgeTailorError("No candidate was built, so there is nothing to recommend.",
                               "Loosen the budget or allow more candidates.")
@@ -401,6 +403,9 @@ def recommend(measured: list[dict], budget, context: int, predicted: list[Point]
                            **({"kl": budget.max_kl - best["kl"]} if budget.max_kl is not None else {}),
                            **({"ppl_increase_pct": budget.max_ppl_increase_pct - best["ppl_increase_pct"]}
                               if budget.max_ppl_increase_pct is not None else {})}
+    shorter = shorter_context(measured, budget, context, best)
+    if shorter:
+        out["shorter_context"] = shorter
     guesses = [(p.to_dict(), violations(budget, p.prediction.to_dict())) for p in predicted or []]
     for limit in LIMIT_WORDS:
         found = _runner_up(scored, limit, best) or _runner_up(guesses, limit, best)
@@ -415,6 +420,27 @@ def recommend(measured: list[dict], budget, context: int, predicted: list[Point]
                          + ", ".join(f"relax {LIMIT_WORDS[k]} by {100 * x:.0f}%" for k, x in sorted(v.items()))
                          + " (" + "; ".join(describe(budget, closest, context)) + ")")
     return out
+
+
+#: the shortest context the planner proposes instead of more memory (contexts are offered in steps of this)
+CONTEXT_STEP = 256
+
+
+def shorter_context(measured: list[dict], budget, context: int, best: dict | None) -> dict | None:
+    """The other way to buy quality when memory is what binds: the best candidate that misses the memory limit
+    alone (and beats ``best`` clearly), at the longest shorter context where it fits — its KV cache shrunk to
+    that context, the rest of its memory as measured (predicted; the runtime's buffers are taken as they were)."""
+    rows = [m for m in measured if m.get("kv_bytes_per_token") and set(violations(budget, m)) == {"memory"}
+            and (best is None or m["kl"] < WORTH * best["kl"])]
+    for m in sorted(rows, key=lambda m: m["kl"]):
+        rest = m["memory_bytes"] - m["kv_bytes_per_token"] * context
+        n = int((budget.memory_limit - rest) // m["kv_bytes_per_token"]) // CONTEXT_STEP * CONTEXT_STEP
+        if CONTEXT_STEP <= n < context:
+            memory = rest + m["kv_bytes_per_token"] * n
+            return {"variant": m["name"], "context": n, "memory_bytes": memory, "kl": m["kl"],
+                    "text": f"or shorten the context: at {n} tokens instead of {context}, {m['name']} fits in "
+                            f"{memory / 1e6:.0f} MB (its KV cache shrunk; predicted), KL {m['kl']:.4f}"}
+    return None
 
 
 def _runner_up(rows: list[tuple[dict, dict]], limit: str, best: dict | None) -> dict | None:

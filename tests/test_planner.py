@@ -102,6 +102,26 @@ def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_lim
     assert "relax memory by 80%" in none["reason"]
 
 
+def test_when_memory_binds_a_shorter_context_is_offered_for_a_better_candidate():
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.planner import recommend
+
+    budget = Budget(get_device("pixel-8"), max_memory_bytes=1e9)
+    row = dict(decode_tps=20.0, j_per_token=0.3, ppl_increase_pct=1.0, kv_bytes_per_token=100_000)
+    small = {"name": "small", "memory_bytes": 8e8, "kl": 0.05, **row}
+    big = {"name": "big", "memory_bytes": 1.2e9, "kl": 0.01, **row}      # 409.6 MB of it is KV at 4096 tokens
+    rec = recommend([small, big], budget, 4096)
+    sc = rec["shorter_context"]
+    # 1.2 GB - 409.6 MB of KV = 790.4 MB; the limit leaves 209.6 MB of KV: 2096 tokens -> 2048 in steps of 256
+    assert sc["variant"] == "big" and sc["context"] == 2048
+    assert sc["memory_bytes"] == pytest.approx(1.2e9 - 100_000 * 2048) and sc["memory_bytes"] <= 1e9
+    assert "2048 tokens instead of 4096" in sc["text"] and "predicted" in sc["text"]
+    # nothing to offer: the better candidate misses another limit too, or no context shorter than 256 fits
+    assert "shorter_context" not in recommend([small, {**big, "decode_tps": 1.0}],
+                                              Budget(get_device("pixel-8"), max_memory_bytes=1e9, min_decode_tps=10), 4096)
+    assert "shorter_context" not in recommend([small, {**big, "memory_bytes": 5e9}], budget, 4096)
+
+
 def test_calibration_scales_the_predictions_to_the_measured_points():
     from edgetailor.engine.planner import Calibration
 

@@ -179,6 +179,8 @@ class RecommendationCard(QFrame):
             self.title.setText(f"<b>Nothing built meets every limit</b> — closest: {rec.get('closest', DASH)}")
         lines = [p.strip() for p in rec.get("reason", "").split(";") if p.strip()]
         lines += [f"Runner-up — {r['text']}" for r in (rec.get("runner_up") or {}).values()]
+        if rec.get("shorter_context"):
+            lines.append(f"Shorter context — {rec['shorter_context']['text']}")
         self.reason.setText("<br>".join(f"• {line}" for line in lines))
         self.show()
 

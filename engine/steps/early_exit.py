@@ -300,7 +300,7 @@ def early_exit_heads(ctx: RunContext, cfg: EarlyExitConfig) -> None:
 
     n_ctx = cfg.ctx or ctx.options.eval_ctx
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), n_ctx, cfg.windows or ctx.options.eval_windows)
-    base = ensure_baseline(ctx, windows)
+    base = ensure_baseline(ctx, windows, span=(0.3, 0.3))
     ref = ReferenceLogprobs(reference_folder(ctx))
     prompt = windows[0][:32]
     rows = []

@@ -38,8 +38,9 @@ def record_baseline(ctx: RunContext, fmt: str, dtype: str, reference: str | None
                                      "parameters": counted[0] if counted else None}))
 
 
-def ensure_baseline(ctx: RunContext, windows) -> dict:
-    """Evaluate the untouched source model once per run; its log-probs become the KL reference."""
+def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 0.5)) -> dict:
+    """Evaluate the untouched source model once per run; its log-probs become the KL reference. ``span``: the part
+    of the calling step's progress it reports in."""
     ref = ReferenceLogprobs(reference_folder(ctx))
     base = ctx.record.variant("baseline")
     if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
@@ -50,7 +51,8 @@ def ensure_baseline(ctx: RunContext, windows) -> dict:
     record_baseline(ctx, choice.format, ctx.options.dtype if choice.format == "torch" else choice.type, choice.reason)
     with open_reference(ctx, n_ctx=len(windows[0])) as rt:
         res = evaluate(rt, windows, reference=ref, record_reference=True,
-                       on_window=lambda i, n, ppl: (ctx.progress(0.5 * i / n, f"baseline {i}/{n}: ppl {ppl:.3f}"),
+                       on_window=lambda i, n, ppl: (ctx.progress(span[0] + (span[1] - span[0]) * i / n,
+                                                                 f"baseline {i}/{n}: ppl {ppl:.3f}"),
                                                     ctx.sample("perplexity", ppl, "baseline")),
                        cancelled=ctx.cancel.is_set)
     ctx.add_metrics("baseline", **variant_metrics(res, None))

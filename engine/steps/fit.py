@@ -244,7 +244,7 @@ def _eval_windows(ctx: RunContext) -> list[list[int]]:
     from .evaluate import ensure_baseline
 
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
-    ensure_baseline(ctx, windows)
+    ensure_baseline(ctx, windows, span=(0.17, 0.2))
     return windows
 
 
@@ -319,7 +319,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
 
     from ..atomic import tree_size
     from ..planner import LIMIT_WORDS, Candidate, violations
-    from ..projection import device_speed
+    from ..projection import device_speed, kv_cache_bytes
     from ..runtimes import KV_TYPES
     from .evaluate import variant_metrics
 
@@ -361,6 +361,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
              "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
+             "kv_bytes_per_token": kv_cache_bytes(raw["info"], 1, KV_TYPES[kv].bytes_per_element),
              "predicted": pred.to_dict()}
     missed = violations(budget, point)
     ctx.add_metrics(name, budget=budget.to_dict(), fits=not missed,
