@@ -424,23 +424,32 @@ def recommend(measured: list[dict], budget, context: int, predicted: list[Point]
 
 #: the shortest context the planner proposes instead of more memory (contexts are offered in steps of this)
 CONTEXT_STEP = 256
+#: KLs within this ratio count as the same quality when choosing the context to propose
+SIMILAR_KL = 1.1
 
 
 def shorter_context(measured: list[dict], budget, context: int, best: dict | None) -> dict | None:
-    """The other way to buy quality when memory is what binds: the best candidate that misses the memory limit
-    alone (and beats ``best`` clearly), at the longest shorter context where it fits — its KV cache shrunk to
-    that context, the rest of its memory as measured (predicted; the runtime's buffers are taken as they were)."""
-    rows = [m for m in measured if m.get("kv_bytes_per_token") and set(violations(budget, m)) == {"memory"}
-            and (best is None or m["kl"] < WORTH * best["kl"])]
-    for m in sorted(rows, key=lambda m: m["kl"]):
+    """The other way to buy quality when memory is what binds: a candidate that misses the memory limit alone (and
+    beats ``best`` clearly) at the longest shorter context where it fits — its KV cache shrunk to that context, the
+    rest of its memory as measured (predicted; the runtime's buffers are taken as they were). Among candidates of
+    about the best such KL (within 10%), the one that keeps the longest context."""
+    options = []
+    for m in measured:
+        if not m.get("kv_bytes_per_token") or set(violations(budget, m)) != {"memory"}:
+            continue
+        if best is not None and m["kl"] >= WORTH * best["kl"]:
+            continue
         rest = m["memory_bytes"] - m["kv_bytes_per_token"] * context
         n = int((budget.memory_limit - rest) // m["kv_bytes_per_token"]) // CONTEXT_STEP * CONTEXT_STEP
         if CONTEXT_STEP <= n < context:
-            memory = rest + m["kv_bytes_per_token"] * n
-            return {"variant": m["name"], "context": n, "memory_bytes": memory, "kl": m["kl"],
-                    "text": f"or shorten the context: at {n} tokens instead of {context}, {m['name']} fits in "
-                            f"{memory / 1e6:.0f} MB (its KV cache shrunk; predicted), KL {m['kl']:.4f}"}
-    return None
+            options.append((m, n, rest + m["kv_bytes_per_token"] * n))
+    if not options:
+        return None
+    lowest = min(m["kl"] for m, _, _ in options)
+    m, n, memory = max((o for o in options if o[0]["kl"] <= SIMILAR_KL * lowest), key=lambda o: (o[1], -o[0]["kl"]))
+    return {"variant": m["name"], "context": n, "memory_bytes": memory, "kl": m["kl"],
+            "text": f"or shorten the context: at {n} tokens instead of {context}, {m['name']} fits in "
+                    f"{memory / 1e6:.0f} MB (its KV cache shrunk; predicted), KL {m['kl']:.4f}"}
 
 
 def _runner_up(rows: list[tuple[dict, dict]], limit: str, best: dict | None) -> dict | None:

@@ -116,6 +116,9 @@ def test_when_memory_binds_a_shorter_context_is_offered_for_a_better_candidate()
     assert sc["variant"] == "big" and sc["context"] == 2048
     assert sc["memory_bytes"] == pytest.approx(1.2e9 - 100_000 * 2048) and sc["memory_bytes"] <= 1e9
     assert "2048 tokens instead of 4096" in sc["text"] and "predicted" in sc["text"]
+    # of two of about the same quality, the one that keeps more context (a smaller KV cache per token)
+    lean = {**big, "name": "lean-kv", "kl": 0.0105, "kv_bytes_per_token": 53_125, "memory_bytes": 1.0176e9 + 1e6}
+    assert recommend([small, big, lean], budget, 4096)["shorter_context"]["variant"] == "lean-kv"
     # nothing to offer: the better candidate misses another limit too, or no context shorter than 256 fits
     assert "shorter_context" not in recommend([small, {**big, "decode_tps": 1.0}],
                                               Budget(get_device("pixel-8"), max_memory_bytes=1e9, min_decode_tps=10), 4096)

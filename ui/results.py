@@ -177,12 +177,23 @@ class RecommendationCard(QFrame):
             self.title.setText(f"<b>Ship {self.variant}</b>")
         else:
             self.title.setText(f"<b>Nothing built meets every limit</b> — closest: {rec.get('closest', DASH)}")
-        lines = [p.strip() for p in rec.get("reason", "").split(";") if p.strip()]
+        lines = [p.strip() for p in _top_level_parts(rec.get("reason", "")) if p.strip()]
         lines += [f"Runner-up — {r['text']}" for r in (rec.get("runner_up") or {}).values()]
         if rec.get("shorter_context"):
             lines.append(f"Shorter context — {rec['shorter_context']['text']}")
         self.reason.setText("<br>".join(f"• {line}" for line in lines))
         self.show()
+
+
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` cut at the semicolons outside parentheses (a closest candidate's figures stay in one line)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == ";" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 class ResultsPanel(QWidget):
