@@ -49,7 +49,7 @@ class Generator:
         if path is not None and not path.exists():
             raise EdgeTailorError(f"The file of variant '{variant['name']}' ({path}) is gone.",
                                   "Run the recipe again, or pick another variant.")
-        if fmt != "torch" and path is None or fmt == "torch" and variant.get("steps"):
+        if (fmt != "torch" and path is None) or (fmt == "torch" and variant.get("steps")):
             raise EdgeTailorError(f"Variant '{variant['name']}' existed only in memory during its run.",
                                   "Try one of its exported files (GGUF or ONNX) instead.")
         rt = self._runtime(fmt, path or source_spec)

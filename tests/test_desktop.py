@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from edgetailor.desktop import desktop_entry, gui_launcher, install
@@ -27,8 +28,7 @@ def test_install_writes_a_valid_entry_and_its_icon(tmp_path):
 
 
 def test_an_exec_path_with_spaces_is_quoted():
-    assert _field(desktop_entry(__import__("pathlib").Path("/opt/My Apps/edgetailor-gui")), "Exec") == \
-        '"/opt/My Apps/edgetailor-gui"'
+    assert _field(desktop_entry(Path("/opt/My Apps/edgetailor-gui")), "Exec") == '"/opt/My Apps/edgetailor-gui"'
 
 
 def test_a_missing_launcher_is_named_with_its_fix(tmp_path):

@@ -105,8 +105,8 @@ def test_a_second_run_knows_what_its_steps_took_and_weights_progress_by_it(stori
     assert started[0]["data"]["expected_seconds"] == pytest.approx(took, abs=1e-3)
     other = run_job(JobSpec(recipe=tiny_recipe(types=("Q8_0",)), source=str(stories_dir), runs_root=str(tmp_path)),
                     emit=events.append)
-    assert [e for e in events if e["type"] == "step_started" and e["run"] == other.id][0]["data"][
-        "expected_seconds"][0] is None                      # other parameters: not the same step
+    other_started = next(e for e in events if e["type"] == "step_started" and e["run"] == other.id)
+    assert other_started["data"]["expected_seconds"][0] is None     # other export types: not the same step
 
     st = RunState("r")
     st.apply(started[0])
