@@ -142,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return EXIT_CANCELLED
+    except Exception as exc:                     # a full disk or a read-only folder in this process, else a bug
+        from edgetailor.engine.job import machine_error
+
+        found = machine_error(exc)
+        if found is None:
+            raise
+        print(f"error: {found['problem']}\nfix: {found['fix']}", file=sys.stderr)
+        return found["exit_code"]
 
 
 def _recipe(args):
@@ -230,6 +238,12 @@ def _run(args, recipe):
             for ev in handle.events():
                 view.show(ev)
     view.close()
+    if not (handle.folder / "manifest.json").exists() and handle.error:      # the run folder could not be made
+        from edgetailor.engine.errors import EdgeTailorError
+
+        err = EdgeTailorError(handle.error["problem"], handle.error.get("fix", ""))
+        err.exit_code = handle.error.get("exit_code", EXIT_FAILED)
+        raise err
     return RunRecord.open(handle.folder)
 
 

@@ -1,6 +1,7 @@
 """EdgeTailor in the desktop's application menu: a freedesktop.org ``.desktop`` entry and its icon.
 
     python -m edgetailor.desktop            # what packaging/setup.sh runs: the entry for this installation
+    python -m edgetailor.desktop --exec P   # what the packaged app's first start runs: the entry starts P
 
 writes ``$XDG_DATA_HOME/applications/edgetailor.desktop`` (default ``~/.local/share``) and the icon into
 ``icons/hicolor/scalable/apps/edgetailor.svg`` there. The entry starts ``edgetailor-gui`` of this environment
@@ -73,10 +74,14 @@ def install(data_home: Path | None = None, exec_path: Path | None = None) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m edgetailor.desktop [--exec PATH]``: the entry for this environment, or one starting PATH
+    (the packaged app's launcher)."""
     from edgetailor.engine.errors import EdgeTailorError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exec_path = Path(argv[argv.index("--exec") + 1]) if "--exec" in argv[:-1] else None
     try:
-        written = install()
+        written = install(exec_path=exec_path)
     except (EdgeTailorError, OSError) as exc:
         problem = exc.problem if isinstance(exc, EdgeTailorError) else str(exc)
         print(f"warning: EdgeTailor was not added to the application menu: {problem}", file=sys.stderr)

@@ -7,7 +7,8 @@ Events are plain dicts, so they cross process boundaries and land in ``events.js
 Types:
     run_started   data: recipe, source
     step_started  data: index, count, params, kind, expected_seconds (per step of the recipe: what it took on
-                  this source before, or None)
+                  this source before, or None), prior_seconds (what it took on the demo
+                  model when the presets were measured, or None: only their ratios count)
     progress      data: fraction (0..1 within the step), message
     log           data: message, level
     sample        data: series (e.g. "rss_bytes", "tokens_done"), value, variant   (for live plots)

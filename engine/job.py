@@ -5,6 +5,7 @@ separate process that streams events and can be cancelled at any point.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -19,7 +20,7 @@ from .events import make_event
 from .preflight import preflight
 from .recipe import Recipe
 from .registry import get_step
-from .runs import RunRecord, elapsed, expected_step_seconds
+from .runs import RunRecord, elapsed, expected_step_seconds, prior_step_seconds
 from .sources import ResolvedSource
 
 
@@ -50,7 +51,11 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
     root = Path(job.runs_root) if job.runs_root else paths.runs_dir()
     record = RunRecord.create(root, recipe.to_dict(), job.source, options.to_dict(), run_id=job.run_id)
     t0 = time.time()
-    events_log = open(record.folder / "events.jsonl", "a", encoding="utf-8")
+    try:
+        events_log = open(record.folder / "events.jsonl", "a", encoding="utf-8")
+    except OSError as exc:                           # no room for the log: the record still says why it stopped
+        record.finish("failed", machine_error(exc) or _failure(exc)[1])
+        raise
 
     def emit_and_log(ev: dict) -> None:
         import json
@@ -66,8 +71,9 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
         src = _resolve_and_check(job, recipe, record, root, lambda m: emit_and_log(
             make_event("log", record.id, None, t0, message=m, level="info")))
         ctx = RunContext(record, src, options, emit_and_log, cancel, t0)
-        expected = expected_step_seconds(root, record.manifest["source"].get("sha256"),
-                                         [(s.name, s.params) for s in recipe.steps])
+        named = [(s.name, s.params) for s in recipe.steps]
+        expected = (expected_step_seconds(root, record.manifest["source"].get("sha256"), named),
+                    prior_step_seconds(named))
         for i, (spec, cfg) in enumerate(zip(recipe.steps, configs)):
             _run_step(ctx, i, len(recipe.steps), spec, cfg, expected)
         ctx.step_name = None
@@ -104,14 +110,16 @@ def _resolve_and_check(job: JobSpec, recipe: Recipe, record: RunRecord, root: Pa
     return src
 
 
-def _run_step(ctx: RunContext, index: int, count: int, spec, cfg, expected: list[float | None]) -> None:
+def _run_step(ctx: RunContext, index: int, count: int, spec, cfg,
+              expected: tuple[list[float | None], list[float | None]]) -> None:
     """One step, with its manifest entry (running, then its seconds) and its events (``expected``: what every
-    step of the recipe took here before, for progress weighted by time)."""
+    step of the recipe took here before, and on the demo model when the presets were measured, for progress
+    weighted by time)."""
     ctx.check_cancelled()
     info = get_step(spec.name)
     ctx.step_name = spec.name
     ctx.emit("step_started", index=index, count=count, params=spec.params, kind=info.kind,
-             expected_seconds=expected)
+             expected_seconds=expected[0], prior_seconds=expected[1])
     entry = {"name": spec.name, "params": spec.params, "status": "running", "seconds": None}
     ctx.record.manifest["steps"].append(entry)
     ctx.record.save()
@@ -133,7 +141,7 @@ def _failure(exc: BaseException) -> tuple[str, dict]:
         return "cancelled", {"type": "Cancelled", "problem": "The run was cancelled by the user.", "fix": ""}
     if isinstance(exc, EdgeTailorError):
         return "failed", exc.to_dict()
-    found = machine_error(exc) if isinstance(exc, (OSError, MemoryError)) else None
+    found = machine_error(exc)
     return "failed", found or {"type": type(exc).__name__, "problem": f"{type(exc).__name__}: {exc}", "fix": BUG_FIX,
                                "traceback": traceback.format_exc()}
 
@@ -147,16 +155,25 @@ def machine_error(exc: BaseException) -> dict | None:
         return {"type": "OutOfMemory", "problem": "The machine ran out of memory during the run.",
                 "fix": "Close other programs, pick a smaller model, or drop the steps that hold the whole model "
                        "(`edgetailor inspect MODEL --recipe R` shows what each step needs).", "exit_code": 3}
+    code = exc.errno if isinstance(exc, OSError) else _rust_os_error(exc)
     where = getattr(exc, "filename", None) or "a file the run writes"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return {"type": "DiskFull", "problem": f"The disk is full (writing {where}).",
                 "fix": "Free disk space (pre-flight shows what the recipe needs), or point --home at a larger disk.",
                 "exit_code": 3}
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return {"type": "NotWritable", "problem": f"EdgeTailor may not write {where} ({exc.strerror}).",
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return {"type": "NotWritable", "problem": f"EdgeTailor may not write {where} ({os.strerror(code)}).",
                 "fix": "Give yourself write access to the data folder, or pass --home FOLDER to a writable one.",
                 "exit_code": 2}
     return None
+
+
+def _rust_os_error(exc: BaseException) -> int | None:
+    """The errno inside an error of a Rust library (safetensors, tokenizers: "... (os error 28)"), else None."""
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 def _cleanup_scratch(record: RunRecord) -> None:

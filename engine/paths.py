@@ -30,6 +30,13 @@ def ensure_folder(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .errors import DoesNotFitError
+
+            raise DoesNotFitError(f"The disk is full: the {what} {path} cannot be created.",
+                                  f"Free disk space, or: {fix}") from exc
         raise EdgeTailorError(f"The {what} {path} cannot be created ({exc.strerror}).", fix) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise EdgeTailorError(f"The {what} {path} is not writable.", f"Give yourself write access, or: {fix}")

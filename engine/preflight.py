@@ -44,6 +44,7 @@ class PreflightReport:
     disk_needed_bytes: int = 0
     disk_available_bytes: int = 0
     problems: list = field(default_factory=list)       # resources: RAM or disk short
+    disk_folder: str = ""                              # where the run writes: the folder whose free space counts
     refusals: list = field(default_factory=list)       # the family, or a step of the recipe for it, not supported
     warnings: list = field(default_factory=list)       # works, with a caveat the user should know
     features: list = field(default_factory=list)       # what the family brings (soft-capping, experts, ...)
@@ -64,8 +65,22 @@ class PreflightReport:
                                         "Pick a model of a supported family, or drop the steps that do not apply "
                                         "to this one (`edgetailor inspect MODEL` lists them).")
         if self.problems:
-            raise DoesNotFitError("; ".join(self.problems),
-                                  "Free memory or disk, pick a smaller model, or drop steps from the recipe.")
+            fixes = []
+            if self.ram_needed_bytes > self.ram_available_bytes:
+                fixes.append("for memory: close other programs, pick a smaller model, or drop steps from the recipe")
+            if self.disk_needed_bytes > self.disk_available_bytes:
+                fixes.append(f"for disk: free {human_bytes(self.disk_needed_bytes - self.disk_available_bytes)} "
+                             f"on the disk of {self.disk_folder}, or point --home at a larger disk")
+            fix = "; ".join(fixes)
+            raise DoesNotFitError("; ".join(self.problems), fix[0].upper() + fix[1:] + ".")
+
+
+def human_bytes(n: float) -> str:
+    """A size as people read it: 812 KB, 3.4 MB, 7.3 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{max(n, 0) / 1e3:.0f} KB"
 
 
 def safetensors_parameter_count(folder: Path) -> tuple[int, int, str] | None:
@@ -176,11 +191,12 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     while not target.exists():
         target = target.parent
     report.disk_available_bytes = int(shutil.disk_usage(target).free)
+    report.disk_folder = str(target)
     if report.ram_needed_bytes > report.ram_available_bytes:
-        report.problems.append(
-            f"needs about {report.ram_needed_bytes / 1e9:.1f} GB of RAM, {report.ram_available_bytes / 1e9:.1f} GB available")
+        report.problems.append(f"needs about {human_bytes(report.ram_needed_bytes)} of RAM, "
+                               f"{human_bytes(report.ram_available_bytes)} available")
     if report.disk_needed_bytes > report.disk_available_bytes:
-        report.problems.append(
-            f"needs about {report.disk_needed_bytes / 1e9:.1f} GB of disk, {report.disk_available_bytes / 1e9:.1f} GB free")
+        report.problems.append(f"needs about {human_bytes(report.disk_needed_bytes)} of disk, "
+                               f"{human_bytes(report.disk_available_bytes)} free")
     return report
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import EdgeTailorError
+from .paths import asset_path
 
 STATUSES = ("running", "succeeded", "failed", "cancelled")
 LIBRARIES = ("edgetailor", "torch", "transformers", "gguf", "llama_cpp_python", "onnx", "onnxruntime",
@@ -91,7 +92,13 @@ class RunRecord:
             "artifacts": [], "error": None, "timings": {},
         }
         rec = cls(folder, manifest)
-        rec.save()
+        try:
+            rec.save()
+        except OSError:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)      # no run folder without its record
+            raise
         return rec
 
     @classmethod
@@ -100,7 +107,21 @@ class RunRecord:
         return cls(Path(folder), read_manifest(p))
 
     def save(self) -> None:
-        atomic.write_json(self.manifest_path, self.manifest)
+        """Atomically; on a disk too full for the new file, in place (the record's own blocks), so that a run that
+        fails for want of disk is still recorded as failed (a torn record reads as CorruptRecordError)."""
+        import errno
+
+        try:
+            atomic.write_json(self.manifest_path, self.manifest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.manifest_path.is_file():
+                raise
+            data = (json.dumps(self.manifest, indent=2, default=str) + "\n").encode("utf-8")
+            with open(self.manifest_path, "r+b") as f:
+                f.truncate(0)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
 
     # --- variants and artifacts ---------------------------------------------------------------
     def variant(self, name: str) -> dict | None:
@@ -244,3 +265,24 @@ def expected_step_seconds(root: str | Path, source_sha: str | None, steps: list[
                 if entry.get("name") == name and entry.get("params") == params:
                     found[i].append(float(entry["seconds"]))
     return [round(median(f), 3) if f else None for f in found]
+
+
+STEP_PRIOR = "step_seconds.json"
+
+
+def prior_step_seconds(steps: list[tuple[str, dict]]) -> list[float | None]:
+    """What each step (name, params) took when ``bench/step_prior.py`` ran the presets on the demo model
+    (``assets/step_seconds.json``; the same params first, else the step's median over them), or None for a step
+    it never ran. Only their ratios mean anything elsewhere: a first run here weights its progress by them."""
+    from statistics import median
+
+    try:
+        measured = json.loads(asset_path(STEP_PRIOR).read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [None] * len(steps)
+    out: list[float | None] = []
+    for name, params in steps:
+        same = [m["seconds"] for m in measured if m.get("name") == name and m.get("params") == params]
+        named = [m["seconds"] for m in measured if m.get("name") == name]
+        out.append(round(median(same or named), 3) if same or named else None)
+    return out

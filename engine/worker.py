@@ -54,7 +54,16 @@ def _child(job_dict: dict, events: mp.Queue, cancel) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # so does a closed terminal: the parent cancels, or dies
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _watch_parent(cancel)
-    run_job(JobSpec(**job_dict), emit=events.put, cancel=cancel)
+    try:
+        run_job(JobSpec(**job_dict), emit=events.put, cancel=cancel)
+    except Exception as exc:          # the run folder could not be made: a full disk or a read-only one, else a bug
+        from .job import machine_error
+
+        error = machine_error(exc)
+        if error is None:
+            raise
+        events.put(make_event("run_finished", job_dict["run_id"], None, None, status="failed", error=error,
+                              manifest=None))
 
 
 class JobHandle:
@@ -70,6 +79,7 @@ class JobHandle:
         self._proc = ctx.Process(target=_child, args=(job.to_dict(), self._events, self._cancel),
                                  name=f"edgetailor-{job.run_id}", daemon=True)
         self._finished = False
+        self.error: dict | None = None           # the run's error once it has finished, as run_finished said
         self.status: str | None = None
         self.cancel_requested_at: float | None = None
 
@@ -116,7 +126,7 @@ class JobHandle:
                 out.append(ev)
                 if ev["type"] == "run_finished":
                     self._finished = True
-                    self.status = ev["data"]["status"]
+                    self.status, self.error = ev["data"]["status"], ev["data"].get("error")
             except queue.Empty:
                 break
         if not self._finished:
@@ -153,7 +163,7 @@ class JobHandle:
                 out.append(ev)
                 if ev["type"] == "run_finished":
                     self._finished = True
-                    self.status = ev["data"]["status"]
+                    self.status, self.error = ev["data"]["status"], ev["data"].get("error")
                     return out
         except queue.Empty:
             pass
@@ -174,7 +184,7 @@ class JobHandle:
         ev = make_event("run_finished", self.run_id, None, None, status=status, error=error,
                         manifest=str(self.folder / "manifest.json"))
         self._finished = True
-        self.status = status
+        self.status, self.error = status, error
         out.append(ev)
         return out
 

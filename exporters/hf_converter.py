@@ -123,6 +123,26 @@ def find_or_fetch_sdist(version: str) -> Path:
     return sdist
 
 
+def _converter_members(tf: tarfile.TarFile, version: str) -> list[tarfile.TarInfo]:
+    """The converter script, its ``conversion`` package and its ``gguf-py`` among the sdist's files."""
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    wanted = (prefix + SCRIPT, prefix + "conversion/", prefix + "gguf-py/")
+    return [m for m in tf.getmembers() if m.name.startswith(wanted) and (m.isfile() or m.isdir())]
+
+
+def _extract(tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    """One regular file or folder of the sdist (by hand, not ``extractall(filter=...)``: Python 3.11.2, Debian
+    12's, has no filters; the members are plain files and folders, and their names are checked here)."""
+    if ".." in Path(member.name).parts or Path(member.name).is_absolute():
+        raise SystemExit(f"the sdist holds an unsafe path: {member.name}")
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.extractfile(member) as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
 def install(sdist: Path | None = None) -> Path:
     """Copy the converter, its ``conversion`` package and its ``gguf-py`` out of the sdist (atomically)."""
     version = llama_cpp_version()
@@ -135,12 +155,9 @@ def install(sdist: Path | None = None) -> Path:
     tmp = target.with_name(target.name + f".part-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    wanted = (prefix + SCRIPT, prefix + "conversion/", prefix + "gguf-py/")
     with tarfile.open(sdist) as tf:
-        members = [m for m in tf.getmembers() if m.name.startswith(wanted) and (m.isfile() or m.isdir())]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        tf.extractall(tmp, members=members, filter="data")
+        for m in _converter_members(tf, version):
+            _extract(tf, m, tmp / m.name[len(prefix):])
     if not (tmp / SCRIPT).is_file():
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"{sdist} has no {prefix + SCRIPT}")
@@ -149,9 +166,23 @@ def install(sdist: Path | None = None) -> Path:
     return target
 
 
+def trim(sdist: Path, folder: Path) -> Path:
+    """A copy of ``sdist`` (same name) holding only what ``install`` takes from it: what a packaged build ships."""
+    version = sdist.name.removeprefix("llama_cpp_python-").removesuffix(".tar.gz")
+    out = folder / sdist.name
+    tmp = out.with_name(out.name + ".part")
+    with tarfile.open(sdist) as src, tarfile.open(tmp, "w:gz") as dst:
+        for m in _converter_members(src, version):
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    os.replace(tmp, out)
+    return out
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["install"]:
         print(f"llama.cpp's converter installed in {install(Path(sys.argv[2]) if len(sys.argv) > 2 else None)}")
+    elif sys.argv[1:2] == ["trim"] and len(sys.argv) == 4:
+        print(f"the converter's files: {trim(Path(sys.argv[2]), Path(sys.argv[3]))}")
     else:
-        print(f"usage: python -m {__spec__.name} install [SDIST]", file=sys.stderr)
+        print(f"usage: python -m {__spec__.name} install [SDIST] | trim SDIST FOLDER", file=sys.stderr)
         raise SystemExit(2)

@@ -103,6 +103,7 @@ def test_a_second_run_knows_what_its_steps_took_and_weights_progress_by_it(stori
     run_job(JobSpec(recipe=recipe, source=str(stories_dir), runs_root=str(tmp_path)), emit=events.append)
     started = [e for e in events if e["type"] == "step_started"]
     assert started[0]["data"]["expected_seconds"] == pytest.approx(took, abs=1e-3)
+    assert all(s > 0 for s in started[0]["data"]["prior_seconds"])   # the demo's steps of those names
     other = run_job(JobSpec(recipe=tiny_recipe(types=("Q8_0",)), source=str(stories_dir), runs_root=str(tmp_path)),
                     emit=events.append)
     other_started = next(e for e in events if e["type"] == "step_started" and e["run"] == other.id)
@@ -132,3 +133,20 @@ def test_progress_and_time_left_follow_the_steps_earlier_durations():
     plain.apply(ev("step_started", 0.0, index=1, count=4, params={}, expected_seconds=[None] * 4))
     plain.apply(ev("progress", 1.0, fraction=0.5))
     assert plain.weights() is None and plain.fraction == pytest.approx(1.5 / 4)
+
+
+def test_a_first_run_weights_its_progress_by_what_the_steps_took_on_the_demo():
+    from edgetailor.engine.runs import prior_step_seconds
+    from edgetailor.ui.run_state import RunState
+
+    steps = [("export", {"format": "gguf", "types": ["Q8_0", "Q5_K_M", "Q4_K_M"]}), ("evaluate", {}),
+             ("benchmark", {"decode_model": False}), ("no-such-step", {})]
+    prior = prior_step_seconds(steps)
+    assert all(p and p > 0 for p in prior[:3]) and prior[3] is None     # measured by bench/step_prior.py
+    st = RunState("r")
+    st.apply({"type": "step_started", "run": "r", "t": 0.0, "wall": 1000.0, "step": "export",
+              "data": {"index": 1, "count": 4, "params": {}, "expected_seconds": [None] * 4, "prior_seconds": prior}})
+    assert st.weights() is None                                         # nothing ran here before
+    mean = sum(prior[:3]) / 3
+    assert st.weights("any") == pytest.approx([*prior[:3], mean])
+    assert st.fraction == pytest.approx(prior[0] / (sum(prior[:3]) + mean))

@@ -96,7 +96,8 @@ def test_preflight_counts_parameters_and_refuses_with_numbers(stories_dir, monke
     assert not rep.fits
     with pytest.raises(DoesNotFitError) as e:
         rep.raise_if_not_fits()
-    assert "GB of RAM" in str(e.value) and "0.1 GB available" in str(e.value)
+    assert "of RAM" in str(e.value) and "104.9 MB available" in str(e.value)
+    assert e.value.fix.startswith("For memory: close other programs") and "disk" not in e.value.fix
 
 
 def test_parameter_count_from_config_matches_torch(tiny_models):

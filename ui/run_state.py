@@ -23,6 +23,7 @@ class RunState:
         self.step_name: str | None = None
         self.step_fraction = 0.0
         self.expected: list[float | None] = []      # seconds each step took here before (None: not known)
+        self.prior: list[float | None] = []         # ... on the demo model when the presets were measured
         self.step_started_at: dict[int, float] = {}  # step index -> seconds since the run's start
         self.message = ""
         self.samples: dict[str, dict[str | None, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
@@ -52,6 +53,7 @@ class RunState:
             self.step_index, self.step_count = data["index"], max(1, data["count"])
             self.step_name, self.step_fraction = ev.get("step"), 0.0
             self.expected = list(data.get("expected_seconds") or [])
+            self.prior = list(data.get("prior_seconds") or [])
             self.step_started_at[self.step_index] = self.seconds(ev)
         elif kind == "progress":
             self.step_fraction = float(data.get("fraction", 0.0))
@@ -94,20 +96,25 @@ class RunState:
     def finished(self) -> bool:
         return self.status != "running"
 
-    def weights(self) -> list[float] | None:
-        """Each step's share of the run, in seconds it took here before (steps never timed get the mean of the
-        timed ones); None when no step was timed (then every step counts the same)."""
-        known = [e for e in self.expected[:self.step_count] if e]
-        if not known or len(self.expected) < self.step_count:
+    def weights(self, source: str = "here") -> list[float] | None:
+        """Each step's share of the run, in seconds it took here before (``source="here"``) or, when none of
+        them ran here, in its measured time on the demo model (``"any"``); steps never timed get the mean of
+        the timed ones; None when no step was timed (then every step counts the same)."""
+        found = self._filled(self.expected)
+        return found if found or source == "here" else self._filled(self.prior)
+
+    def _filled(self, seconds: list[float | None]) -> list[float] | None:
+        known = [e for e in seconds[:self.step_count] if e]
+        if not known or len(seconds) < self.step_count:
             return None
         mean = sum(known) / len(known)
-        return [e if e else mean for e in self.expected[:self.step_count]]
+        return [e if e else mean for e in seconds[:self.step_count]]
 
     @property
     def fraction(self) -> float:
         if self.status == "succeeded":
             return 1.0
-        w = self.weights()
+        w = self.weights("any")
         if w is None:
             return min(1.0, (self.step_index + self.step_fraction) / self.step_count)
         done = sum(w[:self.step_index]) + w[self.step_index] * self.step_fraction
@@ -120,8 +127,9 @@ class RunState:
         return max(0.0, end - self.t0_wall)
 
     def time_left(self, now: float | None = None) -> float | None:
-        """Seconds left: the steps' earlier times, scaled by how this run's finished steps compare with theirs;
-        without earlier times, extrapolated from the progress so far (None until there is enough to go on)."""
+        """Seconds left: the steps' earlier times here, scaled by how this run's finished steps compare with
+        theirs; without them, extrapolated from the progress so far (weighted by the demo's step times; None until
+        there is enough to go on)."""
         if self.finished:
             return 0.0
         w = self.weights()

@@ -1,0 +1,144 @@
+"""A real full or read-only disk under a run: the data folder and the temporary folder on a small tmpfs. Its bytes
+swept below what a run writes (pre-flight refuses, naming the disk), its files (inodes) swept across the files a
+run creates, so the disk fills at a different write each time: the run record, its event log, the source-hash
+cache, the export's temporary folder, the artifacts, the temporary files. Each case: the run stops with the disk
+named and the fix (its own exit code), no traceback, nothing half-written left behind, and the run's record true
+(never "running"). Needs permission to mount a tmpfs (root, as in CI's containers); skipped otherwise."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from edgetailor.cli import EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_OK
+
+RECIPE = {"name": "disk", "steps": [{"step": "export", "params": {"types": ["F16", "Q4_K_M"]}},
+                                    {"step": "evaluate", "params": {"windows": 2}}]}
+LEFTOVER = (".part", ".partial", ".tmp")
+
+
+def _mount(folder: Path, size_kb: int, options: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k{options}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    mounted: list[Path] = []
+
+    def make(size_kb: int, options: str = "") -> Path:
+        folder = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+        _mount(folder, size_kb, options)
+        mounted.append(folder)
+        return folder
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _compress(disk: Path, stories: Path, recipe: Path) -> subprocess.CompletedProcess:
+    (disk / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(disk / "tmp"), "PYTHONWARNINGS": "ignore"}
+    env.pop("EDGETAILOR_HOME", None)
+    return subprocess.run([sys.executable, "-m", "edgetailor.cli", "--home", str(disk / "data"), "compress",
+                           str(stories), "--recipe", str(recipe), "--quiet"],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _used_kb(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) // 1024
+
+
+def _records(data: Path) -> list[dict]:
+    return [json.loads(m.read_text()) for m in (data / "runs").glob("*/manifest.json")]
+
+
+def _leftovers(disk: Path) -> list[str]:
+    """Half-written files and temporary folders (torch's own per-user compile cache, torchinductor_<user>, is not
+    ours: torch keeps it between processes by design)."""
+    return [str(p.relative_to(disk)) for p in disk.rglob("*")
+            if p.name.endswith(LEFTOVER) or p.name == "scratch"
+            or (p.parent.name == "tmp" and not p.name.startswith("torchinductor_"))]
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("disk-recipe") / "recipe.json"
+    path.write_text(json.dumps(RECIPE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_kb(tmp_path_factory, stories_dir, recipe_file) -> int:
+    """What a whole run of RECIPE writes (data folder and temporary files), measured once on a roomy disk."""
+    disk = tmp_path_factory.mktemp("roomy")
+    r = _compress(disk, stories_dir, recipe_file)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    return _used_kb(disk)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.9])
+def test_a_disk_that_fills_during_a_run_stops_it_with_the_fix_and_leaves_nothing(fraction, run_kb, small_disk,
+                                                                                 stories_dir, recipe_file):
+    disk = small_disk(max(64, int(run_kb * fraction)))
+    r = _compress(disk, stories_dir, recipe_file)
+    said = r.stdout + r.stderr
+    assert "Traceback" not in said, said[-3000:]
+    assert r.returncode == EXIT_NO_FIT, (r.returncode, said[-2000:])
+    assert "The disk is full" in said or "of disk" in said, said[-2000:]     # mid-run, or refused by pre-flight
+    assert "--home" in said and "memory" not in said.lower(), said[-2000:]
+    assert _leftovers(disk) == []
+    assert all(m["status"] == "failed" for m in _records(disk / "data")), _records(disk / "data")
+
+
+@pytest.mark.parametrize("files", [5, 6, 7, 8, 10, 12])
+def test_a_disk_out_of_files_at_each_write_of_a_run_stops_it_with_the_fix_and_leaves_nothing(files, small_disk,
+                                                                                          stories_dir, recipe_file):
+    disk = small_disk(16384, f",nr_inodes={files}")
+    r = _compress(disk, stories_dir, recipe_file)
+    said = r.stdout + r.stderr
+    assert "Traceback" not in said, said[-3000:]
+    assert r.returncode == EXIT_NO_FIT and "The disk is full" in said and "--home" in said, (r.returncode,
+                                                                                              said[-2000:])
+    assert _leftovers(disk) == []
+    assert all(m["status"] == "failed" for m in _records(disk / "data")), _records(disk / "data")
+
+
+def test_a_data_folder_on_a_read_only_disk_is_named_with_the_fix(small_disk, stories_dir, recipe_file):
+    disk = small_disk(4096)
+    (disk / "data").mkdir()
+    (disk / "tmp").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    r = _compress(disk, stories_dir, recipe_file)
+    said = r.stdout + r.stderr
+    assert "Traceback" not in said, said[-3000:]
+    assert r.returncode == EXIT_BAD_INPUT, (r.returncode, said[-2000:])
+    assert "--home" in said
+
+
+def test_the_models_cache_that_fills_while_converting_a_gguf_source_leaves_no_half_folder(small_disk, tmp_path):
+    """A GGUF source is converted into the models cache: a disk that fills midway leaves no half-converted folder
+    (the next run would take it for a model)."""
+    from edgetailor.engine.sources import demo_gguf_path
+
+    gguf = demo_gguf_path()
+    disk = small_disk(int(gguf.stat().st_size // 1024 // 2))
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    env.pop("EDGETAILOR_HOME", None)
+    r = subprocess.run([sys.executable, "-m", "edgetailor.cli", "--home", str(disk / "data"), "inspect", str(gguf)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    said = r.stdout + r.stderr
+    assert "Traceback" not in said, said[-3000:]
+    assert r.returncode == EXIT_NO_FIT and "disk" in said.lower(), (r.returncode, said[-2000:])
+    assert _leftovers(disk) == []
+    models = disk / "data" / "models"
+    assert not models.exists() or not any(p.is_dir() for p in models.iterdir()), list(models.rglob("*"))[:10]
+    shutil.rmtree(tmp_path, ignore_errors=True)
