@@ -5,6 +5,7 @@ separate process that streams events and can be cancelled at any point.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -60,9 +61,9 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
     def emit_and_log(ev: dict) -> None:
         import json
 
+        emit(ev)                                     # the watcher hears it even when the disk has no room for it
         events_log.write(json.dumps(ev, default=str) + "\n")
         events_log.flush()
-        emit(ev)
 
     emit_and_log(make_event("run_started", record.id, None, t0, recipe=recipe.to_dict(), source=job.source,
                             folder=str(record.folder)))
@@ -86,9 +87,11 @@ def run_job(job: JobSpec, emit: Callable[[dict], None] | None = None,
         _cleanup_scratch(record)
         record.manifest["timings"]["total_seconds"] = round(time.time() - t0, 3)
         record.finish(status, error)
-        emit_and_log(make_event("run_finished", record.id, None, t0, status=status, error=error,
-                                manifest=str(record.manifest_path)))
-        events_log.close()
+        with contextlib.suppress(OSError):          # a full disk loses the log's last line; the record holds it
+            emit_and_log(make_event("run_finished", record.id, None, t0, status=status, error=error,
+                                    manifest=str(record.manifest_path)))
+        with contextlib.suppress(OSError):
+            events_log.close()
     return record
 
 
@@ -155,7 +158,7 @@ def machine_error(exc: BaseException) -> dict | None:
         return {"type": "OutOfMemory", "problem": "The machine ran out of memory during the run.",
                 "fix": "Close other programs, pick a smaller model, or drop the steps that hold the whole model "
                        "(`edgetailor inspect MODEL --recipe R` shows what each step needs).", "exit_code": 3}
-    code = exc.errno if isinstance(exc, OSError) else _rust_os_error(exc)
+    code = (exc.errno if isinstance(exc, OSError) else None) or _errno_in_text(exc)
     where = getattr(exc, "filename", None) or "a file the run writes"
     if code in (errno.ENOSPC, errno.EDQUOT):
         return {"type": "DiskFull", "problem": f"The disk is full (writing {where}).",
@@ -168,12 +171,16 @@ def machine_error(exc: BaseException) -> dict | None:
     return None
 
 
-def _rust_os_error(exc: BaseException) -> int | None:
-    """The errno inside an error of a Rust library (safetensors, tokenizers: "... (os error 28)"), else None."""
+def _errno_in_text(exc: BaseException) -> int | None:
+    """The errno an error carries only in its text, else None: a Rust library's (safetensors, tokenizers:
+    "... (os error 28)"), or numpy's short write ("11008 requested and 2352 written": the disk took fewer bytes)."""
+    import errno
     import re
 
     found = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(found.group(1)) if found else None
+    if found:
+        return int(found.group(1))
+    return errno.ENOSPC if re.fullmatch(r"\d+ requested and \d+ written", str(exc)) else None
 
 
 def _cleanup_scratch(record: RunRecord) -> None:

@@ -516,9 +516,11 @@ def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None,
     params.nthread = int(threads or 0)
     params.pure = bool(pure)
     with _captured_stderr() as captured:
+        Path(dst).touch()           # a disk with no file left to make says so here, as itself
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     text = captured["text"]
     if rc != 0 or not Path(dst).exists():
+        _raise_if_no_room(Path(src), Path(dst))
         tail = " ".join(text.strip().splitlines()[-2:])[-300:]
         raise EdgeTailorError(f"llama.cpp failed to quantize to {qtype} (code {rc}): {tail}",
                               "Try another type; types marked as needing an importance matrix need the calibrated step.")
@@ -526,6 +528,19 @@ def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None,
 
     m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
     return {"fallback_tensors": int(m.group(1)) if m else 0}
+
+
+def _raise_if_no_room(src: Path, dst: Path) -> None:
+    """llama_model_quantize returns only a failure code; a destination with no file left to make, or fewer free
+    bytes than the source it quantizes (an upper bound of the output), is the disk's fault, not the type's."""
+    import errno
+    import os
+
+    disk = os.statvfs(dst.parent)
+    if disk.f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+    if disk.f_favail == 0 or disk.f_bavail * disk.f_frsize < src.stat().st_size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
 
 @contextlib.contextmanager

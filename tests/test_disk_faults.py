@@ -99,7 +99,7 @@ def test_a_disk_that_fills_during_a_run_stops_it_with_the_fix_and_leaves_nothing
     assert all(m["status"] == "failed" for m in _records(disk / "data")), _records(disk / "data")
 
 
-@pytest.mark.parametrize("files", [5, 6, 7, 8, 10, 12])
+@pytest.mark.parametrize("files", [5, 6, 7, 8, 10, 12, 14, 15])
 def test_a_disk_out_of_files_at_each_write_of_a_run_stops_it_with_the_fix_and_leaves_nothing(files, small_disk,
                                                                                           stories_dir, recipe_file):
     disk = small_disk(16384, f",nr_inodes={files}")
@@ -108,6 +108,50 @@ def test_a_disk_out_of_files_at_each_write_of_a_run_stops_it_with_the_fix_and_le
     assert "Traceback" not in said, said[-3000:]
     assert r.returncode == EXIT_NO_FIT and "The disk is full" in said and "--home" in said, (r.returncode,
                                                                                               said[-2000:])
+    assert _leftovers(disk) == []
+    assert all(m["status"] == "failed" for m in _records(disk / "data")), _records(disk / "data")
+
+
+def _fill(disk: Path, leave_kb: int) -> None:
+    """Another program takes the disk's bytes until only ``leave_kb`` are free."""
+    ballast = disk / "ballast"
+    with open(ballast, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    os.truncate(ballast, max(0, ballast.stat().st_size - (leave_kb * 1024 - free)))
+
+
+@pytest.mark.parametrize("after, leave_kb", [("events.jsonl", 0), ("events.jsonl", 128), ("events.jsonl", 384),
+                                             ("artifacts/*-F16.gguf", 0), ("artifacts/*-F16.gguf", 128),
+                                             ("artifacts/*-Q4_K_M.gguf", 0)])
+def test_a_disk_another_program_fills_mid_run_stops_it_with_the_fix_and_leaves_nothing(after, leave_kb, run_kb,
+                                                                                     small_disk, stories_dir,
+                                                                                     recipe_file):
+    """Pre-flight passed (the disk had room), then another program fills the disk while the run writes: as the
+    run starts, after its first file, after its last file (the evaluation's reference windows still to write)."""
+    import time
+
+    disk = small_disk(run_kb * 4)
+    (disk / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(disk / "tmp"), "PYTHONWARNINGS": "ignore"}
+    env.pop("EDGETAILOR_HOME", None)
+    proc = subprocess.Popen([sys.executable, "-m", "edgetailor.cli", "--home", str(disk / "data"), "compress",
+                             str(stories_dir), "--recipe", str(recipe_file), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list((disk / "data" / "runs").glob(f"*/{after}")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _fill(disk, leave_kb)
+    said = proc.communicate(timeout=600)[0]
+    (disk / "ballast").unlink()
+    assert "Traceback" not in said, said[-3000:]
+    filled = "The disk is full" in said or "of disk" in said        # mid-write, or at the worker's own pre-flight
+    assert proc.returncode == EXIT_NO_FIT and filled and "--home" in said, (proc.returncode, said[-2000:])
     assert _leftovers(disk) == []
     assert all(m["status"] == "failed" for m in _records(disk / "data")), _records(disk / "data")
 
