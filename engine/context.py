@@ -99,6 +99,7 @@ class RunContext:
         self._loaded = None                # LoadedModel of the current (possibly transformed) model
         self._tokenizer = None             # the tokenizer alone, while the model is not loaded
         self._lazy = None                  # LazyModel of the untouched source (export-only steps)
+        self._streamed = None              # LazyModel of the current model when transforms streamed it
         self._texts: dict[str, str] = {}
         self.scratch = Scratch()           # what steps leave for later steps (importance stats, references)
 
@@ -130,9 +131,23 @@ class RunContext:
         self.emit("log", message=f"{self.step_name}: " + ", ".join(f"{k}={v}" for k, v in short.items()),
                   level="info", report=data)
 
-    def mark_applied(self, label: str) -> None:
-        """The running transform changed the model: later variants are named after it, later steps see it."""
+    def mark_applied(self, label: str, weights=None) -> None:
+        """The running transform changed the model: later variants are named after it, later steps see it.
+        ``weights``: the new model as lazily read files (a streamed transform's result), else the loaded model was
+        changed in place."""
+        if weights is not None:
+            self._streamed = weights
+            self._drop_unread_scratch(weights)
         self.applied.append(label)
+
+    def _drop_unread_scratch(self, weights) -> None:
+        """Earlier transforms' scratch folders that no tensor of the model is read from any more (the disk back)."""
+        import shutil
+
+        read = {t.file.parent for t in weights.state_dict().values()}
+        for folder in (self.record.folder / "scratch" / "weights").glob("*"):
+            if folder not in read:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def hold(self, slot: str, value) -> None:
         """Keep ``value`` in the scratch slot, stamped with the transforms applied so far."""
@@ -151,10 +166,17 @@ class RunContext:
     @property
     def loaded(self):
         if self._loaded is None:
-            from .modeling import load_model
+            from .modeling import LoadedModel, load_model
 
             self.log(f"Loading {self.source.display_name}")
-            self._loaded = load_model(self.source, self.options.dtype)
+            if self._streamed is not None:          # the source with what streamed transforms wrote in place
+                import torch
+
+                model = self._streamed.materialise(getattr(torch, self.options.dtype))
+                self._loaded = LoadedModel(model, self.tokenizer, self.source)
+                self._streamed = None
+            else:
+                self._loaded = load_model(self.source, self.options.dtype)
         return self._loaded
 
     @property
@@ -176,18 +198,51 @@ class RunContext:
             self._tokenizer = load_tokenizer(self.source)
         return self._tokenizer
 
-    def source_weights(self):
-        """The untouched source for writers: the loaded model when a step already loaded it, else its files read
-        lazily (``LazyModel``: nothing in memory until a tensor's turn; no fp32 copy)."""
-        if self._loaded is not None or self.applied:
+    def weights(self):
+        """The current model for writers and walkers: read lazily from files (``LazyModel``: the source's, with the
+        blocks streamed transforms wrote in place; nothing in memory until a tensor's turn, no fp32 copy) unless a
+        step loaded it whole, then the loaded model."""
+        if self._loaded is not None:
             return self.model
+        if self._streamed is not None:
+            return self._streamed
+        if self.applied:
+            return self.model
+        return self.source_weights()
+
+    def source_weights(self):
+        """The untouched source: its files read lazily, or the loaded source when it has no safetensors (or a step
+        loaded it before any transform)."""
         from .lazy import LazyModel, can_read_lazily
 
-        if not can_read_lazily(self.source.path):
-            return self.model
+        if (self._loaded is not None and not self.applied) or not can_read_lazily(self.source.path):
+            return self.load_baseline().model
         if self._lazy is None:
             self._lazy = LazyModel(self.source.path, trust_remote_code=self.source.trust_remote_code)
         return self._lazy
+
+    def tensor_store(self, weights):
+        """Where the running transform writes the tensors it changed of ``weights`` (a lazy model): the run's
+        scratch, one folder per transform."""
+        from .lazy import TensorStore
+
+        return TensorStore(self.record.folder / "scratch" / "weights" / f"{len(self.applied):02d}", weights)
+
+    def transform_walk(self, sequences=None, **kwargs):
+        """A ``BlockWalk`` for a transform over the current model: lazily, each block kept (``Block.keep``) is
+        written to the run's scratch and becomes the model at ``mark_applied(label, walk.result())``; a loaded
+        model is changed in place."""
+        from .walker import BlockWalk, FusedNamesError
+
+        model = self.weights()
+        if getattr(model, "is_lazy", False):
+            store = self.tensor_store(model)
+            try:
+                return BlockWalk(model, sequences, cancelled=self.cancel.is_set, progress=self.progress,
+                                 store=store, **kwargs)
+            except FusedNamesError as exc:
+                self.log(f"{exc.problem} Loading it whole for this step.")
+        return BlockWalk(self.model, sequences, cancelled=self.cancel.is_set, progress=self.progress, **kwargs)
 
     def load_baseline(self):
         """A fresh copy of the untouched source model (the reference every variant is compared with)."""

@@ -2,11 +2,13 @@
 
 Two kinds of step:
 
-* steps that read the **untouched source from its files** — GGUF export (tensor by tensor), ``imatrix`` and
-  ``quant.gguf_calibrated`` (the block walker, ``engine.walker``) — need the process, one decoder block and
-  what their algorithm holds (GPTQ's Hessian factors, the calibration hidden states, the output head);
-* every other step, and any step after one that changed the model, holds the **fp32 model** times the step's
-  own multiple (gradients, a teacher, copies), as registered with the step.
+* steps that read the **model from its files** — GGUF export (tensor by tensor), ``imatrix`` and
+  ``quant.gguf_calibrated`` (the block walker, ``engine.walker``), and the transforms streamed block by block
+  (pruning of every kind, AWQ scaling: their changed blocks go to the run's scratch on disk, which the next
+  steps read in turn) — need the process, one decoder block and what their algorithm holds (GPTQ's Hessian
+  factors, the calibration hidden states, the output head);
+* every other step, and every step after the first one that holds the model, holds the **fp32 model** times
+  the step's own multiple (gradients, a teacher, copies), as registered with the step.
 
 ``recipe_needs`` walks a recipe in order and gives one ``StepNeed`` per step; pre-flight shows them (CLI and
 the GUI's model card) and checks the largest against the machine. The parts of each figure are named in
@@ -43,6 +45,9 @@ class ModelShape:
     block_params: int               # one decoder block
     largest_tensor_params: int
     streamable: bool                # safetensors files the writers and the walker read lazily
+    kv_dim: int = 0                 # key/value heads x head_dim (k_proj's and v_proj's output width)
+    heads: int = 1                  # attention heads
+    embedding_params: int = 0       # input embeddings + an untied output head
 
     @property
     def fp32_bytes(self) -> int:
@@ -73,7 +78,9 @@ class ModelShape:
             total = total or counted
         embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
         block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
-        return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable)
+        dims = ModelDims.of(cfg)
+        return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
+                   dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2))
 
 
 @dataclass
@@ -167,22 +174,69 @@ def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
                          reference})
 
 
+def streamed_transform_need(step: str, shape: ModelShape, tokens: int = 0, seq_len: int = 256) -> StepNeed:
+    """A transform streamed block by block (``RunContext.transform_walk``): one block in fp32, the scores of its
+    largest matrix, and with calibration text the walk's hidden states and one batch's activations. Its changed
+    blocks go to the run's scratch on disk, not to memory."""
+    walk = walk_parts(shape, tokens, seq_len)
+    parts = {"process": PROCESS_BYTES, "one block (fp32)": walk["one block (fp32)"],
+             "scores of its largest matrix": max(shape.intermediate, shape.q_dim) * shape.hidden * 4 * 2}
+    if tokens:
+        parts.update({"hidden states": walk["hidden states"],
+                      "one batch's activations": walk["one batch's activations"]})
+    # the batch's activations (the block's forward) and the scores (the change) are never held at once
+    peak = sum(parts.values()) - min(parts["scores of its largest matrix"], parts.get("one batch's activations", 0))
+    return StepNeed(step, peak, "changes the model one decoder block at a time (written to scratch)", parts)
+
+
+def training_need(step: str, shape: ModelShape, trainable: int, tokens: int, seq_len: int, teacher: bool,
+                  bf16: bool) -> StepNeed:
+    """A step that trains the model it holds (distillation, LoRA): the student in fp32, gradients and AdamW's two
+    moments for its ``trainable`` parameters, the teacher (the source, fp32) when it distils, and per batch of
+    ``tokens`` the activations every block keeps for the backward pass (bf16 under autocast) and the logits."""
+    act = 2 if bf16 else 4
+    per_token_layer = 10 * shape.hidden + 4 * shape.intermediate + 2 * shape.q_dim + 2 * shape.kv_dim \
+        + 2 * shape.heads * seq_len
+    parts = {"process and loading": LOADED_OVERHEAD_BYTES, "student (fp32)": shape.fp32_bytes,
+             "gradients (fp32, trainable)": trainable * 4, "AdamW moments (2 x fp32, trainable)": trainable * 8,
+             f"activations kept for backward ({'bf16' if bf16 else 'fp32'})": shape.layers * tokens * per_token_layer * act,
+             "logits and their gradient (fp32)": (3 + teacher) * tokens * shape.vocab * 4}
+    if teacher:
+        parts["teacher (the source, fp32)"] = shape.fp32_bytes
+    return StepNeed(step, sum(parts.values()),
+                    f"trains {trainable / 1e6:,.1f}M of {shape.params / 1e6:,.1f}M parameters"
+                    + (" against the source as teacher" if teacher else ""), parts)
+
+
+def lora_parameters(shape: ModelShape, rank: int, modules: list[str]) -> int:
+    """LoRA's trainable parameters: rank x (inputs + outputs) of each adapted linear layer, in every block."""
+    h, n, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    widths = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h, "qkv_proj": h + q + 2 * kv,
+              "gate_proj": h + n, "up_proj": h + n, "down_proj": n + h, "gate_up_proj": h + 2 * n}
+    return shape.layers * rank * sum(widths.get(m, 2 * h) for m in modules)
+
+
+def hessians_bytes(shape: ModelShape) -> int:
+    """X^T X of every distinct linear-layer input of every block (fp32), as ``imatrix`` with hessians keeps them."""
+    return shape.layers * (2 * shape.hidden ** 2 + shape.q_dim ** 2 + shape.intermediate ** 2) * 4
+
+
 def calibration_tokens(max_sequences: int | None, seq_len: int) -> int:
     return min(max_sequences * seq_len, DEFAULT_CALIBRATION_TOKENS) if max_sequences else DEFAULT_CALIBRATION_TOKENS
 
 
 def recipe_needs(recipe, shape: ModelShape) -> list[StepNeed]:
-    """One ``StepNeed`` per step, in order; a step after one that changed the model holds the fp32 model."""
+    """One ``StepNeed`` per step, in order: streamed while every step before it streamed (transforms included:
+    they leave their blocks on disk); from the first step that holds the fp32 model on, every step holds it."""
     from .registry import get_step
 
-    needs, untouched = [], True
+    needs, streaming = [], shape.streamable
     for step in (recipe.steps if recipe is not None else []):
         info = get_step(step.name)
         cfg = info.parse(step.params)
-        need = info.streamed_ram(cfg, shape) if (untouched and shape.streamable) else None
+        need = info.streamed_ram(cfg, shape) if streaming else None
         if need is None:
-            need = whole_model(step.name, shape, info.ram_multiple(cfg))
+            need = info.held_ram(cfg, shape) or whole_model(step.name, shape, info.ram_multiple(cfg))
+            streaming = False
         needs.append(need)
-        if info.kind == "transform":
-            untouched = False
     return needs

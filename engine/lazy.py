@@ -107,6 +107,7 @@ class LazyModel:
         self.folder = Path(folder)
         self.config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         self.loaded_bytes = 0
+        self.changed: frozenset[str] = frozenset()   # names a streamed transform rewrote (in scratch files)
         self._state: dict[str, LazyTensor] = {}
         for f in sorted(self.folder.glob("*.safetensors")):
             for name, info in read_header(f).items():
@@ -159,8 +160,93 @@ class LazyModel:
                 out._state[name] = t
             elif int(m.group(1)) in renumber:
                 out._state[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = t
+        out.changed = frozenset(k for k, t in out._state.items() if t.name != k or k in self.changed)
         return out
 
+    def with_tensors(self, tensors: dict[str, "LazyTensor"], config=None) -> "LazyModel":
+        """The same model with ``tensors`` (a transform's output, in scratch files) in place of its own; the rest
+        is still read from where it was. ``config``: the new model's, when the transform changed shapes. Nothing is
+        read or copied."""
+        import copy
+
+        unknown = sorted(set(tensors) - set(self._state))
+        if unknown:
+            raise KeyError(f"not a weight of the model: {unknown[0]}")
+        out = copy.copy(self)
+        out.config = config if config is not None else self.config
+        out._state = {k: tensors.get(k, t) for k, t in self._state.items()}
+        tied = [k for k, t in self._state.items()
+                if k not in tensors and t.name in tensors and t is self._state.get(t.name)]
+        for k in tied:                     # a tied head follows its embedding
+            out._state[k] = tensors[self._state[k].name]
+        out.changed = self.changed | frozenset(tensors) | frozenset(tied)
+        return out
+
+    def materialise(self, dtype=None):
+        """The model in torch (for the steps that must hold it whole): an empty skeleton of this config, every
+        parameter read from the files into ``dtype`` (fp32 by default), checked against the skeleton's shape."""
+        import torch
+
+        from .walker import set_parameter, skeleton
+
+        dtype = dtype or torch.float32
+        model = skeleton(self.config)
+        for name, p in list(model.named_parameters()):
+            t = self._state[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise AssertionError(f"{name}: {tuple(t.shape)} does not fit {tuple(p.shape)}")
+            set_parameter(model, name, t.load().to(dtype))
+        if getattr(self.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model.eval()
+
+
+class TensorStore:
+    """Where a streamed transform puts what it changed: one safetensors file per decoder block in a scratch folder,
+    each tensor in the narrowest of its source dtype and fp32 that holds it exactly (pruning's zeros keep a bf16
+    source in bf16; rescaled weights stay fp32, as the loaded model would hold them)."""
+
+    def __init__(self, folder: Path, source: LazyModel):
+        self.folder = Path(folder)
+        self.source = source
+        self.tensors: dict[str, LazyTensor] = {}
+        self.written_bytes = 0
+
+    def write(self, key: str, tensors: dict) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        from .atomic import atomic_path
+
+        state = self.source.state_dict()
+        out = {}
+        for name, t in tensors.items():
+            narrow = _torch_dtype(state[name].dtype)
+            t = t.detach().float()
+            out[name] = t.to(narrow) if narrow != torch.float32 and torch.equal(t.to(narrow).float(), t) else t
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{key}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+        for name, t in out.items():
+            self.tensors[name] = LazyTensor(path, name, tuple(t.shape), _dtype_name(t.dtype), self.source)
+            self.written_bytes += t.numel() * t.element_size()
+
+    def model(self, config=None) -> LazyModel:
+        """The source with everything written so far in place (``config``: the new one, when shapes changed)."""
+        return self.source.with_tensors(self.tensors, config)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(name, torch.float32)
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.float16: "F16", torch.bfloat16: "BF16"}.get(dtype, "F32")
 
 
 def can_read_lazily(folder: Path) -> bool:

@@ -40,6 +40,9 @@ class StepInfo:
     #: RAM when the step reads the untouched source from its files: (config, ModelShape) -> StepNeed, or None
     #: where it cannot (see ``engine.footprint``)
     streamed_ram_fn: Callable[[Any, Any], Any] | None = None
+    #: RAM when the step holds the model and says what it holds (training: weights, gradients, optimizer state,
+    #: activations): (config, ModelShape) -> StepNeed; otherwise the fp32 model times ``ram_multiple``
+    held_ram_fn: Callable[[Any, Any], Any] | None = None
 
     def parse(self, params: dict | None) -> Any:
         """Build the typed config from recipe parameters, with a clear message for bad ones."""
@@ -50,6 +53,9 @@ class StepInfo:
 
     def streamed_ram(self, cfg, shape):
         return self.streamed_ram_fn(cfg, shape) if self.streamed_ram_fn else None
+
+    def held_ram(self, cfg, shape):
+        return self.held_ram_fn(cfg, shape) if self.held_ram_fn else None
 
     def disk_bytes(self, cfg, params_total: int) -> float:
         return self.disk_bytes_fn(cfg, params_total) if self.disk_bytes_fn else 0
@@ -71,7 +77,8 @@ _loaded = False
 
 
 def register_step(name: str, config: type, *, kind: str, summary: str, exports: str = "",
-                  needs_supported_arch: bool = True, ram_multiple=None, disk_bytes=None, streamed_ram=None):
+                  needs_supported_arch: bool = True, ram_multiple=None, disk_bytes=None, streamed_ram=None,
+                  held_ram=None):
     if kind not in STEP_KINDS:
         raise ValueError(f"kind must be one of {STEP_KINDS}")
     if not dataclasses.is_dataclass(config):
@@ -83,7 +90,7 @@ def register_step(name: str, config: type, *, kind: str, summary: str, exports: 
         _STEPS[name] = StepInfo(name, config, fn, kind, summary, exports, needs_supported_arch,
                                 ram_multiple if callable(ram_multiple) else (
                                     (lambda cfg, m=ram_multiple: m) if ram_multiple else None),
-                                disk_bytes, streamed_ram)
+                                disk_bytes, streamed_ram, held_ram)
         return fn
 
     return deco

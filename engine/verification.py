@@ -120,10 +120,10 @@ def check_variant(ctx: RunContext, model, fmt: str, qtype: str, path) -> dict:
     """The file against the model it was written from, on fixed windows (raises with the numbers when off)."""
     if ctx.held("verification") is None:
         windows = check_windows(ctx.tokenizer, ctx.calibration_text())
-        if getattr(model, "is_lazy", False):         # the untouched source, never loaded: its reference runtime
-            from .reference import open_reference
+        if getattr(model, "is_lazy", False):         # never loaded: the reference runtime of the source, or of
+            from .reference import open_reference    # the model its streamed transforms left
 
-            with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
+            with open_reference(ctx, n_ctx=WINDOW_TOKENS, current=bool(ctx.applied)) as rt:
                 reference = [log_softmax(rt.logits(w)) for w in windows]
         else:
             reference = source_logprobs(model, windows)

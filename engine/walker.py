@@ -6,13 +6,17 @@ untouched source read lazily (``engine.lazy.LazyModel``): then only an empty ske
 the meta device), each block's weights are read from the files when its turn comes, used and released, and
 the memory of the walk is one block plus the calibration hidden states, whatever the model's size::
 
-    walk = BlockWalk(ctx.source_weights(), sequences, cancelled=ctx.cancel.is_set)
+    walk = BlockWalk(ctx.weights(), sequences, cancelled=ctx.cancel.is_set)
     for block in walk:                              # block i's weights materialised (lazy) or as loaded
         with recording_channel_stats(block.linears()) as stats:
             block.forward()                         # every batch through the block; its outputs feed block i+1
         ...                                         # use the statistics and block.module's weights
     for h in walk.final_hidden():                   # the final norm's output per batch (the head's input)
         ...
+
+A transform streams the same way (``ctx.transform_walk``): it changes ``block.module``'s weights, ``block.keep``
+writes the changed ones to a scratch file, and the model the next steps see is the source with those files in
+place of its blocks (``LazyModel.with_tensors``): nothing but one block is ever held.
 
 A walk sees exactly the activations a full forward sees: block i gets the keyword arguments (mask, rotary
 embeddings) the model itself passes to block i, captured in one pass in which every block is a pass-through.
@@ -35,6 +39,10 @@ class _StopForward(Exception):
     pass
 
 
+class FusedNamesError(EdgeTailorError):
+    """The files name a family's weights differently from its modules (fused experts): no lazy walk."""
+
+
 def skeleton(config, trust_remote_code: bool = False):
     """The model's modules with every parameter on the meta device (no memory) and its buffers real (rotary
     frequencies, embedding scales are computed at construction)."""
@@ -46,7 +54,7 @@ def skeleton(config, trust_remote_code: bool = False):
     return model.eval()
 
 
-def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     target = module.get_submodule(owner) if owner else module
     setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
@@ -65,6 +73,18 @@ class Block:
         """The block's linear layers by their qualified name in the model."""
         return {self.prefix + n: m for n, m in self.module.named_modules() if isinstance(m, torch.nn.Linear)}
 
+    def keep(self, modules: dict[str, torch.nn.Module]) -> None:
+        """The transform changed ``modules`` (qualified names, as ``linears()`` gives them): a lazy walk writes
+        their weights to its store before the block is released (a loaded model was changed in place)."""
+        store = self.walk.store
+        if store is None:
+            if self.walk.lazy:
+                raise EdgeTailorError("A lazy walk was asked to keep a change but has no store to write it to.",
+                                      "This is a bug in the step; please report it.")
+            return
+        store.write(f"block-{self.index:05d}", {f"{name}.{p}": t for name, m in modules.items()
+                                                for p, t in m.named_parameters(recurse=False)})
+
     def forward(self, advance: bool = True) -> None:
         """Every batch through the block (hooks on its modules see them); the outputs become the next block's
         inputs (``advance=False``: only the hooks see the run, e.g. before the block is changed). Checks for
@@ -82,10 +102,13 @@ class Block:
 class BlockWalk:
     """The calibration sequences walked through ``model`` (loaded, or a ``LazyModel``) block by block."""
 
-    def __init__(self, model, sequences: torch.Tensor, batch_size: int = 4, dtype: torch.dtype = torch.float32,
-                 cancelled: Callable[[], bool] | None = None,
-                 progress: Callable[[float, str], None] | None = None):
+    def __init__(self, model, sequences: torch.Tensor | None, batch_size: int = 4,
+                 dtype: torch.dtype = torch.float32, cancelled: Callable[[], bool] | None = None,
+                 progress: Callable[[float, str], None] | None = None, store=None):
+        """``sequences`` None: the blocks' weights only (no activations). ``store``: an ``engine.lazy.TensorStore``
+        that ``Block.keep`` writes changed weights to (a transform streamed over a lazy model)."""
         self.source = model
+        self.store = store
         self.lazy = bool(getattr(model, "is_lazy", False))
         self.dtype = dtype
         self.cancelled = cancelled
@@ -98,10 +121,15 @@ class BlockWalk:
         if self.lazy:
             self._check_names()
         self.model.eval()
-        self.hidden, self.kwargs = self._capture(sequences, batch_size)
+        self.hidden, self.kwargs = self._capture(sequences, batch_size) if sequences is not None else ([], [])
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def result(self):
+        """The model as a transform walk left it: the lazy model with the kept blocks in place, or None when a
+        loaded model was changed in place."""
+        return self.store.model() if self.store is not None else None
 
     def check_cancelled(self) -> None:
         if self.cancelled and self.cancelled():
@@ -111,7 +139,7 @@ class BlockWalk:
         state, prefix = self.source.state_dict(), self._name(self.layers[0], "model.layers.0.")
         missing = [prefix + n for n, _ in self.layers[0].named_parameters() if prefix + n not in state]
         if missing:
-            raise EdgeTailorError(f"The model's files name its weights differently from its modules ({missing[0]}).",
+            raise FusedNamesError(f"The model's files name its weights differently from its modules ({missing[0]}).",
                                   "Load the model whole for this step (its family stores fused tensors).")
 
     def _name(self, module: torch.nn.Module, fallback: str) -> str:
@@ -125,7 +153,7 @@ class BlockWalk:
         state = self.source.state_dict()
         for name, _ in list(module.named_parameters()):
             value = state[prefix + name].load().to(self.dtype)
-            _set_parameter(module, name, value)
+            set_parameter(module, name, value)
             self.materialised_bytes += value.numel() * value.element_size()
         self.peak_materialised_bytes = max(self.peak_materialised_bytes, self.materialised_bytes)
 
@@ -133,7 +161,7 @@ class BlockWalk:
         if not self.lazy:
             return
         for name, p in list(module.named_parameters()):
-            _set_parameter(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            set_parameter(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         self.materialised_bytes = 0
         trim_heap()
 

@@ -78,6 +78,11 @@ def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_
     assert not (rec.folder / "scratch").exists()           # the reference file went with the scratch folder
 
 
+class SixteenGB:
+    """psutil.virtual_memory() of a 16 GB machine with all of it free."""
+    available = 16 * 1024**3
+
+
 def _sparse_llama_8b(folder):
     """Llama-3.1-8B's tensors as a sparse bf16 safetensors file: real headers, zeros (no disk blocks)."""
     import json
@@ -116,9 +121,6 @@ def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_pat
     from edgetailor.engine import Recipe, preflight, resolve
 
     src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
-
-    class SixteenGB:
-        available = 16 * 1024**3
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
     export = Recipe.from_dict({"name": "x", "steps": [{"step": "export", "params": {"types": ["Q4_K_M"]}}]})
     rep = preflight(src, export)
@@ -134,7 +136,39 @@ def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_pat
     evaluate = preflight(src, Recipe.from_dict({"name": "x", "steps": [{"step": "evaluate"}]})).steps[0]
     assert "16-bit reference" in evaluate["how"]      # an 8B model's reference runs in llama.cpp, not torch fp32
     assert 16e9 < evaluate["ram_bytes"] < 18e9        # its 16 GB mapped: said per step, before anything runs
-    prune = Recipe.from_dict({"name": "x", "steps": [{"step": "prune.magnitude"}, {"step": "export"}]})
-    rep = preflight(src, prune)
-    assert not rep.fits                               # a transform still holds the model in fp32 (32 GB)
-    assert [s["how"] for s in rep.steps] == ["holds the fp32 model", "holds the fp32 model"]
+    lowrank = Recipe.from_dict({"name": "x", "steps": [{"step": "lowrank.svd"}, {"step": "export"}]})
+    rep = preflight(src, lowrank)
+    assert not rep.fits                               # a transform that is not streamed holds the model in fp32
+    assert [s["how"] for s in rep.steps] == ["holds the fp32 model x1.5", "holds the fp32 model"]
+
+
+def test_training_steps_say_what_they_hold_and_an_8b_distillation_is_refused_with_the_numbers(tmp_path,
+                                                                                              monkeypatch):
+    """Distillation and LoRA: weights, gradients, AdamW's moments, the teacher and the activations, per step, before
+    anything runs; an 8B model is too large to distil on 16 GB, LoRA's optimizer state is a sliver of it."""
+    import psutil
+    from edgetailor.engine import Recipe, preflight, resolve
+
+    src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
+    rep = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+        {"step": "prune.magnitude"}, {"step": "distill", "params": {"steps": 10, "bf16": False}}]}))
+    prune, distill = rep.steps
+    assert not rep.fits and "one decoder block at a time" in prune["how"]
+    assert distill["how"].startswith("trains") and "teacher" in distill["how"]
+    parts = distill["parts"]
+    assert parts["student (fp32)"] == parts["teacher (the source, fp32)"] > 30e9
+    assert parts["AdamW moments (2 x fp32, trainable)"] == 2 * parts["gradients (fp32, trainable)"] > 40e9
+    assert any("activations kept for backward (fp32)" == k for k in parts)
+    lora = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+        {"step": "finetune.lora", "params": {"steps": 10, "rank": 8, "bf16": True}}]})).steps[0]
+    assert "teacher (the source, fp32)" not in lora["parts"]          # next-token objective: no teacher
+    assert lora["parts"]["AdamW moments (2 x fp32, trainable)"] < 0.01 * lora["parts"]["student (fp32)"]
+    assert any("(bf16)" in k for k in lora["parts"])
+
+
+def test_training_uses_bf16_where_the_cpu_computes_it():
+    from edgetailor.engine.devices import cpu_has_bf16
+    from edgetailor.engine.steps.distill import resolved_bf16
+
+    assert resolved_bf16(None) is cpu_has_bf16() and resolved_bf16(False) is False and resolved_bf16(True) is True

@@ -193,7 +193,7 @@ class RecipePanel(QGroupBox):
                 w.toggled.connect(lambda on, row=row, name=p["name"]: self._set_param(row, name, on))
             else:
                 w = QLineEdit("" if value is None else _to_text(value))
-                w.setPlaceholderText(f"default: {_to_text(p['default'])}")
+                w.setPlaceholderText("default: " + ("auto" if p["default"] is None else _to_text(p["default"])))
                 w.editingFinished.connect(lambda w=w, row=row, name=p["name"]: self._set_param_text(row, name, w.text()))
             w.setObjectName(f"param_{p['name']}")
             w.setToolTip(f"{p['type']}: {p['help']}")

@@ -95,7 +95,7 @@ def _rescale_stats(stats, modules: list[str], s: torch.Tensor) -> None:
 
 
 def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> list[dict]:
-    """Rescale every decoder layer in place; returns one record per layer group (alpha, errors)."""
+    """Rescale every decoder layer of a loaded model in place; returns one record per layer group."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise EdgeTailorError("AWQ scaling needs a decoder with model.layers (Llama-style).",
@@ -104,53 +104,76 @@ def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> li
     for li, layer in enumerate(layers):
         if cancelled and cancelled():
             raise RunCancelled()
-        attn, mlp = layer.self_attn, layer.mlp
-        plan = {
-            "attn_in": (layer.input_layernorm, None, [attn.q_proj, attn.k_proj, attn.v_proj],
-                        ["q_proj", "k_proj", "v_proj"], "self_attn"),
-            "mlp_in": (layer.post_attention_layernorm, None, [mlp.gate_proj, mlp.up_proj],
-                       ["gate_proj", "up_proj"], "mlp"),
-            "mlp_down": (None, mlp.up_proj, [mlp.down_proj], ["down_proj"], "mlp"),
-        }
-        for group in cfg.groups:
-            norm, prev, linears, names, parent = plan[group]
-            modules = [f"model.layers.{li}.{parent}.{n}" for n in names]
-            h = stats.hessian(modules[0])
-            if h is None:
-                raise EdgeTailorError("AWQ scaling needs the inputs' X^T X.",
-                                      "Run the 'imatrix' step with hessians: true before 'awq.scale'.")
-            with torch.no_grad():
-                ws = [lin.weight.detach().float() for lin in linears]
-                s, alpha, err, plain = search_scales(ws, h.float(), cfg)
-                if alpha > 0:
-                    for lin in linears:
-                        lin.weight.mul_(s.to(lin.weight.dtype))
-                    if norm is not None:
-                        norm.weight.div_(s.to(norm.weight.dtype))
-                    else:
-                        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-                        if prev.bias is not None:
-                            prev.bias.div_(s.to(prev.bias.dtype))
-                    _rescale_stats(stats, modules, s)
-            records.append({"layer": li, "group": group, "alpha": alpha, "error_before": plain, "error_after": err})
+        records += scale_layer(layer, f"model.layers.{li}.", stats, cfg)
         if progress:
             progress((li + 1) / len(layers), f"layer {li + 1}/{len(layers)} scaled")
     return records
 
 
+def scale_layer(layer, prefix: str, stats, cfg: AwqConfig) -> list[dict]:
+    """One decoder layer's groups rescaled in place (and the statistics with them): one record per group."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not hasattr(mlp, "up_proj"):
+        raise EdgeTailorError("AWQ scaling needs Llama-style blocks (self_attn.q/k/v_proj, mlp.gate/up/down_proj).",
+                              "Use a llama, mistral, qwen2 or qwen3 model.")
+    plan = {
+        "attn_in": (layer.input_layernorm, None, [attn.q_proj, attn.k_proj, attn.v_proj],
+                    ["q_proj", "k_proj", "v_proj"], "self_attn"),
+        "mlp_in": (layer.post_attention_layernorm, None, [mlp.gate_proj, mlp.up_proj], ["gate_proj", "up_proj"], "mlp"),
+        "mlp_down": (None, mlp.up_proj, [mlp.down_proj], ["down_proj"], "mlp"),
+    }
+    records = []
+    for group in cfg.groups:
+        norm, prev, linears, names, parent = plan[group]
+        modules = [f"{prefix}{parent}.{n}" for n in names]
+        h = stats.hessian(modules[0])
+        if h is None:
+            raise EdgeTailorError("AWQ scaling needs the inputs' X^T X.",
+                                  "Run the 'imatrix' step with hessians: true before 'awq.scale'.")
+        with torch.no_grad():
+            ws = [lin.weight.detach().float() for lin in linears]
+            s, alpha, err, plain = search_scales(ws, h.float(), cfg)
+            if alpha > 0:
+                for lin in linears:
+                    lin.weight.mul_(s.to(lin.weight.dtype))
+                if norm is not None:
+                    norm.weight.div_(s.to(norm.weight.dtype))
+                else:
+                    prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+                    if prev.bias is not None:
+                        prev.bias.div_(s.to(prev.bias.dtype))
+                _rescale_stats(stats, modules, s)
+        records.append({"layer": int(prefix.split(".")[-2]), "group": group, "alpha": alpha,
+                        "error_before": plain, "error_after": err})
+    return records
+
+
+def _streamed_need(shape):
+    from ..footprint import hessians_bytes, streamed_transform_need
+
+    need = streamed_transform_need("awq.scale", shape)
+    need.parts["X^T X of every layer input (held)"] = hessians_bytes(shape)
+    need.ram_bytes += hessians_bytes(shape)
+    return need
+
+
 @register_step("awq.scale", AwqConfig, kind="transform",
                summary="AWQ-style per-channel scaling folded into the norms and up_proj (equivalent model, easier to quantize)",
                exports="GGUF and ONNX natively: the scales fold into existing weights, so the graph is unchanged",
-               ram_multiple=1.2)
+               ram_multiple=1.2, streamed_ram=lambda cfg, shape: _streamed_need(shape),
+               disk_bytes=lambda cfg, params: params * 4)
 def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
     from .imatrix import current_stats, keep_stats
 
     stats = current_stats(ctx, need_hessians=True)
-    records = apply_awq(ctx.model, stats, cfg, progress=lambda f, m: ctx.progress(0.99 * f, m),
-                        cancelled=ctx.cancel.is_set)
+    walk, records = ctx.transform_walk(), []
+    for block in walk:                    # one block's weights at a time; the scaled ones kept
+        records += scale_layer(block.module, block.prefix, stats, cfg)
+        block.keep({n: m for n, m in block.module.named_modules(prefix=block.prefix.rstrip("."))
+                    if isinstance(m, torch.nn.Linear) or n.endswith("layernorm")})
     label = f"awq{cfg.bits}"
-    ctx.mark_applied(label)
-    keep_stats(ctx, stats, ctx.model)      # rescaled with the model: still valid, saved again for the scaled model
+    ctx.mark_applied(label, walk.result())
+    keep_stats(ctx, stats, ctx.weights())  # rescaled with the model: still valid, saved again for the scaled model
     before = sum(r["error_before"] for r in records)
     after = sum(r["error_after"] for r in records)
     scaled = sum(r["alpha"] > 0 for r in records)

@@ -26,7 +26,8 @@ class DistillConfig:
     stride: int = field(default=64, metadata={"help": "offset between overlapping training sequences"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the logit KL"})
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state (cosine) loss; 0 = logits only"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the forward passes (faster on CPUs with AVX512-BF16/AMX)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bfloat16 autocast for the forward passes (default: "
+                                                              "on where the CPU has AVX512-BF16/AMX)"})
     train_embeddings: bool = field(default=False, metadata={"help": "also train the token embeddings and output head"})
     text: str = field(default="", metadata={"help": "training text file (default: the job's calibration text)"})
     heldout_share: float = field(default=0.1, metadata={"help": "share of the text held out to measure KL before and after"})
@@ -62,7 +63,22 @@ def training_text(ctx: RunContext, cfg) -> str:
     return texts.read_text(cfg.text) if cfg.text else ctx.calibration_text()
 
 
-@register_step("distill", DistillConfig, kind="transform", exports=EXPORTS, ram_multiple=4.0,
+def resolved_bf16(bf16: bool | None) -> bool:
+    """The bf16 setting of a training step: as given, else on where the CPU computes bf16 natively."""
+    from ..devices import cpu_has_bf16
+
+    return cpu_has_bf16() if bf16 is None else bool(bf16)
+
+
+def _distill_need(cfg: DistillConfig, shape):
+    from ..footprint import training_need
+
+    trainable = shape.params if cfg.train_embeddings else max(shape.params - shape.embedding_params, 0)
+    return training_need("distill", shape, trainable, cfg.batch_size * cfg.seq_len, cfg.seq_len, teacher=True,
+                         bf16=resolved_bf16(cfg.bf16))
+
+
+@register_step("distill", DistillConfig, kind="transform", exports=EXPORTS, held_ram=_distill_need,
                summary="Knowledge distillation: the original model teaches the compressed one on calibration text "
                        "(logit KL, optional hidden-state loss), with checkpoints and resume")
 def distill_step(ctx: RunContext, cfg: DistillConfig) -> None:
@@ -98,7 +114,8 @@ def distill_step(ctx: RunContext, cfg: DistillConfig) -> None:
 
     result = distill(student, teacher, seqs, steps=cfg.steps or None,
                      max_seconds=cfg.max_minutes * 60 or None, lr=cfg.lr, batch_size=cfg.batch_size,
-                     temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, seed=cfg.seed, bf16=cfg.bf16,
+                     temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, seed=cfg.seed,
+                     bf16=resolved_bf16(cfg.bf16),
                      checkpoint_dir=ctx.record.folder / "checkpoints", checkpoint_every=cfg.checkpoint_every,
                      keep_checkpoints=cfg.keep_checkpoints, resume_from=cfg.resume_from or None,
                      on_step=on_step, cancelled=ctx.cancel.is_set)

@@ -106,9 +106,10 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
 def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
-    # GGUF of the untouched source is written from its files read lazily (no fp32 copy); otherwise the current
-    # model, with factored layers (low-rank) multiplied back for the file formats
-    model = ctx.source_weights() if cfg.format == "gguf" else plain_weights(ctx.model)
+    # GGUF is written from the current model's files read lazily (the source's, with the blocks of streamed
+    # transforms in place; no fp32 copy) unless a step loaded it; a loaded model has its factored layers
+    # (low-rank) multiplied back for the file formats
+    model = ctx.weights() if cfg.format == "gguf" else plain_weights(ctx.model)
     if not getattr(model, "is_lazy", False):
         model = plain_weights(model)
     shared = {"threads": ctx.options.resolved_threads(), **cfg.options}

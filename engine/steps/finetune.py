@@ -33,7 +33,8 @@ class LoraConfig:
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
     stride: int = field(default=64, metadata={"help": "offset between overlapping training sequences"})
     text: str = field(default="", metadata={"help": "training text file (default: the job's calibration text)"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the forward passes"})
+    bf16: bool | None = field(default=None, metadata={"help": "bfloat16 autocast for the forward passes (default: "
+                                                              "on where the CPU has AVX512-BF16/AMX)"})
     seed: int = field(default=0, metadata={"help": "seed of the batch order"})
 
     def __post_init__(self):
@@ -47,7 +48,16 @@ class LoraConfig:
             raise ValueError("name at least one target module")
 
 
-@register_step("finetune.lora", LoraConfig, kind="transform", exports=EXPORTS, ram_multiple=3.0,
+def _lora_need(cfg: LoraConfig, shape):
+    from ..footprint import lora_parameters, training_need
+    from .distill import resolved_bf16
+
+    return training_need("finetune.lora", shape, lora_parameters(shape, cfg.rank, cfg.target_modules),
+                         cfg.batch_size * cfg.seq_len, cfg.seq_len, teacher=cfg.objective == "distill",
+                         bf16=resolved_bf16(cfg.bf16))
+
+
+@register_step("finetune.lora", LoraConfig, kind="transform", exports=EXPORTS, held_ram=_lora_need,
                summary="LoRA fine-tuning (peft) on your text or as healing after compression, merged into the weights")
 def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
     import peft
@@ -56,7 +66,7 @@ def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
     from ..calibration import linear_modules, token_sequences
     from ..distill import distill
     from ..modeling import load_model
-    from .distill import training_text
+    from .distill import resolved_bf16, training_text
 
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.model
@@ -83,7 +93,8 @@ def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
         ctx.progress(min(0.95, s.fraction), f"step {s.step}: loss {s.loss:.4f}")
 
     result = distill(wrapped, teacher, seqs, steps=cfg.steps or None, max_seconds=cfg.max_minutes * 60 or None,
-                     lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.bf16, on_step=on_step,
+                     lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, bf16=resolved_bf16(cfg.bf16),
+                     on_step=on_step,
                      cancelled=ctx.cancel.is_set)
     merged = wrapped.merge_and_unload()
     for p in merged.parameters():

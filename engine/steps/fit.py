@@ -184,7 +184,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     from ..sensitivity import measure_sensitivity
     from .benchmark import prompt_ids
 
-    model = ctx.source_weights()
+    model = ctx.weights()
     if gguf_writer_for(model.config) != "edgetailor":
         raise UnsupportedModelError(
             f"The planner writes its files with EdgeTailor's GGUF writer, which does not cover this "

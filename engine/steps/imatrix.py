@@ -33,7 +33,7 @@ def compute_stats(ctx: RunContext, cfg: ImatrixConfig):
 
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens")
-    model = ctx.source_weights()        # the untouched source: its files, one block at a time
+    model = ctx.weights()        # the current model: its files, one block at a time (unless a step loaded it)
     stats = collect(model, seqs, hessians=cfg.hessians,
                     progress=lambda f, m: ctx.progress(0.95 * f, m), cancelled=ctx.cancel.is_set)
     keep_stats(ctx, stats, model, cfg.seq_len)
@@ -54,12 +54,12 @@ def keep_stats(ctx: RunContext, stats, model, seq_len: int = 512) -> None:
 
 
 def _imatrix_ram(cfg: ImatrixConfig, shape):
-    from ..footprint import calibrated_need, calibration_tokens
+    from ..footprint import calibrated_need, calibration_tokens, hessians_bytes
 
     need = calibrated_need("imatrix", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
                            gptq=False, measured=False, quantizes=False)
     if cfg.hessians:      # X^T X of every distinct input of every block, kept for the next steps
-        held = shape.layers * (2 * shape.hidden ** 2 + shape.q_dim ** 2 + shape.intermediate ** 2) * 4
+        held = hessians_bytes(shape)
         need.parts["X^T X of every layer input"] = held
         need.ram_bytes += held
     return need

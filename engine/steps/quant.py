@@ -74,9 +74,8 @@ def calibrated_quant(ctx: RunContext, cfg: CalibratedQuantConfig) -> None:
     from .export import ExportJob, export_variants
     from .imatrix import keep_stats
 
-    # the untouched source is read from its files one block at a time (no fp32 copy of the model); a transformed
-    # model is the one in memory
-    model = ctx.source_weights()
+    # the current model is read from its files one block at a time (no fp32 copy) unless a step loaded it
+    model = ctx.weights()
     require_own_writer(model.config)
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     ctx.log(f"Calibration: {len(seqs)} sequences of {seqs.shape[1]} tokens, walked one decoder block at a time")

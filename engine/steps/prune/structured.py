@@ -15,7 +15,9 @@
 * ``prune.depth``: whole blocks go, ranked by ShortGPT's Block Influence (1 - cos(block input, block
   output), Men et al. 2024) or by how much calibration loss rises when that one block is skipped.
 
-Both replace ``ctx.model`` by a freshly built model of the new config; the tokenizer is unchanged. The
+Both give a model of the new config: from lazily read files, the ranking walks one block at a time and the
+result is a view of the files (depth) or the cut tensors written to the run's scratch block by block (width);
+a loaded model is rebuilt in memory. The tokenizer is unchanged. The
 result exports natively to GGUF and ONNX like any model of that architecture.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ...calibration import (
 )
 from ...context import RunContext
 from ...errors import EdgeTailorError
+from ...footprint import streamed_transform_need
 from ...registry import register_step
 
 EXPORTS = "GGUF and ONNX natively: the result is a smaller model of the same architecture with a consistent config"
@@ -120,7 +123,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]:
     """Which indices every tensor keeps: ({tensor name: [(dim, index tensor)]}, config changes)."""
     d = ModelDims.of(model.config)
-    n_layers = len(decoder_layers(model))
+    n_layers = int(model.config.num_hidden_layers)
     keep_groups = max(1, round(d.kv_heads * cfg.kv_groups_keep))
     keep_per_group = max(1, round(d.heads // d.kv_heads * cfg.heads_keep))
     keep_inter = _round(cfg.intermediate_size or round(d.intermediate * cfg.mlp_keep), d.intermediate, cfg.round_to)
@@ -194,6 +197,38 @@ def _add_hidden_slices(slices: dict, model, stats: dict, n_layers: int, keep_hid
             slices.setdefault(name, []).append((0, idx))
 
 
+def sliced_lazily(ctx: RunContext, weights, slices: dict, changes: dict):
+    """The width-pruned model as lazily read files: each sliced tensor read, cut and written to the run's scratch
+    a decoder block at a time; the untouched ones still read from where they were."""
+    store = ctx.tensor_store(weights)
+    state, done, group = weights.state_dict(), set(), {}
+
+    def flush(key):
+        if group:
+            store.write(key, group)
+            group.clear()
+    key = None
+    for name, t in state.items():
+        if name not in slices or id(t) in done:       # a tied head follows its embedding
+            continue
+        done.add(id(t))
+        m = _LAYER.match(name)
+        block = f"block-{int(m.group(1)):05d}" if m else name.rsplit(".", 1)[0]
+        if block != key:
+            flush(key)
+            key = block
+        ctx.check_cancelled()
+        value = t.load()
+        for dim, idx in slices[name]:
+            value = value.index_select(dim, idx)
+        group[name] = value
+    flush(key)
+    config = copy.deepcopy(weights.config)
+    for k, v in changes.items():
+        setattr(config, k, v)
+    return store.model(config)
+
+
 def apply_slices(model, slices: dict, changes: dict):
     state = {}
     for name, tensor in model.state_dict().items():
@@ -207,12 +242,22 @@ def apply_slices(model, slices: dict, changes: dict):
     return rebuild(model, config, state)
 
 
+def _width_need(cfg: WidthPruneConfig, shape):
+    need = streamed_transform_need("prune.width", shape, cfg.calibration_sequences * cfg.seq_len, cfg.seq_len)
+    need.parts["largest tensor, read and cut"] = shape.largest_tensor_params * 4 * 2
+    need.ram_bytes += need.parts["largest tensor, read and cut"]
+    return need
+
+
 @register_step("prune.width", WidthPruneConfig, kind="transform", exports=EXPORTS,
-               summary="Remove attention heads, MLP channels and hidden channels ranked by activation on calibration text")
+               summary="Remove attention heads, MLP channels and hidden channels ranked by activation on calibration text",
+               streamed_ram=_width_need, disk_bytes=lambda cfg, params: params * 4)
 def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
-    model = ctx.model
-    decoder_layers(model)
+    model = ctx.weights()                   # lazily read files (ranked and cut block by block), or loaded
+    lazy = getattr(model, "is_lazy", False)
+    if not lazy:
+        decoder_layers(model)
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
     ctx.log(f"Ranking heads and channels on {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
     stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj")),
@@ -222,11 +267,14 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
         raise EdgeTailorError("These settings remove nothing (every keep share rounds to the full size).",
                               "Lower heads_keep, kv_groups_keep, mlp_keep/intermediate_size or hidden_keep/hidden_size.")
     before = _non_embedding(model.config)
-    ctx.model = apply_slices(model, slices, changes)
-    after = _non_embedding(ctx.model.config)
+    if lazy:
+        pruned = sliced_lazily(ctx, model, slices, changes)
+    else:
+        ctx.model = pruned = apply_slices(model, slices, changes)
+    after = _non_embedding(pruned.config)
     short = {"num_attention_heads": "h", "num_key_value_heads": "kv", "intermediate_size": "ffn", "hidden_size": "d"}
     label = "width-" + "-".join(f"{short[k]}{v}" for k, v in changes.items() if k in short)
-    ctx.mark_applied(label)
+    ctx.mark_applied(label, pruned if lazy else None)
     ctx.report(**{k: v for k, v in changes.items()}, non_embedding_before=before, non_embedding_after=after,
                non_embedding_removed=round(1 - after / before, 4))
     ctx.progress(1.0, "pruned")
@@ -265,11 +313,17 @@ def remove_blocks(model, drop: list[int]):
 
 
 @register_step("prune.depth", DepthPruneConfig, kind="transform", exports=EXPORTS,
-               summary="Remove whole decoder blocks, the least important on calibration text first")
+               summary="Remove whole decoder blocks, the least important on calibration text first",
+               streamed_ram=lambda cfg, shape: streamed_transform_need(
+                   "prune.depth", shape, cfg.calibration_sequences * cfg.seq_len, cfg.seq_len)
+               if cfg.method == "block_influence" else None)
 def depth_prune(ctx: RunContext, cfg: DepthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
-    model = ctx.model
-    n = len(decoder_layers(model))
+    model = ctx.weights()                   # Block Influence walks lazily read files; the loss ranking needs it loaded
+    lazy = getattr(model, "is_lazy", False) and cfg.method == "block_influence"
+    if not lazy:
+        model = ctx.model
+    n = int(model.config.num_hidden_layers)
     count = cfg.blocks or round(n * cfg.fraction)
     if not 0 < count < n:
         raise EdgeTailorError(f"Cannot remove {count} of the model's {n} blocks.",
@@ -279,9 +333,12 @@ def depth_prune(ctx: RunContext, cfg: DepthPruneConfig) -> None:
                            cancelled=ctx.cancel.is_set)
     drop = sorted(sorted(range(n), key=lambda i: scores[i])[:count])
     before = _non_embedding(model.config)
-    ctx.model = remove_blocks(model, drop)
-    after = _non_embedding(ctx.model.config)
-    ctx.mark_applied(f"depth-{count}")
+    if lazy:                                # the same files seen without those blocks: nothing written
+        pruned = model.without_blocks(drop)
+    else:
+        ctx.model = pruned = remove_blocks(model, drop)
+    after = _non_embedding(pruned.config)
+    ctx.mark_applied(f"depth-{count}", pruned if lazy else None)
     ctx.report(removed_blocks=drop, method=cfg.method, scores=[round(s, 5) for s in scores],
                num_hidden_layers=n - count, non_embedding_before=before, non_embedding_after=after,
                non_embedding_removed=round(1 - after / before, 4))

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...calibration import decoder_layers, linear_modules, recording_channel_stats, token_sequences
+from ...calibration import recording_channel_stats, token_sequences
 from ...context import RunContext
 from ...errors import EdgeTailorError
+from ...footprint import streamed_transform_need
 from ...registry import register_step
-from ...walker import BlockWalk
 
 EXPORTS = "GGUF and ONNX natively: shapes are unchanged, pruned weights are stored as zeros"
 
@@ -77,76 +77,86 @@ def prune_mask(score: torch.Tensor, sparsity: float, pattern: str = "", scope: s
     return torch.zeros(score.numel(), dtype=torch.bool).scatter_(0, drop, True).reshape(score.shape)
 
 
-def _selected(layer, modules: list[str]) -> dict[str, torch.nn.Linear]:
-    return linear_modules(layer, lambda name: name.rsplit(".", 1)[-1] in modules)
-
-
 def _apply(linear: torch.nn.Linear, mask: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight[mask] = 0
 
 
-def sparsity_report(model, modules: list[str]) -> dict:
-    """Share of zero weights per layer type over all decoder blocks, and over all pruned layers."""
-    zeros, totals = {}, {}
-    for layer in decoder_layers(model):
-        for name, lin in _selected(layer, modules).items():
+class SparsityCount:
+    """Zero weights per layer type, counted block by block as the pruned blocks pass."""
+
+    def __init__(self):
+        self.zeros: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+
+    def add(self, linears: dict[str, torch.nn.Linear]) -> None:
+        for name, lin in linears.items():
             kind = name.rsplit(".", 1)[-1]
-            zeros[kind] = zeros.get(kind, 0) + int((lin.weight == 0).sum())
-            totals[kind] = totals.get(kind, 0) + lin.weight.numel()
-    per_type = {k: round(zeros[k] / totals[k], 5) for k in totals}
-    overall = sum(zeros.values()) / max(sum(totals.values()), 1)
-    return {"sparsity_by_type": per_type, "sparsity": round(overall, 5), "pruned_weights": sum(zeros.values())}
+            self.zeros[kind] = self.zeros.get(kind, 0) + int((lin.weight == 0).sum())
+            self.totals[kind] = self.totals.get(kind, 0) + lin.weight.numel()
+
+    def report(self) -> dict:
+        """Share of zero weights per layer type over all decoder blocks, and over all pruned layers."""
+        per_type = {k: round(self.zeros[k] / self.totals[k], 5) for k in self.totals}
+        overall = sum(self.zeros.values()) / max(sum(self.totals.values()), 1)
+        return {"sparsity_by_type": per_type, "sparsity": round(overall, 5), "pruned_weights": sum(self.zeros.values())}
 
 
 def _label(prefix: str, cfg: PruneConfig) -> str:
     return f"{prefix}{cfg.pattern.replace(':', '_')}" if cfg.pattern else f"{prefix}{round(cfg.sparsity * 100)}"
 
 
-def _check_modules(ctx: RunContext, cfg: PruneConfig) -> None:
-    if not any(_selected(layer, cfg.modules) for layer in decoder_layers(ctx.model)):
-        raise EdgeTailorError(f"No linear layer of the decoder blocks is named any of {cfg.modules}.",
+def _selected_in(block, modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """The block's linear layers to prune, by qualified name; none at all is the user's mistake, named."""
+    found = {name: lin for name, lin in block.linears().items() if name.rsplit(".", 1)[-1] in modules}
+    if not found and block.index == 0:
+        raise EdgeTailorError(f"No linear layer of the decoder blocks is named any of {modules}.",
                               "Use names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.")
-
-
-def _finish(ctx: RunContext, cfg: PruneConfig, label: str) -> None:
-    report = sparsity_report(ctx.model, cfg.modules)
-    ctx.mark_applied(label)
-    ctx.report(**report, pattern=cfg.pattern or None)
+    return found
 
 
 @register_step("prune.magnitude", PruneConfig, kind="transform", exports=EXPORTS,
-               summary="Zero the smallest weights of the linear layers (unstructured or N:M such as 2:4)")
+               summary="Zero the smallest weights of the linear layers (unstructured or N:M such as 2:4)",
+               streamed_ram=lambda cfg, shape: streamed_transform_need("prune.magnitude", shape),
+               disk_bytes=lambda cfg, params: params * 4)
 def magnitude_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
-    _check_modules(ctx, cfg)
-    layers = decoder_layers(ctx.model)
-    for i, layer in enumerate(layers):
-        ctx.check_cancelled()
-        for lin in _selected(layer, cfg.modules).values():
+    walk, count = ctx.transform_walk(), SparsityCount()
+    for block in walk:                    # one block's weights at a time; the pruned ones kept
+        linears = _selected_in(block, cfg.modules)
+        for lin in linears.values():
             _apply(lin, prune_mask(lin.weight.detach().abs().float(), cfg.sparsity, cfg.pattern, cfg.scope))
-        ctx.progress((i + 1) / len(layers), f"block {i + 1}/{len(layers)}")
-    _finish(ctx, cfg, _label("mag", cfg))
+        count.add(linears)
+        block.keep(linears)
+    _finish(ctx, cfg, _label("mag", cfg), walk, count)
 
 
 @register_step("prune.wanda", PruneConfig, kind="transform", exports=EXPORTS,
-               summary="Zero the weights with the smallest |weight| x input-activation norm on calibration text (Wanda)")
+               summary="Zero the weights with the smallest |weight| x input-activation norm on calibration text (Wanda)",
+               streamed_ram=lambda cfg, shape: streamed_transform_need("prune.wanda", shape,
+                                                                       cfg.calibration_sequences * cfg.seq_len),
+               disk_bytes=lambda cfg, params: params * 4)
 def wanda_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     if cfg.scope != "row":
         raise EdgeTailorError("Wanda compares weights within each output row (scope: row).",
                               "Remove 'scope' or set it to row.")
-    _check_modules(ctx, cfg)
-    model = ctx.model
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
     ctx.log(f"Wanda: {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
-    walk = BlockWalk(model, seqs, cancelled=ctx.cancel.is_set, progress=ctx.progress)
+    walk, count = ctx.transform_walk(seqs), SparsityCount()
     for block in walk:
-        mods = _selected(block.module, cfg.modules)
-        with recording_channel_stats(mods) as stats:
+        linears = _selected_in(block, cfg.modules)
+        with recording_channel_stats(linears) as stats:
             block.forward(advance=False)
-        for name, lin in mods.items():
+        for name, lin in linears.items():
             score = lin.weight.detach().abs().float() * stats[name].l2_norm.float().unsqueeze(0)
             _apply(lin, prune_mask(score, cfg.sparsity, cfg.pattern, "row"))
+        count.add(linears)
+        block.keep(linears)
         block.forward()                   # the pruned block's outputs feed the next one
-    _finish(ctx, cfg, _label("wanda", cfg))
+    _finish(ctx, cfg, _label("wanda", cfg), walk, count)
+
+
+def _finish(ctx: RunContext, cfg: PruneConfig, label: str, walk, count: SparsityCount) -> None:
+    ctx.mark_applied(label, walk.result())
+    ctx.report(**count.report(), pattern=cfg.pattern or None)

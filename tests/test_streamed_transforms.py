@@ -1,0 +1,167 @@
+"""Transforms streamed block by block: a pruning step over the lazy source holds one decoder block at a time,
+writes the blocks it changed to the run's scratch, and the next steps read the model from there. The result is
+the one the loaded model gives, weight for weight and byte for byte in the exported file."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from edgetailor.engine.context import JobOptions, RunContext
+from edgetailor.engine.registry import get_step
+from edgetailor.engine.runs import RunRecord
+from edgetailor.engine.sources import resolve
+
+
+def make_ctx(tmp_path, source, name="t") -> RunContext:
+    record = RunRecord.create(tmp_path / name, {"name": "t", "steps": []}, str(source), {})
+    return RunContext(record, resolve(str(source)), JobOptions(threads=2), emit=lambda e: None)
+
+
+def run_step(ctx, name: str, **params):
+    info = get_step(name)
+    ctx.step_name = name
+    ctx.record.manifest["steps"].append({"name": name, "params": params})
+    info.run(ctx, info.parse(params))
+    return ctx.record.manifest["steps"][-1].get("report", {})
+
+
+def gguf_sha(ctx, tmp_path, qtype: str) -> str:
+    from edgetailor.exporters import get_exporter
+
+    out = tmp_path / f"{ctx.record.id}-{qtype}.gguf"
+    get_exporter("gguf").export(ctx.weights(), ctx.tokenizer, ctx.source.path, out, {"type": qtype, "threads": 2})
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+IMATRIX = ("imatrix", {"hessians": True, "max_sequences": 4, "seq_len": 128})
+STEPS = [[("prune.magnitude", {"sparsity": 0.5})], [("prune.magnitude", {"pattern": "2:4"})],
+         [("prune.wanda", {"sparsity": 0.5, "calibration_sequences": 8, "seq_len": 128})],
+         [IMATRIX, ("awq.scale", {"bits": 3})],
+         [("prune.magnitude", {"sparsity": 0.3}), IMATRIX, ("awq.scale", {"bits": 4})],
+         [("prune.depth", {"blocks": 2, "calibration_sequences": 4, "seq_len": 64})],
+         [("prune.width", {"heads_keep": 0.5, "mlp_keep": 0.5, "hidden_keep": 0.75, "round_to": 8,
+                           "calibration_sequences": 4, "seq_len": 64})],
+         [("prune.magnitude", {"sparsity": 0.3}), ("prune.depth", {"blocks": 1, "calibration_sequences": 4,
+                                                                   "seq_len": 64})]]
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=["magnitude", "2_4", "wanda", "awq", "pruned-then-awq", "depth", "width",
+                                              "pruned-then-depth"])
+def test_a_streamed_transform_equals_the_loaded_one_and_never_loads_the_model(tmp_path, stories_dir, steps):
+    loaded = make_ctx(tmp_path, stories_dir, "loaded")
+    loaded.loaded                                            # a step loaded it: the transform runs in memory
+    want = [run_step(loaded, name, **params) for name, params in steps]
+    streamed = make_ctx(tmp_path, stories_dir, "streamed")
+    got = [run_step(streamed, name, **params) for name, params in steps]
+    assert got == want and streamed.applied == loaded.applied
+    view = streamed.weights()
+    assert getattr(view, "is_lazy", False) and streamed._loaded is None          # never loaded whole
+    assert view.config.to_dict() == loaded.model.config.to_dict()
+    state = loaded.model.state_dict()
+    assert set(view.state_dict()) == set(state)
+    for n, t in view.state_dict().items():
+        assert torch.equal(t.load().float(), state[n].float()), n
+    for qtype in ("F32", "Q4_K_M"):                            # the same file from either
+        assert gguf_sha(streamed, tmp_path, qtype) == gguf_sha(loaded, tmp_path, qtype), qtype
+    assert not list((streamed.record.folder / "scratch").rglob("*.partial"))
+    read = {t.file.parent for t in view.state_dict().values()}
+    for folder in (streamed.record.folder / "scratch" / "weights").glob("*"):
+        assert folder in read, folder                          # superseded blocks gave their disk back
+    again = streamed.model                                     # a later step that must hold it: the same model
+    assert all(torch.equal(again.state_dict()[n], state[n]) for n in state)
+
+
+def test_a_streamed_walk_holds_one_block_and_stores_pruned_bf16_weights_as_bf16(tmp_path, tiny_models):
+    """Zeros keep a bf16 source exactly in bf16 (no fp32 copy on disk); the walk never holds two blocks."""
+    from edgetailor.engine.walker import BlockWalk
+
+    ctx = make_ctx(tmp_path, tiny_models["llama"])
+    seen = []
+    real = BlockWalk.__iter__
+
+    def watched(walk):
+        for block in real(walk):
+            yield block
+            seen.append(walk.peak_materialised_bytes)
+    BlockWalk.__iter__ = watched
+    try:
+        run_step(ctx, "prune.magnitude", sparsity=0.25)
+    finally:
+        BlockWalk.__iter__ = real
+    view = ctx.weights()
+    one_block = sum(t.numel() * 4 for n, t in view.state_dict().items() if n.startswith("model.layers.0."))
+    assert seen and max(seen) == one_block
+    source_dtypes = {t.dtype for t in ctx.source_weights().state_dict().values()}
+    stored = {view.state_dict()[n].dtype for n in view.changed}
+    assert stored <= source_dtypes, (stored, source_dtypes)
+
+
+def test_a_pruned_run_streams_end_to_end_with_a_16_bit_reference(tiny_models, monkeypatch):
+    """Wanda, then Q4_K_M, then evaluation, with the reference in llama.cpp (as for a model too large for torch):
+    the model is never loaded whole; the file is checked against the pruned model's own 16-bit GGUF."""
+    import edgetailor.engine.reference as reference
+    from edgetailor.engine.job import JobSpec, run_job
+
+    monkeypatch.setattr(reference, "TORCH_REFERENCE_MAX_BYTES", 0)
+    events = []
+    recipe = {"name": "pruned", "steps": [
+        {"step": "prune.wanda", "params": {"sparsity": 0.3, "calibration_sequences": 4, "seq_len": 128}},
+        {"step": "export", "params": {"types": ["Q8_0"]}},
+        {"step": "evaluate", "params": {"windows": 1, "ctx": 64}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}), emit=events.append)
+    m = rec.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
+    logs = [str(e["data"].get("message", "")) for e in events if e["type"] == "log"]
+    assert any("reference file of the current model" in x for x in logs), logs
+    variant = rec.variant("wanda30-Q8_0")
+    assert variant["metrics"]["verify_kl"] < 0.1 and variant["metrics"]["perplexity"] > 1
+    assert not (rec.folder / "scratch").exists()
+
+
+def test_preflight_streams_a_pruning_recipe_of_an_8b_model_on_16_gb(tmp_path, monkeypatch):
+    import psutil
+    from edgetailor.engine.preflight import preflight
+    from edgetailor.engine.recipe import Recipe
+    from test_streaming import SixteenGB, _sparse_llama_8b
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
+    src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
+    rep = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+        {"step": "prune.wanda", "params": {"pattern": "2:4"}}, {"step": "export", "params": {"types": ["Q4_K_M"]}}]}))
+    assert rep.fits, rep.problems
+    wanda, export = rep.steps
+    assert "one decoder block at a time" in wanda["how"] and wanda["ram_bytes"] < 4 * 1024**3
+    assert "no fp32 copy" in export["how"]
+
+
+def test_a_family_whose_files_fuse_experts_is_pruned_loaded_instead(tmp_path, family_model):
+    """Qwen3-MoE's files keep one tensor per expert where transformers fuses them: no lazy walk, so the transform
+    loads the model whole and says so."""
+    ctx = make_ctx(tmp_path, family_model("qwen3_moe"))
+    logs = []
+    ctx._emit = lambda e: logs.append(e)
+    report = run_step(ctx, "prune.magnitude", sparsity=0.3, modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert 0.25 < report["sparsity"] < 0.35 and ctx._loaded is not None
+    assert any("Loading it whole" in str(e["data"].get("message", "")) for e in logs)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "granite"])
+def test_a_streamed_transform_of_a_converter_family_exports_through_a_folder_saved_shard_by_shard(
+        family, family_model, monkeypatch):
+    """Families llama.cpp's converter writes: the streamed model is saved as a folder from its lazy weights (the
+    converter reads folders), then checked against the pruned model's own 16-bit file; the model never loads."""
+    import edgetailor.engine.reference as reference
+    from edgetailor.engine.job import JobSpec, run_job
+
+    monkeypatch.setattr(reference, "TORCH_REFERENCE_MAX_BYTES", 0)
+    events = []
+    recipe = {"name": "pruned", "steps": [
+        {"step": "prune.magnitude", "params": {"sparsity": 0.3, "modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+        {"step": "export", "params": {"types": ["F16"]}}]}
+    rec = run_job(JobSpec(recipe=recipe, source=str(family_model(family)), options={"threads": 2}),
+                  emit=events.append)
+    assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+    assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
+    assert rec.variant("mag30-F16")["metrics"]["verify_kl"] < 1e-3
