@@ -101,18 +101,38 @@ def write_bundle(plan: BundlePlan, parent: str | Path) -> Path:
     if need > free:
         raise EdgeTailorError(f"The bundle needs {need / 1e6:.1f} MB, {parent} has {free / 1e6:.1f} MB free.",
                               "Free some space or pick another folder.")
-    with atomic.atomic_path(final) as tmp:
-        tmp.mkdir()
-        for e in plan.entries:
-            target = tmp / e.name
-            if e.source is not None:
-                if e.source.is_dir():
-                    shutil.copytree(e.source, target)
+    try:
+        with atomic.atomic_path(final) as tmp:
+            tmp.mkdir()
+            for e in plan.entries:
+                target = tmp / e.name
+                if e.source is not None:
+                    if e.source.is_dir():
+                        shutil.copytree(e.source, target)
+                    else:
+                        shutil.copy2(e.source, target)
                 else:
-                    shutil.copy2(e.source, target)
-            else:
-                target.write_text(e.text, encoding="utf-8")
+                    target.write_text(e.text, encoding="utf-8")
+    except (OSError, shutil.Error) as exc:   # nothing of the bundle is left there: say why, and where else to go
+        raise _write_error(exc, parent) from exc
     return final
+
+
+def _write_error(exc: BaseException, parent: Path) -> EdgeTailorError:
+    import errno
+    import os
+
+    code = exc.errno if isinstance(exc, OSError) else None
+    if isinstance(exc, shutil.Error):          # copytree gathers its failures: (source, target, reason) each
+        reasons = " ".join(str(r[-1]) for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else []))
+        code = errno.ENOSPC if "No space left" in reasons else errno.EACCES if "denied" in reasons else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return EdgeTailorError(f"The disk of {parent} filled up while the bundle was written; nothing was left there.",
+                               "Free some space there or pick another folder.")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EdgeTailorError(f"EdgeTailor may not write into {parent} ({os.strerror(code)}).",
+                               "Pick a folder you can write to (your home folder, for example).")
+    return EdgeTailorError(f"The bundle could not be written into {parent}: {exc}.", "Pick another folder.")
 
 
 def model_card(manifest: dict, variant: dict, model_name: str, sha256: str | None) -> str:

@@ -188,8 +188,22 @@ def final_logprobs(model, sequences: torch.Tensor, rows: int = 64, cancelled=Non
         for h in walk.final_hidden():
             flat = h.reshape(-1, h.shape[-1])
             for a in range(0, len(flat), rows):
-                out.append(torch.log_softmax(head(flat[a:a + rows]).float(), -1))
+                logits = final_logits(model.config, head(flat[a:a + rows]).float())
+                out.append(torch.log_softmax(logits, -1))
     return torch.cat(out)
+
+
+def final_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a family's causal-LM head does after its matrix (as its transformers forward does): Granite divides by
+    ``logits_scaling``, Gemma 2/3 cap with ``final_logit_softcapping``."""
+    text = getattr(config, "text_config", None) or config
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def depth_kl(model, sequences: torch.Tensor, drops: list[list[int]], cancelled=None) -> list[float]:

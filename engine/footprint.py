@@ -17,6 +17,7 @@ measured peaks.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class ModelShape:
     kv_dim: int = 0                 # key/value heads x head_dim (k_proj's and v_proj's output width)
     heads: int = 1                  # attention heads
     embedding_params: int = 0       # input embeddings + an untied output head
+    transformed: bool = False       # as a step after a transform sees it (its reference is walked, not loaded)
 
     @property
     def fp32_bytes(self) -> int:
@@ -166,12 +168,16 @@ def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
     if not gguf:
         return None
     largest = shape.largest_tensor_params * 2 * 3
-    reference = shape.fp32_bytes if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES else 0
+    if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
+        name, reference = "reference (walked: one block and the output head, fp32)", \
+            shape.block_params * 4 + shape.vocab * shape.hidden * 4
+    elif shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
+        name, reference = "reference (fp32 torch model)", shape.fp32_bytes
+    else:
+        name, reference = "reference (16-bit GGUF, mapped by llama.cpp)", 0
     return StepNeed(step, PROCESS_BYTES + largest + reference,
-                    "writes the source tensor by tensor from its files (no fp32 copy of the model)",
-                    {"process": PROCESS_BYTES, "largest tensor, read and written": largest,
-                     "reference (fp32 torch model)" if reference else "reference (16-bit GGUF, mapped by llama.cpp)":
-                         reference})
+                    "writes the model tensor by tensor from its files (no fp32 copy of the model)",
+                    {"process": PROCESS_BYTES, "largest tensor, read and written": largest, name: reference})
 
 
 def streamed_transform_need(step: str, shape: ModelShape, tokens: int = 0, seq_len: int = 256) -> StepNeed:
@@ -239,4 +245,6 @@ def recipe_needs(recipe, shape: ModelShape) -> list[StepNeed]:
             need = info.held_ram(cfg, shape) or whole_model(step.name, shape, info.ram_multiple(cfg))
             streaming = False
         needs.append(need)
+        if info.kind == "transform":
+            shape = dataclasses.replace(shape, transformed=True)
     return needs

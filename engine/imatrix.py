@@ -78,16 +78,23 @@ def _full_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     acc += x.T @ x
 
 
+def _double_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    x = x.double()
+    acc += x.T @ x
+
+
 class InputCollector:
     """The one collector of linear layers' input statistics, fed by forward pre-hooks: per layer the sum of x^2
     per channel and the token count; per distinct input tensor (q/k/v share one, gate/up another) X^T X where
     ``hessians`` asks for it (True, or a predicate on the layer name). ``input_of`` maps each layer to the key
     of its input; ``gram(acc, x)`` adds x^T x (default: the full product; the GPTQ writer passes its
-    upper-triangle product)."""
+    upper-triangle product); ``dtype`` of the X^T X accumulators (float64 for low-rank's whitening)."""
 
-    def __init__(self, hessians: bool | Callable[[str], bool], gram: Callable | None = None):
+    def __init__(self, hessians: bool | Callable[[str], bool], gram: Callable | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.wants_gram = hessians if callable(hessians) else (lambda name, on=bool(hessians): on)
-        self.gram = gram or _full_gram
+        self.gram = gram or (_full_gram if dtype == torch.float32 else _double_gram)
+        self.dtype = dtype
         self.sum_sq: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.xtx: dict[str, torch.Tensor] = {}
@@ -102,7 +109,7 @@ class InputCollector:
         if not self.last["gram"] and self.wants_gram(name):
             x2 = self.last["x2"]
             if key not in self.xtx:
-                self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
+                self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype)
             self.gram(self.xtx[key], x2)
             self.last["gram"] = True
         self.input_of[name] = key

@@ -65,50 +65,36 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
     """Write the task's file, check it against the source, evaluate and benchmark it per KV type."""
     import torch
 
-    from ..exporters.gguf import verify_gguf
-    from ..exporters.gguf_calibrated import export_calibrated
+    from ..exporters import get_exporter
+    from ..exporters.gguf_calibrated import Calibration
     from .atomic import atomic_path
     from .lazy import LazyModel
     from .modeling import load_tokenizer
     from .sources import resolve
-    from .verification import verify_against_source
+    from .verification import export_checked, walked_logprobs
 
     say = progress or (lambda f, m: None)
     source = resolve(task.source, trust_remote_code=task.trust_remote_code)
-    tokenizer = load_tokenizer(source)
     model = LazyModel(source.path, trust_remote_code=task.trust_remote_code)
     if task.drop_blocks:
         model = model.without_blocks(task.drop_blocks)
     torch.set_num_threads(task.threads)
-    t0 = time.perf_counter()
+
+    def reference():               # checked against the model it was written from (without the dropped blocks)
+        windows, logprobs = load_verification(task.verify)
+        return windows, walked_logprobs(model, windows, cancelled) if task.drop_blocks else logprobs
+
+    calibration = Calibration(torch.tensor(task.sequences), task.method, types=task.types)
     with atomic_path(Path(task.out)) as tmp:
-        export_calibrated(model, tokenizer, source.path, tmp, task.file_type, torch.tensor(task.sequences),
-                          task.method, types=task.types, progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
-        if not verify_gguf(tmp):
-            raise EdgeTailorError(f"{Path(task.out).name} could not be verified.", "See the log.")
-        windows, reference = load_verification(task.verify)
-        if task.drop_blocks:       # checked against the model it was written from: the source without those blocks
-            reference = pruned_reference(model, windows)
-        found = verify_against_source("gguf", task.file_type, tmp, reference, windows, threads=task.threads)
-        if cancelled and cancelled():
-            raise RunCancelled()
-    seconds = time.perf_counter() - t0
-    out = {"name": task.name, "path": task.out, "seconds": seconds,
-           "agreement": {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}, "measured": {}}
+        _, seconds, _, agreement = export_checked(
+            get_exporter("gguf"), model, load_tokenizer(source), source.path, tmp,
+            {"type": task.file_type, "calibration": calibration}, reference, threads=task.threads,
+            progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
+    out = {"name": task.name, "path": task.out, "seconds": seconds, "agreement": agreement, "measured": {}}
     for j, kv in enumerate(task.kv_types):
         say(0.6 + 0.4 * j / len(task.kv_types), f"{task.name}: evaluating and benchmarking with a {kv} KV cache")
         out["measured"][kv] = measure(task, kv, cancelled)
     return out
-
-
-def pruned_reference(model, windows: list[list[int]]) -> list:
-    """Log-probabilities of a (lazy, pruned) model on the check windows, one block at a time."""
-    import torch
-
-    from .calibration import final_logprobs
-
-    lp = final_logprobs(model, torch.tensor(windows)).numpy()
-    return list(lp.reshape(len(windows), len(windows[0]), -1))
 
 
 def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:

@@ -53,52 +53,32 @@ def choose(ctx: RunContext) -> ReferenceChoice:
     return choice
 
 
-def reference_gguf(ctx: RunContext, choice: ReferenceChoice, current: bool = False) -> Path:
-    """Write the 16-bit reference file once per run (scratch; removed with the run's scratch folder); ``current``:
-    of the current model as streamed transforms left it (once per state of the model)."""
-    if choice.path and Path(choice.path).exists() and not current:
+def reference_gguf(ctx: RunContext, choice: ReferenceChoice) -> Path:
+    """Write the 16-bit reference file once per run (scratch; removed with the run's scratch folder)."""
+    if choice.path and Path(choice.path).exists():
         return Path(choice.path)
     from ..exporters import get_exporter
     from .atomic import atomic_path
 
-    tag = "-" + "+".join(ctx.applied) if current and ctx.applied else ""
-    path = ctx.record.folder / "scratch" / f"reference-{choice.type}{tag}.gguf"
-    if path.exists():
-        return path
+    path = ctx.record.folder / "scratch" / f"reference-{choice.type}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = ctx.weights() if current else ctx.source_weights()
-    options = {"type": choice.type, "threads": ctx.options.resolved_threads()}
-    if not tag:
-        options["source_dir"] = ctx.source.path
-    ctx.log(f"Writing the {choice.type} reference file of the {'current' if tag else 'source'} model's weights")
+    ctx.log(f"Writing the {choice.type} reference file from the source's safetensors")
     with atomic_path(path) as tmp:
-        get_exporter("gguf").export(weights, ctx.tokenizer, ctx.source.path, tmp, options, cancelled=ctx.cancel.is_set)
-    if not tag:
-        choice.path = str(path)
-        ctx.record.manifest["reference"] = choice.to_dict()
-        ctx.record.save()
+        get_exporter("gguf").export(ctx.source_weights(), ctx.tokenizer, ctx.source.path, tmp,
+                                    {"type": choice.type, "source_dir": ctx.source.path,
+                                     "threads": ctx.options.resolved_threads()},
+                                    cancelled=ctx.cancel.is_set)
+    choice.path = str(path)
+    ctx.record.manifest["reference"] = choice.to_dict()
+    ctx.record.save()
     return path
 
 
-def open_reference(ctx: RunContext, n_ctx: int, current: bool = False):
-    """A runtime for the untouched source's logits (``current``: the current model's, streamed transforms
-    included), as ``choose`` decided for the source's size."""
+def open_reference(ctx: RunContext, n_ctx: int):
+    """A runtime for the untouched source's logits, as ``choose`` decided."""
     from .runtimes import TorchRuntime, open_runtime
 
     choice = choose(ctx)
     if choice.format == "torch":
-        model = materialised(ctx) if current else ctx.load_baseline().model
-        return TorchRuntime(model, ctx.options.resolved_threads())
-    return open_runtime("gguf", reference_gguf(ctx, choice, current), n_ctx=n_ctx,
-                        threads=ctx.options.resolved_threads())
-
-
-def materialised(ctx: RunContext):
-    """The current model in torch without keeping it in the run (read from its lazy files): for models small enough
-    to be their own reference; held only by its caller."""
-    import torch
-
-    weights = ctx.weights()
-    if not getattr(weights, "is_lazy", False):
-        return weights
-    return weights.materialise(getattr(torch, ctx.options.dtype))
+        return TorchRuntime(ctx.load_baseline().model, ctx.options.resolved_threads())
+    return open_runtime("gguf", reference_gguf(ctx, choice), n_ctx=n_ctx, threads=ctx.options.resolved_threads())

@@ -116,21 +116,58 @@ def verify_against_source(fmt: str, qtype: str, path, reference: list[np.ndarray
     return found
 
 
-def check_variant(ctx: RunContext, model, fmt: str, qtype: str, path) -> dict:
-    """The file against the model it was written from, on fixed windows (raises with the numbers when off)."""
+def walked_logprobs(model, windows: list[list[int]], cancelled=None) -> list[np.ndarray]:
+    """A lazily read model's log-probabilities on the windows, one decoder block at a time (the block walker; the
+    output head in fp32): the reference of a model that exists only as files (streamed transforms, a planner's
+    pruned candidate)."""
+    import torch
+
+    from .calibration import final_logprobs
+
+    lp = final_logprobs(model, torch.tensor(windows), cancelled=cancelled).numpy()
+    return list(lp.reshape(len(windows), len(windows[0]), -1))
+
+
+def export_checked(exporter, model, tokenizer, tokenizer_dir, tmp, options: dict, reference: Callable | None,
+                   threads: int | None = None, progress=None, cancelled=None):
+    """The one write-and-check of a file (the export loop's and the planner's candidates'): ``exporter`` writes
+    ``model`` at ``tmp``, the file is loaded back in its runtime and, when ``reference()`` gives the fixed
+    windows and the written model's log-probs on them, compared with it (raises with the numbers when off).
+    Returns (the export result, its seconds, the runtime's load check, the agreement figures)."""
+    import time
+
+    from .errors import RunCancelled
+
+    t0 = time.perf_counter()
+    result = exporter.export(model, tokenizer, tokenizer_dir, tmp, options, progress=progress, cancelled=cancelled)
+    seconds = time.perf_counter() - t0
+    if reference is None:
+        return result, seconds, {}, {}
+    checked = exporter.verify(tmp)
+    if not checked:
+        raise EdgeTailorError(f"{tmp.name} could not be verified.", "See the log.")
+    windows, logprobs = reference()
+    found = verify_against_source(exporter.format, options.get("type"), tmp, logprobs, windows, threads=threads)
+    if cancelled and cancelled():
+        raise RunCancelled()
+    return result, seconds, checked, {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}
+
+
+def check_reference(ctx: RunContext, model) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The fixed windows and ``model``'s log-probs on them, measured once per state of the model (held)."""
     if ctx.held("verification") is None:
         windows = check_windows(ctx.tokenizer, ctx.calibration_text())
-        if getattr(model, "is_lazy", False):         # never loaded: the reference runtime of the source, or of
-            from .reference import open_reference    # the model its streamed transforms left
+        if getattr(model, "is_lazy", False) and ctx.applied:     # what streamed transforms left: walked
+            reference = walked_logprobs(model, windows, cancelled=ctx.cancel.is_set)
+        elif getattr(model, "is_lazy", False):       # the untouched source, never loaded: its reference runtime
+            from .reference import open_reference
 
-            with open_reference(ctx, n_ctx=WINDOW_TOKENS, current=bool(ctx.applied)) as rt:
+            with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
                 reference = [log_softmax(rt.logits(w)) for w in windows]
         else:
             reference = source_logprobs(model, windows)
         ctx.hold("verification", (windows, reference))
-    windows, reference = ctx.held("verification")
-    found = verify_against_source(fmt, qtype, path, reference, windows, threads=ctx.options.resolved_threads())
-    return {"verify_kl": round(found["kl"], 8), "verify_top1": round(found["top1"], 4)}
+    return ctx.held("verification")
 
 
 class WrongFileError(EdgeTailorError):

@@ -373,6 +373,7 @@ class Calibration:
     mix: str = "llama.cpp"                  # llama.cpp's types per tensor, or "measured": by measured sensitivity
     target_bytes: int | None = None         # one measured mix of this size, instead of the type's size
     sensitivity: object | None = None       # engine.sensitivity's measurements, when a step shares them
+    types: dict | None = None               # each tensor's type, chosen already (the planner's candidates)
 
     @property
     def planned(self) -> bool:
@@ -394,6 +395,9 @@ def export_with_calibration(model, tokenizer, tokenizer_dir, out: Path, qtype: s
                             progress=None, cancelled=None) -> dict:
     """A calibrated file of llama.cpp's mix ``qtype``, of a measured mix at its size, or of a size target."""
     require_own_writer(model.config)
+    if cal.types is not None:
+        return export_calibrated(model, tokenizer, tokenizer_dir, out, qtype, cal.sequences, cal.method,
+                                 types=cal.types, progress=progress, cancelled=cancelled)
     if cal.planned:
         return export_to_target(model, tokenizer, tokenizer_dir, out, cal.target_bytes, cal.sequences, cal.method,
                                 progress=progress, cancelled=cancelled,

@@ -186,3 +186,59 @@ def test_the_models_cache_that_fills_while_converting_a_gguf_source_leaves_no_ha
     models = disk / "data" / "models"
     assert not models.exists() or not any(p.is_dir() for p in models.iterdir()), list(models.rglob("*"))[:10]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- the window, after it started: its export destination and the settings it keeps -------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, stories_dir) -> Path:
+    """A run with one small variant to export (made on a roomy disk)."""
+    disk = tmp_path_factory.mktemp("run-for-export")
+    recipe = disk / "recipe.json"
+    recipe.write_text(json.dumps({"name": "export", "steps": [{"step": "export", "params": {"types": ["F16"]}}]}))
+    assert _compress(disk, stories_dir, recipe).returncode == EXIT_OK
+    (run,) = (disk / "data" / "runs").iterdir()
+    return run
+
+
+def _export_into(qtbot, run: Path, folder: Path):
+    from edgetailor.engine.bundle import plan_bundle
+    from edgetailor.ui.export_dialog import ExportDialog
+
+    dialog = ExportDialog(plan_bundle(run, "base-F16"), str(folder))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.save()
+    return dialog
+
+
+def test_exporting_into_a_read_only_folder_says_so_and_leaves_the_dialog_open(qtbot, small_disk, finished_run):
+    disk = small_disk(4096)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    dialog = _export_into(qtbot, finished_run, disk)
+    assert dialog.written is None and dialog.isVisible()            # the user picks another folder and saves again
+    said = dialog.last_error.text() + " " + dialog.last_error.informativeText()
+    assert "may not write" in said and "Pick a folder you can write to" in said and "bug" not in said, said
+
+
+def test_a_disk_that_fills_while_a_bundle_is_written_leaves_no_half_bundle(qtbot, small_disk, finished_run):
+    disk = small_disk(16384, ",nr_inodes=3")                        # room for the bytes, not for every file
+    dialog = _export_into(qtbot, finished_run, disk)
+    said = dialog.last_error.text() + " " + dialog.last_error.informativeText()
+    assert dialog.written is None and "filled up" in said and "another folder" in said, said
+    assert list(disk.iterdir()) == []                                # nothing half-written left there
+
+
+def test_settings_that_cannot_be_saved_are_said_in_the_status_bar(qtbot, small_disk, stories_dir, monkeypatch):
+    """The data folder turns read-only after the window started: the settings it keeps cannot be written; the
+    window says so (it does not lose them silently) and goes on."""
+    from test_gui import make_window
+
+    disk = small_disk(4096)
+    monkeypatch.setenv("EDGETAILOR_HOME", str(disk / "home"))
+    w = make_window(qtbot, disk / "home" / "runs", stories_dir)
+    assert w.sync_settings() and w.settings_warning is None
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    w.budget_panel.set_profile("pixel-8")
+    w.save_settings()
+    assert w.settings_warning is not None and w.settings_warning.isVisible()
+    assert "read-only or full" in w.settings_warning.toolTip() and "--home" in w.settings_warning.toolTip()

@@ -101,3 +101,18 @@ def test_a_walk_reports_blocks_with_a_time_estimate_and_cancels_within_a_block(s
         with torch.nn.modules.module.register_module_forward_hook(lambda *a: batches.append(1)):
             block.forward()
     assert len(batches) < 4 * 10          # stopped after two batches' modules, not at the block's end
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2", "gemma3_text"])
+def test_walked_logprobs_are_the_models_own_for_families_that_scale_or_cap_their_logits(family, family_model):
+    """Granite divides its logits by logits_scaling, Gemma 2/3 soft-cap them: the walked head does the same."""
+    from edgetailor.engine.calibration import final_logprobs
+    from transformers import AutoModelForCausalLM
+
+    folder = family_model(family)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seqs = torch.randint(3, 200, (2, 24))
+    with torch.inference_mode():
+        want = torch.log_softmax(model(input_ids=seqs).logits.float(), -1).reshape(-1, model.config.vocab_size)
+    got = final_logprobs(LazyModel(folder), seqs)
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())

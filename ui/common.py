@@ -75,6 +75,11 @@ def problem_and_fix(error) -> tuple[str, str]:
         return error.get("problem") or "The run failed.", error.get("fix") or ""
     if isinstance(error, MemoryError):
         return "The machine ran out of memory.", "Close other programs or pick a smaller model."
+    from edgetailor.engine.job import machine_error
+
+    found = machine_error(error)        # a full disk, a folder that may not be written
+    if found:
+        return found["problem"], found["fix"]
     return f"{type(error).__name__}: {error}", "This is likely a bug in EdgeTailor; please report it."
 
 

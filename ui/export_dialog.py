@@ -29,6 +29,7 @@ class ExportDialog(QDialog):
         self.setObjectName("exportDialog")
         self.plan = plan
         self.written: Path | None = None
+        self.last_error = None                    # the error box of the last failed save
         v = plan.variant
         intro = QLabel(f"<b>{html.escape(v['name'])}</b> ({html.escape(v['format'])}) is written as the folder "
                        f"<b>{html.escape(plan.folder_name)}</b>, holding:")
@@ -75,6 +76,6 @@ class ExportDialog(QDialog):
         try:
             self.written = write_bundle(self.plan, self.folder.text().strip())
         except Exception as exc:
-            show_error(self, "Export failed", exc)
+            self.last_error = show_error(self, "Export failed", exc)
             return
         self.accept()

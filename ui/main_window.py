@@ -99,6 +99,7 @@ class MainWindow(QMainWindow):
         split.setSizes([LEFT_MIN_WIDTH + 60, 1000])      # the results need the room; the left panel scrolls
         self.setCentralWidget(split)
         self.status_label = QLabel()
+        self.settings_warning: QLabel | None = None     # shown once the settings could not be saved
         self.statusBar().addWidget(self.status_label, 1)
 
         self._results_timer = QTimer(self)       # results redraw at most every 300 ms, however many metrics arrive
@@ -190,6 +191,7 @@ class MainWindow(QMainWindow):
             self.last_error = show_error(self, "Could not start the run", exc)
             return
         self.model_panel.remember(spec)
+        self.save_settings()                 # the choices a run was started with, kept now
 
     def cancel_selected(self) -> None:
         rid = self.queue.current()
@@ -286,6 +288,7 @@ class MainWindow(QMainWindow):
     def _exported(self, dialog: ExportDialog) -> None:
         self.settings.setValue("export_folder", str(dialog.written.parent))
         self.status_label.setText(f"Exported to {dialog.written}")
+        self.sync_settings()
 
     def _try_variant(self, name: str) -> None:
         self.try_panel.choose(name)
@@ -313,7 +316,24 @@ class MainWindow(QMainWindow):
         for key in ("memory_bytes", "min_decode_tps", "max_j_per_token", "max_ppl_increase_pct", "max_kl"):
             self.settings.setValue(f"budget/{key}", b[key] or 0)
         self.settings.setValue("recipe/preset", self.recipe_panel.preset_name)
+        self.sync_settings()
+
+    def sync_settings(self) -> bool:
+        """Write the settings now; when the data folder cannot take them (read-only, full), say so in the status
+        bar rather than lose them silently."""
         self.settings.sync()
+        if self.settings.status() == QSettings.Status.NoError:
+            return True
+        if self.settings_warning is None:
+            self.settings_warning = QLabel()
+            self.settings_warning.setObjectName("settingsWarning")
+            self.statusBar().addPermanentWidget(self.settings_warning)
+        self.settings_warning.setText("⚠ Settings not saved")
+        self.settings_warning.setToolTip(
+            f"Settings could not be saved to {self.settings.fileName()}: its disk is read-only or full.\n"
+            "Fix: free space on that disk or make it writable, or start EdgeTailor with --home on a writable "
+            "folder. Until then your choices last until you quit.")
+        return False
 
     def restore_settings(self) -> None:
         """What ``save_settings`` kept; a value that no longer makes sense (a removed profile, garbage) is skipped."""

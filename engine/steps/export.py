@@ -1,17 +1,15 @@
 """Export the current model to a runtime format, one variant per type; each file is verified by loading it."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..context import RunContext
-from ..errors import EdgeTailorError
 from ..footprint import export_need
 from ..plain import plain_weights
 from ..registry import register_step
 from ..runs import Variant
-from ..verification import check_variant
+from ..verification import check_reference, export_checked
 
 
 @dataclass
@@ -73,16 +71,12 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
         filename = f"{ctx.source.display_name}-{variant}{exporter.suffix}"
         qtype = job.options.get("type")
         ctx.progress(i / n, f"{exporter.format} {job.label}")
-        t0 = time.perf_counter()
         with ctx.artifact(filename) as tmp:
-            result = exporter.export(model, ctx.tokenizer, ctx.source.path, tmp, job.options,
-                                     progress=lambda f, m, i=i: ctx.progress((i + f * 0.9) / n, f"{qtype}: {m}"),
-                                     cancelled=ctx.cancel.is_set)
-            seconds = time.perf_counter() - t0
-            checked = exporter.verify(tmp) if verify else {}
-            if verify and not checked:
-                raise EdgeTailorError(f"{filename} could not be verified.", "See the log.")
-            agreement = check_variant(ctx, model, exporter.format, qtype, tmp) if verify else {}
+            result, seconds, checked, agreement = export_checked(
+                exporter, model, ctx.tokenizer, ctx.source.path, tmp, job.options,
+                (lambda: check_reference(ctx, model)) if verify else None, threads=ctx.options.resolved_threads(),
+                progress=lambda f, m, i=i: ctx.progress((i + f * 0.9) / n, f"{qtype}: {m}"),
+                cancelled=ctx.cancel.is_set)
         if on_written:
             on_written(result.info)
         path = ctx.record.artifacts_dir / filename

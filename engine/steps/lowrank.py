@@ -27,8 +27,6 @@ from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Linear layers that read the same input share one covariance (one Cholesky factor).
-_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 class LowRankLinear(nn.Module):
@@ -97,30 +95,16 @@ def target_linears(model, targets) -> dict[str, nn.Linear]:
 
 
 def input_covariances(model, linears: dict[str, nn.Linear], sequences, progress=None, cancelled=None) -> dict:
-    """X^T X (float64) of each linear layer's input over the calibration sequences."""
+    """X^T X (float64) of each linear layer's input over the calibration sequences (the one input collector;
+    layers fed the same input, as q/k/v and gate/up, share one matrix)."""
     from ..calibration import run_batches
+    from ..imatrix import InputCollector
 
-    def key(name):
-        head, last = name.rsplit(".", 1)
-        return f"{head}.{_SAME_INPUT.get(last, last)}"
-
-    cov: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in linears.items():
-        if key(name) != name and key(name) in linears:
-            continue
-
-        def hook(module, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            cov[name] = cov.get(name, 0) + x.T @ x
-
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
+    collector = InputCollector(hessians=True, dtype=torch.float64)
+    with collector.hooks(linears):
         run_batches(model, sequences, progress=progress, cancelled=cancelled)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: cov[key(name)] if key(name) in cov else cov[name] for name in linears}
+    collector.done()
+    return {name: collector.xtx[collector.input_of[name]] for name in linears}
 
 
 @dataclass
