@@ -7,23 +7,15 @@ import hashlib
 
 import pytest
 import torch
-from edgetailor.engine.context import JobOptions, RunContext
+from edgetailor.engine.context import RunContext
 from edgetailor.engine.registry import get_step
-from edgetailor.engine.runs import RunRecord
 from edgetailor.engine.sources import resolve
+from test_pruning import make_ctx as pruning_ctx
+from test_pruning import run_step
 
 
 def make_ctx(tmp_path, source, name="t") -> RunContext:
-    record = RunRecord.create(tmp_path / name, {"name": "t", "steps": []}, str(source), {})
-    return RunContext(record, resolve(str(source)), JobOptions(threads=2), emit=lambda e: None)
-
-
-def run_step(ctx, name: str, **params):
-    info = get_step(name)
-    ctx.step_name = name
-    ctx.record.manifest["steps"].append({"name": name, "params": params})
-    info.run(ctx, info.parse(params))
-    return ctx.record.manifest["steps"][-1].get("report", {})
+    return pruning_ctx(tmp_path / name, source)
 
 
 def gguf_sha(ctx, tmp_path, qtype: str) -> str:
