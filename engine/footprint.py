@@ -50,6 +50,11 @@ class ModelShape:
     heads: int = 1                  # attention heads
     embedding_params: int = 0       # input embeddings + an untied output head
     transformed: bool = False       # as a step after a transform sees it (its reference is walked, not loaded)
+    stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
+
+    @property
+    def stored_bytes_per_weight(self) -> float:
+        return self.stored_bytes / self.params if self.params and self.stored_bytes else 4.0
 
     @property
     def fp32_bytes(self) -> int:
@@ -65,7 +70,7 @@ class ModelShape:
         from .architectures import ModelDims
 
         q_dim = ModelDims.of(cfg).q_dim
-        largest, total = 0, params_total or 0
+        largest, total, stored = 0, params_total or 0, 0
         streamable = bool(folder and any(Path(folder).glob("*.safetensors")))
         if streamable:
             from .lazy import read_header
@@ -77,12 +82,14 @@ class ModelShape:
                     for d in info["shape"]:
                         n *= int(d)
                     largest, counted = max(largest, n), counted + n
+                    stored += info["data_offsets"][1] - info["data_offsets"][0]
             total = total or counted
         embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
         block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
         dims = ModelDims.of(cfg)
         return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
-                   dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2))
+                   dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
+                   stored_bytes=stored)
 
 
 @dataclass
@@ -178,6 +185,13 @@ def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
     return StepNeed(step, PROCESS_BYTES + largest + reference,
                     "writes the model tensor by tensor from its files (no fp32 copy of the model)",
                     {"process": PROCESS_BYTES, "largest tensor, read and written": largest, name: reference})
+
+
+def scratch_bytes(shape: ModelShape, exact: bool = True) -> int:
+    """The decoder blocks a streamed transform writes to the run's scratch: in their stored dtype when the change
+    keeps them exact there (pruning zeroes or drops weights), else fp32 (AWQ's scaled weights)."""
+    blocks = max(shape.params - shape.embedding_params, 0)
+    return int(blocks * (shape.stored_bytes_per_weight if exact else 4))
 
 
 def streamed_transform_need(step: str, shape: ModelShape, tokens: int = 0, seq_len: int = 256) -> StepNeed:

@@ -103,8 +103,10 @@ def safetensors_parameter_count(folder: Path) -> tuple[int, int, str] | None:
     return n, nbytes, "/".join(sorted(dtypes))
 
 
-def estimate_job(recipe, params_total: int) -> tuple[float, int]:
-    """(RAM multiple of the fp32 model, disk bytes) that a recipe's steps need."""
+def estimate_job(recipe, shape: ModelShape) -> tuple[float, int]:
+    """(RAM multiple of the fp32 model, disk bytes) that a recipe's steps need: what each step writes, and a
+    large source's 16-bit reference GGUF (``engine.reference``), which the run keeps in its scratch."""
+    from .reference import TORCH_REFERENCE_MAX_BYTES
     from .registry import get_step
 
     ram_multiple = 1.0
@@ -114,7 +116,9 @@ def estimate_job(recipe, params_total: int) -> tuple[float, int]:
             info = get_step(step.name)
             cfg = info.parse(step.params)
             ram_multiple = max(ram_multiple, info.ram_multiple(cfg))
-            disk += int(info.disk_bytes(cfg, params_total))
+            disk += int(info.disk_bytes(cfg, shape))
+        if recipe.steps and shape.fp32_bytes > TORCH_REFERENCE_MAX_BYTES:
+            disk += shape.params * 2
     return ram_multiple, disk
 
 
@@ -179,8 +183,8 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
         context_length=int(cfg.get("max_position_embeddings") or 0))
     _family(report, spec, cfg, recipe)
 
-    ram_multiple, disk = estimate_job(recipe, params["total"])
     shape = ModelShape.from_config(cfg, src.path, params["total"])
+    ram_multiple, disk = estimate_job(recipe, shape)
     needs = recipe_needs(recipe, shape) if recipe is not None and recipe.steps else []
     report.steps = [n.to_dict() for n in needs]
     report.ram_needed_bytes = max((n.ram_bytes for n in needs), default=0) or \

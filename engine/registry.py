@@ -36,7 +36,8 @@ class StepInfo:
     exports: str = ""
     needs_supported_arch: bool = True
     ram_multiple_fn: Callable[[Any], float] | None = None
-    disk_bytes_fn: Callable[[Any, int], float] | None = None
+    #: disk the step writes, files and scratch: (config, ModelShape) -> bytes
+    disk_bytes_fn: Callable[[Any, Any], float] | None = None
     #: RAM when the step reads the untouched source from its files: (config, ModelShape) -> StepNeed, or None
     #: where it cannot (see ``engine.footprint``)
     streamed_ram_fn: Callable[[Any, Any], Any] | None = None
@@ -57,8 +58,8 @@ class StepInfo:
     def held_ram(self, cfg, shape):
         return self.held_ram_fn(cfg, shape) if self.held_ram_fn else None
 
-    def disk_bytes(self, cfg, params_total: int) -> float:
-        return self.disk_bytes_fn(cfg, params_total) if self.disk_bytes_fn else 0
+    def disk_bytes(self, cfg, shape) -> float:
+        return self.disk_bytes_fn(cfg, shape) if self.disk_bytes_fn else 0
 
     def describe(self) -> dict:
         fields = []

@@ -83,6 +83,19 @@ class SixteenGB:
     available = 16 * 1024**3
 
 
+def a_16_gb_machine(monkeypatch, disk_free: float = 500e9) -> dict:
+    """RAM of a 16 GB laptop and a disk with ``disk_free`` bytes free, whatever the machine running the tests
+    has; returns the free-disk figure to change."""
+    import shutil
+
+
+    free = {"bytes": disk_free}
+    a_16_gb_machine(monkeypatch)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2e12, 2e12 - free["bytes"],
+                                                                                 free["bytes"]))
+    return free
+
+
 def _sparse_llama_8b(folder):
     """Llama-3.1-8B's tensors as a sparse bf16 safetensors file: real headers, zeros (no disk blocks)."""
     import json
@@ -117,11 +130,10 @@ def _sparse_llama_8b(folder):
 
 
 def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_path, monkeypatch):
-    import psutil
     from edgetailor.engine import Recipe, preflight, resolve
 
     src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
+    a_16_gb_machine(monkeypatch)
     export = Recipe.from_dict({"name": "x", "steps": [{"step": "export", "params": {"types": ["Q4_K_M"]}}]})
     rep = preflight(src, export)
     assert rep.parameters["total"] > 8e9 and rep.fits, rep.problems
@@ -146,11 +158,10 @@ def test_training_steps_say_what_they_hold_and_an_8b_distillation_is_refused_wit
                                                                                               monkeypatch):
     """Distillation and LoRA: weights, gradients, AdamW's moments, the teacher and the activations, per step, before
     anything runs; an 8B model is too large to distil on 16 GB, LoRA's optimizer state is a sliver of it."""
-    import psutil
     from edgetailor.engine import Recipe, preflight, resolve
 
     src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
+    a_16_gb_machine(monkeypatch)
     rep = preflight(src, Recipe.from_dict({"name": "x", "steps": [
         {"step": "prune.magnitude"}, {"step": "distill", "params": {"steps": 10, "bf16": False}}]}))
     prune, distill = rep.steps

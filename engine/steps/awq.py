@@ -22,6 +22,7 @@ import torch
 
 from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
+from ..footprint import scratch_bytes
 from ..registry import register_step
 
 GROUPS = ("attn_in", "mlp_in", "mlp_down")
@@ -161,7 +162,7 @@ def _streamed_need(shape):
                summary="AWQ-style per-channel scaling folded into the norms and up_proj (equivalent model, easier to quantize)",
                exports="GGUF and ONNX natively: the scales fold into existing weights, so the graph is unchanged",
                ram_multiple=1.2, streamed_ram=lambda cfg, shape: _streamed_need(shape),
-               disk_bytes=lambda cfg, params: params * 4)
+               disk_bytes=lambda cfg, shape: scratch_bytes(shape, exact=False))
 def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
     from .imatrix import current_stats, keep_stats
 

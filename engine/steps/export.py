@@ -32,16 +32,18 @@ class ExportConfig:
             exporter.check_options({**self.options, "type": t})
 
 
-def _disk(cfg: ExportConfig, params_total: int) -> float:
+def _disk(cfg: ExportConfig, shape) -> float:
+    """Each file, and for k-quants the 16-bit (F32 under 2B parameters) intermediate llama.cpp's quantizer reads
+    while they are written (``exporters.gguf.intermediate_type``)."""
     from ..preflight import GGUF_BITS_PER_WEIGHT
 
     bits = {"fp32": 32, "fp16": 16, "int8": 8.5, "int4": 4.6}
     total = 0.0
     for t in cfg.types:
-        total += params_total * (GGUF_BITS_PER_WEIGHT.get(t.upper()) or bits.get(t.lower(), 16)) / 8
-    # k-quants are made from an intermediate file that exists while they are written
+        total += shape.params * (GGUF_BITS_PER_WEIGHT.get(t.upper()) or bits.get(t.lower(), 16)) / 8
     if cfg.format == "gguf" and any(t.upper() not in ("F32", "F16", "BF16", "Q8_0") for t in cfg.types):
-        total += params_total * 4
+        sixteen_bit = shape.stored_bytes_per_weight <= 2 or shape.params >= 2_000_000_000
+        total += shape.params * (2 if sixteen_bit else 4)
     return total
 
 
@@ -75,7 +77,7 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
             result, seconds, checked, agreement = export_checked(
                 exporter, model, ctx.tokenizer, ctx.source.path, tmp, job.options,
                 (lambda: check_reference(ctx, model)) if verify else None, threads=ctx.options.resolved_threads(),
-                progress=lambda f, m, i=i: ctx.progress((i + f * 0.9) / n, f"{qtype}: {m}"),
+                progress=lambda f, m, i=i, q=qtype: ctx.progress((i + f * 0.9) / n, f"{q}: {m}"),
                 cancelled=ctx.cancel.is_set)
         if on_written:
             on_written(result.info)

@@ -19,14 +19,14 @@ METHODS = ("gptq", "imatrix")
 MIXES = ("llama.cpp", "measured")
 
 
-def _calibrated_disk(cfg: "CalibratedQuantConfig", params_total: int) -> float:
+def _calibrated_disk(cfg: "CalibratedQuantConfig", shape) -> float:
     """Each file, and its blocks in a scratch file while it is assembled."""
     from ..preflight import GGUF_BITS_PER_WEIGHT
 
     if cfg.target_mb is not None:
         return 2 * cfg.target_mb * 1e6
     bits = [cfg.target_bpw] if cfg.target_bpw is not None else [GGUF_BITS_PER_WEIGHT.get(t.upper(), 8.5) for t in cfg.types]
-    return sum(2 * params_total * b / 8 for b in bits)
+    return sum(2 * shape.params * b / 8 for b in bits)
 
 
 def _calibrated_ram(cfg: "CalibratedQuantConfig", shape):

@@ -39,7 +39,7 @@ from ...calibration import (
 )
 from ...context import RunContext
 from ...errors import EdgeTailorError
-from ...footprint import streamed_transform_need
+from ...footprint import scratch_bytes, streamed_transform_need
 from ...registry import register_step
 
 EXPORTS = "GGUF and ONNX natively: the result is a smaller model of the same architecture with a consistent config"
@@ -251,7 +251,7 @@ def _width_need(cfg: WidthPruneConfig, shape):
 
 @register_step("prune.width", WidthPruneConfig, kind="transform", exports=EXPORTS,
                summary="Remove attention heads, MLP channels and hidden channels ranked by activation on calibration text",
-               streamed_ram=_width_need, disk_bytes=lambda cfg, params: params * 4)
+               streamed_ram=_width_need, disk_bytes=lambda cfg, shape: scratch_bytes(shape))
 def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.weights()                   # lazily read files (ranked and cut block by block), or loaded

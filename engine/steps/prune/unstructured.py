@@ -22,7 +22,7 @@ import torch
 from ...calibration import recording_channel_stats, token_sequences
 from ...context import RunContext
 from ...errors import EdgeTailorError
-from ...footprint import streamed_transform_need
+from ...footprint import scratch_bytes, streamed_transform_need
 from ...registry import register_step
 
 EXPORTS = "GGUF and ONNX natively: shapes are unchanged, pruned weights are stored as zeros"
@@ -118,7 +118,7 @@ def _selected_in(block, modules: list[str]) -> dict[str, torch.nn.Linear]:
 @register_step("prune.magnitude", PruneConfig, kind="transform", exports=EXPORTS,
                summary="Zero the smallest weights of the linear layers (unstructured or N:M such as 2:4)",
                streamed_ram=lambda cfg, shape: streamed_transform_need("prune.magnitude", shape),
-               disk_bytes=lambda cfg, params: params * 4)
+               disk_bytes=lambda cfg, shape: scratch_bytes(shape))
 def magnitude_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     walk, count = ctx.transform_walk(), SparsityCount()
@@ -135,7 +135,7 @@ def magnitude_prune(ctx: RunContext, cfg: PruneConfig) -> None:
                summary="Zero the weights with the smallest |weight| x input-activation norm on calibration text (Wanda)",
                streamed_ram=lambda cfg, shape: streamed_transform_need("prune.wanda", shape,
                                                                        cfg.calibration_sequences * cfg.seq_len),
-               disk_bytes=lambda cfg, params: params * 4)
+               disk_bytes=lambda cfg, shape: scratch_bytes(shape))
 def wanda_prune(ctx: RunContext, cfg: PruneConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     if cfg.scope != "row":
