@@ -67,23 +67,51 @@ def resolve(spec: str | None = None, *, trust_remote_code: bool = False, allow_n
     if spec == DEMO_NAME:
         folder = converted_folder(demo_gguf_path(), paths.models_dir() / DEMO_FOLDER, progress)
         return _finish(spec, "demo", folder, trust_remote_code, origin=str(demo_gguf_path()))
+    kind, p = _kind_of(spec)
+    if kind == "hf_folder":
+        return _finish(spec, kind, p, trust_remote_code)
+    if kind == "gguf":
+        folder = converted_folder(p, paths.models_dir() / f"gguf-{p.stem}-{_short_hash_of_file(p)}", progress)
+        return _finish(spec, kind, folder, trust_remote_code, origin=str(p))
+    folder = _hub_snapshot(spec, allow_network)
+    return _finish(spec, "hub", folder, trust_remote_code, origin=spec)
+
+
+def check_before_run(spec: str | None, *, trust_remote_code: bool = False,
+                     allow_network: bool = False) -> ResolvedSource | None:
+    """What the caller checks of a source before a run folder is made or a worker starts, in a fraction of a
+    second: a model folder resolved (its config and tokenizer files read) and returned for pre-flight; a GGUF
+    file's header; a hub id in the local cache, or network use allowed. The demo's and a GGUF's conversion and a
+    download are the worker's."""
+    spec = (spec or DEMO_NAME).strip()
+    if spec == DEMO_NAME:
+        return None
+    kind, p = _kind_of(spec)
+    if kind == "gguf":
+        check_gguf_file(p)
+        return None
+    if kind == "hub" and allow_network:
+        return None
+    return resolve(spec, trust_remote_code=trust_remote_code)       # a folder, or a hub id found in the cache
+
+
+def _kind_of(spec: str) -> tuple[str, Path]:
+    """("hf_folder" | "gguf" | "hub", path) of what the user typed, or the problem with it named."""
     p = Path(spec).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise EdgeTailorError(f"The folder {p} has no config.json, so it is not a Hugging Face model folder.",
                                   "Pick the folder that holds config.json and the *.safetensors files, or a .gguf file.")
-        return _finish(spec, "hf_folder", p, trust_remote_code)
+        return "hf_folder", p
     if p.suffix.lower() == ".gguf" or p.is_file():
         if not p.exists():
             raise EdgeTailorError(f"The file {p} does not exist.", "Check the path.")
         if p.suffix.lower() != ".gguf":
             raise EdgeTailorError(f"{p} is neither a model folder nor a .gguf file.",
                                   "Pick a Hugging Face model folder (with config.json) or a .gguf file.")
-        folder = converted_folder(p, paths.models_dir() / f"gguf-{p.stem}-{_short_hash_of_file(p)}", progress)
-        return _finish(spec, "gguf", folder, trust_remote_code, origin=str(p))
+        return "gguf", p
     if _HUB_ID.match(spec):
-        folder = _hub_snapshot(spec, allow_network)
-        return _finish(spec, "hub", folder, trust_remote_code, origin=spec)
+        return "hub", p
     raise EdgeTailorError(f"'{spec}' is not a folder, a .gguf file or a hub id (like 'HuggingFaceTB/SmolLM2-135M').",
                           "Check the spelling or the path; use 'demo' for the bundled model.")
 

@@ -97,13 +97,22 @@ class JobHandle:
         return Path(self.job.runs_root) / self.job.run_id
 
     def start(self) -> "JobHandle":
-        """Checks the recipe and the options here, in the caller (a message with the fix, no run folder made, no
-        worker started, nothing loaded), then starts the worker."""
+        """Checks the recipe, the options and what can be read of the source quickly (a model folder's config,
+        tokenizer and file headers, and pre-flight on them; a GGUF's header) here, in the caller (a message with
+        the fix, no run folder made, no worker started, nothing loaded), then starts the worker."""
         from .context import JobOptions
+        from .preflight import preflight
         from .recipe import Recipe
+        from .sources import check_before_run, require_tokenizer
 
-        Recipe.from_dict(self.job.recipe).validate()
+        recipe = Recipe.from_dict(self.job.recipe)
+        recipe.validate()
         JobOptions.from_dict(self.job.options)
+        src = check_before_run(self.job.source, trust_remote_code=self.job.trust_remote_code,
+                               allow_network=self.job.allow_network)
+        if src is not None:
+            preflight(src, recipe, work_dir=Path(self.job.runs_root)).raise_if_not_fits()
+            require_tokenizer(src.path, src.trust_remote_code)
         self._proc.start()
         return self
 

@@ -31,7 +31,8 @@ LLAMA = json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers
 EXPORT = [{"step": "export", "params": {"types": ["F16"]}}]
 
 # name -> (argv builder (tmp, stories) -> list, exit code, words the message must hold)
-CASES = {
+# the model the user points at (also picked in the window: tests/test_gui_faults.py)
+MODEL_CASES = {
     # model files
     "empty safetensors": (lambda t, s: ["inspect", _model(t, {"config.json": LLAMA, "model.safetensors": b""})],
                           EXIT_BAD_INPUT, "not a valid safetensors file"),
@@ -71,6 +72,9 @@ CASES = {
                                                                        (s / "tokenizer.model").read_bytes(),
                                                                        "tokenizer_config.json": b"\xff\xfe"})],
                                    EXIT_BAD_INPUT, "tokenizer configuration"),
+}
+CASES = {
+    **MODEL_CASES,
     # recipes
     "recipe is a folder": (lambda t, s: ["compress", str(s), "--recipe", str(t)], EXIT_BAD_INPUT, "is a folder"),
     "recipe missing": (lambda t, s: ["compress", str(s), "--recipe", str(t / "nope.yaml")], EXIT_BAD_INPUT,
@@ -160,6 +164,21 @@ def test_bad_input_names_the_problem_and_the_fix_and_leaves_nothing(case, home, 
     assert "Traceback" not in err
     runs = home / "runs"
     assert not runs.exists() or not any(runs.iterdir())          # checked before any run folder was made
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_a_bad_model_to_compress_is_refused_before_a_run_folder_or_a_worker(case, home, tmp_path, stories_dir,
+                                                                           capsys):
+    build, code, words = MODEL_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    model = build(work, stories_dir)[1]
+    rc = main(["--home", str(home), "compress", model, "--recipe", _recipe(tmp_path, EXPORT)])
+    err = capsys.readouterr().err
+    assert rc == code and words in err and "fix: " in err and "Traceback" not in err, err
+    assert "run " not in err                                      # no worker was started
+    runs = home / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_the_data_folder_is_a_file_or_read_only(tmp_path, monkeypatch, capsys):
@@ -447,15 +466,13 @@ def test_a_distillation_killed_midway_resumes_from_its_last_checkpoint(tmp_path,
 
 def test_a_run_on_a_model_without_a_tokenizer_stops_before_the_model_loads(tmp_path, stories_dir, home, capsys):
     """Pre-flight sizes a folder from its config and headers alone (a tokenizer is not needed to say what fits);
-    a run needs one and says so at once, recorded as failed."""
+    a run needs one and says so before its run folder is made or its worker starts."""
     model = _model(tmp_path, _weights(stories_dir))
     assert main(["--home", str(home), "inspect", model]) == EXIT_OK
     rc = main(["--home", str(home), "compress", model, "--recipe", _recipe(tmp_path, EXPORT)])
     err = capsys.readouterr().err
     assert rc == EXIT_BAD_INPUT and "has no tokenizer" in err and "fix: " in err and "Traceback" not in err, err
-    (run,) = (home / "runs").iterdir()
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and manifest["steps"] == [] and not list((run / "artifacts").glob("*"))
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
 
 
 GUI_WITH_A_RUN = """
