@@ -37,3 +37,16 @@ def test_a_bad_model_is_named_on_the_card_and_run_refuses_it(case, qtbot, tmp_pa
     runs = home / "runs"
     assert not runs.exists() or not any(runs.iterdir())          # refused before a run folder was made
     assert w.isVisible()
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b'{"id": "x"}', b"\xff\xfe"])
+def test_a_broken_device_profile_of_the_user_is_named_in_the_status_bar(content, qtbot, tmp_path, stories_dir,
+                                                                        monkeypatch):
+    home = tmp_path / "home"
+    (home / "devices").mkdir(parents=True)
+    (home / "devices" / "mine.json").write_bytes(content)
+    monkeypatch.setenv("EDGETAILOR_HOME", str(home))
+    w = make_window(qtbot, home / "runs", stories_dir)
+    assert "Skipped 1 device profile(s)" in w.status_label.text()
+    assert str(home / "devices" / "mine.json") in w.status_label.toolTip()
+    assert w.budget_panel.profile.count() >= 1                  # the bundled profiles still there

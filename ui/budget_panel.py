@@ -14,7 +14,10 @@ class BudgetPanel(QGroupBox):
 
     def __init__(self, background: Background | None = None, parent=None):
         super().__init__("&Device budget", parent)
-        self.devices = list_devices(measure_host=False)
+        unreadable: list = []
+        self.devices = list_devices(measure_host=False, unreadable=unreadable)
+        #: the user's device profiles that could not be read, each with its fix (the window says so)
+        self.skipped_profiles = [f"{exc.problem} {exc.fix}" for exc in unreadable]
         self.profile = QComboBox()
         self.profile.setObjectName("budgetProfile")
         self.profile.setAccessibleName("Device profile")

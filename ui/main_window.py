@@ -158,15 +158,22 @@ class MainWindow(QMainWindow):
         self.results.export_requested.connect(self.export_variant)
         self.results.try_requested.connect(self._try_variant)
 
+    def _say_skipped(self) -> None:
+        """Run records and device profiles that could not be read: said in words, never fatal (the others still
+        show); which ones and what to do in the tooltip."""
+        skipped = self.budget_panel.skipped_profiles
+        said = ([f"{len(self.skipped_runs)} run folder(s) with an unreadable record"] if self.skipped_runs else []) + \
+            ([f"{len(skipped)} device profile(s) that could not be read"] if skipped else [])
+        if said:
+            self.status_label.setText(f"Skipped {' and '.join(said)} (hover for which and what to do)")
+            self.status_label.setToolTip("\n".join(self.skipped_runs + skipped))
+
     # --- runs ----------------------------------------------------------------------------------------
     def load_previous_runs(self) -> None:
         unreadable: list = []
         runs = list_runs(self.runs_root, unreadable)
         self.skipped_runs = [f"{exc.problem} {exc.fix}" for exc in unreadable]
-        if unreadable:                     # said in words, never fatal: the other runs still show
-            self.status_label.setText(f"Skipped {len(unreadable)} run folder(s) with an unreadable record "
-                                      "(hover for which and what to do)")
-            self.status_label.setToolTip("\n".join(self.skipped_runs))
+        self._say_skipped()
         for m in runs[:MAX_PREVIOUS_RUNS]:
             if m["id"] in self.states:
                 continue
