@@ -88,9 +88,10 @@ def a_16_gb_machine(monkeypatch, disk_free: float = 500e9) -> dict:
     has; returns the free-disk figure to change."""
     import shutil
 
+    import psutil
 
     free = {"bytes": disk_free}
-    a_16_gb_machine(monkeypatch)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SixteenGB)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2e12, 2e12 - free["bytes"],
                                                                                  free["bytes"]))
     return free
