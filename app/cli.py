@@ -46,6 +46,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 # Long by design: the CLI's whole surface (every subcommand and flag) as one declarative table.
 def build_parser() -> argparse.ArgumentParser:
+    # long: one declarative table of every command and option, read top to bottom like --help
     ap = argparse.ArgumentParser(prog="edgetailor", description="Tailor language models to edge devices.")
     ap.add_argument("--home", help="data folder (default: the platform's user data folder, or $EDGETAILOR_HOME)")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -178,6 +178,7 @@ def distill(student, teacher, sequences: torch.Tensor, *, steps: int | None = No
     total steps or ``max_seconds`` of training in this call, whichever comes first (at least one is needed).
     The student is trained in place and left in eval mode.
     """
+    # long: one training loop (warm-up, accumulation, autocast, checkpoints, resume), kept in one reading
     if not steps and not max_seconds:
         raise EdgeTailorError("Distillation needs a budget.", "Give steps and/or a time limit (max_minutes).")
     params = [p for p in student.parameters() if p.requires_grad]

@@ -73,6 +73,7 @@ def _fit_groups(bt: BlockType, x: torch.Tensor, w: torch.Tensor, ntry: int = 10)
 
     Errors come from the weighted sums in closed form, so each candidate costs a few passes over x.
     """
+    # long: the closed-form error terms of the candidate search, named one by one as in ggml's make_qkx2
     eps = 1e-30
     best_err = torch.full(x.shape[:1], float("inf"), dtype=x.dtype)
     best_s = torch.zeros(x.shape[:1], dtype=x.dtype)
@@ -430,6 +431,7 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
     with GPTQ error feedback, and each block's scales are fitted to the already-corrected weights just before
     its columns are rounded.
     """
+    # long: GPTQ's column loop with the per-block fit inside it; split, the error feedback's state would be shared
     Wt = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)).clone()
     R, C = Wt.shape
     if C % bt.block:

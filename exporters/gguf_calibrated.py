@@ -262,6 +262,7 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     no statistics at all. Returns the importance statistics measured (second moments of every linear
     input, the head's included), to be saved with the run; None for ``plain``.
     """
+    # long: the walk's one loop (measure, quantize, feed forward, report) over blocks, then the head
     from ..engine.calibration import decoder_layers
     from ..engine.imatrix import ImportanceStats
     from ..engine.walker import BlockWalk
