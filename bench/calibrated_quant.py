@@ -302,7 +302,7 @@ def main() -> None:
     import reference_tools as rt
 
     tools = rt.ensure_tools()
-    from machine import machine
+    from machine import machine, write_results
 
     m = machine()
     model = Path(args.model)
@@ -332,8 +332,7 @@ def main() -> None:
                "suites": suites}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_results(out, results, markdown(results))
     print(markdown(results))
 
 

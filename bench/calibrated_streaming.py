@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import reference_tools as rt  # noqa: E402
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 from streaming_export import SHAPES, make_shaped_model, timed  # noqa: E402
 
 
@@ -97,7 +97,6 @@ def main() -> int:
                               "peak_rss": round(v["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
                           for k, v in rows.items() if k.startswith("EdgeTailor")}}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     m = results["machine"]
     md = [f"# Calibrated Q4_K_M of a {args.shape}-shaped model: EdgeTailor's block walk vs llama.cpp's imatrix pipeline",
           "", f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB; threads {args.threads}. "
@@ -116,7 +115,7 @@ def main() -> int:
            "Targets (issue 14): peak RSS <= 2.5 GB; wall time <= 3x llama.cpp's imatrix pipeline; pre-flight within "
            "15% of the measured peak.",
            f"Reproduce: `.venv/bin/python bench/calibrated_streaming.py --chunks {args.chunks}`", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(out, results, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -20,8 +20,6 @@ Writes bench/results/decode_roofline.{json,md}. Run it under the shared lock: fl
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,15 +27,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine, write_results  # noqa: E402  (bench/ is on sys.path)
+
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-
-
-def machine() -> dict:
-    import psutil
-    from edgetailor.engine.devices import cpu_model, usable_cores
-
-    return {"cpu": cpu_model(), "usable_cores": usable_cores(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def gguf_files(args, work: Path) -> dict[str, Path]:
@@ -180,7 +173,6 @@ def main() -> int:
            "overheads": overheads, "decode_models": decode_models, "decode_model_seconds": decode_model_seconds,
            "eval_windows": args.windows, "rows": rows, "scores": scores}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Decode speed against the memory-bandwidth limit ({args.model})", "",
           (f"Machine: {out['machine']['cpu']}, {out['machine']['usable_cores']} usable cores, "
            f"{out['machine']['ram_gb']} GB RAM; {args.threads} threads; {out['when']}."),
@@ -219,7 +211,7 @@ def main() -> int:
             md.append(f"| {r['type']} | {r['perplexity']:.3f} | {r.get('ppl_increase_pct', 0.0):+.2f} | "
                       f"{r['energy_j_per_token']:.4f} | {1000 * r['ttft_seconds']:.0f} | {r['prefill_tps']:.0f} | "
                       f"{x['p_c']:.3f} | {x['t_c']:.3f} | {x['e_c']:.3f} | {x['opt_score']:.3f} | {fronts} |")
-    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    write_results(args.out, out, "\n".join(md))
     print("\n".join(md))
     return 0
 

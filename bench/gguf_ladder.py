@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
 
-from machine import machine  # noqa: E402  (bench/ is on sys.path)
+from machine import machine, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def main() -> int:
@@ -103,8 +103,7 @@ def main() -> int:
            "note": "export_seconds: ours includes writing the F32 intermediate for k-quants; llama.cpp's "
                    "includes convert_hf_to_gguf (F16) + llama-quantize. Timings on a shared 2-core machine."}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(out, indent=2))
-    Path(args.out + ".md").write_text(render(out))
+    write_results(args.out, out, render(out))
     print(render(out))
     import shutil
 

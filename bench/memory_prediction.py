@@ -13,7 +13,6 @@ Writes bench/results/memory_prediction.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from decode_roofline import TYPES, gguf_files, machine
+from decode_roofline import TYPES, gguf_files
+from machine import machine, write_results
 
 
 def main() -> int:
@@ -70,7 +70,6 @@ def main() -> int:
            "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "n_ctx": args.n_ctx,
            "threads": args.threads, "overheads": overheads, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Predicted against measured peak memory ({args.model})", "",
           (f"Machine: {out['machine']['cpu']}, {out['machine']['usable_cores']} usable cores; {out['when']}. "
            f"{args.prompt_tokens}-token prompt + {args.gen_tokens} generated, context {args.n_ctx}, "
@@ -84,7 +83,7 @@ def main() -> int:
                   f"| {r['predicted_overhead_bytes'] / 1e6:.1f} | {r['predicted_memory_bytes'] / 1e6:.1f} | "
                   f"{r['peak_rss_os_bytes'] / 1e6:.1f} | {r['peak_rss_sampled_bytes'] / 1e6:.1f} | "
                   f"{r['error_pct']:+.1f}% |")
-    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    write_results(args.out, out, "\n".join(md))
     print("\n".join(md))
     return 0
 

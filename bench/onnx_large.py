@@ -12,7 +12,6 @@ Writes bench/results/onnx_large.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 
 
 def main() -> int:
@@ -76,7 +75,6 @@ def main() -> int:
               "fp32_bytes": params * 4, "config": {k: getattr(cfg, k) for k in (
                   "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "vocab_size", "tie_word_embeddings")}, "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     md = ["# ONNX export of a model over 2 GB", "",
           (f"{result['when']}; {m['cpu']}, {m['logical_cores']} cores. A random Llama with the demo's vocabulary: "
@@ -91,7 +89,7 @@ def main() -> int:
     md += ["", ("The weights are random, so int4's logit difference and top-1 only show that the quantized graph "
                 "runs; quality figures of int4 are in onnx_vs_builder.md."),
            "", "Reproduce: `.venv/bin/python bench/onnx_large.py`"]
-    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    write_results(args.out, result, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -18,7 +18,6 @@ Writes bench/results/onnx_vs_builder.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -128,7 +127,7 @@ def main() -> int:
     from edgetailor.engine.evaluate import Comparison, make_windows
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.text import read_text
-    from gguf_ladder import machine
+    from machine import machine, write_results
 
     src = resolve(args.model)
     work = Path(tempfile.mkdtemp(prefix="edgetailor-onnx-bench-"))
@@ -195,7 +194,6 @@ def main() -> int:
               "targets_met": targets, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     md = [f"# ONNX int4: EdgeTailor vs onnxruntime-genai model builder ({args.model})", "",
           (f"{result['date']}; {result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores, "
            f"{args.threads} threads; onnxruntime {onnxruntime.__version__}, onnxruntime-genai {og.__version__}."),
@@ -216,7 +214,7 @@ def main() -> int:
                   + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets[name].items()) + ".")
     md += ["",
            "Reproduce: `flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/onnx_vs_builder.py`", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(out, result, "\n".join(md))
     print("\n".join(md))
     return 0
 

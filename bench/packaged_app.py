@@ -139,7 +139,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--starts"]:
         starts(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
         return
-    from machine import machine
+    from machine import machine, write_results
 
     result = {"machine": machine(), "build": build()}
     with tempfile.TemporaryDirectory(prefix="edgetailor-packaged-") as tmp:
@@ -151,8 +151,7 @@ def main() -> None:
         result.update(json.loads((tmp / "starts.json").read_text()))
         shutil.rmtree(tmp / "home", ignore_errors=True)
     out = REPO / "bench" / "results"
-    (out / "packaged_app.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "packaged_app.md").write_text(report(result))
+    write_results(out / "packaged_app", result, report(result))
     print(report(result))
 
 

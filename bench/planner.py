@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/edgetailor-bench-planner")
     args = ap.parse_args()
     from edgetailor.engine import resolve
-    from machine import machine
+    from machine import machine, write_results
 
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
@@ -257,8 +257,7 @@ def main() -> None:
             budgets = BUDGETS[: args.demo_budgets]
         results["suites"].append(suite(f"{name} ({model.name})", Path(model), calib, work / name, args.windows, budgets))
         out = HERE / "results" / "planner"
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
-        out.with_suffix(".md").write_text(markdown(results))
+        write_results(out, results, markdown(results))
     print(markdown(results))
 
 

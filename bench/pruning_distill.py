@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import machine  # noqa: E402  (bench/ is on sys.path)
+from machine import machine, write_results  # noqa: E402  (bench/ is on sys.path)
 
 WIKITEXT = HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 PRUNINGS = [("magnitude 50%", "prune.magnitude", {"sparsity": 0.5}),
@@ -141,7 +141,7 @@ def part_minitron(scorer, threads, runs_root, distill_minutes: float | None, row
     return rows
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def markdown(res: dict) -> str:
     base = res["baseline"]["perplexity"]
     lines = ["# Pruning and distillation on the demo model", "",
              (f"Model: {res['model']}; text: wikitext-2-raw test, context {res['ctx']}, first {res['windows']} windows "
@@ -183,7 +183,7 @@ def write_markdown(res: dict, path: Path) -> None:
                   f"- Distilled / undistilled perplexity: {half:.3f} (target <= 0.5: {'met' if half <= 0.5 else 'NOT met'}).",
                   "", "Preset steps: " + ", ".join(f"`{s['step']}` {json.dumps(s['params'])}"
                                                    for s in mini["_preset"]["steps"])]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -226,8 +226,7 @@ def main() -> int:
         runs_root = work / "runs"
 
         def save():
-            json_path.write_text(json.dumps(res, indent=1) + "\n")
-            write_markdown(res, out.with_suffix(".md"))
+            write_results(out, res, markdown(res))
 
         parts = res.setdefault("parts_run", {})
         for part in (("pruning", "minitron") if args.part == "all" else (args.part,)):

@@ -42,7 +42,8 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    from machine import machine
+    from edgetailor.engine.atomic import write_json
+    from machine import machine, write_results
 
     result = {"machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="edgetailor-prior-") as home:
@@ -54,12 +55,9 @@ def main() -> None:
                                              for s in manifest["steps"]]})
     prior = {"measured_by": "bench/step_prior.py", "model": "demo", "machine": result["machine"]["cpu"],
              "steps": [s for run in result["runs"] for s in run["steps"]]}
-    tmp = REPO / "assets" / "step_seconds.json.part"
-    tmp.write_text(json.dumps(prior, indent=1) + "\n")
-    os.replace(tmp, REPO / "assets" / "step_seconds.json")
+    write_json(REPO / "assets" / "step_seconds.json", prior)
     out = REPO / "bench" / "results"
-    (out / "step_prior.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "step_prior.md").write_text(report(result))
+    write_results(out / "step_prior", result, report(result))
     print(report(result))
 
 

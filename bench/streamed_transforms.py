@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import machine
+from machine import machine, write_results
 from streaming_export import SHAPES, make_shaped_model
 
 STEPS = [("prune.wanda", {"pattern": "2:4", "calibration_sequences": 8, "seq_len": 256}),
@@ -132,13 +132,12 @@ def main() -> int:
     results = {"machine": machine(), "shape": args.shape, "threads": args.threads, "recipe": STEPS, "runs": runs,
                "preflight": pre, "same_file": runs["streamed"]["sha256"] == runs["loaded"]["sha256"]}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_markdown(out.with_suffix(".md"), results)
-    print(out.with_suffix(".md").read_text())
+    write_results(out, results, markdown(results))
+    print(markdown(results))
     return 0
 
 
-def write_markdown(path: Path, r: dict) -> None:
+def markdown(r: dict) -> str:
     m, s, ld = r["machine"], r["runs"]["streamed"], r["runs"]["loaded"]
     pre = {p["step"]: p for p in r["preflight"]}
     md = [f"# A transform streamed block by block vs held in fp32 ({r['shape']}-shaped model)", "",
@@ -163,7 +162,7 @@ def write_markdown(path: Path, r: dict) -> None:
            f"Same Q4_K_M file from both: **{r['same_file']}** (sha256 {s['sha256'][:16]}…, {s['size_mb']} MB); "
            f"checked against the pruned model: KL {s['verify_kl']}.", "",
            "Reproduce: `.venv/bin/python bench/streamed_transforms.py`", ""]
-    path.write_text("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

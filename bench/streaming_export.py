@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 
 SHAPES = {   # Llama-3.2 shapes (vocabulary: the demo tokenizer's 49152)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -151,7 +151,6 @@ def main() -> int:
             results["shapes"][name] = run_shape(name, folder, Path(work), args.threads)
         print(json.dumps(results["shapes"][name]), file=sys.stderr)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     md = ["# HF (bf16) -> Q4_K_M GGUF: EdgeTailor vs llama.cpp's pipeline", "",
           f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cores']} logical cores, "
           f"{results['machine']['ram_gb']} GB; threads {args.threads}. Random weights at real shapes.", "",
@@ -162,7 +161,7 @@ def main() -> int:
         md.append(f"| {name} | **ratio ours / llama.cpp** | {r['ratios']['seconds']} | {r['ratios']['peak_rss']} |")
     md += ["", "Targets (issue 14): peak RSS <= 0.8x, wall time <= 1.2x llama.cpp's convert + quantize.",
            "Reproduce: `.venv/bin/python bench/streaming_export.py`", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(out, results, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -20,7 +20,6 @@ Writes bench/results/techniques.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-from machine import machine  # noqa: E402  (bench/ is on sys.path)
+from machine import machine, write_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def torch_decode_tps(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
@@ -73,7 +72,7 @@ def main() -> int:
     from edgetailor.engine import resolve, text
     from edgetailor.engine.calibration import token_sequences
     from edgetailor.engine.distill import mean_kl
-    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.evaluate import Comparison, make_windows
     from edgetailor.engine.modeling import load_model
     from edgetailor.engine.plain import plain_weights
     from edgetailor.engine.runtimes import EarlyExitRuntime, LlamaCppRuntime
@@ -89,7 +88,6 @@ def main() -> int:
     calibration = text.read_text(None)            # the bundled calibration text, never wikitext
     seqs = token_sequences(tok, calibration, 256, 16)
     work = Path(tempfile.mkdtemp(prefix="edgetailor-techniques-"))
-    ref = ReferenceLogprobs(work / "reference-gguf")
     rows = []
 
     def log(msg):
@@ -98,19 +96,14 @@ def main() -> int:
     def params(model) -> int:
         return sum(p.numel() for p in model.parameters())
 
-    def gguf_row(name: str, model, n_windows: int, record=False, **extra) -> dict:
+    def f16_gguf(name: str, model) -> tuple[Path, float]:
         path = work / f"{name}-F16.gguf"
         t = time.perf_counter()
         write_gguf(plain_weights(model), tok, src.path, path, "F16")
         verify_gguf(path)
-        export_s = time.perf_counter() - t
-        running = []
-        rt = LlamaCppRuntime(path, n_ctx=args.ctx, threads=args.threads)
-        try:
-            res = evaluate(rt, windows[:n_windows], reference=ref, record_reference=record,
-                           on_window=lambda i, n, ppl: running.append(ppl))
-        finally:
-            rt.close()
+        return path, time.perf_counter() - t
+
+    def gguf_row(name: str, model, path: Path, export_s: float, res, **extra) -> dict:
         row = {"variant": name, "perplexity": round(res.perplexity, 4), "eval_windows": res.windows,
                "eval_runtime": "llama.cpp (GGUF F16)", "kl_vs_base_f16": None if res.kl is None else round(res.kl, 5),
                "top1_vs_base_f16": None if res.top1 is None else round(res.top1, 4),
@@ -120,17 +113,25 @@ def main() -> int:
                "export_seconds": round(export_s, 2), **extra}
         path.unlink()
         log(f"{name}: ppl {row['perplexity']} ({res.windows} windows), {res.seconds:.0f} s eval")
-        return row, running
+        return row
 
-    # --- baseline ----------------------------------------------------------------------------------
+    # --- baseline: its F16 GGUF in llama.cpp is the reference every variant is compared with -------------
     base_model = loaded.model
-    base_row, base_running = gguf_row("baseline", base_model, args.windows, record=True,
-                                      torch_decode_tps=torch_decode_tps(base_model, prompt, args.decode_tokens,
-                                                                        args.repeats))
+    base_path, base_export_s = f16_gguf("baseline", base_model)
+    base_rt = LlamaCppRuntime(base_path, n_ctx=args.ctx, threads=args.threads)
+    try:
+        cmp = Comparison(base_rt, windows, threads=args.threads, folder=work / "reference-gguf")
+    finally:
+        base_rt.close()
+    base_row = gguf_row("baseline", base_model, base_path, base_export_s, cmp.baseline,
+                        torch_decode_tps=torch_decode_tps(base_model, prompt, args.decode_tokens, args.repeats))
     rows.append(base_row)
 
-    def ppl_at(n):                               # the baseline's perplexity over the first n windows
-        return round(base_running[min(n, len(base_running)) - 1], 4)
+    def variant_row(name: str, model, n_windows: int, **extra) -> dict:
+        path, export_s = f16_gguf(name, model)
+        res = cmp.score("gguf", path, windows=n_windows)
+        return gguf_row(name, model, path, export_s, res,
+                        baseline_perplexity_same_windows=round(cmp.baseline_perplexity(n_windows), 4), **extra)
 
     # --- low-rank: activation-aware (SVD-LLM whitening) and plain SVD at 70% of the linear parameters ----
     for aware, n_win in ((True, args.windows), (False, args.plain_svd_windows)):
@@ -139,11 +140,10 @@ def main() -> int:
         rep = lowrank.factorize(model, lowrank.LowRankConfig(keep=0.7, activation_aware=aware), seqs)
         secs = time.perf_counter() - t
         name = "asvd70" if aware else "svd70"
-        row, _ = gguf_row(name, model, n_win, technique_seconds=round(secs, 1),
+        row = variant_row(name, model, n_win, technique_seconds=round(secs, 1),
                           linear_params_before=rep["linear_params_before"],
                           linear_params_after=rep["linear_params_after"], layers_factored=rep["layers_factored"],
-                          torch_decode_tps=torch_decode_tps(model, prompt, args.decode_tokens, args.repeats),
-                          baseline_perplexity_same_windows=ppl_at(n_win))
+                          torch_decode_tps=torch_decode_tps(model, prompt, args.decode_tokens, args.repeats))
         rows.append(row)
         del model
 
@@ -155,11 +155,10 @@ def main() -> int:
     pal_path = work / "palette.safetensors"
     cluster.write_palette(model, palette, 16, pal_path)
     clustered = sum(idx.numel() for _, idx in palette.values())
-    row, _ = gguf_row("km16", model, args.windows, technique_seconds=round(secs, 1),
+    row = variant_row("km16", model, args.windows, technique_seconds=round(secs, 1),
                       palette_file_bytes=pal_path.stat().st_size, clustered_weights=clustered,
                       bits_per_clustered_weight=round((clustered * 4 + 16 * sum(len(c) for c, _ in palette.values()))
-                                                      / clustered, 4),
-                      baseline_perplexity_same_windows=ppl_at(args.windows))
+                                                      / clustered, 4))
     rows.append(row)
     pal_path.unlink()
     del model, palette
@@ -182,12 +181,11 @@ def main() -> int:
     kl_after = mean_kl(model, teacher, held_out)
     secs = time.perf_counter() - t
     del teacher
-    row, _ = gguf_row(f"share{args.share_pairs}", model, args.windows, technique_seconds=round(secs, 1),
+    row = variant_row(f"share{args.share_pairs}", model, args.windows, technique_seconds=round(secs, 1),
                       tied_blocks=[[i, i + 1] for i in chosen], heal_steps=args.heal_steps,
                       heldout_kl_to_untied_before_heal=round(kl_before, 5),
                       heldout_kl_to_untied_after_heal=round(kl_after, 5),
-                      torch_decode_tps=torch_decode_tps(model, prompt, args.decode_tokens, args.repeats),
-                      baseline_perplexity_same_windows=ppl_at(args.windows))
+                      torch_decode_tps=torch_decode_tps(model, prompt, args.decode_tokens, args.repeats))
     rows.append(row)
     del model
 
@@ -197,11 +195,12 @@ def main() -> int:
     heads = early_exit.fit_heads(base_model, seqs, exit_layers, distill_steps=30)
     fit_s = time.perf_counter() - t
     ee = early_exit.EarlyExitModel(base_model, heads)
-    ref_torch = ReferenceLogprobs(work / "reference-torch")
+    no_exit = EarlyExitRuntime(ee, 1.0)            # the model itself: the reference of the thresholds below
+    exits = Comparison(no_exit, windows[:args.exit_windows], threads=args.threads, folder=work / "reference-torch")
     exit_rows = []
     for threshold in (1.0, 0.9, 0.8, 0.6):
-        rt = EarlyExitRuntime(ee, threshold)
-        res = evaluate(rt, windows[:args.exit_windows], reference=ref_torch, record_reference=threshold == 1.0)
+        rt = no_exit if threshold == 1.0 else EarlyExitRuntime(ee, threshold)
+        res = exits.baseline if threshold == 1.0 else exits.score_runtime(rt)
         speed = early_exit.decode_speed(ee, prompt, args.decode_tokens, threshold, args.repeats)
         exit_rows.append({"threshold": threshold, "perplexity": round(res.perplexity, 4), "eval_windows": res.windows,
                           "kl_vs_no_exit": None if res.kl is None else round(res.kl, 5),
@@ -223,8 +222,7 @@ def main() -> int:
                           "torch_decode_tps_hf_forward": base_row["torch_decode_tps"], "rows": exit_rows},
            "total_seconds": round(time.perf_counter() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    Path(args.out + ".md").write_text(render(out))
+    write_results(args.out, out, render(out))
     print(render(out))
     return 0
 

@@ -166,18 +166,35 @@ class Comparison:
         self.windows, self.threads, self.on_window = windows, threads, on_window
         self.reference = ReferenceLogprobs(Path(folder or self._tmp.name))
         runtime = baseline if isinstance(baseline, Runtime) else TorchRuntime(baseline, threads)
-        self.baseline = evaluate(runtime, windows, reference=self.reference, record_reference=True,
-                                 on_window=on_window)
+        self._running: list[float] = []          # the baseline's perplexity after each window
 
-    def score(self, fmt: str, path: str | Path, **settings) -> EvalResult:
-        """A variant (its format, its file or folder) in its runtime on the baseline's windows."""
+        def seen(i: int, n: int, ppl: float) -> None:
+            self._running.append(ppl)
+            if on_window:
+                on_window(i, n, ppl)
+
+        self.baseline = evaluate(runtime, windows, reference=self.reference, record_reference=True, on_window=seen)
+
+    def score(self, fmt: str, path: str | Path, windows: int | None = None, **settings) -> EvalResult:
+        """A variant (its format, its file or folder) in its runtime on the baseline's windows (the first
+        ``windows`` of them when given: a slow variant scored on fewer)."""
         from .runtimes import open_runtime
 
         with open_runtime(fmt, path, n_ctx=len(self.windows[0]), threads=self.threads, **settings) as rt:
-            return evaluate(rt, self.windows, reference=self.reference, on_window=self.on_window)
+            return self.score_runtime(rt, windows)
+
+    def score_runtime(self, runtime: Runtime, windows: int | None = None) -> EvalResult:
+        """A variant already open in its runtime (one with no file: early exit in torch) on the same windows."""
+        return evaluate(runtime, self.windows[:windows], reference=self.reference, on_window=self.on_window)
+
+    def baseline_perplexity(self, windows: int | None = None) -> float:
+        """The baseline's perplexity over its first ``windows`` windows (all by default): what a variant scored on
+        fewer windows is compared with."""
+        return self._running[min(windows or len(self._running), len(self._running)) - 1]
 
     def row(self, res: EvalResult) -> dict:
-        return {"perplexity": res.perplexity, "ppl_increase_pct": 100 * (res.perplexity / self.baseline.perplexity - 1),
+        base = self.baseline_perplexity(res.windows)
+        return {"perplexity": res.perplexity, "ppl_increase_pct": 100 * (res.perplexity / base - 1),
                 "kl": res.kl, "kl_p999": res.kl_p999, "top1": res.top1}
 
     def close(self) -> None:

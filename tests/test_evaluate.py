@@ -51,3 +51,26 @@ def test_kl_is_zero_against_itself_and_grows_with_noise(stories_dir, tmp_path):
     noisy = evaluate(TorchRuntime(lm.model), ws, reference=ref)
     assert noisy.kl > 0.01 and noisy.top1 < same.top1
     assert np.isfinite(noisy.perplexity)
+
+
+def test_a_comparison_scores_a_variant_on_the_first_windows_against_the_baseline_on_the_same(stories_dir):
+    """A slow variant scored on fewer windows is compared with the baseline on those windows, not on all."""
+    import copy
+
+    from edgetailor.engine.evaluate import Comparison
+
+    lm = load_model(resolve(str(stories_dir)))
+    ws = make_windows(lm.tokenizer, read_text(default_evaluation_path()), 64, 4)
+    noisy = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.2)
+    with Comparison(lm.model, ws) as cmp:
+        first_two = evaluate(TorchRuntime(lm.model), ws[:2])
+        assert math.isclose(cmp.baseline_perplexity(2), first_two.perplexity, rel_tol=1e-6)
+        assert math.isclose(cmp.baseline_perplexity(), cmp.baseline.perplexity, rel_tol=1e-9)
+        res = cmp.score_runtime(TorchRuntime(noisy), windows=2)
+        assert res.windows == 2 and res.kl > 0.001
+        assert math.isclose(cmp.row(res)["ppl_increase_pct"], 100 * (res.perplexity / first_two.perplexity - 1),
+                            rel_tol=1e-6)
