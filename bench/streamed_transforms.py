@@ -1,7 +1,8 @@
 """A transform on a 1B-shaped model, streamed block by block against the same steps on the model held in fp32,
 side by side in one run.
 
-Recipe: ``prune.wanda`` (2:4, calibration text) then ``export`` Q4_K_M (checked against the pruned model). The
+Recipes: ``prune.wanda`` (2:4, calibration text), or ``cluster.kmeans`` (16 values per tensor, activation-weighted),
+then ``export`` Q4_K_M (checked against the transformed model). The
 streamed run is what a run does now: the source read lazily, one decoder block in memory, the pruned blocks
 written to the run's scratch, the export read from there. The loaded run holds the model in fp32 first (what
 every transform did before, and still does after a step that loads the model). Each runs in its own process;
@@ -9,8 +10,8 @@ a sampler records the process's peak RSS per step, beside pre-flight's predictio
 write the same Q4_K_M file, byte for byte. Random weights at Llama-3.2-1B's shape (made and cached by
 ``bench/streaming_export.py``): memory, time and exactness, not quality.
 
-Usage: python bench/streamed_transforms.py [--shape 1b] [--threads 2]
-Writes bench/results/streamed_transforms.{json,md}.
+Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans] [--shape 1b] [--threads 2]
+Writes bench/results/streamed_transforms.{json,md} (kmeans: streamed_transforms_kmeans.{json,md}).
 """
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ sys.path.insert(0, str(HERE))
 from machine import machine, write_results
 from streaming_export import SHAPES, make_shaped_model
 
-STEPS = [("prune.wanda", {"pattern": "2:4", "calibration_sequences": 8, "seq_len": 256}),
-         ("export", {"types": ["Q4_K_M"]})]
+RECIPES = {
+    "wanda": [("prune.wanda", {"pattern": "2:4", "calibration_sequences": 8, "seq_len": 256}),
+              ("export", {"types": ["Q4_K_M"]})],
+    "kmeans": [("cluster.kmeans", {"clusters": 16, "activation_weighted": True, "calibration_sequences": 8,
+                                   "calibration_length": 256}),
+               ("export", {"types": ["Q4_K_M"]})],
+}
 MB = 2**20
 
 
@@ -58,8 +64,8 @@ class PeakSampler:
         return peaks
 
 
-def child(mode: str, folder: Path, work: Path, threads: int) -> dict:
-    """Run STEPS on the model in this process (``loaded``: held in fp32 first); per step seconds and peak RSS."""
+def child(mode: str, folder: Path, work: Path, threads: int, steps: list) -> dict:
+    """Run ``steps`` on the model in this process (``loaded``: held in fp32 first); per step seconds and peak RSS."""
     import hashlib
 
     from edgetailor.engine.context import JobOptions, RunContext
@@ -75,7 +81,7 @@ def child(mode: str, folder: Path, work: Path, threads: int) -> dict:
         t0 = time.perf_counter()
         _ = ctx.loaded                           # held in fp32 before the steps
         rows.append({"step": "load (fp32)", "seconds": round(time.perf_counter() - t0, 1)})
-    for name, params in STEPS:
+    for name, params in steps:
         info = get_step(name)
         ctx.step_name = name
         record.manifest["steps"].append({"name": name, "params": params})
@@ -86,18 +92,18 @@ def child(mode: str, folder: Path, work: Path, threads: int) -> dict:
                      "peak_anon_mb": round(anon / MB)})
     if mode == "loaded":
         rows[0].update(peak_rss_mb=rows[1]["peak_rss_mb"], peak_anon_mb=rows[1]["peak_anon_mb"])
-    (variant,) = record.manifest["variants"]
+    (variant,) = [v for v in record.manifest["variants"] if v["format"] == "gguf"]
     path = record.folder / variant["path"]
     return {"mode": mode, "steps": rows, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "verify_kl": variant["metrics"].get("verify_kl"), "size_mb": round(path.stat().st_size / MB, 1)}
 
 
-def predicted(folder: Path) -> list[dict]:
+def predicted(folder: Path, steps: list) -> list[dict]:
     from edgetailor.engine.preflight import preflight
     from edgetailor.engine.recipe import Recipe
     from edgetailor.engine.sources import resolve
 
-    recipe = Recipe.from_dict({"name": "x", "steps": [{"step": n, "params": p} for n, p in STEPS]})
+    recipe = Recipe.from_dict({"name": "x", "steps": [{"step": n, "params": p} for n, p in steps]})
     return [{"step": s["step"], "ram_mb": round(s["ram_bytes"] / MB), "how": s["how"]}
             for s in preflight(resolve(str(folder)), recipe).steps]
 
@@ -106,14 +112,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="wanda")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "edgetailor-bench" / "shaped"))
-    ap.add_argument("--out", default=str(HERE / "results" / "streamed_transforms"))
+    ap.add_argument("--out", help="results file stem (default: bench/results/streamed_transforms[_RECIPE])")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, Path(args.folder), Path(args.work), args.threads)))
+        print(json.dumps(child(args.child, Path(args.folder), Path(args.work), args.threads, RECIPES[args.recipe])))
         return 0
     from edgetailor.engine import resolve
 
@@ -125,13 +132,17 @@ def main() -> int:
             print(mode, file=sys.stderr)
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", str(folder), "--work", tmp,
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(args.threads), "--recipe", args.recipe], capture_output=True,
+                                 text=True, check=True)
             runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             runs[mode]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    pre = predicted(folder)
-    results = {"machine": machine(), "shape": args.shape, "threads": args.threads, "recipe": STEPS, "runs": runs,
+    steps = RECIPES[args.recipe]
+    pre = predicted(folder, steps)
+    results = {"machine": machine(), "shape": args.shape, "threads": args.threads, "recipe": steps,
+               "recipe_name": args.recipe, "runs": runs,
                "preflight": pre, "same_file": runs["streamed"]["sha256"] == runs["loaded"]["sha256"]}
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / ("streamed_transforms" + ("" if args.recipe == "wanda" else
+                                                                         f"_{args.recipe}")))
     write_results(out, results, markdown(results))
     print(markdown(results))
     return 0
@@ -160,8 +171,8 @@ def markdown(r: dict) -> str:
            f"Loading the model in fp32 first (held run only): {held['load (fp32)']['seconds']} s.",
            f"Whole runs: streamed {s['wall_seconds']} s, held {ld['wall_seconds']} s (process start included).",
            f"Same Q4_K_M file from both: **{r['same_file']}** (sha256 {s['sha256'][:16]}…, {s['size_mb']} MB); "
-           f"checked against the pruned model: KL {s['verify_kl']}.", "",
-           "Reproduce: `.venv/bin/python bench/streamed_transforms.py`", ""]
+           f"checked against the transformed model: KL {s['verify_kl']}.", "",
+           f"Reproduce: `.venv/bin/python bench/streamed_transforms.py --recipe {r['recipe_name']}`", ""]
     return "\n".join(md)
 
 

@@ -153,7 +153,7 @@ def main() -> int:
     palette = cluster.cluster_model(model, cluster.ClusterConfig(clusters=16))
     secs = time.perf_counter() - t
     pal_path = work / "palette.safetensors"
-    cluster.write_palette(model, palette, 16, pal_path)
+    cluster.write_palette(model, palette, 16, pal_path, work / "palette-scratch")
     clustered = sum(idx.numel() for _, idx in palette.values())
     row = variant_row("km16", model, args.windows, technique_seconds=round(secs, 1),
                       palette_file_bytes=pal_path.stat().st_size, clustered_weights=clustered,

@@ -4,7 +4,7 @@ Two kinds of step:
 
 * steps that read the **model from its files** — GGUF export (tensor by tensor), ``imatrix`` and
   ``quant.gguf_calibrated`` (the block walker, ``engine.walker``), and the transforms streamed block by block
-  (pruning of every kind, AWQ scaling: their changed blocks go to the run's scratch on disk, which the next
+  (pruning of every kind, AWQ scaling, k-means clustering: their changed blocks go to the run's scratch on disk, which the next
   steps read in turn) — need the process, one decoder block and what their algorithm holds (GPTQ's Hessian
   factors, the calibration hidden states, the output head);
 * every other step, and every step after the first one that holds the model, holds the **fp32 model** times

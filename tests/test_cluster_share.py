@@ -41,7 +41,7 @@ def test_clustering_leaves_at_most_k_values_per_tensor_and_the_palette_reads_bac
         assert len(torch.unique(p.data)) <= 16, name
     assert mean_loss(model, seqs) < base + 0.5           # 4-bit codebooks keep the model usable
     path = tmp_path / "palette.safetensors"
-    cluster.write_palette(model, palette, 16, path)
+    cluster.write_palette(model, palette, 16, path, tmp_path / "scratch")
     state = cluster.load_palette(path)
     for name, p in targets.items():
         assert torch.allclose(state[name], p.data, atol=2e-3 * float(p.data.abs().max()))   # float16 codebook

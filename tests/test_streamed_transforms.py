@@ -34,11 +34,15 @@ STEPS = [[("prune.magnitude", {"sparsity": 0.5})], [("prune.magnitude", {"patter
          [("prune.width", {"heads_keep": 0.5, "mlp_keep": 0.5, "hidden_keep": 0.75, "round_to": 8,
                            "calibration_sequences": 4, "seq_len": 64})],
          [("prune.magnitude", {"sparsity": 0.3}), ("prune.depth", {"blocks": 1, "calibration_sequences": 4,
-                                                                   "seq_len": 64})]]
+                                                                   "seq_len": 64})],
+         [("cluster.kmeans", {"clusters": 16})],
+         [("prune.magnitude", {"sparsity": 0.3}), ("cluster.kmeans", {"clusters": 16, "activation_weighted": True,
+                                                                      "calibration_sequences": 4,
+                                                                      "calibration_length": 64})]]
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=["magnitude", "2_4", "wanda", "awq", "pruned-then-awq", "depth", "width",
-                                              "pruned-then-depth"])
+                                              "pruned-then-depth", "kmeans", "pruned-then-weighted-kmeans"])
 def test_a_streamed_transform_equals_the_loaded_one_and_never_loads_the_model(tmp_path, stories_dir, steps):
     loaded = make_ctx(tmp_path, stories_dir, "loaded")
     loaded.loaded                                            # a step loaded it: the transform runs in memory
@@ -55,6 +59,10 @@ def test_a_streamed_transform_equals_the_loaded_one_and_never_loads_the_model(tm
         assert torch.equal(t.load().float(), state[n].float()), n
     for qtype in ("F32", "Q4_K_M"):                            # the same file from either
         assert gguf_sha(streamed, tmp_path, qtype) == gguf_sha(loaded, tmp_path, qtype), qtype
+    palettes = list(loaded.record.artifacts_dir.glob("*palette*"))
+    assert bool(palettes) == (steps[-1][0] == "cluster.kmeans")
+    for artifact in palettes:                                  # the palette of a clustering, byte for byte
+        assert artifact.read_bytes() == (streamed.record.artifacts_dir / artifact.name).read_bytes(), artifact.name
     assert not list((streamed.record.folder / "scratch").rglob("*.partial"))
     read = {t.file.parent for t in view.state_dict().values()}
     for folder in (streamed.record.folder / "scratch" / "weights").glob("*"):
@@ -165,3 +173,24 @@ def test_a_streamed_transform_of_a_converter_family_exports_through_a_folder_sav
     assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
     assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
     assert rec.variant("mag30-F16")["metrics"]["verify_kl"] < 1e-3
+
+
+def test_preflight_streams_clustering_of_an_8b_model_and_holds_it_only_for_the_embeddings(tmp_path, monkeypatch):
+    """k-means of the decoder blocks streams (one block and the float64 sort of its largest matrix); clustering
+    the embeddings too holds the model, and pre-flight says which."""
+    from edgetailor.engine.preflight import preflight
+    from edgetailor.engine.recipe import Recipe
+    from test_streaming import _sparse_llama_8b, a_16_gb_machine
+
+    a_16_gb_machine(monkeypatch)
+    src = resolve(str(_sparse_llama_8b(tmp_path / "llama-8b")))
+
+    def cluster_step(**params):
+        rep = preflight(src, Recipe.from_dict({"name": "x", "steps": [{"step": "cluster.kmeans", "params": params}]}))
+        return rep, rep.steps[0]
+
+    rep, step = cluster_step(activation_weighted=True)
+    assert rep.fits and "one decoder block at a time" in step["how"], rep.problems
+    assert step["parts"]["k-means of its largest matrix (float64)"] == 14336 * 4096 * 48
+    rep, step = cluster_step(include_embeddings=True)
+    assert not rep.fits and step["how"] == "holds the fp32 model"

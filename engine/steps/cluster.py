@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
+from ..footprint import scratch_bytes, streamed_transform_need
 from ..registry import register_step
 
 
@@ -134,29 +136,91 @@ def unpack_indices(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return packed[:numel].long()
 
 
-def write_palette(model, palette: dict, k: int, path) -> None:
-    """Palette file: per clustered tensor ``<name>.indices`` (packed uint8) + ``<name>.codebook`` (float16);
-    every other tensor in float16; shapes and k in the metadata."""
-    import json
+class PaletteWriter:
+    """``palette.safetensors`` without the model in memory: per clustered tensor ``<name>.indices`` (packed uint8)
+    and ``<name>.codebook`` (float16), every other tensor in float16, shapes and k in the metadata. Each block's
+    indices and codebooks go to a scratch file as a walk passes (``add``, ``flush``); ``finish`` writes the file
+    in one pass, its header first, then one tensor at a time."""
 
-    from safetensors.torch import save_file
+    def __init__(self, scratch: Path, k: int):
+        self.scratch, self.k, self.bits = Path(scratch), k, index_bits(k)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.where: dict[str, Path] = {}          # "<name>.indices" / "<name>.codebook" -> scratch file
+        self.shapes: dict[str, list[int]] = {}
+        self.codebook_entries = 0               # over all clustered tensors (their float16 codebooks)
+        self.most_distinct = 0
 
-    bits = index_bits(k)
-    tensors, shapes = {}, {}
-    seen = set()                      # tied tensors (embeddings = output head) are stored once
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen or name.endswith("rotary_emb.inv_freq"):
-            continue
-        seen.add(t.data_ptr())
-        if name in palette:
-            codebook, idx = palette[name]
-            tensors[f"{name}.indices"] = pack_indices(idx, bits).contiguous()
-            tensors[f"{name}.codebook"] = codebook.half().contiguous()
-            shapes[name] = list(idx.shape)
-        else:
-            tensors[name] = t.detach().half().contiguous().clone()
-    save_file(tensors, str(path), metadata={"format": "edgetailor-palette", "clusters": str(k),
-                                            "index_bits": str(bits), "shapes": json.dumps(shapes)})
+    def add(self, name: str, codebook: torch.Tensor, idx: torch.Tensor) -> None:
+        self.pending[f"{name}.indices"] = pack_indices(idx, self.bits).contiguous()
+        self.pending[f"{name}.codebook"] = codebook.half().contiguous()
+        self.shapes[name] = list(idx.shape)
+        self.codebook_entries += len(codebook)
+        self.most_distinct = max(self.most_distinct, len(codebook))
+
+    def flush(self, key: str) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        path = self.scratch / f"{key}.safetensors"
+        save_file(self.pending, str(path))
+        self.where.update(dict.fromkeys(self.pending, path))
+        self.pending = {}
+
+    def finish(self, state: dict, path) -> None:
+        """The file at ``path`` (a temporary path of ``RunContext.artifact``) from the clustered model's
+        ``state`` (tensors or lazy tensors; a tied tensor is stored once)."""
+        import json
+        import struct
+
+        from safetensors import safe_open
+
+        from ..lazy import read_header
+
+        self.flush("last")
+        entries, seen = [], set()               # (key, dtype, shape, bytes of the tensor when written)
+        for name, t in state.items():
+            ident = t.data_ptr() if isinstance(t, torch.Tensor) else id(t)
+            if ident in seen or name.endswith("rotary_emb.inv_freq"):
+                continue
+            seen.add(ident)
+            if name in self.shapes:
+                for key in (f"{name}.indices", f"{name}.codebook"):
+                    info = read_header(self.where[key])[key]
+                    entries.append((key, info["dtype"], info["shape"],
+                                    lambda key=key: _raw(safe_open(str(self.where[key]), "pt").get_tensor(key))))
+            else:
+                entries.append((name, "F16", list(t.shape), lambda t=t: _raw(_loaded(t).detach().half())))
+        header, offset = {}, 0
+        for key, dtype, shape, _ in entries:
+            n = math.prod(shape) * (2 if dtype == "F16" else 1)
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {"format": "edgetailor-palette", "clusters": str(self.k),
+                                  "index_bits": str(self.bits), "shapes": json.dumps(self.shapes)}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(path, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            for _, _, _, data in entries:
+                fh.write(data())
+
+
+def _loaded(t) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else t.load()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
+
+
+def write_palette(model, palette: dict, k: int, path, scratch: Path) -> None:
+    """The palette file of a model held in memory, its codebooks and indices from ``cluster_model``."""
+    writer = PaletteWriter(scratch, k)
+    for name, (codebook, idx) in palette.items():
+        writer.add(name, codebook, idx)
+    writer.finish(model.state_dict(), path)
 
 
 def load_palette(path) -> dict[str, torch.Tensor]:
@@ -184,34 +248,101 @@ def load_palette(path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _cluster_need(cfg: ClusterConfig, shape):
+    """Streamed (decoder blocks only): one block, the calibration walk when activation-weighted, and the 1-D
+    k-means of the block's largest matrix (its values sorted in float64 with their order and prefix sums)."""
+    if cfg.include_embeddings:
+        return None
+    tokens = cfg.calibration_sequences * cfg.calibration_length if cfg.activation_weighted else 0
+    need = streamed_transform_need("cluster.kmeans", shape, tokens, cfg.calibration_length)
+    largest = max(shape.intermediate, shape.q_dim) * shape.hidden
+    need.parts["k-means of its largest matrix (float64)"] = largest * 8 * 6
+    need.ram_bytes += largest * 8 * 6 - need.parts["scores of its largest matrix"]
+    return need
+
+
+def _cluster_disk(cfg: ClusterConfig, shape) -> float:
+    """The clustered blocks in fp32 (scratch) and the palette: its indices and codebooks in scratch while the walk
+    runs, then the file (the other tensors in float16)."""
+    blocks = max(shape.params - shape.embedding_params, 0)
+    palette = blocks * index_bits(cfg.clusters) / 8 * 2 + shape.embedding_params * 2 if cfg.write_palette else 0
+    return scratch_bytes(shape, exact=False) + palette
+
+
 @register_step("cluster.kmeans", ClusterConfig, kind="transform",
                summary="Per-tensor k-means weight clustering (16 or 256 shared values per tensor), palette file",
                exports="GGUF and ONNX natively as plain weights (the k values per tensor are kept; no palette "
                        "type in those formats, so no size saving there); palette.safetensors holds the real "
-                       "compressed form (indices + codebooks)")
+                       "compressed form (indices + codebooks)",
+               streamed_ram=_cluster_need, disk_bytes=lambda cfg, shape: _cluster_disk(cfg, shape))
 def cluster_kmeans(ctx: RunContext, cfg: ClusterConfig) -> None:
+    writer = PaletteWriter(ctx.record.folder / "scratch" / "palette", cfg.clusters)
+    if cfg.include_embeddings:          # the embeddings and the head are not decoder blocks: the model is held
+        _cluster_held(ctx, cfg, writer)
+    else:
+        _cluster_streamed(ctx, cfg, writer)
+    _finish(ctx, cfg, writer)
+
+
+def _cluster_streamed(ctx: RunContext, cfg: ClusterConfig, writer: PaletteWriter) -> None:
+    """Block by block: the block's inputs measured first (activation-weighted: the untouched blocks' outputs feed
+    the next, as one pass over the source would), then its linear layers clustered and kept."""
+    from ..calibration import recording_channel_stats, token_sequences
+
+    torch.set_num_threads(ctx.options.resolved_threads())
+    seqs = (token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.calibration_length,
+                            cfg.calibration_sequences) if cfg.activation_weighted else None)
+    walk = ctx.transform_walk(seqs)
+    for block in walk:
+        linears = block.linears()
+        importance = {}
+        if seqs is not None:
+            with recording_channel_stats(linears) as stats:
+                block.forward()
+            importance = {name: stats[name].second_moment for name in linears}
+        for name, lin in linears.items():
+            weights = importance[name].to(lin.weight.dtype)[None, :].expand_as(lin.weight) if importance else None
+            codebook, idx = kmeans_1d(lin.weight.data, cfg.clusters, cfg.iterations, weights)
+            with torch.no_grad():
+                lin.weight.copy_(codebook.to(lin.weight.dtype)[idx])
+            writer.add(f"{name}.weight", codebook.float(), idx)
+        block.keep(linears)
+        writer.flush(f"block-{block.index:05d}")
+    ctx.mark_applied(_label(cfg), walk.result())
+
+
+def _cluster_held(ctx: RunContext, cfg: ClusterConfig, writer: PaletteWriter) -> None:
     importance = None
     if cfg.activation_weighted:
         importance = _channel_importance(ctx.model, ctx.tokenizer, ctx.calibration_text(), cfg,
                                          lambda f, m: ctx.progress(0.2 * f, m), ctx.cancel.is_set)
     palette = cluster_model(ctx.model, cfg, importance,
                             lambda f, m: ctx.progress(0.2 + 0.7 * f, m), ctx.cancel.is_set)
-    clustered = sum(idx.numel() for _, idx in palette.values())
+    for name, (codebook, idx) in palette.items():
+        writer.add(name, codebook, idx)
+    ctx.mark_applied(_label(cfg))
+
+
+def _label(cfg: ClusterConfig) -> str:
+    return f"km{cfg.clusters}" + ("a" if cfg.activation_weighted else "")
+
+
+def _finish(ctx: RunContext, cfg: ClusterConfig, writer: PaletteWriter) -> None:
+    clustered = sum(math.prod(shape) for shape in writer.shapes.values())
+    codebooks = writer.codebook_entries
     bits = index_bits(cfg.clusters)
-    codebook_bits = 16 * sum(len(c) for c, _ in palette.values())
-    report = {"clusters": cfg.clusters, "tensors": len(palette), "clustered_weights": clustered,
-              "index_bits": bits, "bits_per_weight": round((clustered * bits + codebook_bits) / clustered, 4),
-              "max_distinct_values": max(len(c) for c, _ in palette.values())}
-    label = f"km{cfg.clusters}" + ("a" if cfg.activation_weighted else "")
-    ctx.mark_applied(label)
+    report = {"clusters": cfg.clusters, "tensors": len(writer.shapes), "clustered_weights": clustered,
+              "index_bits": bits, "bits_per_weight": round((clustered * bits + 16 * codebooks) / clustered, 4),
+              "max_distinct_values": writer.most_distinct}
+    label = _label(cfg)
     if cfg.write_palette:
         name = f"{ctx.source.display_name}-{ctx.current_variant_name()}-palette.safetensors"
         with ctx.artifact(name) as tmp:
-            write_palette(ctx.model, palette, cfg.clusters, tmp)
+            writer.finish(ctx.weights().state_dict(), tmp)
         report["palette_file_bytes"] = (ctx.record.artifacts_dir / name).stat().st_size
         report["palette_file"] = name
     ctx.report(**report)
-    ctx.log(f"{label}: {len(palette)} tensors, {clustered:,} weights at {report['bits_per_weight']:.3f} bits each "
-            f"(index {bits} bits + float16 codebook)"
+    ctx.log(f"{label}: {len(writer.shapes)} tensors, {clustered:,} weights at {report['bits_per_weight']:.3f} bits "
+            f"each (index {bits} bits + float16 codebook)"
             + (f"; palette file {report['palette_file_bytes'] / 1e6:.1f} MB" if cfg.write_palette else ""))
     ctx.progress(1.0, f"{label}: clustered")
