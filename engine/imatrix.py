@@ -49,7 +49,8 @@ class ImportanceStats:
 
         tensors = {f"sum_sq/{k}": v.contiguous() for k, v in self.sum_sq.items()}
         tensors.update({f"xtx/{k}": v.contiguous() for k, v in self.xtx.items()})
-        meta = {"count": json.dumps(self.count), "input_of": json.dumps(self.input_of), "tokens": str(self.tokens),
+        meta = {"count": json.dumps(self.count, sort_keys=True), "input_of": json.dumps(self.input_of, sort_keys=True),
+                "tokens": str(self.tokens),
                 "format": "edgetailor-imatrix-1"}
         save_file(tensors, str(path), metadata=meta)
 
