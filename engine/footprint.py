@@ -51,6 +51,7 @@ class ModelShape:
     embedding_params: int = 0       # input embeddings + an untied output head
     transformed: bool = False       # as a step after a transform sees it (its reference is walked, not loaded)
     stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
+    fused_experts: bool = False     # mixture of experts: files name each expert, transformers fuses them (no walk)
 
     @property
     def stored_bytes_per_weight(self) -> float:
@@ -87,9 +88,12 @@ class ModelShape:
         embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
         block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
         dims = ModelDims.of(cfg)
+        from .architectures import arch_spec
+
+        spec = arch_spec(str(cfg.get("model_type", "")))
         return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
                    dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
-                   stored_bytes=stored)
+                   stored_bytes=stored, fused_experts=bool(spec and spec.moe))
 
 
 @dataclass
@@ -254,7 +258,8 @@ def recipe_needs(recipe, shape: ModelShape) -> list[StepNeed]:
     for step in (recipe.steps if recipe is not None else []):
         info = get_step(step.name)
         cfg = info.parse(step.params)
-        need = info.streamed_ram(cfg, shape) if streaming else None
+        walks = not (shape.fused_experts and info.kind == "transform")    # see walker.FusedNamesError
+        need = info.streamed_ram(cfg, shape) if streaming and walks else None
         if need is None:
             need = info.held_ram(cfg, shape) or whole_model(step.name, shape, info.ram_multiple(cfg))
             streaming = False

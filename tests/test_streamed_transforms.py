@@ -146,7 +146,14 @@ def test_preflight_streams_a_pruning_recipe_of_an_8b_model_on_16_gb(tmp_path, mo
 
 def test_a_family_whose_files_fuse_experts_is_pruned_loaded_instead(tmp_path, family_model):
     """Qwen3-MoE's files keep one tensor per expert where transformers fuses them: no lazy walk, so the transform
-    loads the model whole and says so."""
+    loads the model whole and says so, and pre-flight said so before it ran."""
+    from edgetailor.engine.preflight import preflight
+    from edgetailor.engine.recipe import Recipe
+
+    src = resolve(str(family_model("qwen3_moe")))
+    prune, export = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+        {"step": "prune.magnitude"}, {"step": "export", "params": {"types": ["Q8_0"]}}]})).steps
+    assert prune["how"] == export["how"] == "holds the fp32 model"
     ctx = make_ctx(tmp_path, family_model("qwen3_moe"))
     logs = []
     ctx._emit = lambda e: logs.append(e)
