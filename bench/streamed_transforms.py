@@ -2,7 +2,8 @@
 side by side in one run.
 
 Recipes: ``prune.wanda`` (2:4, calibration text), or ``cluster.kmeans`` (16 values per tensor, activation-weighted),
-then ``export`` Q4_K_M (checked against the transformed model). The
+then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``: the untouched source exported to ONNX
+fp16 (EdgeTailor's graph, one decoder layer at a time; checked against the source). The
 streamed run is what a run does now: the source read lazily, one decoder block in memory, the pruned blocks
 written to the run's scratch, the export read from there. The loaded run holds the model in fp32 first (what
 every transform did before, and still does after a step that loads the model). Each runs in its own process;
@@ -10,8 +11,8 @@ a sampler records the process's peak RSS per step, beside pre-flight's predictio
 write the same Q4_K_M file, byte for byte. Random weights at Llama-3.2-1B's shape (made and cached by
 ``bench/streaming_export.py``): memory, time and exactness, not quality.
 
-Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans] [--shape 1b] [--threads 2]
-Writes bench/results/streamed_transforms.{json,md} (kmeans: streamed_transforms_kmeans.{json,md}).
+Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|onnx] [--shape 1b] [--threads 2]
+Writes bench/results/streamed_transforms.{json,md} (else streamed_transforms_RECIPE.{json,md}).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ RECIPES = {
     "kmeans": [("cluster.kmeans", {"clusters": 16, "activation_weighted": True, "calibration_sequences": 8,
                                    "calibration_length": 256}),
                ("export", {"types": ["Q4_K_M"]})],
+    "onnx": [("export", {"format": "onnx", "types": ["fp16"]})],
 }
 MB = 2**20
 
@@ -92,10 +94,12 @@ def child(mode: str, folder: Path, work: Path, threads: int, steps: list) -> dic
                      "peak_anon_mb": round(anon / MB)})
     if mode == "loaded":
         rows[0].update(peak_rss_mb=rows[1]["peak_rss_mb"], peak_anon_mb=rows[1]["peak_anon_mb"])
-    (variant,) = [v for v in record.manifest["variants"] if v["format"] == "gguf"]
+    variant = record.manifest["variants"][-1]
     path = record.folder / variant["path"]
-    return {"mode": mode, "steps": rows, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "verify_kl": variant["metrics"].get("verify_kl"), "size_mb": round(path.stat().st_size / MB, 1)}
+    weights = path / "model.onnx.data" if path.is_dir() else path      # an ONNX folder: its weights file
+    return {"mode": mode, "steps": rows, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "file": f"{variant['format']} {variant['params'].get('type')}",
+            "verify_kl": variant["metrics"].get("verify_kl"), "size_mb": round(weights.stat().st_size / MB, 1)}
 
 
 def predicted(folder: Path, steps: list) -> list[dict]:
@@ -151,7 +155,9 @@ def main() -> int:
 def markdown(r: dict) -> str:
     m, s, ld = r["machine"], r["runs"]["streamed"], r["runs"]["loaded"]
     pre = {p["step"]: p for p in r["preflight"]}
-    md = [f"# A transform streamed block by block vs held in fp32 ({r['shape']}-shaped model)", "",
+    what = "An ONNX export streamed layer by layer" if r.get("recipe_name") == "onnx" else \
+        "A transform streamed block by block"
+    md = [f"# {what} vs held in fp32 ({r['shape']}-shaped model)", "",
           f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB; threads {r['threads']}. "
           f"Random bf16 weights at Llama-3.2-{r['shape'].upper()}'s shape. Recipe: "
           + " → ".join(f"`{n}` {json.dumps(p)}" for n, p in r["recipe"]) + ".", "",
@@ -170,8 +176,8 @@ def markdown(r: dict) -> str:
            "counts what must stay resident.",
            f"Loading the model in fp32 first (held run only): {held['load (fp32)']['seconds']} s.",
            f"Whole runs: streamed {s['wall_seconds']} s, held {ld['wall_seconds']} s (process start included).",
-           f"Same Q4_K_M file from both: **{r['same_file']}** (sha256 {s['sha256'][:16]}…, {s['size_mb']} MB); "
-           f"checked against the transformed model: KL {s['verify_kl']}.", "",
+           f"Same {s.get('file', 'gguf Q4_K_M')} weights from both: **{r['same_file']}** (sha256 {s['sha256'][:16]}…, "
+           f"{s['size_mb']} MB); checked against the model it came from: KL {s['verify_kl']}.", "",
            f"Reproduce: `.venv/bin/python bench/streamed_transforms.py --recipe {r['recipe_name']}`", ""]
     return "\n".join(md)
 

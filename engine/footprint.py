@@ -52,6 +52,7 @@ class ModelShape:
     transformed: bool = False       # as a step after a transform sees it (its reference is walked, not loaded)
     stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
     fused_experts: bool = False     # mixture of experts: files name each expert, transformers fuses them (no walk)
+    onnx_graph: bool = False        # EdgeTailor's own ONNX graph covers the family (written layer by layer)
 
     @property
     def stored_bytes_per_weight(self) -> float:
@@ -93,7 +94,8 @@ class ModelShape:
         spec = arch_spec(str(cfg.get("model_type", "")))
         return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
                    dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
-                   stored_bytes=stored, fused_experts=bool(spec and spec.moe))
+                   stored_bytes=stored, fused_experts=bool(spec and spec.moe),
+                   onnx_graph=bool(spec and spec.onnx == "edgetailor"))
 
 
 @dataclass
@@ -170,15 +172,25 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
                     {"process": PROCESS_BYTES, **{k: int(v) for k, v in phases.items()}})
 
 
-def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
-    """A GGUF export of the untouched source: tensor by tensor from the files (its output at up to 4 bytes a weight
-    beside its stored copy), and the check's reference: the torch model while it is small, else a 16-bit GGUF
-    that llama.cpp maps (``engine.reference``)."""
+def export_need(step: str, shape: ModelShape, fmt: str, types=()) -> StepNeed | None:
+    """An export written from the model's files: GGUF tensor by tensor (its output at up to 4 bytes a weight beside
+    its stored copy); ONNX in fp16/fp32 on EdgeTailor's graph one decoder layer at a time (the layer in fp32 and
+    the graph's copies of it, the embedding read, widened and narrowed). Beside it the check's reference: the
+    torch model while it is small, else a 16-bit GGUF that llama.cpp maps (``engine.reference``). None where
+    the export holds the model (ONNX's quantizers, onnxruntime-genai's builder)."""
     from .reference import TORCH_REFERENCE_MAX_BYTES
 
-    if not gguf:
+    if fmt == "gguf":
+        work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
+        how = "writes the model tensor by tensor from its files (no fp32 copy of the model)"
+    elif fmt == "onnx" and shape.onnx_graph and types and all(t.lower() in ("fp16", "fp32") for t in types):
+        widest = 4 if any(t.lower() == "fp32" for t in types) else 2
+        work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * 3,
+                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4),
+                "onnxruntime's session of the file (its weights, to check it)": shape.params * widest}
+        how = "writes the graph one decoder layer at a time from its files (no fp32 copy of the model)"
+    else:
         return None
-    largest = shape.largest_tensor_params * 2 * 3
     if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
         name, reference = "reference (walked: one block and the output head, fp32)", \
             shape.block_params * 4 + shape.vocab * shape.hidden * 4
@@ -186,9 +198,11 @@ def export_need(step: str, shape: ModelShape, gguf: bool) -> StepNeed | None:
         name, reference = "reference (fp32 torch model)", shape.fp32_bytes
     else:
         name, reference = "reference (16-bit GGUF, mapped by llama.cpp)", 0
-    return StepNeed(step, PROCESS_BYTES + largest + reference,
-                    "writes the model tensor by tensor from its files (no fp32 copy of the model)",
-                    {"process": PROCESS_BYTES, "largest tensor, read and written": largest, name: reference})
+    session = work.pop("onnxruntime's session of the file (its weights, to check it)", 0)
+    peak = PROCESS_BYTES + max(sum(work.values()), session) + reference     # the file is written, then checked
+    parts = {"process": PROCESS_BYTES, **work, **({"onnxruntime's session of the file (to check it)": session}
+                                                  if session else {}), name: reference}
+    return StepNeed(step, peak, how, parts)
 
 
 def scratch_bytes(shape: ModelShape, exact: bool = True) -> int:

@@ -97,6 +97,13 @@ class ONNXExporter(Exporter):
             return export_with_builder(model, tokenizer_dir, out, opts, options.get("source_dir"), step, cancelled)
         step(0.0, "building the ONNX graph")
         float_type = "fp16" if qtype == "fp16" else "fp32"
+        if qtype in ("fp32", "fp16") and getattr(model, "is_lazy", False):
+            graph = self._streamed(model, float_type, out)
+            info = {"type": qtype, "layers": graph.n_layers, "tied_embeddings": graph.tied,
+                    "written": "tensor by tensor from the model's files"}
+            return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)
+        if getattr(model, "is_lazy", False):        # the quantizers take the whole graph in memory
+            model = model.materialise()
         graph = build_graph(model, float_type, quantizable=qtype in ("int8", "int4"))
         info = {"type": qtype, "layers": graph.n_layers, "tied_embeddings": graph.tied}
         if qtype in ("fp32", "fp16"):
@@ -113,6 +120,23 @@ class ONNXExporter(Exporter):
             info.update(block_size=opts["block_size"], method=opts["method"], quantized_by=by)
         step(0.85, "writing model.onnx + model.onnx.data")
         save(proto, out)
+        return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)
+
+    @staticmethod
+    def _streamed(model, float_type: str, out: Path) -> DecoderGraph:
+        """The graph of a lazy model, its weights written to model.onnx.data as each is made (one decoder layer
+        in memory at a time), then model.onnx, which only points at them."""
+        import onnx
+
+        for p in (out / MODEL_FILE, out / DATA_FILE):
+            p.unlink(missing_ok=True)
+        with open(out / DATA_FILE, "wb") as data:
+            graph = build_graph(model, float_type, data=data, data_name=DATA_FILE)
+        onnx.save_model(graph.proto, out / MODEL_FILE)
+        return graph
+
+    @staticmethod
+    def _finish(model, tokenizer, tokenizer_dir, out: Path, graph: DecoderGraph, info: dict) -> ExportResult:
         write_genai_config(model, tokenizer, out, graph)
         copy_tokenizer_files(Path(tokenizer_dir), out, tokenizer)
         files = sorted(p for p in out.iterdir())

@@ -12,12 +12,16 @@ from ..engine.architectures import ModelDims, arch_spec
 from ..engine.errors import EdgeTailorError
 
 OPSET = 21
+#: initializers up to this many bytes stay in model.onnx (as ``onnx.save_model``'s size_threshold does)
+EXTERNAL_THRESHOLD = 1024
 
 
 class GraphBuilder:
-    """Nodes, initializers and I/O of one decoder graph (names as onnxruntime-genai's builder writes them)."""
+    """Nodes, initializers and I/O of one decoder graph (names as onnxruntime-genai's builder writes them). With
+    ``data`` (an open file, ``model.onnx.data``) each initializer over 1 KB goes there as it is made, the graph
+    keeping only its place: no copy of the weights accumulates in memory."""
 
-    def __init__(self, float_type: str):
+    def __init__(self, float_type: str, data=None, data_name: str = ""):
         from onnx import TensorProto
 
         self.np_float = np.float16 if float_type == "fp16" else np.float32
@@ -27,12 +31,30 @@ class GraphBuilder:
         self.inputs = []
         self.outputs = []
         self.consts: dict = {}
+        self.data, self.data_name = data, data_name
 
     def init(self, name: str, array: np.ndarray, dtype=None) -> str:
         from onnx import numpy_helper
 
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype or self.np_float)), name))
+        array = np.ascontiguousarray(array.astype(dtype or self.np_float))
+        if self.data is None or array.nbytes <= EXTERNAL_THRESHOLD:
+            self.initializers.append(numpy_helper.from_array(array, name))
+        else:
+            self.initializers.append(self._external(name, array))
         return name
+
+    def _external(self, name: str, array: np.ndarray):
+        """A TensorProto whose bytes are written to the data file now (as onnx's own external-data writer lays
+        them out: one after another)."""
+        from onnx import TensorProto, helper
+
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                             data_location=TensorProto.EXTERNAL)
+        offset = self.data.tell()
+        self.data.write(array.tobytes())
+        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
 
     def const_i64(self, values) -> str:
         key = (str(values),)
@@ -78,31 +100,74 @@ def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def build_graph(model, float_type: str = "fp32", quantizable: bool = False) -> DecoderGraph:
+class ModelParts:
+    """What the graph reads of a model, held or lazy: the embedding, the decoder layers one at a time (a lazy
+    model's from the block walker: one layer's weights in memory at a time), the norms, the head, the rotary
+    embedding."""
+
+    def __init__(self, model):
+        self.model, self.lazy = model, bool(getattr(model, "is_lazy", False))
+        self.config = model.config
+        if self.lazy:
+            from ..engine.walker import skeleton
+
+            self.state = model.state_dict()
+            self.rotary = skeleton(model.config).model.rotary_emb
+            self.n_layers = ModelDims.of(model.config).layers
+        else:
+            self.rotary, self.n_layers = model.model.rotary_emb, len(model.model.layers)
+
+    def tensor(self, name: str):
+        if self.lazy:
+            return self.state[name].load()
+        return self.model.get_parameter(name)
+
+    def layers(self):
+        if not self.lazy:
+            yield from enumerate(self.model.model.layers)
+            return
+        from ..engine.walker import BlockWalk
+
+        for block in BlockWalk(self.model, None):
+            yield block.index, block.module
+
+    def head(self):
+        name = "lm_head.weight"
+        if self.lazy:
+            return self.state[name].load() if name in self.state else self.tensor("model.embed_tokens.weight")
+        return self.model.lm_head.weight
+
+
+def build_graph(model, float_type: str = "fp32", quantizable: bool = False, data=None,
+                data_name: str = "") -> DecoderGraph:
     """The decoder as an ONNX graph with contrib ops. With ``quantizable`` the head keeps its own [hidden, vocab]
-    weight (a MatMul the quantizers can take) even when it is tied to the embedding."""
+    weight (a MatMul the quantizers can take) even when it is tied to the embedding. ``model`` held in memory or
+    lazy (one decoder layer read at a time); ``data``: the file the weights go to as they are made
+    (``GraphBuilder``)."""
     from onnx import helper
 
     cfg = model.config
     spec = _covered(cfg)
-    inner, layers, dims = model.model, model.model.layers, ModelDims.of(cfg)
+    parts, dims = ModelParts(model), ModelDims.of(cfg)
     # GroupQueryAttention takes head sizes in multiples of 16: smaller heads are zero-padded (same results)
     head_dim = -(-dims.head_dim // 16) * 16
     if head_dim != dims.head_dim and spec.qk_norm:
         raise EdgeTailorError(f"Heads of {dims.head_dim} dimensions with q/k norms cannot run in GroupQueryAttention.",
                               "Export this model to GGUF instead.")
-    vocab = int(inner.embed_tokens.weight.shape[0])
-    g = GraphBuilder(float_type)
-    _declare_io(g, len(layers), dims.kv_heads, head_dim, vocab)
-    shared = AttentionInputs(*_mask_lengths(g), *_rotary_caches(g, inner.rotary_emb, head_dim, dims.context),
+    g = GraphBuilder(float_type, data, data_name)
+    embed = parts.tensor("model.embed_tokens.weight")
+    vocab = int(embed.shape[0])
+    _declare_io(g, parts.n_layers, dims.kv_heads, head_dim, vocab)
+    shared = AttentionInputs(*_mask_lengths(g), *_rotary_caches(g, parts.rotary, head_dim, dims.context),
                              window=_sliding_window(cfg, dims.context), head_dim=head_dim, true_head_dim=dims.head_dim,
                              kv_heads=dims.kv_heads, eps=dims.rms_eps, qk_norm=spec.qk_norm)
-    g.init("model.embed_tokens.weight", _np(inner.embed_tokens.weight))
+    g.init("model.embed_tokens.weight", _np(embed))
+    del embed
     residual = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]
-    normed = g.node("SimplifiedLayerNormalization", [residual, g.init("model.layers.0.input_layernorm.weight",
-                                                                        _np(layers[0].input_layernorm.weight))],
+    normed = g.node("SimplifiedLayerNormalization", [residual, g.init(
+        "model.layers.0.input_layernorm.weight", _np(parts.tensor("model.layers.0.input_layernorm.weight")))],
                     "/model/layers.0/input_layernorm/LayerNorm", epsilon=dims.rms_eps, axis=-1, stash_type=1)[0]
-    for i, layer in enumerate(layers):
+    for i, layer in parts.layers():
         p = f"/model/layers.{i}"
         o = _attention(g, p, i, layer.self_attn, normed, shared)
         post_w = g.init(f"model.layers.{i}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight))
@@ -110,21 +175,18 @@ def build_graph(model, float_type: str = "fp32", quantizable: bool = False) -> D
                                         f"{p}/post_attention_layernorm/SkipLayerNorm", domain="com.microsoft",
                                         n_out=4, epsilon=dims.rms_eps)
         down = _mlp(g, p, layer.mlp, normed)
-        if i + 1 < len(layers):
-            nw = g.init(f"model.layers.{i + 1}.input_layernorm.weight", _np(layers[i + 1].input_layernorm.weight))
-            name = f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
-        else:
-            nw = g.init("model.norm.weight", _np(inner.norm.weight))
-            name = "/model/norm/SkipLayerNorm"
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, down, nw], name,
+        nxt = (f"model.layers.{i + 1}.input_layernorm.weight", f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm") \
+            if i + 1 < parts.n_layers else ("model.norm.weight", "/model/norm/SkipLayerNorm")
+        nw = g.init(nxt[0], _np(parts.tensor(nxt[0])))
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, down, nw], nxt[1],
                                         domain="com.microsoft", n_out=4, epsilon=dims.rms_eps)
-    _lm_head(g, model, normed, dims.tied and not quantizable)
+    _lm_head(g, parts, normed, dims.tied and not quantizable)
     graph = helper.make_graph(g.nodes, "edgetailor-decoder", g.inputs, g.outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="edgetailor")
     proto.ir_version = 10
-    return DecoderGraph(proto, len(layers), dims.kv_heads, dims.heads, head_dim, dims.hidden, vocab, dims.tied,
+    return DecoderGraph(proto, parts.n_layers, dims.kv_heads, dims.heads, head_dim, dims.hidden, vocab, dims.tied,
                         float_type, dims.context)
 
 
@@ -244,13 +306,13 @@ def _mlp(g: GraphBuilder, p: str, mlp, normed: str) -> str:
     return g.linear(f"{p}/mlp/down_proj", prod, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
-def _lm_head(g: GraphBuilder, model, normed: str, read_tied: bool) -> None:
+def _lm_head(g: GraphBuilder, parts: ModelParts, normed: str, read_tied: bool) -> None:
     """The output head; ``read_tied``: one [vocab, hidden] tensor on disk, transposed once by onnxruntime at load."""
     if read_tied:
         head_t = g.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])[0]
         g.node("MatMul", [normed, head_t], "/lm_head/MatMul", outputs=["logits"])
     else:
-        head = g.init("lm_head.MatMul.weight", _np(model.lm_head.weight).T)
+        head = g.init("lm_head.MatMul.weight", _np(parts.head()).T)
         g.node("MatMul", [normed, head], "/lm_head/MatMul", outputs=["logits"])
 
 

@@ -213,3 +213,56 @@ def test_try_it_generator_uses_the_kv_cache_loop(stories_dir, tmp_path):
     out = gen.generate({"name": "v", "format": "onnx", "path": "m"}, tmp_path, str(stories_dir), PROMPTS[0], 10)
     gen.close()
     assert out.tokens == len(expected) and out.text == lm.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["fp32", "fp16"])
+def test_a_lazy_model_writes_the_same_onnx_weights_one_layer_at_a_time(tiny_models, tmp_path, mt, qtype,
+                                                                       monkeypatch):
+    """fp16/fp32 from the files read lazily: the same model.onnx.data, byte for byte, as from the loaded model, and
+    the same logits in onnxruntime; the walker holds one decoder layer at a time and the model never loads."""
+    from edgetailor.engine import modeling
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.walker import BlockWalk
+
+    lm = load_model(resolve(str(tiny_models[mt])))
+    ex = get_exporter("onnx")
+    ex.export(lm.model, lm.tokenizer, tiny_models[mt], tmp_path / "loaded", {"type": qtype})
+    held, real = [], BlockWalk.__iter__
+
+    def watched(walk):
+        for block in real(walk):
+            held.append(sum(p.numel() for p in block.module.parameters()))
+            yield block
+
+    monkeypatch.setattr(BlockWalk, "__iter__", watched)
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    res = ex.export(LazyModel(tiny_models[mt]), lm.tokenizer, tiny_models[mt], tmp_path / "lazy", {"type": qtype})
+    assert res.info["written"] == "tensor by tensor from the model's files"
+    assert len(held) == lm.model.config.num_hidden_layers
+    assert max(held) == sum(p.numel() for p in lm.model.model.layers[0].parameters())
+    data = [(tmp_path / d / "model.onnx.data").read_bytes() for d in ("loaded", "lazy")]
+    assert data[0] == data[1]
+    ex.verify(tmp_path / "lazy")
+    ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    with OnnxRuntime(tmp_path / "loaded", threads=2) as a, OnnxRuntime(tmp_path / "lazy", threads=2) as b:
+        assert np.array_equal(a.logits(ids), b.logits(ids))
+
+
+def test_an_onnx_fp16_export_of_the_source_streams_and_an_int4_one_holds_the_model(tiny_models, tmp_path):
+    """The export step: fp16 from the files (the model never loaded), checked against the source like every file;
+    int4's quantizers take the whole graph, so that export loads the model, and pre-flight says which."""
+    from edgetailor.engine import Recipe, preflight
+
+    src = resolve(str(tiny_models["llama"]))
+    fp16 = {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": ["fp16"]}}]}
+    (step,) = preflight(src, Recipe.from_dict(fp16)).steps
+    assert step["how"].startswith("writes the graph one decoder layer at a time")
+    int4 = {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": ["fp16", "int4"]}}]}
+    assert preflight(src, Recipe.from_dict(int4)).steps[0]["how"] == "holds the fp32 model"
+    rec = run_job(JobSpec(recipe=fp16, source=str(tiny_models["llama"]), runs_root=str(tmp_path),
+                          options={"threads": 2}))
+    m = json.loads((rec.folder / "manifest.json").read_text())
+    assert m["status"] == "succeeded", m["error"]
+    (v,) = m["variants"]
+    assert v["format"] == "onnx" and v["metrics"]["verify_top1"] > 0.99     # checked against the source
