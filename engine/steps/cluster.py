@@ -15,6 +15,7 @@ whose real size is reported, and ``load_palette`` reads it back.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,6 +340,7 @@ def _finish(ctx: RunContext, cfg: ClusterConfig, writer: PaletteWriter) -> None:
         name = f"{ctx.source.display_name}-{ctx.current_variant_name()}-palette.safetensors"
         with ctx.artifact(name) as tmp:
             writer.finish(ctx.weights().state_dict(), tmp)
+    shutil.rmtree(writer.scratch, ignore_errors=True)        # the per-block pieces, now in the file
         report["palette_file_bytes"] = (ctx.record.artifacts_dir / name).stat().st_size
         report["palette_file"] = name
     ctx.report(**report)
