@@ -340,9 +340,9 @@ def _finish(ctx: RunContext, cfg: ClusterConfig, writer: PaletteWriter) -> None:
         name = f"{ctx.source.display_name}-{ctx.current_variant_name()}-palette.safetensors"
         with ctx.artifact(name) as tmp:
             writer.finish(ctx.weights().state_dict(), tmp)
-    shutil.rmtree(writer.scratch, ignore_errors=True)        # the per-block pieces, now in the file
         report["palette_file_bytes"] = (ctx.record.artifacts_dir / name).stat().st_size
         report["palette_file"] = name
+    shutil.rmtree(writer.scratch, ignore_errors=True)        # the per-block pieces (now in the file, if one)
     ctx.report(**report)
     ctx.log(f"{label}: {len(writer.shapes)} tensors, {clustered:,} weights at {report['bits_per_weight']:.3f} bits "
             f"each (index {bits} bits + float16 codebook)"
