@@ -184,13 +184,14 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=()) -> StepNeed | 
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
         how = "writes the model tensor by tensor from its files (no fp32 copy of the model)"
     elif fmt == "onnx" and shape.onnx_graph and types and all(t.lower() in ("fp16", "fp32") for t in types):
-        widest = 4 if any(t.lower() == "fp32" for t in types) else 2
         work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * 3,
-                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4),
-                "onnxruntime's session of the file (its weights, to check it)": shape.params * widest * 2}
+                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4)}
         how = "writes the graph one decoder layer at a time from its files (no fp32 copy of the model)"
     else:
         return None
+    # measured (bench/results/streamed_transforms_onnx.md): checking an ONNX file holds about twice its weights
+    # (onnxruntime's and onnxruntime-genai's sessions)
+    session = shape.params * (4 if "fp32" in map(str.lower, types) else 2) * 2 if fmt == "onnx" else 0
     if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
         name, reference = "reference (walked: one block and the output head, fp32)", \
             shape.block_params * 4 + shape.vocab * shape.hidden * 4
@@ -198,12 +199,10 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=()) -> StepNeed | 
         name, reference = "reference (fp32 torch model)", shape.fp32_bytes
     else:
         name, reference = "reference (16-bit GGUF, mapped by llama.cpp)", 0
-    session = work.pop("onnxruntime's session of the file (its weights, to check it)", 0)
     peak = PROCESS_BYTES + max(sum(work.values()), session) + reference     # the file is written, then checked
-    # measured (bench/results/streamed_transforms_onnx.md): the check holds about twice the file's weights
-    # (onnxruntime's and onnxruntime-genai's sessions)
-    parts = {"process": PROCESS_BYTES, **work, **({"the check's runtime sessions (twice the file's weights)": session}
-                                                  if session else {}), name: reference}
+    parts = {"process": PROCESS_BYTES, **work, name: reference}
+    if session:
+        parts["the check's runtime sessions (twice the file's weights)"] = session
     return StepNeed(step, peak, how, parts)
 
 

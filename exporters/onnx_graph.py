@@ -107,7 +107,6 @@ class ModelParts:
 
     def __init__(self, model):
         self.model, self.lazy = model, bool(getattr(model, "is_lazy", False))
-        self.config = model.config
         if self.lazy:
             from ..engine.walker import skeleton
 

@@ -43,10 +43,9 @@ TABS_MIN_WIDTH = 520
 
 
 class MainWindow(QMainWindow):
-    # Long by design: the window's widget tree built top to bottom; its parts are their own widget classes.
     def __init__(self, runs_root: str | Path | None = None, job_options: dict | None = None, model: str = "demo"):
         super().__init__()
-        # long: the window's widgets, their layout and their signals, in the order they appear on screen
+        # long: the widget tree, its layout and its signals top to bottom; its parts are their own widget classes
         self.setWindowTitle("EdgeTailor")
         self.runs_root = Path(runs_root) if runs_root else paths.runs_dir()
         self.job_options = job_options or {}
