@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, help="max perplexity increase, percent")
     p.add_argument("--max-kl", type=float, help="max mean KL to the source model")
     p.add_argument("--kv-types", default="f16,q8_0,q4_0", help="KV-cache types to consider (default f16,q8_0,q4_0)")
+    p.add_argument("--formats", default="gguf,onnx", help="file formats to consider: gguf (llama.cpp, Ollama, LM "
+                                                          "Studio), onnx (onnxruntime) (default gguf,onnx)")
+    p.add_argument("--onnx-schemes", help="ONNX quantizations to consider, e.g. int4-32,int4-32-head8,int8 "
+                                           "(int4 at a block size of 32/64/128, -head8 for an 8-bit output head; "
+                                           "default: all)")
     p.add_argument("--candidates", type=int, default=3, help="files built and measured (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="search / build / refit rounds (default 2)")
     p.add_argument("--trials", type=int, default=120, help="predicted points per round (default 120)")
@@ -273,7 +278,8 @@ def cmd_fit(args) -> int:
     if not out.is_dir():
         raise EdgeTailorError(f"{out} is not a folder to write the bundle into.", "Give an existing folder with --out.")
     params = {"device": args.device, "context": args.context, "candidates": args.candidates, "rounds": args.rounds,
-              "trials": args.trials, "kv_types": args.kv_types.split(","),
+              "trials": args.trials, "kv_types": args.kv_types.split(","), "formats": args.formats.split(","),
+              "onnx_schemes": args.onnx_schemes.split(",") if args.onnx_schemes else None,
               "max_memory_mb": parse_bytes(args.max_memory) / 1e6 if args.max_memory else None,
               "min_decode_tps": args.min_tps, "max_j_per_token": args.max_j_per_token,
               "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl}
@@ -320,10 +326,12 @@ def format_plan(rec) -> str:
     by_label = {p["label"]: p for p in last["points"]}
     lines = [f"Plan for {plan['device']['name']} at {plan['context']} tokens of context "
              f"({len(plan['rounds'])} rounds, {sum(len(r['points']) for r in plan['rounds'])} predicted points)",
-             "", "Frontier (predicted, last round):", "  size MB  KV    memory MB  tok/s  KL        ppl %"]
+             "", "Frontier (predicted, last round):", "  file                     size MB  KV    memory MB  tok/s  KL        ppl %"]
     for label in last["frontier"]:
         p = by_label[label]
-        lines.append(f"  {p['file_bytes'] / 1e6:7.1f}  {p['kv_type']:<5} {p['memory_bytes'] / 1e6:9.0f}  "
+        what = f"onnx {p['onnx']}" if p.get("onnx") else "gguf (planned)"
+        what += f" -{p['drop_blocks']} blocks" if p.get("drop_blocks") else ""
+        lines.append(f"  {what:<24} {p['file_bytes'] / 1e6:7.1f}  {p['kv_type']:<5} {p['memory_bytes'] / 1e6:9.0f}  "
                      f"{p['decode_tps']:5.1f}  {p['kl']:.5f}  {p['ppl_increase_pct']:+.2f}")
     lines += ["", "Built and measured:", "  variant                     memory MB (pred)  tok/s dev  KL (pred)          ppl %"]
     for m in plan["measured"]:

@@ -8,7 +8,10 @@ For each model and budget:
 * llama.cpp: convert to F16, ``llama-imatrix`` on the same calibration text, ``llama-quantize --imatrix`` for
   every ladder type (Q8_0 ... Q2_K), each file evaluated with the same evaluator and windows and benchmarked
   at the same context with an f16 KV cache; the best-quality type that meets the budget (memory measured here,
-  decode projected to the device from the speed measured here, as the planner does) is the reference answer.
+  decode projected to the device from the speed measured here, as the planner does) is the reference answer;
+* for an app that ships onnxruntime (``formats: [onnx]``): onnxruntime-genai's model builder's int4 folder
+  (RTN, block 32, accuracy level 4, as its CPU recipe writes it), measured the same way (memory at the app's
+  context = its peak + onnxruntime's cache grown to that context); the budget's memory limit is that folder's.
 
 Reported per budget: both answers' memory, perplexity increase, KL (mean and 99.9th percentile); for every
 built candidate predicted vs measured memory and decode speed; whether any recommendation fails a limit
@@ -42,6 +45,8 @@ BUDGETS = [
      "max_ppl_increase_pct": 15},
     {"name": "orange-pi-5, memory + quality limit", "device": "orange-pi-5-8gb", "memory_between": ("Q3_K_M", "Q4_K_M"),
      "max_ppl_increase_pct": 10},
+    {"name": "pixel-8, an onnxruntime app at the builder's int4 memory", "device": "pixel-8", "formats": ["onnx"],
+     "memory_of_builder": True},
 ]
 
 
@@ -70,6 +75,30 @@ def ladder(model_dir: Path, calib: Path, work: Path, cmp, prompt: list[int], thr
 
 
 
+def builder_int4(model_dir: Path, work: Path, cmp, prompt: list[int], threads: int) -> dict:
+    """onnxruntime-genai's model builder's int4 folder (its CPU recipe: RTN, block 32, accuracy level 4), scored
+    and benchmarked as the planner's ONNX candidates are."""
+    from edgetailor.engine.benchmark import benchmark_variant
+    from edgetailor.engine.projection import kv_cache_bytes, onnx_info
+    from edgetailor.exporters.onnx import export_with_builder, parse_options
+
+    out = work / "builder-int4"
+    t0 = time.perf_counter()
+    if not (out / "model.onnx").exists():
+        export_with_builder(None, model_dir, out, parse_options({"type": "int4", "block_size": 32}), model_dir,
+                            lambda f, m: None, None)
+    seconds = time.perf_counter() - t0
+    res = cmp.score("onnx", out)
+    bench = benchmark_variant("onnx", out, prompt, gen_tokens=32, repeats=2, threads=threads, n_ctx=CONTEXT)
+    growth = kv_cache_bytes(onnx_info(out), CONTEXT - len(prompt) - 32, 4)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    print(f"  builder int4: {size / 1e6:.1f} MB, KL {res.kl:.5f}, memory {(bench['peak_rss_os_bytes'] + growth) / 1e6:.0f} MB",
+          flush=True)
+    return {"path": str(out), "size_bytes": size, "seconds": seconds, "perplexity": res.perplexity, "kl": res.kl,
+            "kl_p999": res.kl_p999, "top1": res.top1, "memory_bytes": bench["peak_rss_os_bytes"] + growth,
+            "kv_growth_bytes": growth, "decode_tps_here": bench["decode_tps"]}
+
+
 def baseline(model_dir: Path, work: Path, windows: list, threads: int):
     """The source in torch on the windows, its log-probs kept in work/reference as the ladder's KL reference."""
     from edgetailor.engine.evaluate import Comparison
@@ -84,14 +113,18 @@ def device_tps(device, here_tps: float, path) -> float:
     from edgetailor.engine.devices import host_profile
     from edgetailor.engine.projection import device_speed, variant_info
 
-    return device_speed(here_tps, variant_info("gguf", path, tokens_used=96), device, host_profile(), 96)[0]
+    onnx = Path(path).is_dir()
+    return device_speed(here_tps, variant_info("onnx" if onnx else "gguf", path, tokens_used=96), device, host_profile(),
+                        96, 4 if onnx else 2)[0]
 
 
-def make_budget(spec: dict, lad: dict) -> dict:
+def make_budget(spec: dict, lad: dict, builder: dict | None = None) -> dict:
     from edgetailor.engine.devices import get_device
 
     dev = get_device(spec["device"])
-    params = {"device": spec["device"]}
+    params = {"device": spec["device"], **({"formats": spec["formats"]} if "formats" in spec else {})}
+    if spec.get("memory_of_builder"):
+        params["max_memory_mb"] = round(builder["memory_bytes"] / 1e6, 1)
     if "memory_between" in spec:
         a, b = (lad["types"][t]["memory_bytes"] for t in spec["memory_between"])
         params["max_memory_mb"] = round((a + b) / 2 / 1e6, 1)
@@ -105,7 +138,9 @@ def make_budget(spec: dict, lad: dict) -> dict:
     return params
 
 
-def ladder_answer(params: dict, lad: dict, base_ppl: float) -> dict | None:
+def ladder_answer(params: dict, lad: dict, base_ppl: float, builder: dict | None = None) -> dict | None:
+    """The reference tool's best answer under the budget: llama.cpp's ladder, or for an onnxruntime app the
+    builder's int4 folder (when it meets the budget)."""
     from edgetailor.engine.devices import Budget, get_device
     from edgetailor.engine.planner import violations
 
@@ -114,7 +149,8 @@ def ladder_answer(params: dict, lad: dict, base_ppl: float) -> dict | None:
                     min_decode_tps=params.get("min_decode_tps"), max_ppl_increase_pct=params.get("max_ppl_increase_pct"),
                     max_kl=params.get("max_kl"))
     fits = []
-    for t, m in lad["types"].items():
+    files = {"onnxruntime-genai builder int4": builder} if params.get("formats") == ["onnx"] else lad["types"]
+    for t, m in files.items():
         tps = device_tps(dev, m["decode_tps_here"], m["path"])
         row = {"memory_bytes": m["memory_bytes"], "decode_tps": tps, "j_per_token": dev.power_typical_w / tps,
                "kl": m["kl"], "ppl_increase_pct": 100 * (m["perplexity"] / base_ppl - 1)}
@@ -123,7 +159,7 @@ def ladder_answer(params: dict, lad: dict, base_ppl: float) -> dict | None:
     if not fits:
         return None
     kl, t, row = min(fits)
-    return {"type": t, **lad["types"][t], **row}
+    return {"type": t, **files[t], **row}
 
 
 def run_fit(model_dir: Path, params: dict, calib: Path, runs: Path, windows: int) -> tuple[dict, float]:
@@ -166,22 +202,23 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
     cmp = baseline(model_dir, work, windows, 2)
     base_ppl = cmp.baseline.perplexity
     lad = ladder(model_dir, calib, work, cmp, prompt, 2)
+    builder = builder_int4(model_dir, work, cmp, prompt, 2) if any(s.get("formats") == ["onnx"] for s in budgets) else None
     export_s = one_calibrated_export(model_dir, calib, work / "runs")
     rows = []
     for spec in budgets:
-        params = make_budget(spec, lad)
+        params = make_budget(spec, lad, builder)
         print(f"-- {spec['name']}: {params}", flush=True)
         plan, seconds = run_fit(model_dir, params, calib, work / "runs", windows_n)
         rec = plan["recommendation"]
         ours = next((m for m in plan["measured"] if m["name"] == rec.get("variant")), None)
-        ref = ladder_answer(params, lad, base_ppl)
+        ref = ladder_answer(params, lad, base_ppl, builder)
         rows.append({"budget": spec["name"], "params": params, "ours": ours, "recommendation": rec,
                      "llama_cpp": ref, "planner_seconds": seconds, "candidates": [
                          {"name": m["name"], "memory": m["memory_bytes"], "memory_predicted": m["predicted"]["memory_bytes"],
                           "decode_here": m["decode_tps_measured"], "decode_here_predicted": m["predicted"]["decode_tps_here"],
                           "kl": m["kl"], "kl_predicted": m["predicted"]["kl"]} for m in plan["measured"]],
                      "calibration": plan["calibration"]})
-    return {"name": name, "model": model_dir.name, "baseline_perplexity": base_ppl, "ladder": lad,
+    return {"name": name, "model": model_dir.name, "baseline_perplexity": base_ppl, "ladder": lad, "builder_int4": builder,
             "calibrated_q4_k_m_export_s": export_s, "rows": rows}
 
 
@@ -192,7 +229,9 @@ def markdown(results: dict) -> str:
            f"tokens; evaluation on wikitext-2 test (ctx 512, {results['windows']} windows), KL to the fp32 model; "
            "calibration on the bundled calibration text (never the evaluation text). Memory: peak RSS measured here "
            "at that context; decode on the device: projected from the speed measured here. llama.cpp: imatrix on the "
-           "same calibration text, `llama-quantize --imatrix`, f16 KV cache.", "",
+           "same calibration text, `llama-quantize --imatrix`, f16 KV cache. ONNX (an app that ships onnxruntime): "
+           "onnxruntime-genai's model builder, int4 (its CPU recipe), float32 cache; an ONNX folder's memory at the "
+           "context is its measured peak plus the cache grown from the benchmark's 96 tokens to the context.", "",
            "Command: `python bench/planner.py`", ""]
     for s in results["suites"]:
         out += [f"## {s['name']}", "", f"Baseline perplexity {s['baseline_perplexity']:.4f}. One calibrated Q4_K_M "
@@ -211,12 +250,15 @@ def markdown(results: dict) -> str:
             else:
                 out.append(f"| {r['budget']} ({limits}) | EdgeTailor: nothing fits — {r['recommendation']['reason']} | | | | | | | "
                            f"{r['planner_seconds']:.0f} | |")
+            onnx = r["params"].get("formats") == ["onnx"]
             if l:
-                out.append(f"| | llama.cpp+imatrix {l['type']} | {l['size_bytes'] / 1e6:.1f} | f16 | "
+                what = l["type"] + " (RTN, block 32)" if onnx else f"llama.cpp+imatrix {l['type']}"
+                out.append(f"| | {what} | {l['size_bytes'] / 1e6:.1f} | {'f32' if onnx else 'f16'} | "
                            f"{l['memory_bytes'] / 1e6:.0f} | {100 * (l['perplexity'] / base - 1):+.2f}% | {l['kl']:.5f} | "
                            f"{l['kl_p999']:.4f} | | |")
             else:
-                out.append("| | llama.cpp+imatrix: no ladder type meets the budget | | | | | | | | |")
+                out.append("| | " + ("the builder's int4" if onnx else "llama.cpp+imatrix: no ladder type")
+                           + " meets the budget | | | | | | | | |")
         out += ["", "Predictions for every built candidate (after the predictors were refitted on the points measured "
                 "before it was chosen, the first of each run on theory and probes alone):", "",
                 "| budget | candidate | memory MB measured / predicted | error | decode here tok/s measured / predicted | error | KL measured / predicted |",

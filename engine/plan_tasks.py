@@ -1,8 +1,8 @@
 """Building and measuring the planner's candidates: one self-contained task per file, run here, in local worker
 processes, or as Ray tasks on a cluster, with the same results.
 
-A ``CandidateTask`` carries everything its file needs as plain data (the source's path, the planned types, the
-calibration token ids, the paths of the verification and evaluation references in the run's scratch folder,
+A ``CandidateTask`` carries everything its file needs as plain data (the source's path, the planned GGUF types
+or the ONNX scheme, the calibration token ids, the paths of the verification and evaluation references in the run's scratch folder,
 the benchmark setting); ``build_candidate`` writes the file atomically, checks it against the source, and
 evaluates and benchmarks it with each KV-cache type asked. Ray workers must see the same paths (a shared
 filesystem, or a single-machine cluster), as Ray's own docs advise for data.
@@ -43,6 +43,24 @@ class CandidateTask:
     dtype: str = "float32"
     drop_blocks: list = field(default_factory=list)   # decoder blocks removed (the types are the pruned file's)
     energy: dict = field(default_factory=dict)   # EnergyMeter.to_dict()
+    format: str = "gguf"         # gguf: ``types`` planned; onnx: ``onnx_options`` (one scheme for every matrix)
+    onnx_options: dict = field(default_factory=dict)
+    calibration_text: str = ""   # ONNX GPTQ's calibration (it tokenizes its own windows)
+    encoded_cache: str = ""      # GGUF: tensors encoded for the run's earlier files (``gguf_calibrated.EncodedCache``)
+
+    def export_options(self) -> dict:
+        from ..exporters.gguf_calibrated import Calibration
+
+        if self.format == "onnx":
+            method = "gptq" if self.method == "gptq" and self.onnx_options["type"] == "int4" else "rtn"
+            return {**self.onnx_options, "method": method, "calibration_text": self.calibration_text}
+        import torch
+
+        cache = None
+        if self.encoded_cache:    # per set of removed blocks: removing blocks changes the later blocks' inputs
+            cache = str(Path(self.encoded_cache) / f"{self.method}-without-{'-'.join(map(str, self.drop_blocks)) or 'none'}")
+        return {"type": self.file_type, "calibration": Calibration(torch.tensor(self.sequences), self.method,
+                                                                   types=self.types, cache=cache)}
 
 
 def save_verification(path: Path, windows: list[list[int]], reference: list) -> None:
@@ -66,7 +84,6 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
     import torch
 
     from ..exporters import get_exporter
-    from ..exporters.gguf_calibrated import Calibration
     from .atomic import atomic_path
     from .lazy import LazyModel
     from .modeling import load_tokenizer
@@ -84,12 +101,10 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
         windows, logprobs = load_verification(task.verify)
         return windows, walked_logprobs(model, windows, cancelled) if task.drop_blocks else logprobs
 
-    calibration = Calibration(torch.tensor(task.sequences), task.method, types=task.types)
     with atomic_path(Path(task.out)) as tmp:
         _, seconds, _, agreement = export_checked(
-            get_exporter("gguf"), model, load_tokenizer(source), source.path, tmp,
-            {"type": task.file_type, "calibration": calibration}, reference, threads=task.threads,
-            progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
+            get_exporter(task.format), model, load_tokenizer(source), source.path, tmp, task.export_options(),
+            reference, threads=task.threads, progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
     out = {"name": task.name, "path": task.out, "seconds": seconds, "agreement": agreement, "measured": {}}
     for j, kv in enumerate(task.kv_types):
         say(0.6 + 0.4 * j / len(task.kv_types), f"{task.name}: evaluating and benchmarking with a {kv} KV cache")
@@ -103,9 +118,10 @@ def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
     from .evaluate import ReferenceLogprobs, evaluate
     from .runtimes import open_runtime
 
-    with open_runtime("gguf", task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, kv_type=kv) as rt:
+    settings = {"kv_type": kv} if task.format == "gguf" else {}
+    with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
         res = evaluate(rt, task.eval_windows, reference=ReferenceLogprobs(Path(task.reference)), cancelled=cancelled)
-    bench = benchmark_variant("gguf", task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
+    bench = benchmark_variant(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
                               threads=task.threads, n_ctx=task.context, dtype=task.dtype,
                               meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
                               cancelled=cancelled, kv_type=kv)

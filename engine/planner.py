@@ -1,22 +1,25 @@
 """Fit a budget: predict every candidate's memory, speed, energy and quality, search, build the best, recommend one.
 
 A candidate is a GGUF file of a planned size (each tensor's type bought by its measured effect on the loss,
-``gguf_plan.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types at the app's
-context. Its predictions:
+``gguf_plan.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types, or an ONNX folder of
+one scheme (``onnx_plan``: int4 at a block size, int8) run by onnxruntime with its float32 cache, either with
+the least influential blocks removed, at the app's context. Its predictions:
 
-* **memory** at the app's context: the planned file's resident bytes (llama.cpp's repacked copies included)
-  + the KV cache in its type for the whole context + the runtime's overhead measured on this machine
-  (``projection``), times the ratio measured/predicted of the candidates built so far;
+* **memory** at the app's context: the file's resident bytes (llama.cpp's repacked copies included; every
+  ONNX initializer) + the KV cache in its type for the whole context + the runtime's overhead measured on this
+  machine (``projection``), times the ratio measured/predicted of the candidates of its format built so far;
 * **decode speed** on the device: the roofline of the bytes and FLOPs per token (``projection.project_decode``),
-  times the ratio measured/projected on this machine of the candidates built so far; energy = typical power /
-  speed (estimated, as everywhere);
-* **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2)
-  + the KL the KV-cache type adds (measured on the first built file); perplexity increase = exp(KL) - 1,
-  both scales refitted on every measured point.
+  times the ratio measured/projected on this machine of the candidates built so far (per KV type; per ONNX
+  type); energy = typical power / speed (estimated, as everywhere);
+* **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2; a
+  scale per ONNX type once one is measured) + the KL the KV-cache type adds (measured on the first built file)
+  + the measured KL of the blocks removed; perplexity increase = exp(KL) - 1, the scales refitted on every
+  measured point.
 
-``search`` runs optuna's NSGA-II over (file size, KV type) with the budget as constraints on the predictions;
-``pick`` takes the best feasible candidates to build; ``recommend`` chooses among the *measured* ones and says
-why, what each constraint costs, and what to relax when nothing fits.
+``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, KV type, blocks removed) with
+the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
+``recommend`` chooses among the *measured* ones and says why, what each constraint costs, and what to relax
+when nothing fits.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ from .runtimes import KV_TYPES
 
 #: quantized KV caches need a head size that their 32-element blocks divide
 KV_BLOCK = 32
+#: an ONNX file's KV cache: onnxruntime's present -> past tensors in the graph's float type (float32)
+ONNX_KV = "f32"
+
+
+def kv_element_bytes(kv_type: str) -> int:
+    return 4 if kv_type == ONNX_KV else KV_TYPES[kv_type].bytes_per_element
 
 
 def kv_types_for(names, head_dim: int) -> list[str]:
@@ -43,10 +52,16 @@ class Candidate:
     tensor_bytes: int          # the planned file's 2-D tensors
     kv_type: str
     drop: int = 0              # decoder blocks removed (the least influential first)
+    onnx: str = ""             # an ONNX scheme (``onnx_plan.SCHEMES``); "" for a GGUF file
+
+    @property
+    def format(self) -> str:
+        return "onnx" if self.onnx else "gguf"
 
     @property
     def file_label(self) -> str:
-        return f"{self.tensor_bytes / 1e6:.1f}MB" + (f"-minus{self.drop}blocks" if self.drop else "")
+        name = f"onnx-{self.onnx}" if self.onnx else f"{self.tensor_bytes / 1e6:.1f}MB"
+        return name + (f"-minus{self.drop}blocks" if self.drop else "")
 
     @property
     def label(self) -> str:
@@ -72,11 +87,14 @@ class Prediction:
 class Calibration:
     """Scales that bring the predictions to what was measured (geometric means over the measured points)."""
     kl_scale: float = 0.5                   # second-order theory: KL ~= 1/2 x summed cost
+    onnx_kl_scale: dict = field(default_factory=dict)      # per ONNX type (int4, int8), where measured
     ppl_scale: float = 1.0                  # log(ppl ratio) ~= KL
     memory_ratio: float = 1.0
+    onnx_memory_ratio: float = 1.0
     speed_ratio: float | None = None        # measured / roofline, all measured points (None: none yet)
     kv_speed_ratio: dict = field(default_factory=dict)   # per KV-cache type, where measured
-    kv_kl: dict = field(default_factory=lambda: {"f16": 0.0})    # KL a KV-cache type adds (measured)
+    onnx_speed_ratio: dict = field(default_factory=dict)  # per ONNX type (int4, int8: different kernels)
+    kv_kl: dict = field(default_factory=lambda: {"f16": 0.0, ONNX_KV: 0.0})    # KL a KV-cache type adds (measured)
     points: int = 0
 
     def refit(self, measured: list[dict], depth_kl: list[float] | None = None) -> None:
@@ -87,26 +105,49 @@ class Calibration:
             ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
             return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
-        kl = gmean([(m["kl"] - depth[m.get("drop_blocks", 0)]) / m["cost"] for m in measured
-                    if m.get("kl") is not None and m["cost"] > 0 and m["kv_type"] == "f16"])
+        def kl_ratios(points):
+            return [(m["kl"] - depth[m.get("drop_blocks", 0)]) / m["cost"] for m in points
+                    if m.get("kl") is not None and m["cost"] > 0]
+
+        kl = gmean(kl_ratios(m for m in measured if not m.get("onnx") and m["kv_type"] == "f16"))
+        for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
+            r = gmean(kl_ratios(m for m in measured if m.get("onnx", "").split("-")[0] == kind))
+            if r:
+                self.onnx_kl_scale[kind] = r
         ppl = gmean([math.log1p(m["ppl_increase_pct"] / 100) / m["kl"] for m in measured
                      if m.get("kl") and m.get("ppl_increase_pct") is not None and m["ppl_increase_pct"] > 0])
-        mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured if m.get("memory_measured")])
-        speed = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured if m.get("decode_tps_measured")])
-        for kv in {m["kv_type"] for m in measured}:
+        mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
+                     if m.get("memory_measured") and not m.get("onnx")])
+        onnx_mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
+                          if m.get("memory_measured") and m.get("onnx")])
+        self.onnx_memory_ratio = onnx_mem or self.onnx_memory_ratio
+        speed = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
+                       if m.get("decode_tps_measured") and not m.get("onnx")])
+        for kv in {m["kv_type"] for m in measured if not m.get("onnx")}:
             r = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
-                       if m["kv_type"] == kv and m.get("decode_tps_measured")])
+                       if m["kv_type"] == kv and m.get("decode_tps_measured") and not m.get("onnx")])
             if r:
                 self.kv_speed_ratio[kv] = r
+        for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
+            r = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
+                       if m.get("onnx", "").split("-")[0] == kind and m.get("decode_tps_measured")])
+            if r:
+                self.onnx_speed_ratio[kind] = r
         self.kl_scale = kl or self.kl_scale
         self.ppl_scale = ppl or self.ppl_scale
         self.memory_ratio = mem or self.memory_ratio
         self.speed_ratio = speed or self.speed_ratio
         self.points = len(measured)
 
-    def speed(self, kv_type: str) -> float | None:
-        """Measured decode over the roofline for a KV type (all types' when it has none); None before any."""
+    def speed(self, kv_type: str, onnx: str = "") -> float | None:
+        """Measured decode over the roofline: of a KV type (all llama.cpp types' when it has none), of an ONNX
+        type (int4 and int8 run different kernels: only its own); None before any."""
+        if onnx:
+            return self.onnx_speed_ratio.get(onnx.split("-")[0])
         return self.kv_speed_ratio.get(kv_type, self.speed_ratio)
+
+    def kl_scale_for(self, onnx: str) -> float:
+        return self.onnx_kl_scale.get(onnx.split("-")[0], self.kl_scale) if onnx else self.kl_scale
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,10 +158,11 @@ class Predictor:
 
     def __init__(self, prices, sources: dict, config, metadata_bytes: int, params: int, device, host, context: int,
                  tokens_used: int, overhead: dict | None, drop_order: list[int] | None = None,
-                 depth_kl: list[float] | None = None):
+                 depth_kl: list[float] | None = None, onnx_overhead: dict | None = None):
         self.prices, self.sources, self.config, self.metadata = prices, sources, config, metadata_bytes
         self.params, self.device, self.host = params, device, host
         self.context, self.tokens_used, self.overhead = context, tokens_used, overhead
+        self.onnx_overhead = onnx_overhead or {}
         self.drop_order = drop_order or []          # blocks, the least influential first
         self.depth_kl = [0.0, *(depth_kl or [])]    # measured KL of removing the first k of them
         self.calibration = Calibration()
@@ -151,13 +193,17 @@ class Predictor:
 
     # the file
     def prices_for(self, drop: int):
-        from ..exporters.gguf_plan import TypePrices
-
         if drop not in self._prices:
-            keep = self.kept(drop)
-            self._prices[drop] = TypePrices({n: o for n, o in self.prices.hull.items() if n in keep},
-                                            {n: o for n, o in self.prices.every.items() if n in keep})
+            self._prices[drop] = self.prices.only(self.kept(drop))
         return self._prices[drop]
+
+    @property
+    def onnx_schemes(self) -> list[str]:
+        return list(self.prices.onnx)
+
+    def onnx_candidate(self, scheme: str, drop: int = 0) -> Candidate:
+        """The ONNX folder of one scheme (its size is the scheme's): always run with onnxruntime's float32 cache."""
+        return Candidate(sum(b for b, _ in self.prices_for(drop).onnx[scheme].values()), ONNX_KV, drop, scheme)
 
     def plan(self, tensor_bytes: int, drop: int = 0) -> tuple[dict, int, float]:
         from ..exporters.gguf_plan import choose_types
@@ -211,34 +257,68 @@ class Predictor:
                            kv_heads, dims.head_dim, n_vocab, repacked, type_elements, types.get(head, ""),
                            sources[head].shape[0] * sources[head].shape[1] if head in sources else 0)
 
+    def onnx_weights_info(self, scheme: str, drop: int = 0):
+        """``projection.WeightsInfo`` of an ONNX folder of ``scheme`` (what ``onnx_info`` would read from it):
+        every initializer resident, and onnxruntime's pre-packed copy of every quantized matrix (its CPU kernels
+        repack constant weights at load; the originals stay mapped), as ``onnx_info`` counts them; a float32
+        embedding table (untied, or kept beside an int8 head) read one row per token; the norms and the rotary
+        cos/sin tables (one row per position of the model's context) in float32."""
+        from .projection import WeightsInfo
+
+        sources = self.kept(drop)
+        dims = ModelDims.of(self.config)
+        emb = sources.get("token_embd.weight")
+        n_vocab = emb.shape[0] if emb is not None else 0
+        tied = "output.weight" not in sources
+        norms = 4 * dims.hidden * (2 * (dims.layers - drop) + 1) + 4 * dims.context * dims.head_dim
+        total = sum(b for b, _ in self.prices_for(drop).onnx[scheme].values()) + norms
+        table = 4 * emb.shape[0] * emb.shape[1] if emb is not None and (not tied or scheme == "int8") else 0
+        row = table // max(n_vocab, 1)
+        packed = total - norms - table
+        matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
+        return WeightsInfo("onnx", total + packed, total - table + row, matmul, dims.layers - drop, dims.heads,
+                           dims.kv_heads, dims.head_dim, n_vocab, repacked_bytes=packed)
+
     def raw(self, cand: Candidate) -> dict:
         """Predictions before calibration, and the planned types' summed cost."""
+        if cand.onnx:
+            prices = self.prices_for(cand.drop).onnx[cand.onnx]
+            info = self.onnx_weights_info(cand.onnx, cand.drop)
+            plan = {"types": {}, "tensor_bytes": cand.tensor_bytes, "file_bytes": info.resident_bytes,
+                    "cost": sum(c for _, c in prices.values()), "onnx": cand.onnx}
+            overhead = self.onnx_overhead
+        else:
+            types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop)
+            info = self.weights_info(types, cand.drop)
+            plan = {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
+                    "cost": cost, "onnx": ""}
+            overhead = self.overhead or {}
+        return {**plan, "drop": cand.drop, "dropped": self.dropped(cand.drop), "info": info,
+                **self._runtime(info, kv_element_bytes(cand.kv_type), overhead)}
+
+    def _runtime(self, info, kv_bytes: int, overhead: dict) -> dict:
+        """Memory at the app's context (weights + the KV cache for all of it + the runtime's measured overhead)
+        and the decode rooflines here and on the device."""
         from .projection import kv_cache_bytes, project_decode
 
-        types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop)
-        info = self.weights_info(types, cand.drop)
-        kv = KV_TYPES[cand.kv_type]
-        memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv.bytes_per_element) \
-            + (self.overhead or {}).get("overhead_bytes", 0)
+        memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv_bytes) + overhead.get("overhead_bytes", 0)
         # speeds are rooflines (bandwidth and FLOPs) here and on the device; the runtime's efficiency against its
         # roofline is one ratio, from its measured per-token latency until candidates are measured
-        here = project_decode(self.host, info, self.tokens_used, kv.bytes_per_element)
-        there = project_decode(self.device, info, self.tokens_used, kv.bytes_per_element)
-        latency = (self.overhead or {}).get("token_latency_s", 0.0)
-        efficiency = 1.0 / (1.0 + latency * here["decode_tps"])
-        return {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
-                "drop": cand.drop, "dropped": self.dropped(cand.drop),
-                "cost": cost, "memory_raw": memory, "decode_tps_raw": here["decode_tps"],
-                "decode_tps_device_raw": there["decode_tps"], "efficiency": efficiency, "info": info}
+        here = project_decode(self.host, info, self.tokens_used, kv_bytes)
+        there = project_decode(self.device, info, self.tokens_used, kv_bytes)
+        efficiency = 1.0 / (1.0 + overhead.get("token_latency_s", 0.0) * here["decode_tps"])
+        return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"],
+                "decode_tps_device_raw": there["decode_tps"], "efficiency": efficiency}
 
     def predict(self, cand: Candidate) -> Prediction:
         r = self.raw(cand)
         c = self.calibration
-        kl = c.kl_scale * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
-        ratio = c.speed(cand.kv_type) or r["efficiency"]
+        kl = c.kl_scale_for(cand.onnx) * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
+        ratio = c.speed(cand.kv_type, cand.onnx) or r["efficiency"]
         tps = min(ratio, 1.0) * r["decode_tps_device_raw"]        # as projection.device_speed
+        memory = (c.onnx_memory_ratio if cand.onnx else c.memory_ratio) * r["memory_raw"]
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
-                          memory_bytes=c.memory_ratio * r["memory_raw"], decode_tps=tps,
+                          memory_bytes=memory, decode_tps=tps,
                           j_per_token=self.device.power_typical_w / tps, kl=kl,
                           ppl_increase_pct=100 * math.expm1(c.ppl_scale * kl),
                           decode_tps_here=ratio * r["decode_tps_raw"])
@@ -284,14 +364,17 @@ class Point:
     feasible: bool
 
     def to_dict(self) -> dict:
-        return {"label": self.candidate.label, "tensor_bytes": self.candidate.tensor_bytes,
-                "kv_type": self.candidate.kv_type, "drop_blocks": self.candidate.drop, "feasible": self.feasible, **self.prediction.to_dict()}
+        c = self.candidate
+        return {"label": c.label, "format": c.format, "onnx": c.onnx, "tensor_bytes": c.tensor_bytes,
+                "kv_type": c.kv_type, "drop_blocks": c.drop, "feasible": self.feasible, **self.prediction.to_dict()}
 
 
 def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120, seed: int = 0,
-           cancelled=None) -> list[Point]:
-    """Multi-objective search (optuna NSGA-II, constrained) over file size, KV type and blocks removed on the
-    predictions: minimize predicted KL and predicted memory. Returns every distinct point tried."""
+           cancelled=None, onnx: tuple[str, ...] = ()) -> list[Point]:
+    """Multi-objective search (optuna NSGA-II, constrained) over the file (a GGUF of any size, or an ONNX
+    scheme), the KV type and the blocks removed, on the predictions: minimize predicted KL and predicted memory.
+    Returns every distinct point tried. The space is the same in every trial (NSGA-II's crossover needs it):
+    an ONNX file ignores the size and KV type drawn."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -302,8 +385,10 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
             trial.study.stop()
         drop = trial.suggest_int("drop_blocks", 0, predictor.max_drop) if predictor.max_drop else 0
         lo, hi = predictor.size_range(drop)
-        cand = predictor.candidate(lo + trial.suggest_float("size", 0.0, 1.0) * (hi - lo),
-                                   trial.suggest_categorical("kv_type", kv_types), drop)
+        fraction, kv = trial.suggest_float("size", 0.0, 1.0), trial.suggest_categorical("kv_type", kv_choices)
+        file = trial.suggest_categorical("file", files) if len(files) > 1 else files[0]
+        cand = (predictor.candidate(lo + fraction * (hi - lo), kv, drop) if file == "gguf"
+                else predictor.onnx_candidate(file, drop))
         p = predictor.predict(cand)
         cons = constraint_values(budget, p)
         for name, value in zip(LIMIT_WORDS, cons):
@@ -311,12 +396,18 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
         points[cand] = Point(cand, p, all(c <= 0 for c in cons))
         return p.kl, p.memory_bytes
 
+    files = (["gguf"] if kv_types else []) + list(onnx)
+    kv_choices = kv_types or [ONNX_KV]
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(24, max(4, trials // 5)))
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    # the two ends of the size range are always tried (the smallest file answers "does anything fit")
+    # the two ends of the size range and every ONNX scheme are always tried (the smallest file answers "does
+    # anything fit")
+    whole = {"drop_blocks": 0} if predictor.max_drop else {}
     for kv in kv_types:
-        study.enqueue_trial({"size": 0.0, "kv_type": kv, **({"drop_blocks": 0} if predictor.max_drop else {})})
-        study.enqueue_trial({"size": 1.0, "kv_type": kv, **({"drop_blocks": 0} if predictor.max_drop else {})})
+        for size in (0.0, 1.0):
+            study.enqueue_trial({"size": size, "kv_type": kv, **whole, **({"file": "gguf"} if len(files) > 1 else {})})
+    for scheme in onnx:
+        study.enqueue_trial({"size": 0.0, "kv_type": kv_choices[0], **whole, **({"file": scheme} if len(files) > 1 else {})})
     study.optimize(objective, n_trials=trials)
     return list(points.values())
 
@@ -331,9 +422,9 @@ def frontier(points: list[Point]) -> list[Point]:
     return sorted(out, key=lambda p: p.prediction.memory_bytes)
 
 
-def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int]], tolerance: float = 0.02) -> list[Point]:
-    """The best-quality feasible points to build next: (size, blocks removed) not within ``tolerance`` of a file
-    already built or picked; when nothing is feasible, the points closest to feasible."""
+def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, str]], tolerance: float = 0.02) -> list[Point]:
+    """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme) not within
+    ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to feasible."""
     feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
     pool = feas or sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
     chosen: list[Point] = []
@@ -341,10 +432,11 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int]]
     for p in pool:
         if len(chosen) >= n:
             break
-        if any(d == p.candidate.drop and abs(p.candidate.tensor_bytes / s - 1) <= tolerance for s, d in sizes):
+        c = p.candidate
+        if any(d == c.drop and o == c.onnx and abs(c.tensor_bytes / s - 1) <= tolerance for s, d, o in sizes):
             continue
         chosen.append(p)
-        sizes.append((p.candidate.tensor_bytes, p.candidate.drop))
+        sizes.append((c.tensor_bytes, c.drop, c.onnx))
     return chosen
 
 
@@ -460,7 +552,8 @@ def _runner_up(rows: list[tuple[dict, dict]], limit: str, best: dict | None) -> 
         return None
     m, v = min(ok, key=lambda mv: (mv[1][limit], mv[0]["kl"]))
     built = "name" in m
-    what = m["name"] if built else f"a {m['file_bytes'] / 1e6:.1f} MB file with a {m['kv_type']} KV cache" + (
+    what = m["name"] if built else (f"an ONNX {m['onnx']} folder of {m['file_bytes'] / 1e6:.1f} MB" if m.get("onnx")
+                                    else f"a {m['file_bytes'] / 1e6:.1f} MB file with a {m['kv_type']} KV cache") + (
         f", {m['drop_blocks']} blocks removed" if m.get("drop_blocks") else "")
     kl = f"KL {m['kl']:.4f}" if built else f"KL about {m['kl']:.4f} predicted (not built)"
     return {"variant": m.get("name"), "measured": built, "kl": m["kl"], "relax_pct": round(100 * v[limit], 1),

@@ -85,8 +85,8 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
                                      threads, dtype)
     if key in known and not refresh:
         return known[key]
-    if fmt not in ("gguf", "torch"):
-        raise EdgeTailorError(f"Runtime overhead is measured for gguf and torch variants, not '{fmt}'.",
+    if fmt not in ("gguf", "torch", "onnx"):
+        raise EdgeTailorError(f"Runtime overhead is measured for gguf, onnx and torch variants, not '{fmt}'.",
                               "Its memory is measured by the benchmark; the prediction is left out.")
     with tempfile.TemporaryDirectory(prefix=temp_prefix("overhead")) as tmp:
         folder = make_overhead_probe(source_folder, Path(tmp) / "probe")
@@ -97,6 +97,13 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
             loaded = load_model(resolve(str(folder)))
             path = Path(tmp) / "probe.gguf"
             get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, path, {"type": "F32"})
+            del loaded
+        elif fmt == "onnx":
+            from ..exporters import get_exporter
+
+            loaded = load_model(resolve(str(folder)))
+            path = Path(tmp) / "probe-onnx"
+            get_exporter("onnx").export(loaded.model, loaded.tokenizer, folder, path, {"type": "fp32"})
             del loaded
         res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=3, warmup=1, threads=threads,
                                 n_ctx=n_ctx, dtype=dtype, meter=meter)

@@ -24,6 +24,7 @@ The measurements these predictions use (the runtime's overhead, its decode cost 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -144,11 +145,45 @@ def _norm_params(cfg: dict) -> int:
     return int(cfg["hidden_size"]) * (2 * int(cfg["num_hidden_layers"]) + 1)
 
 
+def onnx_info(folder: str | Path) -> WeightsInfo:
+    """An exported ONNX folder: its initializers' bytes (onnxruntime loads them all) and the pre-packed copies its
+    CPU kernels make of quantized matrices (MatMulNBits, MatMulInteger: the originals stay mapped), the float
+    embedding table read one row per token, and the shapes from ``genai_config.json``."""
+    import onnx
+
+    folder = Path(folder)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    size = {i.name: math.prod(i.dims) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+            for i in proto.graph.initializer}
+    total = sum(size.values())
+    table = 0           # a float Gather table is read one row per token
+    matmul = packed = 0
+    for n in proto.graph.node:
+        if n.op_type == "Gather" and n.input[0] in size:
+            table = size[n.input[0]]
+        elif n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            matmul += attrs["K"] * attrs["N"]
+            packed += sum(size.get(i, 0) for i in n.input[1:])
+        elif n.op_type in ("MatMul", "MatMulInteger") and len(n.input) > 1 and n.input[1] in size:
+            dims = next(i.dims for i in proto.graph.initializer if i.name == n.input[1])
+            matmul += math.prod(dims)
+            packed += size[n.input[1]] + sum(size.get(i, 0) for i in n.input[2:]) if n.op_type == "MatMulInteger" else 0
+    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"].get("vocab_size", 0)
+    row = table // max(int(vocab), 1) if vocab else 0
+    return WeightsInfo("onnx", total + packed, total - table + row, matmul, int(dec["num_hidden_layers"]),
+                       int(dec["num_attention_heads"]), int(dec["num_key_value_heads"]), int(dec["head_size"]),
+                       int(vocab), repacked_bytes=packed)
+
+
 def variant_info(fmt: str, path: str | Path, dtype: str = "float32", tokens_used: int = 0) -> WeightsInfo:
     if fmt == "gguf":
         return gguf_info(path, tokens_used)
     if fmt == "torch":
         return hf_info(path, dtype)
+    if fmt == "onnx":
+        return onnx_info(path)
     raise EdgeTailorError(f"Memory prediction does not know the format '{fmt}' yet.",
                           "Benchmark it to measure its memory.")
 
@@ -161,6 +196,8 @@ def kv_plan(fmt: str, n_ctx: int, tokens_used: int, dtype: str = "float32") -> t
     """(tokens the cache holds, bytes per element, how) for a runtime."""
     if fmt == "gguf":
         return n_ctx, 2, f"llama.cpp f16 KV cache for the whole context ({n_ctx} tokens)"
+    if fmt == "onnx":
+        return tokens_used, DTYPE_BYTES.get(dtype, 4), f"onnxruntime's present -> past cache in {dtype}, grown to {tokens_used} tokens"
     return tokens_used, DTYPE_BYTES.get(dtype, 4), f"transformers cache in {dtype}, grown to {tokens_used} tokens"
 
 

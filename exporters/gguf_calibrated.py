@@ -170,6 +170,56 @@ def writable(src: Source, t: str | None) -> bool:
     return t in gguf_blocks.TYPES and src.shape[1] % gguf_blocks.TYPES[t].block == 0
 
 
+class EncodedCache:
+    """Encoded tensors kept between files written from the same model with the same calibration (the planner's
+    candidates): a tensor's bytes depend only on its weights, its type, the method and the full-precision
+    model's own activations (never on the other tensors' types), so a later file reuses them. One ``.npy`` per
+    (tensor, type), written atomically, so worker processes may share the folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+
+    def _path(self, name: str, t: str) -> Path:
+        return self.folder / f"{name}.{t}.npy"
+
+    def has(self, name: str, t: str) -> bool:
+        return self._path(name, t).exists()
+
+    def get(self, name: str, t: str) -> np.ndarray | None:
+        try:
+            data = np.load(self._path(name, t))
+        except (OSError, ValueError):
+            return None
+        self.hits += 1
+        return data
+
+    def put(self, name: str, t: str, data: np.ndarray) -> None:
+        from ..engine import atomic
+
+        with atomic.atomic_path(self._path(name, t)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(data, dtype=np.uint8))
+
+
+def _encoded(cache: EncodedCache | None, names: list[str], sources: dict, t: str, make) -> dict[str, np.ndarray]:
+    """Each name's encoded rows: from ``cache`` where it holds them, the rest made in one ``make(W)`` call over
+    their rows (rows are independent) and put in the cache."""
+    out = {n: cache.get(n, t) for n in names} if cache else {}
+    todo = [n for n in names if out.get(n) is None]
+    if todo:
+        data = make(np.concatenate([sources[n].matrix() for n in todo], 0) if len(todo) > 1 else sources[todo[0]].matrix())
+        row = 0
+        for n in todo:
+            rows = sources[n].shape[0]
+            out[n] = data[row:row + rows]
+            row += rows
+            if cache:
+                cache.put(n, t, out[n])
+    return out
+
+
 class BlockSink:
     """Encoded tensors appended to a scratch file as they are made; ``encoded()`` hands them to write_gguf."""
 
@@ -182,13 +232,6 @@ class BlockSink:
         data = np.ascontiguousarray(data, dtype=np.uint8)
         self.where[name] = (self.fh.tell(), data.shape, gguf_blocks.ggml_type(t))
         data.tofile(self.fh)
-
-    def put_rows(self, names: list[str], sources: dict, data: np.ndarray, t: str) -> None:
-        row = 0
-        for n in names:
-            rows = sources[n].shape[0]
-            self.put(n, data[row:row + rows], t)
-            row += rows
 
     def encoded(self) -> dict[str, EncodedTensor]:
         self.fh.close()
@@ -203,13 +246,15 @@ class BlockSink:
         self.fh.close()
 
 
-def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled) -> None:
+def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled,
+                    cache: EncodedCache | None = None) -> None:
     """Measure one decoder block's linear inputs as the walk runs it, then write its tensors' blocks."""
     from ..engine.imatrix import InputCollector
 
     mods = block.linears()
-    # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY)
-    needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of
+    cached = {m for m in mods if cache and m in gguf_of and cache.has(gguf_of[m], types.get(gguf_of[m], ""))}
+    # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY) and is not cached
+    needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of and m not in cached
                      and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
     acc = InputCollector(needs_hessian.__contains__, gram=add_gram_upper)
     torch.set_num_threads(threads)
@@ -234,16 +279,19 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
             raise RunCancelled()
         n = max(acc.count[key], 1)
         imp = (acc.sum_sq[key] / n).numpy()
-        hess = None
-        if method == "gptq" and not weighted:
-            if key not in factors:          # once per input (gate and up may differ in type)
-                torch.set_num_threads(threads)
-                factors[key] = gguf_blocks.factor_in_place(symmetric(xtx.pop(key)).div_(n), GPTQ_DAMP)
-                torch.set_num_threads(1)
-            hess = factors[key]
-        W = np.concatenate([sources[nm].matrix() for nm in names], 0)
-        sink.put_rows(names, sources, quantize_rows(t, W, imp, hess, threads=threads), t)
-        del W, hess
+
+        def make(W, key=key, weighted=weighted, imp=imp, n=n):
+            hess = None
+            if method == "gptq" and not weighted:
+                if key not in factors:          # once per input (gate and up may differ in type)
+                    torch.set_num_threads(threads)
+                    factors[key] = gguf_blocks.factor_in_place(symmetric(xtx.pop(key)).div_(n), GPTQ_DAMP)
+                    torch.set_num_threads(1)
+                hess = factors[key]
+            return quantize_rows(t, W, imp, hess, threads=threads)
+
+        for name, data in _encoded(cache, names, sources, t, make).items():
+            sink.put(name, data, t)
         trim_heap()
 
 
@@ -251,7 +299,7 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
 def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, str], sink: BlockSink,
                        method: str = "gptq", batch_size: int = 4,
                        progress: Callable[[float, str], None] | None = None,
-                       cancelled: Callable[[], bool] | None = None):
+                       cancelled: Callable[[], bool] | None = None, cache: EncodedCache | None = None):
     """Quantize every tensor with a type EdgeTailor writes into ``sink``, one decoder block at a time.
 
     The calibration sequences' hidden states enter block 0; each block's linear inputs are measured as the
@@ -260,7 +308,8 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     tensors; ``imatrix``: the importance-weighted search alone), and its outputs feed the next block. The
     output head (and a tied embedding) is weighted by the final norm's output. ``plain`` (no sequences):
     no statistics at all. Returns the importance statistics measured (second moments of every linear
-    input, the head's included), to be saved with the run; None for ``plain``.
+    input, the head's included), to be saved with the run; None for ``plain``. ``cache``: tensors encoded for
+    an earlier file of the same model and calibration are taken from it (their Hessians not collected).
     """
     # long: the walk's one loop (measure, quantize, feed forward, report) over blocks, then the head
     from ..engine.calibration import decoder_layers
@@ -286,7 +335,7 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
             walk = BlockWalk(model, sequences, batch_size, cancelled=cancelled,        # reports blocks done, ETA
                              progress=(lambda f, m: progress(f * n_blocks / (n_blocks + 1), m)) if progress else None)
             for block in walk:
-                _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled)
+                _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_sq, count, cancelled, cache)
                 if not lazy:
                     release_pages(p.data for p in block.module.parameters())     # done with this block's weights
                 trim_heap()
@@ -306,8 +355,10 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                 continue
             if cancelled and cancelled():
                 raise RunCancelled()
-            sink.put(name, quantize_rows(t, src.matrix(), head_imp if src.module == "lm_head" else None,
-                                         release=True, threads=threads), t)
+            imp = head_imp if src.module == "lm_head" else None
+            data = _encoded(cache, [name], sources, t, lambda W, imp=imp: quantize_rows(t, W, imp, release=True,
+                                                                                        threads=threads))[name]
+            sink.put(name, data, t)
             trim_heap()
         if progress:
             progress(1.0, "quantized")
@@ -322,7 +373,7 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
 
 def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, sequences: torch.Tensor | None,
                       method: str = "gptq", types: dict[str, str] | None = None, progress=None,
-                      cancelled=None) -> dict:
+                      cancelled=None, cache: EncodedCache | None = None) -> dict:
     """Write ``out`` as a GGUF of llama.cpp's mix ``qtype`` (or the explicit ``types``) with EdgeTailor's blocks.
 
     ``sequences``: calibration token ids [n, seq_len] (not needed for ``plain``). The returned info holds
@@ -349,7 +400,7 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, se
         try:
             stats = quantize_blockwise(model, sequences, types, sink, method,
                                        progress=(lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None,
-                                       cancelled=cancelled)
+                                       cancelled=cancelled, cache=cache)
             encoded = sink.encoded()
         finally:
             sink.close()
@@ -375,6 +426,7 @@ class Calibration:
     target_bytes: int | None = None         # one measured mix of this size, instead of the type's size
     sensitivity: object | None = None       # engine.sensitivity's measurements, when a step shares them
     types: dict | None = None               # each tensor's type, chosen already (the planner's candidates)
+    cache: str | None = None                # a folder of tensors encoded for earlier files (``EncodedCache``)
 
     @property
     def planned(self) -> bool:
@@ -398,7 +450,8 @@ def export_with_calibration(model, tokenizer, tokenizer_dir, out: Path, qtype: s
     require_own_writer(model.config)
     if cal.types is not None:
         return export_calibrated(model, tokenizer, tokenizer_dir, out, qtype, cal.sequences, cal.method,
-                                 types=cal.types, progress=progress, cancelled=cancelled)
+                                 types=cal.types, progress=progress, cancelled=cancelled,
+                                 cache=EncodedCache(cal.cache) if cal.cache else None)
     if cal.planned:
         return export_to_target(model, tokenizer, tokenizer_dir, out, cal.target_bytes, cal.sequences, cal.method,
                                 progress=progress, cancelled=cancelled,

@@ -4,7 +4,7 @@ Used by ``gguf_calibrated.export_to_target`` and the planner (``engine/planner.p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,9 +82,18 @@ def sample_rows(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class TypePrices:
     """Every tensor's types priced: (type, bytes, expected loss cost) per tensor, all of them (``every``) and the
-    lower convex hull of (bytes, cost) (``hull``: the types worth buying in order)."""
+    lower convex hull of (bytes, cost) (``hull``: the types worth buying in order); ``onnx``: per ONNX scheme
+    (``onnx_plan.SCHEMES``), each tensor's (bytes, cost) in the folder that scheme writes."""
     hull: dict[str, list[tuple[str, int, float]]]
     every: dict[str, list[tuple[str, int, float]]]
+    onnx: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
+
+    def only(self, names) -> "TypePrices":
+        """The prices of the tensors in ``names`` alone (a model with blocks removed)."""
+        keep = set(names)
+        return TypePrices({n: o for n, o in self.hull.items() if n in keep},
+                          {n: o for n, o in self.every.items() if n in keep},
+                          {s: {n: o for n, o in t.items() if n in keep} for s, t in self.onnx.items()})
 
     def smallest_bytes(self) -> int:
         return sum(o[0][1] for o in self.hull.values())
@@ -95,15 +104,20 @@ class TypePrices:
 
 def price_types(sources: dict, sensitivity, max_rows: int | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                cancelled: Callable[[], bool] | None = None) -> TypePrices:
+                cancelled: Callable[[], bool] | None = None, onnx_schemes=()) -> TypePrices:
     """The expected loss cost of every tensor under every candidate type.
 
     The cost of a tensor under a type is ``sum_ij E[g_i^2] E[x_j^2] (W - Q(W))_ij^2`` (``engine.sensitivity``:
     the loss gradient at each output row times the second moment of each input), measured on ``max_rows``
     (default ``PLAN_ROWS``) rows drawn in proportion to their weight and scaled to the whole tensor; it compares
     tensors of different layers with each other, which the input statistics alone cannot. To second order the
-    loss increase per token (and the KL to the source) is half the summed cost.
+    loss increase per token (and the KL to the source) is half the summed cost. ``onnx_schemes``
+    (``onnx_plan.OnnxScheme``) are priced on the same rows in the same pass.
     """
+    from .onnx_plan import price_tensor
+
+    tied = "output.weight" not in sources
+    onnx: dict[str, dict[str, tuple[int, float]]] = {s.name: {} for s in onnx_schemes}
     row_weights = gguf_row_weights(sources, sensitivity.output_grad_sq)
     max_rows = max_rows or PLAN_ROWS
     hull_of: dict[str, list[tuple[str, int, float]]] = {}
@@ -130,10 +144,12 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
         opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
         hull_of[name] = _lower_hull(opts)
         every[name] = opts
+        for s in onnx_schemes:
+            onnx[s.name][name] = price_tensor(s, name, W, sub, imp, rw, tied)
         release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
             progress((k + 1) / len(names), f"pricing the types of {name}")
-    return TypePrices(hull_of, every)
+    return TypePrices(hull_of, every, onnx)
 
 
 def _lower_hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:

@@ -13,7 +13,9 @@ fill whole blocks is padded by the quantizer), ``method`` ``rtn`` (symmetric rou
 default), ``hqq`` (half-quadratic, asymmetric) or ``gptq`` (EdgeTailor's own GPTQ, calibrated on ``calibration_text``:
 the inputs' X^T X of every MatMul collected in one onnxruntime pass per window, then error-feedback rounding
 onto the MatMulNBits grid itself, see ``quantize_int4_gptq``),
-``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses).
+``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses),
+``head_bits`` (4, or 8: the output head as 8-bit MatMulNBits, round to nearest; the int4 loss is largely the
+head's).
 
 The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
 work), ``genai_config.json`` and the tokenizer files: ``onnxruntime_genai.Model(folder)`` runs it as it is.
@@ -65,7 +67,12 @@ def parse_options(options: dict) -> dict:
         raise EdgeTailorError("int4 method 'gptq' needs calibration text.",
                               "Run it through the export step (it passes the job's calibration text), "
                               "or give options.calibration_text.")
-    return {"type": qtype, "block_size": block, "method": method,
+    head_bits = int(options.get("head_bits", 4))
+    if head_bits not in (4, 8):
+        raise EdgeTailorError(f"An int4 head of {head_bits} bits is not supported.", "Use head_bits 4 or 8.")
+    if head_bits == 8 and method == "hqq":
+        raise EdgeTailorError("head_bits 8 goes with method rtn or gptq, not hqq.", "Use method rtn or gptq.")
+    return {"type": qtype, "block_size": block, "method": method, "head_bits": head_bits,
             "accuracy_level": int(options.get("accuracy_level", 4)),
             "calibration_text": options.get("calibration_text"),
             "calibration_windows": int(options.get("calibration_windows", 20)),
@@ -117,7 +124,7 @@ class ONNXExporter(Exporter):
                   else f"onnxruntime MatMulNBitsQuantizer ({opts['method']})")
             step(0.3, f"int4 {opts['method']}: {by}")
             proto = quantize_int4(graph, opts, tokenizer, step)
-            info.update(block_size=opts["block_size"], method=opts["method"], quantized_by=by)
+            info.update(block_size=opts["block_size"], method=opts["method"], head_bits=opts["head_bits"], quantized_by=by)
         step(0.85, "writing model.onnx + model.onnx.data")
         save(proto, out)
         return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)

@@ -29,12 +29,16 @@ def quantize_int8(graph: DecoderGraph):
 
 def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
     """Every MatMul (head included) to MatMulNBits: onnxruntime's MatMulNBitsQuantizer for rtn and hqq,
-    EdgeTailor's GPTQ for gptq; a tied embedding then reads the quantized head through GatherBlockQuantized, as
+    EdgeTailor's GPTQ for gptq; with ``head_bits`` 8 the output head is 8-bit MatMulNBits instead (round to
+    nearest: the head carries much of int4's loss, and GPTQ's feedback is not for a table that doubles as the
+    embedding); a tied embedding then reads the quantized head through GatherBlockQuantized, as
     onnxruntime-genai's builder does."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     block, method = opts["block_size"], opts["method"]
+    head = next(n.name for n in graph.proto.graph.node if n.op_type == "MatMul" and "logits" in n.output)
+    apart = [head] if opts["head_bits"] == 8 else []
     if method == "rtn":
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
                                                 accuracy_level=opts["accuracy_level"], quant_format=QuantFormat.QOperator,
@@ -46,10 +50,18 @@ def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     if method == "gptq":
-        proto = quantize_int4_gptq(graph, opts, tokenizer, step)
+        proto = quantize_int4_gptq(graph, opts, tokenizer, step, skip=set(apart))
     else:
         q = mnq.MatMulNBitsQuantizer(graph.proto, block_size=block, is_symmetric=True,
-                                     accuracy_level=opts["accuracy_level"], algo_config=algo)
+                                     accuracy_level=opts["accuracy_level"], algo_config=algo, nodes_to_exclude=apart)
+        q.process()
+        proto = q.model.model
+    if apart:
+        head8 = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=8,
+                                                 accuracy_level=opts["accuracy_level"],
+                                                 quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+        q = mnq.MatMulNBitsQuantizer(proto, bits=8, block_size=block, is_symmetric=True,
+                                     accuracy_level=opts["accuracy_level"], nodes_to_include=apart, algo_config=head8)
         q.process()
         proto = q.model.model
     for n in proto.graph.node:
@@ -58,7 +70,7 @@ def quantize_int4(graph: DecoderGraph, opts: dict, tokenizer, step):
 
             n.attribute.append(helper.make_attribute("accuracy_level", opts["accuracy_level"]))
     if graph.tied and method != "hqq":
-        _embedding_from_quantized_head(proto, graph, block)
+        _embedding_from_quantized_head(proto, graph, block, opts["head_bits"])
     return proto
 
 
@@ -105,14 +117,15 @@ def collect_input_hessians(proto, feeds, step=None) -> dict:
     return sums
 
 
-def quantize_int4_gptq(graph: DecoderGraph, opts: dict, tokenizer, step):
+def quantize_int4_gptq(graph: DecoderGraph, opts: dict, tokenizer, step, skip: set[str] = frozenset()):
     """Int4 MatMulNBits (symmetric, no zero points, the layout onnxruntime's RTN writes) with GPTQ rounding.
 
     onnxruntime's own GPTQ rounds with GPTQ's grid, then requantizes the result with a second, different
     scale (its ``quant_tensor``), which undoes much of the error feedback; here the codes and scales GPTQ
     chooses (``gguf_blocks.quantize_blocks`` on the symmetric int4 grid, scales fitted by weighted search)
     are what is written. A tied head (which is also the embedding table) is fitted without error feedback:
-    GPTQ's compensation is for the head's inputs, not for embedding lookups.
+    GPTQ's compensation is for the head's inputs, not for embedding lookups. MatMuls named in ``skip`` stay
+    float.
     """
     from onnx import numpy_helper
 
@@ -122,7 +135,7 @@ def quantize_int4_gptq(graph: DecoderGraph, opts: dict, tokenizer, step):
                                opts["calibration_ctx"])
     feeds = iter(reader.get_next, None)
     hessians = collect_input_hessians(proto, feeds, step)
-    matmuls = constant_matmuls(proto)
+    matmuls = [(n, i) for n, i in constant_matmuls(proto) if n.name not in skip]
     replaced, new_inits, drop = {}, [], set()
     for k, (node, init) in enumerate(matmuls):
         step(0.5 + 0.35 * k / len(matmuls), f"int4 gptq: {node.name} ({k + 1}/{len(matmuls)})")
@@ -215,8 +228,8 @@ def _remove_unused_initializers(proto) -> None:
     proto.graph.initializer.extend(keep)
 
 
-def _embedding_from_quantized_head(proto, graph: DecoderGraph, block: int) -> None:
-    """Replace the float embedding Gather with GatherBlockQuantized over the int4 head's weights."""
+def _embedding_from_quantized_head(proto, graph: DecoderGraph, block: int, bits: int = 4) -> None:
+    """Replace the float embedding Gather with GatherBlockQuantized over the quantized head's weights."""
     from onnx import helper
 
     head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
@@ -233,7 +246,7 @@ def _embedding_from_quantized_head(proto, graph: DecoderGraph, block: int) -> No
         return name
 
     data = "/model/embed_tokens/Reshape/output_0"
-    new.append(helper.make_node("Reshape", [b_name, const("/model/embed_tokens/shape_data", [graph.vocab, padded // 2])],
+    new.append(helper.make_node("Reshape", [b_name, const("/model/embed_tokens/shape_data", [graph.vocab, padded * bits // 8])],
                                 [data], name="/model/embed_tokens/Reshape"))
     s = "/model/embed_tokens/Reshape_scales/output_0"
     new.append(helper.make_node("Reshape", [scales, const("/model/embed_tokens/shape_scales", [graph.vocab, blocks])],
@@ -241,12 +254,12 @@ def _embedding_from_quantized_head(proto, graph: DecoderGraph, block: int) -> No
     inputs = [data, "input_ids", s]
     if zp:
         z = "/model/embed_tokens/Reshape_zp/output_0"
-        new.append(helper.make_node("Reshape", [zp, const("/model/embed_tokens/shape_zp", [graph.vocab, -(-blocks // 2)])],
+        new.append(helper.make_node("Reshape", [zp, const("/model/embed_tokens/shape_zp", [graph.vocab, -(-blocks * bits // 8)])],
                                     [z], name="/model/embed_tokens/Reshape_zp"))
         inputs.append(z)
     gathered = out if padded == graph.hidden else "/model/embed_tokens/GatherBlockQuantized/output_0"
     new.append(helper.make_node("GatherBlockQuantized", inputs, [gathered], name="/model/embed_tokens/GatherBlockQuantized",
-                                domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1))
+                                domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
     if padded != graph.hidden:
         new.append(helper.make_node("Slice", [gathered, const("/model/embed_tokens/slice_start", [0]),
                                               const("/model/embed_tokens/slice_end", [graph.hidden]),

@@ -495,3 +495,27 @@ def test_gguf_writer_streams_tensors_instead_of_holding_the_file(tiny_models, tm
     data = sum(int(t.n_bytes) for t in tensors)
     largest = max(int(t.n_bytes) for t in tensors)
     assert data > 10 * 2**20 and peak < data / 4, (peak, data, largest)
+
+
+@pytest.mark.parametrize("method", ["gptq", "imatrix"])
+def test_a_file_written_with_tensors_encoded_for_an_earlier_file_is_the_same_file(tiny_models, tmp_path, method):
+    """The planner's candidates share encoded tensors (``EncodedCache``): a tensor's bytes depend on its weights,
+    type, method and the source's activations only, so a file written partly from the cache is byte for byte
+    the file written from scratch, and the cached tensors' fits are not run again."""
+    from edgetailor.exporters.gguf_calibrated import EncodedCache, export_calibrated, tensor_sources
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    seqs = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    names = sorted(tensor_sources(model))
+    first = {n: "Q5_0" for n in names}           # 32-element blocks: every tiny matrix takes them
+    second = {n: ("Q8_0" if i % 2 else "Q5_0") for i, n in enumerate(names)}
+    export_calibrated(model, tok, src, tmp_path / "alone.gguf", "Q4_K_M", seqs, method, types=second)
+    cache = EncodedCache(tmp_path / "cache")
+    export_calibrated(model, tok, src, tmp_path / "first.gguf", "Q4_K_M", seqs, method, types=first, cache=cache)
+    assert cache.hits == 0 and len(list(cache.folder.iterdir())) == len(names)
+    export_calibrated(model, tok, src, tmp_path / "second.gguf", "Q4_K_M", seqs, method, types=second, cache=cache)
+    assert cache.hits == sum(t == "Q5_0" for t in second.values())
+    assert (tmp_path / "second.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()

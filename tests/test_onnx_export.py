@@ -101,6 +101,30 @@ def test_gptq_is_calibrated_and_needs_text(stories_dir, tmp_path):
     assert a != (tmp_path / "r" / "model.onnx.data").read_bytes()
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_an_8_bit_head_is_written_read_by_the_tied_embedding_and_lowers_int4s_loss(tiny_models, tmp_path, method):
+    """``head_bits: 8``: the output head as 8-bit MatMulNBits, the tied embedding reading it through an 8-bit
+    GatherBlockQuantized; the folder runs in onnxruntime and its KL to the source is below the int4 head's."""
+    import onnx
+    from edgetailor.engine.text import read_text
+    from edgetailor.engine.verification import check_windows, compare, source_logprobs
+
+    folder = tiny_models["qwen2"]                          # tied embeddings
+    kls = {}
+    for bits in (4, 8):
+        lm, res, _ = _export(folder, tmp_path / f"h{bits}", type="int4", method=method, head_bits=bits,
+                             calibration_text=read_text(None), calibration_ctx=64, calibration_windows=4)
+        assert res.info["head_bits"] == bits
+        proto = onnx.load(str(tmp_path / f"h{bits}" / "model.onnx"), load_external_data=False)
+        head = next(n for n in proto.graph.node if "logits" in n.output)
+        gather = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+        assert {a.name: a.i for a in head.attribute}["bits"] == bits == {a.name: a.i for a in gather.attribute}["bits"]
+        windows = [w[:64] for w in check_windows(lm.tokenizer, read_text(None))][:2]
+        with open_runtime("onnx", tmp_path / f"h{bits}", n_ctx=64) as rt:
+            kls[bits] = compare(source_logprobs(lm.model, windows), rt, windows)["kl"]
+    assert kls[8] < kls[4]
+
+
 def _matmul_model(K: int, N: int, B=None, packed=None, scales=None, block: int = 32):
     """A one-op graph: y = x @ B (MatMul) or its MatMulNBits form (packed codes and scales)."""
     from onnx import TensorProto, helper, numpy_helper

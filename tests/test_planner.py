@@ -43,15 +43,19 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     record, events = fit_run
     plan = json.loads((record.artifacts_dir / "plan.json").read_text())
     assert len(plan["rounds"]) >= 1 and all(r["points"] for r in plan["rounds"])
-    # the first file is measured with every KV type, each later one with its own
+    # the first GGUF file is measured with every KV type, each later one with its own; ONNX folders with
+    # onnxruntime's float32 cache (both formats are in the search)
     files = {m["label"].rsplit("-kv-", 1)[0] for m in plan["measured"]}
     assert len(files) == 2
-    assert {m["kv_type"] for m in plan["measured"]} == {"f16", "q8_0"}
+    assert {m["kv_type"] for m in plan["measured"] if not m["onnx"]} == {"f16", "q8_0"}
+    assert {m["kv_type"] for m in plan["measured"] if m["onnx"]} <= {"f32"}
+    assert {p["format"] for p in plan["rounds"][0]["points"]} == {"gguf", "onnx"}
     by_name = {v["name"]: v for v in record.manifest["variants"]}
     for m in plan["measured"]:
         v = by_name[m["name"]]
         assert (record.folder / v["path"]).exists()
-        assert v["params"]["kv_type"] == m["kv_type"]
+        assert v["format"] == m["format"]
+        assert v["params"]["kv_type"] == m["kv_type"] or m["onnx"]
         # checked against the source before it was kept, then evaluated and benchmarked in llama.cpp
         assert v["metrics"]["verify_top1"] > 0.5 and v["metrics"]["kl"] >= 0
         assert v["metrics"]["peak_rss_os_bytes"] > 0 and v["metrics"]["decode_tps"] > 0
@@ -134,14 +138,76 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
     assert c.speed("f16") == pytest.approx(0.5) and c.speed("q4_0") == pytest.approx(0.5)
     assert c.points == 1
+    # ONNX points scale ONNX predictions only, per type (int4 and int8 run different kernels)
+    c.refit([{"kv_type": "f16", "cost": 0.01, "kl": 0.02, "memory_raw": 100.0, "memory_measured": 110.0,
+              "decode_tps_raw": 50.0, "decode_tps_measured": 25.0},
+             {"kv_type": "f32", "onnx": "int8", "cost": 0.001, "kl": 0.004, "memory_raw": 200.0,
+              "memory_measured": 180.0, "decode_tps_raw": 40.0, "decode_tps_measured": 10.0}])
+    assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
+    assert c.kl_scale_for("int8") == pytest.approx(4.0) and c.kl_scale_for("int4-32") == pytest.approx(2.0)
+    assert c.onnx_memory_ratio == pytest.approx(0.9)
+    assert c.speed("f32", "int8") == pytest.approx(0.25) and c.speed("f32", "int4-32") is None
+    assert c.speed("f16") == pytest.approx(0.5)
 
 
-def fit_cli(model, out, max_memory: str):
+@pytest.mark.parametrize("tie", [False, True])
+def test_onnx_schemes_are_priced_on_the_grid_and_at_the_bytes_the_exporter_writes(tmp_path, stories_dir, tie):
+    """The planner's ONNX prices: each scheme's bytes are the folder's (onnx_info reads what onnxruntime loads),
+    and its int4 grid is the one onnxruntime's MatMulNBits quantizer writes (the same dequantized weights)."""
+    import numpy as np
+    import onnx
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.engine.planner import Predictor
+    from edgetailor.engine.projection import onnx_info
+    from edgetailor.engine.sources import resolve
+    from edgetailor.exporters import get_exporter
+    from edgetailor.exporters.gguf_calibrated import tensor_sources
+    from edgetailor.exporters.gguf_plan import price_types
+    from edgetailor.exporters.onnx_plan import SCHEMES
+    from onnx import numpy_helper
+    from types import SimpleNamespace
+
+    folder = make_tiny_model(tmp_path / "m", "llama", stories_dir, seed=2, tie=tie, hidden_size=128,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    src = resolve(str(folder))
+    model = LazyModel(src.path)
+    sources = tensor_sources(model)
+    flat = SimpleNamespace(output_grad_sq={}, input_sq={})            # unit weights: the plain squared error
+    prices = price_types(sources, flat, onnx_schemes=list(SCHEMES.values()))
+    planner = Predictor(prices, sources, model.config, 0, 1, None, None, 64, 16, None)
+    for name, s in SCHEMES.items():
+        out = tmp_path / name
+        get_exporter("onnx").export(model, load_tokenizer(src), src.path, out, {**s.export_options(), "method": "rtn"})
+        written = onnx_info(out)
+        assert planner.onnx_weights_info(name).resident_bytes == pytest.approx(written.resident_bytes, rel=0.01), name
+        assert planner.onnx_weights_info(name).bytes_per_token == pytest.approx(written.bytes_per_token, rel=0.01)
+        if s.type != "int4":
+            continue
+        proto = onnx.load(str(out / "model.onnx"))
+        init = {i.name: i for i in proto.graph.initializer}
+        head = "token_embd.weight" if tie else "output.weight"
+        for name, node in (("blk.0.ffn_down.weight", next(n for n in proto.graph.node if n.op_type == "MatMulNBits"
+                                                          and "layers.0" in n.name and "down" in n.name)),
+                           (head, next(n for n in proto.graph.node if "logits" in n.output))):
+            bits = next(a.i for a in node.attribute if a.name == "bits")
+            assert bits == s.bits_of(name, tie)
+            packed, scales = numpy_helper.to_array(init[node.input[1]]), numpy_helper.to_array(init[node.input[2]])
+            if bits == 4:
+                q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.float32) - 8
+            else:
+                q = packed.reshape(packed.shape[0], -1).astype(np.float32) - 128
+            ort = q * np.repeat(scales.reshape(packed.shape[0], -1), s.block_size, axis=1)
+            W = sources[name].matrix()
+            assert np.abs(s.dequantized(W, bits) - ort[:, :W.shape[1]]).max() <= 1e-6 * np.abs(W).max(), (name, bits)
+
+
+def fit_cli(model, out, max_memory: str, *more: str, formats: str = "gguf"):
     """``edgetailor fit`` on a small plan: one f16 candidate, short calibration and evaluation."""
     return subprocess.run([sys.executable, "-m", "edgetailor", "fit", str(model), "--context", "256", "--kv-types", "f16",
                            "--candidates", "1", "--rounds", "1", "--trials", "8", "--max-sequences", "2", "--windows",
-                           "2", "--ctx", "128", "--out", str(out), "--quiet", "--max-memory", max_memory],
-                          capture_output=True, text=True, timeout=900, env=os.environ)
+                           "2", "--ctx", "128", "--out", str(out), "--quiet", "--max-memory", max_memory,
+                           "--formats", formats, *more], capture_output=True, text=True, timeout=900, env=os.environ)
 
 
 def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp_path):
@@ -156,6 +222,26 @@ def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp
     assert "-c 256" in card and "## Budget it was checked against" in card and "memory at most 4,000 MB" in card
     assert "None" not in card and "{'" not in card                      # no Python reprs in a model card
     assert "PARAMETER num_ctx 256" in (bundles[0] / "Modelfile").read_text()
+
+
+def test_cli_fit_for_an_onnxruntime_app_recommends_an_onnx_folder_measured_at_the_apps_context(kv_model, tmp_path):
+    """An app that runs onnxruntime: the search spans the ONNX schemes only; the recommended folder is built (GPTQ
+    onto MatMulNBits), checked against the source, run in onnxruntime, its memory at the app's context is the
+    measured peak plus the cache's growth to that context, and the bundle holds the folder."""
+    out = tmp_path / "bundle"
+    out.mkdir()
+    res = fit_cli(kv_model, out, "4GB", "--onnx-schemes", "int4-32,int8", formats="onnx")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Recommended: fit-onnx-" in res.stdout and "onnx int4-32" in res.stdout and "onnx int8" in res.stdout
+    bundle = next(out.iterdir())
+    folder = next(p for p in bundle.iterdir() if p.is_dir())
+    assert (folder / "model.onnx").exists() and (folder / "genai_config.json").exists()
+    metrics = json.loads((bundle / "metrics.json").read_text())["variant"]
+    assert metrics["format"] == "onnx" and metrics["params"]["runtime"] == "onnxruntime"
+    m = metrics["metrics"]
+    assert m["verify_kl"] >= 0 and m["kv_growth_bytes"] > 0
+    assert m["memory_at_context_bytes"] == m["peak_rss_os_bytes"] + m["kv_growth_bytes"]
+    assert abs(m["predicted_memory_error_pct"]) < 10
 
 
 def test_cli_fit_when_nothing_fits_says_which_limit_to_relax(kv_model, tmp_path):
@@ -210,7 +296,7 @@ def test_candidates_run_as_ray_tasks_with_the_same_results(kv_model):
     """A local Ray instance builds and measures a small plan's candidates; the files and their quality are those
     of the same plan built in this process."""
     from edgetailor.engine import JobSpec, run_job
-    from edgetailor.engine.atomic import sha256_file
+    from edgetailor.engine.atomic import sha256_tree
 
     pytest.importorskip("ray")
     small = {**FIT, "rounds": 1, "kv_types": ["f16"]}
@@ -222,7 +308,7 @@ def test_candidates_run_as_ray_tasks_with_the_same_results(kv_model):
         runs[how["executor"]] = rec
     got = {}
     for how, rec in runs.items():
-        got[how] = {v["name"]: (sha256_file(rec.folder / v["path"]), v["metrics"]["kl"], v["metrics"]["perplexity"])
+        got[how] = {v["name"]: (sha256_tree(rec.folder / v["path"]), v["metrics"]["kl"], v["metrics"]["perplexity"])
                     for v in rec.manifest["variants"] if v["name"] != "baseline"}
     assert len(got["ray"]) == 2 and got["ray"] == got["inline"]
     plan = json.loads((runs["ray"].artifacts_dir / "plan.json").read_text())

@@ -137,8 +137,8 @@ class LivePlots(QWidget):
             self._bars(self.energy, "energy_j_per_token")
 
     def _plan(self, plot: pg.PlotWidget, xkey: str, title: str, xlabel: str, unit: str, limit: str) -> None:
-        """Predicted points (hollow) and measured ones (filled) against KL (log scale), the budget as a dashed
-        line inside the view."""
+        """Predicted points (hollow) and measured ones (filled) against KL (log scale), GGUF files as circles and
+        ONNX folders as squares, the budget as a dashed line inside the view."""
         st = self.state
         key = ("plan", xkey)
         sig = (len(st.plan["predicted"]), len(st.plan["measured"]), id(st.plan["predicted"]))
@@ -148,15 +148,15 @@ class LivePlots(QWidget):
         plot.clear()
         plot.setTitle(title)
         plot.setLabel("bottom", xlabel, units=unit)
-        plot.setLabel("left", "KL (○ predicted, ● measured)")
+        plot.setLabel("left", "KL (○ predicted, ● measured; □ ONNX)")
         plot.setLogMode(x=False, y=True)
         plot.getAxis("bottom").setTicks(None)
         pred = [p for p in st.plan["predicted"] if p.get(xkey) is not None and p.get("kl", 0) > 0]
         plot.getAxis("left").enableAutoSIPrefix(False)
-        plot.plot([p[xkey] for p in pred], [p["kl"] for p in pred], pen=None, symbol="o", symbolSize=7,
+        plot.plot([p[xkey] for p in pred], [p["kl"] for p in pred], pen=None, symbol=_symbols(pred), symbolSize=7,
                   symbolPen=pg.mkPen(pen(1).color()), symbolBrush=None)
         meas = [p for p in st.plan["measured"] if p.get(xkey) is not None and p.get("kl")]
-        plot.plot([p[xkey] for p in meas], [p["kl"] for p in meas], pen=None, symbol="o", symbolSize=11,
+        plot.plot([p[xkey] for p in meas], [p["kl"] for p in meas], pen=None, symbol=_symbols(meas), symbolSize=11,
                   symbolPen=None, symbolBrush=pen(4).color())
         b = st.plan.get("budget") or {}
         line = {"memory": b.get("max_memory_bytes"), "speed": b.get("min_decode_tps")}[limit]
@@ -203,3 +203,8 @@ class LivePlots(QWidget):
                 "decode_tps": sum(1 for v in st.variants.values() if v.get("metrics", {}).get("decode_tps") is not None),
                 "energy": sum(1 for v in st.variants.values()
                               if v.get("metrics", {}).get("energy_j_per_token") is not None)}
+
+
+def _symbols(points: list[dict]) -> list[str]:
+    """A planner point's marker: a circle for a GGUF file, a square for an ONNX folder."""
+    return ["s" if p.get("onnx") else "o" for p in points]

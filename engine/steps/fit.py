@@ -1,11 +1,12 @@
-"""Fit a device budget: search GGUF files and KV-cache types on predictions, build and measure the best, recommend one.
+"""Fit a device budget: search GGUF files with KV-cache types and ONNX folders on predictions, build and measure the
+best, recommend one.
 
 One pass of the calibration text (the sensitivity of every tensor, ``engine.sensitivity``) prices every tensor's
 types; the runtime's overhead is measured once at the app's context. ``engine.planner`` then predicts memory,
-speed, energy and KL for any (file size, KV type), optuna searches that space under the budget, and the best
-feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ), checked against the source,
-evaluated (perplexity, KL, top-1 in llama.cpp with their KV type) and benchmarked in a fresh process at the
-app's context. Each round refits the predictors on what was measured and searches again. The recommendation
+speed, energy and KL for any (file size, KV type) or ONNX scheme, optuna searches that space under the budget,
+and the best feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ; ONNX int4 GPTQ onto
+MatMulNBits, int8 by onnxruntime), checked against the source, evaluated (perplexity, KL, top-1 in llama.cpp with
+their KV type, or onnxruntime) and benchmarked in a fresh process at the app's context. Each round refits the predictors on what was measured and searches again. The recommendation
 comes from the measured candidates only; ``plan.json`` holds every predicted and measured point.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...exporters.onnx_plan import SCHEMES as ONNX_SCHEMES
 from ..context import RunContext
 from ..registry import register_step
 from ..runs import Variant
@@ -29,6 +31,8 @@ class FitConfig:
     max_ppl_increase_pct: float | None = field(default=None, metadata={"help": "quality loss limit: perplexity increase (%)"})
     max_kl: float | None = field(default=None, metadata={"help": "quality loss limit: mean KL to the source"})
     kv_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_0"], metadata={"help": "KV-cache types to consider"})
+    formats: list[str] = field(default_factory=lambda: ["gguf", "onnx"], metadata={"help": "file formats to consider: gguf (llama.cpp) and onnx (onnxruntime)"})
+    onnx_schemes: list[str] = field(default_factory=lambda: list(ONNX_SCHEMES), metadata={"help": "ONNX quantizations to consider: int4-<block size>[-head8] (an 8-bit output head), int8"})
     max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
     rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
@@ -55,6 +59,12 @@ class FitConfig:
             raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
         if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
             raise ValueError(f"kv_types must be among {', '.join(KV_TYPES)}")
+        from ...exporters.onnx_plan import SCHEMES
+
+        if not self.formats or any(f not in ("gguf", "onnx") for f in self.formats):
+            raise ValueError("formats must be among gguf, onnx")
+        if "onnx" in self.formats and (not self.onnx_schemes or any(s not in SCHEMES for s in self.onnx_schemes)):
+            raise ValueError(f"onnx_schemes must be among {', '.join(SCHEMES)}")
         from ..plan_tasks import EXECUTORS
 
         if self.executor not in EXECUTORS:
@@ -94,6 +104,7 @@ class Built:
     raw: dict
     seconds: float
     agreement: dict
+    task_options: dict = field(default_factory=dict)      # an ONNX file's export options (its scheme, method)
 
 
 @dataclass
@@ -113,8 +124,8 @@ class SharedInputs:
     verify: str                   # the check windows and the source's log-probs (npz in the run's scratch)
 
 
-@register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF)", streamed_ram=_fit_ram,
-               summary="Search GGUF files and KV-cache types under a device budget, build the best, recommend one")
+@register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF or ONNX)", streamed_ram=_fit_ram,
+               summary="Search GGUF files, KV-cache types and ONNX folders under a device budget, build the best, recommend one")
 def fit(ctx: RunContext, cfg: FitConfig) -> None:
     from ..plan_tasks import run_tasks
     from ..planner import frontier, kv_types_for, pick, recommend, search
@@ -123,7 +134,9 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
     prepared = _prepare(ctx, cfg, budget)
     planner = prepared.planner
     kv_types = kv_types_for(cfg.kv_types, planner.weights_info(planner.plan(planner.size_range()[0])[0]).head_dim)
-    if kv_types != cfg.kv_types:
+    if "gguf" not in cfg.formats:
+        kv_types = []
+    elif kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
     shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx), _save_verification(ctx))
@@ -133,7 +146,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
     per_round = max(1, -(-cfg.candidates // cfg.rounds))
     for r in range(cfg.rounds):
         ctx.check_cancelled()
-        points = search(planner, budget, kv_types, cfg.trials, cfg.seed + r, cancelled=ctx.cancel.is_set)
+        points = search(planner, budget, kv_types, cfg.trials, cfg.seed + r, cancelled=ctx.cancel.is_set,
+                        onnx=tuple(planner.onnx_schemes))
         front = frontier(points)
         history.append({"round": r + 1, "calibration": planner.calibration.to_dict(),
                         "points": [p.to_dict() for p in points], "frontier": [p.candidate.label for p in front]})
@@ -143,14 +157,15 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         # a KV type whose own KL is not measured yet is not free: prefer the measured ones while any fits
         known = [p for p in points if p.candidate.kv_type in planner.calibration.kv_kl]
         pool = known if any(p.feasible for p in known) else points
-        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"]) for b in built])
+        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"]) for b in built])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = [], []
-        for p in todo:       # the first file is measured with every KV type (their own KL), later ones with theirs
+        for p in todo:       # the first GGUF file is measured with every KV type (their own KL), later ones with theirs
             raws.append(planner.raw(p.candidate))
-            tasks.append(_task(ctx, cfg, planner, shared, raws[-1],
-                               kv_types if not built and not tasks else [p.candidate.kv_type],
+            first = not p.candidate.onnx and not any(t.format == "gguf" for t in tasks) \
+                and not any(not b.raw["onnx"] for b in built)
+            tasks.append(_task(ctx, cfg, planner, shared, raws[-1], kv_types if first else [p.candidate.kv_type],
                                {b.name for b in built} | {t.name for t in tasks}))
         lo, hi = 0.2 + 0.75 * len(built) / cfg.candidates, 0.2 + 0.75 * (len(built) + len(tasks)) / cfg.candidates
         results = run_tasks(tasks, cfg.executor, cfg.ray_address, cfg.workers,
@@ -190,6 +205,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
             f"The planner writes its files with EdgeTailor's GGUF writer, which does not cover this "
             f"'{model.config.model_type}' model yet.", "Use the gguf-ladder-measured preset for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
+    schemes = _onnx_schemes(ctx, cfg, model)
     ctx.progress(0.0, "sensitivity of every tensor")
     sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
     sources = tensor_sources(model)
@@ -197,7 +213,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     torch.set_num_threads(1)
     try:
         prices = price_types(sources, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
-                             cancelled=ctx.cancel.is_set)
+                             cancelled=ctx.cancel.is_set, onnx_schemes=schemes)
     finally:
         torch.set_num_threads(threads)
     scratch = ctx.record.folder / "scratch"
@@ -207,15 +223,33 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     ctx.progress(0.15, "measuring the runtime's overhead at the app's context")
     host = host_profile()
     prompt = prompt_ids(ctx, cfg.prompt_tokens)
-    overhead = measure_overhead("gguf", ctx.source.path, prompt, cfg.gen_tokens, cfg.context,
-                                ctx.options.resolved_threads(), ctx.options.dtype, EnergyMeter.detect(host))
+    overhead, onnx_overhead = (measure_overhead(fmt, ctx.source.path, prompt, cfg.gen_tokens, cfg.context,
+                                                ctx.options.resolved_threads(), ctx.options.dtype,
+                                                EnergyMeter.detect(host)) if fmt == "gguf" or schemes else None
+                               for fmt in ("gguf", "onnx"))
     params = sum(s.shape[0] * s.shape[1] for s in sources.values())
     order, kls = _depth(ctx, cfg, model, seqs)
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
     planner = Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
-                        cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls)
+                        cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls, onnx_overhead)
     return Prepared(planner, seqs, prompt)
+
+
+def _onnx_schemes(ctx: RunContext, cfg: FitConfig, model) -> list:
+    """The ONNX schemes to price: those asked, where EdgeTailor's own ONNX graph covers the family (the builder's
+    families get round-to-nearest only, from a torch load of the whole model)."""
+    from ...exporters.onnx_plan import SCHEMES
+    from ..architectures import arch_spec
+
+    if "onnx" not in cfg.formats:
+        return []
+    spec = arch_spec(model.config.model_type)
+    if spec is not None and spec.onnx == "genai-builder":
+        ctx.log(f"ONNX files left out of the plan: EdgeTailor's ONNX graph does not cover '{model.config.model_type}' "
+                "models yet", level="warning")
+        return []
+    return [SCHEMES[n] for n in cfg.onnx_schemes]
 
 
 #: calibration sequences the depth measurements use (block influence; the KL of removing blocks)
@@ -287,19 +321,24 @@ def _file_name(file_bytes: int, taken: set[str]) -> str:
 
 def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: dict, kv_types: list[str],
           taken: set[str]):
+    from ...exporters.onnx_plan import scheme
     from ..energy import EnergyMeter
     from ..plan_tasks import CandidateTask
     from .evaluate import reference_folder
 
-    name = _file_name(raw["file_bytes"], taken) + (f"-minus{raw['drop']}blocks" if raw["drop"] else "")
+    minus = f"-minus{raw['drop']}blocks" if raw["drop"] else ""
+    name = (f"fit-onnx-{raw['onnx']}" if raw["onnx"] else _file_name(raw["file_bytes"], taken)) + minus
+    onnx = {"format": "onnx", "onnx_options": {**scheme(raw["onnx"]).export_options(), "calibration_ctx": cfg.seq_len,
+                                               "calibration_windows": len(shared.sequences)},
+            "calibration_text": ctx.calibration_text()} if raw["onnx"] else {}
     return CandidateTask(
         name=name, source=str(ctx.source.path), trust_remote_code=ctx.source.trust_remote_code,
-        out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}.gguf"),
+        out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}{'' if onnx else '.gguf'}"), **onnx,
         types=planner.renamed(raw["types"], raw["drop"]), drop_blocks=raw["dropped"],
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
         sequences=shared.sequences, verify=shared.verify, eval_windows=shared.eval_windows,
         reference=str(reference_folder(ctx)), kv_types=list(kv_types), context=cfg.context, prompt=shared.prompt,
-        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats,
+        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, encoded_cache=str(ctx.record.folder / "scratch" / "encoded"),
         threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
         energy=EnergyMeter.detect(planner.host).to_dict())
 
@@ -308,60 +347,59 @@ def _keep(ctx: RunContext, task, raw: dict, res: dict) -> Built:
     """A built file into the run's record (its task wrote it atomically into the artifacts folder)."""
     path = Path(res["path"])
     ctx.emit("artifact", **ctx.record.add_artifact(path))
-    ctx.log(f"{path.name}: {raw['file_bytes'] / 1e6:.1f} MB planned, built and checked in {res['seconds']:.0f} s "
+    ctx.log(f"{path.name}: {raw['file_bytes'] / 1e6:.1f} MB {'predicted' if raw['onnx'] else 'planned'}, built and checked in {res['seconds']:.0f} s "
             f"(KL to the source {res['agreement']['verify_kl']:.2g} on the check windows)")
-    return Built(task.name, path, raw, res["seconds"], res["agreement"])
+    options = {k: v for k, v in task.export_options().items() if k != "calibration_text"} if task.format == "onnx" else {}
+    return Built(task.name, path, raw, res["seconds"], res["agreement"], options)
 
 
 def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: str, found: dict) -> dict:
     """One file with one KV-cache type, as measured: a variant of the run, and the planner's point."""
     from types import SimpleNamespace
 
-    from ..atomic import tree_size
-    from ..planner import LIMIT_WORDS, Candidate, violations
+    from ..planner import LIMIT_WORDS, Candidate, kv_element_bytes, violations
     from ..projection import device_speed, kv_cache_bytes
-    from ..runtimes import KV_TYPES
     from .evaluate import variant_metrics
 
     name = f"{b.name}-kv-{kv}"
-    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"])
+    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"], b.raw["onnx"])
     pred = planner.predict(cand)
     raw = planner.raw(cand)
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
     quality = variant_metrics(SimpleNamespace(**found["evaluation"]), base_ppl)
     bench = found["benchmark"]
-    ctx.add_variant(Variant(name=name, format="gguf", path=str(b.path.relative_to(ctx.record.folder)),
-                            params={"type": "mixed (planned)", "kv_type": kv, "context": cfg.context,
-                                    "method": cfg.method, "mix": "measured", "quantized_by": f"EdgeTailor {cfg.method}",
-                                    "planned_bits_per_weight": round(pred.bits_per_weight, 3),
-                                    "removed_blocks": b.raw["dropped"]},
-                            metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
-                                     **b.agreement},
-                            parent="baseline", steps=list(ctx.applied)))
+    ctx.add_variant(_variant(ctx, cfg, b, name, kv, pred))
+    kv_bytes = kv_element_bytes(kv)
+    # onnxruntime grows its cache as the context fills (measured at the benchmark's tokens): the rest of the app's
+    # context is added; llama.cpp's cache was allocated for all of it
+    growth = kv_cache_bytes(raw["info"], cfg.context - planner.tokens_used, kv_bytes) if cand.onnx else 0
+    memory = bench["peak_rss_os_bytes"] + growth
     if budget.device.id == planner.host.id:
         tps_device = bench["decode_tps"]
     else:       # the device's roofline times the efficiency measured here (at most 1)
         tps_device = device_speed(bench["decode_tps"], raw["info"], budget.device, planner.host, planner.tokens_used,
-                                  KV_TYPES[kv].bytes_per_element)[0]
-    metrics = {**quality, **bench, "predicted_memory_bytes": int(pred.memory_bytes),
+                                  kv_bytes)[0]
+    metrics = {**quality, **bench, "memory_at_context_bytes": memory, "kv_growth_bytes": growth,
+               "predicted_memory_bytes": int(pred.memory_bytes),
                "predicted_kl": round(pred.kl, 6), "predicted_ppl_increase_pct": round(pred.ppl_increase_pct, 3),
                "projected_decode_tps_here": round(pred.decode_tps_here, 2), "projected_device": budget.device.id,
                "projected_decode_tps": round(tps_device, 2),
                "projected_j_per_token": round(budget.device.power_typical_w / tps_device, 6),
-               "predicted_memory_error_pct": round(100 * (pred.memory_bytes / bench["peak_rss_os_bytes"] - 1), 2),
+               "predicted_memory_error_pct": round(100 * (pred.memory_bytes / memory - 1), 2),
                "projected_decode_error_pct": round(100 * (pred.decode_tps_here / bench["decode_tps"] - 1), 2)}
     ctx.add_metrics(name, **metrics)
     ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
-            f"{quality.get('ppl_increase_pct', 0):+.2f}%, peak {bench['peak_rss_os_bytes'] / 1e6:.0f} MB (predicted "
+            f"{quality.get('ppl_increase_pct', 0):+.2f}%, memory {memory / 1e6:.0f} MB (predicted "
             f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
             f"{pred.decode_tps_here:.1f})")
-    point = {"name": name, "label": cand.label, "kv_type": kv, "drop_blocks": cand.drop, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
-             "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": bench["peak_rss_os_bytes"],
+    point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
+             "drop_blocks": cand.drop, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
+             "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": memory,
              "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
-             "memory_bytes": bench["peak_rss_os_bytes"], "decode_tps": tps_device,
+             "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
-             "kv_bytes_per_token": kv_cache_bytes(raw["info"], 1, KV_TYPES[kv].bytes_per_element),
+             "kv_bytes_per_token": kv_cache_bytes(raw["info"], 1, kv_bytes),
              "predicted": pred.to_dict()}
     missed = violations(budget, point)
     ctx.add_metrics(name, budget=budget.to_dict(), fits=not missed,
@@ -370,11 +408,31 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
     return point
 
 
+def _variant(ctx: RunContext, cfg: FitConfig, b: Built, name: str, kv: str, pred) -> Variant:
+    from ..atomic import tree_size
+
+    onnx = b.raw["onnx"]
+    if onnx:
+        options = b.task_options
+        params = {"type": options["type"], **({"block_size": options["block_size"]} if "block_size" in options else {}),
+                  "method": options.get("method", "rtn"), "runtime": "onnxruntime", "kv_type": "float32 (onnxruntime)"}
+    else:
+        params = {"type": "mixed (planned)", "kv_type": kv, "mix": "measured", "method": cfg.method,
+                  "quantized_by": f"EdgeTailor {cfg.method}"}
+    params.update(context=cfg.context, planned_bits_per_weight=round(pred.bits_per_weight, 3),
+                  removed_blocks=b.raw["dropped"])
+    return Variant(name=name, format="onnx" if onnx else "gguf", path=str(b.path.relative_to(ctx.record.folder)),
+                   params=params, metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
+                                           **b.agreement},
+                   parent="baseline", steps=list(ctx.applied))
+
+
 def _refit(planner, measured: list[dict]) -> None:
     """The KV types' own KL (each against the same file at f16), then the scales."""
     by_file: dict[str, dict[str, float]] = {}
     for m in measured:
-        by_file.setdefault(m["label"].rsplit("-kv-", 1)[0], {})[m["kv_type"]] = m["kl"]
+        if not m.get("onnx"):
+            by_file.setdefault(m["label"].rsplit("-kv-", 1)[0], {})[m["kv_type"]] = m["kl"]
     for kls in by_file.values():
         if "f16" in kls:
             for kv, kl in kls.items():
