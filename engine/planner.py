@@ -8,9 +8,12 @@ the least influential blocks removed, at the app's context. Its predictions:
 * **memory** at the app's context: the file's resident bytes (llama.cpp's repacked copies included; every
   ONNX initializer) + the KV cache in its type for the whole context + the runtime's overhead measured on this
   machine (``projection``), times the ratio measured/predicted of the candidates of its format built so far;
-* **decode speed** on the device: the roofline of the bytes and FLOPs per token (``projection.project_decode``),
-  times the ratio measured/projected on this machine of the candidates built so far (per KV type; per ONNX
-  type); energy = typical power / speed (estimated, as everywhere);
+* **decode speed**: here, time per token = the roofline's time for the bytes and FLOPs per token
+  (``projection.project_decode``) + the runtime's own time per token, fitted to the candidates built so far
+  (per KV type, per ONNX type; before any, the latency its one-layer probe measured): on a small model a CPU's
+  time per token barely follows the file's size, which a ratio to the roofline would claim it does; on the
+  device, the device's roofline x the efficiency this gives here (at most 1, as ``projection.device_speed``);
+  energy = typical power / speed (estimated, as everywhere);
 * **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2; a
   scale per ONNX type once one is measured) + the KL the KV-cache type adds (measured on the first built file)
   + the measured KL of the blocks removed; perplexity increase = exp(KL) - 1, the scales refitted on every
@@ -30,6 +33,9 @@ from .architectures import ModelDims
 from .errors import EdgeTailorError
 from .runtimes import KV_TYPES
 
+#: an ONNX file's output head is rounded without error feedback (RTN, or a tied head GPTQ leaves alone): its cost
+#: counts at second-order theory, the rest at the scale fitted to measured points
+HEAD_KL_SCALE = 0.5
 #: quantized KV caches need a head size that their 32-element blocks divide
 KV_BLOCK = 32
 #: an ONNX file's KV cache: onnxruntime's present -> past tensors in the graph's float type (float32)
@@ -91,9 +97,12 @@ class Calibration:
     ppl_scale: float = 1.0                  # log(ppl ratio) ~= KL
     memory_ratio: float = 1.0
     onnx_memory_ratio: float = 1.0
-    speed_ratio: float | None = None        # measured / roofline, all measured points (None: none yet)
-    kv_speed_ratio: dict = field(default_factory=dict)   # per KV-cache type, where measured
-    onnx_speed_ratio: dict = field(default_factory=dict)  # per ONNX type (int4, int8: different kernels)
+    # decode time per token = the roofline's time + the runtime's own time per token, fitted to the measured
+    # points (None: none yet; the probe's latency until then): all llama.cpp ones, per KV-cache type, per ONNX
+    # type (int4 and int8 run different kernels)
+    latency_s: float | None = None
+    kv_latency_s: dict = field(default_factory=dict)
+    onnx_latency_s: dict = field(default_factory=dict)
     kv_kl: dict = field(default_factory=lambda: {"f16": 0.0, ONNX_KV: 0.0})    # KL a KV-cache type adds (measured)
     points: int = 0
 
@@ -106,8 +115,8 @@ class Calibration:
             return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
         def kl_ratios(points):
-            return [(m["kl"] - depth[m.get("drop_blocks", 0)]) / m["cost"] for m in points
-                    if m.get("kl") is not None and m["cost"] > 0]
+            return [(m["kl"] - depth[m.get("drop_blocks", 0)] - HEAD_KL_SCALE * m.get("head_cost", 0.0)) / m["cost"]
+                    for m in points if m.get("kl") is not None and m["cost"] > 0]
 
         kl = gmean(kl_ratios(m for m in measured if not m.get("onnx") and m["kv_type"] == "f16"))
         for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
@@ -121,30 +130,28 @@ class Calibration:
         onnx_mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
                           if m.get("memory_measured") and m.get("onnx")])
         self.onnx_memory_ratio = onnx_mem or self.onnx_memory_ratio
-        speed = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
-                       if m.get("decode_tps_measured") and not m.get("onnx")])
-        for kv in {m["kv_type"] for m in measured if not m.get("onnx")}:
-            r = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
-                       if m["kv_type"] == kv and m.get("decode_tps_measured") and not m.get("onnx")])
-            if r:
-                self.kv_speed_ratio[kv] = r
-        for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
-            r = gmean([m["decode_tps_measured"] / m["decode_tps_raw"] for m in measured
-                       if m.get("onnx", "").split("-")[0] == kind and m.get("decode_tps_measured")])
-            if r:
-                self.onnx_speed_ratio[kind] = r
+        def latency(points):     # the measured time per token beyond the roofline's, on average
+            lat = [max(1 / m["decode_tps_measured"] - 1 / m["decode_tps_raw"], 0.0) for m in points]
+            return sum(lat) / len(lat) if lat else None
+
+        timed = [m for m in measured if m.get("decode_tps_measured")]
+        speed = latency([m for m in timed if not m.get("onnx")])
+        for kv in {m["kv_type"] for m in timed if not m.get("onnx")}:
+            self.kv_latency_s[kv] = latency([m for m in timed if m["kv_type"] == kv and not m.get("onnx")])
+        for kind in {m["onnx"].split("-")[0] for m in timed if m.get("onnx")}:
+            self.onnx_latency_s[kind] = latency([m for m in timed if m.get("onnx", "").split("-")[0] == kind])
         self.kl_scale = kl or self.kl_scale
         self.ppl_scale = ppl or self.ppl_scale
         self.memory_ratio = mem or self.memory_ratio
-        self.speed_ratio = speed or self.speed_ratio
+        self.latency_s = speed if speed is not None else self.latency_s
         self.points = len(measured)
 
-    def speed(self, kv_type: str, onnx: str = "") -> float | None:
-        """Measured decode over the roofline: of a KV type (all llama.cpp types' when it has none), of an ONNX
-        type (int4 and int8 run different kernels: only its own); None before any."""
+    def latency(self, kv_type: str, onnx: str = "") -> float | None:
+        """The runtime's own time per token: of a KV type (all llama.cpp types' when it has none), of an ONNX type
+        (only its own); None before any is measured."""
         if onnx:
-            return self.onnx_speed_ratio.get(onnx.split("-")[0])
-        return self.kv_speed_ratio.get(kv_type, self.speed_ratio)
+            return self.onnx_latency_s.get(onnx.split("-")[0])
+        return self.kv_latency_s.get(kv_type, self.latency_s)
 
     def kl_scale_for(self, onnx: str) -> float:
         return self.onnx_kl_scale.get(onnx.split("-")[0], self.kl_scale) if onnx else self.kl_scale
@@ -259,8 +266,9 @@ class Predictor:
 
     def onnx_weights_info(self, scheme: str, drop: int = 0):
         """``projection.WeightsInfo`` of an ONNX folder of ``scheme`` (what ``onnx_info`` would read from it):
-        every initializer resident, and onnxruntime's pre-packed copy of every quantized matrix (its CPU kernels
-        repack constant weights at load; the originals stay mapped), as ``onnx_info`` counts them; a float32
+        every initializer resident, with what onnxruntime's CPU kernels add when they pre-pack MatMulNBits at load
+        (a float per block beside the scales; a tied head's original kept for the embedding's lookups), as
+        ``onnx_info`` counts them; a float32
         embedding table (untied, or kept beside an int8 head) read one row per token; the norms and the rotary
         cos/sin tables (one row per position of the model's context) in float32."""
         from .projection import WeightsInfo
@@ -274,7 +282,14 @@ class Predictor:
         total = sum(b for b, _ in self.prices_for(drop).onnx[scheme].values()) + norms
         table = 4 * emb.shape[0] * emb.shape[1] if emb is not None and (not tied or scheme == "int8") else 0
         row = table // max(n_vocab, 1)
-        packed = total - norms - table
+        head = "token_embd.weight" if tied else "output.weight"
+        prices = self.prices_for(drop).onnx[scheme]
+        packed = 0
+        if scheme.startswith("int4"):
+            block = int(scheme.split("-")[1])
+            packed = sum(4 * s.shape[0] * -(-s.shape[1] // block) for n, s in sources.items()
+                         if n != "token_embd.weight" or tied)
+            packed += prices[head][0] if tied and head in prices else 0
         matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
         return WeightsInfo("onnx", total + packed, total - table + row, matmul, dims.layers - drop, dims.heads,
                            dims.kv_heads, dims.head_dim, n_vocab, repacked_bytes=packed)
@@ -284,14 +299,15 @@ class Predictor:
         if cand.onnx:
             prices = self.prices_for(cand.drop).onnx[cand.onnx]
             info = self.onnx_weights_info(cand.onnx, cand.drop)
-            plan = {"types": {}, "tensor_bytes": cand.tensor_bytes, "file_bytes": info.resident_bytes,
-                    "cost": sum(c for _, c in prices.values()), "onnx": cand.onnx}
+            head = prices.get("output.weight", prices.get("token_embd.weight", (0, 0.0)))[1]
+            plan = {"types": {}, "tensor_bytes": cand.tensor_bytes, "file_bytes": info.resident_bytes - info.repacked_bytes,
+                    "cost": sum(c for _, c in prices.values()) - head, "head_cost": head, "onnx": cand.onnx}
             overhead = self.onnx_overhead
         else:
             types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop)
             info = self.weights_info(types, cand.drop)
             plan = {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
-                    "cost": cost, "onnx": ""}
+                    "cost": cost, "head_cost": 0.0, "onnx": ""}
             overhead = self.overhead or {}
         return {**plan, "drop": cand.drop, "dropped": self.dropped(cand.drop), "info": info,
                 **self._runtime(info, kv_element_bytes(cand.kv_type), overhead)}
@@ -302,19 +318,21 @@ class Predictor:
         from .projection import kv_cache_bytes, project_decode
 
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv_bytes) + overhead.get("overhead_bytes", 0)
-        # speeds are rooflines (bandwidth and FLOPs) here and on the device; the runtime's efficiency against its
-        # roofline is one ratio, from its measured per-token latency until candidates are measured
+        # speeds are rooflines (bandwidth and FLOPs) here and on the device; here a token also pays the runtime's
+        # own latency (measured on probes), and the roofline's time is scaled to the candidates measured
         here = project_decode(self.host, info, self.tokens_used, kv_bytes)
         there = project_decode(self.device, info, self.tokens_used, kv_bytes)
-        efficiency = 1.0 / (1.0 + overhead.get("token_latency_s", 0.0) * here["decode_tps"])
-        return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"],
-                "decode_tps_device_raw": there["decode_tps"], "efficiency": efficiency}
+        return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"], "latency_s": overhead.get("token_latency_s", 0.0),
+                "decode_tps_device_raw": there["decode_tps"]}
 
     def predict(self, cand: Candidate) -> Prediction:
         r = self.raw(cand)
         c = self.calibration
-        kl = c.kl_scale_for(cand.onnx) * r["cost"] + c.kv_kl.get(cand.kv_type, 0.0) + self.depth_kl[cand.drop]
-        ratio = c.speed(cand.kv_type, cand.onnx) or r["efficiency"]
+        kl = (c.kl_scale_for(cand.onnx) * r["cost"] + HEAD_KL_SCALE * r["head_cost"] + c.kv_kl.get(cand.kv_type, 0.0)
+              + self.depth_kl[cand.drop])
+        latency = c.latency(cand.kv_type, cand.onnx)
+        here = 1.0 / (1.0 / r["decode_tps_raw"] + (r["latency_s"] if latency is None else latency))
+        ratio = here / r["decode_tps_raw"]
         tps = min(ratio, 1.0) * r["decode_tps_device_raw"]        # as projection.device_speed
         memory = (c.onnx_memory_ratio if cand.onnx else c.memory_ratio) * r["memory_raw"]
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,

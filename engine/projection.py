@@ -146,9 +146,10 @@ def _norm_params(cfg: dict) -> int:
 
 
 def onnx_info(folder: str | Path) -> WeightsInfo:
-    """An exported ONNX folder: its initializers' bytes (onnxruntime loads them all) and the pre-packed copies its
-    CPU kernels make of quantized matrices (MatMulNBits, MatMulInteger: the originals stay mapped), the float
-    embedding table read one row per token, and the shapes from ``genai_config.json``."""
+    """An exported ONNX folder: its initializers' bytes (onnxruntime loads them all) and what its CPU kernels add
+    when they pre-pack MatMulNBits (MLAS keeps a float per block beside the scales; a head that a
+    GatherBlockQuantized also reads keeps its original), the float embedding table read one row per token, and
+    the shapes from ``genai_config.json``."""
     import onnx
 
     folder = Path(folder)
@@ -164,11 +165,13 @@ def onnx_info(folder: str | Path) -> WeightsInfo:
         elif n.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in n.attribute}
             matmul += attrs["K"] * attrs["N"]
-            packed += sum(size.get(i, 0) for i in n.input[1:])
+            packed += size.get(n.input[2], 0)                       # one float per block: the scales' size
         elif n.op_type in ("MatMul", "MatMulInteger") and len(n.input) > 1 and n.input[1] in size:
             dims = next(i.dims for i in proto.graph.initializer if i.name == n.input[1])
             matmul += math.prod(dims)
-            packed += size[n.input[1]] + sum(size.get(i, 0) for i in n.input[2:]) if n.op_type == "MatMulInteger" else 0
+    if any(n.op_type == "GatherBlockQuantized" for n in proto.graph.node):      # the head's original stays too
+        head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+        packed += size[head.input[1]] + size[head.input[2]]
     dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     vocab = json.loads((folder / "genai_config.json").read_text())["model"].get("vocab_size", 0)
     row = table // max(int(vocab), 1) if vocab else 0

@@ -136,7 +136,8 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     c.refit([{"kv_type": "f16", "cost": 0.01, "kl": 0.02, "ppl_increase_pct": 2.0, "memory_raw": 100.0,
               "memory_measured": 110.0, "decode_tps_raw": 50.0, "decode_tps_measured": 25.0}])
     assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
-    assert c.speed("f16") == pytest.approx(0.5) and c.speed("q4_0") == pytest.approx(0.5)
+    # decode time = the roofline's time + the runtime's own: 1/25 s measured, 1/50 s roofline -> 0.02 s
+    assert c.latency("f16") == pytest.approx(0.02) and c.latency("q4_0") == pytest.approx(0.02)
     assert c.points == 1
     # ONNX points scale ONNX predictions only, per type (int4 and int8 run different kernels)
     c.refit([{"kv_type": "f16", "cost": 0.01, "kl": 0.02, "memory_raw": 100.0, "memory_measured": 110.0,
@@ -146,8 +147,8 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
     assert c.kl_scale_for("int8") == pytest.approx(4.0) and c.kl_scale_for("int4-32") == pytest.approx(2.0)
     assert c.onnx_memory_ratio == pytest.approx(0.9)
-    assert c.speed("f32", "int8") == pytest.approx(0.25) and c.speed("f32", "int4-32") is None
-    assert c.speed("f16") == pytest.approx(0.5)
+    assert c.latency("f32", "int8") == pytest.approx(0.1 - 0.025) and c.latency("f32", "int4-32") is None
+    assert c.latency("f16") == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -6,8 +6,9 @@ types; the runtime's overhead is measured once at the app's context. ``engine.pl
 speed, energy and KL for any (file size, KV type) or ONNX scheme, optuna searches that space under the budget,
 and the best feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ; ONNX int4 GPTQ onto
 MatMulNBits, int8 by onnxruntime), checked against the source, evaluated (perplexity, KL, top-1 in llama.cpp with
-their KV type, or onnxruntime) and benchmarked in a fresh process at the app's context. Each round refits the predictors on what was measured and searches again. The recommendation
-comes from the measured candidates only; ``plan.json`` holds every predicted and measured point.
+their KV type, or onnxruntime) and benchmarked in a fresh process at the app's context. Each round refits the
+predictors on what was measured and searches again. The recommendation comes from the measured candidates only;
+``plan.json`` holds every predicted and measured point.
 """
 from __future__ import annotations
 
@@ -59,12 +60,10 @@ class FitConfig:
             raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
         if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
             raise ValueError(f"kv_types must be among {', '.join(KV_TYPES)}")
-        from ...exporters.onnx_plan import SCHEMES
-
         if not self.formats or any(f not in ("gguf", "onnx") for f in self.formats):
             raise ValueError("formats must be among gguf, onnx")
-        if "onnx" in self.formats and (not self.onnx_schemes or any(s not in SCHEMES for s in self.onnx_schemes)):
-            raise ValueError(f"onnx_schemes must be among {', '.join(SCHEMES)}")
+        if "onnx" in self.formats and (not self.onnx_schemes or any(s not in ONNX_SCHEMES for s in self.onnx_schemes)):
+            raise ValueError(f"onnx_schemes must be among {', '.join(ONNX_SCHEMES)}")
         from ..plan_tasks import EXECUTORS
 
         if self.executor not in EXECUTORS:
@@ -239,7 +238,6 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
 def _onnx_schemes(ctx: RunContext, cfg: FitConfig, model) -> list:
     """The ONNX schemes to price: those asked, where EdgeTailor's own ONNX graph covers the family (the builder's
     families get round-to-nearest only, from a torch load of the whole model)."""
-    from ...exporters.onnx_plan import SCHEMES
     from ..architectures import arch_spec
 
     if "onnx" not in cfg.formats:
@@ -249,7 +247,7 @@ def _onnx_schemes(ctx: RunContext, cfg: FitConfig, model) -> list:
         ctx.log(f"ONNX files left out of the plan: EdgeTailor's ONNX graph does not cover '{model.config.model_type}' "
                 "models yet", level="warning")
         return []
-    return [SCHEMES[n] for n in cfg.onnx_schemes]
+    return [ONNX_SCHEMES[n] for n in cfg.onnx_schemes]
 
 
 #: calibration sequences the depth measurements use (block influence; the KL of removing blocks)
@@ -347,8 +345,8 @@ def _keep(ctx: RunContext, task, raw: dict, res: dict) -> Built:
     """A built file into the run's record (its task wrote it atomically into the artifacts folder)."""
     path = Path(res["path"])
     ctx.emit("artifact", **ctx.record.add_artifact(path))
-    ctx.log(f"{path.name}: {raw['file_bytes'] / 1e6:.1f} MB {'predicted' if raw['onnx'] else 'planned'}, built and checked in {res['seconds']:.0f} s "
-            f"(KL to the source {res['agreement']['verify_kl']:.2g} on the check windows)")
+    ctx.log(f"{path.name}: {raw['file_bytes'] / 1e6:.1f} MB {'predicted' if raw['onnx'] else 'planned'}, built and "
+            f"checked in {res['seconds']:.0f} s (KL to the source {res['agreement']['verify_kl']:.2g} on the check windows)")
     options = {k: v for k, v in task.export_options().items() if k != "calibration_text"} if task.format == "onnx" else {}
     return Built(task.name, path, raw, res["seconds"], res["agreement"], options)
 
