@@ -80,7 +80,8 @@ def load_verification(path: str) -> tuple[list[list[int]], list]:
 
 def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] | None = None,
                     cancelled: Callable[[], bool] | None = None) -> dict:
-    """Write the task's file, check it against the source, evaluate and benchmark it per KV type."""
+    """Write the task's file, check it against the source, evaluate and benchmark it per KV type. A file that
+    fails its check is not kept: the result says why (``rejected``), and the plan goes on without it."""
     import torch
 
     from ..exporters import get_exporter
@@ -88,7 +89,7 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
     from .lazy import LazyModel
     from .modeling import load_tokenizer
     from .sources import resolve
-    from .verification import export_checked, walked_logprobs
+    from .verification import WrongFileError, export_checked, walked_logprobs
 
     say = progress or (lambda f, m: None)
     source = resolve(task.source, trust_remote_code=task.trust_remote_code)
@@ -101,10 +102,13 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
         windows, logprobs = load_verification(task.verify)
         return windows, walked_logprobs(model, windows, cancelled) if task.drop_blocks else logprobs
 
-    with atomic_path(Path(task.out)) as tmp:
-        _, seconds, _, agreement = export_checked(
-            get_exporter(task.format), model, load_tokenizer(source), source.path, tmp, task.export_options(),
-            reference, threads=task.threads, progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
+    try:
+        with atomic_path(Path(task.out)) as tmp:
+            _, seconds, _, agreement = export_checked(
+                get_exporter(task.format), model, load_tokenizer(source), source.path, tmp, task.export_options(),
+                reference, threads=task.threads, progress=lambda f, m: say(0.6 * f, m), cancelled=cancelled)
+    except WrongFileError as exc:
+        return {"name": task.name, "path": task.out, "rejected": exc.problem, "measured": {}}
     out = {"name": task.name, "path": task.out, "seconds": seconds, "agreement": agreement, "measured": {}}
     for j, kv in enumerate(task.kv_types):
         say(0.6 + 0.4 * j / len(task.kv_types), f"{task.name}: evaluating and benchmarking with a {kv} KV cache")

@@ -170,6 +170,7 @@ class Predictor:
         self.params, self.device, self.host = params, device, host
         self.context, self.tokens_used, self.overhead = context, tokens_used, overhead
         self.onnx_overhead = onnx_overhead or {}
+        self.excluded: set[str] = set()
         self.drop_order = drop_order or []          # blocks, the least influential first
         self.depth_kl = [0.0, *(depth_kl or [])]    # measured KL of removing the first k of them
         self.calibration = Calibration()
@@ -206,7 +207,11 @@ class Predictor:
 
     @property
     def onnx_schemes(self) -> list[str]:
-        return list(self.prices.onnx)
+        return [s for s in self.prices.onnx if s not in self.excluded]
+
+    def exclude_onnx(self, scheme: str) -> None:
+        """Leave a scheme out of later searches (its file failed the check against the source)."""
+        self.excluded.add(scheme)
 
     def onnx_candidate(self, scheme: str, drop: int = 0) -> Candidate:
         """The ONNX folder of one scheme (its size is the scheme's): always run with onnxruntime's float32 cache."""
@@ -267,23 +272,22 @@ class Predictor:
     def onnx_weights_info(self, scheme: str, drop: int = 0):
         """``projection.WeightsInfo`` of an ONNX folder of ``scheme`` (what ``onnx_info`` would read from it):
         every initializer resident, with what onnxruntime's CPU kernels add when they pre-pack MatMulNBits at load
-        (a float per block beside the scales; a tied head's original kept for the embedding's lookups), as
-        ``onnx_info`` counts them; a float32
+        (a float per block beside the scales; a tied head's original kept for the embedding's lookups); a float32
         embedding table (untied, or kept beside an int8 head) read one row per token; the norms and the rotary
         cos/sin tables (one row per position of the model's context) in float32."""
         from .projection import WeightsInfo
 
         sources = self.kept(drop)
+        prices = self.prices_for(drop).onnx[scheme]
         dims = ModelDims.of(self.config)
         emb = sources.get("token_embd.weight")
         n_vocab = emb.shape[0] if emb is not None else 0
         tied = "output.weight" not in sources
         norms = 4 * dims.hidden * (2 * (dims.layers - drop) + 1) + 4 * dims.context * dims.head_dim
-        total = sum(b for b, _ in self.prices_for(drop).onnx[scheme].values()) + norms
+        total = sum(b for b, _ in prices.values()) + norms
         table = 4 * emb.shape[0] * emb.shape[1] if emb is not None and (not tied or scheme == "int8") else 0
         row = table // max(n_vocab, 1)
         head = "token_embd.weight" if tied else "output.weight"
-        prices = self.prices_for(drop).onnx[scheme]
         packed = 0
         if scheme.startswith("int4"):
             block = int(scheme.split("-")[1])
@@ -319,7 +323,7 @@ class Predictor:
 
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv_bytes) + overhead.get("overhead_bytes", 0)
         # speeds are rooflines (bandwidth and FLOPs) here and on the device; here a token also pays the runtime's
-        # own latency (measured on probes), and the roofline's time is scaled to the candidates measured
+        # own time (its probe's latency; ``predict`` takes the one fitted to measured candidates once there is one)
         here = project_decode(self.host, info, self.tokens_used, kv_bytes)
         there = project_decode(self.device, info, self.tokens_used, kv_bytes)
         return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"], "latency_s": overhead.get("token_latency_s", 0.0),

@@ -245,6 +245,29 @@ def test_cli_fit_for_an_onnxruntime_app_recommends_an_onnx_folder_measured_at_th
     assert abs(m["predicted_memory_error_pct"]) < 10
 
 
+def test_a_candidate_that_fails_its_check_is_left_out_and_the_plan_goes_on(kv_model, monkeypatch):
+    """An ONNX int8 folder whose activations' quantization costs more than its check allows (forced here with a
+    bound no file meets) is not kept, its scheme leaves the search, and the plan recommends among the others."""
+    from edgetailor.engine import JobSpec, run_job
+    from edgetailor.engine import verification
+
+    strict = verification.Tolerance(max_kl=1e-12, min_top1=1.0)
+    real = verification.tolerance_for
+    monkeypatch.setattr(verification, "tolerance_for",
+                        lambda fmt, qtype: strict if (fmt, qtype) == ("onnx", "int8") else real(fmt, qtype))
+    params = {**FIT, "formats": ["onnx"], "onnx_schemes": ["int8", "int4-32"], "max_drop_blocks": 0,
+              "candidates": 2, "rounds": 3}
+    rec = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": params}]}, source=str(kv_model),
+                          options={"threads": 2, "eval_windows": 2, "eval_ctx": 128}))
+    assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
+    plan = json.loads((rec.artifacts_dir / "plan.json").read_text())
+    assert [r["onnx"] for r in plan["rejected"]] == ["int8"] and "KL" in plan["rejected"][0]["problem"]
+    assert {m["onnx"] for m in plan["measured"]} == {"int4-32"}
+    assert all(p["onnx"] != "int8" for p in plan["rounds"][-1]["points"])     # later searches leave it out
+    assert not [p for p in rec.artifacts_dir.iterdir() if "int8" in p.name]    # nothing of it kept
+    assert plan["recommendation"]["variant"].startswith("fit-onnx-int4-32")
+
+
 def test_cli_fit_when_nothing_fits_says_which_limit_to_relax(kv_model, tmp_path):
     res = fit_cli(kv_model, tmp_path, "2MB")
     assert res.returncode == 3, res.stderr[-3000:]

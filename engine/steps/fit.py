@@ -140,6 +140,7 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
                 "not a multiple of 32", level="warning")
     shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx), _save_verification(ctx))
     built: list[Built] = []
+    rejected: list[dict] = []          # files that failed their check against the source (not kept)
     measured: list[dict] = []
     history = []
     per_round = max(1, -(-cfg.candidates // cfg.rounds))
@@ -156,7 +157,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         # a KV type whose own KL is not measured yet is not free: prefer the measured ones while any fits
         known = [p for p in points if p.candidate.kv_type in planner.calibration.kv_kl]
         pool = known if any(p.feasible for p in known) else points
-        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"]) for b in built])
+        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"]) for b in built]
+                    + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"]) for r in rejected])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = [], []
@@ -166,10 +168,13 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
                 and not any(not b.raw["onnx"] for b in built)
             tasks.append(_task(ctx, cfg, planner, shared, raws[-1], kv_types if first else [p.candidate.kv_type],
                                {b.name for b in built} | {t.name for t in tasks}))
-        lo, hi = 0.2 + 0.75 * len(built) / cfg.candidates, 0.2 + 0.75 * (len(built) + len(tasks)) / cfg.candidates
+        lo, hi = (0.2 + 0.75 * min(1.0, k / cfg.candidates) for k in (len(built), len(built) + len(tasks)))
         results = run_tasks(tasks, cfg.executor, cfg.ray_address, cfg.workers,
                             progress=lambda f, m: ctx.progress(lo + (hi - lo) * f, m), cancelled=ctx.cancel.is_set)
         for task, raw, res in zip(tasks, raws, results):
+            if res.get("rejected"):
+                rejected.append(_rejected(ctx, planner, raw, res))
+                continue
             b = _keep(ctx, task, raw, res)
             built.append(b)
             for kv, found in res["measured"].items():
@@ -178,7 +183,7 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         if len(built) >= cfg.candidates:
             break
     rec = recommend(measured, budget, cfg.context, points)
-    _record(ctx, cfg, planner, budget, history, measured, rec)
+    _record(ctx, cfg, planner, budget, history, measured, rec, rejected)
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
 
 
@@ -425,6 +430,16 @@ def _variant(ctx: RunContext, cfg: FitConfig, b: Built, name: str, kv: str, pred
                    parent="baseline", steps=list(ctx.applied))
 
 
+def _rejected(ctx: RunContext, planner, raw: dict, res: dict) -> dict:
+    """A candidate whose file failed its check against the source: left out of the plan, and, for an ONNX scheme,
+    the scheme with it (its loss is not what the weights' prices say: int8's activations are quantized on the fly)."""
+    ctx.log(f"{res['name']} left out: {res['rejected']}", level="warning")
+    if raw["onnx"]:
+        planner.exclude_onnx(raw["onnx"])
+    return {"name": res["name"], "onnx": raw["onnx"], "drop_blocks": raw["drop"], "tensor_bytes": raw["tensor_bytes"],
+            "problem": res["rejected"]}
+
+
 def _refit(planner, measured: list[dict]) -> None:
     """The KV types' own KL (each against the same file at f16), then the scales."""
     by_file: dict[str, dict[str, float]] = {}
@@ -438,11 +453,11 @@ def _refit(planner, measured: list[dict]) -> None:
     planner.calibration.refit(measured, planner.depth_kl)
 
 
-def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec) -> None:
+def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejected: list[dict]) -> None:
     from .. import atomic
 
     plan = {"budget": budget.to_dict(), "context": cfg.context, "device": budget.device.to_dict(),
-            "kv_types": cfg.kv_types, "rounds": history, "measured": measured,
+            "kv_types": cfg.kv_types, "rounds": history, "measured": measured, "rejected": rejected,
             "calibration": planner.calibration.to_dict(), "recommendation": rec,
             "method": "predicted: memory (weights + KV + measured overhead), decode (roofline), KL (second-order "
                       "cost of the planned types + the KV type's measured KL), each scaled to the measured points; "
