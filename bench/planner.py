@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -123,8 +124,8 @@ def make_budget(spec: dict, lad: dict, builder: dict | None = None) -> dict:
 
     dev = get_device(spec["device"])
     params = {"device": spec["device"], **({"formats": spec["formats"]} if "formats" in spec else {})}
-    if spec.get("memory_of_builder"):
-        params["max_memory_mb"] = round(builder["memory_bytes"] / 1e6, 1)
+    if spec.get("memory_of_builder"):         # rounded up: the builder's folder is within its own limit
+        params["max_memory_mb"] = math.ceil(builder["memory_bytes"] / 1e5) / 10
     if "memory_between" in spec:
         a, b = (lad["types"][t]["memory_bytes"] for t in spec["memory_between"])
         params["max_memory_mb"] = round((a + b) / 2 / 1e6, 1)
@@ -251,14 +252,20 @@ def markdown(results: dict) -> str:
                 out.append(f"| {r['budget']} ({limits}) | EdgeTailor: nothing fits — {r['recommendation']['reason']} | | | | | | | "
                            f"{r['planner_seconds']:.0f} | |")
             onnx = r["params"].get("formats") == ["onnx"]
-            if l:
+            if onnx and not l:         # the builder's folder, shown with the limit it misses
+                b = s["builder_int4"]
+                over = (b["memory_bytes"] - r["params"]["max_memory_mb"] * 1e6) / 1e3
+                out.append(f"| | onnxruntime-genai builder int4 (RTN, block 32): {over:.0f} kB past the limit (its own "
+                           f"memory rounded down to 0.1 MB) | {b['size_bytes'] / 1e6:.1f} | f32 | "
+                           f"{b['memory_bytes'] / 1e6:.0f} | {100 * (b['perplexity'] / base - 1):+.2f}% | {b['kl']:.5f} | "
+                           f"{b['kl_p999']:.4f} | | |")
+            elif l:
                 what = l["type"] + " (RTN, block 32)" if onnx else f"llama.cpp+imatrix {l['type']}"
                 out.append(f"| | {what} | {l['size_bytes'] / 1e6:.1f} | {'f32' if onnx else 'f16'} | "
                            f"{l['memory_bytes'] / 1e6:.0f} | {100 * (l['perplexity'] / base - 1):+.2f}% | {l['kl']:.5f} | "
                            f"{l['kl_p999']:.4f} | | |")
             else:
-                out.append("| | " + ("the builder's int4" if onnx else "llama.cpp+imatrix: no ladder type")
-                           + " meets the budget | | | | | | | | |")
+                out.append("| | llama.cpp+imatrix: no ladder type meets the budget | | | | | | | | |")
         out += ["", "Predictions for every built candidate (after the predictors were refitted on the points measured "
                 "before it was chosen, the first of each run on theory and probes alone):", "",
                 "| budget | candidate | memory MB measured / predicted | error | decode here tok/s measured / predicted | error | KL measured / predicted |",
@@ -281,9 +288,15 @@ def main() -> None:
     ap.add_argument("--models", default="dithered,demo")
     ap.add_argument("--demo-budgets", type=int, default=1, help="budgets run on the demo model (first N)")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-planner")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
     args = ap.parse_args()
     from edgetailor.engine import resolve
     from machine import machine, write_results
+
+    if args.markdown_only:
+        results = json.loads((HERE / "results" / "planner.json").read_text())
+        write_results(HERE / "results" / "planner", results, markdown(results))
+        return
 
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
