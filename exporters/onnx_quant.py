@@ -196,8 +196,11 @@ def matmul_nbits_node(node, q_name: str, s_name: str, shape, block: int, accurac
 
 
 def CalibrationReader(graph: DecoderGraph, tokenizer, text: str, windows: int, ctx: int):
-    """Calibration windows (each with an empty KV cache) for onnxruntime's GPTQ quantizer."""
+    """Calibration windows (each with an empty KV cache) for onnxruntime's GPTQ quantizer, at most as long as the
+    graph's rotary tables (the model's context)."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    ctx = min(ctx, graph.context)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

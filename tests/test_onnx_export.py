@@ -125,6 +125,18 @@ def test_an_8_bit_head_is_written_read_by_the_tied_embedding_and_lowers_int4s_lo
     assert kls[8] < kls[4]
 
 
+def test_gptq_calibration_windows_longer_than_the_models_context_are_cut_to_it(stories_dir, tmp_path):
+    """A calibration length past the model's positions (the planner passes its own sequence length) is cut to the
+    graph's rotary tables instead of failing in onnxruntime."""
+    import json
+
+    context = json.loads((stories_dir / "config.json").read_text())["max_position_embeddings"]
+    text = " ".join(PROMPTS * 200)
+    _lm, res, checked = _export(stories_dir, tmp_path / "g", type="int4", method="gptq", calibration_text=text,
+                                calibration_ctx=4 * context, calibration_windows=1)
+    assert res.info["method"] == "gptq" and checked
+
+
 def _matmul_model(K: int, N: int, B=None, packed=None, scales=None, block: int = 32):
     """A one-op graph: y = x @ B (MatMul) or its MatMulNBits form (packed codes and scales)."""
     from onnx import TensorProto, helper, numpy_helper
