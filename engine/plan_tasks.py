@@ -2,8 +2,8 @@
 processes, or as Ray tasks on a cluster, with the same results.
 
 A ``CandidateTask`` carries everything its file needs as plain data (the source's path, the planned GGUF types
-or the ONNX scheme, the calibration token ids, the paths of the verification and evaluation references in the run's scratch folder,
-the benchmark setting); ``build_candidate`` writes the file atomically, checks it against the source, and
+or the ONNX scheme, the calibration token ids, the paths of the verification and evaluation references in the
+run's scratch folder, the benchmark setting); ``build_candidate`` writes the file atomically, checks it against the source, and
 evaluates and benchmarks it with each KV-cache type asked. Ray workers must see the same paths (a shared
 filesystem, or a single-machine cluster), as Ray's own docs advise for data.
 

@@ -275,6 +275,7 @@ class Predictor:
         (a float per block beside the scales; a tied head's original kept for the embedding's lookups); a float32
         embedding table (untied, or kept beside an int8 head) read one row per token; the norms and the rotary
         cos/sin tables (one row per position of the model's context) in float32."""
+        from ..exporters.onnx_plan import SCHEMES as ONNX_SCHEMES
         from .projection import WeightsInfo
 
         sources = self.kept(drop)
@@ -289,8 +290,8 @@ class Predictor:
         row = table // max(n_vocab, 1)
         head = "token_embd.weight" if tied else "output.weight"
         packed = 0
-        if scheme.startswith("int4"):
-            block = int(scheme.split("-")[1])
+        block = ONNX_SCHEMES[scheme].block_size
+        if block:                          # int4 (MatMulNBits); int8's MatMulInteger packing is not modelled
             packed = sum(4 * s.shape[0] * -(-s.shape[1] // block) for n, s in sources.items()
                          if n != "token_embd.weight" or tied)
             packed += prices[head][0] if tied and head in prices else 0

@@ -91,19 +91,13 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
     with tempfile.TemporaryDirectory(prefix=temp_prefix("overhead")) as tmp:
         folder = make_overhead_probe(source_folder, Path(tmp) / "probe")
         path = folder
-        if fmt == "gguf":
+        if fmt in ("gguf", "onnx"):          # the probe in the runtime's format, full precision
             from ..exporters import get_exporter
 
             loaded = load_model(resolve(str(folder)))
-            path = Path(tmp) / "probe.gguf"
-            get_exporter("gguf").export(loaded.model, loaded.tokenizer, folder, path, {"type": "F32"})
-            del loaded
-        elif fmt == "onnx":
-            from ..exporters import get_exporter
-
-            loaded = load_model(resolve(str(folder)))
-            path = Path(tmp) / "probe-onnx"
-            get_exporter("onnx").export(loaded.model, loaded.tokenizer, folder, path, {"type": "fp32"})
+            path = Path(tmp) / ("probe.gguf" if fmt == "gguf" else "probe-onnx")
+            get_exporter(fmt).export(loaded.model, loaded.tokenizer, folder, path,
+                                     {"type": "F32" if fmt == "gguf" else "fp32"})
             del loaded
         res = benchmark_variant(fmt, path, prompt, gen_tokens=gen_tokens, repeats=3, warmup=1, threads=threads,
                                 n_ctx=n_ctx, dtype=dtype, meter=meter)

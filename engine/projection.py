@@ -154,6 +154,7 @@ def onnx_info(folder: str | Path) -> WeightsInfo:
 
     folder = Path(folder)
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in proto.graph.initializer}
     size = {i.name: math.prod(i.dims) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
             for i in proto.graph.initializer}
     total = sum(size.values())
@@ -167,13 +168,12 @@ def onnx_info(folder: str | Path) -> WeightsInfo:
             matmul += attrs["K"] * attrs["N"]
             packed += size.get(n.input[2], 0)                       # one float per block: the scales' size
         elif n.op_type in ("MatMul", "MatMulInteger") and len(n.input) > 1 and n.input[1] in size:
-            dims = next(i.dims for i in proto.graph.initializer if i.name == n.input[1])
-            matmul += math.prod(dims)
+            matmul += math.prod(dims[n.input[1]])
     if any(n.op_type == "GatherBlockQuantized" for n in proto.graph.node):      # the head's original stays too
         head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
         packed += size[head.input[1]] + size[head.input[2]]
-    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    vocab = json.loads((folder / "genai_config.json").read_text())["model"].get("vocab_size", 0)
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    dec, vocab = genai["decoder"], genai.get("vocab_size", 0)
     row = table // max(int(vocab), 1) if vocab else 0
     return WeightsInfo("onnx", total + packed, total - table + row, matmul, int(dec["num_hidden_layers"]),
                        int(dec["num_attention_heads"]), int(dec["num_key_value_heads"]), int(dec["head_size"]),

@@ -294,6 +294,10 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     items = plots.speed.getPlotItem().listDataItems()
     drawn = sum(len(i.getData()[0]) for i in items)
     assert drawn == len([p for p in st.plan["predicted"] if p["kl"] > 0]) + len(st.plan["measured"])
+    # ONNX folders are squares, GGUF files circles, on the planes as in the search
+    marks = [m for i in items for m in i.opts["symbol"]]
+    assert marks.count("s") == len([p for p in st.plan["predicted"] if p["kl"] > 0 and p["onnx"]]) + len(
+        [m for m in st.plan["measured"] if m["onnx"]]) > 0 and "o" in marks
     panel = ResultsPanel()
     panel.set_variants(st.variant_rows(), None)
     panel.set_recommendation(st.recommendation)
