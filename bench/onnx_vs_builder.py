@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""ONNX int4: EdgeTailor's exporter against onnxruntime-genai's model builder, in one run, on one model.
+"""ONNX int4 and int8: EdgeTailor's exporter against onnxruntime-genai's model builder, in one run, on one model.
 
-  builder  python -m onnxruntime_genai.models.builder -i <HF folder> -o <out> -p int4 -e cpu
-  ours       edgetailor.exporters.onnx, type int4, rtn, block 32 (the builder's settings, our graph writer)
-  ours-gptq  the same, GPTQ calibrated on EdgeTailor's bundled calibration text (not wikitext), symmetric
+  builder-T    python -m onnxruntime_genai.models.builder -i <HF folder> -o <out> -p T -e cpu   (T: int4, int8)
+  ours-T       edgetailor.exporters.onnx, type T, rtn, block 32 (the builder's settings, our graph writer), from
+               the model's files read lazily, as the export step writes an untouched source
+  ours-T-gptq  the same, GPTQ calibrated on EdgeTailor's bundled calibration text (not wikitext), symmetric
 
 Each export runs in its own subprocess (model loading included), timed, its peak memory sampled with psutil
 (the whole process tree, every 50 ms). Both folders are then scored the same way:
@@ -12,7 +13,7 @@ Each export runs in its own subprocess (model loading included), timed, its peak
   decode tokens/s: onnxruntime-genai for both (greedy, same prompt, same thread count), median of R runs,
       the two folders alternating; prefill excluded (timed apart).
 
-Usage: python bench/onnx_vs_builder.py [--model demo] [--windows 20] [--repeats 5] [--threads 2]
+Usage: python bench/onnx_vs_builder.py [--model demo] [--types int4,int8] [--windows 20] [--repeats 5] [--threads 2]
 Writes bench/results/onnx_vs_builder.{json,md}.
 """
 from __future__ import annotations
@@ -63,23 +64,29 @@ def run_measured(cmd: list[str]) -> dict:
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 1e6, 1)}
 
 
-def export_ours(model_spec: str, out: str, method: str, block_size: int, threads: int) -> None:
-    """Runs in the subprocess: load the model and export it as EdgeTailor's export step does."""
+def export_ours(model_spec: str, out: str, qtype: str, method: str, block_size: int, threads: int) -> None:
+    """Runs in the subprocess: export the model as EdgeTailor's export step does an untouched source (its files
+    read lazily when it has safetensors, else loaded)."""
     import torch
 
     torch.set_num_threads(threads)
     from edgetailor.engine import resolve
-    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.lazy import LazyModel, can_read_lazily
+    from edgetailor.engine.modeling import load_model, load_tokenizer
     from edgetailor.engine.text import read_text
     from edgetailor.exporters import get_exporter
 
     src = resolve(model_spec)
-    lm = load_model(src)
-    opts = {"type": "int4", "method": method, "block_size": block_size, "threads": threads}
+    if can_read_lazily(src.path):
+        model, tokenizer = LazyModel(src.path), load_tokenizer(src)
+    else:
+        lm = load_model(src)
+        model, tokenizer = lm.model, lm.tokenizer
+    opts = {"type": qtype, "method": method, "block_size": block_size, "threads": threads}
     if method == "gptq":
         opts["calibration_text"] = read_text(None)
     Path(out).mkdir(parents=True)
-    get_exporter("onnx").export(lm.model, lm.tokenizer, src.path, Path(out), opts)
+    get_exporter("onnx").export(model, tokenizer, src.path, Path(out), opts)
 
 
 def folder_mb(folder: Path) -> float:
@@ -110,7 +117,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--methods", default="rtn,gptq", help="our int4 methods, one row each")
+    ap.add_argument("--types", default="int4,int8", help="precisions, each: the builder and our methods")
+    ap.add_argument("--methods", default="rtn,gptq", help="our methods, one row each per type")
+    ap.add_argument("--type", default="int4", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="rtn", help=argparse.SUPPRESS)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--text", default=str(HERE.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -118,7 +127,7 @@ def main() -> int:
     ap.add_argument("--export-ours", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.export_ours:
-        export_ours(args.model, args.export_ours, args.method, args.block_size, args.threads)
+        export_ours(args.model, args.export_ours, args.type, args.method, args.block_size, args.threads)
         return 0
 
     import onnxruntime
@@ -131,19 +140,20 @@ def main() -> int:
 
     src = resolve(args.model)
     work = Path(tempfile.mkdtemp(prefix="edgetailor-onnx-bench-"))
-    methods = args.methods.split(",")
-    ours = {("ours" if m == "rtn" else f"ours-{m}"): m for m in methods}
-    folders = {"builder": work / "builder-int4", **{name: work / f"{name}-int4" for name in ours}}
+    methods, types = args.methods.split(","), args.types.split(",")
+    ours = {f"ours-{t}" + ("" if m == "rtn" else f"-{m}"): (t, m) for t in types for m in methods}
+    folders = {**{f"builder-{t}": work / f"builder-{t}" for t in types}, **{name: work / name for name in ours}}
     rows: dict = {name: {} for name in folders}
 
-    print("exporting: builder", file=sys.stderr)
-    rows["builder"].update(run_measured([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src.path),
-                                         "-o", str(folders["builder"]), "-p", "int4", "-e", "cpu",
-                                         "-c", str(work / "builder-cache")]))
-    for name, method in ours.items():
+    for t in types:
+        print(f"exporting: builder-{t}", file=sys.stderr)
+        rows[f"builder-{t}"].update(run_measured([
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src.path), "-o",
+            str(folders[f"builder-{t}"]), "-p", t, "-e", "cpu", "-c", str(work / f"builder-cache-{t}")]))
+    for name, (t, method) in ours.items():
         print(f"exporting: {name}", file=sys.stderr)
         rows[name].update(run_measured([sys.executable, str(Path(__file__).resolve()), "--model", args.model,
-                                        "--export-ours", str(folders[name]), "--method", method,
+                                        "--export-ours", str(folders[name]), "--type", t, "--method", method,
                                         "--block-size", str(args.block_size), "--threads", str(args.threads)]))
     for name, folder in folders.items():
         rows[name]["folder_mb"] = folder_mb(folder)
@@ -172,10 +182,9 @@ def main() -> int:
         rows[name]["decode_tokens"] = runs[name][0]["decode_tokens"]
         rows[name]["sample"] = lm.tokenizer.decode(runs[name][0]["tokens"][:24])
 
-    b = rows["builder"]
     ratios, targets = {}, {}
-    for name in ours:
-        o = rows[name]
+    for name, (t, _) in ours.items():
+        o, b = rows[name], rows[f"builder-{t}"]
         ratios[name] = {"decode_tps": round(o["decode_tps_median"] / b["decode_tps_median"], 3),
                         "folder_size": round(o["folder_mb"] / b["folder_mb"], 4),
                         "perplexity": round(o["perplexity"] / b["perplexity"], 4),
@@ -187,18 +196,21 @@ def main() -> int:
                          "perplexity_no_worse": o["perplexity"] <= b["perplexity"] * 1.0001}
     result = {"model": args.model, "source": str(src.path), "machine": machine(), "threads": args.threads,
               "windows": len(windows), "ctx": args.ctx, "text": Path(args.text).name, "repeats": args.repeats,
-              "new_tokens": args.new_tokens, "prompt": PROMPT, "ours_options": {"methods": methods,
+              "new_tokens": args.new_tokens, "prompt": PROMPT, "ours_options": {"types": types, "methods": methods,
                                                                                 "block_size": args.block_size},
               "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og.__version__},
               "baseline_perplexity": round(base.perplexity, 4), "rows": rows, "ratios_ours_over_builder": ratios,
               "targets_met": targets, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = [f"# ONNX int4: EdgeTailor vs onnxruntime-genai model builder ({args.model})", "",
+    md = [f"# ONNX {' and '.join(types)}: EdgeTailor vs onnxruntime-genai model builder ({args.model})", "",
           (f"{result['date']}; {result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores, "
            f"{args.threads} threads; onnxruntime {onnxruntime.__version__}, onnxruntime-genai {og.__version__}."),
-          (f"Ours: int4 block {args.block_size}, methods {', '.join(methods)} (gptq calibrated on the bundled "
-           "calibration text). Builder: `-p int4 -e cpu` (its defaults: symmetric int4, block 32)."), "",
+          (f"Ours: {', '.join(types)} block {args.block_size}, methods {', '.join(methods)} (gptq calibrated on the "
+           "bundled calibration text), written from the model's files read lazily (one decoder layer at a time). "
+           f"Builder: `-p {'/'.join(types)} -e cpu` (its defaults: symmetric, block 32; it loads the model in torch)."),
+          ("Export time and peak memory: each export in its own process, model loading included (psutil, process "
+           "tree, every 50 ms)."), "",
           (f"Quality: wikitext-2 test, {len(windows)} windows x {args.ctx} (EdgeTailor evaluator, every folder in "
            f"plain onnxruntime); fp32 torch baseline perplexity {base.perplexity:.4f}."),
           (f"Decode: onnxruntime-genai, greedy, {args.new_tokens} tokens after a {len(prompt_ids)}-token prompt, "
@@ -209,8 +221,8 @@ def main() -> int:
         md.append(f"| {name} | {r['seconds']} | {r['peak_rss_mb']} | {r['folder_mb']} | {r['perplexity']} | {r['kl']} | "
                   f"{r['top1']} | {r['decode_tps_median']} | {r['prefill_s_median']} |")
     md.append("")
-    for name in ours:
-        md.append(f"{name} / builder: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()) + ". Targets: "
+    for name, (t, _) in ours.items():
+        md.append(f"{name} / builder-{t}: " + ", ".join(f"{k} {v}" for k, v in ratios[name].items()) + ". Targets: "
                   + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets[name].items()) + ".")
     md += ["",
            "Reproduce: `flock /tmp/edgetailor-heavy.lock .venv/bin/python bench/onnx_vs_builder.py`", ""]

@@ -2,8 +2,9 @@
 side by side in one run.
 
 Recipes: ``prune.wanda`` (2:4, calibration text), or ``cluster.kmeans`` (16 values per tensor, activation-weighted),
-then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``: the untouched source exported to ONNX
-fp16 (EdgeTailor's graph, one decoder layer at a time; checked against the source). The
+then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``, ``onnx-int4``, ``onnx-gptq``: the
+untouched source exported to ONNX fp16, int4 RTN or int4 GPTQ (EdgeTailor's graph, one decoder layer at a time,
+int4 quantized as each weight is written; checked against the source). The
 streamed run is what a run does now: the source read lazily, one decoder block in memory, the pruned blocks
 written to the run's scratch, the export read from there. The loaded run holds the model in fp32 first (what
 every transform did before, and still does after a step that loads the model). Each runs in its own process;
@@ -11,7 +12,7 @@ a sampler records the process's peak RSS per step, beside pre-flight's predictio
 write the same Q4_K_M file, byte for byte. Random weights at Llama-3.2-1B's shape (made and cached by
 ``bench/streaming_export.py``): memory, time and exactness, not quality.
 
-Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|onnx] [--shape 1b] [--threads 2]
+Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|onnx|onnx-int4|onnx-gptq] [--shape 1b] [--threads 2]
 Writes bench/results/streamed_transforms.{json,md} (else streamed_transforms_RECIPE.{json,md}).
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ RECIPES = {
                                    "calibration_length": 256}),
                ("export", {"types": ["Q4_K_M"]})],
     "onnx": [("export", {"format": "onnx", "types": ["fp16"]})],
+    "onnx-int4": [("export", {"format": "onnx", "types": ["int4"]})],
+    "onnx-gptq": [("export", {"format": "onnx", "types": ["int4"],
+                              "options": {"method": "gptq", "calibration_windows": 8, "calibration_ctx": 256}})],
 }
 MB = 2**20
 
@@ -155,7 +159,7 @@ def main() -> int:
 def markdown(r: dict) -> str:
     m, s, ld = r["machine"], r["runs"]["streamed"], r["runs"]["loaded"]
     pre = {p["step"]: p for p in r["preflight"]}
-    what = "An ONNX export streamed layer by layer" if r.get("recipe_name") == "onnx" else \
+    what = "An ONNX export streamed layer by layer" if r.get("recipe_name", "").startswith("onnx") else \
         "A transform streamed block by block"
     md = [f"# {what} vs held in fp32 ({r['shape']}-shaped model)", "",
           f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB; threads {r['threads']}. "

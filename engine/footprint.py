@@ -172,26 +172,35 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
                     {"process": PROCESS_BYTES, **{k: int(v) for k, v in phases.items()}})
 
 
-def export_need(step: str, shape: ModelShape, fmt: str, types=()) -> StepNeed | None:
+#: bytes per weight of an ONNX folder by type (int8/int4: codes plus a float32 scale per block of 32)
+ONNX_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.125, "int4": 0.625}
+
+
+def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict | None = None) -> StepNeed | None:
     """An export written from the model's files: GGUF tensor by tensor (its output at up to 4 bytes a weight beside
-    its stored copy); ONNX in fp16/fp32 on EdgeTailor's graph one decoder layer at a time (the layer in fp32 and
-    the graph's copies of it, the embedding read, widened and narrowed). Beside it the check's reference: the
-    torch model while it is small, else a 16-bit GGUF that llama.cpp maps (``engine.reference``). None where
-    the export holds the model (ONNX's quantizers, onnxruntime-genai's builder)."""
+    its stored copy); ONNX on EdgeTailor's graph one decoder layer at a time (the layer in fp32 and the graph's
+    copies of it, the embedding read, widened and narrowed; int4/int8 each weight rounded in slices of rows as it
+    is written, GPTQ with the calibration walk and one layer's input statistics). Beside it the check's reference:
+    the torch model while it is small, else a 16-bit GGUF that llama.cpp maps (``engine.reference``). None where
+    the export holds the model (ONNX's HQQ, onnxruntime-genai's builder)."""
     from .reference import TORCH_REFERENCE_MAX_BYTES
 
+    types = [str(t).lower() for t in types]
+    options = options or {}
+    method = str(options.get("method", "rtn")).lower()
     if fmt == "gguf":
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
         how = "writes the model tensor by tensor from its files (no fp32 copy of the model)"
-    elif fmt == "onnx" and shape.onnx_graph and types and all(t.lower() in ("fp16", "fp32") for t in types):
+    elif fmt == "onnx" and shape.onnx_graph and types and not ("int4" in types and method == "hqq"):
         work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * 3,
-                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4)}
+                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4),
+                **onnx_quantizer_parts(shape, types, method, options)}
         how = "writes the graph one decoder layer at a time from its files (no fp32 copy of the model)"
     else:
         return None
     # measured (bench/results/streamed_transforms_onnx.md): checking an ONNX file holds about twice its weights
     # (onnxruntime's and onnxruntime-genai's sessions)
-    session = shape.params * (4 if "fp32" in map(str.lower, types) else 2) * 2 if fmt == "onnx" else 0
+    session = int(shape.params * max(ONNX_BYTES_PER_WEIGHT.get(t, 4.0) for t in types) * 2) if fmt == "onnx" else 0
     if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
         name, reference = "reference (walked: one block and the output head, fp32)", \
             shape.block_params * 4 + shape.vocab * shape.hidden * 4
@@ -204,6 +213,25 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=()) -> StepNeed | 
     if session:
         parts["the check's runtime sessions (twice the file's weights)"] = session
     return StepNeed(step, peak, how, parts)
+
+
+def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, options: dict) -> dict:
+    """What quantizing ONNX weights as they are written adds: a slice of rows rounded at a time (float32, its
+    transposed and padded copies); GPTQ: the calibration walk's hidden states, the X^T X of one layer's inputs
+    (float32, kept while the layer is written) and the widest input's factor (float64, two n x n at once)."""
+    from ..exporters.onnx_quant import SLICE_ELEMENTS
+
+    if not any(t in ("int4", "int8") for t in types):
+        return {}
+    parts = {"a slice of rows being rounded (3 float32 copies)": SLICE_ELEMENTS * 4 * 3}
+    if method == "gptq":
+        seq_len = int(options.get("calibration_ctx", 512))
+        walk = walk_parts(shape, int(options.get("calibration_windows", 20)) * seq_len, seq_len)
+        h, n, q = shape.hidden, shape.intermediate, shape.q_dim
+        parts.update({"calibration hidden states": walk["hidden states"],
+                      "X^T X of one layer's inputs (fp32)": (2 * h * h + q * q + n * n) * 4,
+                      "GPTQ factor of the widest input (2 x float64)": 2 * max(n, h, q) ** 2 * 8})
+    return parts
 
 
 def scratch_bytes(shape: ModelShape, exact: bool = True) -> int:

@@ -52,7 +52,7 @@ class CandidateTask:
         from ..exporters.gguf_calibrated import Calibration
 
         if self.format == "onnx":
-            method = "gptq" if self.method == "gptq" and self.onnx_options["type"] == "int4" else "rtn"
+            method = "gptq" if self.method == "gptq" else "rtn"
             return {**self.onnx_options, "method": method, "calibration_text": self.calibration_text}
         import torch
 

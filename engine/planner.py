@@ -273,7 +273,7 @@ class Predictor:
         """``projection.WeightsInfo`` of an ONNX folder of ``scheme`` (what ``onnx_info`` would read from it):
         every initializer resident, with what onnxruntime's CPU kernels add when they pre-pack MatMulNBits at load
         (a float per block beside the scales; a tied head's original kept for the embedding's lookups); a float32
-        embedding table (untied, or kept beside an int8 head) read one row per token; the norms and the rotary
+        embedding table (untied) read one row per token; the norms and the rotary
         cos/sin tables (one row per position of the model's context) in float32."""
         from ..exporters.onnx_plan import SCHEMES as ONNX_SCHEMES
         from .projection import WeightsInfo
@@ -286,15 +286,13 @@ class Predictor:
         tied = "output.weight" not in sources
         norms = 4 * dims.hidden * (2 * (dims.layers - drop) + 1) + 4 * dims.context * dims.head_dim
         total = sum(b for b, _ in prices.values()) + norms
-        table = 4 * emb.shape[0] * emb.shape[1] if emb is not None and (not tied or scheme == "int8") else 0
+        table = 4 * emb.shape[0] * emb.shape[1] if emb is not None and not tied else 0
         row = table // max(n_vocab, 1)
         head = "token_embd.weight" if tied else "output.weight"
-        packed = 0
         block = ONNX_SCHEMES[scheme].block_size
-        if block:                          # int4 (MatMulNBits); int8's MatMulInteger packing is not modelled
-            packed = sum(4 * s.shape[0] * -(-s.shape[1] // block) for n, s in sources.items()
-                         if n != "token_embd.weight" or tied)
-            packed += prices[head][0] if tied and head in prices else 0
+        packed = sum(4 * s.shape[0] * -(-s.shape[1] // block) for n, s in sources.items()
+                     if n != "token_embd.weight" or tied)
+        packed += prices[head][0] if tied and head in prices else 0
         matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
         return WeightsInfo("onnx", total + packed, total - table + row, matmul, dims.layers - drop, dims.heads,
                            dims.kv_heads, dims.head_dim, n_vocab, repacked_bytes=packed)

@@ -411,9 +411,11 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
     return data.reshape(R, nbr * bt.bytes), Q.numpy()
 
 
-def symmetric_int4(block: int) -> BlockType:
-    """onnxruntime's MatMulNBits grid without zero points: w = scale * q, q in [-8, 7] (stored q + 8)."""
-    return BlockType(f"INT4_B{block}", block, block, -8, 7, False, 0, False, block // 2 + 4)
+def symmetric_grid(bits: int, block: int) -> BlockType:
+    """onnxruntime's MatMulNBits grid without zero points: w = scale * q, q in [-2^(bits-1), 2^(bits-1) - 1]
+    (stored q + 2^(bits-1)); int4: [-8, 7]."""
+    half = 1 << (bits - 1)
+    return BlockType(f"INT{bits}_B{block}", block, block, -half, half - 1, False, 0, False, block * bits // 8 + 4)
 
 
 #: columns GPTQ's error feedback updates one by one before the rest of a (256-wide) block gets the sub-block's

@@ -1,21 +1,24 @@
 """ONNX export for onnxruntime and onnxruntime-genai (phones, laptop apps): the exporter, its options, the
-folder's files and their check. ``onnx_graph.py`` writes the graph, ``onnx_quant.py`` quantizes it,
-``engine/runtimes/onnx.py`` runs it.
+folder's files and their check. ``onnx_graph.py`` writes the graph, ``onnx_quant.py`` quantizes its weights as
+they are written, ``engine/runtimes/onnx.py`` runs it.
 
 The graph is written directly with ``onnx.helper`` in the shape onnxruntime-genai's model builder emits for
 CPU, so the same fused kernels run it: ``GroupQueryAttention`` (rotary inside, KV cache in and out),
 ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` and, once quantized,
 ``MatMulNBits`` (int4) with the tied embedding read from the quantized head by ``GatherBlockQuantized``.
 
-Types: ``fp32``, ``fp16``, ``int8`` (onnxruntime's ``quantize_dynamic`` on the MatMul weights) and ``int4``
-(onnxruntime's ``MatMulNBitsQuantizer``). Options: ``block_size`` (32, 64 or 128; a weight whose rows do not
-fill whole blocks is padded by the quantizer), ``method`` ``rtn`` (symmetric round-to-nearest, the builder's
-default), ``hqq`` (half-quadratic, asymmetric) or ``gptq`` (EdgeTailor's own GPTQ, calibrated on ``calibration_text``:
-the inputs' X^T X of every MatMul collected in one onnxruntime pass per window, then error-feedback rounding
-onto the MatMulNBits grid itself, see ``quantize_int4_gptq``),
+Types: ``fp32``, ``fp16``, ``int8`` and ``int4``: weight-only ``MatMulNBits`` of 8 or 4 bits, as
+onnxruntime-genai's builder writes ``-p int8`` / ``-p int4`` (symmetric blocks, a float32 scale each). Options:
+``block_size`` (32, 64 or 128; a weight whose rows do not fill whole blocks is padded), ``method`` ``rtn``
+(round to nearest by onnxruntime's own kernels, the builder's default), ``gptq`` (EdgeTailor's GPTQ, calibrated
+on ``calibration_text``: each layer's input X^T X measured by the block walker just before the layer is written,
+then error-feedback rounding onto the MatMulNBits grid itself, see ``onnx_quant.gptq_weights``) or, int4 only,
+``hqq`` (onnxruntime's half-quadratic quantizer, asymmetric: it takes the whole float graph),
 ``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses),
-``head_bits`` (4, or 8: the output head as 8-bit MatMulNBits, round to nearest; the int4 loss is largely the
-head's).
+``head_bits`` (int4: 4, or 8 for an 8-bit output head; the int4 loss is largely the head's).
+
+Every type but HQQ is written one decoder layer at a time, each weight quantized as it is written to
+``model.onnx.data``: a lazy model (the files read on demand) never exists whole in memory.
 
 The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
 work), ``genai_config.json`` and the tokenizer files: ``onnxruntime_genai.Model(folder)`` runs it as it is.
@@ -42,7 +45,7 @@ from ..engine.runtimes.onnx import MODEL_FILE, OnnxGenaiRuntime, OnnxRuntime
 from . import register_exporter
 from .base import Exporter, ExportResult
 from .onnx_graph import DecoderGraph, build_graph
-from .onnx_quant import quantize_int4, quantize_int8
+from .onnx_quant import NBits, quantize_hqq
 
 TYPES = ("fp32", "fp16", "int8", "int4")
 INT4_METHODS = ("rtn", "hqq", "gptq")
@@ -52,7 +55,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def parse_options(options: dict) -> dict:
+def parse_options(options: dict, need_text: bool = True) -> dict:
+    """The export's options, checked; ``need_text`` False: GPTQ's calibration text may come later (the export step
+    passes the job's when it runs)."""
     qtype = str(options.get("type", "fp32")).lower()
     if qtype not in TYPES:
         raise EdgeTailorError(f"'{qtype}' is not an ONNX export type.", f"Use one of: {', '.join(TYPES)}.")
@@ -63,8 +68,8 @@ def parse_options(options: dict) -> dict:
     method = str(options.get("method", "rtn")).lower()
     if method not in INT4_METHODS:
         raise EdgeTailorError(f"'{method}' is not an int4 method.", f"Use one of: {', '.join(INT4_METHODS)}.")
-    if qtype == "int4" and method == "gptq" and not options.get("calibration_text"):
-        raise EdgeTailorError("int4 method 'gptq' needs calibration text.",
+    if qtype in ("int4", "int8") and method == "gptq" and need_text and not options.get("calibration_text"):
+        raise EdgeTailorError(f"{qtype} method 'gptq' needs calibration text.",
                               "Run it through the export step (it passes the job's calibration text), "
                               "or give options.calibration_text.")
     head_bits = int(options.get("head_bits", 4))
@@ -72,6 +77,10 @@ def parse_options(options: dict) -> dict:
         raise EdgeTailorError(f"An int4 head of {head_bits} bits is not supported.", "Use head_bits 4 or 8.")
     if head_bits == 8 and method == "hqq":
         raise EdgeTailorError("head_bits 8 goes with method rtn or gptq, not hqq.", "Use method rtn or gptq.")
+    if qtype == "int8" and method == "hqq":
+        raise EdgeTailorError("int8 goes with method rtn or gptq; HQQ is for int4.", "Use method rtn or gptq.")
+    if qtype == "int8":
+        head_bits = 8
     return {"type": qtype, "block_size": block, "method": method, "head_bits": head_bits,
             "accuracy_level": int(options.get("accuracy_level", 4)),
             "calibration_text": options.get("calibration_text"),
@@ -85,7 +94,7 @@ class ONNXExporter(Exporter):
     runtimes = ("onnxruntime", "onnxruntime-genai")
 
     def check_options(self, options: dict) -> None:
-        parse_options(options)
+        parse_options(options, need_text=False)
 
     def export(self, model, tokenizer, tokenizer_dir, out, options, progress=None, cancelled=None):
         opts = parse_options(options)
@@ -104,42 +113,46 @@ class ONNXExporter(Exporter):
             return export_with_builder(model, tokenizer_dir, out, opts, options.get("source_dir"), step, cancelled)
         step(0.0, "building the ONNX graph")
         float_type = "fp16" if qtype == "fp16" else "fp32"
-        if qtype in ("fp32", "fp16") and getattr(model, "is_lazy", False):
-            graph = self._streamed(model, float_type, out)
-            info = {"type": qtype, "layers": graph.n_layers, "tied_embeddings": graph.tied,
-                    "written": "tensor by tensor from the model's files"}
-            return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)
-        if getattr(model, "is_lazy", False):        # the quantizers take the whole graph in memory
-            model = model.materialise()
-        graph = build_graph(model, float_type, quantizable=qtype in ("int8", "int4"))
-        info = {"type": qtype, "layers": graph.n_layers, "tied_embeddings": graph.tied}
-        if qtype in ("fp32", "fp16"):
-            proto = graph.proto
-        elif qtype == "int8":
-            step(0.3, "int8: onnxruntime quantize_dynamic")
-            proto = quantize_int8(graph)
-            info["quantized_by"] = "onnxruntime quantize_dynamic (MatMul weights, int8 per channel)"
+        lazy = getattr(model, "is_lazy", False)
+        info = {"type": qtype}
+        if qtype == "int4" and opts["method"] == "hqq":
+            graph = self._hqq(model.materialise() if lazy else model, opts, out, step)
+            info.update(block_size=opts["block_size"], method="hqq", quantized_by="onnxruntime MatMulNBitsQuantizer (hqq)")
         else:
-            by = ("EdgeTailor GPTQ onto MatMulNBits" if opts["method"] == "gptq"
-                  else f"onnxruntime MatMulNBitsQuantizer ({opts['method']})")
-            step(0.3, f"int4 {opts['method']}: {by}")
-            proto = quantize_int4(graph, opts, tokenizer, step)
-            info.update(block_size=opts["block_size"], method=opts["method"], head_bits=opts["head_bits"], quantized_by=by)
-        step(0.85, "writing model.onnx + model.onnx.data")
-        save(proto, out)
+            nbits = _nbits(opts)
+            sequences = _calibration(model, tokenizer, opts) if nbits is not None and nbits.gptq else None
+            graph = self._streamed(model, float_type, out, nbits, sequences,
+                                   lambda f, m: step(0.05 + 0.8 * f, f"writing the graph: {m}"), cancelled)
+            info["written"] = "tensor by tensor from the model's files" if lazy else "one decoder layer at a time"
+            if nbits is not None:
+                info.update(block_size=nbits.block, method=nbits.method, head_bits=nbits.head_bits,
+                            quantized_by="EdgeTailor GPTQ onto MatMulNBits" if nbits.gptq
+                            else "onnxruntime's MatMulNBits round-to-nearest kernels")
+        info.update(layers=graph.n_layers, tied_embeddings=graph.tied)
         return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)
 
     @staticmethod
-    def _streamed(model, float_type: str, out: Path) -> DecoderGraph:
-        """The graph of a lazy model, its weights written to model.onnx.data as each is made (one decoder layer
-        in memory at a time), then model.onnx, which only points at them."""
+    def _streamed(model, float_type: str, out: Path, nbits, sequences, progress, cancelled) -> DecoderGraph:
+        """The graph, its weights written to model.onnx.data as each is made (quantized when ``nbits`` says; one
+        decoder layer in memory at a time for a lazy model), then model.onnx, which only points at them."""
         import onnx
 
         for p in (out / MODEL_FILE, out / DATA_FILE):
             p.unlink(missing_ok=True)
         with open(out / DATA_FILE, "wb") as data:
-            graph = build_graph(model, float_type, data=data, data_name=DATA_FILE)
+            graph = build_graph(model, float_type, data=data, data_name=DATA_FILE, nbits=nbits, sequences=sequences,
+                                progress=progress, cancelled=cancelled)
         onnx.save_model(graph.proto, out / MODEL_FILE)
+        return graph
+
+    @staticmethod
+    def _hqq(model, opts: dict, out: Path, step) -> DecoderGraph:
+        """int4 by onnxruntime's HQQ quantizer, which takes the whole float graph (the model loaded)."""
+        graph = build_graph(model, "fp32", quantizable=True)
+        step(0.3, "int4 hqq: onnxruntime MatMulNBitsQuantizer")
+        proto = quantize_hqq(graph.proto, opts["block_size"], opts["accuracy_level"])
+        step(0.85, "writing model.onnx + model.onnx.data")
+        save(proto, out)
         return graph
 
     @staticmethod
@@ -157,6 +170,24 @@ class ONNXExporter(Exporter):
 register_exporter(ONNXExporter())
 
 
+def _nbits(opts: dict) -> NBits | None:
+    """How the graph's MatMul weights are quantized as they are written (None: float)."""
+    if opts["type"] not in ("int4", "int8"):
+        return None
+    bits = 8 if opts["type"] == "int8" else 4
+    return NBits(bits, opts["block_size"], opts["method"], opts["head_bits"], opts["accuracy_level"], opts["damp"])
+
+
+def _calibration(model, tokenizer, opts: dict):
+    """GPTQ's calibration sequences: ``calibration_windows`` of ``calibration_ctx`` tokens of the calibration
+    text, at most as long as the model's positions (its context)."""
+    from ..engine.architectures import ModelDims
+    from ..engine.calibration import token_sequences
+
+    ctx = min(opts["calibration_ctx"], ModelDims.of(model.config).context)
+    return token_sequences(tokenizer, opts["calibration_text"], ctx, opts["calibration_windows"])
+
+
 # --- onnxruntime-genai's model builder, for the families EdgeTailor's graph does not cover ----------------
 def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir, step, cancelled) -> ExportResult:
     """The family's graph as onnxruntime-genai's model builder writes it (in a child process: it loads the model
@@ -164,9 +195,9 @@ def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir,
     MatMulNBits RTN at the given block size; EdgeTailor's GPTQ and HQQ need EdgeTailor's own graph."""
     from .hf_folder import model_folder
 
-    if opts["type"] == "int4" and opts["method"] != "rtn":
+    if opts["type"] in ("int4", "int8") and opts["method"] != "rtn":
         raise EdgeTailorError(
-            f"int4 method '{opts['method']}' runs on EdgeTailor's own ONNX graph, which does not cover "
+            f"{opts['type']} method '{opts['method']}' runs on EdgeTailor's own ONNX graph, which does not cover "
             f"'{model.config.model_type}' models; onnxruntime-genai's builder writes them with RTN.",
             "Use method: rtn for this model, or export it to GGUF.")
     step(0.0, "onnxruntime-genai's model builder writes the graph")
@@ -174,7 +205,7 @@ def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir,
         folder = model_folder(model, tokenizer_dir, source_dir, Path(tmp))
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
                "-p", opts["type"], "-e", "cpu", "-c", str(Path(tmp) / "cache")]
-        if opts["type"] == "int4":
+        if opts["type"] in ("int4", "int8"):
             cmd += ["--extra_options", f"int4_block_size={opts['block_size']}",
                     f"int4_accuracy_level={opts['accuracy_level']}"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -198,7 +229,8 @@ def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir,
     step(0.9, "written")
     info = {"type": opts["type"], "written_by": "onnxruntime-genai model builder",
             **({"block_size": opts["block_size"], "method": "rtn",
-                "quantized_by": "onnxruntime-genai builder (MatMulNBits RTN)"} if opts["type"] == "int4" else {})}
+                "quantized_by": "onnxruntime-genai builder (MatMulNBits RTN)"} if opts["type"] in ("int4", "int8")
+               else {})}
     files = sorted(p for p in out.iterdir())
     info["bytes"] = sum(p.stat().st_size for p in files if p.is_file())
     return ExportResult(path=out, files=files, info=info)

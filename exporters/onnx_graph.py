@@ -10,6 +10,7 @@ import numpy as np
 
 from ..engine.architectures import ModelDims, arch_spec
 from ..engine.errors import EdgeTailorError
+from .onnx_quant import quantized_embedding
 
 OPSET = 21
 #: initializers up to this many bytes stay in model.onnx (as ``onnx.save_model``'s size_threshold does)
@@ -19,9 +20,10 @@ EXTERNAL_THRESHOLD = 1024
 class GraphBuilder:
     """Nodes, initializers and I/O of one decoder graph (names as onnxruntime-genai's builder writes them). With
     ``data`` (an open file, ``model.onnx.data``) each initializer over 1 KB goes there as it is made, the graph
-    keeping only its place: no copy of the weights accumulates in memory."""
+    keeping only its place: no copy of the weights accumulates in memory. ``nbits``: the MatMul weights
+    quantized as they are written (``onnx_quant.NBits``); None: float MatMuls."""
 
-    def __init__(self, float_type: str, data=None, data_name: str = ""):
+    def __init__(self, float_type: str, data=None, data_name: str = "", nbits=None):
         from onnx import TensorProto
 
         self.np_float = np.float16 if float_type == "fp16" else np.float32
@@ -32,6 +34,7 @@ class GraphBuilder:
         self.outputs = []
         self.consts: dict = {}
         self.data, self.data_name = data, data_name
+        self.nbits = nbits
 
     def init(self, name: str, array: np.ndarray, dtype=None) -> str:
         from onnx import numpy_helper
@@ -72,10 +75,14 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain or None, **attrs))
         return outputs
 
-    def linear(self, name: str, inp: str, weight, bias=None) -> str:
-        """x @ W^T (+ b), the weight stored transposed as the MatMul's initializer."""
-        w = self.init(f"{name.strip('/').replace('/', '.')}.MatMul.weight", _np(weight).T)
-        out = self.node("MatMul", [inp, w], f"{name}/MatMul")[0]
+    def linear(self, name: str, inp: str, weight, bias=None, hessian=None, head: bool = False, outputs=None) -> str:
+        """x @ W^T (+ b): a float MatMul with the weight stored transposed, or MatMulNBits (``nbits``; ``hessian``:
+        X^T X of its input for GPTQ, ``head``: the output head, which may have its own bits)."""
+        if self.nbits is not None:
+            out = self.nbits.write(self, name, inp, weight, hessian, head, outputs)
+        else:
+            w = self.init(f"{name.strip('/').replace('/', '.')}.MatMul.weight", _np(weight).T)
+            out = self.node("MatMul", [inp, w], f"{name}/MatMul", outputs=outputs)[0]
         if bias is not None:
             b = self.init(f"{name.strip('/').replace('/', '.')}.bias", _np(bias))
             out = self.node("Add", [out, b], f"{name}/Add")[0]
@@ -101,12 +108,17 @@ def _np(t) -> np.ndarray:
 
 
 class ModelParts:
-    """What the graph reads of a model, held or lazy: the embedding, the decoder layers one at a time (a lazy
-    model's from the block walker: one layer's weights in memory at a time), the norms, the head, the rotary
-    embedding."""
+    """What the graph reads of a model, held or lazy: the embedding, the decoder layers one at a time from the
+    block walker (a lazy model's: one layer's weights in memory at a time), the norms, the head, the rotary
+    embedding. With calibration ``sequences`` the walk runs them through each layer before it is written, and
+    ``hessian(module)`` is X^T X of that linear layer's input (GPTQ's statistics, the full-precision model's own
+    activations); the head's is the final norm's output's, after the last layer."""
 
-    def __init__(self, model):
+    def __init__(self, model, sequences=None, progress=None, cancelled=None):
         self.model, self.lazy = model, bool(getattr(model, "is_lazy", False))
+        self.sequences, self.progress, self.cancelled = sequences, progress, cancelled
+        self._hessians: dict[int, object] = {}
+        self.head_hessian = None
         if self.lazy:
             from ..engine.walker import skeleton
 
@@ -122,64 +134,86 @@ class ModelParts:
         return self.model.get_parameter(name)
 
     def layers(self):
-        if not self.lazy:
-            yield from enumerate(self.model.model.layers)
-            return
+        from ..engine.imatrix import InputCollector
         from ..engine.walker import BlockWalk
 
-        for block in BlockWalk(self.model, None):
+        walk = BlockWalk(self.model, self.sequences, cancelled=self.cancelled, progress=self.progress)
+        for block in walk:
+            if self.sequences is not None:
+                linears = block.linears()
+                acc = InputCollector(True)
+                with acc.hooks(linears):
+                    block.forward()
+                acc.done()
+                self._hessians = {id(m): acc.xtx[acc.input_of[n]] for n, m in linears.items()}
+                del acc
             yield block.index, block.module
+            self._hessians = {}
+        if self.sequences is not None and not ModelDims.of(self.model.config).tied:
+            self.head_hessian = sum(y.reshape(-1, y.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+                                    for y in walk.final_hidden())
+
+    def hessian(self, module):
+        """X^T X of ``module``'s input in the layer being written (None without calibration sequences)."""
+        return self._hessians.get(id(module))
 
     def head(self):
+        """The output head's weight [vocab, hidden]: a lazy model's unread (quantizers read it in row slices)."""
         name = "lm_head.weight"
         if self.lazy:
-            return self.state[name].load() if name in self.state else self.tensor("model.embed_tokens.weight")
+            return self.state[name] if name in self.state else self.state["model.embed_tokens.weight"]
         return self.model.lm_head.weight
 
 
-def build_graph(model, float_type: str = "fp32", quantizable: bool = False, data=None,
-                data_name: str = "") -> DecoderGraph:
-    """The decoder as an ONNX graph with contrib ops. With ``quantizable`` the head keeps its own [hidden, vocab]
-    weight (a MatMul the quantizers can take) even when it is tied to the embedding. ``model`` held in memory or
-    lazy (one decoder layer read at a time); ``data``: the file the weights go to as they are made
-    (``GraphBuilder``)."""
+def build_graph(model, float_type: str = "fp32", quantizable: bool = False, data=None, data_name: str = "",
+                nbits=None, sequences=None, progress=None, cancelled=None) -> DecoderGraph:
+    """The decoder as an ONNX graph with contrib ops. ``nbits`` (``onnx_quant.NBits``): every MatMul quantized as
+    it is written, a tied embedding read from the quantized head; GPTQ's statistics from ``sequences`` (token
+    ids [n, seq]) walked through each layer just before it is written. With ``quantizable`` (a quantizer that
+    takes the finished graph: HQQ) the head keeps its own [hidden, vocab] float weight even when tied. ``model``
+    held in memory or lazy (one decoder layer read at a time); ``data``: the file the weights go to as they are
+    made (``GraphBuilder``); ``progress`` and ``cancelled`` per decoder layer."""
     from onnx import helper
 
     cfg = model.config
     spec = _covered(cfg)
-    parts, dims = ModelParts(model), ModelDims.of(cfg)
+    dims = ModelDims.of(cfg)
+    parts = ModelParts(model, sequences if nbits is not None and nbits.gptq else None, progress, cancelled)
     # GroupQueryAttention takes head sizes in multiples of 16: smaller heads are zero-padded (same results)
     head_dim = -(-dims.head_dim // 16) * 16
     if head_dim != dims.head_dim and spec.qk_norm:
         raise EdgeTailorError(f"Heads of {dims.head_dim} dimensions with q/k norms cannot run in GroupQueryAttention.",
                               "Export this model to GGUF instead.")
-    g = GraphBuilder(float_type, data, data_name)
-    embed = parts.tensor("model.embed_tokens.weight")
-    vocab = int(embed.shape[0])
+    g = GraphBuilder(float_type, data, data_name, nbits)
+    vocab = int(parts.head().shape[0])
     _declare_io(g, parts.n_layers, dims.kv_heads, head_dim, vocab)
     shared = AttentionInputs(*_mask_lengths(g), *_rotary_caches(g, parts.rotary, head_dim, dims.context),
                              window=_sliding_window(cfg, dims.context), head_dim=head_dim, true_head_dim=dims.head_dim,
                              kv_heads=dims.kv_heads, eps=dims.rms_eps, qk_norm=spec.qk_norm)
-    g.init("model.embed_tokens.weight", _np(embed))
-    del embed
+    embedding_from_head = nbits is not None and dims.tied
+    if not embedding_from_head:
+        g.init("model.embed_tokens.weight", _np(parts.tensor("model.embed_tokens.weight")))
     residual = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]
     normed = g.node("SimplifiedLayerNormalization", [residual, g.init(
         "model.layers.0.input_layernorm.weight", _np(parts.tensor("model.layers.0.input_layernorm.weight")))],
                     "/model/layers.0/input_layernorm/LayerNorm", epsilon=dims.rms_eps, axis=-1, stash_type=1)[0]
     for i, layer in parts.layers():
         p = f"/model/layers.{i}"
-        o = _attention(g, p, i, layer.self_attn, normed, shared)
+        o = _attention(g, p, i, layer.self_attn, normed, shared, parts.hessian)
         post_w = g.init(f"model.layers.{i}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight))
         normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, o, post_w],
                                         f"{p}/post_attention_layernorm/SkipLayerNorm", domain="com.microsoft",
                                         n_out=4, epsilon=dims.rms_eps)
-        down = _mlp(g, p, layer.mlp, normed)
+        down = _mlp(g, p, layer.mlp, normed, parts.hessian)
         nxt = (f"model.layers.{i + 1}.input_layernorm.weight", f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm") \
             if i + 1 < parts.n_layers else ("model.norm.weight", "/model/norm/SkipLayerNorm")
         nw = g.init(nxt[0], _np(parts.tensor(nxt[0])))
         normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, down, nw], nxt[1],
                                         domain="com.microsoft", n_out=4, epsilon=dims.rms_eps)
-    _lm_head(g, parts, normed, dims.tied and not quantizable)
+    _lm_head(g, parts, normed, dims.tied and nbits is None and not quantizable)
+    if embedding_from_head:
+        q, s = g.nodes[-1].input[1:3]
+        quantized_embedding(g, q, s, vocab, dims.hidden, nbits.block, nbits.head_bits)
     graph = helper.make_graph(g.nodes, "edgetailor-decoder", g.inputs, g.outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
@@ -263,24 +297,26 @@ class AttentionInputs:
     qk_norm: bool
 
 
-def _attention(g: GraphBuilder, p: str, i: int, att, normed: str, a: AttentionInputs) -> str:
-    """One layer's attention: q/k/v (packed unless q/k norms), GroupQueryAttention with the KV cache, o_proj."""
+def _attention(g: GraphBuilder, p: str, i: int, att, normed: str, a: AttentionInputs, hessian) -> str:
+    """One layer's attention: q/k/v (packed unless q/k norms), GroupQueryAttention with the KV cache, o_proj.
+    ``hessian(module)``: X^T X of a linear layer's input, for GPTQ (None without)."""
     import torch
 
     n_heads = att.q_proj.weight.shape[0] // a.true_head_dim
+    h_in = hessian(att.q_proj)          # q, k and v read the same input
     qw, qb = _pad_rope_heads(att.q_proj, n_heads, a.true_head_dim, a.head_dim)
     kw, kb = _pad_rope_heads(att.k_proj, a.kv_heads, a.true_head_dim, a.head_dim)
     vw, vb = _pad_heads(att.v_proj, a.kv_heads, a.true_head_dim, a.head_dim)
     if a.qk_norm:
-        q = g.linear(f"{p}/attn/q_proj", normed, qw, qb)
-        k = g.linear(f"{p}/attn/k_proj", normed, kw, kb)
-        v = g.linear(f"{p}/attn/v_proj", normed, vw, vb)
+        q = g.linear(f"{p}/attn/q_proj", normed, qw, qb, h_in)
+        k = g.linear(f"{p}/attn/k_proj", normed, kw, kb, h_in)
+        v = g.linear(f"{p}/attn/v_proj", normed, vw, vb, h_in)
         q = _head_norm(g, f"{p}/attn/q_norm", q, n_heads, a.head_dim, _np(att.q_norm.weight), a.eps)
         k = _head_norm(g, f"{p}/attn/k_norm", k, a.kv_heads, a.head_dim, _np(att.k_norm.weight), a.eps)
         qkv = [q, k, v]
     else:
         b = torch.cat([qb, kb, vb], 0) if qb is not None else None
-        qkv = [g.linear(f"{p}/attn/qkv_proj", normed, torch.cat([qw, kw, vw], 0), b), "", ""]
+        qkv = [g.linear(f"{p}/attn/qkv_proj", normed, torch.cat([qw, kw, vw], 0), b, h_in), "", ""]
     attn_out = g.node(
         "GroupQueryAttention",
         qkv + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", a.seqlens_k, a.total_len, a.cos_cache,
@@ -289,20 +325,23 @@ def _attention(g: GraphBuilder, p: str, i: int, att, normed: str, a: AttentionIn
         outputs=[f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
         num_heads=int(n_heads), kv_num_heads=a.kv_heads, scale=float(a.true_head_dim ** -0.5),
         local_window_size=int(a.window), do_rotary=1, rotary_interleaved=0)[0]
-    ow = att.o_proj.weight
+    ow, h_o = att.o_proj.weight, hessian(att.o_proj)
     if a.head_dim != a.true_head_dim:
         ow = _pad(ow.reshape(ow.shape[0], n_heads, a.true_head_dim), 2, a.head_dim).reshape(ow.shape[0], -1)
-    return g.linear(f"{p}/attn/o_proj", attn_out, ow, att.o_proj.bias)
+        h_o = None if h_o is None else _pad_gram(h_o, n_heads, a.true_head_dim, a.head_dim)
+    return g.linear(f"{p}/attn/o_proj", attn_out, ow, att.o_proj.bias, h_o)
 
 
-def _mlp(g: GraphBuilder, p: str, mlp, normed: str) -> str:
+def _mlp(g: GraphBuilder, p: str, mlp, normed: str, hessian) -> str:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate = g.linear(f"{p}/mlp/gate_proj", normed, mlp.gate_proj.weight, mlp.gate_proj.bias)
-    up = g.linear(f"{p}/mlp/up_proj", normed, mlp.up_proj.weight, mlp.up_proj.bias)
+    h_in = hessian(mlp.gate_proj)
+    gate = g.linear(f"{p}/mlp/gate_proj", normed, mlp.gate_proj.weight, mlp.gate_proj.bias, h_in)
+    up = g.linear(f"{p}/mlp/up_proj", normed, mlp.up_proj.weight, mlp.up_proj.bias, h_in)
+    del h_in
     sig = g.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")[0]
     act = g.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")[0]
     prod = g.node("Mul", [act, up], f"{p}/mlp/Mul")[0]
-    return g.linear(f"{p}/mlp/down_proj", prod, mlp.down_proj.weight, mlp.down_proj.bias)
+    return g.linear(f"{p}/mlp/down_proj", prod, mlp.down_proj.weight, mlp.down_proj.bias, hessian(mlp.down_proj))
 
 
 def _lm_head(g: GraphBuilder, parts: ModelParts, normed: str, read_tied: bool) -> None:
@@ -311,8 +350,17 @@ def _lm_head(g: GraphBuilder, parts: ModelParts, normed: str, read_tied: bool) -
         head_t = g.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])[0]
         g.node("MatMul", [normed, head_t], "/lm_head/MatMul", outputs=["logits"])
     else:
-        head = g.init("lm_head.MatMul.weight", _np(parts.head()).T)
-        g.node("MatMul", [normed, head], "/lm_head/MatMul", outputs=["logits"])
+        g.linear("/lm_head", normed, parts.head(), hessian=parts.head_hessian, head=True, outputs=["logits"])
+
+
+def _pad_gram(H, n_heads: int, true_dim: int, dim: int):
+    """X^T X of an input whose heads are zero-padded from ``true_dim`` to ``dim`` (o_proj's, as the graph pads it)."""
+    import torch
+
+    idx = (torch.arange(n_heads)[:, None] * dim + torch.arange(true_dim)[None, :]).reshape(-1)
+    out = torch.zeros(n_heads * dim, n_heads * dim, dtype=H.dtype)
+    out[idx[:, None], idx[None, :]] = H
+    return out
 
 
 def _pad(t, dim: int, size: int):

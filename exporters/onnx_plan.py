@@ -7,9 +7,8 @@ A scheme is uniform over the model's matrices, as the exporter writes it (``expo
 * ``int4-<block>``: ``MatMulNBits``, 4-bit symmetric blocks of ``block`` inputs with a float32 scale each (no
   zero points), the head included; a tied embedding is read from the quantized head (``GatherBlockQuantized``),
   an untied one stays a float32 table; ``int4-<block>-head8``: the same with an 8-bit head (``head_bits: 8``);
-* ``int8``: ``quantize_dynamic``: int8 weights per output channel (a float32 scale and an int8 zero point
-  each); activations are quantized on the fly, which the weight error does not see (the planner's scale per
-  format is fitted on measured points); the embedding table stays float32 beside the head, tied or not.
+* ``int8``: the same layout with 8-bit codes in blocks of 32 (head included), as onnxruntime-genai's builder
+  writes ``-p int8``.
 
 The error priced is round-to-nearest on that grid; GPTQ (``method: gptq``) lowers it, which the fitted scale
 absorbs too.
@@ -27,8 +26,8 @@ HEAD = "output.weight"
 @dataclass(frozen=True)
 class OnnxScheme:
     type: str                   # int4 | int8
-    block_size: int = 0         # int4 only
-    head_bits: int = 4          # int4 only: 8 for an 8-bit output head
+    block_size: int = 32
+    head_bits: int = 4          # int4: 8 for an 8-bit output head; int8: 8
 
     @property
     def name(self) -> str:
@@ -36,26 +35,24 @@ class OnnxScheme:
             return self.type
         return f"int4-{self.block_size}" + ("-head8" if self.head_bits == 8 else "")
 
+    @property
+    def bits(self) -> int:
+        return 8 if self.type == "int8" else 4
+
     def export_options(self) -> dict:
         if self.type != "int4":
-            return {"type": self.type}
+            return {"type": self.type, "block_size": self.block_size}
         return {"type": "int4", "block_size": self.block_size, "head_bits": self.head_bits}
 
     def matrix_bytes(self, shape, bits: int = 4) -> int:
-        """A matrix [out, in] as the quantized MatMul stores it (``bits`` of an int4 scheme's MatMulNBits)."""
+        """A matrix [out, in] as MatMulNBits stores it in ``bits``: codes and a float32 scale per block."""
         out, inp = int(shape[0]), int(shape[1])
-        if self.type == "int8":
-            return out * inp + out * 5
         blocks = -(-inp // self.block_size)
         return out * blocks * (self.block_size * bits // 8 + 4)
 
     def dequantized(self, W: np.ndarray, bits: int = 4) -> np.ndarray:
-        """``W`` [rows, in] through the scheme's grid (round to nearest), in float32."""
+        """``W`` [rows, in] through the scheme's ``bits`` grid (round to nearest), in float32."""
         W = np.asarray(W, dtype=np.float32)
-        if self.type == "int8":
-            scale = np.abs(W).max(axis=1, keepdims=True) / 127.0
-            scale[scale == 0] = 1.0
-            return np.clip(np.rint(W / scale), -127, 127) * scale
         b, half = self.block_size, 2 ** (bits - 1)
         pad = (-W.shape[1]) % b
         Wp = np.pad(W, ((0, 0), (0, pad))).reshape(W.shape[0], -1, b)
@@ -66,21 +63,19 @@ class OnnxScheme:
         return q.reshape(W.shape[0], -1)[:, :W.shape[1]]
 
     def bits_of(self, name: str, tied: bool) -> int:
-        """The bits an int4 scheme stores this tensor in (its head may have 8)."""
-        return self.head_bits if name == (EMBEDDING if tied else HEAD) else 4
+        """The bits the scheme stores this tensor in (an int4 scheme's head may have 8)."""
+        return self.head_bits if name == (EMBEDDING if tied else HEAD) else self.bits
 
     def tensor(self, name: str, shape, tied: bool) -> tuple[int, bool]:
         """(bytes the folder holds for this GGUF-named tensor, whether the scheme quantizes it)."""
         table = int(shape[0]) * int(shape[1]) * 4
         if name == EMBEDDING and not tied:
             return table, False                    # a float32 Gather table
-        if name == EMBEDDING and self.type == "int8":
-            return self.matrix_bytes(shape) + table, True     # the head quantized, the table kept for the Gather
         return self.matrix_bytes(shape, self.bits_of(name, tied)), True
 
 
 SCHEMES = {s.name: s for s in (*(OnnxScheme("int4", b, h) for h in (4, 8) for b in (32, 64, 128)),
-                               OnnxScheme("int8"))}
+                               OnnxScheme("int8", 32, 8))}
 
 
 def scheme(name: str) -> OnnxScheme:

@@ -62,11 +62,12 @@ def test_types_run_and_evaluate(tiny_models, tmp_path, qtype, options):
 
     ops = {n.op_type for n in onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False).graph.node}
     assert "GroupQueryAttention" in ops
-    if qtype == "int4":
+    if qtype in ("int4", "int8"):          # weight-only MatMulNBits, as onnxruntime-genai's builder writes both
+        proto = onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False)
         assert "MatMulNBits" in ops and "MatMul" not in ops
-        assert ("GatherBlockQuantized" in ops) == (options["method"] != "hqq")
-    if qtype == "int8":
-        assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+        assert ("GatherBlockQuantized" in ops) == (options.get("method") != "hqq")
+        bits = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert bits == {4 if qtype == "int4" else 8}
     text = " ".join(PROMPTS * 40)
     windows = make_windows(lm.tokenizer, text, 64, 2)
     ref = ReferenceLogprobs(tmp_path / "ref")
@@ -75,6 +76,8 @@ def test_types_run_and_evaluate(tiny_models, tmp_path, qtype, options):
         r = evaluate(rt, windows, reference=ref)
     assert r.kl is not None and r.kl >= 0 and 0 <= r.top1 <= 1
     assert abs(r.perplexity / base.perplexity - 1) < (0.02 if qtype == "fp16" else 0.5)
+    if qtype == "int8":         # weight-only 8-bit blocks: near lossless (int4 here: KL 0.016-0.023)
+        assert r.kl < 0.002
 
 
 def test_int4_rows_that_do_not_fill_blocks_are_padded(stories_dir, tmp_path):
@@ -164,7 +167,7 @@ def _run(model, x):
 
 
 def test_own_gptq_writes_the_grid_it_rounds_to_and_beats_onnxruntime_rtn():
-    from edgetailor.exporters.onnx_quant import int4_gptq_weights
+    from edgetailor.exporters.onnx_quant import gptq_weights
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     rng = np.random.default_rng(0)
@@ -175,7 +178,7 @@ def test_own_gptq_writes_the_grid_it_rounds_to_and_beats_onnxruntime_rtn():
     test = (rng.normal(size=(1024, K)) @ mix) * loud
     B = rng.normal(size=(K, N)).astype(np.float32)
     exact = test @ B
-    packed, scales = int4_gptq_weights(B, calib.T @ calib, block)
+    packed, scales = gptq_weights(B, calib.T @ calib, block)
     assert packed.shape == (N, K // block, block // 2) and scales.shape == (N, K // block)
     ours = _run(_matmul_model(K, N, packed=packed, scales=scales, block=block), test)
     # onnxruntime reads the codes as written: (nibble - 8) * scale, low nibble first along K
@@ -188,9 +191,9 @@ def test_own_gptq_writes_the_grid_it_rounds_to_and_beats_onnxruntime_rtn():
     rtn = _run(q.model.model, test)
     err = lambda y: float(((y - exact) ** 2).mean())       # noqa: E731
     assert err(ours) < 0.7 * err(rtn)                       # error feedback through X^T X, on held-out inputs
-    plain_p, plain_s = int4_gptq_weights(B, None, block)    # no statistics: a least-squares fit, still >= RTN
+    plain_p, plain_s = gptq_weights(B, None, block)    # no statistics: a least-squares fit, still >= RTN
     assert err(_run(_matmul_model(K, N, packed=plain_p, scales=plain_s, block=block), test)) <= err(rtn) * 1.01
-    p128, s128 = int4_gptq_weights(B, calib.T @ calib, 128)   # K padded to one block, as onnxruntime pads
+    p128, s128 = gptq_weights(B, calib.T @ calib, 128)   # K padded to one block, as onnxruntime pads
     assert p128.shape == (N, 1, 64)
     assert np.isfinite(_run(_matmul_model(K, N, packed=p128, scales=s128, block=128), test)).all()
 
@@ -251,19 +254,29 @@ def test_try_it_generator_uses_the_kv_cache_loop(stories_dir, tmp_path):
     assert out.tokens == len(expected) and out.text == lm.tokenizer.decode(expected, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("qtype", ["fp32", "fp16"])
-def test_a_lazy_model_writes_the_same_onnx_weights_one_layer_at_a_time(tiny_models, tmp_path, mt, qtype,
+LAZY_CASES = [("llama", {"type": "fp32"}), ("qwen2", {"type": "fp32"}), ("qwen3", {"type": "fp32"}),
+              ("llama", {"type": "fp16"}), ("qwen2", {"type": "fp16"}), ("qwen3", {"type": "fp16"}),
+              ("llama", {"type": "int4", "method": "rtn", "block_size": 64}),        # untied: the head has its own
+              ("qwen2", {"type": "int4", "method": "gptq", "head_bits": 8}),        # tied: read from the head
+              ("qwen3", {"type": "int8", "method": "gptq"}), ("qwen2", {"type": "int8"})]
+
+
+@pytest.mark.parametrize("mt,options", LAZY_CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c.values())))
+def test_a_lazy_model_writes_the_same_onnx_weights_one_layer_at_a_time(tiny_models, tmp_path, mt, options,
                                                                        monkeypatch):
-    """fp16/fp32 from the files read lazily: the same model.onnx.data, byte for byte, as from the loaded model, and
-    the same logits in onnxruntime; the walker holds one decoder layer at a time and the model never loads."""
+    """Every type but HQQ from the files read lazily (int4/int8 quantized as each weight is written, GPTQ's
+    statistics from the walk): the same model.onnx.data, byte for byte, as from the loaded model, and the same
+    logits in onnxruntime; the walker holds one decoder layer at a time and the model never loads."""
     from edgetailor.engine import modeling
     from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.text import read_text
     from edgetailor.engine.walker import BlockWalk
 
     lm = load_model(resolve(str(tiny_models[mt])))
     ex = get_exporter("onnx")
-    ex.export(lm.model, lm.tokenizer, tiny_models[mt], tmp_path / "loaded", {"type": qtype})
+    if options.get("method") == "gptq":
+        options = {**options, "calibration_text": read_text(None), "calibration_ctx": 64, "calibration_windows": 4}
+    ex.export(lm.model, lm.tokenizer, tiny_models[mt], tmp_path / "loaded", options)
     held, real = [], BlockWalk.__iter__
 
     def watched(walk):
@@ -273,7 +286,8 @@ def test_a_lazy_model_writes_the_same_onnx_weights_one_layer_at_a_time(tiny_mode
 
     monkeypatch.setattr(BlockWalk, "__iter__", watched)
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    res = ex.export(LazyModel(tiny_models[mt]), lm.tokenizer, tiny_models[mt], tmp_path / "lazy", {"type": qtype})
+    monkeypatch.setattr(LazyModel, "materialise", lambda *a, **k: pytest.fail("the model was materialised"))
+    res = ex.export(LazyModel(tiny_models[mt]), lm.tokenizer, tiny_models[mt], tmp_path / "lazy", options)
     assert res.info["written"] == "tensor by tensor from the model's files"
     assert len(held) == lm.model.config.num_hidden_layers
     assert max(held) == sum(p.numel() for p in lm.model.model.layers[0].parameters())
@@ -285,20 +299,57 @@ def test_a_lazy_model_writes_the_same_onnx_weights_one_layer_at_a_time(tiny_mode
         assert np.array_equal(a.logits(ids), b.logits(ids))
 
 
-def test_an_onnx_fp16_export_of_the_source_streams_and_an_int4_one_holds_the_model(tiny_models, tmp_path):
-    """The export step: fp16 from the files (the model never loaded), checked against the source like every file;
-    int4's quantizers take the whole graph, so that export loads the model, and pre-flight says which."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_writes_onnxruntimes_own_codes(tiny_models, tmp_path, bits):
+    """int4/int8 RTN, quantized as the graph is written: every MatMulNBits weight (codes and scales) is what
+    onnxruntime's MatMulNBitsQuantizer writes for the same float graph, byte for byte."""
+    import onnx
+    from edgetailor.exporters.onnx_graph import build_graph
+    from onnx import numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    lm, res, _ = _export(tiny_models["llama"], tmp_path / "m", type=f"int{bits}", block_size=32)
+    assert res.info["quantized_by"] == "onnxruntime's MatMulNBits round-to-nearest kernels"
+    algo = mnq.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits, quant_format=QuantFormat.QOperator,
+                                            op_types_to_quantize=("MatMul",))
+    q = mnq.MatMulNBitsQuantizer(build_graph(lm.model, "fp32", quantizable=True).proto, bits=bits, block_size=32,
+                                 is_symmetric=True, algo_config=algo)
+    q.process()
+    theirs = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer if t.name.endswith(
+        (f"_Q{bits}", "_scales"))}
+    ours = {t.name: numpy_helper.to_array(t, str(tmp_path / "m"))
+            for t in onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False).graph.initializer
+            if t.name.endswith((f"_Q{bits}", "_scales"))}
+    assert len(ours) == 2 * (5 * lm.model.config.num_hidden_layers + 1)      # qkv, o, gate, up, down; the head
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert value.tobytes() == theirs[name].tobytes(), name
+
+
+def test_onnx_exports_of_the_source_stream_and_only_hqq_holds_the_model(tiny_models, tmp_path):
+    """The export step: fp16 and int4 (RTN and GPTQ) from the files (the model never loaded), each checked against
+    the source like every file; HQQ's quantizer takes the whole graph, so that export loads the model, and
+    pre-flight says which."""
     from edgetailor.engine import Recipe, preflight
 
     src = resolve(str(tiny_models["llama"]))
-    fp16 = {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": ["fp16"]}}]}
-    (step,) = preflight(src, Recipe.from_dict(fp16)).steps
-    assert step["how"].startswith("writes the graph one decoder layer at a time")
-    int4 = {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": ["fp16", "int4"]}}]}
-    assert preflight(src, Recipe.from_dict(int4)).steps[0]["how"] == "holds the fp32 model"
-    rec = run_job(JobSpec(recipe=fp16, source=str(tiny_models["llama"]), runs_root=str(tmp_path),
-                          options={"threads": 2}))
+
+    def recipe(types, **options):
+        return {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": types,
+                                                                     "options": options}}]}
+
+    for r in (recipe(["fp16", "int4", "int8"]), recipe(["int4"], method="gptq")):
+        (step,) = preflight(src, Recipe.from_dict(r)).steps
+        assert step["how"].startswith("writes the graph one decoder layer at a time"), step
+    (gptq,) = preflight(src, Recipe.from_dict(recipe(["int4"], method="gptq"))).steps
+    (rtn,) = preflight(src, Recipe.from_dict(recipe(["int4"]))).steps
+    assert gptq["ram_bytes"] > rtn["ram_bytes"]           # the calibration walk and one layer's statistics
+    assert preflight(src, Recipe.from_dict(recipe(["int4"], method="hqq"))).steps[0]["how"] == "holds the fp32 model"
+    rec = run_job(JobSpec(recipe=recipe(["fp16", "int4"], method="gptq"), source=str(tiny_models["llama"]),
+                          runs_root=str(tmp_path), options={"threads": 2}))
     m = json.loads((rec.folder / "manifest.json").read_text())
     assert m["status"] == "succeeded", m["error"]
-    (v,) = m["variants"]
-    assert v["format"] == "onnx" and v["metrics"]["verify_top1"] > 0.99     # checked against the source
+    assert [v["format"] for v in m["variants"]] == ["onnx", "onnx"]
+    for v in m["variants"]:                                   # checked against the source
+        assert v["metrics"]["verify_top1"] > (0.99 if v["params"]["type"] == "fp16" else 0.5), v

@@ -98,12 +98,12 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
 @register_step("export", ExportConfig, kind="export",
                summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
                exports="this is the export", disk_bytes=_disk,
-               streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format, cfg.types))
+               streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format, cfg.types, cfg.options))
 def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
-    # GGUF, and ONNX in fp16/fp32, are written from the current model's files read lazily (the source's, with the
-    # blocks of streamed transforms in place; no fp32 copy) unless a step loaded it (ONNX's quantizers load it);
+    # GGUF, and ONNX in every type but int4 HQQ, are written from the current model's files read lazily (the
+    # source's, with the blocks of streamed transforms in place; no fp32 copy) unless a step loaded it;
     # a loaded model has its factored layers (low-rank) multiplied back for the file formats
     model = ctx.weights()
     if not getattr(model, "is_lazy", False):

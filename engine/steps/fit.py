@@ -5,7 +5,7 @@ One pass of the calibration text (the sensitivity of every tensor, ``engine.sens
 types; the runtime's overhead is measured once at the app's context. ``engine.planner`` then predicts memory,
 speed, energy and KL for any (file size, KV type) or ONNX scheme, optuna searches that space under the budget,
 and the best feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ; ONNX int4 GPTQ onto
-MatMulNBits, int8 by onnxruntime), checked against the source, evaluated (perplexity, KL, top-1 in llama.cpp with
+MatMulNBits, int4 and int8), checked against the source, evaluated (perplexity, KL, top-1 in llama.cpp with
 their KV type, or onnxruntime) and benchmarked in a fresh process at the app's context. Each round refits the
 predictors on what was measured and searches again. The recommendation comes from the measured candidates only;
 ``plan.json`` holds every predicted and measured point.
@@ -432,7 +432,7 @@ def _variant(ctx: RunContext, cfg: FitConfig, b: Built, name: str, kv: str, pred
 
 def _rejected(ctx: RunContext, planner, raw: dict, res: dict) -> dict:
     """A candidate whose file failed its check against the source: left out of the plan, and, for an ONNX scheme,
-    the scheme with it (its loss is not what the weights' prices say: int8's activations are quantized on the fly)."""
+    the scheme with it (its loss is not what the weights' prices say)."""
     ctx.log(f"{res['name']} left out: {res['rejected']}", level="warning")
     if raw["onnx"]:
         planner.exclude_onnx(raw["onnx"])
