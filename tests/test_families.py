@@ -97,6 +97,46 @@ def test_verification_bounds_grow_with_the_rounding():
     assert tolerance_for("onnx", "int4").max_kl == tolerance_for("gguf", "Q4_0").max_kl
 
 
+def test_top1_agreement_is_judged_on_the_positions_the_source_decides():
+    """A 4-bit file of a random model (flat distributions: argmax flips with no real change) passes on its KL; a
+    file that changes the source's decided choices fails, though its KL is within the bound."""
+    import numpy as np
+    from edgetailor.engine.errors import EdgeTailorError
+    from edgetailor.engine.verification import compare, log_softmax, verify_against_source
+
+    rng = np.random.default_rng(0)
+    windows = [list(range(64)), list(range(64, 128))]
+
+    class Runtime:
+        def __init__(self, logits):
+            self.rows = iter(logits)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def logits(self, ids):
+            return next(self.rows)
+
+    def check(ref_logits, file_logits):
+        reference = [log_softmax(x) for x in ref_logits]
+        return verify_against_source("onnx", "int4", None, reference, windows,
+                                     open_runtime=lambda *a, **k: Runtime(file_logits))
+
+    flat = [rng.normal(0, 0.3, (64, 1000)) for _ in windows]                 # no position decided
+    noisy = [x + rng.normal(0, 0.5, x.shape) for x in flat]                  # KL ~0.1, argmax mostly flipped
+    found = check(flat, noisy)
+    assert found["passed"] and found["decided"] < 16 and found["top1"] < 0.3
+    sharp = [x + 4 * np.eye(1000)[rng.integers(0, 1000, 64)] for x in flat]  # the source decides every position
+    swapped = [x + 4 * np.eye(1000)[rng.integers(0, 1000, 64)] - 4 * (x - f > 2) for x, f in zip(sharp, flat)]
+    found = compare([log_softmax(x) for x in sharp], Runtime(swapped), windows)
+    assert 0.1 < found["kl"] < 1.0 and found["decided"] == 128 and found["top1_decided"] < 0.3
+    with pytest.raises(EdgeTailorError, match="top-1"):
+        check(sharp, swapped)
+
+
 def _fake_model(folder: Path, config: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
