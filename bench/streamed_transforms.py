@@ -1,8 +1,8 @@
 """A transform on a 1B-shaped model, streamed block by block against the same steps on the model held in fp32,
 side by side in one run.
 
-Recipes: ``prune.wanda`` (2:4, calibration text), or ``cluster.kmeans`` (16 values per tensor, activation-weighted),
-then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``, ``onnx-int4``, ``onnx-gptq``: the
+Recipes: ``prune.wanda`` (2:4, calibration text), ``cluster.kmeans`` (16 values per tensor, activation-weighted) or
+``lowrank`` (activation-aware SVD keeping 70% of the linear parameters, multiplied back), then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``, ``onnx-int4``, ``onnx-gptq``: the
 untouched source exported to ONNX fp16, int4 RTN or int4 GPTQ (EdgeTailor's graph, one decoder layer at a time,
 int4 quantized as each weight is written; checked against the source). The
 streamed run is what a run does now: the source read lazily, one decoder block in memory, the pruned blocks
@@ -12,7 +12,7 @@ a sampler records the process's peak RSS per step, beside pre-flight's predictio
 write the same Q4_K_M file, byte for byte. Random weights at Llama-3.2-1B's shape (made and cached by
 ``bench/streaming_export.py``): memory, time and exactness, not quality.
 
-Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|onnx|onnx-int4|onnx-gptq] [--shape 1b] [--threads 2]
+Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|lowrank|onnx|onnx-int4|onnx-gptq] [--shape 1b] [--threads 2]
 Writes bench/results/streamed_transforms.{json,md} (else streamed_transforms_RECIPE.{json,md}).
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ RECIPES = {
     "kmeans": [("cluster.kmeans", {"clusters": 16, "activation_weighted": True, "calibration_sequences": 8,
                                    "calibration_length": 256}),
                ("export", {"types": ["Q4_K_M"]})],
+    "lowrank": [("lowrank.svd", {"keep": 0.7, "factored": False, "calibration_sequences": 8,
+                                 "calibration_length": 256}),
+                ("export", {"types": ["Q4_K_M"]})],
     "onnx": [("export", {"format": "onnx", "types": ["fp16"]})],
     "onnx-int4": [("export", {"format": "onnx", "types": ["int4"]})],
     "onnx-gptq": [("export", {"format": "onnx", "types": ["int4"],

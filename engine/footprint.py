@@ -192,15 +192,21 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
         how = "writes the model tensor by tensor from its files (no fp32 copy of the model)"
     elif fmt == "onnx" and shape.onnx_graph and types and not ("int4" in types and method == "hqq"):
-        work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * 3,
-                "largest tensor, read, widened and written": shape.largest_tensor_params * (2 + 4 + 4),
+        quantized = all(t in ("int4", "int8") for t in types)
+        tied = shape.embedding_params <= shape.vocab * shape.hidden
+        # quantized, a tied embedding is read from the quantized head (rounded in slices of rows), never whole
+        largest = max(shape.intermediate, shape.q_dim) * shape.hidden if quantized and tied \
+            else shape.largest_tensor_params
+        work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * (2 if quantized else 3),
+                "largest tensor, read, widened and written": largest * (2 + 4 + 4),
                 **onnx_quantizer_parts(shape, types, method, options)}
         how = "writes the graph one decoder layer at a time from its files (no fp32 copy of the model)"
     else:
         return None
-    # measured (bench/results/streamed_transforms_onnx.md): checking an ONNX file holds about twice its weights
-    # (onnxruntime's and onnxruntime-genai's sessions)
-    session = int(shape.params * max(ONNX_BYTES_PER_WEIGHT.get(t, 4.0) for t in types) * 2) if fmt == "onnx" else 0
+    # measured (bench/results/streamed_transforms_onnx*.md): checking a float ONNX file holds about twice its
+    # weights (onnxruntime's and onnxruntime-genai's sessions), an int4 one about 1.1x (MLAS packs MatMulNBits)
+    session = int(shape.params * max(ONNX_BYTES_PER_WEIGHT.get(t, 4.0) * (1.25 if t in ("int4", "int8") else 2)
+                                     for t in types)) if fmt == "onnx" else 0
     if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
         name, reference = "reference (walked: one block and the output head, fp32)", \
             shape.block_params * 4 + shape.vocab * shape.hidden * 4
@@ -211,7 +217,7 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
     peak = PROCESS_BYTES + max(sum(work.values()), session) + reference     # the file is written, then checked
     parts = {"process": PROCESS_BYTES, **work, name: reference}
     if session:
-        parts["the check's runtime sessions (twice the file's weights)"] = session
+        parts["the check's runtime sessions (1.25-2x the file's weights)"] = session
     return StepNeed(step, peak, how, parts)
 
 

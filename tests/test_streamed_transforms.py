@@ -38,11 +38,15 @@ STEPS = [[("prune.magnitude", {"sparsity": 0.5})], [("prune.magnitude", {"patter
          [("cluster.kmeans", {"clusters": 16})],
          [("prune.magnitude", {"sparsity": 0.3}), ("cluster.kmeans", {"clusters": 16, "activation_weighted": True,
                                                                       "calibration_sequences": 4,
-                                                                      "calibration_length": 64})]]
+                                                                      "calibration_length": 64})],
+         [("lowrank.svd", {"keep": 0.6, "factored": False, "calibration_sequences": 4, "calibration_length": 64})],
+         [("prune.magnitude", {"sparsity": 0.3}), ("lowrank.svd", {"mode": "energy", "keep": 0.9,
+                                                                   "activation_aware": False, "factored": False})]]
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=["magnitude", "2_4", "wanda", "awq", "pruned-then-awq", "depth", "width",
-                                              "pruned-then-depth", "kmeans", "pruned-then-weighted-kmeans"])
+                                              "pruned-then-depth", "kmeans", "pruned-then-weighted-kmeans", "lowrank",
+                                              "pruned-then-lowrank-energy"])
 def test_a_streamed_transform_equals_the_loaded_one_and_never_loads_the_model(tmp_path, stories_dir, steps):
     loaded = make_ctx(tmp_path, stories_dir, "loaded")
     loaded.loaded                                            # a step loaded it: the transform runs in memory

@@ -18,10 +18,12 @@ with quantization).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..architectures import ModelDims
 from ..context import RunContext
 from ..errors import EdgeTailorError, RunCancelled
 from ..registry import register_step
@@ -66,7 +68,8 @@ class LowRankConfig:
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES),
                                metadata={"help": "linear layer names to factor"})
     factored: bool = field(default=True, metadata={
-        "help": "keep B and A as two layers in torch (real size and speed); false multiplies them back"})
+        "help": "keep B and A as two layers in torch (real size and speed; holds a model of up to 2 GB in fp32, "
+                "larger ones stream); false multiplies them back and streams"})
     calibration_sequences: int = field(default=16, metadata={"help": "calibration sequences (activation-aware)"})
     calibration_length: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
 
@@ -80,31 +83,9 @@ class LowRankConfig:
             raise ValueError(f"targets must be among {LINEAR_NAMES}, not {unknown or 'empty'}")
 
 
-def target_linears(model, targets) -> dict[str, nn.Linear]:
-    from ..calibration import decoder_layers
-
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-                out[f"model.layers.{i}.{name}"] = mod
-    if not out:
-        raise EdgeTailorError(f"The model has no linear layers named {targets} to factor.",
-                              "Pick targets among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.")
-    return out
-
-
-def input_covariances(model, linears: dict[str, nn.Linear], sequences, progress=None, cancelled=None) -> dict:
-    """X^T X (float64) of each linear layer's input over the calibration sequences (the one input collector;
-    layers fed the same input, as q/k/v and gate/up, share one matrix)."""
-    from ..calibration import run_batches
-    from ..imatrix import InputCollector
-
-    collector = InputCollector(hessians=True, dtype=torch.float64)
-    with collector.hooks(linears):
-        run_batches(model, sequences, progress=progress, cancelled=cancelled)
-    collector.done()
-    return {name: collector.xtx[collector.input_of[name]] for name in linears}
+def block_targets(block, targets) -> dict[str, nn.Linear]:
+    """A walked block's linear layers named in ``targets``, by qualified name."""
+    return {n: m for n, m in block.linears().items() if n.rsplit(".", 1)[-1] in targets}
 
 
 @dataclass
@@ -184,72 +165,219 @@ def build(linear: nn.Linear, f: Factors, rank: int) -> LowRankLinear:
     return LowRankLinear(first, second)
 
 
-def factorize(model, cfg: LowRankConfig, sequences=None, progress=None, cancelled=None) -> dict:
-    """Factor the model's target linears in place; returns a report (ranks, parameters before/after)."""
+def most_useful_rank(out: int, inp: int) -> int:
+    """The largest rank that still saves parameters (r (out + in) < out x in); beyond it a layer stays dense."""
+    return max(1, (out * inp - 1) // (out + inp))
+
+
+class FactorStore:
+    """Each layer's factors up to ``most_useful_rank`` (what the rank choice can keep), between the two walks: in
+    memory, or with a ``folder`` in one safetensors file per block (a model read lazily: one block in memory)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder, self.held = folder, {}
+
+    def put(self, index: int, factors: dict[str, Factors]) -> None:
+        if self.folder is None:
+            self.held[index] = factors
+            return
+        from safetensors.torch import save_file
+
+        from ..atomic import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"block-{index:05d}.safetensors") as tmp:
+            save_file({f"{n}/{k}": getattr(f, k).contiguous() for n, f in factors.items() for k in ("u", "s", "vt")},
+                      str(tmp))
+
+    def get(self, index: int) -> dict[str, Factors]:
+        if self.folder is None:
+            return self.held.pop(index, {})
+        from safetensors.torch import load_file
+
+        flat = load_file(str(self.folder / f"block-{index:05d}.safetensors"))
+        names = {k.rsplit("/", 1)[0] for k in flat}
+        return {n: Factors(flat[f"{n}/u"], flat[f"{n}/s"], flat[f"{n}/vt"]) for n in names}
+
+
+def measure_factors(model, cfg: LowRankConfig, sequences, store: FactorStore, progress=None, cancelled=None):
+    """The first walk: each block's target layers factored (whitened by the covariance of their inputs, measured
+    as the walk runs the untouched block: the source's own activations), kept in ``store``; returns every layer's
+    singular values and shape (what the rank choice reads)."""
+    from ..imatrix import InputCollector
+    from ..walker import BlockWalk
+
+    spectra, shapes = {}, {}
+    for block in BlockWalk(model, sequences, cancelled=cancelled, progress=progress):
+        linears = block_targets(block, cfg.targets)
+        covs = {}
+        if sequences is not None:
+            acc = InputCollector(hessians=True, dtype=torch.float64)
+            with acc.hooks(linears):
+                block.forward()
+            acc.done()
+            covs = {n: acc.xtx[acc.input_of[n]] for n in linears}
+            del acc
+        kept = {}
+        for name, lin in linears.items():
+            f = factor(lin.weight, covs.get(name))
+            o, i = lin.out_features, lin.in_features
+            r = min(most_useful_rank(o, i), len(f.s))
+            kept[name] = Factors(f.u[:, :r].contiguous(), f.s.clone(), f.vt[:r].contiguous())
+            spectra[name], shapes[name] = f.s, (o, i)
+        del covs
+        store.put(block.index, kept)
+    return spectra, shapes
+
+
+# Long by design: the two walks (measure every layer, choose ranks across them, rebuild) read as one algorithm.
+def factorize(model, cfg: LowRankConfig, sequences=None, progress=None, cancelled=None, scratch: Path | None = None,
+              rebuild_walk=None) -> dict:
+    """Factor the model's target linears: a first walk factors every layer (``measure_factors``), the ranks are
+    chosen across all of them, a second walk puts the rank-r layers in. A loaded model is changed in place
+    (``LowRankLinear``, or multiplied back when not ``cfg.factored``); a lazy one (``scratch`` for the factors,
+    ``rebuild_walk``: a transform walk that keeps what it changes) gets the multiplied-back weights written
+    block by block, and ``result`` is the model they make. Returns the report (ranks, parameters before/after)."""
+    from ..walker import BlockWalk
+
     progress = progress or (lambda f, m: None)
-    linears = target_linears(model, cfg.targets)
-    covs = {}
-    if cfg.activation_aware:
-        if sequences is None:
-            raise EdgeTailorError("Activation-aware low-rank factorization needs calibration text.",
-                                  "Give calibration sequences, or set activation_aware: false.")
-        covs = input_covariances(model, linears, sequences, lambda f, m: progress(0.2 * f, m), cancelled)
-    factors, shapes = {}, {}
-    for k, (name, lin) in enumerate(linears.items()):
-        if cancelled and cancelled():
-            raise RunCancelled()
-        factors[name] = factor(lin.weight, covs.get(name))
-        shapes[name] = (lin.out_features, lin.in_features)
-        progress(0.2 + 0.7 * (k + 1) / len(linears), f"SVD {k + 1}/{len(linears)}: {name}")
+    if cfg.activation_aware and sequences is None:
+        raise EdgeTailorError("Activation-aware low-rank factorization needs calibration text.",
+                              "Give calibration sequences, or set activation_aware: false.")
+    store = FactorStore(scratch)
+    spectra, shapes = measure_factors(model, cfg, sequences if cfg.activation_aware else None, store,
+                                      lambda f, m: progress(0.8 * f, f"factoring: {m}"), cancelled)
+    if not shapes:
+        raise EdgeTailorError(f"The model has no linear layers named {cfg.targets} to factor.",
+                              "Pick targets among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.")
     choose = ranks_by_budget if cfg.mode == "budget" else ranks_by_energy
-    ranks = choose(factors, shapes, cfg.keep)
-    before = sum(o * i for o, i in shapes.values())
+    ranks = choose({n: Factors(None, s, None) for n, s in spectra.items()}, shapes, cfg.keep)
+    walk = rebuild_walk(None) if rebuild_walk else BlockWalk(model, None, cancelled=cancelled)
     after, factored, energy = 0, 0, []
-    for name, lin in linears.items():
-        o, i = shapes[name]
-        r = ranks[name]
-        if r * (o + i) >= o * i:          # no saving: keep it dense and exact
-            after += o * i
-            energy.append(1.0)
-            continue
-        s2 = factors[name].s.square()
-        energy.append(float(s2[:r].sum() / s2.sum().clamp_min(1e-30)))
-        new = build(lin, factors[name], r)
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, new if cfg.factored else new.to_plain())
-        after += r * (o + i)
-        factored += 1
-    return {"ranks": ranks, "energy_kept": energy, "linear_params_before": before, "linear_params_after": after,
-            "layers_factored": factored, "layers": len(linears)}
+    for block in walk:
+        kept = store.get(block.index)
+        changed = {}
+        for name, lin in block_targets(block, cfg.targets).items():
+            (o, i), r = shapes[name], ranks[name]
+            if r * (o + i) >= o * i:          # no saving: keep it dense and exact
+                after += o * i
+                energy.append(1.0)
+                continue
+            s2 = spectra[name].square()
+            energy.append(float(s2[:r].sum() / s2.sum().clamp_min(1e-30)))
+            new = build(lin, kept[name], r)
+            changed[name] = new if cfg.factored and not walk.lazy else new.to_plain()
+            after += r * (o + i)
+            factored += 1
+        if walk.lazy:
+            block.keep(changed)
+        else:
+            for name, new in changed.items():
+                parent_name, child = name[len(block.prefix):].rsplit(".", 1)
+                setattr(block.module.get_submodule(parent_name), child, new)
+        progress(0.8 + 0.2 * (block.index + 1) / len(walk), f"rank-r layers of block {block.index + 1}/{len(walk)}")
+    if scratch is not None:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"ranks": ranks, "energy_kept": energy, "linear_params_before": sum(o * i for o, i in shapes.values()),
+            "linear_params_after": after, "layers_factored": factored, "layers": len(shapes),
+            "factored_in_torch": cfg.factored and not walk.lazy, "result": walk.result() if walk.lazy else None}
+
+
+def _parameters(model) -> int:
+    """The model's parameters, a tied head counted once (as torch counts them)."""
+    if getattr(model, "is_lazy", False):
+        tied = ModelDims.of(model.config).tied
+        return sum(t.numel() for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight"))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _factorize(ctx: RunContext, model, cfg: LowRankConfig, seqs) -> dict:
+    lazy = getattr(model, "is_lazy", False)
+    return factorize(model, cfg, seqs, progress=ctx.progress, cancelled=ctx.cancel.is_set,
+                     scratch=ctx.record.folder / "scratch" / "lowrank-factors" if lazy else None,
+                     rebuild_walk=ctx.transform_walk if lazy else None)
+
+
+def holds_factors(cfg: LowRankConfig, fp32_bytes: int) -> bool:
+    """Whether the step holds the model to keep its factored layers in torch (``factored``, for a model small
+    enough to be evaluated in torch); otherwise it streams and writes the multiplied-back weights, which is what
+    the file formats store anyway."""
+    from ..reference import TORCH_REFERENCE_MAX_BYTES
+
+    return cfg.factored and fp32_bytes <= TORCH_REFERENCE_MAX_BYTES
+
+
+def _lowrank_need(cfg: LowRankConfig, shape):
+    """None where the step holds the model (``holds_factors``). Streamed: one block walked (its weights in fp32, the calibration hidden states), its inputs' covariances in
+    float64, the SVD of its widest matrix in float64 (the matrix, its whitened copy, U, V^T and LAPACK's work:
+    five copies) and the block's factors (at most its weights' size, fp32)."""
+    from ..footprint import streamed_transform_need
+
+    if holds_factors(cfg, shape.fp32_bytes):
+        return None
+    tokens = cfg.calibration_sequences * cfg.calibration_length if cfg.activation_aware else 0
+    need = streamed_transform_need("lowrank.svd", shape, tokens, cfg.calibration_length)
+    h, n, q = shape.hidden, shape.intermediate, shape.q_dim
+    extra = {"input covariances of one block (float64)": (2 * h * h + q * q + n * n) * 8 if tokens else 0,
+             "SVD of its widest matrix (float64, 5 copies)": max(n, q) * h * 8 * 5,
+             "the block's factors (fp32)": shape.block_params * 4}
+    need.parts.pop("scores of its largest matrix")
+    need.parts.update(extra)
+    # the batch's activations (the block's forward) and the SVDs (after it) are never held at once
+    need.ram_bytes = sum(need.parts.values()) - min(need.parts.get("one batch's activations", 0),
+                                                    extra["SVD of its widest matrix (float64, 5 copies)"])
+    return need
+
+
+def _lowrank_disk(cfg: LowRankConfig, shape) -> float:
+    """The blocks' factors (fp32, up to each layer's most useful rank: about the weights' size) while the second
+    walk writes the rank-r blocks (fp32) to scratch."""
+    from ..footprint import scratch_bytes
+
+    return 2 * scratch_bytes(shape, exact=False)
 
 
 @register_step("lowrank.svd", LowRankConfig, kind="transform",
                summary="Factor linear layers as two low-rank matrices (SVD; activation-aware SVD-LLM whitening)",
-               exports="torch: stays factored (real size and speed). GGUF and ONNX: B @ A is multiplied back "
-                       "into plain weights at export (same file size as dense; the quality change is kept)",
-               ram_multiple=1.5)
+               exports="torch: stays factored (real size and speed) when the model is held. GGUF and ONNX: B @ A "
+                       "is multiplied back into plain weights (same file size as dense; the quality change is kept); "
+                       "a model read from its files is streamed and gets the multiplied-back weights directly",
+               ram_multiple=1.5, streamed_ram=_lowrank_need, disk_bytes=_lowrank_disk)
 def lowrank_svd(ctx: RunContext, cfg: LowRankConfig) -> None:
+    from ..walker import FusedNamesError
+
     seqs = None
     if cfg.activation_aware:
         from ..calibration import token_sequences
 
         seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.calibration_length,
                                cfg.calibration_sequences)
-    total_before = sum(p.numel() for p in ctx.model.parameters())
-    rep = factorize(ctx.model, cfg, seqs, progress=ctx.progress, cancelled=ctx.cancel.is_set)
-    total_after = sum(p.numel() for p in ctx.model.parameters())
+    torch.set_num_threads(ctx.options.resolved_threads())
+    model = ctx.weights()
+    if getattr(model, "is_lazy", False) and holds_factors(cfg, 4 * _parameters(model)):
+        model = ctx.model               # factored layers live in a held torch model
+    total_before = _parameters(model)
+    try:
+        rep = _factorize(ctx, model, cfg, seqs)
+    except FusedNamesError as exc:       # fused experts in the files: no lazy walk
+        ctx.log(f"{exc.problem} Loading it whole for this step.")
+        rep = _factorize(ctx, ctx.model, cfg, seqs)
+    result = rep.pop("result")
     share = rep["linear_params_after"] / rep["linear_params_before"]
+    total_after = total_before - rep["linear_params_before"] + rep["linear_params_after"] \
+        if rep["factored_in_torch"] else total_before
     label = f"{'asvd' if cfg.activation_aware else 'svd'}{round(100 * (share if cfg.mode == 'budget' else cfg.keep))}"
     if cfg.mode == "energy":
         label += "e"
-    ctx.mark_applied(label)
+    ctx.mark_applied(label, result)
     ctx.report(**{"label": label, "parameters_before": total_before, "parameters_after": total_after,
-                             **{k: v for k, v in rep.items() if k != "ranks"},
-                             "ranks": rep["ranks"], "factored_in_torch": cfg.factored})
+                  **{k: v for k, v in rep.items() if k != "ranks"}, "ranks": rep["ranks"]})
     ctx.log(f"{label}: factored {rep['layers_factored']}/{rep['layers']} linear layers; linear parameters "
             f"{rep['linear_params_before']:,} -> {rep['linear_params_after']:,} ({100 * share:.1f}%), model "
             f"{total_before:,} -> {total_after:,}; mean energy kept "
             f"{100 * sum(rep['energy_kept']) / len(rep['energy_kept']):.1f}%"
-            + ("" if cfg.factored else " (multiplied back into plain weights)"))
+            + ("" if rep["factored_in_torch"] else " (multiplied back into plain weights"
+               + ("; streamed: the file formats multiply them back too)" if result is not None else ")")))
     ctx.progress(1.0, f"{label}: {100 * share:.1f}% of the linear parameters kept")
