@@ -155,6 +155,12 @@ def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_pat
     svd = rep.steps[0]
     assert "one decoder block at a time" in svd["how"] and svd["ram_bytes"] < 8 * 1024**3
     assert svd["parts"]["input covariances of one block (float64)"] > 1e9      # 14336 x 14336 for down_proj
+    for options in ({}, {"method": "gptq"}):         # ONNX int4, quantized as each weight is written
+        onnx = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+            {"step": "export", "params": {"format": "onnx", "types": ["int4"], "options": options}}]}))
+        assert onnx.fits and onnx.steps[0]["how"].startswith("writes the graph one decoder layer at a time")
+    fit = preflight(src, Recipe.from_dict({"name": "x", "steps": [{"step": "fit", "params": {"formats": ["onnx"]}}]}))
+    assert fit.steps[0]["parts"]["an ONNX candidate's export"] > 1e9 and fit.fits, fit.problems
     shared = Recipe.from_dict({"name": "x", "steps": [{"step": "share.layers"}, {"step": "export"}]})
     rep = preflight(src, shared)
     assert not rep.fits                               # a transform that is not streamed holds the model in fp32

@@ -89,10 +89,23 @@ class FitConfig:
 
 
 def _fit_ram(cfg: FitConfig, shape):
-    from ..footprint import calibrated_need, calibration_tokens
+    """The calibrated GGUF candidates' block walk and sensitivity pass; with ONNX in the formats, also an ONNX
+    candidate's export (written layer by layer, GPTQ's statistics from its own walk): the larger of the two."""
+    from ..footprint import calibrated_need, calibration_tokens, export_need
 
-    return calibrated_need("fit", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
+    need = calibrated_need("fit", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
                            gptq=cfg.method == "gptq", measured=True)
+    types = sorted({ONNX_SCHEMES[n].type for n in cfg.onnx_schemes}) if "onnx" in cfg.formats else []
+    windows = calibration_tokens(cfg.max_sequences, cfg.seq_len) // cfg.seq_len
+    onnx = export_need("fit", shape, "onnx", types, {"method": cfg.method, "calibration_ctx": cfg.seq_len,
+                                                       "calibration_windows": windows}) if types else None
+    if onnx is None:
+        return need
+    need.parts["an ONNX candidate's export"] = onnx.ram_bytes
+    if onnx.ram_bytes > need.ram_bytes:
+        need.ram_bytes = onnx.ram_bytes
+        need.how += f"; largest: an ONNX candidate's export ({onnx.how})"
+    return need
 
 
 @dataclass
