@@ -5,7 +5,7 @@ they are written, ``engine/runtimes/onnx.py`` runs it.
 The graph is written directly with ``onnx.helper`` in the shape onnxruntime-genai's model builder emits for
 CPU, so the same fused kernels run it: ``GroupQueryAttention`` (rotary inside, KV cache in and out),
 ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` and, once quantized,
-``MatMulNBits`` (int4) with the tied embedding read from the quantized head by ``GatherBlockQuantized``.
+``MatMulNBits`` (int4, int8) with the tied embedding read from the quantized head by ``GatherBlockQuantized``.
 
 Types: ``fp32``, ``fp16``, ``int8`` and ``int4``: weight-only ``MatMulNBits`` of 8 or 4 bits, as
 onnxruntime-genai's builder writes ``-p int8`` / ``-p int4`` (symmetric blocks, a float32 scale each). Options:
@@ -67,7 +67,7 @@ def parse_options(options: dict, need_text: bool = True) -> dict:
                               f"Use one of: {', '.join(map(str, BLOCK_SIZES))}.")
     method = str(options.get("method", "rtn")).lower()
     if method not in INT4_METHODS:
-        raise EdgeTailorError(f"'{method}' is not an int4 method.", f"Use one of: {', '.join(INT4_METHODS)}.")
+        raise EdgeTailorError(f"'{method}' is not a method of ONNX's int4/int8.", f"Use one of: {', '.join(INT4_METHODS)}.")
     if qtype in ("int4", "int8") and method == "gptq" and need_text and not options.get("calibration_text"):
         raise EdgeTailorError(f"{qtype} method 'gptq' needs calibration text.",
                               "Run it through the export step (it passes the job's calibration text), "
