@@ -4,7 +4,8 @@
 dropped, a sliding window forgotten, q/k rows in the wrong order). Before a variant is kept, the file runs in
 its own runtime on a few fixed token windows of the calibration text, and its next-token distributions are
 compared at every position with those of the model it was exported from (torch, in this process): mean
-KL(source || file) and top-1 agreement, each against a bound for the file's type. A file outside its bound
+KL(source || file) and top-1 agreement (on the positions the source decides), each against a bound for the
+file's type. A file outside its bound
 stops the run with the numbers; the figures are kept with the variant either way.
 
 The bounds are loose enough for what each type's rounding does to a model (figures in ``TOLERANCES``) and
