@@ -137,10 +137,10 @@ def main() -> int:
         return 0
     from edgetailor.engine import resolve
 
-    out = Path(args.out or HERE / "results" / ("streamed_transforms" + ("" if args.recipe == "wanda" else
-                                                                         f"_{args.recipe}")))
+    stem = Path(args.out or HERE / "results" / ("streamed_transforms" + ("" if args.recipe == "wanda" else
+                                                                          f"_{args.recipe}")))
     if args.preflight_only:
-        return refresh_preflight(out, Path(args.cache) / f"llama-{args.shape}-shaped")
+        return refresh_preflight(stem, Path(args.cache) / f"llama-{args.shape}-shaped")
     folder = make_shaped_model(Path(args.cache) / f"llama-{args.shape}-shaped", SHAPES[args.shape],
                                resolve("demo").path)
     runs = {}
@@ -158,7 +158,7 @@ def main() -> int:
     results = {"machine": machine(), "shape": args.shape, "threads": args.threads, "recipe": steps,
                "recipe_name": args.recipe, "runs": runs,
                "preflight": pre, "same_file": runs["streamed"]["sha256"] == runs["loaded"]["sha256"]}
-    write_results(out, results, markdown(results))
+    write_results(stem, results, markdown(results))
     print(markdown(results))
     return 0
 
@@ -203,8 +203,8 @@ def markdown(r: dict) -> str:
            f"Reproduce: `.venv/bin/python bench/streamed_transforms.py --recipe {r['recipe_name']}`", ""]
     if r.get("preflight_recomputed"):
         was = ", ".join(f"{k} {v} MB" for k, v in r["preflight_recomputed"]["before"].items())
-        md += [f"Pre-flight's column recomputed on {r['preflight_recomputed']['at']} with the current code "
-               f"(`--preflight-only`; the runs are unchanged); at the run it said: {was}.", ""]
+        md += [(f"Pre-flight's column recomputed on {r['preflight_recomputed']['at']} with the current code "
+                f"(`--preflight-only`; the runs are unchanged); at the run it said: {was}."), ""]
     return "\n".join(md)
 
 
