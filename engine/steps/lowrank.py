@@ -312,7 +312,7 @@ def holds_factors(cfg: LowRankConfig, fp32_bytes: int) -> bool:
 def _lowrank_need(cfg: LowRankConfig, shape):
     """None where the step holds the model (``holds_factors``). Streamed: one block walked (its weights in fp32, the calibration hidden states), its inputs' covariances in
     float64, the SVD of its widest matrix in float64 (the matrix, its whitened copy, U, V^T and LAPACK's work:
-    five copies) and the block's factors (at most its weights' size, fp32)."""
+    eight copies, measured on a 1B shape) and the block's factors (at most its weights' size, fp32)."""
     from ..footprint import streamed_transform_need
 
     if holds_factors(cfg, shape.fp32_bytes):
@@ -321,13 +321,13 @@ def _lowrank_need(cfg: LowRankConfig, shape):
     need = streamed_transform_need("lowrank.svd", shape, tokens, cfg.calibration_length)
     h, n, q = shape.hidden, shape.intermediate, shape.q_dim
     extra = {"input covariances of one block (float64)": (2 * h * h + q * q + n * n) * 8 if tokens else 0,
-             "SVD of its widest matrix (float64, 5 copies)": max(n, q) * h * 8 * 5,
+             "SVD of its widest matrix (float64, 8 copies)": max(n, q) * h * 8 * 8,
              "the block's factors (fp32)": shape.block_params * 4}
     need.parts.pop("scores of its largest matrix")
     need.parts.update(extra)
     # the batch's activations (the block's forward) and the SVDs (after it) are never held at once
     need.ram_bytes = sum(need.parts.values()) - min(need.parts.get("one batch's activations", 0),
-                                                    extra["SVD of its widest matrix (float64, 5 copies)"])
+                                                    extra["SVD of its widest matrix (float64, 8 copies)"])
     return need
 
 
