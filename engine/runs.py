@@ -107,21 +107,20 @@ class RunRecord:
         return cls(Path(folder), read_manifest(p))
 
     def save(self) -> None:
-        """Atomically; on a disk too full for the new file, in place (the record's own blocks), so that a run that
-        fails for want of disk is still recorded as failed (a torn record reads as CorruptRecordError)."""
+        """Atomically; on a disk too full for a new file, in place, so that a run that fails for want of disk is
+        still recorded as failed. The in place write never gives a block back (another program filling the disk
+        would take it): the record is padded with spaces (valid JSON) to ``RECORD_SLACK`` past its text, so the
+        failed status fits in blocks the file already holds; a longer record first reserves its blocks."""
         import errno
 
+        data = (json.dumps(self.manifest, indent=2, default=str) + "\n").encode("utf-8")
+        padded = data + b" " * (-(len(data) + RECORD_SLACK) % 4096 + RECORD_SLACK)
         try:
-            atomic.write_json(self.manifest_path, self.manifest)
+            atomic.write_bytes(self.manifest_path, padded)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.manifest_path.is_file():
                 raise
-            data = (json.dumps(self.manifest, indent=2, default=str) + "\n").encode("utf-8")
-            with open(self.manifest_path, "r+b") as f:
-                f.truncate(0)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _overwrite_in_place(self.manifest_path, data)
 
     # --- variants and artifacts ---------------------------------------------------------------
     def variant(self, name: str) -> dict | None:
@@ -166,6 +165,22 @@ class RunRecord:
         if removed:
             self.manifest.setdefault("cleanup", []).extend(str(p.relative_to(self.folder)) for p in removed)
         self.save()
+
+
+#: bytes of spaces after a record's text, so that its final status can be written in place on a full disk
+RECORD_SLACK = 2048
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> None:
+    """``data`` over the file's old bytes, padded with spaces to the file's size; where it is longer, its blocks are
+    reserved first (on ENOSPC the old record is left whole)."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if len(data) > size:
+            os.posix_fallocate(f.fileno(), 0, len(data))
+        f.write(data + b" " * max(0, size - len(data)))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 #: keys every run record has, with their types (what the CLI and the GUI read without checking again)

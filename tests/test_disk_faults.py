@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from edgetailor.cli import EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_OK
 
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 RECIPE = {"name": "disk", "steps": [{"step": "export", "params": {"types": ["F16", "Q4_K_M"]}},
                                     {"step": "evaluate", "params": {"windows": 2}}]}
 LEFTOVER = (".part", ".partial", ".tmp")
@@ -115,11 +117,14 @@ def test_a_disk_out_of_files_at_each_write_of_a_run_stops_it_with_the_fix_and_le
 def _fill(disk: Path, leave_kb: int) -> None:
     """Another program takes the disk's bytes until only ``leave_kb`` are free."""
     ballast = disk / "ballast"
-    with open(ballast, "wb") as fh:
+    try:
+        fh = open(ballast, "wb", buffering=0)
+    except OSError:                              # the run itself has already filled the disk
+        return
+    with fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         except OSError:
             pass
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
@@ -148,7 +153,7 @@ def test_a_disk_another_program_fills_mid_run_stops_it_with_the_fix_and_leaves_n
         time.sleep(0.05)
     _fill(disk, leave_kb)
     said = proc.communicate(timeout=600)[0]
-    (disk / "ballast").unlink()
+    (disk / "ballast").unlink(missing_ok=True)
     assert "Traceback" not in said, said[-3000:]
     filled = "The disk is full" in said or "of disk" in said        # mid-write, or at the worker's own pre-flight
     assert proc.returncode == EXIT_NO_FIT and filled and "--home" in said, (proc.returncode, said[-2000:])
@@ -242,3 +247,34 @@ def test_settings_that_cannot_be_saved_are_said_in_the_status_bar(qtbot, small_d
     w.save_settings()
     assert w.settings_warning is not None and w.settings_warning.isVisible()
     assert "read-only or full" in w.settings_warning.toolTip() and "--home" in w.settings_warning.toolTip()
+
+
+def test_a_run_record_is_written_failed_in_place_while_another_program_takes_every_freed_block(small_disk):
+    """The disk is full and another program keeps writing: the record's final status still lands whole (it never
+    gives a block back for the other program to take)."""
+    import threading
+
+    from edgetailor.engine.runs import RunRecord, read_manifest
+
+    disk = small_disk(1024)
+    rec = RunRecord.create(disk / "runs", {"name": "disk", "steps": []}, "stories", {})
+    _fill(disk, 0)
+    stop = threading.Event()
+
+    def other_program():
+        with open(disk / "ballast", "ab", buffering=0) as fh:
+            while not stop.is_set():
+                try:
+                    fh.write(b"\0" * 4096)
+                except OSError:
+                    pass
+
+    taker = threading.Thread(target=other_program)
+    taker.start()
+    try:
+        for i in range(200):
+            rec.finish("failed", {"type": "DiskFull", "message": "The disk is full " * (i % 3)})
+            assert read_manifest(rec.manifest_path)["status"] == "failed"
+    finally:
+        stop.set()
+        taker.join()
