@@ -53,6 +53,7 @@ class ModelShape:
     stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
     fused_experts: bool = False     # mixture of experts: files name each expert, transformers fuses them (no walk)
     onnx_graph: bool = False        # EdgeTailor's own ONNX graph covers the family (written layer by layer)
+    gguf_own_writer: bool = False   # EdgeTailor's GGUF writer covers the family (k-quants encoded as written)
 
     @property
     def stored_bytes_per_weight(self) -> float:
@@ -89,13 +90,14 @@ class ModelShape:
         embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
         block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
         dims = ModelDims.of(cfg)
-        from .architectures import arch_spec
+        from .architectures import arch_spec, gguf_writer_for
 
         spec = arch_spec(str(cfg.get("model_type", "")))
         return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
                    dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
                    stored_bytes=stored, fused_experts=bool(spec and spec.moe),
-                   onnx_graph=bool(spec and spec.onnx == "edgetailor"))
+                   onnx_graph=bool(spec and spec.onnx == "edgetailor"),
+                   gguf_own_writer=gguf_writer_for(cfg) == "edgetailor")
 
 
 @dataclass
@@ -188,9 +190,17 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
     types = [str(t).lower() for t in types]
     options = options or {}
     method = str(options.get("method", "rtn")).lower()
-    if fmt == "gguf":
+    if fmt == "gguf" and shape.gguf_own_writer:
+        from ..exporters.ggml_quant import CHUNK_ELEMENTS
+        from .preflight import GGUF_BITS_PER_WEIGHT
+
+        out_bytes = max(GGUF_BITS_PER_WEIGHT.get(t.upper(), 16) for t in types) / 8 if types else 2
+        work = {"largest tensor's encoded bytes": shape.largest_tensor_params * out_bytes,
+                "a slice of rows per thread (read, float32)": 2 * CHUNK_ELEMENTS * (4 + 2)}
+        how = "encodes the model tensor by tensor from its files (no fp32 copy of the model, no intermediate file)"
+    elif fmt == "gguf":        # llama.cpp's converter, then its quantizer: a whole tensor in float32 beside its read
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
-        how = "writes the model tensor by tensor from its files (no fp32 copy of the model)"
+        how = "converts the model tensor by tensor from its files with llama.cpp's converter"
     elif fmt == "onnx" and shape.onnx_graph and types and not ("int4" in types and method == "hqq"):
         quantized = all(t in ("int4", "int8") for t in types)
         tied = shape.embedding_params <= shape.vocab * shape.hidden

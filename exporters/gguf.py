@@ -109,17 +109,11 @@ class GGUFExporter(Exporter):
                                     threads=threads, progress=progress, cancelled=cancelled)
         if qtype in DIRECT_TYPES:
             return write_gguf(model, tokenizer, tokenizer_dir, out, qtype, progress=progress, cancelled=cancelled)
-        with tempfile.TemporaryDirectory(prefix="edgetailor-gguf-", dir=out.parent) as tmp:
-            mid_type = intermediate_type(model)
-            mid = Path(tmp) / f"intermediate-{mid_type}.gguf"
-            info = write_gguf(model, tokenizer, tokenizer_dir, mid, mid_type,
-                              progress=(lambda f, m: progress(0.5 * f, m)) if progress else None, cancelled=cancelled)
-            if progress:
-                progress(0.55, f"llama.cpp quantizes to {qtype}")
-            info.update(llama_quantize(mid, out, qtype, threads=threads))
-        info["type"] = qtype
-        info["quantized_by"] = "llama.cpp llama_model_quantize"
-        return info
+        # llama.cpp's types and encoder, each tensor encoded as it is written: no intermediate file
+        from .ggml_quant import write_llama_cpp_mix
+
+        return write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out, qtype, threads=threads, progress=progress,
+                                   cancelled=cancelled)
 
     def verify(self, path):
         return verify_gguf(path)

@@ -196,3 +196,48 @@ def test_training_uses_bf16_where_the_cpu_computes_it():
     from edgetailor.engine.steps.distill import resolved_bf16
 
     assert resolved_bf16(None) is cpu_has_bf16() and resolved_bf16(False) is False and resolved_bf16(True) is True
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q2_K", "IQ4_XS", "Q5_0"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_k_quant_is_encoded_as_written_with_the_tensors_llama_quantize_writes(tiny_models, tmp_path, monkeypatch,
+                                                                                  qtype, family):
+    """The export writes k-quants without an intermediate file: llama.cpp's type for every tensor and llama.cpp's
+    encoder, a slice of rows at a time from the lazy source; every tensor's bytes equal those llama-quantize
+    writes from a lossless intermediate, and the metadata is the same."""
+    import edgetailor.exporters.ggml_quant as gq
+    import gguf
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.exporters import get_exporter
+    from edgetailor.exporters.gguf import llama_quantize, write_gguf
+
+    src = resolve(str(tiny_models[family]))
+    lm = load_model(src)
+    write_gguf(lm.model, lm.tokenizer, src.path, tmp_path / "f32.gguf", "F32")
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama.gguf", qtype)
+    monkeypatch.setattr(gq, "CHUNK_ELEMENTS", 4096)          # many slices of rows even on a tiny model
+    written = []
+    write = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
+                        lambda self, arr, *a, **k: (written.append(arr.nbytes), write(self, arr, *a, **k))[1])
+    lazy = LazyModel(src.path)
+    get_exporter("gguf").export(lazy, lm.tokenizer, src.path, tmp_path / "ours.gguf", {"type": qtype, "threads": 2})
+    probe = sum(32 * t.shape[-1] * 2 if t.ndim == 2 else 4 * t.numel() for t in lazy.state_dict().values())
+    assert sum(written) <= (tmp_path / "ours.gguf").stat().st_size + probe      # no intermediate file
+    theirs, ours = gguf.GGUFReader(str(tmp_path / "llama.gguf")), gguf.GGUFReader(str(tmp_path / "ours.gguf"))
+    a, b = {t.name: t for t in theirs.tensors}, {t.name: t for t in ours.tensors}
+    assert set(a) == set(b)
+    assert len({t.tensor_type for t in a.values()}) >= 3           # a mix, with llama.cpp's fallbacks
+    for name, theirs_t in a.items():
+        assert theirs_t.tensor_type == b[name].tensor_type, name
+        assert theirs_t.data.tobytes() == b[name].data.tobytes(), name
+
+    def fields(r):
+        return {k: [bytes(f.parts[i]) for i in f.data] for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert fields(theirs) == fields(ours)
+    tensors = {id(t): t for t in lazy.state_dict().values()}.values()
+    matrices, vectors = (sum(t.nbytes for t in tensors if (t.ndim == 2) == two) for two in (True, False))
+    assert matrices + vectors <= lazy.loaded_bytes <= matrices + 2 * vectors   # every matrix read once (the norms
+    #                                                                             also go into llama.cpp's type probe)

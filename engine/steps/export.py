@@ -33,15 +33,16 @@ class ExportConfig:
 
 
 def _disk(cfg: ExportConfig, shape) -> float:
-    """Each file, and for k-quants the 16-bit (F32 under 2B parameters) intermediate llama.cpp's quantizer reads
-    while they are written (``exporters.gguf.intermediate_type``)."""
+    """Each file, and for k-quants of a family llama.cpp's converter writes, the 16-bit (F32 under 2B parameters)
+    intermediate llama.cpp's quantizer reads while they are written (``exporters.gguf.intermediate_type``);
+    EdgeTailor's own writer encodes k-quants as it writes them (no intermediate)."""
     from ..preflight import GGUF_BITS_PER_WEIGHT
 
     bits = {"fp32": 32, "fp16": 16, "int8": 8.5, "int4": 4.6}
     total = 0.0
     for t in cfg.types:
         total += shape.params * (GGUF_BITS_PER_WEIGHT.get(t.upper()) or bits.get(t.lower(), 16)) / 8
-    if cfg.format == "gguf" and any(t.upper() not in ("F32", "F16", "BF16", "Q8_0") for t in cfg.types):
+    if cfg.format == "gguf" and not shape.gguf_own_writer and any(t.upper() not in ("F32", "F16", "BF16", "Q8_0") for t in cfg.types):
         sixteen_bit = shape.stored_bytes_per_weight <= 2 or shape.params >= 2_000_000_000
         total += shape.params * (2 if sixteen_bit else 4)
     return total
