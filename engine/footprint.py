@@ -154,9 +154,10 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
     walk = walk_parts(shape, tokens, seq_len)
     base = walk["one block (fp32)"] + walk["hidden states"]
     inside = [walk["one batch's activations"]]
-    if gptq:      # X^T X of the block's inputs (not q/k/v's), then the down projection's in float64, twice
+    if gptq:      # X^T X of the block's inputs (not q/k/v's), then the down projection's factor in float64:
+        #           two n x n and the quarter its solve copies (``gguf_blocks.factor_in_place``)
         inside += [walk["one batch's activations"] + (n * n + h * h + q * q) * 4,
-                   2 * n * n * 8 + (h * h + q * q) * 4]
+                   2.25 * n * n * 8 + (h * h + q * q) * 4]
     if quantizes:     # the widest matrices: gate and up together (2n x h), down (h x n), with its factor
         inside.append(max(2 * n * h * 4 + quantizer_bytes(2 * n, h, threads),
                           (n * n * 4 if gptq else 0) + n * h * 4 + quantizer_bytes(h, n, threads)))
@@ -246,7 +247,7 @@ def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, optio
         h, n, q = shape.hidden, shape.intermediate, shape.q_dim
         parts.update({"calibration hidden states": walk["hidden states"],
                       "X^T X of one layer's inputs (fp32)": (2 * h * h + q * q + n * n) * 4,
-                      "GPTQ factor of the widest input (2 x float64)": 2 * max(n, h, q) ** 2 * 8})
+                      "GPTQ factor of the widest input (2.25 x float64)": int(2.25 * max(n, h, q) ** 2 * 8)})
     return parts
 
 

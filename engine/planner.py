@@ -8,10 +8,13 @@ the least influential blocks removed, at the app's context. Its predictions:
 * **memory** at the app's context: the file's resident bytes (llama.cpp's repacked copies included; every
   ONNX initializer) + the KV cache in its type for the whole context + the runtime's overhead measured on this
   machine (``projection``), times the ratio measured/predicted of the candidates of its format built so far;
-* **decode speed**: here, time per token = the roofline's time for the bytes and FLOPs per token
-  (``projection.project_decode``) + the runtime's own time per token, fitted to the candidates built so far
-  (per KV type, per ONNX type; before any, the latency its one-layer probe measured): on a small model a CPU's
-  time per token barely follows the file's size, which a ratio to the roofline would claim it does; on the
+* **decode speed**: here, time per token = for a GGUF file, llama.cpp's decode cost model measured on this
+  machine (``probes.measure_decode_model``, once per machine and model: its fixed and per-layer costs and each
+  storage type's kernel rate at the model's shapes; ``projection.project_decode``), else the roofline's time
+  for the bytes and FLOPs per token; + the runtime's own time per token beyond that, fitted to the candidates
+  built so far (per KV type, per ONNX type; before any, none with a cost model, else the latency the runtime's
+  one-layer probe measured): on a small model a CPU's time per token barely follows the file's size, which a
+  ratio to the roofline would claim it does; on the
   device, the device's roofline x the efficiency this gives here (at most 1, as ``projection.device_speed``);
   energy = typical power / speed (estimated, as everywhere);
 * **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2; a
@@ -130,8 +133,10 @@ class Calibration:
         onnx_mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
                           if m.get("memory_measured") and m.get("onnx")])
         self.onnx_memory_ratio = onnx_mem or self.onnx_memory_ratio
-        def latency(points):     # the measured time per token beyond the roofline's, on average
-            lat = [max(1 / m["decode_tps_measured"] - 1 / m["decode_tps_raw"], 0.0) for m in points]
+        def latency(points):     # the measured time per token beyond the raw prediction's, on average (with a
+            #                        decode cost model it may be below zero: the model slower than measured)
+            lat = [1 / m["decode_tps_measured"] - 1 / m["decode_tps_raw"] for m in points]
+            lat = [x if m.get("decode_model") else max(x, 0.0) for x, m in zip(lat, points)]
             return sum(lat) / len(lat) if lat else None
 
         timed = [m for m in measured if m.get("decode_tps_measured")]
@@ -165,8 +170,10 @@ class Predictor:
 
     def __init__(self, prices, sources: dict, config, metadata_bytes: int, params: int, device, host, context: int,
                  tokens_used: int, overhead: dict | None, drop_order: list[int] | None = None,
-                 depth_kl: list[float] | None = None, onnx_overhead: dict | None = None):
+                 depth_kl: list[float] | None = None, onnx_overhead: dict | None = None,
+                 decode_model: dict | None = None):
         self.prices, self.sources, self.config, self.metadata = prices, sources, config, metadata_bytes
+        self.decode_model = decode_model            # llama.cpp's measured decode costs (``measure_decode_model``)
         self.params, self.device, self.host = params, device, host
         self.context, self.tokens_used, self.overhead = context, tokens_used, overhead
         self.onnx_overhead = onnx_overhead or {}
@@ -316,17 +323,22 @@ class Predictor:
                 **self._runtime(info, kv_element_bytes(cand.kv_type), overhead)}
 
     def _runtime(self, info, kv_bytes: int, overhead: dict) -> dict:
-        """Memory at the app's context (weights + the KV cache for all of it + the runtime's measured overhead)
-        and the decode rooflines here and on the device."""
-        from .projection import kv_cache_bytes, project_decode
+        """Memory at the app's context (weights + the KV cache for all of it + the runtime's measured overhead),
+        the decode speed here before calibration, and the rooflines here and on the device."""
+        from .projection import kernel_seconds, kv_cache_bytes, project_decode
 
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv_bytes) + overhead.get("overhead_bytes", 0)
-        # speeds are rooflines (bandwidth and FLOPs) here and on the device; here a token also pays the runtime's
-        # own time (its probe's latency; ``predict`` takes the one fitted to measured candidates once there is one)
-        here = project_decode(self.host, info, self.tokens_used, kv_bytes)
+        # a GGUF file's speed here: llama.cpp's decode cost model measured on this machine (its types' kernel
+        # rates, its fixed and per-layer costs) where there is one, else the roofline (bandwidth and FLOPs) + the
+        # runtime's own time per token from its one-layer probe. ``predict`` adds the time fitted to measured
+        # candidates, and carries the efficiency over to the device's roofline.
+        model = self.decode_model if info.fmt == "gguf" and self.decode_model \
+            and kernel_seconds(info, self.decode_model) is not None else None
+        here = project_decode(self.host, info, self.tokens_used, kv_bytes, decode_model=model)
         there = project_decode(self.device, info, self.tokens_used, kv_bytes)
-        return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"], "latency_s": overhead.get("token_latency_s", 0.0),
-                "decode_tps_device_raw": there["decode_tps"]}
+        return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"],
+                "latency_s": 0.0 if model else overhead.get("token_latency_s", 0.0), "decode_model": bool(model),
+                "roofline_tps_here": here["roofline_tps"], "roofline_tps_device": there["roofline_tps"]}
 
     def predict(self, cand: Candidate) -> Prediction:
         r = self.raw(cand)
@@ -334,9 +346,13 @@ class Predictor:
         kl = (c.kl_scale_for(cand.onnx) * r["cost"] + HEAD_KL_SCALE * r["head_cost"] + c.kv_kl.get(cand.kv_type, 0.0)
               + self.depth_kl[cand.drop])
         latency = c.latency(cand.kv_type, cand.onnx)
-        here = 1.0 / (1.0 / r["decode_tps_raw"] + (r["latency_s"] if latency is None else latency))
+        # a fitted latency below zero (the model slower than measured) never takes more than half the time away
+        here = 1.0 / max(1.0 / r["decode_tps_raw"] + (r["latency_s"] if latency is None else latency),
+                         0.5 / r["decode_tps_raw"])
         ratio = here / r["decode_tps_raw"]
-        tps = min(ratio, 1.0) * r["decode_tps_device_raw"]        # as projection.device_speed
+        # on the device: its roofline x the efficiency predicted here, as a measured speed is carried over
+        # (``projection.device_speed``)
+        tps = min(here / r["roofline_tps_here"], 1.0) * r["roofline_tps_device"]
         memory = (c.onnx_memory_ratio if cand.onnx else c.memory_ratio) * r["memory_raw"]
         return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
                           memory_bytes=memory, decode_tps=tps,

@@ -124,7 +124,7 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
 # llama.cpp's file type whose pure quantization stores every matrix as this ggml type (where its rows allow)
 GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
                  "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
-                 "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
+                 "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL"}
 TINY_LAYERS = (1, 5)             # 64-wide probes: fixed and per-layer cost of the runtime per token
 RESOLUTION_S = 1e-6              # a kernel time too small to separate from the runtime's own costs
 PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)

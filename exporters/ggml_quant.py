@@ -79,7 +79,9 @@ def encode_matrix(name: str, n_rows: int, cols: int, read_rows, threads: int = 1
     """A whole tensor's blocks, ``read_rows(a, b)`` (float32 rows a..b) called a slice at a time; slices are
     encoded on ``threads`` threads (ctypes lets go of the GIL during the call)."""
     out = np.empty((n_rows, row_bytes(name, cols)), dtype=np.uint8)
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    slices = max(1, -(-n_rows * cols // CHUNK_ELEMENTS))
+    slices = -(-slices // threads) * threads if threads > 1 else slices     # as many per thread: none waits
+    step = max(1, -(-n_rows // slices))
     starts = range(0, n_rows, step)
 
     def one(a: int) -> None:

@@ -515,8 +515,8 @@ SOLVE_STRIP = 1024
 
 def factor_in_place(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``inverse_hessian_factor`` of a float64 ``H`` that the call consumes (overwritten): at most two n x n
-    float64 matrices exist at once (8192 inputs, a 1B model's down_proj: 1.1 GB instead of 2.7), with
-    bit for bit the same result."""
+    float64 matrices and a quarter of one exist at once (8192 inputs, a 1B model's down_proj: 1.2 GB instead of
+    2.7), with bit for bit the same result."""
     n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -525,11 +525,14 @@ def factor_in_place(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
     del H
     torch.linalg.cholesky(L, out=L)
     Linv = torch.zeros_like(L)
-    for a in range(0, n, SOLVE_STRIP):      # L^-1 is lower triangular: a strip's rows above a are zeros, so
-        b = min(a + SOLVE_STRIP, n)          # only L[a:, a:] takes part (about a third of a full solve's work)
-        eye = torch.zeros(n - a, b - a, dtype=L.dtype)
-        eye[torch.arange(b - a), torch.arange(b - a)] = 1
-        Linv[a:, a:b] = torch.linalg.solve_triangular(L[a:, a:], eye, upper=False)
+    for a in range(0, n, SOLVE_STRIP):
+        b = min(a + SOLVE_STRIP, n)
+        # L^-1 is lower triangular: a strip's rows above a are zeros, so only L[a:, a:] takes part - but torch
+        # copies that view, so it is used only once it is at most a quarter of L (the same bits either way)
+        part = a if (n - a) * 2 <= n else 0
+        eye = torch.zeros(n - part, b - a, dtype=L.dtype)
+        eye[torch.arange(a - part, b - part), torch.arange(b - a)] = 1
+        Linv[part:, a:b] = torch.linalg.solve_triangular(L[part:, part:], eye, upper=False)
     del L
     low = Linv.float()
     del Linv

@@ -74,6 +74,9 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     assert "to spare" in rec["reason"] and "perplexity" in rec["reason"]
     # after the first round the predictions are scaled to what was measured
     assert plan["calibration"]["points"] == len(plan["measured"])
+    # every GGUF file's speed, the first's too, was predicted from llama.cpp's decode costs measured here
+    assert "measured on this machine" in plan["decode_model"]
+    assert all(m["decode_model"] for m in plan["measured"] if not m["onnx"])
     kinds = [e["data"]["phase"] for e in events if e["type"] == "plan"]
     assert kinds[0] == "predicted" and "measured" in kinds
 
@@ -149,6 +152,14 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     assert c.onnx_memory_ratio == pytest.approx(0.9)
     assert c.latency("f32", "int8") == pytest.approx(0.1 - 0.025) and c.latency("f32", "int4-32") is None
     assert c.latency("f16") == pytest.approx(0.02)
+    # over a decode cost model the runtime's own time may come out below zero (the model slower than measured);
+    # over a roofline it cannot
+    point = {"kv_type": "f16", "cost": 0.01, "kl": 0.02, "memory_raw": 100.0, "memory_measured": 110.0,
+             "decode_tps_raw": 50.0, "decode_tps_measured": 60.0}
+    c.refit([{**point, "decode_model": True}])
+    assert c.latency("f16") == pytest.approx(1 / 60 - 1 / 50)
+    c.refit([point])
+    assert c.latency("f16") == 0.0
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -35,6 +35,7 @@ class FitConfig:
     formats: list[str] = field(default_factory=lambda: ["gguf", "onnx"], metadata={"help": "file formats to consider: gguf (llama.cpp) and onnx (onnxruntime)"})
     onnx_schemes: list[str] = field(default_factory=lambda: list(ONNX_SCHEMES), metadata={"help": "ONNX quantizations to consider: int4-<block size>[-head8] (an 8-bit output head), int8"})
     max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
+    decode_model: bool = field(default=True, metadata={"help": "measure llama.cpp's decode costs on probes (once per machine and model, minutes) so that even the first files' speed is predicted from their types; off: the roofline and a one-layer probe until files are measured"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
     rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
     trials: int = field(default=120, metadata={"help": "predicted points the search tries per round"})
@@ -99,13 +100,28 @@ def _fit_ram(cfg: FitConfig, shape):
     windows = calibration_tokens(cfg.max_sequences, cfg.seq_len) // cfg.seq_len
     onnx = export_need("fit", shape, "onnx", types, {"method": cfg.method, "calibration_ctx": cfg.seq_len,
                                                        "calibration_windows": windows}) if types else None
-    if onnx is None:
-        return need
-    need.parts["an ONNX candidate's export"] = onnx.ram_bytes
-    if onnx.ram_bytes > need.ram_bytes:
-        need.ram_bytes = onnx.ram_bytes
-        need.how += f"; largest: an ONNX candidate's export ({onnx.how})"
+    others = {"an ONNX candidate's export": onnx.ram_bytes if onnx else 0,
+              "llama.cpp's decode cost probes (float32, the model's shapes)":
+                  _decode_probe_bytes(shape) if cfg.decode_model and "gguf" in cfg.formats else 0}
+    for what, ram in others.items():
+        if not ram:
+            continue
+        need.parts[what] = ram
+        if ram > need.ram_bytes:
+            need.ram_bytes = ram
+            need.how += f"; largest: {what}"
     return need
+
+
+def _decode_probe_bytes(shape) -> int:
+    """The largest probe ``probes.measure_decode_model`` makes: its layers (``shape_probe_layers``) and the
+    embeddings in float32, in the worker beside the interpreter."""
+    from ..footprint import PROCESS_BYTES
+    from ..probes import PROBE_F32_BYTES
+
+    per_layer = 4 * (shape.hidden * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * shape.hidden * shape.intermediate)
+    layers = max(2, min(shape.layers, int(PROBE_F32_BYTES // max(per_layer, 1))))
+    return PROCESS_BYTES + layers * per_layer + 4 * shape.embedding_params
 
 
 @dataclass
@@ -244,13 +260,38 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
                                                 ctx.options.resolved_threads(), ctx.options.dtype,
                                                 EnergyMeter.detect(host)) if fmt == "gguf" or schemes else None
                                for fmt in ("gguf", "onnx"))
+    decode_model = _decode_model(ctx, cfg, prices, prompt) if cfg.decode_model and "gguf" in cfg.formats else None
     params = sum(s.shape[0] * s.shape[1] for s in sources.values())
     order, kls = _depth(ctx, cfg, model, seqs)
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
     planner = Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
-                        cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls, onnx_overhead)
+                        cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls, onnx_overhead, decode_model)
     return Prepared(planner, seqs, prompt)
+
+
+def _decode_model(ctx: RunContext, cfg: FitConfig, prices, prompt) -> dict | None:
+    """llama.cpp's decode costs on this machine for every GGUF type the planner may choose (cached per machine
+    and model: measured once, in minutes, on probes of the model's shapes); None where it cannot be measured."""
+    import time
+
+    from ..devices import host_profile
+    from ..energy import EnergyMeter
+    from ..errors import EdgeTailorError
+    from ..probes import measure_decode_model
+
+    types = sorted({t for options in prices.every.values() for t, _, _ in options})
+    ctx.progress(0.17, "measuring llama.cpp's decode costs (once per machine and model)")
+    t0 = time.perf_counter()
+    try:
+        model = measure_decode_model("gguf", ctx.source.path, types, prompt, cfg.gen_tokens, cfg.context,
+                                     ctx.options.resolved_threads(), ctx.options.dtype,
+                                     EnergyMeter.detect(host_profile()), log=ctx.log)
+    except EdgeTailorError as exc:
+        ctx.log(f"llama.cpp's decode costs: {exc.problem} Speeds are projected from the roofline.", level="warning")
+        return None
+    ctx.log(f"llama.cpp decode cost model: {model['method']}")
+    return {**model, "seconds_here": round(time.perf_counter() - t0, 1)}     # ~0 where it was measured before
 
 
 def _onnx_schemes(ctx: RunContext, cfg: FitConfig, model) -> list:
@@ -410,7 +451,8 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
             f"{pred.decode_tps_here:.1f})")
     point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
              "drop_blocks": cand.drop, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
-             "decode_tps_raw": raw["decode_tps_raw"], "memory_measured": memory,
+             "decode_tps_raw": raw["decode_tps_raw"], "decode_model": raw.get("decode_model", False),
+             "memory_measured": memory,
              "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
              "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
@@ -472,7 +514,11 @@ def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejec
     plan = {"budget": budget.to_dict(), "context": cfg.context, "device": budget.device.to_dict(),
             "kv_types": cfg.kv_types, "rounds": history, "measured": measured, "rejected": rejected,
             "calibration": planner.calibration.to_dict(), "recommendation": rec,
-            "method": "predicted: memory (weights + KV + measured overhead), decode (roofline), KL (second-order "
+            "decode_model": planner.decode_model["method"] if planner.decode_model else None,
+            "decode_model_seconds": planner.decode_model["seconds_here"] if planner.decode_model else 0.0,
+            "method": "predicted: memory (weights + KV + measured overhead), decode (GGUF: llama.cpp's decode cost "
+                      "model measured on this machine where there is one, else the roofline; + the runtime's own "
+                      "time fitted to the measured points), KL (second-order "
                       "cost of the planned types + the KV type's measured KL), each scaled to the measured points; "
                       "search: optuna NSGA-II with the budget as constraints; recommendation: measured figures "
                       "(memory and KL here, decode projected to the device from the speed measured here)"}
