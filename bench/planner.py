@@ -239,7 +239,7 @@ def markdown(results: dict) -> str:
            "same calibration text, `llama-quantize --imatrix`, f16 KV cache. ONNX (an app that ships onnxruntime): "
            "onnxruntime-genai's model builder, int4 (its CPU recipe), float32 cache; an ONNX folder's memory at the "
            "context is its measured peak plus the cache grown from the benchmark's 96 tokens to the context.", "",
-           "Command: `python bench/planner.py`", ""]
+           f"Command: `python bench/planner.py{results.get('args', '')}`", ""]
     for s in results["suites"]:
         out += [f"## {s['name']}", "", f"Baseline perplexity {s['baseline_perplexity']:.4f}. One calibrated Q4_K_M "
                 f"export (quant.gguf_calibrated, GPTQ): {s['calibrated_q4_k_m_export_s']:.0f} s.", "",
@@ -299,18 +299,20 @@ def main() -> None:
     ap.add_argument("--demo-budgets", type=int, default=1, help="budgets run on the demo model (first N)")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-planner")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
+    ap.add_argument("--out", default=str(HERE / "results" / "planner"), help="results path without suffix")
     args = ap.parse_args()
     from edgetailor.engine import resolve
     from machine import machine, write_results
 
     if args.markdown_only:
-        results = json.loads((HERE / "results" / "planner.json").read_text())
-        write_results(HERE / "results" / "planner", results, markdown(results))
+        results = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_results(Path(args.out), results, markdown(results))
         return
 
     work = Path(args.work)
     calib = REPO / "assets" / "text" / "calibration.txt"
-    results = {"machine": machine(), "windows": args.windows, "suites": []}
+    given = " ".join(a for a in sys.argv[1:])
+    results = {"machine": machine(), "windows": args.windows, "suites": [], "args": f" {given}" if given else ""}
     for name in args.models.split(","):
         if name == "dithered":
             model = Path("/tmp/smollm2-dithered")
@@ -321,8 +323,7 @@ def main() -> None:
             model = resolve("demo").path
             budgets = BUDGETS[: args.demo_budgets]
         results["suites"].append(suite(f"{name} ({model.name})", Path(model), calib, work / name, args.windows, budgets))
-        out = HERE / "results" / "planner"
-        write_results(out, results, markdown(results))
+        write_results(Path(args.out), results, markdown(results))
     print(markdown(results))
 
 
