@@ -231,11 +231,11 @@ def _run(args, recipe):
                "calibration_text": args.calibration_text, "threads": args.threads}
     job = JobSpec(recipe=recipe.to_dict(), source=args.model, options=options, runs_root=args.runs_dir,
                   trust_remote_code=args.trust_remote_code, allow_network=args.online)
-    handle = start_job(job)
-    print(f"run {handle.run_id}: {recipe.name} on {args.model}  ->  {handle.folder}", file=sys.stderr)
     view = _ProgressView(quiet=args.quiet)
     with _interrupts_cancel():       # Ctrl-C, a closed terminal (SIGHUP) and SIGTERM all cancel the run
+        handle = start_job(job)
         try:
+            _say(f"run {handle.run_id}: {recipe.name} on {args.model}  ->  {handle.folder}")
             for ev in handle.events():
                 view.show(ev)
         except KeyboardInterrupt:
@@ -357,11 +357,13 @@ def _say(text: str) -> None:
 @contextlib.contextmanager
 def _interrupts_cancel():
     """Within the block SIGHUP and SIGTERM raise KeyboardInterrupt, as Ctrl-C does, so the run is cancelled and
-    recorded as such instead of the CLI dying and leaving its worker behind."""
+    recorded as such instead of the CLI dying and leaving its worker behind. A signal the CLI was started with
+    ignored stays ignored (``nohup edgetailor ...`` runs on when its terminal closes)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt()
 
-    old = {s: signal.signal(s, interrupt) for s in (signal.SIGHUP, signal.SIGTERM)}
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGHUP, signal.SIGTERM)
+           if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

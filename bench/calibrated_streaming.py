@@ -74,12 +74,12 @@ def main() -> int:
             predicted[mix] = predicted_ram_mb(cli, home, folder, r)
             print(f"ours, mix {mix}", file=sys.stderr)
             rows[f"EdgeTailor ({mix} mix)"] = timed([cli, "--home", str(home), "compress", str(folder), "--recipe",
-                                                     str(r), "--quiet", "--threads", str(args.threads)])
+                                                     str(r), "--quiet", "--threads", str(args.threads)], source=folder)
         f16 = work / "f16.gguf"
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
         print("llama.cpp", file=sys.stderr)
         conv = timed([sys.executable, str(converter_dir() / SCRIPT), str(folder), "--outfile", str(f16),
-                      "--outtype", "f16"], env)
+                      "--outtype", "f16"], env, source=folder)
         tools = rt.ensure_tools()
         imat = work / "imatrix.gguf"
         imatrix = timed([str(tools["imatrix"]), "-m", str(f16), "-f", str(calib), "-o", str(imat), "-c", "512",
@@ -112,6 +112,8 @@ def main() -> int:
     md += ["", f"llama.cpp's parts: convert {ref['convert']['seconds']:.1f} s / {ref['convert']['peak_rss_mb']:.0f} MB, "
            f"imatrix {ref['imatrix']['seconds']:.1f} s / {ref['imatrix']['peak_rss_mb']:.0f} MB, "
            f"quantize {ref['quantize']['seconds']:.1f} s / {ref['quantize']['peak_rss_mb']:.0f} MB.", "",
+           "Every command starts with the source's files in the page cache (read once before it). Load average at "
+           f"start {m['load_average_at_start'][0]:.2f}.", "",
            "Targets (issue 14): peak RSS <= 2.5 GB; wall time <= 3x llama.cpp's imatrix pipeline; pre-flight within "
            "15% of the measured peak.",
            f"Reproduce: `.venv/bin/python bench/calibrated_streaming.py --chunks {args.chunks}`", ""]

@@ -221,7 +221,17 @@ CALIBRATED = [{"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], 
                                                            "verify": False}}]
 
 
-def _start_cli(tmp_path, demo_source, home):
+def _default_signals():
+    """In the child before it runs: the signals it is sent act as they do for a process started from a terminal, however
+    the test run itself was started (a shell's background job ignores SIGINT, ``nohup`` SIGHUP, and children inherit
+    that)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
+def _start_cli(tmp_path, demo_source, home, preexec=_default_signals):
     import subprocess
     import sys
 
@@ -229,7 +239,7 @@ def _start_cli(tmp_path, demo_source, home):
     env = {**os.environ, "EDGETAILOR_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "edgetailor.cli", "compress", str(demo_source.path), "--recipe", recipe,
                              "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec)
     return proc
 
 
@@ -283,6 +293,27 @@ def test_the_cli_closed_or_stopped_cancels_its_run_and_its_worker(signal_name, t
         psutil.wait_procs(workers, timeout=30)
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
         assert _left_behind(Path(run["_folder"])) == []
+    finally:
+        proc.kill()
+
+
+def _ignoring_hangups():
+    import signal
+
+    _default_signals()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_a_cli_started_with_nohup_runs_on_when_its_terminal_closes(tmp_path, demo_source, home):
+    """``nohup edgetailor compress ...``: the hangup it was started ignoring is still ignored, the run succeeds."""
+    import signal
+
+    proc = _start_cli(tmp_path, demo_source, home, preexec=_ignoring_hangups)
+    try:
+        run = _wait_for(lambda: _running_step(home))
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(300) == 0, proc.stderr.read()[-2000:]
+        assert _final(home, run["id"])["status"] == "succeeded"
     finally:
         proc.kill()
 
@@ -512,7 +543,8 @@ def test_a_gui_that_dies_or_is_closed_takes_its_run_down_with_it(signal_name, tm
     recipe.write_text(json.dumps({"name": "fault", "steps": CALIBRATED}))
     env = {**os.environ, "EDGETAILOR_HOME": str(home), "QT_QPA_PLATFORM": "offscreen"}
     proc = subprocess.Popen([sys.executable, str(script), str(home / "runs"), str(demo_source.path), str(recipe)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_signals)
     try:
         run_id = proc.stdout.readline().strip()
         assert run_id, proc.stderr.read()[-2000:]
