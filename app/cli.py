@@ -187,7 +187,12 @@ def cmd_inspect(args) -> int:
     print(f"RAM          needs ~{rep.ram_needed_bytes / gb:.2f} GB, {rep.ram_available_bytes / gb:.1f} GB available")
     print(f"disk         needs ~{rep.disk_needed_bytes / gb:.2f} GB, {rep.disk_available_bytes / gb:.1f} GB free")
     for i, need in enumerate(rep.steps, 1):
-        print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} ~{need['ram_bytes'] / gb:.2f} GB  {need['how']}")
+        mapped = f" + {need['mapped_bytes'] / gb:.2f} GB mapped" if need.get("mapped_bytes") else ""
+        print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} ~{need['ram_bytes'] / gb:.2f} GB{mapped}  "
+              f"{need['how']}")
+    if any(n.get("mapped_bytes") for n in rep.steps):
+        print(f"{'':12s} mapped: a file llama.cpp reads while it checks (resident while it runs; read from disk again "
+              "when RAM is short, slower)")
     for note in rep.warnings:
         print(f"note         {note}")
     if rep.features:
@@ -218,6 +223,7 @@ def cmd_compress(args) -> int:
     if args.json:
         print(json.dumps(rec.manifest, indent=2))
     else:
+        print_steps(rec.manifest)
         print_variants(rec.manifest)
     return _exit_code(rec.manifest)
 
@@ -415,6 +421,21 @@ class _ProgressView:
             self.bar = None
 
 
+def print_steps(manifest: dict) -> None:
+    """Each finished step's time and the worker's peak memory during it, beside what pre-flight said it needs."""
+    for i, s in enumerate(manifest.get("steps", []), 1):
+        if s.get("seconds") is None:
+            continue
+        line = f"step {i} {s['name']}: {s['seconds']:.1f} s"
+        if s.get("ram_peak_bytes"):
+            line += f", peak RAM {s['ram_peak_bytes'] / 1e9:.2f} GB"
+            if s.get("ram_preflight_bytes"):
+                mapped = s.get("ram_preflight_mapped_bytes") or 0
+                line += f" (pre-flight {s['ram_preflight_bytes'] / 1e9:.2f} GB" + \
+                    (f" + {mapped / 1e9:.2f} GB mapped)" if mapped else ")")
+        print(line)
+
+
 def print_variants(manifest: dict) -> None:
     rows = manifest.get("variants", [])
     if not rows:
@@ -487,6 +508,7 @@ def cmd_runs(args) -> int:
             print(f"{m['id']}  {m['status']}  recipe {m['recipe']['name']}  source {m['source'].get('spec')}")
             if m.get("error"):
                 print(f"  {m['error'].get('problem')}")
+            print_steps(m)
             print_variants(m)
         return EXIT_OK
     unreadable: list = []

@@ -29,7 +29,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import reference_tools as rt  # noqa: E402
 from machine import machine, write_results  # noqa: E402
-from streaming_export import SHAPES, make_shaped_model, timed  # noqa: E402
+from streaming_export import SHAPES, make_shaped_model, preflight_rows, step_memory, timed  # noqa: E402
 
 
 def recipe(work: Path, mix: str, chunks: int) -> Path:
@@ -75,6 +75,7 @@ def main() -> int:
             print(f"ours, mix {mix}", file=sys.stderr)
             rows[f"EdgeTailor ({mix} mix)"] = timed([cli, "--home", str(home), "compress", str(folder), "--recipe",
                                                      str(r), "--quiet", "--threads", str(args.threads)], source=folder)
+            rows[f"EdgeTailor ({mix} mix)"]["steps"] = step_memory(home)
         f16 = work / "f16.gguf"
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
         print("llama.cpp", file=sys.stderr)
@@ -114,6 +115,10 @@ def main() -> int:
            f"quantize {ref['quantize']['seconds']:.1f} s / {ref['quantize']['peak_rss_mb']:.0f} MB.", "",
            "Every command starts with the source's files in the page cache (read once before it). Load average at "
            f"start {m['load_average_at_start'][0]:.2f}.", "",
+           "Pre-flight against the measured peak of the step in the run's worker (VmHWM from the step's start, "
+           "recorded in the run's manifest):", "",
+           "| pipeline | step | pre-flight MB | measured peak MB | error |", "|---|---|---:|---:|---:|",
+           *preflight_rows({k: v for k, v in rows.items() if k.startswith("EdgeTailor")}), "",
            "Targets (issue 14): peak RSS <= 2.5 GB; wall time <= 3x llama.cpp's imatrix pipeline; pre-flight within "
            "15% of the measured peak.",
            f"Reproduce: `.venv/bin/python bench/calibrated_streaming.py --chunks {args.chunks}`", ""]

@@ -110,6 +110,28 @@ def timed(cmd: list[str], env: dict | None = None, source: Path | None = None) -
     return {"seconds": float(wall), "peak_rss_mb": round(int(kb) / 1024, 1)}
 
 
+def step_memory(home: Path) -> list[dict]:
+    """Each step of the newest run under ``home``: its worker's measured peak RSS and pre-flight's figures (MB)."""
+    newest = max((home / "runs").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    mb = 2 ** 20
+    return [{"step": s["name"], "peak_rss_mb": round((s.get("ram_peak_bytes") or 0) / mb, 1),
+             "preflight_mb": round((s.get("ram_preflight_bytes") or 0) / mb, 1),
+             "preflight_mapped_mb": round((s.get("ram_preflight_mapped_bytes") or 0) / mb, 1)}
+            for s in json.loads(newest.read_text())["steps"]]
+
+
+def preflight_rows(rows: dict) -> list[str]:
+    """Markdown rows: pre-flight's figure (held + mapped) against the step's measured peak, per run and step."""
+    out = []
+    for label, r in rows.items():
+        for s in r.get("steps", []):
+            predicted = s["preflight_mb"] + s["preflight_mapped_mb"]
+            mapped = f" + {s['preflight_mapped_mb']:.0f} mapped" if s["preflight_mapped_mb"] else ""
+            out.append(f"| {label} | {s['step']} | {s['preflight_mb']:.0f}{mapped} | {s['peak_rss_mb']:.0f} | "
+                       f"{(predicted / s['peak_rss_mb'] - 1) * 100:+.0f}% |")
+    return out
+
+
 QUANTIZE = """
 import ctypes, sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
@@ -130,7 +152,9 @@ def run_shape(name: str, folder: Path, work: Path, threads: int) -> dict:
             {"step": "export", "params": {"format": "gguf", "types": ["Q4_K_M"], "verify": verify}}]}))
         cmd = [str(Path(py).with_name("edgetailor")), "--home", str(work / "home"), "compress", str(folder),
                "--recipe", str(recipe), "--quiet", "--threads", str(threads)]
-        rows["edgetailor" + (" + check" if verify else "")] = timed(cmd, source=folder)
+        label = "edgetailor" + (" + check" if verify else "")
+        rows[label] = timed(cmd, source=folder)
+        rows[label]["steps"] = step_memory(work / "home")
     f16 = work / "llama-f16.gguf"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
     conv = timed([py, str(converter_dir() / SCRIPT), str(folder), "--outfile", str(f16), "--outtype", "f16"], env, source=folder)
@@ -174,6 +198,12 @@ def main() -> int:
                   f"{r['rows']['llama.cpp']['convert']['peak_rss_mb']:.0f} MB, quantize "
                   f"{r['rows']['llama.cpp']['quantize']['seconds']:.1f} s / "
                   f"{r['rows']['llama.cpp']['quantize']['peak_rss_mb']:.0f} MB." for name, r in results["shapes"].items()]
+    md += ["", "Pre-flight (`edgetailor inspect`) against the measured peak of each step in the run's worker (VmHWM "
+           "from the step's start, recorded in the run's manifest; mapped: the check's 16-bit reference GGUF, whose "
+           "pages count in RSS while llama.cpp runs it):", "",
+           "| shape, pipeline | step | pre-flight MB | measured peak MB | error |", "|---|---|---:|---:|---:|"]
+    md += [row for name, r in results["shapes"].items()
+           for row in preflight_rows({f"{name} {k}": v for k, v in r["rows"].items()})]
     md += ["", "Ours is one process (Python, torch and transformers imported, ~0.4 GB before any weight): llama.cpp's "
            "quantizer types a probe of the model (32 zero rows per matrix), then each tensor is read from the "
            "safetensors a slice of rows at a time and encoded by llama.cpp's own `ggml_quantize_chunk` (2 threads) "

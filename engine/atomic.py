@@ -111,10 +111,15 @@ def sha256_tree(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1) or 1) as pool:   # hashlib lets go of the GIL:
+        digests = list(pool.map(sha256_file, files))                              # a sharded model's files at once
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f, digest in zip(files, digests):
         h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
+        h.update(digest.encode())
     return h.hexdigest()
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 GB = 1024**3
 MB = 1024**2
 #: the worker process before any weight is read: Python, torch, transformers, the tokenizer, llama.cpp's library
-#: (measured: 0.40-0.55 GB resident on this project's machines)
-PROCESS_BYTES = 550 * MB
+#: (measured at a step's start, ``ram_peak_bytes`` of a run on stories260K: 0.39 GB exporting, 0.42 GB calibrating)
+PROCESS_BYTES = 420 * MB
 #: the calibration tokens a walk takes when the recipe does not limit them (the bundled calibration text: 21
 #: sequences of 512 tokens with the demo's tokenizer)
 DEFAULT_CALIBRATION_TOKENS = 21 * 512
@@ -103,9 +103,13 @@ class ModelShape:
 @dataclass
 class StepNeed:
     step: str
-    ram_bytes: int
+    ram_bytes: int                             # memory the step itself holds: it must fit
     how: str                                   # in words: what the step holds
     parts: dict = field(default_factory=dict)  # name -> bytes, the figure's terms
+    #: a file the step maps and reads whole, more than once (the check's 16-bit reference GGUF in llama.cpp): its
+    #: pages are resident while it runs and count in the process's RSS, but the kernel takes them back when memory
+    #: is short and they are read from disk again - slower, never a failure, so pre-flight does not require them
+    mapped_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +135,14 @@ def walk_parts(shape: ModelShape, tokens: int, seq_len: int) -> dict:
             "one batch's activations": WALK_BATCH * seq_len * (3 * shape.intermediate + 6 * shape.hidden) * 4}
 
 
+def gptq_factor_bytes(n: int) -> int:
+    """``gguf_blocks.factor_in_place`` on n inputs: L and L^-1 (float64), the quarter of L a strip's solve copies,
+    and the strip's identity and result."""
+    from ..exporters.gguf_blocks import SOLVE_STRIP
+
+    return int(2.25 * n * n * 8 + 2 * n * min(SOLVE_STRIP, n) * 8)
+
+
 #: float32 copies of a slice of rows that the block quantizer holds at once (measured: 5-8)
 QUANTIZER_COPIES = 8
 
@@ -145,7 +157,7 @@ def quantizer_bytes(rows: int, columns: int, threads: int) -> int:
 
 
 def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gptq: bool, measured: bool,
-                    quantizes: bool = True, threads: int | None = None) -> StepNeed:
+                    quantizes: bool = True, threads: int | None = None, verify: bool = False) -> StepNeed:
     """``quant.gguf_calibrated`` / ``imatrix`` from the files: the largest of its phases, each named."""
     import psutil
 
@@ -155,9 +167,10 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
     base = walk["one block (fp32)"] + walk["hidden states"]
     inside = [walk["one batch's activations"]]
     if gptq:      # X^T X of the block's inputs (not q/k/v's), then the down projection's factor in float64:
-        #           two n x n and the quarter its solve copies (``gguf_blocks.factor_in_place``)
+        #           two n x n, the quarter its solve copies and a strip's identity and result
+        #           (``gguf_blocks.factor_in_place``)
         inside += [walk["one batch's activations"] + (n * n + h * h + q * q) * 4,
-                   2.25 * n * n * 8 + (h * h + q * q) * 4]
+                   gptq_factor_bytes(n) + (h * h + q * q) * 4]
     if quantizes:     # the widest matrices: gate and up together (2n x h), down (h x n), with its factor
         inside.append(max(2 * n * h * 4 + quantizer_bytes(2 * n, h, threads),
                           (n * n * 4 if gptq else 0) + n * h * 4 + quantizer_bytes(h, n, threads)))
@@ -169,25 +182,28 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
     if measured:   # sensitivity: every block's input for 8 x 128 tokens, the head in fp32; then the type plan
         phases["sensitivity pass"] = head + shape.layers * 1024 * h * 4 + shape.block_params * 4
         phases["type plan (largest tensor in fp32)"] = shape.largest_tensor_params * 4 * 2
+    mapped = 0
+    if verify:        # the file written, then checked against the model it was written from
+        what, held, mapped = check_reference(shape)
+        phases[f"the check: {what}"] = held
     name, peak = max(phases.items(), key=lambda kv: kv[1])
     return StepNeed(step, PROCESS_BYTES + int(peak),
                     f"reads the source one decoder block at a time; largest phase: {name}",
-                    {"process": PROCESS_BYTES, **{k: int(v) for k, v in phases.items()}})
+                    {"process": PROCESS_BYTES, **{k: int(v) for k, v in phases.items()}}, mapped_bytes=mapped)
 
 
 #: bytes per weight of an ONNX folder by type (int8/int4: codes plus a float32 scale per block of 32)
 ONNX_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.125, "int4": 0.625}
 
 
-def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict | None = None) -> StepNeed | None:
+def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict | None = None,
+                verify: bool = True) -> StepNeed | None:
     """An export written from the model's files: GGUF tensor by tensor (its output at up to 4 bytes a weight beside
     its stored copy); ONNX on EdgeTailor's graph one decoder layer at a time (the layer in fp32 and the graph's
     copies of it, the embedding read, widened and narrowed; int4/int8 each weight rounded in slices of rows as it
     is written, GPTQ with the calibration walk and one layer's input statistics). Beside it the check's reference:
     the torch model while it is small, else a 16-bit GGUF that llama.cpp maps (``engine.reference``). None where
     the export holds the model (ONNX's HQQ, onnxruntime-genai's builder)."""
-    from .reference import TORCH_REFERENCE_MAX_BYTES
-
     types = [str(t).lower() for t in types]
     options = options or {}
     method = str(options.get("method", "rtn")).lower()
@@ -195,9 +211,11 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
         from ..exporters.ggml_quant import CHUNK_ELEMENTS
         from .preflight import GGUF_BITS_PER_WEIGHT
 
-        out_bytes = max(GGUF_BITS_PER_WEIGHT.get(t.upper(), 16) for t in types) / 8 if types else 2
+        # the largest tensor is the embedding or the output head, which llama.cpp's mixes keep at Q6_K or more
+        out_bytes = max(max(GGUF_BITS_PER_WEIGHT.get(t.upper(), 16), 6.5625) for t in types) / 8 if types else 2
         work = {"largest tensor's encoded bytes": shape.largest_tensor_params * out_bytes,
-                "a slice of rows per thread (read, float32)": 2 * CHUNK_ELEMENTS * (4 + 2)}
+                "a slice of rows per thread (read, float32)": 2 * min(CHUNK_ELEMENTS, shape.largest_tensor_params)
+                * (4 + 2)}
         how = "encodes the model tensor by tensor from its files (no fp32 copy of the model, no intermediate file)"
     elif fmt == "gguf":        # llama.cpp's converter, then its quantizer: a whole tensor in float32 beside its read
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
@@ -217,19 +235,27 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
     # measured (bench/results/streamed_transforms_onnx*.md): checking a float ONNX file holds about twice its
     # weights (onnxruntime's and onnxruntime-genai's sessions), an int4 one about 1.1x (MLAS packs MatMulNBits)
     session = int(shape.params * max(ONNX_BYTES_PER_WEIGHT.get(t, 4.0) * (1.25 if t in ("int4", "int8") else 2)
-                                     for t in types)) if fmt == "onnx" else 0
-    if shape.transformed:          # the check's reference: the transformed files walked, the head in fp32
-        name, reference = "reference (walked: one block and the output head, fp32)", \
-            shape.block_params * 4 + shape.vocab * shape.hidden * 4
-    elif shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
-        name, reference = "reference (fp32 torch model)", shape.fp32_bytes
-    else:
-        name, reference = "reference (16-bit GGUF, mapped by llama.cpp)", 0
+                                     for t in types)) if fmt == "onnx" and verify else 0
+    name, reference, mapped = check_reference(shape) if verify else ("no check", 0, 0)
     peak = PROCESS_BYTES + max(sum(work.values()), session) + reference     # the file is written, then checked
-    parts = {"process": PROCESS_BYTES, **work, name: reference}
+    parts = {"process": PROCESS_BYTES, **work, name: reference or mapped}
     if session:
         parts["the check's runtime sessions (1.25-2x the file's weights)"] = session
-    return StepNeed(step, peak, how, parts)
+    return StepNeed(step, peak, how, parts, mapped_bytes=mapped)
+
+
+def check_reference(shape: ModelShape) -> tuple[str, int, int]:
+    """What the check of a written file holds for the model it was written from (``engine.reference``): (what,
+    bytes held, bytes of a file mapped). Small models: the fp32 torch model; after a transform: its files walked
+    (one block and the head); large ones: a 16-bit GGUF that llama.cpp maps and runs (``StepNeed.mapped_bytes``)."""
+    from .reference import TORCH_REFERENCE_MAX_BYTES
+
+    if shape.transformed:
+        return "reference (walked: one block and the output head, fp32)", \
+            shape.block_params * 4 + shape.vocab * shape.hidden * 4, 0
+    if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
+        return "reference (fp32 torch model)", shape.fp32_bytes, 0
+    return "reference (16-bit GGUF mapped by llama.cpp: its pages, resident while it runs)", 0, shape.params * 2
 
 
 def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, options: dict) -> dict:
@@ -247,7 +273,7 @@ def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, optio
         h, n, q = shape.hidden, shape.intermediate, shape.q_dim
         parts.update({"calibration hidden states": walk["hidden states"],
                       "X^T X of one layer's inputs (fp32)": (2 * h * h + q * q + n * n) * 4,
-                      "GPTQ factor of the widest input (2.25 x float64)": int(2.25 * max(n, h, q) ** 2 * 8)})
+                      "GPTQ factor of the widest input (2.25 x float64)": gptq_factor_bytes(max(n, h, q))})
     return parts
 
 

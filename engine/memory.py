@@ -53,3 +53,27 @@ def trim_heap() -> None:
     lib = _c()
     if lib:
         lib.malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's resident high-water mark afresh (Linux: ``/proc/self/clear_refs``), so
+    ``peak_rss_bytes`` measures what comes after; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident high-water mark (``VmHWM``: anonymous and file-backed pages, as ``time -v`` and
+    ``ps`` count them) since it started or since ``reset_peak_rss``; None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

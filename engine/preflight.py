@@ -202,5 +202,10 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     if report.disk_needed_bytes > report.disk_available_bytes:
         report.problems.append(f"needs about {human_bytes(report.disk_needed_bytes)} of disk, "
                                f"{human_bytes(report.disk_available_bytes)} free")
+    short = [n for n in needs if n.mapped_bytes and n.ram_bytes + n.mapped_bytes > report.ram_available_bytes]
+    if short and not report.problems:
+        report.warnings.append(f"{short[0].step}: the {human_bytes(short[0].mapped_bytes)} reference file llama.cpp "
+                               f"maps does not stay in the {human_bytes(report.ram_available_bytes)} available: it "
+                               "is read from disk again as the check runs (slower, same result)")
     return report
 

@@ -81,8 +81,8 @@ def reference_need(step: str, shape):
     if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
         return None
     mapped = shape.params * 2
-    return StepNeed(step, PROCESS_BYTES + mapped, "runs the 16-bit reference GGUF, then each variant, in llama.cpp",
-                    {"process": PROCESS_BYTES, "reference (16-bit GGUF, mapped)": mapped})
+    return StepNeed(step, PROCESS_BYTES, "runs the 16-bit reference GGUF, then each variant, in llama.cpp",
+                    {"process": PROCESS_BYTES, "reference (16-bit GGUF, mapped)": mapped}, mapped_bytes=mapped)
 
 
 @register_step("evaluate", EvaluateConfig, kind="measure",

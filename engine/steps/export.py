@@ -99,7 +99,8 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
 @register_step("export", ExportConfig, kind="export",
                summary="Write the current model as GGUF or ONNX files (one variant per type), each loaded back",
                exports="this is the export", disk_bytes=_disk,
-               streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format, cfg.types, cfg.options))
+               streamed_ram=lambda cfg, shape: export_need("export", shape, cfg.format, cfg.types, cfg.options,
+                                                            cfg.verify))
 def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 

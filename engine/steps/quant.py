@@ -34,7 +34,8 @@ def _calibrated_ram(cfg: "CalibratedQuantConfig", shape):
 
     return calibrated_need("quant.gguf_calibrated", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len),
                            cfg.seq_len, gptq=cfg.method == "gptq",
-                           measured=cfg.mix == "measured" or cfg.target_mb is not None or cfg.target_bpw is not None)
+                           measured=cfg.mix == "measured" or cfg.target_mb is not None or cfg.target_bpw is not None,
+                           verify=cfg.verify)
 
 
 @dataclass
