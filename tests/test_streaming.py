@@ -83,7 +83,9 @@ def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_
     monkeypatch.setattr(reference, "TORCH_REFERENCE_MAX_BYTES", 0)
     events = []
     recipe = {"name": "big", "steps": [{"step": "export", "params": {"format": "gguf", "types": ["Q8_0"]}},
-                                       {"step": "evaluate", "params": {"windows": 1, "ctx": 64}}]}
+                                       {"step": "evaluate", "params": {"windows": 1, "ctx": 64}},
+                                       {"step": "benchmark", "params": {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1,
+                                                                        "n_ctx": 64, "decode_model": False}}]}
     rec = run_job(JobSpec(recipe=recipe, source=str(tiny_models["llama"]), options={"threads": 2}), emit=events.append)
     m = rec.manifest
     assert m["status"] == "succeeded", m.get("error")
@@ -91,6 +93,9 @@ def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_
     assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
     base, q8 = rec.variant("baseline"), rec.variant("base-Q8_0")
     assert base["format"] == "gguf" and base["metrics"]["perplexity"] > 1
+    # benchmarked as the reference runs it: the 16-bit GGUF in llama.cpp, never the fp32 torch model
+    assert base["metrics"]["decode_tps"] > 0 and q8["metrics"]["decode_tps"] > 0
+    assert "16-bit GGUF" in m["preflight"]["steps"][2]["how"] and m["preflight"]["steps"][2]["mapped_bytes"] > 0
     assert 0 <= q8["metrics"]["kl"] < 0.1 and q8["metrics"]["verify_kl"] < 0.1
     assert not (rec.folder / "scratch").exists()           # the reference file went with the scratch folder
 
@@ -174,6 +179,11 @@ def test_an_8b_model_passes_preflight_for_gguf_export_on_a_16_gb_machine(tmp_pat
     (walk,) = rep.steps
     assert walk["step"] == "quant.gguf_calibrated" and walk["ram_bytes"] < 8 * 1024**3
     assert "one decoder block at a time" in walk["how"] and "block walk" in walk["parts"]
+    balanced = preflight(src, Recipe.from_dict({"name": "x", "steps": [
+        {"step": "export", "params": {"types": ["Q4_K_M"]}}, {"step": "evaluate"}, {"step": "benchmark"}]}))
+    # no fp32 baseline in torch: the benchmark's largest need is llama.cpp's decode cost probes (float32 embeddings)
+    assert balanced.fits and balanced.ram_needed_bytes < 8 * 1024**3, balanced.problems
+    assert "16-bit GGUF" in balanced.steps[2]["how"]
     evaluate = preflight(src, Recipe.from_dict({"name": "x", "steps": [{"step": "evaluate"}]})).steps[0]
     assert "16-bit reference" in evaluate["how"]      # an 8B model's reference runs in llama.cpp, not torch fp32
     assert evaluate["ram_bytes"] < 1e9 and 16e9 < evaluate["mapped_bytes"] < 17e9   # its 16 GB mapped: said per step

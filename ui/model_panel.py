@@ -186,10 +186,11 @@ def card_html(src, report) -> str:
     steps = getattr(report, "steps", None) or []
     if steps:
         per_step = "<br>".join(f"{i}. {html.escape(n['step'])}: {fmt_bytes(n['ram_bytes'])}"
-                               + (f" + {fmt_bytes(n['mapped_bytes'])} mapped (the check's reference file: resident "
-                                  f"while llama.cpp runs it, re-read from disk when RAM is short)"
-                                  if n.get("mapped_bytes") else "")
+                               + (f" + {fmt_bytes(n['mapped_bytes'])} mapped" if n.get("mapped_bytes") else "")
                                + f" — {html.escape(n['how'])}" for i, n in enumerate(steps, 1))
+        if any(n.get("mapped_bytes") for n in steps):
+            per_step += ("<br><small>mapped: the reference file llama.cpp runs to check and evaluate (resident while "
+                         "it runs; read from disk again when RAM is short: slower, same result)</small>")
         rows.insert(rows.index(next(r for r in rows if r[0] == "Pre-flight RAM")) + 1, ("RAM per step", per_step))
     body = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in rows)
     title = f"<b>{html.escape(src.display_name)}</b> <small>({html.escape(src.kind)}: {html.escape(str(src.path))})</small>"
