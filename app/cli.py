@@ -191,7 +191,7 @@ def cmd_inspect(args) -> int:
         print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} ~{need['ram_bytes'] / gb:.2f} GB{mapped}  "
               f"{need['how']}")
     if any(n.get("mapped_bytes") for n in rep.steps):
-        print(f"{'':12s} mapped: a file llama.cpp reads while it checks (resident while it runs; read from disk again "
+        print(f"{'':12s} mapped: a file llama.cpp runs to check, evaluate or benchmark (resident while it runs; read from disk again "
               "when RAM is short, slower)")
     for note in rep.warnings:
         print(f"note         {note}")

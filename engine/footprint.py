@@ -277,6 +277,16 @@ def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, optio
     return parts
 
 
+def decode_probe_bytes(shape) -> int:
+    """The largest probe ``probes.measure_decode_model`` makes: its layers (``shape_probe_layers``) and the
+    embeddings in float32, in the worker beside the interpreter."""
+    from .probes import PROBE_F32_BYTES
+
+    per_layer = 4 * (shape.hidden * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * shape.hidden * shape.intermediate)
+    layers = max(2, min(shape.layers, int(PROBE_F32_BYTES // max(per_layer, 1))))
+    return PROCESS_BYTES + layers * per_layer + 4 * shape.embedding_params
+
+
 def scratch_bytes(shape: ModelShape, exact: bool = True) -> int:
     """The decoder blocks a streamed transform writes to the run's scratch: in their stored dtype when the change
     keeps them exact there (pruning zeroes or drops weights), else fp32 (AWQ's scaled weights)."""

@@ -206,6 +206,6 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
     if short and not report.problems:
         report.warnings.append(f"{short[0].step}: the {human_bytes(short[0].mapped_bytes)} reference file llama.cpp "
                                f"maps does not stay in the {human_bytes(report.ram_available_bytes)} available: it "
-                               "is read from disk again as the check runs (slower, same result)")
+                               "is read from disk again as the step runs (slower, same result)")
     return report
 

@@ -40,6 +40,10 @@ def test_compress_evaluate_and_list(stories_dir, tmp_path):
     r = cli("compress", str(stories_dir), "--recipe", str(recipe), "--runs-dir", str(runs), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "base-Q8_0" in r.stdout and "baseline" in r.stdout
+    # each step's time and the worker's measured peak beside pre-flight's figure, as the run recorded them
+    steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == len(tiny_recipe(types=("Q8_0",))["steps"]), r.stdout
+    assert all(", peak RAM " in line and "(pre-flight " in line for line in steps), steps
     r = cli("runs", "--runs-dir", str(runs))
     assert "succeeded" in r.stdout
     gguf_file = next(runs.rglob("*.gguf"))

@@ -189,7 +189,7 @@ def card_html(src, report) -> str:
                                + (f" + {fmt_bytes(n['mapped_bytes'])} mapped" if n.get("mapped_bytes") else "")
                                + f" — {html.escape(n['how'])}" for i, n in enumerate(steps, 1))
         if any(n.get("mapped_bytes") for n in steps):
-            per_step += ("<br><small>mapped: the reference file llama.cpp runs to check and evaluate (resident while "
+            per_step += ("<br><small>mapped: the file llama.cpp runs to check, evaluate or benchmark (resident while "
                          "it runs; read from disk again when RAM is short: slower, same result)</small>")
         rows.insert(rows.index(next(r for r in rows if r[0] == "Pre-flight RAM")) + 1, ("RAM per step", per_step))
     body = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in rows)

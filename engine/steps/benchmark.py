@@ -72,7 +72,7 @@ class Setting:
 @register_step("benchmark", BenchmarkConfig, kind="measure",
                summary="Load time, peak memory, time to first token, prefill/decode tok/s and energy of every "
                        "variant, each in a fresh process; predicted memory and projected speed on a device",
-               streamed_ram=lambda cfg, shape: benchmark_need(cfg, shape))
+               streamed_ram=lambda cfg, shape: benchmark_need(cfg, shape))     # defined below
 def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
     from ..devices import host_profile
     from ..energy import EnergyMeter
@@ -85,11 +85,9 @@ def benchmark(ctx: RunContext, cfg: BenchmarkConfig) -> None:
     ctx.log(f"This machine: {host.memory_bandwidth_gbs:g} GB/s copy bandwidth, {host.compute_gflops:g} GFLOP/s "
             f"float32 ({host.estimates['memory_bandwidth_gbs']})")
     if cfg.baseline and ctx.record.variant("baseline") is None:
-        from ..reference import choose
-        from .evaluate import record_baseline
+        from .evaluate import record_reference_baseline
 
-        choice = choose(ctx)
-        record_baseline(ctx, choice.format, s.dtype if choice.format == "torch" else choice.type, choice.reason)
+        record_reference_baseline(ctx)
     todo = _variants_to_run(ctx, cfg)
     infos = {}
     for v, fmt, path in todo:
@@ -143,20 +141,20 @@ def benchmark_need(cfg: BenchmarkConfig, shape):
     """A model too large for its torch reference: the worker (and llama.cpp's decode cost probes), and one variant
     at a time in a child process, the largest being the 16-bit reference GGUF (mapped). None: small models, whose
     baseline runs in torch fp32 (the step's registered multiple)."""
-    from ..footprint import PROCESS_BYTES, StepNeed
+    from ..footprint import PROCESS_BYTES, StepNeed, decode_probe_bytes
     from ..reference import TORCH_REFERENCE_MAX_BYTES
-    from .fit import _decode_probe_bytes
 
     if shape.fp32_bytes <= TORCH_REFERENCE_MAX_BYTES:
         return None
-    worker = _decode_probe_bytes(shape) if cfg.decode_model else PROCESS_BYTES
+    worker = decode_probe_bytes(shape) if cfg.decode_model else PROCESS_BYTES
     kv = 2 * shape.layers * shape.kv_dim * cfg.n_ctx * 2
     parts = {"the worker (with llama.cpp's decode cost probes)": worker,
              "a variant's benchmark process and its KV cache": PROCESS_BYTES + kv,
-             "the largest file benchmarked (the 16-bit reference GGUF, mapped)": shape.params * 2}
+             "the largest file benchmarked (at most 16-bit, mapped)": shape.params * 2}
+    source = ", and the source as its 16-bit GGUF," if cfg.baseline else ""
     return StepNeed("benchmark", worker + PROCESS_BYTES + kv,
-                    "runs each variant, and the source as its 16-bit GGUF, in llama.cpp, one at a time in a fresh "
-                    "process", parts, mapped_bytes=shape.params * 2)
+                    f"runs each variant{source} in llama.cpp, one at a time in a fresh process", parts,
+                    mapped_bytes=shape.params * 2)
 
 
 def _measure_decode_models(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, todo, infos) -> None:

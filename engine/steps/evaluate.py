@@ -38,6 +38,15 @@ def record_baseline(ctx: RunContext, fmt: str, dtype: str, reference: str | None
                                      "parameters": counted[0] if counted else None}))
 
 
+def record_reference_baseline(ctx: RunContext) -> None:
+    """The "baseline" variant as the run's reference runs it (``engine.reference.choose``): the torch model in the
+    run's dtype while it is small, else its 16-bit GGUF in llama.cpp."""
+    from ..reference import choose
+
+    choice = choose(ctx)
+    record_baseline(ctx, choice.format, ctx.options.dtype if choice.format == "torch" else choice.type, choice.reason)
+
+
 def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 0.5)) -> dict:
     """Evaluate the untouched source model once per run; its log-probs become the KL reference. ``span``: the part
     of the calling step's progress it reports in."""
@@ -45,10 +54,9 @@ def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 
     base = ctx.record.variant("baseline")
     if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
         return base
-    from ..reference import choose, open_reference
+    from ..reference import open_reference
 
-    choice = choose(ctx)
-    record_baseline(ctx, choice.format, ctx.options.dtype if choice.format == "torch" else choice.type, choice.reason)
+    record_reference_baseline(ctx)
     with open_reference(ctx, n_ctx=len(windows[0])) as rt:
         res = evaluate(rt, windows, reference=ref, record_reference=True,
                        on_window=lambda i, n, ppl: (ctx.progress(span[0] + (span[1] - span[0]) * i / n,

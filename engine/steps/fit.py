@@ -92,7 +92,7 @@ class FitConfig:
 def _fit_ram(cfg: FitConfig, shape):
     """The calibrated GGUF candidates' block walk and sensitivity pass; with ONNX in the formats, also an ONNX
     candidate's export (written layer by layer, GPTQ's statistics from its own walk): the larger of the two."""
-    from ..footprint import calibrated_need, calibration_tokens, export_need
+    from ..footprint import calibrated_need, calibration_tokens, decode_probe_bytes, export_need
 
     need = calibrated_need("fit", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len), cfg.seq_len,
                            gptq=cfg.method == "gptq", measured=True)
@@ -102,7 +102,7 @@ def _fit_ram(cfg: FitConfig, shape):
                                                        "calibration_windows": windows}) if types else None
     others = {"an ONNX candidate's export": onnx.ram_bytes if onnx else 0,
               "llama.cpp's decode cost probes (float32, the model's shapes)":
-                  _decode_probe_bytes(shape) if cfg.decode_model and "gguf" in cfg.formats else 0}
+                  decode_probe_bytes(shape) if cfg.decode_model and "gguf" in cfg.formats else 0}
     for what, ram in others.items():
         if not ram:
             continue
@@ -111,17 +111,6 @@ def _fit_ram(cfg: FitConfig, shape):
             need.ram_bytes = ram
             need.how += f"; largest: {what}"
     return need
-
-
-def _decode_probe_bytes(shape) -> int:
-    """The largest probe ``probes.measure_decode_model`` makes: its layers (``shape_probe_layers``) and the
-    embeddings in float32, in the worker beside the interpreter."""
-    from ..footprint import PROCESS_BYTES
-    from ..probes import PROBE_F32_BYTES
-
-    per_layer = 4 * (shape.hidden * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * shape.hidden * shape.intermediate)
-    layers = max(2, min(shape.layers, int(PROBE_F32_BYTES // max(per_layer, 1))))
-    return PROCESS_BYTES + layers * per_layer + 4 * shape.embedding_params
 
 
 @dataclass
