@@ -188,11 +188,11 @@ def cmd_inspect(args) -> int:
     print(f"disk         needs ~{rep.disk_needed_bytes / gb:.2f} GB, {rep.disk_available_bytes / gb:.1f} GB free")
     for i, need in enumerate(rep.steps, 1):
         mapped = f" + {need['mapped_bytes'] / gb:.2f} GB mapped" if need.get("mapped_bytes") else ""
-        print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} ~{need['ram_bytes'] / gb:.2f} GB{mapped}  "
-              f"{need['how']}")
+        print(f"{'RAM per step' if i == 1 else '':12s} {i}. {need['step']:24s} "
+              f"~{need['ram_bytes'] / gb:.2f} GB{mapped}  {need['how']}")
     if any(n.get("mapped_bytes") for n in rep.steps):
-        print(f"{'':12s} mapped: a file llama.cpp runs to check, evaluate or benchmark (resident while it runs; read from disk again "
-              "when RAM is short, slower)")
+        print(f"{'':12s} mapped: a file llama.cpp runs to check, evaluate or benchmark (resident while it runs; "
+              "read from disk again when RAM is short, slower)")
     for note in rep.warnings:
         print(f"note         {note}")
     if rep.features:
