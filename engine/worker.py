@@ -53,6 +53,9 @@ def _child(job_dict: dict, events: mp.Queue, cancel) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C in a terminal goes to the parent, which cancels
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # so does a closed terminal: the parent cancels, or dies
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the run reports its own progress: transformers' and the hub's bars (loading and saving the planner's probe
+    # models) would only be noise on the terminal the CLI draws its progress on
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _watch_parent(cancel)
     try:
         run_job(JobSpec(**job_dict), emit=events.put, cancel=cancel)
