@@ -56,12 +56,20 @@ def kv_types_for(names, head_dim: int) -> list[str]:
     return [n for n in names if n == "f16" or head_dim % KV_BLOCK == 0]
 
 
+#: how much a GGUF file's types trade quality for decode speed (``Predictor.prices_for``): 0 buys the least loss per
+#: byte; w > 0 weighs each type's measured kernel time too, w x the loss per second of a mid-size plan (at 1, a 1%
+#: longer decode weighs as much as a 1% larger loss). Searched when the budget sets a speed or energy limit and
+#: llama.cpp's decode cost model is measured: at equal size, Q4_K's repacked kernels decode faster than Q5_K's
+SPEED_WEIGHTS = (0.0, 0.3, 1.0, 3.0)
+
+
 @dataclass(frozen=True)
 class Candidate:
     tensor_bytes: int          # the planned file's 2-D tensors
     kv_type: str
     drop: int = 0              # decoder blocks removed (the least influential first)
     onnx: str = ""             # an ONNX scheme (``onnx_plan.SCHEMES``); "" for a GGUF file
+    speed: float = 0.0         # a GGUF file's speed weight (``SPEED_WEIGHTS``)
 
     @property
     def format(self) -> str:
@@ -70,7 +78,7 @@ class Candidate:
     @property
     def file_label(self) -> str:
         name = f"onnx-{self.onnx}" if self.onnx else f"{self.tensor_bytes / 1e6:.1f}MB"
-        return name + (f"-minus{self.drop}blocks" if self.drop else "")
+        return name + (f"-fast{self.speed:g}" if self.speed else "") + (f"-minus{self.drop}blocks" if self.drop else "")
 
     @property
     def label(self) -> str:
@@ -181,8 +189,9 @@ class Predictor:
         self.drop_order = drop_order or []          # blocks, the least influential first
         self.depth_kl = [0.0, *(depth_kl or [])]    # measured KL of removing the first k of them
         self.calibration = Calibration()
+        self.speed_weights: tuple[float, ...] = (0.0,)   # ``SPEED_WEIGHTS`` where the budget asks for speed
         self._plans: dict[tuple, tuple] = {}
-        self._prices: dict[int, object] = {0: prices}
+        self._prices: dict[tuple, object] = {(0, 0.0): prices}
 
     @property
     def max_drop(self) -> int:
@@ -207,10 +216,41 @@ class Predictor:
         return {re.sub(r"^blk\.(\d+)\.", lambda m: f"blk.{new[int(m.group(1))]}.", n): t for n, t in types.items()}
 
     # the file
-    def prices_for(self, drop: int):
-        if drop not in self._prices:
-            self._prices[drop] = self.prices.only(self.kept(drop))
-        return self._prices[drop]
+    def prices_for(self, drop: int, speed: float = 0.0):
+        """The types' prices of the model without ``drop`` blocks; with a speed weight, each type's cost
+        plus its kernel time per token priced at ``speed`` x the loss per second of a mid-size plan."""
+        key = (drop, speed)
+        if key not in self._prices:
+            if speed:
+                base = self.prices_for(drop)
+                mid = self.plan(sum(self.size_range(drop)) // 2, drop)[0]
+                loss = sum(o[2] for n, o in self._chosen(base, mid).items())
+                per_second = speed * loss / max(self.kernel_seconds(mid), 1e-12)
+                self._prices[key] = base.with_time(lambda n, t: per_second * self.tensor_seconds(n, t))
+            else:
+                self._prices[key] = self.prices.only(self.kept(drop))
+        return self._prices[key]
+
+    @staticmethod
+    def _chosen(prices, types: dict) -> dict:
+        return {n: next(o for o in prices.every[n] if o[0] == t) for n, t in types.items()}
+
+    def tensor_seconds(self, name: str, t: str) -> float:
+        """One tensor's weight-kernel time per token in type ``t`` (llama.cpp's decode cost model: the blocks'
+        rate of the type, the head's for the output head; the slowest measured rate for a type without one;
+        an untied embedding is a lookup)."""
+        model = self.decode_model or {}
+        layer, head = model.get("layer_rates") or {}, model.get("head_rates") or {}
+        src = self.sources[name]
+        tied = "output.weight" not in self.sources
+        if name == "token_embd.weight" and not tied:
+            return 0.0
+        rates = head if name in ("output.weight", "token_embd.weight") and t in head else layer
+        rate = rates.get(t) or min(layer.values(), default=0.0)
+        return src.shape[0] * src.shape[1] / rate if rate else 0.0
+
+    def kernel_seconds(self, types: dict) -> float:
+        return sum(self.tensor_seconds(n, t) for n, t in types.items())
 
     @property
     def onnx_schemes(self) -> list[str]:
@@ -224,24 +264,32 @@ class Predictor:
         """The ONNX folder of one scheme (its size is the scheme's): always run with onnxruntime's float32 cache."""
         return Candidate(sum(b for b, _ in self.prices_for(drop).onnx[scheme].values()), ONNX_KV, drop, scheme)
 
-    def plan(self, tensor_bytes: int, drop: int = 0) -> tuple[dict, int, float]:
+    def plan(self, tensor_bytes: int, drop: int = 0, speed: float = 0.0) -> tuple[dict, int, float]:
+        """(types, tensor bytes, summed loss cost) of the best plan within ``tensor_bytes`` (the cost is the
+        types' loss alone, whatever the speed weight that chose them)."""
         from ..exporters.gguf_plan import choose_types
 
-        key = (int(tensor_bytes), drop)
+        key = (int(tensor_bytes), drop, speed)
         if key not in self._plans:
-            plan = choose_types(self.prices_for(drop), key[0])
-            self._plans[key] = self._plans[(plan[1], drop)] = plan      # a plan's own size plans itself
+            types, size, cost = choose_types(self.prices_for(drop, speed), key[0])
+            if speed:
+                cost = sum(o[2] for o in self._chosen(self.prices_for(drop), types).values())
+            self._plans[key] = self._plans[(size, drop, speed)] = (types, size, cost)   # a plan's own size plans itself
         return self._plans[key]
 
-    def candidate(self, tensor_bytes: float, kv_type: str, drop: int = 0) -> Candidate:
+    def candidate(self, tensor_bytes: float, kv_type: str, drop: int = 0, speed: float = 0.0) -> Candidate:
         """The candidate a requested size gives: its size is what the planned types actually take (sizes
-        past the point where no upgrade lowers the cost give the same file)."""
-        return Candidate(self.plan(int(tensor_bytes), drop)[1], kv_type, drop)
+        past the point where no upgrade lowers the cost give the same file; a speed weight that changes no type
+        gives the plain file)."""
+        types, size, _ = self.plan(int(tensor_bytes), drop, speed)
+        if speed and types == self.plan(int(tensor_bytes), drop)[0]:
+            speed = 0.0
+        return Candidate(size, kv_type, drop, speed=speed)
 
-    def size_range(self, drop: int = 0) -> tuple[int, int]:
+    def size_range(self, drop: int = 0, speed: float = 0.0) -> tuple[int, int]:
         """The smallest file and the largest worth making (past it no upgrade lowers the predicted cost)."""
-        prices = self.prices_for(drop)
-        return prices.smallest_bytes(), self.plan(int(prices.largest_bytes()), drop)[1]
+        prices = self.prices_for(drop, speed)
+        return prices.smallest_bytes(), self.plan(int(prices.largest_bytes()), drop, speed)[1]
 
     def weights_info(self, types: dict, drop: int = 0):
         """``projection.WeightsInfo`` of the planned file (what ``gguf_info`` would read from it)."""
@@ -314,12 +362,12 @@ class Predictor:
                     "cost": sum(c for _, c in prices.values()) - head, "head_cost": head, "onnx": cand.onnx}
             overhead = self.onnx_overhead
         else:
-            types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop)
+            types, tensor_bytes, cost = self.plan(cand.tensor_bytes, cand.drop, cand.speed)
             info = self.weights_info(types, cand.drop)
             plan = {"types": types, "tensor_bytes": tensor_bytes, "file_bytes": tensor_bytes + self.metadata,
                     "cost": cost, "head_cost": 0.0, "onnx": ""}
             overhead = self.overhead or {}
-        return {**plan, "drop": cand.drop, "dropped": self.dropped(cand.drop), "info": info,
+        return {**plan, "drop": cand.drop, "speed": cand.speed, "dropped": self.dropped(cand.drop), "info": info,
                 **self._runtime(info, kv_element_bytes(cand.kv_type), overhead)}
 
     def _runtime(self, info, kv_bytes: int, overhead: dict) -> dict:
@@ -403,15 +451,17 @@ class Point:
     def to_dict(self) -> dict:
         c = self.candidate
         return {"label": c.label, "format": c.format, "onnx": c.onnx, "tensor_bytes": c.tensor_bytes,
-                "kv_type": c.kv_type, "drop_blocks": c.drop, "feasible": self.feasible, **self.prediction.to_dict()}
+                "kv_type": c.kv_type, "drop_blocks": c.drop, "speed_weight": c.speed, "feasible": self.feasible,
+                **self.prediction.to_dict()}
 
 
 def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120, seed: int = 0,
            cancelled=None, onnx: tuple[str, ...] = ()) -> list[Point]:
-    """Multi-objective search (optuna NSGA-II, constrained) over the file (a GGUF of any size, or an ONNX
-    scheme), the KV type and the blocks removed, on the predictions: minimize predicted KL and predicted memory.
-    Returns every distinct point tried. The space is the same in every trial (NSGA-II's crossover needs it):
-    an ONNX file ignores the size and KV type drawn."""
+    """Multi-objective search (optuna NSGA-II, constrained) over the file (a GGUF of any size and speed weight, or
+    an ONNX scheme), the KV type and the blocks removed, on the predictions: minimize predicted KL and predicted
+    memory. At each GGUF size drawn, every KV type and speed weight is predicted too. Returns every distinct
+    point predicted. The space is the same in every trial (NSGA-II's crossover needs it): an ONNX file ignores
+    the size and KV type drawn."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -421,25 +471,41 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
         if cancelled and cancelled():
             trial.study.stop()
         drop = trial.suggest_int("drop_blocks", 0, predictor.max_drop) if predictor.max_drop else 0
-        lo, hi = predictor.size_range(drop)
+        speed = trial.suggest_categorical("speed", speeds) if len(speeds) > 1 else 0.0
+        lo, hi = predictor.size_range(drop, speed)
         fraction, kv = trial.suggest_float("size", 0.0, 1.0), trial.suggest_categorical("kv_type", kv_choices)
         file = trial.suggest_categorical("file", files) if len(files) > 1 else files[0]
-        cand = (predictor.candidate(lo + fraction * (hi - lo), kv, drop) if file == "gguf"
-                else predictor.onnx_candidate(file, drop))
-        p = predictor.predict(cand)
-        cons = constraint_values(budget, p)
-        for name, value in zip(LIMIT_WORDS, cons):
+        if file != "gguf":
+            cand = predictor.onnx_candidate(file, drop)
+            return objective_of(trial, cand, add(cand))
+        target = lo + fraction * (hi - lo)
+        cand = predictor.candidate(target, kv, drop, speed)
+        # the KV types and speed weights are few and their predictions cheap: every one of them is predicted at
+        # the size drawn, so the search's trials go to the size and the blocks removed
+        for w in speeds:
+            for k in kv_choices:
+                add(predictor.candidate(target, k, drop, w))
+        return objective_of(trial, cand, add(cand))
+
+    def add(cand: Candidate) -> Point:
+        if cand not in points:
+            p = predictor.predict(cand)
+            points[cand] = Point(cand, p, all(c <= 0 for c in constraint_values(budget, p)))
+        return points[cand]
+
+    def objective_of(trial, cand: Candidate, point: Point):
+        for name, value in zip(LIMIT_WORDS, constraint_values(budget, point.prediction)):
             trial.set_constraint(name, value)
-        points[cand] = Point(cand, p, all(c <= 0 for c in cons))
-        return p.kl, p.memory_bytes
+        return point.prediction.kl, point.prediction.memory_bytes
 
     files = (["gguf"] if kv_types else []) + list(onnx)
     kv_choices = kv_types or [ONNX_KV]
+    speeds = list(predictor.speed_weights) if kv_types else [0.0]
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(24, max(4, trials // 5)))
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     # the two ends of the size range and every ONNX scheme are always tried (the smallest file answers "does
     # anything fit")
-    whole = {"drop_blocks": 0} if predictor.max_drop else {}
+    whole = {**({"drop_blocks": 0} if predictor.max_drop else {}), **({"speed": 0.0} if len(speeds) > 1 else {})}
     for kv in kv_types:
         for size in (0.0, 1.0):
             study.enqueue_trial({"size": size, "kv_type": kv, **whole, **({"file": "gguf"} if len(files) > 1 else {})})
@@ -459,9 +525,10 @@ def frontier(points: list[Point]) -> list[Point]:
     return sorted(out, key=lambda p: p.prediction.memory_bytes)
 
 
-def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, str]], tolerance: float = 0.02) -> list[Point]:
-    """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme) not within
-    ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to feasible."""
+def pick(points: list[Point], budget, n: int, built_sizes: list[tuple], tolerance: float = 0.02) -> list[Point]:
+    """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme, speed weight) not
+    within ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to
+    feasible."""
     feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
     pool = feas or sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
     chosen: list[Point] = []
@@ -470,10 +537,11 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
         if len(chosen) >= n:
             break
         c = p.candidate
-        if any(d == c.drop and o == c.onnx and abs(c.tensor_bytes / s - 1) <= tolerance for s, d, o in sizes):
+        if any(d == c.drop and o == c.onnx and w == c.speed and abs(c.tensor_bytes / s - 1) <= tolerance
+               for s, d, o, w in (x if len(x) == 4 else (*x, 0.0) for x in sizes)):
             continue
         chosen.append(p)
-        sizes.append((c.tensor_bytes, c.drop, c.onnx))
+        sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed))
     return chosen
 
 

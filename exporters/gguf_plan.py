@@ -95,6 +95,13 @@ class TypePrices:
                           {n: o for n, o in self.every.items() if n in keep},
                           {s: {n: o for n, o in t.items() if n in keep} for s, t in self.onnx.items()})
 
+    def with_time(self, seconds_cost) -> "TypePrices":
+        """These prices with ``seconds_cost(name, type)`` added to every option's cost (a decode time priced
+        in loss), the hulls rebuilt: ``choose_types`` then trades quality for speed as well as for bytes."""
+        every = {n: sorted(((t, b, c + seconds_cost(n, t)) for t, b, c in o), key=lambda o: (o[1], o[2]))
+                 for n, o in self.every.items()}
+        return TypePrices({n: _lower_hull(o) for n, o in every.items()}, every, self.onnx)
+
     def smallest_bytes(self) -> int:
         return sum(o[0][1] for o in self.hull.values())
 
@@ -141,7 +148,6 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
         if not opts:          # rows no block type divides (llama.cpp keeps these in F16 too)
             opts = [("F16", tensor_bytes("F16", W.shape), 0.0)]
         opts.sort(key=lambda o: (o[1], o[2]))
-        opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]   # the best of equal sizes
         hull_of[name] = _lower_hull(opts)
         every[name] = opts
         for s in onnx_schemes:
@@ -153,7 +159,8 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
 
 
 def _lower_hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
-    """The lower convex hull of (bytes, cost), options sorted by bytes."""
+    """The lower convex hull of (bytes, cost), options sorted by (bytes, cost) (of equal sizes, the cheapest)."""
+    opts = [o for i, o in enumerate(opts) if i == 0 or o[1] != opts[i - 1][1]]
     hull: list[tuple[str, int, float]] = []
     for o in opts:
         if hull and o[2] >= hull[-1][2]:

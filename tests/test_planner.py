@@ -398,3 +398,35 @@ def test_a_candidate_without_blocks_is_written_from_the_files_and_checked_agains
 
     assert gguf.GGUFReader(task.out).fields["llama.block_count"].contents() == 1
     assert res["measured"]["f16"]["evaluation"]["kl"] > 0.01   # a block is gone: far from the source
+
+
+def test_a_speed_weight_buys_faster_kernels_at_the_same_size_and_reports_the_types_true_loss():
+    """Under a speed limit the planner searches mixes whose types also pay for their measured kernel time: at the
+    same bytes, a weighted plan swaps slow types for fast ones (Q5_K -> Q4_K, repacked here), decoding faster at a
+    larger loss, and its predicted KL counts the types' loss alone."""
+    from types import SimpleNamespace
+
+    from edgetailor.engine.planner import Predictor
+    from edgetailor.exporters.gguf_plan import TypePrices, _lower_hull, type_bytes
+
+    shape = (1024, 1024)
+    names = [f"blk.{i}.ffn_down.weight" for i in range(4)]
+    # per tensor: Q4_K loses more than Q5_K, Q6_K least; the later blocks are more sensitive
+    loss = {"Q4_K": 4.0, "Q5_K": 2.0, "Q6_K": 1.0}
+    every = {n: sorted(((t, type_bytes(t, shape), (i + 1) * c) for t, c in loss.items()), key=lambda o: (o[1], o[2]))
+             for i, n in enumerate(names)}
+    prices = TypePrices({n: _lower_hull(o) for n, o in every.items()}, every)
+    decode = {"layer_rates": {"Q4_K": 3e10, "Q5_K": 8e9, "Q6_K": 1e10}, "head_rates": {}}
+    planner = Predictor(prices, {n: SimpleNamespace(shape=shape) for n in names}, None, 0, 4 * shape[0] * shape[1],
+                        None, None, 256, 40, None, decode_model=decode)
+    size = sum(type_bytes("Q5_K", shape) for _ in names)
+    plain_types, plain_bytes, plain_cost = planner.plan(size)
+    fast_types, fast_bytes, fast_cost = planner.plan(size, speed=3.0)
+    assert "Q5_K" in plain_types.values() and fast_bytes <= size and plain_bytes <= size
+    assert planner.kernel_seconds(fast_types) < 0.8 * planner.kernel_seconds(plain_types)
+    assert fast_cost > plain_cost
+    assert fast_cost == pytest.approx(sum(next(c for t, _, c in every[n] if t == fast_types[n]) for n in names))
+    cand = planner.candidate(size, "f16", speed=3.0)
+    assert cand.speed == 3.0 and "-fast3" in cand.label and cand.tensor_bytes == fast_bytes
+    # weight 0 is the plain plan
+    assert planner.plan(size, speed=0.0) == (plain_types, plain_bytes, plain_cost)

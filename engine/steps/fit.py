@@ -175,8 +175,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         # a KV type whose own KL is not measured yet is not free: prefer the measured ones while any fits
         known = [p for p in points if p.candidate.kv_type in planner.calibration.kv_kl]
         pool = known if any(p.feasible for p in known) else points
-        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"]) for b in built]
-                    + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"]) for r in rejected])
+        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"], b.raw["speed"]) for b in built]
+                    + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"], r["speed_weight"]) for r in rejected])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = [], []
@@ -256,6 +256,10 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
     planner = Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
                         cfg.prompt_tokens + cfg.gen_tokens, overhead, order, kls, onnx_overhead, decode_model)
+    if decode_model and (budget.min_decode_tps or budget.max_j_per_token):
+        from ..planner import SPEED_WEIGHTS
+
+        planner.speed_weights = SPEED_WEIGHTS      # a speed or energy limit: mixes of faster kernels are searched too
     return Prepared(planner, seqs, prompt)
 
 
@@ -355,14 +359,14 @@ def _file_type(bpw: float) -> str:
     return min(LABELS, key=lambda t: abs(GGUF_BITS_PER_WEIGHT[t] - bpw))
 
 
-def _file_name(file_bytes: int, taken: set[str]) -> str:
-    """fit-<size>MB, with enough digits to tell the run's files apart."""
+def _file_name(file_bytes: int, taken: set[str], suffix: str = "") -> str:
+    """fit-<size>MB<suffix>, with enough digits to tell the run's files apart."""
     mb = file_bytes / 1e6
     for digits in (1, 2, 3, 4):
-        name = f"fit-{mb:.{digits}f}MB"
+        name = f"fit-{mb:.{digits}f}MB{suffix}"
         if name not in taken:
             return name
-    return f"fit-{file_bytes}B"
+    return f"fit-{file_bytes}B{suffix}"
 
 
 def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: dict, kv_types: list[str],
@@ -372,8 +376,8 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
     from ..plan_tasks import CandidateTask
     from .evaluate import reference_folder
 
-    minus = f"-minus{raw['drop']}blocks" if raw["drop"] else ""
-    name = (f"fit-onnx-{raw['onnx']}" if raw["onnx"] else _file_name(raw["file_bytes"], taken)) + minus
+    suffix = (f"-fast{raw['speed']:g}" if raw["speed"] else "") + (f"-minus{raw['drop']}blocks" if raw["drop"] else "")
+    name = f"fit-onnx-{raw['onnx']}{suffix}" if raw["onnx"] else _file_name(raw["file_bytes"], taken, suffix)
     onnx = {"format": "onnx", "onnx_options": {**scheme(raw["onnx"]).export_options(), "calibration_ctx": cfg.seq_len,
                                                "calibration_windows": len(shared.sequences)},
             "calibration_text": ctx.calibration_text()} if raw["onnx"] else {}
@@ -408,7 +412,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
     from .evaluate import variant_metrics
 
     name = f"{b.name}-kv-{kv}"
-    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"], b.raw["onnx"])
+    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"], b.raw["onnx"], b.raw["speed"])
     pred = planner.predict(cand)
     raw = planner.raw(cand)
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
@@ -439,7 +443,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
             f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
             f"{pred.decode_tps_here:.1f})")
     point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
-             "drop_blocks": cand.drop, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
+             "drop_blocks": cand.drop, "speed_weight": cand.speed, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
              "decode_tps_raw": raw["decode_tps_raw"], "decode_model": raw.get("decode_model", False),
              "memory_measured": memory,
              "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
@@ -465,7 +469,7 @@ def _variant(ctx: RunContext, cfg: FitConfig, b: Built, name: str, kv: str, pred
                   "method": options.get("method", "rtn"), "runtime": "onnxruntime", "kv_type": "float32 (onnxruntime)"}
     else:
         params = {"type": "mixed (planned)", "kv_type": kv, "mix": "measured", "method": cfg.method,
-                  "quantized_by": f"EdgeTailor {cfg.method}"}
+                  "quantized_by": f"EdgeTailor {cfg.method}", **({"speed_weight": b.raw["speed"]} if b.raw["speed"] else {})}
     params.update(context=cfg.context, planned_bits_per_weight=round(pred.bits_per_weight, 3),
                   removed_blocks=b.raw["dropped"])
     return Variant(name=name, format="onnx" if onnx else "gguf", path=str(b.path.relative_to(ctx.record.folder)),
@@ -480,7 +484,8 @@ def _rejected(ctx: RunContext, planner, raw: dict, res: dict) -> dict:
     ctx.log(f"{res['name']} left out: {res['rejected']}", level="warning")
     if raw["onnx"]:
         planner.exclude_onnx(raw["onnx"])
-    return {"name": res["name"], "onnx": raw["onnx"], "drop_blocks": raw["drop"], "tensor_bytes": raw["tensor_bytes"],
+    return {"name": res["name"], "onnx": raw["onnx"], "drop_blocks": raw["drop"], "speed_weight": raw["speed"],
+            "tensor_bytes": raw["tensor_bytes"],
             "problem": res["rejected"]}
 
 
