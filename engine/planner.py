@@ -22,8 +22,11 @@ the least influential blocks removed, at the app's context. Its predictions:
   + the measured KL of the blocks removed; perplexity increase = exp(KL) - 1, the scales refitted on every
   measured point.
 
-``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, KV type, blocks removed) with
-the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
+Under a speed or energy limit a GGUF file's types may also pay for their kernel time (``SPEED_WEIGHTS``): at
+the same size, a mix of faster kernels, decoding faster for a larger loss.
+
+``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, speed weight, KV type, blocks
+removed) with the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
 ``recommend`` chooses among the *measured* ones and says why, what each constraint costs, and what to relax
 when nothing fits.
 """
