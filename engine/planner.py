@@ -227,7 +227,7 @@ class Predictor:
             if speed:
                 base = self.prices_for(drop)
                 mid = self.plan(sum(self.size_range(drop)) // 2, drop)[0]
-                loss = sum(o[2] for n, o in self._chosen(base, mid).items())
+                loss = sum(o[2] for o in self._chosen(base, mid).values())
                 per_second = speed * loss / max(self.kernel_seconds(mid), 1e-12)
                 self._prices[key] = base.with_time(lambda n, t: per_second * self.tensor_seconds(n, t))
             else:
@@ -528,7 +528,8 @@ def frontier(points: list[Point]) -> list[Point]:
     return sorted(out, key=lambda p: p.prediction.memory_bytes)
 
 
-def pick(points: list[Point], budget, n: int, built_sizes: list[tuple], tolerance: float = 0.02) -> list[Point]:
+def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, str, float]],
+         tolerance: float = 0.02) -> list[Point]:
     """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme, speed weight) not
     within ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to
     feasible."""
@@ -541,7 +542,7 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple], toleranc
             break
         c = p.candidate
         if any(d == c.drop and o == c.onnx and w == c.speed and abs(c.tensor_bytes / s - 1) <= tolerance
-               for s, d, o, w in (x if len(x) == 4 else (*x, 0.0) for x in sizes)):
+               for s, d, o, w in sizes):
             continue
         chosen.append(p)
         sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed))

@@ -50,6 +50,13 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     assert {m["kv_type"] for m in plan["measured"] if not m["onnx"]} == {"f16", "q8_0"}
     assert {m["kv_type"] for m in plan["measured"] if m["onnx"]} <= {"f32"}
     assert {p["format"] for p in plan["rounds"][0]["points"]} == {"gguf", "onnx"}
+    # every GGUF file the search drew is predicted with every KV type (its trials go to size and depth)
+    for r in plan["rounds"]:
+        kv_of: dict[tuple, set] = {}
+        for p in r["points"]:
+            if p["format"] == "gguf":
+                kv_of.setdefault((p["tensor_bytes"], p["drop_blocks"], p["speed_weight"]), set()).add(p["kv_type"])
+        assert kv_of and all(kvs == {"f16", "q8_0"} for kvs in kv_of.values()), kv_of
     by_name = {v["name"]: v for v in record.manifest["variants"]}
     for m in plan["measured"]:
         v = by_name[m["name"]]
