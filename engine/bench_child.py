@@ -47,6 +47,21 @@ def os_peak_rss_bytes() -> dict:
     return {"peak_rss_os_bytes": ru if sys.platform == "darwin" else ru * 1024, "peak_rss_os_source": "ru_maxrss"}
 
 
+def run_queue_seconds() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux's per-thread schedstat):
+    the time other processes took from it. None where the kernel does not say."""
+    total = 0.0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                continue
+    except OSError:
+        return None
+    return total
+
+
 def say(**msg) -> None:
     sys.stdout.write(json.dumps(msg) + "\n")
     sys.stdout.flush()
@@ -56,16 +71,17 @@ def run_once(dec, prompt: list[int], gen_tokens: int, meter, repeat: int) -> dic
     """One prefill + greedy decode; times, CPU seconds and energy of each phase."""
     e0, c0, t0 = meter.read(), time.process_time(), time.perf_counter()
     nxt = int(np.argmax(dec.prefill(prompt)))
-    t1, c1, e1 = time.perf_counter(), time.process_time(), meter.read()
+    t1, c1, e1, w1 = time.perf_counter(), time.process_time(), meter.read(), run_queue_seconds()
     say(event="tokens", repeat=repeat, done=1)
     for i in range(gen_tokens - 1):
         nxt = int(np.argmax(dec.decode_one(nxt)))
         say(event="tokens", repeat=repeat, done=i + 2)
-    t2, c2, e2 = time.perf_counter(), time.process_time(), meter.read()
+    t2, c2, e2, w2 = time.perf_counter(), time.process_time(), meter.read(), run_queue_seconds()
     decoded = gen_tokens - 1
     return {"ttft_seconds": t1 - t0, "prefill_tps": len(prompt) / (t1 - t0),
             "decode_seconds": t2 - t1, "decode_tps": decoded / (t2 - t1) if decoded else None,
             "prefill_cpu_seconds": c1 - c0, "decode_cpu_seconds": c2 - c1,
+            "decode_wait_seconds": None if w1 is None or w2 is None else max(0.0, w2 - w1),
             "prefill_energy_j": meter.joules(e0, e1, c1 - c0), "decode_energy_j": meter.joules(e1, e2, c2 - c1),
             "tokens_generated": gen_tokens}
 

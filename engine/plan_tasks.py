@@ -117,7 +117,7 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
 
 
 def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
-    from .benchmark import benchmark_variant
+    from .benchmark import benchmark_steady
     from .energy import EnergyMeter
     from .evaluate import ReferenceLogprobs, evaluate
     from .runtimes import open_runtime
@@ -125,10 +125,10 @@ def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
     settings = {"kv_type": kv} if task.format == "gguf" else {}
     with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
         res = evaluate(rt, task.eval_windows, reference=ReferenceLogprobs(Path(task.reference)), cancelled=cancelled)
-    bench = benchmark_variant(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
-                              threads=task.threads, n_ctx=task.context, dtype=task.dtype,
-                              meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
-                              cancelled=cancelled, kv_type=kv)
+    bench = benchmark_steady(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
+                             threads=task.threads, n_ctx=task.context, dtype=task.dtype,
+                             meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
+                             cancelled=cancelled, kv_type=kv)
     return {"evaluation": res.to_dict(), "benchmark": bench}
 
 

@@ -150,7 +150,8 @@ class Calibration:
             lat = [x if m.get("decode_model") else max(x, 0.0) for x, m in zip(lat, points)]
             return sum(lat) / len(lat) if lat else None
 
-        timed = [m for m in measured if m.get("decode_tps_measured")]
+        # speeds measured while other processes took CPU time from the benchmark say nothing of the file
+        timed = [m for m in measured if m.get("decode_tps_measured") and not m.get("contended")]
         speed = latency([m for m in timed if not m.get("onnx")])
         for kv in {m["kv_type"] for m in timed if not m.get("onnx")}:
             self.kv_latency_s[kv] = latency([m for m in timed if m["kv_type"] == kv and not m.get("onnx")])
@@ -371,13 +372,14 @@ class Predictor:
                     "cost": cost, "head_cost": 0.0, "onnx": ""}
             overhead = self.overhead or {}
         return {**plan, "drop": cand.drop, "speed": cand.speed, "dropped": self.dropped(cand.drop), "info": info,
-                **self._runtime(info, kv_element_bytes(cand.kv_type), overhead)}
+                **self._runtime(info, cand.kv_type, overhead)}
 
-    def _runtime(self, info, kv_bytes: int, overhead: dict) -> dict:
+    def _runtime(self, info, kv_type: str, overhead: dict) -> dict:
         """Memory at the app's context (weights + the KV cache for all of it + the runtime's measured overhead),
         the decode speed here before calibration, and the rooflines here and on the device."""
         from .projection import kernel_seconds, kv_cache_bytes, project_decode
 
+        kv_bytes = kv_element_bytes(kv_type)
         memory = info.resident_bytes + kv_cache_bytes(info, self.context, kv_bytes) + overhead.get("overhead_bytes", 0)
         # a GGUF file's speed here: llama.cpp's decode cost model measured on this machine (its types' kernel
         # rates, its fixed and per-layer costs) where there is one, else the roofline (bandwidth and FLOPs) + the
@@ -385,7 +387,7 @@ class Predictor:
         # candidates, and carries the efficiency over to the device's roofline.
         model = self.decode_model if info.fmt == "gguf" and self.decode_model \
             and kernel_seconds(info, self.decode_model) is not None else None
-        here = project_decode(self.host, info, self.tokens_used, kv_bytes, decode_model=model)
+        here = project_decode(self.host, info, self.tokens_used, kv_bytes, decode_model=model, kv_type=kv_type)
         there = project_decode(self.device, info, self.tokens_used, kv_bytes)
         return {"memory_raw": memory, "decode_tps_raw": here["decode_tps"],
                 "latency_s": 0.0 if model else overhead.get("token_latency_s", 0.0), "decode_model": bool(model),

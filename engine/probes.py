@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .architectures import ModelDims
@@ -127,6 +128,7 @@ GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4
                  "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL"}
 TINY_LAYERS = (1, 5)             # 64-wide probes: fixed and per-layer cost of the runtime per token
 RESOLUTION_S = 1e-6              # a kernel time too small to separate from the runtime's own costs
+DECODE_MODEL_VERSION = 2        # what the cached models hold and how they were timed (2: KV-cache types, undisturbed passes)
 PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)
 
 
@@ -143,7 +145,7 @@ def shape_probe_layers(source_folder: str | Path) -> tuple[int, int]:
 
 def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: list[int], gen_tokens: int,
                          n_ctx: int, threads: int, dtype: str = "float32", meter=None, refresh: bool = False,
-                         log=None) -> dict:
+                         log=None, kv_types=("f16",)) -> dict:
     """What one generated token costs this runtime on this machine, measured on probes, cached per setting.
 
     * fixed and per-layer cost: 64-wide random models of the source's architecture and vocabulary with 1 and
@@ -153,8 +155,13 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
       a type cannot hold fall back, as in real files): the slope of time per token over layers is the blocks'
       time, the intercept less the fixed cost the head's. Block rate of a type = its weights per layer / (slope - per-layer cost - the time of the
       fallback types' weights at their own rates); head rate = head weights / head time.
+    * per llama.cpp KV-cache type (``kv_types``; the probes above run with f16, without flash attention): the
+      deep probe in Q4_0 timed with that cache, its difference to f16 per layer (``kv_layer_s``; quantized
+      caches run flash attention, which changes the attention's own cost).
 
-    ``project_decode`` then takes per token: fixed + layers x per-layer cost + max(roofline, kernel time).
+    ``project_decode`` then takes per token: fixed + layers x (per-layer cost + the KV type's) + max(roofline,
+    kernel time). Probes are timed by their fastest undisturbed pass; a model measured while other processes
+    kept taking CPU time (``benchmark.CONTENDED_WAIT_SHARE``) is used for this run but not cached.
     """
     import tempfile
 
@@ -165,7 +172,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         raise EdgeTailorError(f"The decode cost model is measured for gguf and torch variants, not '{fmt}'.",
                               "Its speed is measured by the benchmark; the projection is a roofline only.")
     cache, known, key = _probe_cache("decode-model.json", fmt, source_folder, len(prompt), gen_tokens, n_ctx,
-                                     threads, dtype, cpu_model())
+                                     threads, dtype, cpu_model(), DECODE_MODEL_VERSION)
     entry = {} if refresh else known.get(key, {})
     pair = shape_probe_layers(source_folder)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("decode-model")) as tmp:
@@ -174,6 +181,8 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         if "per_layer_s" not in entry:
             entry.update(probes.fixed_and_per_layer())
         todo = sorted(set(types) - set(entry["probes"]))
+        kv_todo = [] if fmt != "gguf" else sorted(set(kv_types_of(source_folder, kv_types)) - {"f16"}
+                                                  - set(entry.get("kv_layer_s", {})))
         while todo:
             t = todo.pop(0)
             rec = entry["probes"][t] = probes.storage_type(t, pair)
@@ -183,11 +192,22 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
             for k in list(first["layer_types"]) + [first["head_type"]]:
                 if k and k not in entry["probes"] and k not in todo:
                     todo.append(k)          # a fallback type: measured too, so this probe can be solved
+        if kv_todo:
+            entry.setdefault("kv_layer_s", {"f16": 0.0}).update(probes.kv_types(kv_todo, pair[1]))
+        contended = probes.contended
     solve_rates(entry)
+    # probes as deep as the model met the caches and memory as it does: their rates need no roofline here
+    entry["whole_depth"] = pair[1] >= ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text())).layers
     entry["method"] = (f"measured on this machine: {'/'.join(map(str, TINY_LAYERS))}-layer 64-wide probes (fixed and "
                        f"per-layer cost per token) and {'/'.join(map(str, pair))}-layer probes at the source's "
                        f"own shapes, one pair per storage type (block and head weights per second); {len(prompt)} "
-                       f"prompt + {gen_tokens} tokens, context {n_ctx}, {threads} threads")
+                       f"prompt + {gen_tokens} tokens, context {n_ctx}, {threads} threads"
+                       + (f"; KV-cache types {', '.join(sorted(entry['kv_layer_s']))} timed on the deep Q4_0 probe"
+                          if entry.get("kv_layer_s") else ""))
+    if contended:
+        (log or (lambda m: None))(f"decode cost model: {contended} probe(s) timed while other processes took CPU "
+                                  "time; used for this run, not cached (the next run measures again)")
+        return {**entry, "contended_probes": contended}
     known[key] = entry
     atomic.write_json(cache, known)
     return entry
@@ -204,15 +224,20 @@ class _DecodeProbes:
             prompt, gen_tokens, n_ctx, threads, dtype, meter)
         self.host = host_profile()
         self.made: dict[str, Path] = {}
+        self.contended = 0          # probes whose every attempt was slowed by other processes
 
-    def timed(self, path) -> float:
-        from .benchmark import benchmark_variant
+    def timed(self, path, kv_type: str = "f16") -> float:
+        from .benchmark import CONTENDED_WAIT_SHARE, benchmark_steady
 
-        res = benchmark_variant(self.fmt, path, self.prompt, gen_tokens=self.gen_tokens, repeats=5, warmup=1,
-                                threads=self.threads, n_ctx=self.n_ctx, dtype=self.dtype, meter=self.meter)
-        # the fastest run: a probe's cost is deterministic and interference (other processes, a busy
+        res = benchmark_steady(self.fmt, path, self.prompt, attempts=3, gen_tokens=self.gen_tokens, repeats=5,
+                               warmup=1, threads=self.threads, n_ctx=self.n_ctx, dtype=self.dtype, meter=self.meter,
+                               kv_type=kv_type)
+        # the fastest undisturbed pass: a probe's cost is deterministic and interference (other processes, a busy
         # neighbour on a shared host) only adds time, so the median of five can carry a stall
-        return 1.0 / max(res["decode_tps_runs"] or [res["decode_tps"]])
+        waits = res["decode_wait_share_runs"] or [0.0] * len(res["decode_tps_runs"])
+        clean = [tps for tps, wait in zip(res["decode_tps_runs"], waits) if wait <= CONTENDED_WAIT_SHARE]
+        self.contended += not clean
+        return 1.0 / max(clean or res["decode_tps_runs"] or [res["decode_tps"]])
 
     def probe(self, shape: dict, name: str) -> Path:
         """A random model of the source with ``shape`` overriding its config (once per name)."""
@@ -264,6 +289,30 @@ class _DecodeProbes:
             if path.suffix == ".gguf" and path.name != self.made[f"layers{n}"].name:
                 path.unlink(missing_ok=True)
         return rec
+
+
+    def kv_types(self, kv_types: list[str], layers: int) -> dict[str, float]:
+        """Seconds per token and layer each KV-cache type adds to f16's, on the deep probe in Q4_0 (a fast type,
+        so that the attention's share of the time is large)."""
+        from ..exporters.gguf import llama_quantize
+
+        self.say(f"decode cost model: KV-cache types {', '.join(kv_types)}")
+        path = self.tmp / f"layers{layers}-Q4_0-kv.gguf"
+        llama_quantize(self.probe({"num_hidden_layers": layers}, f"layers{layers}"), path, "Q4_0", self.threads,
+                       pure=True)
+        best: dict[str, float] = {}
+        for _ in range(2):          # interleaved, the fastest of each: the differences are a few percent
+            for kv in ["f16", *kv_types]:
+                best[kv] = min(best.get(kv, math.inf), self.timed(path, kv))
+        path.unlink(missing_ok=True)
+        return {kv: (best[kv] - best["f16"]) / layers for kv in kv_types}
+
+
+def kv_types_of(source_folder, kv_types) -> list[str]:
+    """The KV-cache types llama.cpp can hold for the source: quantized ones need heads a multiple of their block."""
+    from .planner import kv_types_for
+
+    return kv_types_for(kv_types, ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text())).head_dim)
 
 
 def solve_rates(entry: dict) -> None:

@@ -224,14 +224,16 @@ def flops_per_token(info: WeightsInfo, position: int) -> float:
 
 
 def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_element: int = 2,
-                   token_latency_s: float = 0.0, decode_model: dict | None = None) -> dict:
+                   token_latency_s: float = 0.0, decode_model: dict | None = None, kv_type: str = "f16") -> dict:
     """Decode speed of ``info`` on ``profile`` at a context position, and its energy per token.
 
     Per token: the roofline time max(bytes read / bandwidth, FLOPs / compute), and, with a ``decode_model``
     (``measure_decode_model``: this runtime's measured cost per weight of each storage type, per layer and per
-    token on this machine), the larger of that and the weights' kernel time, plus the runtime's fixed and
-    per-layer costs. On another device the measured times are scaled by this machine's compute over the
-    device's. Without a decode model: roofline + ``token_latency_s`` (0 for other devices).
+    token on this machine), the larger of that and the weights' kernel time (here, where the probes spanned the
+    model's whole depth, the kernel time alone), plus the runtime's fixed and per-layer costs. On another device the measured times are scaled by this machine's compute over the
+    device's. The decode model's ``kv_layer_s`` adds the llama.cpp KV-cache type's own cost per layer (``kv_type``:
+    quantized caches run flash attention). Without a decode model: roofline + ``token_latency_s`` (0 for other
+    devices).
     """
     kv_read = kv_cache_bytes(info, position, kv_bytes_per_element)
     bytes_tok = info.bytes_per_token + kv_read
@@ -248,14 +250,18 @@ def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_eleme
 
         scale = 1.0 if profile.id == HOST_ID else decode_model["host_gflops"] / profile.compute_gflops
         t_kernels = scale * kernels
-        t_fixed = scale * (decode_model["fixed_s"] + info.n_layer * decode_model["per_layer_s"])
-        if t_kernels > roof:
+        per_layer = decode_model["per_layer_s"] + decode_model.get("kv_layer_s", {}).get(kv_type, 0.0)
+        t_fixed = scale * (decode_model["fixed_s"] + info.n_layer * per_layer)
+        # here, rates measured on probes as deep as the model already carry the memory system as the model meets it
+        # (a cache larger than the file beats the bandwidth roofline): they replace the roofline
+        measured_depth = scale == 1.0 and decode_model.get("whole_depth", False)
+        if t_kernels > roof or measured_depth:
             roof, bound = t_kernels, "kernel throughput"
         t_tok = t_fixed + roof
         where = "" if scale == 1 else f", scaled by compute {decode_model['host_gflops']:g}/{profile.compute_gflops:g}"
         method += (f" vs weight kernels {1000 * t_kernels:.2f} ms ({', '.join(sorted(info.storage_types()))} at rates "
                    f"measured on this machine at this model's shapes{where}), + {1000 * t_fixed:.2f} ms per token for "
-                   f"the runtime ({info.n_layer} layers)")
+                   f"the runtime ({info.n_layer} layers, {kv_type} KV cache)")
     else:
         t_tok = token_latency_s + roof
         if token_latency_s:

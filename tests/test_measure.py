@@ -192,6 +192,15 @@ def test_decode_projection_adds_runtime_costs_and_kernel_time():
     assert there["decode_tps"] == pytest.approx(here["decode_tps"] / 2)
     starved = project_decode(profile("starved", 1, 100), info, 0, decode_model=model)
     assert starved["bound"] == "memory bandwidth" and starved["decode_tps"] < 1 / 0.1
+    # here, rates measured on probes as deep as the model carry the caches as the model meets them: no roofline
+    cached = project_decode(profile(HOST_ID, 1, 100), info, 0, decode_model={**model, "whole_depth": True})
+    assert cached["bound"] == "kernel throughput" and cached["decode_tps"] == pytest.approx(here["decode_tps"])
+    assert project_decode(profile(HOST_ID, 1, 100), info, 0, decode_model=model)["bound"] == "memory bandwidth"
+    # a KV-cache type's own cost per layer (quantized caches run flash attention): added per layer of the file
+    kv = project_decode(profile(HOST_ID, 100, 100), info, 0, decode_model={**model, "kv_layer_s": {"q8_0": -2e-5}},
+                        kv_type="q8_0")
+    assert kv["decode_tps"] == pytest.approx(1 / (1e-3 + 10 * (1e-4 - 2e-5) + kernels))
+    assert "q8_0 KV cache" in kv["method"]
     # a type the model has no rate for: the roofline alone, never a made-up rate
     other = WeightsInfo(**{**info.to_dict(), "type_elements": {"IQ2_XS": 130e6}})
     assert "weight kernels" not in project_decode(profile(HOST_ID, 100, 100), other, 0, decode_model=model)["method"]
@@ -248,3 +257,35 @@ def test_without_the_decode_model_the_device_speed_comes_from_the_measured_speed
     there = project_decode(get_device("pixel-8"), info, 24)["roofline_tps"]
     here = project_decode(host_profile(), info, 24)["roofline_tps"]
     assert m["projected_decode_tps"] == pytest.approx(there * min(1.0, m["decode_tps"] / here), rel=0.05)
+
+
+def test_a_benchmark_slowed_by_other_processes_says_so_and_is_measured_again(stories_dir, tmp_path):
+    """Other processes taking CPU time from the benchmark's threads show in the time they wait for a CPU (about 1%
+    quiet, about half with a busy process per core); such a benchmark is marked ``contended`` and run again."""
+    import os
+    import subprocess
+    import sys
+
+    from edgetailor.engine.benchmark import CONTENDED_WAIT_SHARE, benchmark_steady
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.exporters import get_exporter
+
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("the run queue is read from Linux's /proc")
+    loaded = load_model(resolve(str(stories_dir)))
+    path = tmp_path / "stories.gguf"
+    get_exporter("gguf").export(loaded.model, loaded.tokenizer, stories_dir, path, {"type": "F32"})
+    said = []
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        res = benchmark_steady("gguf", path, list(range(10, 26)), attempts=2, gen_tokens=64, repeats=2, threads=2,
+                               n_ctx=128, log=said.append)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+    assert res["contended"] is True and res["attempts"] == 2
+    assert len(res["decode_wait_share_runs"]) == len(res["decode_tps_runs"]) == 2
+    assert res["decode_wait_share"] > CONTENDED_WAIT_SHARE
+    assert len(said) == 2 and "measuring again" in said[0] and "other processes" in said[1]

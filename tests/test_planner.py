@@ -84,6 +84,14 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     # every GGUF file's speed, the first's too, was predicted from llama.cpp's decode costs measured here
     assert "measured on this machine" in plan["decode_model"]
     assert all(m["decode_model"] for m in plan["measured"] if not m["onnx"])
+    # with each KV-cache type's own cost (timed on a probe with that cache): one file, two speeds predicted
+    assert "KV-cache types f16, q8_0" in plan["decode_model"]
+    speeds: dict[str, set] = {}
+    for m in plan["measured"]:
+        if not m["onnx"]:
+            speeds.setdefault(m["label"].rsplit("-kv-", 1)[0], set()).add(round(m["decode_tps_raw"], 6))
+    assert any(len(s) == 2 for s in speeds.values()), speeds
+    assert all(isinstance(m["contended"], bool) for m in plan["measured"])
     kinds = [e["data"]["phase"] for e in events if e["type"] == "plan"]
     assert kinds[0] == "predicted" and "measured" in kinds
 

@@ -207,7 +207,7 @@ def _predictions(cfg: BenchmarkConfig, s: Setting, fmt: str, info) -> dict:
 def _benchmark_one(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, name: str, fmt: str, path, info,
                    start: float, share: float) -> None:
     """One variant in a fresh process, its predictions beside it; progress from ``start`` over ``share``."""
-    from ..benchmark import benchmark_variant
+    from ..benchmark import benchmark_steady
     from ..projection import device_speed
 
     predicted = _predictions(cfg, s, fmt, info) if info is not None else {}
@@ -219,9 +219,10 @@ def _benchmark_one(ctx: RunContext, cfg: BenchmarkConfig, s: Setting, name: str,
             ctx.progress(start + share * min(1.0, value / total_tokens), f"{name}: {int(value)} tokens")
 
     ctx.progress(start, f"{name}: loading")
-    res = benchmark_variant(fmt, path, s.prompt, gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, threads=s.threads,
-                            n_ctx=cfg.n_ctx, dtype=s.dtype, meter=s.meter, sample_hz=cfg.sample_hz,
-                            on_sample=on_sample, cancelled=ctx.cancel.is_set)
+    res = benchmark_steady(fmt, path, s.prompt, gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, threads=s.threads,
+                           n_ctx=cfg.n_ctx, dtype=s.dtype, meter=s.meter, sample_hz=cfg.sample_hz,
+                           on_sample=on_sample, cancelled=ctx.cancel.is_set,
+                           log=lambda m: ctx.log(m, level="warning"))
     metrics = {**res, **predicted}
     measured_model = s.decode_models.get(fmt) is not None
     if predicted and not measured_model and res.get("decode_tps"):

@@ -279,7 +279,7 @@ def _decode_model(ctx: RunContext, cfg: FitConfig, prices, prompt) -> dict | Non
     try:
         model = measure_decode_model("gguf", ctx.source.path, types, prompt, cfg.gen_tokens, cfg.context,
                                      ctx.options.resolved_threads(), ctx.options.dtype,
-                                     EnergyMeter.detect(host_profile()), log=ctx.log)
+                                     EnergyMeter.detect(host_profile()), log=ctx.log, kv_types=cfg.kv_types)
     except EdgeTailorError as exc:
         ctx.log(f"llama.cpp's decode costs: {exc.problem} Speeds are projected from the roofline.", level="warning")
         return None
@@ -446,7 +446,8 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
              "drop_blocks": cand.drop, "speed_weight": cand.speed, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
              "decode_tps_raw": raw["decode_tps_raw"], "decode_model": raw.get("decode_model", False),
              "memory_measured": memory,
-             "decode_tps_measured": bench["decode_tps"], "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
+             "decode_tps_measured": bench["decode_tps"], "contended": bench.get("contended", False),
+             "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
              "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
