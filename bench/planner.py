@@ -218,7 +218,8 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
                      "decode_model_seconds": plan.get("decode_model_seconds", 0.0), "candidates": [
                          {"name": m["name"], "memory": m["memory_bytes"], "memory_predicted": m["predicted"]["memory_bytes"],
                           "decode_here": m["decode_tps_measured"], "decode_here_predicted": m["predicted"]["decode_tps_here"],
-                          "kl": m["kl"], "kl_predicted": m["predicted"]["kl"]} for m in plan["measured"]],
+                          "kl": m["kl"], "kl_predicted": m["predicted"]["kl"],
+                          "wait_share": m.get("decode_wait_share")} for m in plan["measured"]],
                      "calibration": plan["calibration"]})
     return {"name": name, "model": model_dir.name, "baseline_perplexity": base_ppl, "ladder": lad, "builder_int4": builder,
             "calibrated_q4_k_m_export_s": export_s, "rows": rows}
@@ -278,14 +279,21 @@ def markdown(results: dict) -> str:
         out += ["", "Predictions for every built candidate (after the predictors were refitted on the points measured "
                 "before it was chosen, the first of each run on theory and probes alone: for GGUF files llama.cpp's decode "
                 "cost model measured on probes):", "",
-                "| budget | candidate | memory MB measured / predicted | error | decode here tok/s measured / predicted | error | KL measured / predicted |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                "| budget | candidate | memory MB measured / predicted | error | decode here tok/s measured / predicted | error | run-queue wait | KL measured / predicted |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in s["rows"]:
             for c in r["candidates"]:
                 out.append(f"| {r['budget']} | {c['name']} | {c['memory'] / 1e6:.0f} / {c['memory_predicted'] / 1e6:.0f} | "
                            f"{100 * (c['memory_predicted'] / c['memory'] - 1):+.1f}% | {c['decode_here']:.1f} / "
                            f"{c['decode_here_predicted']:.1f} | {100 * (c['decode_here_predicted'] / c['decode_here'] - 1):+.1f}% | "
+                           f"{'' if c.get('wait_share') is None else format(c['wait_share'], '.1%')} | "
                            f"{c['kl']:.5f} / {c['kl_predicted']:.5f} |")
+        cands = [c for r in s["rows"] for c in r["candidates"]]
+        near = sum(abs(c["decode_here_predicted"] / c["decode_here"] - 1) <= 0.25 for c in cands)
+        mem = sum(abs(c["memory_predicted"] / c["memory"] - 1) <= 0.10 for c in cands)
+        out += ["", f"Decode speed predicted within 25%: {near} of {len(cands)} candidates; memory within 10%: {mem} of "
+                f"{len(cands)}. Run-queue wait: the share of the benchmark threads' time spent waiting for a CPU "
+                "(other processes; a benchmark past 10% is measured again)."]
         failing = [r for r in s["rows"] if r["ours"] and r["recommendation"].get("variant") is None]
         out += ["", f"Recommendations that fail a limit when measured: {len(failing)} (the recommendation is chosen "
                 "from measured figures only).", ""]

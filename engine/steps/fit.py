@@ -447,6 +447,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
              "decode_tps_raw": raw["decode_tps_raw"], "decode_model": raw.get("decode_model", False),
              "memory_measured": memory,
              "decode_tps_measured": bench["decode_tps"], "contended": bench.get("contended", False),
+             "decode_wait_share": bench.get("decode_wait_share"),
              "kl": quality.get("kl"), "kl_p999": quality.get("kl_p999"),
              "ppl_increase_pct": quality.get("ppl_increase_pct"), "top1": quality.get("top1"),
              "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
