@@ -128,7 +128,8 @@ GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4
                  "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL"}
 TINY_LAYERS = (1, 5)             # 64-wide probes: fixed and per-layer cost of the runtime per token
 RESOLUTION_S = 1e-6              # a kernel time too small to separate from the runtime's own costs
-DECODE_MODEL_VERSION = 2        # what the cached models hold and how they were timed (2: KV-cache types, undisturbed passes)
+DECODE_MODEL_VERSION = 3        # what the cached models hold and how they were timed (3: KV and head types at depth)
+DEPTH_BASE = "Q4_0"             # the deep probe's type when KV-cache and head types are timed at the model's depth
 PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)
 
 
@@ -155,9 +156,10 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
       a type cannot hold fall back, as in real files): the slope of time per token over layers is the blocks'
       time, the intercept less the fixed cost the head's. Block rate of a type = its weights per layer / (slope - per-layer cost - the time of the
       fallback types' weights at their own rates); head rate = head weights / head time.
-    * per llama.cpp KV-cache type (``kv_types``; the probes above run with f16, without flash attention): the
-      deep probe in Q4_0 timed with that cache, its difference to f16 per layer (``kv_layer_s``; quantized
-      caches run flash attention, which changes the attention's own cost).
+    * at depth (``_DecodeProbes.at_depth``), on the deep probe in Q4_0: per llama.cpp KV-cache type
+      (``kv_types``; the probes above run with f16, without flash attention) its difference to f16 per layer
+      (``kv_layer_s``; quantized caches run flash attention), and per head type its difference to the Q4_0 head
+      (``head_delta_s``): a head timed beside one layer finds the cache nearly to itself.
 
     ``project_decode`` then takes per token: fixed + layers x (per-layer cost + the KV type's) + max(roofline,
     kernel time). Probes are timed by their fastest undisturbed pass; a model measured while other processes
@@ -180,9 +182,8 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
                                log or (lambda m: None))
         if "per_layer_s" not in entry:
             entry.update(probes.fixed_and_per_layer())
-        todo = sorted(set(types) - set(entry["probes"]))
-        kv_todo = [] if fmt != "gguf" else sorted(set(kv_types_of(source_folder, kv_types)) - {"f16"}
-                                                  - set(entry.get("kv_layer_s", {})))
+        # gguf: Q4_0 always, the base of the probes at depth
+        todo = sorted(set(types) | ({DEPTH_BASE} if fmt == "gguf" else set()) - set(entry["probes"]))
         while todo:
             t = todo.pop(0)
             rec = entry["probes"][t] = probes.storage_type(t, pair)
@@ -192,8 +193,11 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
             for k in list(first["layer_types"]) + [first["head_type"]]:
                 if k and k not in entry["probes"] and k not in todo:
                     todo.append(k)          # a fallback type: measured too, so this probe can be solved
-        if kv_todo:
-            entry.setdefault("kv_layer_s", {"f16": 0.0}).update(probes.kv_types(kv_todo, pair[1]))
+        if fmt == "gguf" and entry["probes"].get(DEPTH_BASE):
+            kvs = sorted(set(kv_types_of(source_folder, kv_types)) - {"f16"})
+            heads = sorted({r[str(pair[0])]["head_type"] for r in entry["probes"].values() if r} - {DEPTH_BASE})
+            if not (set(kvs) <= set(entry.get("kv_layer_s", {})) and set(heads) <= set(entry.get("head_delta_s", {}))):
+                entry["kv_layer_s"], entry["head_delta_s"] = probes.at_depth(kvs, heads, pair[1])
         contended = probes.contended
     solve_rates(entry)
     # probes as deep as the model met the caches and memory as it does: their rates need no roofline here
@@ -202,8 +206,9 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
                        f"per-layer cost per token) and {'/'.join(map(str, pair))}-layer probes at the source's "
                        f"own shapes, one pair per storage type (block and head weights per second); {len(prompt)} "
                        f"prompt + {gen_tokens} tokens, context {n_ctx}, {threads} threads"
-                       + (f"; KV-cache types {', '.join(sorted(entry['kv_layer_s']))} timed on the deep Q4_0 probe"
-                          if entry.get("kv_layer_s") else ""))
+                       + (f"; on the deep Q4_0 probe: KV-cache types {', '.join(sorted(entry['kv_layer_s']))}, "
+                          f"head types {', '.join(sorted(entry['head_delta_s'])) or 'none other'}"
+                          if entry.get("kv_layer_s") is not None else ""))
     if contended:
         (log or (lambda m: None))(f"decode cost model: {contended} probe(s) timed while other processes took CPU "
                                   "time; used for this run, not cached (the next run measures again)")
@@ -291,21 +296,30 @@ class _DecodeProbes:
         return rec
 
 
-    def kv_types(self, kv_types: list[str], layers: int) -> dict[str, float]:
-        """Seconds per token and layer each KV-cache type adds to f16's, on the deep probe in Q4_0 (a fast type,
-        so that the attention's share of the time is large)."""
+    def at_depth(self, kv_types: list[str], head_types: list[str], layers: int) -> tuple[dict, dict]:
+        """On the deep probe in Q4_0 (a fast type, so that the rest is a large share of the time): the seconds per
+        token and layer each KV-cache type adds to f16's, and the seconds per token each head type adds to Q4_0's
+        head. A head's rate from a one-layer probe meets a cache that holds little else; at the model's depth it
+        competes with every layer's weights (a Q8_0 head of 30 MB: 1.7 ms more per token than its one-layer time)."""
         from ..exporters.gguf import llama_quantize
 
-        self.say(f"decode cost model: KV-cache types {', '.join(kv_types)}")
-        path = self.tmp / f"layers{layers}-Q4_0-kv.gguf"
-        llama_quantize(self.probe({"num_hidden_layers": layers}, f"layers{layers}"), path, "Q4_0", self.threads,
-                       pure=True)
-        best: dict[str, float] = {}
+        self.say(f"decode cost model: KV-cache types {', '.join(kv_types) or 'f16 only'} and head types "
+                 f"{', '.join(head_types) or 'Q4_0 only'} at depth")
+        source = self.probe({"num_hidden_layers": layers}, f"layers{layers}")
+        files = {}
+        for head in [DEPTH_BASE, *head_types]:
+            files[head] = self.tmp / f"layers{layers}-{DEPTH_BASE}-head-{head}.gguf"
+            llama_quantize(source, files[head], DEPTH_BASE, self.threads, pure=True, head_type=head)
+        runs = [(DEPTH_BASE, "f16"), *((DEPTH_BASE, kv) for kv in kv_types), *((h, "f16") for h in head_types)]
+        best: dict[tuple, float] = {}
         for _ in range(2):          # interleaved, the fastest of each: the differences are a few percent
-            for kv in ["f16", *kv_types]:
-                best[kv] = min(best.get(kv, math.inf), self.timed(path, kv))
-        path.unlink(missing_ok=True)
-        return {kv: (best[kv] - best["f16"]) / layers for kv in kv_types}
+            for head, kv in runs:
+                best[head, kv] = min(best.get((head, kv), math.inf), self.timed(files[head], kv))
+        for f in files.values():
+            f.unlink(missing_ok=True)
+        base = best[DEPTH_BASE, "f16"]
+        return ({"f16": 0.0, **{kv: (best[DEPTH_BASE, kv] - base) / layers for kv in kv_types}},
+                {h: best[h, "f16"] - base for h in head_types})
 
 
 def kv_types_of(source_folder, kv_types) -> list[str]:
@@ -343,3 +357,10 @@ def solve_rates(entry: dict) -> None:
             break
     entry["layer_rates"] = layer
     entry["head_rates"] = {k: sorted(v)[len(v) // 2] for k, v in heads.items()}
+    base = entry["probes"].get(DEPTH_BASE)
+    if entry.get("head_delta_s") and base and DEPTH_BASE in entry["head_rates"]:
+        # heads at depth: Q4_0's head time (from its pair) + each type's difference measured on the deep probe
+        elements = next(iter(base.values()))["head_elements"]
+        anchor = elements / entry["head_rates"][DEPTH_BASE]
+        for h, delta in entry["head_delta_s"].items():
+            entry["head_rates"][h] = elements / max(anchor + delta, RESOLUTION_S)

@@ -497,8 +497,11 @@ def _write_planned(w, plan: list, progress, cancelled) -> None:
             progress((i + 1) / len(plan), f"writing {name}")
 
 
-def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, pure: bool = False) -> dict:
-    """llama.cpp's own quantizer, in-process. ``pure``: every matrix in the type's base type (no k-quant mix)."""
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, pure: bool = False,
+                   head_type: str | None = None) -> dict:
+    """llama.cpp's own quantizer, in-process. ``pure``: every matrix in the type's base type (no k-quant mix);
+    ``head_type``: the output head and token embeddings in this ggml type (e.g. "Q8_0")."""
+    import gguf
     import llama_cpp
 
     ft = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
@@ -509,6 +512,8 @@ def llama_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None,
     params.ftype = ft
     params.nthread = int(threads or 0)
     params.pure = bool(pure)
+    if head_type:
+        params.output_tensor_type = params.token_embedding_type = int(gguf.GGMLQuantizationType[head_type])
     with _captured_stderr() as captured:
         Path(dst).touch()           # a disk with no file left to make says so here, as itself
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))

@@ -227,6 +227,13 @@ def test_rates_are_solved_from_probe_pairs_with_fallback_types_first():
     solve_rates(entry)
     assert entry["layer_rates"] == pytest.approx(true_layer)
     assert entry["head_rates"] == pytest.approx(true_head)
+    # heads at depth: the deep Q4_0 probe with a Q5_0 head took 1 ms more per token than with its own Q4_0 head
+    true_layer["Q4_0"], true_head["Q4_0"] = 4e10, 6e10
+    entry["probes"]["Q4_0"] = pair({"Q4_0": 5e6}, "Q4_0")
+    entry["head_delta_s"] = {"Q5_0": 1e-3}
+    solve_rates(entry)
+    assert entry["head_rates"]["Q4_0"] == pytest.approx(6e10)
+    assert entry["head_rates"]["Q5_0"] == pytest.approx(30e6 / (30e6 / 6e10 + 1e-3))
 
 
 def test_baseline_has_no_quality_loss_by_definition():
