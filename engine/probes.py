@@ -183,7 +183,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         if "per_layer_s" not in entry:
             entry.update(probes.fixed_and_per_layer())
         # gguf: Q4_0 always, the base of the probes at depth
-        todo = sorted(set(types) | ({DEPTH_BASE} if fmt == "gguf" else set()) - set(entry["probes"]))
+        todo = sorted((set(types) | ({DEPTH_BASE} if fmt == "gguf" else set())) - set(entry["probes"]))
         while todo:
             t = todo.pop(0)
             rec = entry["probes"][t] = probes.storage_type(t, pair)

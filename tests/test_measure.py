@@ -296,3 +296,22 @@ def test_a_benchmark_slowed_by_other_processes_says_so_and_is_measured_again(sto
     assert len(res["decode_wait_share_runs"]) == len(res["decode_tps_runs"]) == 2
     assert res["decode_wait_share"] > CONTENDED_WAIT_SHARE
     assert len(said) == 2 and "measuring again" in said[0] and "other processes" in said[1]
+
+
+def test_the_decode_cost_model_is_measured_once_then_read_from_the_cache(stories_dir, edgetailor_home):
+    from edgetailor.engine.probes import DEPTH_BASE, measure_decode_model
+
+    said = []
+    args = ("gguf", stories_dir, ["Q8_0"], list(range(10, 26)), 7, 72, 2)     # a setting no other test measures
+    first = measure_decode_model(*args, log=said.append)
+    probed = [m for m in said if "at the source's shapes" in m]
+    assert len(probed) >= 2 and DEPTH_BASE in first["probes"] and "Q8_0" in first["layer_rates"]
+    assert any("at depth" in m for m in said) and first["kv_layer_s"] == {"f16": 0.0}   # heads of 8: f16 only
+    said.clear()
+    again = measure_decode_model(*args, log=said.append)
+    measured_again = [m for m in said if any(w in m for w in ("at the source's shapes", "at depth", "64-wide probe"))]
+    if first.get("contended_probes"):       # a loaded machine disturbed every pass of a probe: never cached
+        assert measured_again and any("not cached" in m for m in said)
+    else:
+        assert not measured_again, said
+        assert again["layer_rates"] == first["layer_rates"] and again["head_rates"] == first["head_rates"]
