@@ -180,24 +180,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     with tempfile.TemporaryDirectory(prefix=temp_prefix("decode-model")) as tmp:
         probes = _DecodeProbes(fmt, source_folder, Path(tmp), prompt, gen_tokens, n_ctx, threads, dtype, meter,
                                log or (lambda m: None))
-        if "per_layer_s" not in entry:
-            entry.update(probes.fixed_and_per_layer())
-        # gguf: Q4_0 always, the base of the probes at depth
-        todo = sorted((set(types) | ({DEPTH_BASE} if fmt == "gguf" else set())) - set(entry["probes"]))
-        while todo:
-            t = todo.pop(0)
-            rec = entry["probes"][t] = probes.storage_type(t, pair)
-            if rec is None:
-                continue
-            first = rec[str(pair[0])]
-            for k in list(first["layer_types"]) + [first["head_type"]]:
-                if k and k not in entry["probes"] and k not in todo:
-                    todo.append(k)          # a fallback type: measured too, so this probe can be solved
-        if fmt == "gguf" and entry["probes"].get(DEPTH_BASE):
-            kvs = sorted(set(kv_types_of(source_folder, kv_types)) - {"f16"})
-            heads = sorted({r[str(pair[0])]["head_type"] for r in entry["probes"].values() if r} - {DEPTH_BASE})
-            if not (set(kvs) <= set(entry.get("kv_layer_s", {})) and set(heads) <= set(entry.get("head_delta_s", {}))):
-                entry["kv_layer_s"], entry["head_delta_s"] = probes.at_depth(kvs, heads, pair[1])
+        probes.complete(entry, types, kv_types_of(source_folder, kv_types), pair)
         contended = probes.contended
     solve_rates(entry)
     # probes as deep as the model met the caches and memory as it does: their rates need no roofline here
@@ -230,6 +213,28 @@ class _DecodeProbes:
         self.host = host_profile()
         self.made: dict[str, Path] = {}
         self.contended = 0          # probes whose every attempt was slowed by other processes
+
+    def complete(self, entry: dict, types, kv_types: list[str], pair: tuple[int, int]) -> None:
+        """Measure into ``entry`` what it lacks: the fixed and per-layer costs, each storage type's pair (and the
+        fallback types its files hold), and for gguf the KV-cache and head types at depth."""
+        if "per_layer_s" not in entry:
+            entry.update(self.fixed_and_per_layer())
+        # gguf: Q4_0 always, the base of the probes at depth
+        todo = sorted((set(types) | ({DEPTH_BASE} if self.fmt == "gguf" else set())) - set(entry["probes"]))
+        while todo:
+            t = todo.pop(0)
+            rec = entry["probes"][t] = self.storage_type(t, pair)
+            if rec is None:
+                continue
+            first = rec[str(pair[0])]
+            for k in list(first["layer_types"]) + [first["head_type"]]:
+                if k and k not in entry["probes"] and k not in todo:
+                    todo.append(k)          # a fallback type: measured too, so this probe can be solved
+        if self.fmt == "gguf" and entry["probes"].get(DEPTH_BASE):
+            kvs = sorted(set(kv_types) - {"f16"})
+            heads = sorted({r[str(pair[0])]["head_type"] for r in entry["probes"].values() if r} - {DEPTH_BASE})
+            if not (set(kvs) <= set(entry.get("kv_layer_s", {})) and set(heads) <= set(entry.get("head_delta_s", {}))):
+                entry["kv_layer_s"], entry["head_delta_s"] = self.at_depth(kvs, heads, pair[1])
 
     def timed(self, path, kv_type: str = "f16") -> float:
         from .benchmark import CONTENDED_WAIT_SHARE, benchmark_steady
