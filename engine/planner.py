@@ -521,6 +521,19 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
     return list(points.values())
 
 
+#: KV-cache types built from before their own KL is measured (it is, with the first file, which is measured with
+#: every KV type): an 8-bit cache's own KL was 0.0004-0.0008 on the demo and dithered models, and an f16 cache
+#: costs time per token a speed floor may not have
+TRIED_KV = ("f16", "q8_0")
+
+
+def buildable(points: list[Point], kv_kl: dict) -> list[Point]:
+    """The points to build from: those whose KV type's own KL is measured or in ``TRIED_KV`` while any of them fits
+    (a type not measured yet, q4_0, is not free), else all."""
+    known = [p for p in points if p.candidate.kv_type in kv_kl or p.candidate.kv_type in TRIED_KV]
+    return known if any(p.feasible for p in known) else points
+
+
 def frontier(points: list[Point]) -> list[Point]:
     """Feasible points no other feasible point beats on both predicted KL and memory (by memory)."""
     feas = [p for p in points if p.feasible]

@@ -445,3 +445,24 @@ def test_a_speed_weight_buys_faster_kernels_at_the_same_size_and_reports_the_typ
     assert cand.speed == 3.0 and "-fast3" in cand.label and cand.tensor_bytes == fast_bytes
     # weight 0 is the plain plan
     assert planner.plan(size, speed=0.0) == (plain_types, plain_bytes, plain_cost)
+
+
+def test_before_its_own_kl_is_measured_an_8bit_cache_is_built_from_but_a_4bit_one_is_not():
+    """Under a speed floor an f16 cache's extra time per token can leave only small files feasible: the first
+    file may come from a q8_0 point (all its KV types are measured with it), never from an unmeasured q4_0 one."""
+    from edgetailor.engine.planner import Calibration, Candidate, Point, Prediction, buildable
+
+    def point(mb, kv, feasible):
+        pred = Prediction(file_bytes=mb * 1e6, bits_per_weight=5.0, memory_bytes=2e8, decode_tps=100.0,
+                          j_per_token=0.1, kl=0.1 / mb, ppl_increase_pct=1.0, decode_tps_here=100.0)
+        return Point(Candidate(mb * 1e6, kv), pred, feasible)
+
+    points = [point(78, "f16", True), point(116, "f16", False), point(116, "q8_0", True), point(120, "q4_0", True)]
+    pool = buildable(points, Calibration().kv_kl)
+    assert {(p.candidate.tensor_bytes, p.candidate.kv_type) for p in pool} == {(78e6, "f16"), (116e6, "f16"),
+                                                                            (116e6, "q8_0")}
+    measured = Calibration()
+    measured.kv_kl["q4_0"] = 0.05
+    assert len(buildable(points, measured.kv_kl)) == 4
+    # nothing measured or tried fits: every point
+    assert len(buildable([point(80, "q4_0", True), point(90, "f16", False)], Calibration().kv_kl)) == 2

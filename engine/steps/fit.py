@@ -145,7 +145,7 @@ class SharedInputs:
                summary="Search GGUF files, KV-cache types and ONNX folders under a device budget, build the best, recommend one")
 def fit(ctx: RunContext, cfg: FitConfig) -> None:
     from ..plan_tasks import run_tasks
-    from ..planner import frontier, kv_types_for, pick, recommend, search
+    from ..planner import buildable, frontier, kv_types_for, pick, recommend, search
 
     budget = cfg.budget()
     prepared = _prepare(ctx, cfg, budget)
@@ -172,9 +172,7 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         ctx.emit("plan", phase="predicted", round=r + 1, points=[p.to_dict() for p in points],
                  frontier=[p.candidate.label for p in front], budget=budget.to_dict(), context=cfg.context)
         n = min(per_round, cfg.candidates - len(built))
-        # a KV type whose own KL is not measured yet is not free: prefer the measured ones while any fits
-        known = [p for p in points if p.candidate.kv_type in planner.calibration.kv_kl]
-        pool = known if any(p.feasible for p in known) else points
+        pool = buildable(points, planner.calibration.kv_kl)
         todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"], b.raw["speed"]) for b in built]
                     + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"], r["speed_weight"]) for r in rejected])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
