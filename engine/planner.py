@@ -79,9 +79,13 @@ class Candidate:
         return "onnx" if self.onnx else "gguf"
 
     @property
+    def suffix(self) -> str:
+        """What the file's name says beyond its size or scheme: its speed weight and the blocks removed."""
+        return (f"-fast{self.speed:g}" if self.speed else "") + (f"-minus{self.drop}blocks" if self.drop else "")
+
+    @property
     def file_label(self) -> str:
-        name = f"onnx-{self.onnx}" if self.onnx else f"{self.tensor_bytes / 1e6:.1f}MB"
-        return name + (f"-fast{self.speed:g}" if self.speed else "") + (f"-minus{self.drop}blocks" if self.drop else "")
+        return (f"onnx-{self.onnx}" if self.onnx else f"{self.tensor_bytes / 1e6:.1f}MB") + self.suffix
 
     @property
     def label(self) -> str:

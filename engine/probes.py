@@ -133,13 +133,17 @@ DEPTH_BASE = "Q4_0"             # the deep probe's type when KV-cache and head t
 PROBE_F32_BYTES = 2e9            # the largest float32 probe at the source's shapes (big models get fewer layers)
 
 
+def source_dims(source_folder: str | Path) -> ModelDims:
+    return ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text()))
+
+
 def shape_probe_layers(source_folder: str | Path) -> tuple[int, int]:
     """Layer counts of the probe pair at the source's own shapes: one layer, and all its layers (fewer for
     models whose float32 probe would pass PROBE_F32_BYTES). The deep probe meets the caches and memory as the
     model does; time per token is not linear in layers on a machine with large caches, so the pair spans the
     whole depth rather than interpolating from a shallow part of it."""
 
-    d = ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text()))
+    d = source_dims(source_folder)
     per_layer = 4 * (d.hidden * (2 * d.q_dim + 2 * d.kv_dim) + 3 * d.hidden * d.intermediate)
     return 1, max(2, min(d.layers, int(PROBE_F32_BYTES // per_layer)))
 
@@ -184,7 +188,7 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
         contended = probes.contended
     solve_rates(entry)
     # probes as deep as the model met the caches and memory as it does: their rates need no roofline here
-    entry["whole_depth"] = pair[1] >= ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text())).layers
+    entry["whole_depth"] = pair[1] >= source_dims(source_folder).layers
     entry["method"] = (f"measured on this machine: {'/'.join(map(str, TINY_LAYERS))}-layer 64-wide probes (fixed and "
                        f"per-layer cost per token) and {'/'.join(map(str, pair))}-layer probes at the source's "
                        f"own shapes, one pair per storage type (block and head weights per second); {len(prompt)} "
@@ -300,7 +304,6 @@ class _DecodeProbes:
                 path.unlink(missing_ok=True)
         return rec
 
-
     def at_depth(self, kv_types: list[str], head_types: list[str], layers: int) -> tuple[dict, dict]:
         """On the deep probe in Q4_0 (a fast type, so that the rest is a large share of the time): the seconds per
         token and layer each KV-cache type adds to f16's, and the seconds per token each head type adds to Q4_0's
@@ -331,7 +334,7 @@ def kv_types_of(source_folder, kv_types) -> list[str]:
     """The KV-cache types llama.cpp can hold for the source: quantized ones need heads a multiple of their block."""
     from .planner import kv_types_for
 
-    return kv_types_for(kv_types, ModelDims.of(json.loads((Path(source_folder) / "config.json").read_text())).head_dim)
+    return kv_types_for(kv_types, source_dims(source_folder).head_dim)
 
 
 def solve_rates(entry: dict) -> None:

@@ -230,8 +230,8 @@ def project_decode(profile, info: WeightsInfo, position: int, kv_bytes_per_eleme
     Per token: the roofline time max(bytes read / bandwidth, FLOPs / compute), and, with a ``decode_model``
     (``measure_decode_model``: this runtime's measured cost per weight of each storage type, per layer and per
     token on this machine), the larger of that and the weights' kernel time (here, where the probes spanned the
-    model's whole depth, the kernel time alone), plus the runtime's fixed and per-layer costs. On another device the measured times are scaled by this machine's compute over the
-    device's. The decode model's ``kv_layer_s`` adds the llama.cpp KV-cache type's own cost per layer (``kv_type``:
+    model's whole depth, the kernel time alone), plus the runtime's fixed and per-layer costs. On another device
+    the measured times are scaled by this machine's compute over the device's. The decode model's ``kv_layer_s`` adds the llama.cpp KV-cache type's own cost per layer (``kv_type``:
     quantized caches run flash attention). Without a decode model: roofline + ``token_latency_s`` (0 for other
     devices).
     """

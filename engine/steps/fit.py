@@ -372,9 +372,10 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
     from ...exporters.onnx_plan import scheme
     from ..energy import EnergyMeter
     from ..plan_tasks import CandidateTask
+    from ..planner import Candidate
     from .evaluate import reference_folder
 
-    suffix = (f"-fast{raw['speed']:g}" if raw["speed"] else "") + (f"-minus{raw['drop']}blocks" if raw["drop"] else "")
+    suffix = Candidate(raw["tensor_bytes"], "", raw["drop"], raw["onnx"], raw["speed"]).suffix
     name = f"fit-onnx-{raw['onnx']}{suffix}" if raw["onnx"] else _file_name(raw["file_bytes"], taken, suffix)
     onnx = {"format": "onnx", "onnx_options": {**scheme(raw["onnx"]).export_options(), "calibration_ctx": cfg.seq_len,
                                                "calibration_windows": len(shared.sequences)},
