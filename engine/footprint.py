@@ -128,19 +128,21 @@ def whole_model(step: str, shape: ModelShape, multiple: float) -> StepNeed:
 
 
 def walk_parts(shape: ModelShape, tokens: int, seq_len: int) -> dict:
-    """What a block walk holds while it runs a block: the block's fp32 weights, the hidden states of every
-    calibration token, one batch's activations inside the block."""
+    """What a block walk holds while it runs a block: the block's fp32 weights (and, read lazily, its pages of
+    the source's files), the hidden states of every calibration token, one batch's activations inside the block."""
     return {"one block (fp32)": shape.block_params * 4,
+            # the block's pages of the source's files, resident while it is read (released once it is done)
+            "one block as stored": int(shape.block_params * shape.stored_bytes_per_weight) if shape.streamable else 0,
             "hidden states": tokens * shape.hidden * 4,
             "one batch's activations": WALK_BATCH * seq_len * (3 * shape.intermediate + 6 * shape.hidden) * 4}
 
 
 def gptq_factor_bytes(n: int) -> int:
-    """``gguf_blocks.factor_in_place`` on n inputs: L and L^-1 (float64), the quarter of L a strip's solve copies,
-    and the strip's identity and result."""
-    from ..exporters.gguf_blocks import SOLVE_STRIP
+    """``gguf_blocks.reversed_hessian`` then ``factor_in_place`` on n inputs: the float32 X^T X and its float64
+    reversal, then that factored in place beside the float32 factor being copied out, and a strip's copies."""
+    from ..exporters.gguf_blocks import COPY_STRIP
 
-    return int(2.25 * n * n * 8 + 2 * n * min(SOLVE_STRIP, n) * 8)
+    return int(12 * n * n + 2 * n * min(COPY_STRIP, n) * 8)
 
 
 #: float32 copies of a slice of rows that the block quantizer holds at once (measured: 5-8)
@@ -164,16 +166,17 @@ def calibrated_need(step: str, shape: ModelShape, tokens: int, seq_len: int, gpt
     threads = threads or psutil.cpu_count(logical=False) or 1
     h, n, q = shape.hidden, shape.intermediate, shape.q_dim
     walk = walk_parts(shape, tokens, seq_len)
-    base = walk["one block (fp32)"] + walk["hidden states"]
+    base = walk["one block (fp32)"] + walk["one block as stored"] + walk["hidden states"]
     inside = [walk["one batch's activations"]]
     if gptq:      # X^T X of the block's inputs (not q/k/v's), then the down projection's factor in float64:
-        #           two n x n, the quarter its solve copies and a strip's identity and result
-        #           (``gguf_blocks.factor_in_place``)
+        #           (``footprint.gptq_factor_bytes``)
         inside += [walk["one batch's activations"] + (n * n + h * h + q * q) * 4,
                    gptq_factor_bytes(n) + (h * h + q * q) * 4]
-    if quantizes:     # the widest matrices: gate and up together (2n x h), down (h x n), with its factor
-        inside.append(max(2 * n * h * 4 + quantizer_bytes(2 * n, h, threads),
-                          (n * n * 4 if gptq else 0) + n * h * 4 + quantizer_bytes(h, n, threads)))
+    if quantizes:     # the widest matrices: gate and up together (2n x h), down (h x n), with its factor; GPTQ
+        #               rounds one slice of rows at a time, the others a slice per thread
+        slices = 1 if gptq else threads
+        inside.append(max(2 * n * h * 4 + quantizer_bytes(2 * n, h, slices),
+                          (n * n * 4 if gptq else 0) + n * h * 4 + quantizer_bytes(h, n, slices)))
     phases = {"block walk": base + max(inside)}
     head = shape.vocab * h * 4
     if quantizes:

@@ -128,18 +128,6 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strips: int = 4) -> None:
         acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
 
-def symmetric(upper: torch.Tensor, strip: int = 1024) -> torch.Tensor:
-    """The float64 symmetric matrix whose upper triangle (diagonal included) is ``upper``'s (``add_gram_upper``
-    leaves below the diagonal whatever its strips made); mirrored a strip at a time, so no n x n temporary."""
-    H = upper.double()
-    del upper
-    for a in range(0, H.shape[0], strip):
-        b = min(a + strip, H.shape[0])
-        H[b:, a:b] = H[a:b, b:].T
-        H[a:b, a:b] = H[a:b, a:b].triu() + H[a:b, a:b].triu(1).T
-    return H
-
-
 def quantize_rows(t: str, W: np.ndarray, importance=None, hessian=None, release: bool = False,
                   threads: int = 1) -> np.ndarray:
     """``gguf_blocks.quantize_matrix``'s bytes, a slice of rows at a time (at most ``ROW_CHUNK`` rows and
@@ -280,15 +268,19 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
         n = max(acc.count[key], 1)
         imp = (acc.sum_sq[key] / n).numpy()
 
-        def make(W, key=key, weighted=weighted, imp=imp, n=n):
-            hess = None
-            if method == "gptq" and not weighted:
+        def make(W, key=key, t=t, weighted=weighted, imp=imp, n=n):
+            if method != "gptq" or weighted:
+                return quantize_rows(t, W, imp, threads=threads)
+            # GPTQ: one slice at a time, its large products and fits on torch's threads (a pool of slices is
+            # slower: the column loop's many small operations contend for the interpreter)
+            torch.set_num_threads(threads)
+            try:
                 if key not in factors:          # once per input (gate and up may differ in type)
-                    torch.set_num_threads(threads)
-                    factors[key] = gguf_blocks.factor_in_place(symmetric(xtx.pop(key)).div_(n), GPTQ_DAMP)
-                    torch.set_num_threads(1)
-                hess = factors[key]
-            return quantize_rows(t, W, imp, hess, threads=threads)
+                    factors[key] = gguf_blocks.factor_in_place(gguf_blocks.reversed_hessian(xtx.pop(key), n),
+                                                               GPTQ_DAMP)
+                return quantize_rows(t, W, imp, factors[key], threads=1)
+            finally:
+                torch.set_num_threads(1)
 
         for name, data in _encoded(cache, names, sources, t, make).items():
             sink.put(name, data, t)

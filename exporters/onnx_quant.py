@@ -89,7 +89,7 @@ def rtn_weights(B: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, n
 
 
 def gptq_factor(H, K: int, block: int, damp: float):
-    """GPTQ's inverse-Hessian factor of ``H`` (X^T X, K x K) padded to whole blocks, and its diagonal (the inputs'
+    """GPTQ's factor of ``H`` (X^T X, K x K) padded to whole blocks, and its diagonal (the inputs'
     importance): computed once per weight, shared by its row slices."""
     import torch
 
@@ -99,7 +99,7 @@ def gptq_factor(H, K: int, block: int, damp: float):
     Hp = torch.zeros(kp, kp, dtype=torch.float64)
     Hp[:K, :K] = torch.as_tensor(H, dtype=torch.float64)
     importance = torch.diagonal(Hp).numpy().copy()
-    return gguf_blocks.factor_in_place(Hp, damp), importance
+    return gguf_blocks.factor_in_place(gguf_blocks.reversed_hessian(Hp), damp), importance
 
 
 def gptq_weights(B: np.ndarray, factor, block: int, damp: float = 0.01, bits: int = 4):

@@ -72,8 +72,9 @@ def _reference_gptq(bt, W, imp, H, damp):
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "IQ4_NL"])
 def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(name):
-    """The writer's GPTQ (contiguous rows, 32-column sub-blocks, one product per block, the Hessian factor
-    from one Cholesky and a triangular inverse, reusable across matrices) is the textbook algorithm."""
+    """The writer's GPTQ (contiguous rows, 32-column sub-blocks, one product per block, the original weights'
+    errors fed forward through the Hessian's own Cholesky factor, reusable across matrices) is the textbook
+    algorithm (errors through the inverse Hessian's factor)."""
     from edgetailor.exporters.gguf_calibrated import add_gram_upper
 
     rng = np.random.default_rng(5)
@@ -87,12 +88,13 @@ def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(na
     np.testing.assert_allclose(np.triu(acc.numpy()), np.triu(full), atol=1e-5 * np.abs(full).max())
     H = X.astype(np.float64).T @ X
     imp = (np.diag(H) / len(X)).astype(np.float32)
-    U, dead = gguf_blocks.inverse_hessian_factor(H, 0.1)
+    V, dead = gguf_blocks.hessian_factor(np.triu(H), 0.1)       # only the upper triangle is read
     Hd = H + 0.1 * np.diag(H).mean() * np.eye(512)
-    np.testing.assert_allclose(U.double().T @ U.double(), np.linalg.inv(Hd), rtol=1e-3, atol=1e-6 * np.abs(np.linalg.inv(Hd)).max())
-    assert torch.equal(U, U.triu()) and not dead.any()
+    assert torch.equal(V, V.triu()) and torch.equal(V.diagonal(), torch.ones(512)) and not dead.any()
+    D = np.linalg.inv(V.double().numpy()) @ Hd @ np.linalg.inv(V.double().numpy()).T      # H = V D V^T, D diagonal
+    np.testing.assert_allclose(D - np.diag(np.diag(D)), 0, atol=1e-5 * np.abs(D).max())
     bt = gguf_blocks.TYPES[name]
-    ours = gguf_blocks.quantize_blocks(bt, W, imp, (U, dead))[2].numpy()
+    ours = gguf_blocks.quantize_blocks(bt, W, imp, (V, dead))[2].numpy()
     again = gguf_blocks.quantize_blocks(bt, W, imp, H, 0.1)[2].numpy()
     np.testing.assert_array_equal(ours, again)
     ref = _reference_gptq(bt, W, imp, H, 0.1)
@@ -102,6 +104,18 @@ def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(na
 
     assert out_err(ours) == pytest.approx(out_err(ref), rel=0.01)
     assert np.mean(ours == ref) > 0.98
+
+
+def test_the_factor_is_computed_in_place_a_panel_at_a_time():
+    """``cholesky_in_place`` (panels narrower than the matrix) is LAPACK's Cholesky factor, written over its input;
+    the upper triangle is neither read nor left behind."""
+    rng = np.random.default_rng(3)
+    X = torch.from_numpy(rng.standard_normal((400, 300)))
+    H = X.T @ X + torch.eye(300)
+    A = H.tril() + torch.full_like(H, 7.0).triu(1)          # garbage above the diagonal: must not be read
+    out = gguf_blocks.cholesky_in_place(A, block=64)
+    assert out.data_ptr() == A.data_ptr()
+    torch.testing.assert_close(A, torch.linalg.cholesky(H), rtol=1e-10, atol=1e-10)
 
 
 def test_imatrix_statistics_equal_a_direct_computation(tiny_models):
