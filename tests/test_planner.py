@@ -153,7 +153,9 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     c = Calibration()
     c.refit([{"kv_type": "f16", "cost": 0.01, "kl": 0.02, "ppl_increase_pct": 2.0, "memory_raw": 100.0,
               "memory_measured": 110.0, "decode_tps_raw": 50.0, "decode_tps_measured": 25.0}])
-    assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
+    # one level of cost: the excess over the theory's 1/2 is llama.cpp's own floor, in every GGUF file
+    assert c.kl_scale == pytest.approx(0.5) and c.kl_floor == pytest.approx(0.015)
+    assert c.memory_ratio == pytest.approx(1.1)
     # decode time = the roofline's time + the runtime's own: 1/25 s measured, 1/50 s roofline -> 0.02 s
     assert c.latency("f16") == pytest.approx(0.02) and c.latency("q4_0") == pytest.approx(0.02)
     assert c.points == 1
@@ -162,8 +164,8 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
               "decode_tps_raw": 50.0, "decode_tps_measured": 25.0},
              {"kv_type": "f32", "onnx": "int8", "cost": 0.001, "kl": 0.004, "memory_raw": 200.0,
               "memory_measured": 180.0, "decode_tps_raw": 40.0, "decode_tps_measured": 10.0}])
-    assert c.kl_scale == pytest.approx(2.0) and c.memory_ratio == pytest.approx(1.1)
-    assert c.kl_scale_for("int8") == pytest.approx(4.0) and c.kl_scale_for("int4-32") == pytest.approx(2.0)
+    assert c.kl_scale == pytest.approx(0.5) and c.memory_ratio == pytest.approx(1.1)
+    assert c.kl_scale_for("int8") == pytest.approx(4.0) and c.kl_scale_for("int4-32") == pytest.approx(0.5)
     assert c.onnx_memory_ratio == pytest.approx(0.9)
     assert c.latency("f32", "int8") == pytest.approx(0.1 - 0.025) and c.latency("f32", "int4-32") is None
     assert c.latency("f16") == pytest.approx(0.02)
@@ -176,6 +178,28 @@ def test_calibration_scales_the_predictions_to_the_measured_points():
     c.refit([point])
     assert c.latency("f16") == pytest.approx(1 / 60 - 1 / 50)
 
+
+
+def test_gguf_kl_is_a_floor_plus_a_scale_once_two_levels_of_cost_are_measured():
+    """The demo's first two planner files (98.4 MB: KL 0.0027 where the cost predicts 0.0002; 89.6 MB: 0.0087):
+    a scale through zero fitted on the first put the second at 0.085; the floor and the theory's scale put it
+    within 5%, and two levels of cost fit both."""
+    from edgetailor.engine.planner import Calibration, floor_and_scale
+
+    first, second = (0.00042, 0.00267), (0.01329, 0.00869)
+    floor, scale = floor_and_scale([first])
+    assert scale == pytest.approx(0.5) and floor == pytest.approx(0.00246)
+    assert floor + scale * second[0] == pytest.approx(second[1], rel=0.06)
+    floor, scale = floor_and_scale([first, second])
+    assert scale == pytest.approx(0.468, rel=0.01) and floor == pytest.approx(0.00247, rel=0.01)
+    # measured below the theory: no floor, the scale comes down; a negative fitted floor is refitted through zero
+    assert floor_and_scale([(0.01, 0.002)]) == pytest.approx((0.0, 0.2))
+    f, s = floor_and_scale([(0.01, 0.001), (0.03, 0.009)])
+    assert f == 0.0 and s == pytest.approx((0.01 * 0.001 + 0.03 * 0.009) / (0.01 ** 2 + 0.03 ** 2))
+    c = Calibration()      # ONNX files carry no llama.cpp floor; f16-cache GGUF points set it
+    point = {"cost": 0.01, "memory_raw": 1.0, "decode_tps_raw": 1.0}
+    c.refit([{**point, "kv_type": "f16", "kl": 0.02}, {**point, "kv_type": "f32", "onnx": "int4-32", "kl": 0.5}])
+    assert c.kl_floor == pytest.approx(0.015) and c.kl_scale_for("int4-32") == pytest.approx(50.0)
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_onnx_schemes_are_priced_on_the_grid_and_at_the_bytes_the_exporter_writes(tmp_path, stories_dir, tie):
