@@ -276,7 +276,7 @@ def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, optio
         h, n, q = shape.hidden, shape.intermediate, shape.q_dim
         parts.update({"calibration hidden states": walk["hidden states"],
                       "X^T X of one layer's inputs (fp32)": (2 * h * h + q * q + n * n) * 4,
-                      "GPTQ factor of the widest input (2.25 x float64)": gptq_factor_bytes(max(n, h, q))})
+                      "GPTQ factor of the widest input (1.5 x float64)": gptq_factor_bytes(max(n, h, q))})
     return parts
 
 

@@ -19,8 +19,8 @@ the least influential blocks removed, at the app's context. Its predictions:
   energy = typical power / speed (estimated, as everywhere);
 * **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2; a
   scale per ONNX type once one is measured) + llama.cpp's own floor for GGUF files (``floor_and_scale``) + the KL
-  the KV-cache type adds (measured on the first built file) + the measured KL of the blocks removed; perplexity increase = exp(KL) - 1, the scales refitted on every
-  measured point.
+  the KV-cache type adds (measured on the first built file) + the measured KL of the blocks removed; perplexity
+  increase = exp(KL) - 1, the scales refitted on every measured point.
 
 Under a speed or energy limit a GGUF file's types may also pay for their kernel time (``SPEED_WEIGHTS``): at
 the same size, a mix of faster kernels, decoding faster for a larger loss.
@@ -142,9 +142,10 @@ def floor_and_scale(points: list[tuple[float, float]]) -> tuple[float, float] | 
 
 @dataclass
 class Calibration:
-    """Scales that bring the predictions to what was measured (geometric means over the measured points)."""
+    """Scales that bring the predictions to what was measured (geometric means over the measured points; a GGUF
+    file's KL: llama.cpp's floor and a scale, ``floor_and_scale``)."""
     kl_scale: float = KL_SCALE_THEORY       # second-order theory: KL ~= 1/2 x summed cost
-    kl_floor: float = 0.0                   # llama.cpp's own KL to the source, in every GGUF file (see ``refit``)
+    kl_floor: float = 0.0                   # llama.cpp's own KL to the source, in every GGUF file
     onnx_kl_scale: dict = field(default_factory=dict)      # per ONNX type (int4, int8), where measured
     ppl_scale: float = 1.0                  # log(ppl ratio) ~= KL
     memory_ratio: float = 1.0

@@ -96,10 +96,13 @@ def gptq_factor(H, K: int, block: int, damp: float):
     from . import gguf_blocks
 
     kp = -(-K // block) * block
-    Hp = torch.zeros(kp, kp, dtype=torch.float64)
-    Hp[:K, :K] = torch.as_tensor(H, dtype=torch.float64)
-    importance = torch.diagonal(Hp).numpy().copy()
-    return gguf_blocks.factor_in_place(gguf_blocks.reversed_hessian(Hp), damp), importance
+    H = torch.as_tensor(H)
+    Hp = torch.zeros(kp, kp, dtype=H.dtype)          # padded in its own precision; reversed into float64 below
+    Hp[:K, :K] = H
+    importance = torch.diagonal(Hp).double().numpy()
+    reversed_hp = gguf_blocks.reversed_hessian(Hp)
+    del Hp
+    return gguf_blocks.factor_in_place(reversed_hp, damp), importance
 
 
 def gptq_weights(B: np.ndarray, factor, block: int, damp: float = 0.01, bits: int = 4):
