@@ -281,8 +281,16 @@ def cmd_fit(args) -> int:
     from edgetailor.engine.errors import EdgeTailorError
 
     out = Path(args.out).expanduser()
-    if not out.is_dir():
-        raise EdgeTailorError(f"{out} is not a folder to write the bundle into.", "Give an existing folder with --out.")
+    if out.exists() and not out.is_dir():
+        raise EdgeTailorError(f"{out} is a file, not a folder to write the bundle into.", "Give a folder with --out.")
+    if not out.parent.is_dir():
+        raise EdgeTailorError(f"{out.parent} does not exist, so the bundle's folder {out.name} cannot be made there.",
+                              "Give a folder in an existing one with --out.")
+    try:
+        out.mkdir(exist_ok=True)        # before the plan runs: a folder that cannot be made is said at once
+    except OSError as exc:
+        raise EdgeTailorError(f"The bundle's folder {out} cannot be made: {exc.strerror}.",
+                              "Give a folder you can write to with --out.") from exc
     params = {"device": args.device, "context": args.context, "candidates": args.candidates, "rounds": args.rounds,
               "trials": args.trials, "kv_types": args.kv_types.split(","), "formats": args.formats.split(","),
               "onnx_schemes": args.onnx_schemes.split(",") if args.onnx_schemes else None,

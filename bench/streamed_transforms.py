@@ -2,8 +2,8 @@
 side by side in one run.
 
 Recipes: ``prune.wanda`` (2:4, calibration text), ``cluster.kmeans`` (16 values per tensor, activation-weighted) or
-``lowrank`` (activation-aware SVD keeping 70% of the linear parameters, multiplied back), then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``, ``onnx-int4``, ``onnx-gptq``: the
-untouched source exported to ONNX fp16, int4 RTN or int4 GPTQ (EdgeTailor's graph, one decoder layer at a time,
+``lowrank`` (activation-aware SVD keeping 70% of the linear parameters, multiplied back), then ``export`` Q4_K_M (checked against the transformed model); or ``onnx``, ``onnx-int4``, ``onnx-hqq``, ``onnx-gptq``: the
+untouched source exported to ONNX fp16, int4 RTN, int4 HQQ (onnxruntime's solver) or int4 GPTQ (EdgeTailor's graph, one decoder layer at a time,
 int4 quantized as each weight is written; checked against the source). The
 streamed run is what a run does now: the source read lazily, one decoder block in memory, the pruned blocks
 written to the run's scratch, the export read from there. The loaded run holds the model in fp32 first (what
@@ -12,7 +12,7 @@ a sampler records the process's peak RSS per step, beside pre-flight's predictio
 write the same Q4_K_M file, byte for byte. Random weights at Llama-3.2-1B's shape (made and cached by
 ``bench/streaming_export.py``): memory, time and exactness, not quality.
 
-Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|lowrank|onnx|onnx-int4|onnx-gptq] [--shape 1b] [--threads 2]
+Usage: python bench/streamed_transforms.py [--recipe wanda|kmeans|lowrank|onnx|onnx-int4|onnx-hqq|onnx-gptq] [--shape 1b] [--threads 2]
 Writes bench/results/streamed_transforms.{json,md} (else streamed_transforms_RECIPE.{json,md}).
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ RECIPES = {
                 ("export", {"types": ["Q4_K_M"]})],
     "onnx": [("export", {"format": "onnx", "types": ["fp16"]})],
     "onnx-int4": [("export", {"format": "onnx", "types": ["int4"]})],
+    "onnx-hqq": [("export", {"format": "onnx", "types": ["int4"], "options": {"method": "hqq"}})],
     "onnx-gptq": [("export", {"format": "onnx", "types": ["int4"],
                               "options": {"method": "gptq", "calibration_windows": 8, "calibration_ctx": 256}})],
 }

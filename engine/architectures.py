@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 VALUE_TECHNIQUES = ("prune.magnitude", "prune.wanda")
 # Steps that measure or export and work on any supported family.
 FAMILY_AGNOSTIC = ("export", "evaluate", "benchmark")
+# Steps whose blocks go into EdgeTailor's own GGUF writer (the block walker is verified on every family).
+OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated", "fit")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class ArchSpec:
     # "edgetailor": the project's own writer (exporters/gguf.py), into which the calibrated quantizer writes
     # its blocks; "llama.cpp": llama.cpp's converter (exporters/hf_converter.py), which knows the family.
     gguf_writer: str = "llama.cpp"
+    # the own writer: config scalars written as GGUF keys (config key, gguf-py GGUFWriter method), as llama.cpp's
+    # converter writes them for the family (Granite's multipliers)
+    gguf_scalars: tuple[tuple[str, str], ...] = ()
     # Who writes the ONNX graph: "edgetailor" (exporters/onnx.py, every int4 method), "genai-builder"
     # (onnxruntime-genai's model builder, which knows the family), or "" (nobody yet: onnx_note says why).
     onnx: str = ""
@@ -48,9 +53,10 @@ class ArchSpec:
             return "yes"
         if kind == "measure" and step not in ("imatrix",):
             return "yes"
+        where = [s.model_type for s in ARCHITECTURES.values() if s.techniques is None or step in s.techniques]
         why = ("it edits expert layers this step does not know" if self.moe else
                "it assumes the Llama block layout (q/k/v/o, gate/up/down, pre-norms) and is verified on "
-               "llama, mistral, qwen2 and qwen3 only so far")
+               f"{', '.join(where)} only so far")
         return f"not for {self.model_type} yet: {why}"
 
 
@@ -70,9 +76,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("gemma3_text", "gemma3", onnx_note=_SWA_NOTE, features=("local/global layers", "sliding window", "two rope bases",
                                                  "QK norms", "embedding scaling", "norm offset")),
     ArchSpec("phi3", "phi3", **_BUILDER, features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
-    ArchSpec("granite", "granite", **_BUILDER, features=("embedding, residual, attention and logit multipliers",)),
+    ArchSpec("granite", "granite", **_BUILDER, gguf_writer="edgetailor", permute_qk=True,
+             techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             gguf_scalars=(("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+                           ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")),
+             features=("embedding, residual, attention and logit multipliers",)),
     ArchSpec("olmo2", "olmo2", features=("QK norms over all heads", "post-norms")),
-    ArchSpec("smollm3", "smollm3", onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
+    ArchSpec("smollm3", "smollm3", gguf_writer="edgetailor", permute_qk=True, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
     ArchSpec("starcoder2", "starcoder2", features=("biases", "LayerNorm", "GeLU MLP")),
     ArchSpec("stablelm", "stablelm", features=("partial rotary", "LayerNorm", "q/k/v biases")),
     ArchSpec("qwen3_moe", "qwen3moe", moe=True, features=("mixture of experts (top-k routing)", "QK norms")),
@@ -98,6 +109,23 @@ def gguf_writer_for(cfg) -> str:
     if spec.own_gguf_writer and get("model_type") in ("llama", "mistral") and (get("attention_bias") or get("mlp_bias")):
         return "llama.cpp"
     return spec.gguf_writer
+
+
+#: llama.cpp's SmolLM3 graph leaves rotary out of every 4th block (``n_no_rope_layer_step``, fixed in its code)
+SMOLLM3_NOPE_STEP = 4
+
+
+def gguf_layout_problem(cfg) -> str:
+    """Why no llama.cpp file of this model can compute what it computes ("" if one can): SmolLM3's blocks without
+    rotary must be where llama.cpp's graph puts them."""
+    if getattr(cfg, "model_type", "") != "smollm3":
+        return ""
+    uses_rope = [bool(x) for x in (getattr(cfg, "no_rope_layers", None) or [])]
+    llama_cpp = [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(len(uses_rope))]
+    if uses_rope == llama_cpp:
+        return ""
+    return (f"its blocks without rotary positions are {[i for i, r in enumerate(uses_rope) if not r]}; llama.cpp's "
+            f"SmolLM3 graph leaves rotary out of every {SMOLLM3_NOPE_STEP}th block only")
 
 
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")    # config lists with one entry per decoder block

@@ -33,9 +33,13 @@ class EvalResult:
     kl_p999: float | None = None  # its 99.9th percentile over the scored tokens
     top1: float | None = None     # share of positions where the argmax agrees with the baseline's
     runtime: str = ""
+    per_window: list[dict] | None = None   # asked for: each window's nll, kl and top1 (means over its scored tokens)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.per_window is None:
+            del d["per_window"]
+        return d
 
 
 def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> list[list[int]]:
@@ -103,11 +107,12 @@ class ReferenceLogprobs:
 
 def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: ReferenceLogprobs | None = None,
              record_reference: bool = False, on_window: Callable[[int, int, float], None] | None = None,
-             cancelled: Callable[[], bool] | None = None) -> EvalResult:
+             cancelled: Callable[[], bool] | None = None, per_window: bool = False) -> EvalResult:
     """Score ``windows`` with ``runtime``.
 
     With ``record_reference`` the runtime is the baseline and its log-probs are stored in ``reference``;
-    otherwise, if ``reference`` holds them, KL and top-1 agreement are computed against them.
+    otherwise, if ``reference`` holds them, KL and top-1 agreement are computed against them. ``per_window``:
+    each window's figures too (to compare with another file scored on some of the same windows).
     """
     t0 = time.perf_counter()
     ctx = len(windows[0])
@@ -115,6 +120,7 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
     nll_sum, count = 0.0, 0
     kl_sum, agree = 0.0, 0
     kls: list[np.ndarray] = []
+    windows_seen: list[dict] = []
     compare = reference is not None and not record_reference and reference.has(len(windows))
     for i, w in enumerate(windows):
         if cancelled and cancelled():
@@ -124,16 +130,21 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
             raise RuntimeError(f"runtime returned {logits.shape[0]} rows for {len(w)} tokens")
         lp = log_softmax(logits[first:len(w) - 1])
         targets = np.asarray(w[first + 1:])
-        nll_sum -= float(lp[np.arange(len(targets)), targets].sum(dtype=np.float64))
+        nll = -float(lp[np.arange(len(targets)), targets].sum(dtype=np.float64))
+        nll_sum += nll
         count += len(targets)
+        seen = {"nll": nll / len(targets)}
         if record_reference and reference is not None:
             reference.put(i, lp)
         elif compare:
             ref = reference.get(i)
             per_token = (np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64)
+            same = int((ref.argmax(-1) == lp.argmax(-1)).sum())
             kls.append(per_token)
             kl_sum += float(per_token.sum())
-            agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+            agree += same
+            seen.update(kl=float(per_token.mean()), top1=same / len(targets))
+        windows_seen.append(seen)
         if on_window:
             on_window(i + 1, len(windows), math.exp(nll_sum / count))
     nll = nll_sum / count
@@ -142,7 +153,7 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
                       kl=(kl_sum / count) if compare else None,
                       kl_p999=float(np.quantile(np.concatenate(kls), 0.999)) if compare else None,
                       top1=(agree / count) if compare else None,
-                      runtime=getattr(runtime, "name", "?"))
+                      runtime=getattr(runtime, "name", "?"), per_window=windows_seen if per_window else None)
 
 
 class Comparison:

@@ -206,7 +206,7 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
     copies of it, the embedding read, widened and narrowed; int4/int8 each weight rounded in slices of rows as it
     is written, GPTQ with the calibration walk and one layer's input statistics). Beside it the check's reference:
     the torch model while it is small, else a 16-bit GGUF that llama.cpp maps (``engine.reference``). None where
-    the export holds the model (ONNX's HQQ, onnxruntime-genai's builder)."""
+    the export holds the model (onnxruntime-genai's builder)."""
     types = [str(t).lower() for t in types]
     options = options or {}
     method = str(options.get("method", "rtn")).lower()
@@ -223,11 +223,12 @@ def export_need(step: str, shape: ModelShape, fmt: str, types=(), options: dict 
     elif fmt == "gguf":        # llama.cpp's converter, then its quantizer: a whole tensor in float32 beside its read
         work = {"largest tensor, read and written": shape.largest_tensor_params * 2 * 3}
         how = "converts the model tensor by tensor from its files with llama.cpp's converter"
-    elif fmt == "onnx" and shape.onnx_graph and types and not ("int4" in types and method == "hqq"):
+    elif fmt == "onnx" and shape.onnx_graph and types:
         quantized = all(t in ("int4", "int8") for t in types)
         tied = shape.embedding_params <= shape.vocab * shape.hidden
-        # quantized, a tied embedding is read from the quantized head (rounded in slices of rows), never whole
-        largest = max(shape.intermediate, shape.q_dim) * shape.hidden if quantized and tied \
+        # quantized, a tied embedding is read from the quantized head (rounded in slices of rows), never whole;
+        # HQQ's float zero points cannot be read that way: its embedding is a float table
+        largest = max(shape.intermediate, shape.q_dim) * shape.hidden if quantized and tied and method != "hqq" \
             else shape.largest_tensor_params
         work = {"one decoder layer (fp32) and the graph's copies": shape.block_params * 4 * (2 if quantized else 3),
                 "largest tensor, read, widened and written": largest * (2 + 4 + 4),
@@ -263,13 +264,17 @@ def check_reference(shape: ModelShape) -> tuple[str, int, int]:
 
 def onnx_quantizer_parts(shape: ModelShape, types: list[str], method: str, options: dict) -> dict:
     """What quantizing ONNX weights as they are written adds: a slice of rows rounded at a time (float32, its
-    transposed and padded copies); GPTQ: the calibration walk's hidden states, the X^T X of one layer's inputs
-    (float32, kept while the layer is written) and the widest input's factor (float64, two n x n at once)."""
+    transposed and padded copies; onnxruntime's HQQ solver about ten, measured: 8.6x a 2048 x 8192 slice beside
+    it); GPTQ: the calibration walk's hidden states, the X^T X of one layer's inputs (float32, kept while the
+    layer is written) and the widest input's factor (float64, two n x n at once)."""
     from ..exporters.onnx_quant import SLICE_ELEMENTS
 
     if not any(t in ("int4", "int8") for t in types):
         return {}
-    parts = {"a slice of rows being rounded (3 float32 copies)": SLICE_ELEMENTS * 4 * 3}
+    if method == "hqq" and "int4" in types:
+        parts = {"a slice of rows being rounded by HQQ (10 float32 copies)": SLICE_ELEMENTS * 4 * 10}
+    else:
+        parts = {"a slice of rows being rounded (3 float32 copies)": SLICE_ELEMENTS * 4 * 3}
     if method == "gptq":
         seq_len = int(options.get("calibration_ctx", 512))
         walk = walk_parts(shape, int(options.get("calibration_windows", 20)) * seq_len, seq_len)

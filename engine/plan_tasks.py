@@ -3,9 +3,11 @@ processes, or as Ray tasks on a cluster, with the same results.
 
 A ``CandidateTask`` carries everything its file needs as plain data (the source's path, the planned GGUF types
 or the ONNX scheme, the calibration token ids, the paths of the verification and evaluation references in the
-run's scratch folder, the benchmark setting); ``build_candidate`` writes the file atomically, checks it against the source, and
-evaluates and benchmarks it with each KV-cache type asked. Ray workers must see the same paths (a shared
-filesystem, or a single-machine cluster), as Ray's own docs advise for data.
+run's scratch folder, the benchmark setting); ``build_candidate`` writes the file atomically, checks it against
+the source, and evaluates and benchmarks it with each KV-cache type asked (those in ``screened_kv`` on the first
+``screen_windows`` evaluation windows only; ``score_file`` scores them on all of them later, if it comes to that).
+Ray workers must see the same paths (a shared filesystem, or a single-machine cluster), as Ray's own docs advise
+for data.
 
     results = run_tasks(tasks, executor="ray", address="auto")      # or "inline", "processes"
 """
@@ -47,6 +49,8 @@ class CandidateTask:
     onnx_options: dict = field(default_factory=dict)
     calibration_text: str = ""   # ONNX GPTQ's calibration (it tokenizes its own windows)
     encoded_cache: str = ""      # GGUF: tensors encoded for the run's earlier files (``gguf_calibrated.EncodedCache``)
+    screened_kv: list = field(default_factory=list)   # KV types evaluated on the first ``screen_windows`` windows only
+    screen_windows: int = 0
 
     def export_options(self) -> dict:
         from ..exporters.gguf_calibrated import Calibration
@@ -117,19 +121,29 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
 
 
 def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
+    """The file with a ``kv`` cache evaluated (each window's figures kept: a screened KV type is compared with
+    the full one on the same windows) and benchmarked at the app's context."""
     from .benchmark import benchmark_steady
     from .energy import EnergyMeter
+
+    screened = kv in task.screened_kv
+    res = score_file(task, kv, cancelled, task.screen_windows if screened else None)
+    bench = benchmark_steady(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
+                             threads=task.threads, n_ctx=task.context, dtype=task.dtype,
+                             meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
+                             cancelled=cancelled, kv_type=kv)
+    return {"evaluation": res, "benchmark": bench, **({"screened": task.screen_windows} if screened else {})}
+
+
+def score_file(task: CandidateTask, kv: str, cancelled=None, windows: int | None = None) -> dict:
+    """The file with a ``kv`` cache scored on the task's evaluation windows (the first ``windows`` of them)."""
     from .evaluate import ReferenceLogprobs, evaluate
     from .runtimes import open_runtime
 
     settings = {"kv_type": kv} if task.format == "gguf" else {}
     with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
-        res = evaluate(rt, task.eval_windows, reference=ReferenceLogprobs(Path(task.reference)), cancelled=cancelled)
-    bench = benchmark_steady(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
-                             threads=task.threads, n_ctx=task.context, dtype=task.dtype,
-                             meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
-                             cancelled=cancelled, kv_type=kv)
-    return {"evaluation": res.to_dict(), "benchmark": bench}
+        return evaluate(rt, task.eval_windows[:windows], reference=ReferenceLogprobs(Path(task.reference)),
+                        cancelled=cancelled, per_window=True).to_dict()
 
 
 def run_tasks(tasks: list[CandidateTask], executor: str = "inline", address: str | None = None, workers: int = 1,

@@ -28,12 +28,15 @@ the same size, a mix of faster kernels, decoding faster for a larger loss.
 ``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, speed weight, KV type, blocks
 removed) with the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
 ``recommend`` chooses among the *measured* ones and says why, what each constraint costs, and what to relax
-when nothing fits.
+when nothing fits. The first file's quantized KV caches may be *screened*: scored on a few of the evaluation
+windows, their figures estimated as the f16 cache's on all windows plus the difference the two show on the same
+few (``screened_evaluation``); the planner scores a screened pick on every window before it recommends it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from .architectures import ModelDims
 from .errors import EdgeTailorError
@@ -607,6 +610,25 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
     return chosen
 
 
+def screened_evaluation(screen: dict, full: dict) -> dict:
+    """A file scored with one KV cache on the first windows only (``screen``), estimated on all of them from the
+    same file scored with another cache on all (``full``, each with ``per_window`` figures): the full figures
+    plus the mean difference on the windows both saw (paired: the windows' own spread cancels). The 99.9th
+    percentile of KL is the screen's own (on its windows)."""
+    n = len(screen["per_window"])
+    same = full["per_window"][:n]
+
+    def shift(key: str) -> float:
+        return sum(w[key] for w in screen["per_window"]) / n - sum(w[key] for w in same) / n
+
+    nll = full["nll"] + shift("nll")
+    out = {**screen, "nll": nll, "perplexity": math.exp(nll), "screened_windows": n}
+    if full.get("kl") is not None and screen.get("kl") is not None:
+        out["kl"] = max(0.0, full["kl"] + shift("kl"))
+        out["top1"] = min(1.0, max(0.0, full["top1"] + shift("top1")))
+    return out
+
+
 # --- the recommendation -------------------------------------------------------------------------------
 
 
@@ -681,6 +703,18 @@ def recommend(measured: list[dict], budget, context: int, predicted: list[Point]
     return out
 
 
+def recommend_scored(measured: list[dict], budget, context: int, predicted: list[Point] | None,
+                     rescore: Callable[[dict], dict]) -> dict:
+    """``recommend``, never on estimated figures: while the pick is a screened point, ``rescore`` scores it on
+    every window (returning its new point, which replaces it in ``measured``) and the choice is made again."""
+    while True:
+        rec = recommend(measured, budget, context, predicted)
+        k = next((i for i, m in enumerate(measured) if m["name"] == rec.get("variant") and m.get("screened")), None)
+        if k is None:
+            return rec
+        measured[k] = rescore(measured[k])
+
+
 #: the shortest context the planner proposes instead of more memory (contexts are offered in steps of this)
 CONTEXT_STEP = 256
 #: KLs within this ratio count as the same quality when choosing the context to propose
@@ -722,6 +756,7 @@ def _runner_up(rows: list[tuple[dict, dict]], limit: str, best: dict | None) -> 
     what = m["name"] if built else (f"an ONNX {m['onnx']} folder of {m['file_bytes'] / 1e6:.1f} MB" if m.get("onnx")
                                     else f"a {m['file_bytes'] / 1e6:.1f} MB file with a {m['kv_type']} KV cache") + (
         f", {m['drop_blocks']} blocks removed" if m.get("drop_blocks") else "")
-    kl = f"KL {m['kl']:.4f}" if built else f"KL about {m['kl']:.4f} predicted (not built)"
+    kl = f"KL about {m['kl']:.4f} predicted (not built)" if not built else f"KL {m['kl']:.4f}" + (
+        f" (estimated from {m['screened']} windows)" if m.get("screened") else "")
     return {"variant": m.get("name"), "measured": built, "kl": m["kl"], "relax_pct": round(100 * v[limit], 1),
             "text": f"relax {LIMIT_WORDS[limit]} by {100 * v[limit]:.0f}%: {what}, {kl}"}

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import psutil
 
-from .architectures import arch_spec, count_parameters, gguf_writer_for, supported_model_types
+from .architectures import OWN_WRITER_STEPS, arch_spec, count_parameters, gguf_writer_for, supported_model_types
 from .errors import DoesNotFitError, UnsupportedModelError
 from .footprint import LOADED_OVERHEAD_BYTES, ModelShape, recipe_needs
 from .sources import ResolvedSource
 
 GB = 1024**3
-OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated")     # they write into EdgeTailor's own GGUF writer
 # Bytes per weight of each GGUF type (block size and block bytes from ggml), for disk estimates.
 GGUF_BITS_PER_WEIGHT = {
     "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q5_K_S": 5.54,

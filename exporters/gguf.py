@@ -23,6 +23,7 @@ import numpy as np
 from ..engine.architectures import (
     ModelDims,
     arch_spec,
+    gguf_layout_problem,
     gguf_tensor_names,
     gguf_writer_for,
     supported_model_types,
@@ -204,6 +205,9 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
     elif rope_type not in (None, "default", "llama3"):
         raise EdgeTailorError(f"RoPE scaling '{rope_type}' is not supported by the GGUF exporter.",
                               "Export to ONNX instead, or use a model without this RoPE scaling.")
+    for key, method in spec.gguf_scalars:
+        if getattr(cfg, key, None):
+            getattr(w, method)(float(getattr(cfg, key)))
 
 
 def _rope_params(cfg) -> dict:
@@ -422,6 +426,9 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         raise EdgeTailorError(f"EdgeTailor's own GGUF writer does not cover this '{cfg.model_type}' model "
                               "(its family, or biases the writer does not place).",
                               "Use the export step: it writes this family with llama.cpp's converter.")
+    if gguf_layout_problem(cfg):
+        raise EdgeTailorError(f"No GGUF file of this '{cfg.model_type}' model would compute what it computes: "
+                              f"{gguf_layout_problem(cfg)}.", "Export it to another format, or keep its blocks as trained.")
     n_layers = int(cfg.num_hidden_layers)
     names = gguf_tensor_names(cfg)
     tensor_types = tensor_types or {}

@@ -13,12 +13,12 @@ onnxruntime-genai's builder writes ``-p int8`` / ``-p int4`` (symmetric blocks, 
 (round to nearest by onnxruntime's own kernels, the builder's default), ``gptq`` (EdgeTailor's GPTQ, calibrated
 on ``calibration_text``: each layer's input X^T X measured by the block walker just before the layer is written,
 then error-feedback rounding onto the MatMulNBits grid itself, see ``onnx_quant.gptq_weights``) or, int4 only,
-``hqq`` (onnxruntime's half-quadratic quantizer, asymmetric: it takes the whole float graph),
+``hqq`` (onnxruntime's half-quadratic quantizer, asymmetric: float zero points, so a tied embedding stays float),
 ``accuracy_level`` (MatMulNBits compute type, default 4 = int8 activations on CPU, as the builder uses),
 ``head_bits`` (int4: 4, or 8 for an 8-bit output head; the int4 loss is largely the head's).
 
-Every type but HQQ is written one decoder layer at a time, each weight quantized as it is written to
-``model.onnx.data``: a lazy model (the files read on demand) never exists whole in memory.
+Every type is written one decoder layer at a time, each weight quantized as it is written to ``model.onnx.data``:
+a lazy model (the files read on demand) never exists whole in memory.
 
 The output folder holds ``model.onnx`` + ``model.onnx.data`` (weights as external data, so models over 2 GB
 work), ``genai_config.json`` and the tokenizer files: ``onnxruntime_genai.Model(folder)`` runs it as it is.
@@ -45,7 +45,7 @@ from ..engine.runtimes.onnx import MODEL_FILE, OnnxGenaiRuntime, OnnxRuntime
 from . import register_exporter
 from .base import Exporter, ExportResult
 from .onnx_graph import DecoderGraph, build_graph
-from .onnx_quant import NBits, quantize_hqq
+from .onnx_quant import NBits
 
 TYPES = ("fp32", "fp16", "int8", "int4")
 INT4_METHODS = ("rtn", "hqq", "gptq")
@@ -114,20 +114,14 @@ class ONNXExporter(Exporter):
         step(0.0, "building the ONNX graph")
         float_type = "fp16" if qtype == "fp16" else "fp32"
         lazy = getattr(model, "is_lazy", False)
-        info = {"type": qtype}
-        if qtype == "int4" and opts["method"] == "hqq":
-            graph = self._hqq(model.materialise() if lazy else model, opts, out, step)
-            info.update(block_size=opts["block_size"], method="hqq", quantized_by="onnxruntime MatMulNBitsQuantizer (hqq)")
-        else:
-            nbits = _nbits(opts)
-            sequences = _calibration(model, tokenizer, opts) if nbits is not None and nbits.gptq else None
-            graph = self._streamed(model, float_type, out, nbits, sequences,
-                                   lambda f, m: step(0.05 + 0.8 * f, f"writing the graph: {m}"), cancelled)
-            info["written"] = "tensor by tensor from the model's files" if lazy else "one decoder layer at a time"
-            if nbits is not None:
-                info.update(block_size=nbits.block, method=nbits.method, head_bits=nbits.head_bits,
-                            quantized_by="EdgeTailor GPTQ onto MatMulNBits" if nbits.gptq
-                            else "onnxruntime's MatMulNBits round-to-nearest kernels")
+        nbits = _nbits(opts)
+        sequences = _calibration(model, tokenizer, opts) if nbits is not None and nbits.gptq else None
+        graph = self._streamed(model, float_type, out, nbits, sequences,
+                               lambda f, m: step(0.05 + 0.8 * f, f"writing the graph: {m}"), cancelled)
+        info = {"type": qtype, "written": "tensor by tensor from the model's files" if lazy else "one decoder layer at a time"}
+        if nbits is not None:
+            info.update(block_size=nbits.block, method=nbits.method, head_bits=nbits.head_bits,
+                        quantized_by=QUANTIZED_BY[nbits.method])
         info.update(layers=graph.n_layers, tied_embeddings=graph.tied)
         return self._finish(model, tokenizer, tokenizer_dir, out, graph, info)
 
@@ -146,16 +140,6 @@ class ONNXExporter(Exporter):
         return graph
 
     @staticmethod
-    def _hqq(model, opts: dict, out: Path, step) -> DecoderGraph:
-        """int4 by onnxruntime's HQQ quantizer, which takes the whole float graph (the model loaded)."""
-        graph = build_graph(model, "fp32", quantizable=True)
-        step(0.3, "int4 hqq: onnxruntime MatMulNBitsQuantizer")
-        proto = quantize_hqq(graph.proto, opts["block_size"], opts["accuracy_level"])
-        step(0.85, "writing model.onnx + model.onnx.data")
-        save(proto, out)
-        return graph
-
-    @staticmethod
     def _finish(model, tokenizer, tokenizer_dir, out: Path, graph: DecoderGraph, info: dict) -> ExportResult:
         write_genai_config(model, tokenizer, out, graph)
         copy_tokenizer_files(Path(tokenizer_dir), out, tokenizer)
@@ -168,6 +152,11 @@ class ONNXExporter(Exporter):
 
 
 register_exporter(ONNXExporter())
+
+
+#: who chose each method's codes
+QUANTIZED_BY = {"rtn": "onnxruntime's MatMulNBits round-to-nearest kernels", "gptq": "EdgeTailor GPTQ onto MatMulNBits",
+                "hqq": "onnxruntime's HQQ quantizer (its quantize_internal), weight by weight"}
 
 
 def _nbits(opts: dict) -> NBits | None:
@@ -237,15 +226,6 @@ def export_with_builder(model, tokenizer_dir, out: Path, opts: dict, source_dir,
 
 
 # --- files ------------------------------------------------------------------------------------------
-def save(proto, out: Path) -> None:
-    import onnx
-
-    for p in (out / MODEL_FILE, out / DATA_FILE):
-        p.unlink(missing_ok=True)
-    onnx.save_model(proto, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-
-
 def write_genai_config(model, tokenizer, out: Path, graph: DecoderGraph) -> None:
     cfg = model.config
     gen = getattr(model, "generation_config", None)

@@ -168,9 +168,10 @@ class ModelParts:
 def build_graph(model, float_type: str = "fp32", quantizable: bool = False, data=None, data_name: str = "",
                 nbits=None, sequences=None, progress=None, cancelled=None) -> DecoderGraph:
     """The decoder as an ONNX graph with contrib ops. ``nbits`` (``onnx_quant.NBits``): every MatMul quantized as
-    it is written, a tied embedding read from the quantized head; GPTQ's statistics from ``sequences`` (token
-    ids [n, seq]) walked through each layer just before it is written. With ``quantizable`` (a quantizer that
-    takes the finished graph: HQQ) the head keeps its own [hidden, vocab] float weight even when tied. ``model``
+    it is written, a tied embedding read from the quantized head (HQQ's float zero points cannot be: the embedding
+    stays a float table); GPTQ's statistics from ``sequences`` (token ids [n, seq]) walked through each layer just
+    before it is written. With ``quantizable`` (for a quantizer that takes the finished graph, as onnxruntime's
+    ``MatMulNBitsQuantizer`` does) the head keeps its own [hidden, vocab] float weight even when tied. ``model``
     held in memory or lazy (one decoder layer read at a time); ``data``: the file the weights go to as they are
     made (``GraphBuilder``); ``progress`` and ``cancelled`` per decoder layer."""
     from onnx import helper
@@ -190,7 +191,7 @@ def build_graph(model, float_type: str = "fp32", quantizable: bool = False, data
     shared = AttentionInputs(*_mask_lengths(g), *_rotary_caches(g, parts.rotary, head_dim, dims.context),
                              window=_sliding_window(cfg, dims.context), head_dim=head_dim, true_head_dim=dims.head_dim,
                              kv_heads=dims.kv_heads, eps=dims.rms_eps, qk_norm=spec.qk_norm)
-    embedding_from_head = nbits is not None and dims.tied
+    embedding_from_head = nbits is not None and dims.tied and not nbits.hqq
     if not embedding_from_head:
         g.init("model.embed_tokens.weight", _np(parts.tensor("model.embed_tokens.weight")))
     residual = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]

@@ -5,7 +5,10 @@ codes are onnxruntime's RTN bit for bit) or by EdgeTailor's GPTQ (error feedback
 the block walker measures as the graph's layers are written, see ``onnx_graph.ModelParts``); a tied embedding is
 read from the quantized head through ``GatherBlockQuantized``. Nothing holds more than one weight at a time.
 
-HQQ (onnxruntime's ``MatMulNBitsQuantizer``) is the exception: it takes the whole float graph (``quantize_hqq``).
+HQQ (int4, asymmetric: float zero points) is onnxruntime's own half-quadratic quantizer applied to each weight as
+it is written (``hqq_weights``: its ``quantize_internal`` and packing, so the codes, scales and zero points are
+what ``MatMulNBitsQuantizer`` writes for the whole float graph, byte for byte, for every weight of up to
+``SLICE_ELEMENTS``). GatherBlockQuantized cannot read float zero points: a tied embedding stays a float table.
 """
 from __future__ import annotations
 
@@ -33,24 +36,30 @@ class NBits:
     def gptq(self) -> bool:
         return self.method == "gptq"
 
+    @property
+    def hqq(self) -> bool:
+        return self.method == "hqq"
+
     def write(self, g, name: str, inp: str, weight, hessian=None, head: bool = False, outputs=None) -> str:
         """The MatMulNBits node for ``weight`` [N, K] (a torch tensor, or a lazy one read in row slices), its codes
         and scales written as initializers; returns its output."""
         bits = self.head_bits if head else self.bits
-        packed, scales = self.weights(weight, bits, hessian)
+        packed, scales, *zeros = self.weights(weight, bits, hessian)
         base = f"{name.strip('/').replace('/', '.')}.MatMul.weight"
-        q = g.init(f"{base}_Q{bits}", packed, np.uint8)
-        s = g.init(f"{base}_scales", scales, np.float32)
+        inputs = [inp, g.init(f"{base}_Q{bits}", packed, np.uint8), g.init(f"{base}_scales", scales, np.float32)]
+        if zeros:                                                  # HQQ's float zero points
+            inputs.append(g.init(f"{base}_zero_points", zeros[0], np.float32))
         N, K = (int(d) for d in weight.shape)
         attrs = {"K": K, "N": N, "bits": bits, "block_size": self.block}
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
-        return g.node("MatMulNBits", [inp, q, s], f"{name}/MatMul_Q{bits}", domain="com.microsoft", outputs=outputs,
+        return g.node("MatMulNBits", inputs, f"{name}/MatMul_Q{bits}", domain="com.microsoft", outputs=outputs,
                       **attrs)[0]
 
-    def weights(self, weight, bits: int, hessian=None) -> tuple[np.ndarray, np.ndarray]:
-        """(codes [N, blocks, block * bits / 8], scales [N, blocks]) of ``weight`` [N, K], a slice of rows at a time.
-        GPTQ without a ``hessian`` (a tied head: it is also the embedding table) fits the scales by least squares."""
+    def weights(self, weight, bits: int, hessian=None) -> tuple[np.ndarray, ...]:
+        """(codes [N, blocks, block * bits / 8], scales [N, blocks]) of ``weight`` [N, K], a slice of rows at a time;
+        HQQ: (codes, scales [N * blocks], zero points [N * blocks]). GPTQ without a ``hessian`` (a tied head: it is
+        also the embedding table) fits the scales by least squares."""
         N, K = (int(d) for d in weight.shape)
         factor = gptq_factor(hessian, K, self.block, self.damp) if self.gptq and hessian is not None else None
         step = max(1, SLICE_ELEMENTS // K)
@@ -59,12 +68,14 @@ class NBits:
             rows = _rows(weight, a, min(a + step, N))
             if self.gptq:
                 parts.append(gptq_weights(rows.T, factor, self.block, bits=bits))
+            elif self.hqq:
+                parts.append(hqq_weights(rows, self.block))
             else:
                 parts.append(rtn_weights(rows.T, self.block, bits))
             del rows
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def _rows(weight, a: int, b: int) -> np.ndarray:
@@ -86,6 +97,26 @@ def rtn_weights(B: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, n
     kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
     kernel(packed, B, scales, zero_points, block, N, blocks * block, True)
     return packed, scales
+
+
+def hqq_weights(W: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int4 HQQ of ``W`` [N, K] by onnxruntime's own code (``HQQWeightOnlyQuantizer.quantize_internal``: asymmetric
+    blocks of ``block`` inputs, the zero points refined by its half-quadratic solver, then its packing): codes
+    [N, blocks, block / 2], scales and zero points [N * blocks], as ``MatMulNBitsQuantizer`` writes them. Its solver
+    stops when the mean error over what it is given stops falling, so a weight given in slices of rows may stop at
+    another step than the whole: the same bytes for every weight of up to ``SLICE_ELEMENTS``."""
+    import torch
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    quantizer = mnq.HQQWeightOnlyQuantizer(mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4))
+    N, K = W.shape
+    W = torch.from_numpy(np.ascontiguousarray(W))
+    codes, scales, zeros = quantizer.quantize_internal(W, bits=4, group_size=block)
+    packed = torch.zeros((codes.shape[0], codes.shape[1] // 2), dtype=torch.uint8)
+    quantizer.pack_on_row_fast_248bit(packed, codes.contiguous(), 4)
+    del codes
+    return (packed.reshape(N, -(-K // block), block // 2).numpy(), scales.contiguous().numpy().reshape(-1),
+            zeros.contiguous().numpy().reshape(-1))
 
 
 def gptq_factor(H, K: int, block: int, damp: float):
@@ -157,24 +188,3 @@ def quantized_embedding(g, head_codes: str, head_scales: str, vocab: int, hidden
         new.append(helper.make_node("Slice", [gathered, g.const_i64([0]), g.const_i64([hidden]), g.const_i64([-1])],
                                     [out], name=f"{p}/Slice"))
     g.nodes[idx:idx + 1] = new
-
-
-def quantize_hqq(proto, block: int, accuracy_level: int):
-    """Every MatMul to int4 MatMulNBits by onnxruntime's HQQ (half-quadratic, asymmetric; float zero points, which
-    GatherBlockQuantized cannot read, so a tied embedding stays a float table). Takes the whole float graph."""
-    import logging
-
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    algo = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
-    q = mnq.MatMulNBitsQuantizer(proto, block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
-                                 algo_config=algo)
-    q.process()
-    proto = q.model.model
-    for n in proto.graph.node:
-        if n.op_type == "MatMulNBits" and accuracy_level and not any(a.name == "accuracy_level" for a in n.attribute):
-            from onnx import helper
-
-            n.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
-    return proto

@@ -216,3 +216,64 @@ def test_biased_llama_refuses_the_steps_of_the_own_writer_before_loading(tmp_pat
            "num_attention_heads": 4, "vocab_size": 100, "attention_bias": True}
     rep = preflight(resolve(str(_fake_model(tmp_path / "b", cfg))))
     assert rep.techniques["prune.width"] == "yes" and "biases" in rep.techniques["quant.gguf_calibrated"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["granite", "smollm3"])
+def test_granite_and_smollm3_take_calibrated_blocks_from_the_own_writer(family, family_model):
+    """Granite (its multipliers as llama.cpp's keys) and SmolLM3 (every 4th block without rotary) are written by
+    EdgeTailor's own GGUF writer: tensor by tensor from the files, no converter and no intermediate file, so the
+    calibrated quantizer's blocks go in, and the file computes what the model computes."""
+    import gguf
+
+    folder = family_model(family)
+    record = _run(folder, [
+        {"step": "export", "params": {"format": "gguf", "types": ["F16"]}},
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "mix": "measured", "max_sequences": 4,
+                                                      "seq_len": 64}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    f16, q4 = m["variants"]
+    assert f16["metrics"]["verify_kl"] < 1e-4 and f16["metrics"]["verify_top1"] >= 0.95
+    assert "converter" not in json.dumps(f16["params"]) and "intermediate" not in json.dumps(f16["params"])
+    assert q4["metrics"]["verify_top1"] > 0.5
+    reader = gguf.GGUFReader(record.folder / q4["path"])
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == family
+    if family == "granite":
+        keys = {k for k in reader.fields if k.startswith("granite.")}
+        assert {"granite.embedding_scale", "granite.residual_scale", "granite.attention.scale",
+                "granite.logit_scale"} <= keys
+
+
+def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only(tmp_path):
+    from edgetailor.engine import preflight, resolve
+
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "vocab_size": 100, "max_position_embeddings": 8192}
+    for family in ("granite", "smollm3"):
+        rep = preflight(resolve(str(_fake_model(tmp_path / family, {**base, "model_type": family}))))
+        assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix")), rep.techniques
+    gemma = preflight(resolve(str(_fake_model(tmp_path / "g", {**base, "model_type": "gemma2"}))))
+    assert "granite" in gemma.techniques["fit"] and "smollm3" in gemma.techniques["fit"]
+    assert gemma.techniques["fit"].startswith("not for gemma2 yet")
+
+
+def test_a_smollm3_whose_rotary_free_blocks_llama_cpp_cannot_place_is_refused_with_the_reason(family_model, tmp_path):
+    """llama.cpp's SmolLM3 graph leaves rotary out of every 4th block: a model with them elsewhere (a depth-pruned
+    one, say) would load and compute something else, so no GGUF file is written."""
+    from edgetailor.exporters.gguf import write_gguf
+    from edgetailor.engine.errors import EdgeTailorError
+    from edgetailor.engine.modeling import load_model
+
+    lm = load_model(resolve_folder(family_model("smollm3")))
+    lm.model.config.no_rope_layers = [1, 0, 1, 1]
+    with pytest.raises(EdgeTailorError) as err:
+        write_gguf(lm.model, lm.tokenizer, family_model("smollm3"), tmp_path / "x.gguf", "F16")
+    assert "[1]" in err.value.problem and "every 4th block" in err.value.problem
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def resolve_folder(folder: Path):
+    from edgetailor.engine import resolve
+
+    return resolve(str(folder))

@@ -327,10 +327,48 @@ def test_round_to_nearest_writes_onnxruntimes_own_codes(tiny_models, tmp_path, b
         assert value.tobytes() == theirs[name].tobytes(), name
 
 
-def test_onnx_exports_of_the_source_stream_and_only_hqq_holds_the_model(tiny_models, tmp_path):
-    """The export step: fp16 and int4 (RTN and GPTQ) from the files (the model never loaded), each checked against
-    the source like every file; HQQ's quantizer takes the whole graph, so that export loads the model, and
-    pre-flight says which."""
+def test_hqq_writes_onnxruntimes_own_codes_from_the_files(tiny_models, tmp_path):
+    """int4 HQQ, quantized weight by weight as the graph is written from the source's files (never loaded whole):
+    codes, scales and float zero points are what onnxruntime's MatMulNBitsQuantizer writes for the whole float
+    graph, byte for byte; the tied embedding stays a float table (GatherBlockQuantized reads no float zero points)."""
+    import onnx
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.exporters.onnx_graph import build_graph
+    from onnx import numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    folder = tiny_models["qwen2"]                     # tied embeddings
+    lm = load_model(resolve(str(folder)))
+    ex = get_exporter("onnx")
+    res = ex.export(LazyModel(folder), lm.tokenizer, folder, tmp_path / "m",
+                    {"type": "int4", "block_size": 32, "method": "hqq"})
+    assert res.info["written"] == "tensor by tensor from the model's files"
+    checked = ex.verify(tmp_path / "m")
+    assert checked["loaded_by"] == "onnxruntime and onnxruntime-genai"
+    algo = mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=4, op_types_to_quantize=("MatMul",))
+    q = mnq.MatMulNBitsQuantizer(build_graph(lm.model, "fp32", quantizable=True).proto, block_size=32,
+                                 is_symmetric=True, algo_config=algo)
+    q.process()
+    ends = ("_Q4", "_scales", "_zero_points")
+    theirs = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer if t.name.endswith(ends)}
+    proto = onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False)
+    ours = {t.name: numpy_helper.to_array(t, str(tmp_path / "m")) for t in proto.graph.initializer
+            if t.name.endswith(ends)}
+    assert len(ours) == 3 * (5 * lm.model.config.num_hidden_layers + 1)    # qkv, o, gate, up, down; the head
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert value.shape == theirs[name].shape and value.tobytes() == theirs[name].tobytes(), name
+    assert {n.op_type for n in proto.graph.node} >= {"MatMulNBits", "Gather"}
+    ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    with OnnxRuntime(tmp_path / "m", threads=2) as rt:             # close to the float model (random weights)
+        logits = rt.logits(ids)
+    corr = np.corrcoef(logits.ravel(), TorchRuntime(lm.model).logits(ids).ravel())[0, 1]
+    assert corr > 0.9
+
+
+def test_onnx_exports_of_the_source_stream(tiny_models, tmp_path):
+    """The export step: fp16 and int4 (RTN, GPTQ and HQQ) from the files (the model never loaded), each checked
+    against the source like every file; pre-flight says each is written a decoder layer at a time."""
     from edgetailor.engine import Recipe, preflight
 
     src = resolve(str(tiny_models["llama"]))
@@ -339,13 +377,12 @@ def test_onnx_exports_of_the_source_stream_and_only_hqq_holds_the_model(tiny_mod
         return {"name": "t", "steps": [{"step": "export", "params": {"format": "onnx", "types": types,
                                                                      "options": options}}]}
 
-    for r in (recipe(["fp16", "int4", "int8"]), recipe(["int4"], method="gptq")):
+    for r in (recipe(["fp16", "int4", "int8"]), recipe(["int4"], method="gptq"), recipe(["int4"], method="hqq")):
         (step,) = preflight(src, Recipe.from_dict(r)).steps
         assert step["how"].startswith("writes the graph one decoder layer at a time"), step
     (gptq,) = preflight(src, Recipe.from_dict(recipe(["int4"], method="gptq"))).steps
     (rtn,) = preflight(src, Recipe.from_dict(recipe(["int4"]))).steps
     assert gptq["ram_bytes"] > rtn["ram_bytes"]           # the calibration walk and one layer's statistics
-    assert preflight(src, Recipe.from_dict(recipe(["int4"], method="hqq"))).steps[0]["how"] == "holds the fp32 model"
     rec = run_job(JobSpec(recipe=recipe(["fp16", "int4"], method="gptq"), source=str(tiny_models["llama"]),
                           runs_root=str(tmp_path), options={"threads": 2}))
     m = json.loads((rec.folder / "manifest.json").read_text())

@@ -22,7 +22,7 @@ def kv_model(tmp_path_factory, stories_dir):
 
 
 FIT = {"context": 256, "kv_types": ["f16", "q8_0"], "max_drop_blocks": 1, "candidates": 2, "rounds": 2, "trials": 16,
-       "max_sequences": 4, "seq_len": 128, "prompt_tokens": 32, "gen_tokens": 8, "repeats": 1}
+       "max_sequences": 4, "seq_len": 128, "prompt_tokens": 32, "gen_tokens": 8, "repeats": 1, "screen_windows": 1}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def fit_run(kv_model):
 
     events = []
     record = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": FIT}]}, source=str(kv_model),
-                             options={"threads": 2, "eval_windows": 2, "eval_ctx": 128}), emit=events.append)
+                             options={"threads": 2, "eval_windows": 3, "eval_ctx": 128}), emit=events.append)
     assert record.manifest["status"] == "succeeded", record.manifest.get("error")
     return record, events
 
@@ -73,6 +73,15 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     rec = record.manifest["recommendation"]
     assert rec == plan["recommendation"]
     chosen = next(m for m in plan["measured"] if m["name"] == rec["variant"])
+    # the first file's q8_0 cache was screened on one window (estimated from its f16 cache on the same window);
+    # the recommended variant is scored on all three, whichever it is
+    first_gguf = next(m["label"].rsplit("-kv-", 1)[0] for m in plan["measured"] if not m["onnx"])
+    for m in plan["measured"]:
+        metrics = by_name[m["name"]]["metrics"]
+        screened = not m["onnx"] and m["kv_type"] == "q8_0" and m["label"].rsplit("-kv-", 1)[0] == first_gguf \
+            and m["name"] != rec["variant"]
+        assert (m.get("screened"), metrics.get("screened_windows"), metrics["eval_windows"]) == \
+            ((1, 1, 1) if screened else (None, None, 3)), m["name"]
     budget = FitConfig(**FIT).budget()
     assert violations(budget, {k: chosen[k] for k in BUDGET_KEYS}) == {}          # it fits, as measured
     assert chosen["kl"] == min(m["kl"] for m in plan["measured"]
@@ -122,6 +131,50 @@ def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_lim
     none = recommend([big, slow], Budget(get_device("pixel-8"), max_memory_bytes=5e8), 4096)
     assert none["variant"] is None and none["closest"] == "slow"
     assert "relax memory by 80%" in none["reason"]
+
+
+def test_a_screened_cache_is_estimated_from_the_full_one_and_scored_in_full_before_it_is_recommended():
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.planner import recommend_scored, screened_evaluation
+
+    # the f16 cache on 4 windows, a q8_0 cache on the first 2: its estimate is f16's plus their difference there
+    f16 = {"nll": 3.0, "perplexity": 20.0855, "kl": 0.010, "kl_p999": 0.5, "top1": 0.90, "windows": 4,
+           "per_window": [{"nll": 2.0, "kl": 0.004, "top1": 0.95}, {"nll": 4.0, "kl": 0.016, "top1": 0.85},
+                          {"nll": 3.0, "kl": 0.010, "top1": 0.90}, {"nll": 3.0, "kl": 0.010, "top1": 0.90}]}
+    q8 = {"nll": 3.05, "kl": 0.012, "kl_p999": 0.6, "top1": 0.89, "windows": 2,
+          "per_window": [{"nll": 2.04, "kl": 0.005, "top1": 0.94}, {"nll": 4.06, "kl": 0.019, "top1": 0.84}]}
+    est = screened_evaluation(q8, f16)
+    assert est["nll"] == pytest.approx(3.05) and est["perplexity"] == pytest.approx(2.718281828 ** 3.05)
+    assert est["kl"] == pytest.approx(0.012) and est["top1"] == pytest.approx(0.89)
+    assert est["screened_windows"] == 2 and est["windows"] == 2 and est["kl_p999"] == 0.6
+    # windows where the two differ by another amount than their means: the pairing, not the means, counts
+    far = {**q8, "kl": 0.5, "per_window": [{"nll": 2.0, "kl": 0.008, "top1": 0.95}, {"nll": 4.0, "kl": 0.020, "top1": 0.85}]}
+    assert screened_evaluation(far, f16)["kl"] == pytest.approx(0.014)
+
+    budget = Budget(get_device("pixel-8"), max_memory_bytes=1e9)
+    row = dict(decode_tps=20.0, j_per_token=0.3, ppl_increase_pct=1.0, memory_bytes=8e8)
+    full = {"name": "f16", "kl": 0.010, **row}
+    scored = []
+
+    def rescore(m, kl):
+        scored.append(m["name"])
+        return {k: v for k, v in m.items() if k != "screened"} | {"kl": kl}
+
+    # a screened pick is scored on every window first; worse than it looked, the other is recommended
+    measured = [full, {"name": "q8_0", "kl": 0.008, "screened": 2, **row}]
+    rec = recommend_scored(measured, budget, 2048, None, lambda m: rescore(m, 0.011))
+    assert scored == ["q8_0"] and rec["variant"] == "f16" and "screened" not in measured[1]
+    # still the best once scored in full: recommended, on its full figures
+    scored.clear()
+    measured = [full, {"name": "q8_0", "kl": 0.008, "screened": 2, **row}]
+    rec = recommend_scored(measured, budget, 2048, None, lambda m: rescore(m, 0.009))
+    assert scored == ["q8_0"] and rec["variant"] == "q8_0" and "KL 0.0090" in rec["reason"]
+    # a screened point that is not the pick is left as it is (its runner-up text says it is an estimate)
+    scored.clear()
+    worse = {"name": "q4_0", "kl": 0.002, "screened": 2, **row, "memory_bytes": 1.1e9}
+    rec = recommend_scored([full, worse], budget, 2048, None, lambda m: rescore(m, 1.0))
+    assert scored == [] and rec["variant"] == "f16"
+    assert "estimated from 2 windows" in rec["runner_up"]["memory"]["text"]
 
 
 def test_when_memory_binds_a_shorter_context_is_offered_for_a_better_candidate():

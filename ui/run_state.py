@@ -74,8 +74,10 @@ class RunState:
             if data.get("phase") == "predicted":
                 self.plan["predicted"] = data.get("points", [])
                 self.plan["budget"] = data.get("budget")
-            else:
-                self.plan["measured"] += data.get("points", [])
+            else:      # a point measured again (a screened pick scored on every window) replaces its first figures
+                names = {p.get("name") for p in data.get("points", [])}
+                self.plan["measured"] = [p for p in self.plan["measured"] if p.get("name") not in names] \
+                    + data.get("points", [])
         elif kind == "run_finished":
             self.status = data.get("status", "failed")
             self.error = data.get("error")

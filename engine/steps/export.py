@@ -104,7 +104,7 @@ def export_variants(ctx: RunContext, exporter, model, jobs: list[ExportJob], ver
 def export(ctx: RunContext, cfg: ExportConfig) -> None:
     from ...exporters import get_exporter
 
-    # GGUF, and ONNX in every type but int4 HQQ, are written from the current model's files read lazily (the
+    # GGUF and ONNX (on EdgeTailor's graph) are written from the current model's files read lazily (the
     # source's, with the blocks of streamed transforms in place; no fp32 copy) unless a step loaded it;
     # a loaded model has its factored layers (low-rank) multiplied back for the file formats
     model = ctx.weights()

@@ -36,6 +36,7 @@ class FitConfig:
     onnx_schemes: list[str] = field(default_factory=lambda: list(ONNX_SCHEMES), metadata={"help": "ONNX quantizations to consider: int4-<block size>[-head8] (an 8-bit output head), int8"})
     max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
     decode_model: bool = field(default=True, metadata={"help": "measure llama.cpp's decode costs on probes (once per machine and model, minutes) so that even the first files' speed is predicted from their types; off: the roofline and a one-layer probe until files are measured"})
+    screen_windows: int = field(default=4, metadata={"help": "the first file's quantized KV caches are scored on this many evaluation windows (their figures estimated from the f16 cache's on the same windows) and on all of them only if one is to be recommended; 0: all on every window"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
     rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
     trials: int = field(default=120, metadata={"help": "predicted points the search tries per round"})
@@ -71,6 +72,8 @@ class FitConfig:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.screen_windows < 0:
+            raise ValueError("screen_windows must not be negative")
         if self.method not in ("gptq", "imatrix"):
             raise ValueError("method must be gptq or imatrix")
         for name in ("max_memory_mb", "min_decode_tps", "max_j_per_token", "max_kl"):
@@ -145,7 +148,7 @@ class SharedInputs:
                summary="Search GGUF files, KV-cache types and ONNX folders under a device budget, build the best, recommend one")
 def fit(ctx: RunContext, cfg: FitConfig) -> None:
     from ..plan_tasks import run_tasks
-    from ..planner import buildable, frontier, kv_types_for, pick, recommend, search
+    from ..planner import buildable, frontier, kv_types_for, pick, search
 
     budget = cfg.budget()
     prepared = _prepare(ctx, cfg, budget)
@@ -160,6 +163,7 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
     built: list[Built] = []
     rejected: list[dict] = []          # files that failed their check against the source (not kept)
     measured: list[dict] = []
+    origins: dict[str, tuple] = {}     # measured point's name -> (its task, its file, what was measured)
     history = []
     per_round = max(1, -(-cfg.candidates // cfg.rounds))
     for r in range(cfg.rounds):
@@ -177,13 +181,7 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
                     + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"], r["speed_weight"]) for r in rejected])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
-        tasks, raws = [], []
-        for p in todo:       # the first GGUF file is measured with every KV type (their own KL), later ones with theirs
-            raws.append(planner.raw(p.candidate))
-            first = not p.candidate.onnx and not any(t.format == "gguf" for t in tasks) \
-                and not any(not b.raw["onnx"] for b in built)
-            tasks.append(_task(ctx, cfg, planner, shared, raws[-1], kv_types if first else [p.candidate.kv_type],
-                               {b.name for b in built} | {t.name for t in tasks}))
+        tasks, raws = _tasks(ctx, cfg, planner, shared, todo, kv_types, built)
         lo, hi = (0.2 + 0.75 * min(1.0, k / cfg.candidates) for k in (len(built), len(built) + len(tasks)))
         results = run_tasks(tasks, cfg.executor, cfg.ray_address, cfg.workers,
                             progress=lambda f, m: ctx.progress(lo + (hi - lo) * f, m), cancelled=ctx.cancel.is_set)
@@ -191,16 +189,67 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
             if res.get("rejected"):
                 rejected.append(_rejected(ctx, planner, raw, res))
                 continue
-            b = _keep(ctx, task, raw, res)
-            built.append(b)
-            for kv, found in res["measured"].items():
-                measured.append(_measured(ctx, cfg, planner, budget, b, kv, found))
-            _refit(planner, measured)
+            built.append(_keep(ctx, task, raw, res))
+            _take_measured(ctx, cfg, planner, budget, task, built[-1], res, measured, origins)
         if len(built) >= cfg.candidates:
             break
-    rec = recommend(measured, budget, cfg.context, points)
+    rec = _recommend(ctx, cfg, planner, budget, measured, points, origins)
     _record(ctx, cfg, planner, budget, history, measured, rec, rejected)
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
+
+
+def _tasks(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, todo, kv_types: list[str],
+           built: list[Built]) -> tuple[list, list[dict]]:
+    """A task per point to build: the first GGUF file measured with every KV type (their own KL; the quantized
+    ones screened), later ones with their own."""
+    tasks, raws = [], []
+    for p in todo:
+        raws.append(planner.raw(p.candidate))
+        first = not p.candidate.onnx and not any(t.format == "gguf" for t in tasks) \
+            and not any(not b.raw["onnx"] for b in built)
+        tasks.append(_task(ctx, cfg, planner, shared, raws[-1], kv_types if first else [p.candidate.kv_type],
+                           {b.name for b in built} | {t.name for t in tasks}))
+        if first:
+            _screen(cfg, tasks[-1])
+    return tasks, raws
+
+
+def _take_measured(ctx: RunContext, cfg: FitConfig, planner, budget, task, b: Built, res: dict, measured: list[dict],
+                   origins: dict) -> None:
+    """A built file's measurements into the plan (a screened cache's estimated from the f16 cache's on the same
+    windows), then the predictors refitted."""
+    from ..planner import screened_evaluation
+
+    for kv, found in res["measured"].items():
+        if found.get("screened"):
+            found = {**found, "evaluation": screened_evaluation(found["evaluation"], res["measured"]["f16"]["evaluation"])}
+        measured.append(_measured(ctx, cfg, planner, budget, b, kv, found))
+        origins[measured[-1]["name"]] = (task, b, found)
+    _refit(planner, measured)
+
+
+def _screen(cfg: FitConfig, task) -> None:
+    """The first file's quantized KV caches scored on the first ``screen_windows`` windows (f16 first, on all)."""
+    if "f16" in task.kv_types and 0 < cfg.screen_windows < len(task.eval_windows):
+        task.kv_types = ["f16"] + [k for k in task.kv_types if k != "f16"]
+        task.screened_kv = task.kv_types[1:]
+        task.screen_windows = cfg.screen_windows
+
+
+def _recommend(ctx: RunContext, cfg: FitConfig, planner, budget, measured: list[dict], points, origins) -> dict:
+    """The recommendation among the measured points, a screened pick scored on every window first."""
+    from ..plan_tasks import score_file
+    from ..planner import recommend_scored
+
+    def rescore(m: dict) -> dict:
+        task, b, found = origins[m["name"]]
+        ctx.progress(0.96, f"{m['name']}: scoring it on every evaluation window before recommending it")
+        full = score_file(task, m["kv_type"], ctx.cancel.is_set)
+        ctx.log(f"{m['name']}: KL {full['kl']:.5f} on all {full['windows']} windows (estimated from {m['screened']}: "
+                f"{m['kl']:.5f})")
+        return _measured(ctx, cfg, planner, budget, b, m["kv_type"], {"evaluation": full, "benchmark": found["benchmark"]})
+
+    return recommend_scored(measured, budget, cfg.context, points, rescore)
 
 
 def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
@@ -293,7 +342,7 @@ def _onnx_schemes(ctx: RunContext, cfg: FitConfig, model) -> list:
     if "onnx" not in cfg.formats:
         return []
     spec = arch_spec(model.config.model_type)
-    if spec is not None and spec.onnx == "genai-builder":
+    if spec is not None and spec.onnx != "edgetailor":
         ctx.log(f"ONNX files left out of the plan: EdgeTailor's ONNX graph does not cover '{model.config.model_type}' "
                 "models yet", level="warning")
         return []
@@ -314,10 +363,30 @@ def _depth(ctx: RunContext, cfg: FitConfig, model, seqs) -> tuple[list[int], lis
     ctx.progress(0.16, f"measuring what removing up to {k} blocks costs")
     influence = block_influence(model, seqs[:DEPTH_SEQUENCES], cancelled=ctx.cancel.is_set)
     order = sorted(range(len(influence)), key=lambda i: influence[i])
+    k = _computable_drops(ctx, model.config, order, k)
+    if k <= 0:
+        return [], []
     kls = depth_kl(model, seqs[:DEPTH_SEQUENCES], [order[:j] for j in range(1, k + 1)], cancelled=ctx.cancel.is_set)
     ctx.log("Removing blocks " + ", ".join(f"{sorted(order[:j + 1])}: KL {kl:.4f}" for j, kl in enumerate(kls))
             + " (measured on the calibration text)")
     return order, kls
+
+
+def _computable_drops(ctx: RunContext, config, order: list[int], k: int) -> int:
+    """The most blocks (least influential first, up to ``k``) whose removal leaves a model a GGUF file computes
+    (SmolLM3: its blocks without rotary stay where llama.cpp's graph puts them)."""
+    import copy
+
+    from ..architectures import gguf_layout_problem, keep_layers
+
+    for j in range(1, k + 1):
+        cfg = copy.deepcopy(config)
+        keep_layers(cfg, [i for i in range(int(config.num_hidden_layers)) if i not in order[:j]])
+        if gguf_layout_problem(cfg):
+            ctx.log(f"Removing {j} block{'s' if j > 1 else ''} left out of the plan: {gguf_layout_problem(cfg)}",
+                    level="warning")
+            return j - 1
+    return k
 
 
 def _eval_windows(ctx: RunContext) -> list[list[int]]:
@@ -435,7 +504,8 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
                "projected_decode_tps": round(tps_device, 2),
                "projected_j_per_token": round(budget.device.power_typical_w / tps_device, 6),
                "predicted_memory_error_pct": round(100 * (pred.memory_bytes / memory - 1), 2),
-               "projected_decode_error_pct": round(100 * (pred.decode_tps_here / bench["decode_tps"] - 1), 2)}
+               "projected_decode_error_pct": round(100 * (pred.decode_tps_here / bench["decode_tps"] - 1), 2),
+               **({"screened_windows": found["screened"]} if found.get("screened") else {})}
     ctx.add_metrics(name, **metrics)
     ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
             f"{quality.get('ppl_increase_pct', 0):+.2f}%, memory {memory / 1e6:.0f} MB (predicted "
@@ -452,7 +522,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
              "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
              "kv_bytes_per_token": kv_cache_bytes(raw["info"], 1, kv_bytes),
-             "predicted": pred.to_dict()}
+             "predicted": pred.to_dict(), **({"screened": found["screened"]} if found.get("screened") else {})}
     missed = violations(budget, point)
     ctx.add_metrics(name, budget=budget.to_dict(), fits=not missed,
                     fit_reasons=[f"{LIMIT_WORDS[k]} {100 * x:.0f}% past its limit" for k, x in missed.items()])
