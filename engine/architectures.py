@@ -28,6 +28,9 @@ class ArchSpec:
     # the own writer: config scalars written as GGUF keys (config key, gguf-py GGUFWriter method), as llama.cpp's
     # converter writes them for the family (Granite's multipliers)
     gguf_scalars: tuple[tuple[str, str], ...] = ()
+    gguf_norm_shift: float = 0.0        # the own writer: added to every norm weight (Gemma's RMSNorm scales by 1 + w)
+    gguf_layer_types: bool = False      # the own writer: per-block local/global attention and its rope base as keys
+    gguf_space_prefix: bool | None = None   # the own writer, SentencePiece vocabularies: add_space_prefix if said
     # Who writes the ONNX graph: "edgetailor" (exporters/onnx.py, every int4 method), "genai-builder"
     # (onnxruntime-genai's model builder, which knows the family), or "" (nobody yet: onnx_note says why).
     onnx: str = ""
@@ -73,7 +76,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("gemma", "gemma", **_BUILDER, features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
     ArchSpec("gemma2", "gemma2", onnx_note=_SWA_NOTE, features=("logit soft-capping", "attention soft-capping", "local/global layers",
                                             "sliding window", "query pre-attention scaling", "post-norms")),
-    ArchSpec("gemma3_text", "gemma3", onnx_note=_SWA_NOTE, features=("local/global layers", "sliding window", "two rope bases",
+    ArchSpec("gemma3_text", "gemma3", onnx_note=_SWA_NOTE, gguf_writer="edgetailor", qk_norm=True, gguf_norm_shift=1.0,
+             gguf_layer_types=True, gguf_space_prefix=False, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             gguf_scalars=(("final_logit_softcapping", "add_final_logit_softcapping"),), features=("local/global layers", "sliding window", "two rope bases",
                                                  "QK norms", "embedding scaling", "norm offset")),
     ArchSpec("phi3", "phi3", **_BUILDER, features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
     ArchSpec("granite", "granite", **_BUILDER, gguf_writer="edgetailor", permute_qk=True,
@@ -89,6 +94,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("qwen3_moe", "qwen3moe", moe=True, features=("mixture of experts (top-k routing)", "QK norms")),
     ArchSpec("mixtral", "llama", moe=True, features=("mixture of experts (top-2 routing)",)),
 )}
+
+
+def _gemma3_scale_problem(cfg) -> str:
+    dims = ModelDims.of(cfg)
+    scalar = getattr(cfg, "query_pre_attn_scalar", None) or dims.head_dim
+    llama_cpp = dims.hidden / dims.heads if dims.layers == 62 else dims.head_dim
+    if abs(float(scalar) - llama_cpp) < 1e-6:
+        return ""
+    return (f"its queries are scaled by 1/sqrt({scalar:g}); llama.cpp's Gemma 3 graph scales this size's by "
+            f"1/sqrt({llama_cpp:g})")
 
 
 def arch_spec(model_type: str) -> ArchSpec | None:
@@ -117,7 +132,10 @@ SMOLLM3_NOPE_STEP = 4
 
 def gguf_layout_problem(cfg) -> str:
     """Why no llama.cpp file of this model can compute what it computes ("" if one can): SmolLM3's blocks without
-    rotary must be where llama.cpp's graph puts them."""
+    rotary must be where llama.cpp's graph puts them; Gemma 3's queries are scaled as llama.cpp's graph scales
+    them (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-block 27B)."""
+    if getattr(cfg, "model_type", "") == "gemma3_text":
+        return _gemma3_scale_problem(cfg)
     if getattr(cfg, "model_type", "") != "smollm3":
         return ""
     uses_rope = [bool(x) for x in (getattr(cfg, "no_rope_layers", None) or [])]

@@ -208,11 +208,28 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
     for key, method in spec.gguf_scalars:
         if getattr(cfg, key, None):
             getattr(w, method)(float(getattr(cfg, key)))
+    if spec.gguf_layer_types:
+        _add_layer_types(w, cfg)
+
+
+def _add_layer_types(w, cfg) -> None:
+    """Local (sliding-window) and global blocks as llama.cpp reads them: the window, each block's kind (an explicit
+    pattern, so a model with blocks removed keeps its own), the local blocks' rope base."""
+    types = list(getattr(cfg, "layer_types", None) or [])
+    window = getattr(cfg, "sliding_window", None)
+    if not window or "sliding_attention" not in types:
+        return
+    w.add_sliding_window(int(window))
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_theta"):
+        w.add_rope_freq_base_swa(float(local["rope_theta"]))
 
 
 def _rope_params(cfg) -> dict:
+    """The rope of the model's (global) attention: per block kind (Gemma 3), the full-attention blocks'."""
     rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rp = dict(rp)
+    rp = dict(rp.get("full_attention", rp))
     if "rope_theta" not in rp and getattr(cfg, "rope_theta", None) is not None:
         rp["rope_theta"] = cfg.rope_theta
     return rp
@@ -378,6 +395,8 @@ class EncodedTensor:
 def hf_matrix(hf_name: str, tensor, spec, heads: int, kv_heads: int) -> np.ndarray:
     """A state-dict tensor as float32 numpy in llama.cpp's layout (q/k rows in its RoPE order)."""
     data = tensor.detach().to("cpu").float().numpy()
+    if spec.gguf_norm_shift and hf_name.endswith("norm.weight"):
+        data = data + np.float32(spec.gguf_norm_shift)
     if spec.permute_qk and hf_name.endswith("q_proj.weight"):
         data = _permute(data, heads)
     elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
@@ -444,6 +463,8 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         for k, v in (extra_metadata or {}).items():
             w.add_string(k, str(v))
         tok_kind = add_vocab(w, tokenizer, tokenizer_dir, int(cfg.vocab_size)) if vocabulary else None
+        if tok_kind == "sentencepiece" and spec.gguf_space_prefix is not None:
+            w.add_add_space_prefix(spec.gguf_space_prefix)
         plan, kept_f16, n_items = _tensor_plan(model, names, qtype, spec, tensor_types)
         _write_planned(w, plan, progress, cancelled)
     finally:

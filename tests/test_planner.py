@@ -315,8 +315,7 @@ def fit_cli(model, out, max_memory: str, *more: str, formats: str = "gguf"):
 
 
 def test_cli_fit_prints_the_plan_and_writes_the_recommended_bundle(kv_model, tmp_path):
-    out = tmp_path / "bundle"
-    out.mkdir()
+    out = tmp_path / "bundle"                       # made by the command
     res = fit_cli(kv_model, out, "4GB")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Frontier (predicted" in res.stdout and "Recommended: fit-" in res.stdout
@@ -384,6 +383,11 @@ def test_cli_fit_refuses_a_bad_memory_size_before_anything_runs(tmp_path):
     res = subprocess.run([sys.executable, "-m", "edgetailor", "fit", "demo", "--max-memory", "lots",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, env=os.environ)
     assert res.returncode == 2 and "not a memory size" in res.stderr and "Traceback" not in res.stderr
+    nowhere = tmp_path / "missing" / "bundle"
+    res = subprocess.run([sys.executable, "-m", "edgetailor", "fit", "demo", "--out", str(nowhere)],
+                         capture_output=True, text=True, timeout=120, env=os.environ)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not nowhere.parent.exists()
 
 
 def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp):
