@@ -309,3 +309,29 @@ def test_a_gemma3_without_some_blocks_keeps_its_own_local_and_global_blocks_in_t
     # measured: KL ~1e-5 both sides of the window (llama.cpp's float32 Gemma 3 is 0.03 off in log-probs whole or
     # pruned); llama.cpp's default pattern (all five blocks local) gives 0.009 before position 16, 0.11 after it
     assert kl[:16].mean() < 1e-3 and kl[16:].mean() < 1e-3, (kl[:16].mean(), kl[16:].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["granite", "smollm3", "gemma3_text"])
+def test_the_own_writer_writes_the_tensors_and_keys_llama_cpps_converter_writes(family, family_model, tmp_path):
+    """Both writers on the same model in F32: every tensor the same, bit for bit (norm shifts and q/k row orders
+    included), and every key the converter writes that llama.cpp reads for the family the same."""
+    import gguf
+    import numpy as np
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.exporters.gguf import write_gguf
+    from edgetailor.exporters.hf_converter import convert
+
+    folder = family_model(family)
+    lm = load_model(resolve_folder(folder))
+    write_gguf(lm.model, lm.tokenizer, folder, tmp_path / "own.gguf", "F32")
+    convert(folder, tmp_path / "conv.gguf", "F32")
+    own, conv = gguf.GGUFReader(tmp_path / "own.gguf"), gguf.GGUFReader(tmp_path / "conv.gguf")
+    theirs = {t.name: np.asarray(t.data) for t in conv.tensors}
+    ours = {t.name: np.asarray(t.data) for t in own.tensors}
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[n], theirs[n]) for n in ours), [n for n in ours if not np.array_equal(ours[n], theirs[n])]
+    arch = conv.fields["general.architecture"].contents()
+    for key, field in conv.fields.items():
+        if key.startswith(f"{arch}.") and key not in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+            assert own.fields[key].contents() == pytest.approx(field.contents()), key
