@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 VALUE_TECHNIQUES = ("prune.magnitude", "prune.wanda")
 # Steps that measure or export and work on any supported family.
 FAMILY_AGNOSTIC = ("export", "evaluate", "benchmark")
-# Steps whose blocks go into EdgeTailor's own GGUF writer (the block walker is verified on every family).
+# Steps whose blocks go into EdgeTailor's own GGUF writer (the block walker is tested against a full forward on
+# each family the own writer covers).
 OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated", "fit")
 
 
@@ -80,7 +81,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
              gguf_layer_types=True, gguf_space_prefix=False, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
              gguf_scalars=(("final_logit_softcapping", "add_final_logit_softcapping"),), features=("local/global layers", "sliding window", "two rope bases",
                                                  "QK norms", "embedding scaling", "norm offset")),
-    ArchSpec("phi3", "phi3", **_BUILDER, features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
+    ArchSpec("phi3", "phi3", **_BUILDER, gguf_writer="edgetailor", techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
     ArchSpec("granite", "granite", **_BUILDER, gguf_writer="edgetailor", permute_qk=True,
              techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
              gguf_scalars=(("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),

@@ -186,7 +186,8 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
     w.add_head_count_kv(d.kv_heads)
     w.add_layer_norm_rms_eps(d.rms_eps)
     w.add_vocab_size(d.vocab)
-    w.add_rope_dimension_count(d.head_dim)
+    rotary = _rope_params(cfg).get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0
+    w.add_rope_dimension_count(int(rotary * d.hidden) // d.heads if rotary < 1 else d.head_dim)
     if d.head_dim != d.hidden // d.heads:
         w.add_key_length(d.head_dim)
         w.add_value_length(d.head_dim)
@@ -202,7 +203,7 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rope["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif rope_type not in (None, "default", "llama3"):
+    elif rope_type not in (None, "default", "llama3") and not (spec.gguf_arch == "phi3" and rope_type in ("longrope", "su")):
         raise EdgeTailorError(f"RoPE scaling '{rope_type}' is not supported by the GGUF exporter.",
                               "Export to ONNX instead, or use a model without this RoPE scaling.")
     for key, method in spec.gguf_scalars:
@@ -210,6 +211,31 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
             getattr(w, method)(float(getattr(cfg, key)))
     if spec.gguf_layer_types:
         _add_layer_types(w, cfg)
+    if spec.gguf_arch == "phi3":
+        _add_phi3(w, cfg)
+
+
+def _add_phi3(w, cfg) -> None:
+    """Phi-3's keys as llama.cpp's converter writes them: the trained context, the window (0: none), and for
+    long-rope models the attention factor (its factors are tensors, ``_phi3_rope_factors``)."""
+    rope = _rope_params(cfg)
+    original = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    w.add_rope_scaling_orig_ctx_len(int(original))
+    w.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
+    if rope.get("long_factor"):
+        scale = ModelDims.of(cfg).context / original
+        if (rope.get("rope_type") or rope.get("type")) not in ("longrope", "su"):
+            raise EdgeTailorError(f"Phi-3 RoPE scaling '{rope.get('rope_type')}' is not supported by the GGUF exporter.",
+                                  "Export to ONNX instead.")
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+
+
+def _phi3_rope_factors(cfg) -> list[tuple[str, np.ndarray]]:
+    rope = _rope_params(cfg)
+    if not rope.get("long_factor"):
+        return []
+    return [("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)),
+            ("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))]
 
 
 def _add_layer_types(w, cfg) -> None:
@@ -488,6 +514,8 @@ def _tensor_plan(model, names, qtype: str, spec, tensor_types: dict) -> tuple[li
     factors = _llama3_rope_factors(cfg)
     if factors is not None:
         plan.append(("rope_freqs.weight", EncodedTensor(factors.shape, factors.dtype, None, lambda: factors)))
+    for name, values in (_phi3_rope_factors(cfg) if spec.gguf_arch == "phi3" else []):
+        plan.append((name, EncodedTensor(values.shape, values.dtype, None, lambda values=values: values)))
     for hf_name, tensor in items:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

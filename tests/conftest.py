@@ -98,7 +98,7 @@ def tiny_recipe(types=("F16", "Q4_K_M"), windows=2) -> dict:
                                       {"step": "evaluate", "params": {"windows": windows, "ctx": 128}}]}
 
 
-FOLDER_NAME = {"phi3": "phi4-mini"}   # llama.cpp expects Phi-3's own special tokens in a model named "phi3"
+FOLDER_NAME = {"phi3": "phi4-mini", "phi3_longrope": "phi4-mini-longrope"}   # llama.cpp expects Phi-3's own special tokens in a model named "phi3"
 # Seed 0's tiny Mixtral has two router logits 6e-5 apart at layer 0 on the check windows: any change of
 # arithmetic (even F32 in llama.cpp) flips that expert, which is routing, not the file; another draw has no tie.
 SEED = {"mixtral": 1}

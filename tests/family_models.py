@@ -28,6 +28,14 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "phi3": ("bpe", dict(model_type="phi3", hidden_size=128, partial_rotary_factor=0.5, pad_token_id=0,
                          original_max_position_embeddings=512,
                          tokenizer_class="GPT2Tokenizer")),     # Phi-4-mini: BPE tokenizer, partial rotary
+    # Phi-4-mini's long-rope scaling (factors per rotary pair, an attention factor): tensors and keys in the GGUF
+    "phi3_longrope": ("bpe", dict(model_type="phi3", hidden_size=128, partial_rotary_factor=0.5, pad_token_id=0,
+                                  original_max_position_embeddings=256, max_position_embeddings=1024,
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                                   "original_max_position_embeddings": 256,
+                                                   "long_factor": [1.0 + 0.5 * i for i in range(8)],
+                                                   "short_factor": [1.0 + 0.05 * i for i in range(8)]},
+                                  tokenizer_class="GPT2Tokenizer")),
     "granite": ("bpe", dict(model_type="granite", embedding_multiplier=6.0, residual_multiplier=0.3,
                             attention_multiplier=0.2, logits_scaling=2.0)),
     "olmo2": ("bpe", dict(model_type="olmo2")),
