@@ -26,7 +26,7 @@ def _walk(model, seqs):
     return walk, after, torch.cat(list(walk.final_hidden()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "granite", "smollm3", "phi3", "gemma2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "granite", "smollm3", "phi3", "gemma2", "gemma", "olmo2"])
 def test_a_block_walk_sees_what_a_full_forward_sees(family, family_model, stories_dir):
     folder = stories_dir if family == "llama" else family_model(family)
     seqs = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
