@@ -622,7 +622,7 @@ def screened_evaluation(screen: dict, full: dict) -> dict:
         return sum(w[key] for w in screen["per_window"]) / n - sum(w[key] for w in same) / n
 
     nll = full["nll"] + shift("nll")
-    out = {**screen, "nll": nll, "perplexity": math.exp(nll), "screened_windows": n}
+    out = {**screen, "nll": nll, "perplexity": math.exp(nll)}
     if full.get("kl") is not None and screen.get("kl") is not None:
         out["kl"] = max(0.0, full["kl"] + shift("kl"))
         out["top1"] = min(1.0, max(0.0, full["top1"] + shift("top1")))

@@ -471,9 +471,10 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
         raise EdgeTailorError(f"EdgeTailor's own GGUF writer does not cover this '{cfg.model_type}' model "
                               "(its family, or biases the writer does not place).",
                               "Use the export step: it writes this family with llama.cpp's converter.")
-    if gguf_layout_problem(cfg):
-        raise EdgeTailorError(f"No GGUF file of this '{cfg.model_type}' model would compute what it computes: "
-                              f"{gguf_layout_problem(cfg)}.", "Export it to another format, or keep its blocks as trained.")
+    problem = gguf_layout_problem(cfg)
+    if problem:
+        raise EdgeTailorError(f"No GGUF file of this '{cfg.model_type}' model would compute what it computes: {problem}.",
+                              "Export it to another format, or keep its blocks as trained.")
     n_layers = int(cfg.num_hidden_layers)
     names = gguf_tensor_names(cfg)
     tensor_types = tensor_types or {}

@@ -382,9 +382,9 @@ def _computable_drops(ctx: RunContext, config, order: list[int], k: int) -> int:
     for j in range(1, k + 1):
         cfg = copy.deepcopy(config)
         keep_layers(cfg, [i for i in range(int(config.num_hidden_layers)) if i not in order[:j]])
-        if gguf_layout_problem(cfg):
-            ctx.log(f"Removing {j} block{'s' if j > 1 else ''} left out of the plan: {gguf_layout_problem(cfg)}",
-                    level="warning")
+        problem = gguf_layout_problem(cfg)
+        if problem:
+            ctx.log(f"Removing {j} block{'s' if j > 1 else ''} left out of the plan: {problem}", level="warning")
             return j - 1
     return k
 
