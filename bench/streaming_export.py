@@ -12,7 +12,10 @@ written on the fly as one bf16 safetensors shard per decoder block; random weigh
 not quality. Peak RSS and wall time come from GNU time for each whole command (RSS includes the file pages
 a process has mapped, for both sides).
 
-Usage: python bench/streaming_export.py [--shapes 1b,3b] [--threads 2]
+A mixture of experts (``--shapes moe``): Qwen3-30B-A3B's blocks, 8 of its 48, with one tensor per expert in the
+files as Qwen ships them; both sides stack the experts into llama.cpp's 3-D tensors.
+
+Usage: python bench/streaming_export.py [--shapes 1b,3b,moe] [--threads 2] [--out PATH]
 Writes bench/results/streaming_export.{json,md}.
 """
 from __future__ import annotations
@@ -36,6 +39,11 @@ SHAPES = {   # Llama-3.2 shapes (vocabulary: the demo tokenizer's 49152)
                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    # Qwen3-30B-A3B's blocks (128 experts of width 768, 8 per token, QK norms), 8 of its 48: 5.0B parameters,
+    # each block 0.62B (the dense 3B's are 0.11B); the files keep one tensor per expert, as Qwen's do
+    "moe": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                num_experts=128, num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32,
+                num_key_value_heads=4, head_dim=128, norm_topk_prob=True, tie_word_embeddings=False),
 }
 
 
@@ -43,7 +51,7 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     """A random Llama of ``shape`` in bf16, one safetensors shard per block (never the whole model in memory)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     if (folder / "model.safetensors.index.json").exists():
         return folder
@@ -51,12 +59,14 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    cfg = LlamaConfig(vocab_size=tok_cfg["vocab_size"], max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      bos_token_id=tok_cfg.get("bos_token_id"), eos_token_id=tok_cfg.get("eos_token_id"),
-                      dtype="bfloat16", **shape)
-    cfg.architectures = ["LlamaForCausalLM"]
+    shape = dict(shape)
+    model_type = shape.pop("model_type", "llama")
+    cfg = AutoConfig.for_model(model_type, vocab_size=tok_cfg["vocab_size"], max_position_embeddings=8192,
+                               rms_norm_eps=1e-5, bos_token_id=tok_cfg.get("bos_token_id"),
+                               eos_token_id=tok_cfg.get("eos_token_id"), dtype="bfloat16", **shape)
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]]
     cfg.save_pretrained(tmp)
-    h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     g = torch.Generator().manual_seed(0)
 
@@ -64,6 +74,8 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
         return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
 
     shards = {"embed": {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
+    if not cfg.tie_word_embeddings:
+        shards["embed"]["lm_head.weight"] = rnd(cfg.vocab_size, h)
     index = {}
     n = cfg.num_hidden_layers
     names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
@@ -71,10 +83,11 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
         p = f"model.layers.{i}."
         t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-             p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
-             p + "mlp.down_proj.weight": rnd(h, inter),
              p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16), **_mlp(cfg, p, rnd)}
+        if model_type == "qwen3_moe":
+            t.update({p + "self_attn.q_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
+                      p + "self_attn.k_norm.weight": torch.ones(hd, dtype=torch.bfloat16)})
         save_file(t, tmp / names[i], metadata={"format": "pt"})
         index.update({k: names[i] for k in t})
     save_file(shards["embed"], tmp / names[n], metadata={"format": "pt"})
@@ -86,6 +99,21 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def _mlp(cfg, p: str, rnd) -> dict:
+    """A block's MLP as its checkpoints store it: dense, or each expert's three matrices apart and the router."""
+    h = cfg.hidden_size
+    if getattr(cfg, "num_experts", None):
+        inter = cfg.moe_intermediate_size
+        out = {p + "mlp.gate.weight": rnd(cfg.num_experts, h)}
+        for e in range(cfg.num_experts):
+            out.update({f"{p}mlp.experts.{e}.gate_proj.weight": rnd(inter, h), f"{p}mlp.experts.{e}.up_proj.weight": rnd(inter, h),
+                        f"{p}mlp.experts.{e}.down_proj.weight": rnd(h, inter)})
+        return out
+    inter = cfg.intermediate_size
+    return {p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+            p + "mlp.down_proj.weight": rnd(h, inter)}
 
 
 def warm(folder: Path | None) -> None:
@@ -180,7 +208,8 @@ def main() -> int:
     tokenizer_dir = resolve("demo").path
     results = {"machine": machine(), "threads": args.threads, "shapes": {}}
     for name in args.shapes.split(","):
-        folder = make_shaped_model(Path(args.cache) / f"llama-{name}-shaped", SHAPES[name], tokenizer_dir)
+        family = SHAPES[name].get("model_type", "llama")
+        folder = make_shaped_model(Path(args.cache) / f"{family}-{name}-shaped", SHAPES[name], tokenizer_dir)
         with tempfile.TemporaryDirectory(prefix="edgetailor-stream-", dir=Path(args.cache)) as work:
             print(f"{name}: measuring", file=sys.stderr)
             results["shapes"][name] = run_shape(name, folder, Path(work), args.threads)

@@ -98,8 +98,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
              onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
     ArchSpec("starcoder2", "starcoder2", features=("biases", "LayerNorm", "GeLU MLP")),
     ArchSpec("stablelm", "stablelm", features=("partial rotary", "LayerNorm", "q/k/v biases")),
-    ArchSpec("qwen3_moe", "qwen3moe", moe=True, features=("mixture of experts (top-k routing)", "QK norms")),
-    ArchSpec("mixtral", "llama", moe=True, features=("mixture of experts (top-2 routing)",)),
+    ArchSpec("qwen3_moe", "qwen3moe", qk_norm=True, moe=True, gguf_writer="edgetailor",
+             features=("mixture of experts (top-k routing)", "QK norms")),
+    ArchSpec("mixtral", "llama", permute_qk=True, moe=True, gguf_writer="edgetailor", notes="written as GGUF arch 'llama'",
+             features=("mixture of experts (top-2 routing)",)),
 )}
 
 
@@ -111,6 +113,18 @@ def _gemma3_scale_problem(cfg) -> str:
         return ""
     return (f"its queries are scaled by 1/sqrt({scalar:g}); llama.cpp's Gemma 3 graph scales this size's by "
             f"1/sqrt({llama_cpp:g})")
+
+
+def _qwen3_moe_problem(cfg) -> str:
+    """llama.cpp's Qwen3-MoE graph: every block a mixture of experts whose top-k weights are normalised."""
+    dense = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if dense or step != 1:
+        return (f"some of its blocks are dense (mlp_only_layers {dense}, decoder_sparse_step {step}); llama.cpp's "
+                "Qwen3-MoE graph makes every block a mixture of experts")
+    if not getattr(cfg, "norm_topk_prob", True):
+        return "its router's top-k weights are not normalised (norm_topk_prob false); llama.cpp's Qwen3-MoE graph normalises them"
+    return ""
 
 
 def arch_spec(model_type: str) -> ArchSpec | None:
@@ -140,9 +154,12 @@ SMOLLM3_NOPE_STEP = 4
 def gguf_layout_problem(cfg) -> str:
     """Why no llama.cpp file of this model can compute what it computes ("" if one can): SmolLM3's blocks without
     rotary must be where llama.cpp's graph puts them; Gemma 3's queries are scaled as llama.cpp's graph scales
-    them (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-block 27B)."""
+    them (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-block 27B); Qwen3-MoE's blocks are all experts,
+    their weights normalised."""
     if getattr(cfg, "model_type", "") == "gemma3_text":
         return _gemma3_scale_problem(cfg)
+    if getattr(cfg, "model_type", "") == "qwen3_moe":
+        return _qwen3_moe_problem(cfg)
     if getattr(cfg, "model_type", "") != "smollm3":
         return ""
     uses_rope = [bool(x) for x in (getattr(cfg, "no_rope_layers", None) or [])]

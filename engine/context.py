@@ -144,7 +144,7 @@ class RunContext:
         """Earlier transforms' scratch folders that no tensor of the model is read from any more (the disk back)."""
         import shutil
 
-        read = {t.file.parent for t in weights.state_dict().values()}
+        read = {f.parent for t in weights.state_dict().values() for f in t.files}
         for folder in (self.record.folder / "scratch" / "weights").glob("*"):
             if folder not in read:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -18,11 +18,14 @@ measured peaks.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GB = 1024**3
 MB = 1024**2
+#: a file tensor of one expert (``mlp.experts.7.up_proj``, Mixtral's ``experts.7.w3``)
+EXPERT_FILE_NAME = re.compile(r"\.experts\.\d+\.")
 #: the worker process before any weight is read: Python, torch, transformers, the tokenizer, llama.cpp's library
 #: (measured at a step's start, ``ram_peak_bytes`` of a run on stories260K: 0.39 GB exporting, 0.42 GB calibrating)
 PROCESS_BYTES = 420 * MB
@@ -51,7 +54,6 @@ class ModelShape:
     embedding_params: int = 0       # input embeddings + an untied output head
     transformed: bool = False       # as a step after a transform sees it (its reference is walked, not loaded)
     stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
-    fused_experts: bool = False     # mixture of experts: files name each expert, transformers fuses them (no walk)
     onnx_graph: bool = False        # EdgeTailor's own ONNX graph covers the family (written layer by layer)
     gguf_own_writer: bool = False   # EdgeTailor's GGUF writer covers the family (k-quants encoded as written)
 
@@ -78,14 +80,19 @@ class ModelShape:
         if streamable:
             from .lazy import read_header
 
-            counted = 0
+            counted, stacked = 0, {}
             for f in sorted(Path(folder).glob("*.safetensors")):
-                for info in read_header(f).values():
+                for name, info in read_header(f).items():
                     n = 1
                     for d in info["shape"]:
                         n *= int(d)
                     largest, counted = max(largest, n), counted + n
                     stored += info["data_offsets"][1] - info["data_offsets"][0]
+                    expert = EXPERT_FILE_NAME.search(name)     # a GGUF file stacks the experts into one tensor
+                    if expert:
+                        key = name[:expert.start()] + name[expert.end():]
+                        stacked[key] = stacked.get(key, 0) + n
+            largest = max([largest, *stacked.values()])
             total = total or counted
         embedding = vocab * h * (1 if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else 2)
         block = max((total - embedding) // layers, 0) if total else 3 * h * inter + 4 * h * h
@@ -95,7 +102,7 @@ class ModelShape:
         spec = arch_spec(str(cfg.get("model_type", "")))
         return cls(total, h, inter, layers, vocab, q_dim, block, largest or vocab * h, streamable,
                    dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
-                   stored_bytes=stored, fused_experts=bool(spec and spec.moe),
+                   stored_bytes=stored,
                    onnx_graph=bool(spec and spec.onnx == "edgetailor"),
                    gguf_own_writer=gguf_writer_for(cfg) == "edgetailor")
 
@@ -369,8 +376,7 @@ def recipe_needs(recipe, shape: ModelShape) -> list[StepNeed]:
     for step in (recipe.steps if recipe is not None else []):
         info = get_step(step.name)
         cfg = info.parse(step.params)
-        walks = not (shape.fused_experts and info.kind == "transform")    # see walker.FusedNamesError
-        need = info.streamed_ram(cfg, shape) if streaming and walks else None
+        need = info.streamed_ram(cfg, shape) if streaming else None
         if need is None:
             need = info.held_ram(cfg, shape) or whole_model(step.name, shape, info.ram_multiple(cfg))
             streaming = False

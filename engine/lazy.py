@@ -74,6 +74,11 @@ class LazyTensor:
     def nbytes(self) -> int:
         return self.numel() * DTYPE_BYTES.get(self.dtype, 4)
 
+    @property
+    def files(self) -> set[Path]:
+        """The files it is read from."""
+        return {self.file}
+
     def load(self):
         """The whole tensor, in its stored dtype (a copy out of the file)."""
         from safetensors import safe_open
@@ -96,6 +101,87 @@ class LazyTensor:
         return self.load()
 
 
+@dataclass
+class StackedTensor:
+    """A module's weight that the files keep in pieces (a mixture of experts: one tensor per expert, and gate and up
+    apart where transformers fuses ``gate_up_proj``): ``groups`` holds each source's file tensors in expert order;
+    the weight is each group stacked on a new first dimension, the groups joined on the second. Read an expert at a
+    time (``rows``), never more than asked."""
+    name: str
+    groups: tuple                  # per source pattern: the experts' LazyTensors, in order
+    owner: "LazyModel"
+    is_lazy = True
+
+    @property
+    def shape(self) -> tuple:
+        first = self.groups[0][0].shape
+        return (len(self.groups[0]), sum(g[0].shape[0] for g in self.groups), *first[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.groups[0][0].dtype
+
+    ndim = LazyTensor.ndim
+    numel = LazyTensor.numel
+    nbytes = LazyTensor.nbytes
+
+    @property
+    def files(self) -> set[Path]:
+        return {t.file for g in self.groups for t in g}
+
+    def rows(self, start: int, stop: int):
+        """Experts ``start:stop`` (the first dimension), in the stored dtype."""
+        import torch
+
+        parts = [torch.stack([g[e].load() for e in range(start, stop)]) for g in self.groups]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def load(self):
+        return self.rows(0, len(self.groups[0]))
+
+    def detach(self):
+        return self.load()
+
+
+def _module_view(state: dict, model_type: str, owner: "LazyModel") -> dict:
+    """The files' tensors under the names the model's modules use, where transformers' own checkpoint conversion
+    (``transformers.conversion_mapping``) renames them or merges experts: file tensors that no conversion touches
+    keep their names. Only renames and expert merges (``MergeModulelist`` on dim 0, then ``Concatenate`` on dim 1)
+    are read; a family that needs more keeps its file names (and the walk says the names differ)."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:        # another transformers: the files' names as they are
+        return state
+    renames = [(r.source_patterns, r.target_patterns) for r in rules if type(r).__name__ == "WeightRenaming"]
+    merges = [r for r in rules if type(r).__name__ == "WeightConverter"]
+    if not merges or any([type(o).__name__ for o in m.operations] not in (["MergeModulelist"],
+                         ["MergeModulelist", "Concatenate"]) for m in merges):
+        return state
+    patterns = [(re.compile(re.escape(p).replace(r"\*", r"(\d+)")), k, m.target_patterns[0])
+                for m in merges for k, p in enumerate(m.source_patterns)]
+    out, groups = {}, {}
+    for name, t in state.items():
+        for sources, targets in renames:
+            for a, b in zip(sources, targets):
+                name = name.replace(a, b)
+        hit = next(((found, k, target) for rx, k, target in patterns if (found := rx.search(name))), None)
+        if hit is None:
+            out[name] = t
+            continue
+        found, k, target = hit
+        merged = name[:found.start()] + target + name[found.end():]
+        groups.setdefault(merged, {}).setdefault(k, {})[int(found.group(1))] = t
+        out.setdefault(merged, None)
+    for merged, by_source in groups.items():
+        out[merged] = StackedTensor(merged, tuple(tuple(g[e] for e in sorted(g)) for _, g in sorted(by_source.items())),
+                                    owner)
+    return out
+
+
 class LazyModel:
     """The untouched source model, as a config and a state dict of ``LazyTensor`` s (nothing loaded)."""
 
@@ -112,6 +198,7 @@ class LazyModel:
         for f in sorted(self.folder.glob("*.safetensors")):
             for name, info in read_header(f).items():
                 self._state[name] = LazyTensor(f, name, tuple(info["shape"]), info["dtype"], self)
+        self._state = _module_view(self._state, self.config.model_type, self)
         if getattr(self.config, "tie_word_embeddings", False) and "lm_head.weight" not in self._state \
                 and "model.embed_tokens.weight" in self._state:
             self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]

@@ -117,6 +117,7 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
     tensor, llama.cpp's encoder), each tensor encoded a slice of rows at a time as it is written."""
     import tempfile
 
+    import gguf
     import torch
 
     from .gguf import EncodedTensor, write_gguf
@@ -127,7 +128,7 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
         if progress:
             progress(0.0, f"llama.cpp's {qtype} type mix")
         types = llama_cpp_types(model, tokenizer, tokenizer_dir, qtype, Path(tmp))
-    encoded = {}
+    encoded = _encoded_experts(model, types, threads)
     for name, src in tensor_sources(model).items():
         t = types.get(name, "F16")
         rows, cols = src.shape
@@ -137,8 +138,6 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
             continue
         if not encodable(t, cols):
             raise AssertionError(f"{name}: llama.cpp chose {t} for rows of {cols}")
-        import gguf
-
         encoded[name] = EncodedTensor((rows, row_bytes(t, cols)), np.dtype(np.uint8), gguf.GGMLQuantizationType[t],
                                       lambda src=src, t=t, rows=rows, cols=cols:
                                       encode_matrix(t, rows, cols, _row_reader(src), threads))
@@ -147,3 +146,31 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
     info.update(type=qtype, quantized_by="llama.cpp's encoder (ggml_quantize_chunk), llama.cpp's types",
                 tensor_types=types)
     return info
+
+
+def _encoded_experts(model, types: dict[str, str], threads: int) -> dict:
+    """Every stacked experts tensor in llama.cpp's type for it, encoded an expert at a time as it is written."""
+    import gguf
+
+    from .gguf import EncodedTensor, expert_tensors
+
+    encoded = {}
+    for name, experts in expert_tensors(model).items():
+        t = types.get(name, "F16")
+        n, rows, cols = experts.shape
+        if t in ("F16", "F32"):     # llama.cpp's choice where no block type fits the rows
+            shape, dtype, raw = (n, rows, cols), np.dtype(np.float16 if t == "F16" else np.float32), None
+        elif encodable(t, cols):
+            shape, dtype, raw = (n, rows, row_bytes(t, cols)), np.dtype(np.uint8), gguf.GGMLQuantizationType[t]
+        else:
+            raise AssertionError(f"{name}: llama.cpp chose {t} for rows of {cols}")
+
+        def load(experts=experts, t=t, shape=shape, dtype=dtype):
+            out = np.empty(shape, dtype=dtype)
+            for e in range(shape[0]):
+                matrix = experts.expert(e).detach().to("cpu").float().numpy()
+                out[e] = matrix.astype(dtype) if dtype != np.uint8 else \
+                    encode_matrix(t, matrix.shape[0], matrix.shape[1], lambda a, b, m=matrix: m[a:b], threads)
+            return out
+        encoded[name] = EncodedTensor(shape, dtype, raw, load)
+    return encoded

@@ -213,6 +213,20 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
         _add_layer_types(w, cfg)
     if spec.gguf_arch == "phi3":
         _add_phi3(w, cfg)
+    if spec.moe:
+        _add_experts(w, cfg)
+
+
+def _add_experts(w, cfg) -> None:
+    """A mixture of experts' keys as llama.cpp's converter writes them: experts, experts per token, and (Qwen3-MoE)
+    an expert's width where it differs from the dense ``intermediate_size``."""
+    def first(*keys):
+        return next((getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None), None)
+
+    w.add_expert_count(int(first("num_local_experts", "num_experts")))
+    w.add_expert_used_count(int(first("num_experts_per_tok")))
+    if first("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(int(first("moe_intermediate_size")))
 
 
 def _add_phi3(w, cfg) -> None:
@@ -433,11 +447,59 @@ def hf_matrix(hf_name: str, tensor, spec, heads: int, kv_heads: int) -> np.ndarr
 CHUNK_ELEMENTS = 1 << 24      # rows converted at a time: 64 MB of fp32 whatever the tensor's size
 
 
+@dataclass(frozen=True)
+class ExpertRows:
+    """Rows ``lo:hi`` of every expert of a stacked experts weight (transformers fuses gate and up in
+    ``experts.gate_up_proj`` [experts, 2 x width, hidden]; llama.cpp keeps ``ffn_gate_exps`` and ``ffn_up_exps``):
+    one expert's matrix read at a time (``expert``), from a loaded tensor or the files."""
+    tensor: object
+    lo: int
+    hi: int
+
+    @property
+    def shape(self) -> tuple:
+        return (int(self.tensor.shape[0]), self.hi - self.lo, *map(int, self.tensor.shape[2:]))
+
+    ndim = 3
+
+    def expert(self, e: int):
+        whole = self.tensor.rows(e, e + 1)[0] if hasattr(self.tensor, "rows") else self.tensor[e]
+        return whole[self.lo:self.hi]
+
+
+#: transformers' stacked experts weights -> (the name llama.cpp's tensor map knows each part by, which rows: the
+#: gate's first half of gate_up_proj, the up projection's second)
+EXPERT_PARTS = {"experts.gate_up_proj": (("experts.gate_proj.weight", 0), ("experts.up_proj.weight", 1)),
+                "experts.down_proj": (("experts.down_proj.weight", None),)}
+
+
+def expert_tensors(model) -> dict[str, ExpertRows]:
+    """GGUF name -> ``ExpertRows`` for every stacked experts tensor of the model (none for a dense model)."""
+    names = gguf_tensor_names(model.config)
+    return {names.get_name(hf, try_suffixes=(".weight",)): part for k, v in model.state_dict().items()
+            for hf, part in expert_parts(k, v) if isinstance(part, ExpertRows)}
+
+
+def expert_parts(hf_name: str, tensor) -> list[tuple[str, object]]:
+    """A state-dict entry as the GGUF tensors it becomes: itself, or a stacked experts weight's parts."""
+    suffix = next((k for k in EXPERT_PARTS if hf_name.endswith(k)), None)
+    if suffix is None or tensor.ndim != 3:
+        return [(hf_name, tensor)]
+    prefix, rows = hf_name[:-len(suffix)], int(tensor.shape[1])
+    return [(prefix + name, ExpertRows(tensor, 0, rows) if half is None else
+             ExpertRows(tensor, half * rows // 2, (half + 1) * rows // 2)) for name, half in EXPERT_PARTS[suffix]]
+
+
 def encode_tensor(hf_name: str, name: str, tensor, qtype: str, spec, heads: int, kv_heads: int,
                   shape: tuple, dtype) -> np.ndarray:
     """One tensor as the file stores it under ``qtype``, converted a chunk of rows at a time, so no fp32 copy
     of a large matrix exists (the bytes are those of a whole-tensor conversion: every type here works per row).
     ``tensor`` is a torch tensor or a ``LazyTensor`` (read from its file chunk by chunk)."""
+    if isinstance(tensor, ExpertRows):            # an expert at a time
+        out = np.empty(shape, dtype=dtype)
+        for e in range(tensor.shape[0]):
+            out[e] = _tensor_for_type(name, tensor.expert(e).detach().to("cpu").float().numpy(), qtype)[0]
+        return out
     permuted = spec.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
     rows = int(tensor.shape[0]) if tensor.ndim == 2 else 0
     step = max(1, CHUNK_ELEMENTS // max(1, int(tensor.shape[-1]))) if rows else 0
@@ -517,7 +579,7 @@ def _tensor_plan(model, names, qtype: str, spec, tensor_types: dict) -> tuple[li
         plan.append(("rope_freqs.weight", EncodedTensor(factors.shape, factors.dtype, None, lambda: factors)))
     for name, values in (_phi3_rope_factors(cfg) if spec.gguf_arch == "phi3" else []):
         plan.append((name, EncodedTensor(values.shape, values.dtype, None, lambda values=values: values)))
-    for hf_name, tensor in items:
+    for hf_name, tensor in (part for k, v in items for part in expert_parts(k, v)):
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise EdgeTailorError(f"The GGUF exporter has no llama.cpp name for tensor '{hf_name}'.",

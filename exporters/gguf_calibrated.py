@@ -24,7 +24,7 @@ from ..engine.architectures import ModelDims, arch_spec, gguf_tensor_names, gguf
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.memory import release_pages, trim_heap
 from . import gguf_blocks
-from .gguf import EncodedTensor, hf_matrix, llama_quantize, write_gguf
+from .gguf import EncodedTensor, expert_tensors, hf_matrix, llama_quantize, write_gguf
 from .gguf_plan import ALIGN, metadata_bytes, plan_types, tensor_bytes
 
 #: rows per tensor in the probe file llama.cpp's quantizer types (its choice reads names and row lengths only)
@@ -43,11 +43,10 @@ def llama_cpp_types(model, tokenizer, tokenizer_dir, qtype: str, workdir: Path) 
 
     mid = Path(workdir) / "types-probe.gguf"
     dst = Path(workdir) / f"types-{qtype}.gguf"
-    probe = {}
-    for name, src in tensor_sources(model).items():
-        shape = (min(src.shape[0], PROBE_ROWS), src.shape[1])
-        probe[name] = EncodedTensor(shape, np.dtype(np.float16), None,
-                                    lambda shape=shape: np.zeros(shape, dtype=np.float16))
+    shapes = {name: (min(src.shape[0], PROBE_ROWS), src.shape[1]) for name, src in tensor_sources(model).items()}
+    shapes.update({name: (1, min(e.shape[1], PROBE_ROWS), e.shape[2]) for name, e in expert_tensors(model).items()})
+    probe = {name: EncodedTensor(shape, np.dtype(np.float16), None, lambda shape=shape: np.zeros(shape, dtype=np.float16))
+             for name, shape in shapes.items()}      # experts: one (llama.cpp's choice reads the name, not the count)
     try:
         write_gguf(model, tokenizer, tokenizer_dir, mid, "F16", tensor_types=probe, vocabulary=False)
         llama_quantize(mid, dst, qtype)

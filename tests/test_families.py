@@ -277,6 +277,26 @@ def test_a_smollm3_whose_rotary_free_blocks_llama_cpp_cannot_place_is_refused_wi
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("change, words", [({"mlp_only_layers": [2]}, "dense"), ({"decoder_sparse_step": 2}, "dense"),
+                                           ({"norm_topk_prob": False}, "not normalised")])
+def test_a_qwen3_moe_llama_cpps_graph_would_compute_otherwise_is_refused_with_the_reason(change, words, family_model,
+                                                                                          tmp_path):
+    """llama.cpp's Qwen3-MoE graph makes every block experts and normalises the router's top-k weights: a model with
+    dense blocks or raw top-k weights would load and compute something else, so no file is written."""
+    from edgetailor.engine.errors import EdgeTailorError
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.exporters.gguf import write_gguf
+
+    folder = family_model("qwen3_moe")
+    lazy = LazyModel(folder)
+    for key, value in change.items():
+        setattr(lazy.config, key, value)
+    with pytest.raises(EdgeTailorError) as err:
+        write_gguf(lazy, load_model(resolve_folder(folder)).tokenizer, folder, tmp_path / "x.gguf", "F16")
+    assert words in err.value.problem and not (tmp_path / "x.gguf").exists()
+
+
 def resolve_folder(folder: Path):
     from edgetailor.engine import resolve
 
@@ -315,7 +335,7 @@ def test_a_gemma3_without_some_blocks_keeps_its_own_local_and_global_blocks_in_t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["granite", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope",
-                                    "olmo2"])
+                                    "olmo2", "qwen3_moe", "mixtral"])
 def test_the_own_writer_writes_the_tensors_and_keys_llama_cpps_converter_writes(family, family_model, tmp_path):
     """Both writers on the same model in F32: every tensor the same, bit for bit (norm shifts and q/k row orders
     included), and every key the converter writes that llama.cpp reads for the family the same."""

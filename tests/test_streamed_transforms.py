@@ -149,22 +149,25 @@ def test_preflight_streams_a_pruning_recipe_of_an_8b_model_on_16_gb(tmp_path, mo
     assert "no fp32 copy" in export["how"]
 
 
-def test_a_family_whose_files_fuse_experts_is_pruned_loaded_instead(tmp_path, family_model):
-    """Qwen3-MoE's files keep one tensor per expert where transformers fuses them: no lazy walk, so the transform
-    loads the model whole and says so, and pre-flight said so before it ran."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_is_pruned_streamed_and_exports_the_loaded_models_file(family, tmp_path, family_model):
+    """The files keep one tensor per expert where transformers stacks them (``mlp.experts.gate_up_proj``): the lazy
+    model reads them under the modules' names, so the transform walks block by block as for a dense model, pre-flight
+    says so, and the file is the loaded model's, byte for byte."""
     from edgetailor.engine.preflight import preflight
     from edgetailor.engine.recipe import Recipe
 
-    src = resolve(str(family_model("qwen3_moe")))
+    src = resolve(str(family_model(family)))
     prune, export = preflight(src, Recipe.from_dict({"name": "x", "steps": [
         {"step": "prune.magnitude"}, {"step": "export", "params": {"types": ["Q8_0"]}}]})).steps
-    assert prune["how"] == export["how"] == "holds the fp32 model"
-    ctx = make_ctx(tmp_path, family_model("qwen3_moe"))
-    logs = []
-    ctx._emit = lambda e: logs.append(e)
-    report = run_step(ctx, "prune.magnitude", sparsity=0.3, modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    assert 0.25 < report["sparsity"] < 0.35 and ctx._loaded is not None
-    assert any("Loading it whole" in str(e["data"].get("message", "")) for e in logs)
+    assert "one decoder block at a time" in prune["how"] and "holds the fp32 model" not in export["how"]
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    streamed, loaded = make_ctx(tmp_path, src.path, "streamed"), make_ctx(tmp_path, src.path, "loaded")
+    loaded.loaded
+    want = run_step(loaded, "prune.magnitude", sparsity=0.3, modules=modules)
+    assert run_step(streamed, "prune.magnitude", sparsity=0.3, modules=modules) == want
+    assert 0.25 < want["sparsity"] < 0.35 and streamed._loaded is None
+    assert gguf_sha(streamed, tmp_path, "Q8_0") == gguf_sha(loaded, tmp_path, "Q8_0")
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "granite"])

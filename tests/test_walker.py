@@ -26,13 +26,13 @@ def _walk(model, seqs):
     return walk, after, torch.cat(list(walk.final_hidden()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "granite", "smollm3", "phi3", "gemma2", "gemma", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "mixtral", "granite", "smollm3", "phi3", "gemma2",
+                                    "gemma", "olmo2"])
 def test_a_block_walk_sees_what_a_full_forward_sees(family, family_model, stories_dir):
     folder = stories_dir if family == "llama" else family_model(family)
     seqs = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
     model, hidden = _full_forward(folder, seqs)
-    sources = [model] + ([LazyModel(folder)] if family != "qwen3_moe" else [])
-    for source in sources:
+    for source in (model, LazyModel(folder)):
         _, after, final = _walk(source, seqs)
         assert len(after) == len(hidden) - 1
         for i, h in enumerate(after[:-1]):
@@ -53,11 +53,22 @@ def test_a_lazy_walk_holds_one_block_of_weights_at_a_time(family_model):
         + state["model.norm.weight"].nbytes + embedding
 
 
-def test_a_family_whose_files_fuse_tensors_is_refused_lazily_with_the_reason(family_model):
-    from edgetailor.engine.errors import EdgeTailorError
+def test_experts_kept_apart_in_the_files_are_read_under_the_modules_names_an_expert_at_a_time(family_model):
+    """transformers' own checkpoint conversion names the stacked weights (Mixtral: ``block_sparse_moe`` renamed
+    ``mlp``, w1 and w3 stacked into ``gate_up_proj``); reading one expert reads that expert's tensors only."""
+    from transformers import AutoModelForCausalLM
 
-    with pytest.raises(EdgeTailorError, match="differently"):
-        BlockWalk(LazyModel(family_model("qwen3_moe")), torch.randint(3, 500, (1, 16)))
+    folder = family_model("mixtral")
+    lazy = LazyModel(folder)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+    state = lazy.state_dict()
+    assert list(state) == list(loaded)
+    for name, t in state.items():
+        assert torch.equal(t.load().float(), loaded[name]), name
+    stacked = state["model.layers.1.mlp.experts.gate_up_proj"]
+    before = lazy.loaded_bytes
+    torch.testing.assert_close(stacked.rows(2, 3)[0].float(), loaded["model.layers.1.mlp.experts.gate_up_proj"][2])
+    assert lazy.loaded_bytes - before == stacked.nbytes // stacked.shape[0]
 
 
 @pytest.mark.parametrize("mode", ["llama.cpp", "measured"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..architectures import ModelDims
 from ..context import RunContext
-from ..errors import EdgeTailorError, RunCancelled
+from ..errors import EdgeTailorError
 from ..registry import register_step
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
