@@ -58,12 +58,16 @@ class ArchSpec:
         if kind == "measure" and step not in ("imatrix",):
             return "yes"
         where = [s.model_type for s in ARCHITECTURES.values() if s.techniques is None or step in s.techniques]
-        why = ("it edits expert layers this step does not know" if self.moe else
+        why = ("this step does not handle its expert layers yet" if self.moe else
                "it assumes the Llama block layout (q/k/v/o, gate/up/down, pre-norms) and is verified on "
                f"{', '.join(where)} only so far")
         return f"not for {self.model_type} yet: {why}"
 
 
+# Mixtures of experts: importance statistics per expert (llama.cpp's imatrix for ``ffn_*_exps``) and calibrated
+# blocks in llama.cpp's type mixes (each expert weighted by its own tokens) besides the value techniques; a
+# measured mix and the planner do not price expert tensors yet.
+MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated")
 _LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx="edgetailor", onnx_note="", techniques=None)
 _BUILDER = dict(onnx="genai-builder", onnx_note="")
 _SWA_NOTE = ("onnxruntime-genai's builder writes its sliding-window layers for a preallocated KV cache, which "
@@ -98,9 +102,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
              onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
     ArchSpec("starcoder2", "starcoder2", features=("biases", "LayerNorm", "GeLU MLP")),
     ArchSpec("stablelm", "stablelm", features=("partial rotary", "LayerNorm", "q/k/v biases")),
-    ArchSpec("qwen3_moe", "qwen3moe", qk_norm=True, moe=True, gguf_writer="edgetailor",
+    ArchSpec("qwen3_moe", "qwen3moe", qk_norm=True, moe=True, gguf_writer="edgetailor", techniques=MOE_TECHNIQUES,
              features=("mixture of experts (top-k routing)", "QK norms")),
-    ArchSpec("mixtral", "llama", permute_qk=True, moe=True, gguf_writer="edgetailor", notes="written as GGUF arch 'llama'",
+    ArchSpec("mixtral", "llama", permute_qk=True, moe=True, gguf_writer="edgetailor", techniques=MOE_TECHNIQUES,
+             notes="written as GGUF arch 'llama'",
              features=("mixture of experts (top-2 routing)",)),
 )}
 

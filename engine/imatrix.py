@@ -13,6 +13,7 @@ one accumulation. The result saves to a single safetensors file and loads back::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -102,12 +103,12 @@ class InputCollector:
         self.input_of: dict[str, str] = {}
         self.last: dict[str, object] = {"x": None}
 
-    def add(self, name: str, x: torch.Tensor) -> None:
+    def add(self, name: str, x: torch.Tensor, gram: bool = True) -> None:
         if self.last["x"] is not x:                 # a new input (else: the previous layer's, as q/k/v, gate/up)
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             self.last.update(x=x, key=name, x2=x2, sq=(x2.double() ** 2).sum(0), gram=False)
         key, sq = self.last["key"], self.last["sq"]
-        if not self.last["gram"] and self.wants_gram(name):
+        if gram and not self.last["gram"] and self.wants_gram(name):
             x2 = self.last["x2"]
             if key not in self.xtx:
                 self.xtx[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype)
@@ -121,9 +122,36 @@ class InputCollector:
         """Drop the last input held for sharing (call after each run through the hooked modules)."""
         self.last = {"x": None}
 
-    def hooks(self, mods: dict[str, torch.nn.Module]):
-        return input_hooks(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
-                      for n, m in mods.items())
+    def add_experts(self, name: str, experts: torch.nn.Module, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
+        """A mixture of experts' inputs, expert by expert (``{name}.{e}.gate_proj`` / ``up_proj`` / ``down_proj``):
+        the tokens the router sent to expert e, and what its down projection reads. Second moments only: a
+        Hessian per expert would be a block's worth of memory each."""
+        x_all = hidden.detach().reshape(-1, hidden.shape[-1])
+        chosen = chosen.reshape(x_all.shape[0], -1)
+        for e in range(experts.gate_up_proj.shape[0]):
+            routed = (chosen == e).any(-1)
+            if not routed.any():
+                continue
+            x = x_all[routed]
+            self.add(f"{name}.{e}.gate_proj", x, gram=False)
+            self.add(f"{name}.{e}.up_proj", x, gram=False)
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            self.add(f"{name}.{e}.down_proj", experts.act_fn(gate) * up, gram=False)
+
+    def hooks(self, mods: dict[str, torch.nn.Module], experts: dict[str, torch.nn.Module] | None = None):
+        """Pre-hooks on ``mods`` (linear layers) and on ``experts`` (stacked experts, ``walker.Block.experts``),
+        removed when the context ends."""
+        def on_experts(n):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                self.add_experts(n, module, hidden, chosen)
+            return hook
+
+        return input_hooks([*(m.register_forward_pre_hook(lambda module, args, n=n: self.add(n, args[0]))
+                              for n, m in mods.items()),
+                            *(m.register_forward_pre_hook(on_experts(n), with_kwargs=True)
+                              for n, m in (experts or {}).items())])
 
     def stats(self, tokens: int) -> ImportanceStats:
         self.done()
@@ -141,7 +169,7 @@ def collect(model, sequences: torch.Tensor, hessians: bool = True, batch_size: i
     walk = BlockWalk(model, sequences, batch_size, cancelled=cancelled, progress=progress)
     acc = InputCollector(hessians)
     for block in walk:
-        with acc.hooks(block.linears()):
+        with acc.hooks(block.linears(), block.experts()):
             block.forward()
     for y in walk.final_hidden():
         acc.add("lm_head", y)
@@ -170,17 +198,46 @@ def save_llama_imatrix(stats: ImportanceStats, model, path: Path, dataset: str =
     w.add_uint32("imatrix.chunk_count", max(1, stats.tokens // chunk_size))
     w.add_uint32("imatrix.chunk_size", int(chunk_size))
     n = 0
-    for module in sorted(stats.sum_sq):
-        if module == "lm_head" and tied:
-            continue
+    for module, (sums, counts) in sorted({**_dense_entries(stats, tied), **_expert_entries(stats, cfg)}.items()):
         name = names.get_name(module + ".weight", try_suffixes=(".weight",))
         if name is None:
             continue
-        w.add_tensor(f"{name}.in_sum2", stats.sum_sq[module].float().numpy())
-        w.add_tensor(f"{name}.counts", np.array([float(stats.count[module])], dtype=np.float32))
+        w.add_tensor(f"{name}.in_sum2", sums)
+        w.add_tensor(f"{name}.counts", counts)
         n += 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return n
+
+
+#: an expert's statistics (``InputCollector.add_experts``): the stacked module, the expert, the projection
+EXPERT_ENTRY = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+
+
+def _dense_entries(stats: ImportanceStats, tied: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each linear layer's sums of x^2 and its token count, as llama.cpp's imatrix holds them."""
+    return {m: (v.float().numpy(), np.array([float(stats.count[m])], dtype=np.float32)) for m, v in stats.sum_sq.items()
+            if not EXPERT_ENTRY.match(m) and not (m == "lm_head" and tied)}
+
+
+def _expert_entries(stats: ImportanceStats, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each stacked experts tensor (``...experts.gate_proj``, the name llama.cpp's tensor map knows) as llama-imatrix
+    writes it for ``ffn_*_exps``: every expert's sums of x^2 [experts, inputs] and its own token count [experts];
+    an expert no calibration token reached has zeros (llama.cpp then weighs its inputs alike)."""
+    n_experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+    grouped: dict[str, dict[int, str]] = {}
+    for m in stats.sum_sq:
+        hit = EXPERT_ENTRY.match(m)
+        if hit:
+            grouped.setdefault(f"{hit.group(1)}.{hit.group(3)}", {})[int(hit.group(2))] = m
+    out = {}
+    for tensor, by_expert in grouped.items():
+        width = next(iter(stats.sum_sq[m] for m in by_expert.values())).numel()
+        sums = np.zeros((max(n_experts, max(by_expert) + 1), width), dtype=np.float32)
+        counts = np.zeros(sums.shape[0], dtype=np.float32)
+        for e, m in by_expert.items():
+            sums[e], counts[e] = stats.sum_sq[m].float().numpy(), float(stats.count[m])
+        out[tensor] = (sums, counts)
+    return out

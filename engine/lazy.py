@@ -136,6 +136,20 @@ class StackedTensor:
         parts = [torch.stack([g[e].load() for e in range(start, stop)]) for g in self.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def expert(self, e: int, lo: int, hi: int):
+        """Rows ``lo:hi`` of expert ``e``'s matrix (the second dimension), reading only the file tensors they are in
+        (gate or up alone, for one half of ``gate_up_proj``)."""
+        import torch
+
+        parts, row = [], 0
+        for g in self.groups:
+            n = g[e].shape[0]
+            if row < hi and lo < row + n:
+                whole = g[e].load()
+                parts.append(whole[max(lo - row, 0):min(hi - row, n)])
+            row += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def load(self):
         return self.rows(0, len(self.groups[0]))
 

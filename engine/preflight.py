@@ -156,9 +156,16 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
         verdict = report.techniques.get(step.name, "yes")
         if verdict != "yes":
             report.refusals.append(f"step '{step.name}': {verdict}")
+        if spec.moe and step.name == "quant.gguf_calibrated" and _measured_mix(step.params or {}):
+            report.refusals.append(f"step 'quant.gguf_calibrated' with a measured mix or a size target: not for "
+                                   f"{spec.model_type} yet: its expert tensors are not priced; use mix: llama.cpp")
         if step.name == "export" and str((step.params or {}).get("format", "gguf")) not in spec.exporters:
             fmt = (step.params or {}).get("format")
             report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")
+
+
+def _measured_mix(params: dict) -> bool:
+    return params.get("mix") == "measured" or params.get("target_mb") is not None or params.get("target_bpw") is not None
 
 
 def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:

@@ -60,6 +60,12 @@ def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> No
     setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
 
 
+def is_experts(module: torch.nn.Module) -> bool:
+    """transformers' stacked experts: ``gate_up_proj`` [experts, 2 x width, hidden] and ``down_proj``."""
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.ndim == down.ndim == 3
+
+
 @dataclass
 class Block:
     """Decoder block ``index`` of a walk, its weights in memory while the walk is on it."""
@@ -72,6 +78,11 @@ class Block:
     def linears(self) -> dict[str, torch.nn.Linear]:
         """The block's linear layers by their qualified name in the model."""
         return {self.prefix + n: m for n, m in self.module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """The block's stacked experts (a mixture of experts: ``gate_up_proj`` and ``down_proj``, one matrix per
+        expert) by qualified name; none in a dense block."""
+        return {self.prefix + n: m for n, m in self.module.named_modules() if is_experts(m)}
 
     def keep(self, modules: dict[str, torch.nn.Module]) -> None:
         """The transform changed ``modules`` (qualified names, as ``linears()`` gives them): a lazy walk writes

@@ -128,7 +128,7 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
         if progress:
             progress(0.0, f"llama.cpp's {qtype} type mix")
         types = llama_cpp_types(model, tokenizer, tokenizer_dir, qtype, Path(tmp))
-    encoded = _encoded_experts(model, types, threads)
+    encoded = encoded_experts(model, types, threads)
     for name, src in tensor_sources(model).items():
         t = types.get(name, "F16")
         rows, cols = src.shape
@@ -148,7 +148,7 @@ def write_llama_cpp_mix(model, tokenizer, tokenizer_dir, out: Path, qtype: str, 
     return info
 
 
-def _encoded_experts(model, types: dict[str, str], threads: int) -> dict:
+def encoded_experts(model, types: dict[str, str], threads: int) -> dict:
     """Every stacked experts tensor in llama.cpp's type for it, encoded an expert at a time as it is written."""
     import gguf
 
@@ -167,10 +167,15 @@ def _encoded_experts(model, types: dict[str, str], threads: int) -> dict:
 
         def load(experts=experts, t=t, shape=shape, dtype=dtype):
             out = np.empty(shape, dtype=dtype)
-            for e in range(shape[0]):
+
+            def one(e: int) -> None:      # experts side by side, one per thread (the encoder lets go of the GIL)
                 matrix = experts.expert(e).detach().to("cpu").float().numpy()
-                out[e] = matrix.astype(dtype) if dtype != np.uint8 else \
-                    encode_matrix(t, matrix.shape[0], matrix.shape[1], lambda a, b, m=matrix: m[a:b], threads)
+                if dtype == np.uint8:
+                    encode_rows(t, matrix, out[e])
+                else:
+                    out[e] = matrix.astype(dtype)
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                list(pool.map(one, range(shape[0])))
             return out
         encoded[name] = EncodedTensor(shape, dtype, raw, load)
     return encoded

@@ -238,20 +238,23 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
     """Measure one decoder block's linear inputs as the walk runs it, then write its tensors' blocks."""
     from ..engine.imatrix import InputCollector
 
-    mods = block.linears()
+    mods, experts = block.linears(), block.experts()
     cached = {m for m in mods if cache and m in gguf_of and cache.has(gguf_of[m], types.get(gguf_of[m], ""))}
     # GPTQ's Hessians only where a tensor uses one (not for q/k/v's input: WEIGHTED_ONLY) and is not cached
     needs_hessian = {m for m in mods if method == "gptq" and m in gguf_of and m not in cached
                      and not any(part in gguf_of[m] for part in WEIGHTED_ONLY)}
     acc = InputCollector(needs_hessian.__contains__, gram=add_gram_upper)
     torch.set_num_threads(threads)
-    with acc.hooks(mods):
+    with acc.hooks(mods, experts):
         block.forward()
     acc.done()
     trim_heap()
     sum_sq.update(acc.sum_sq)
     for name, n in acc.count.items():
         count[name] = count.get(name, 0) + n
+    torch.set_num_threads(1)
+    for name, module in experts.items():
+        _quantize_experts(name, module, block.walk.source.config, types, acc, sink, threads)
     key_of, xtx = acc.input_of, acc.xtx
     groups: dict[tuple, list[str]] = {}
     factors: dict[str, tuple] = {}
@@ -283,6 +286,34 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
 
         for name, data in _encoded(cache, names, sources, t, make).items():
             sink.put(name, data, t)
+        trim_heap()
+
+
+#: the stacked experts weight each expert projection is part of, and which rows of it (gate: the first half of
+#: transformers' ``gate_up_proj``, up: the second)
+EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _quantize_experts(name: str, experts: torch.nn.Module, config, types: dict, acc, sink, threads: int) -> None:
+    """A block's stacked experts into ``sink``, expert by expert, each weighted by the inputs the router sent that
+    expert (its importance statistics; GPTQ's Hessian per expert would be a block's worth of memory each, and most
+    experts see few calibration tokens). A projection whose type EdgeTailor does not write is left to llama.cpp's
+    encoder (``export_calibrated``)."""
+    names = gguf_tensor_names(config)
+    for proj, (param, half) in EXPERT_PROJECTIONS.items():
+        gguf_name = names.get_name(f"{name}.{proj}.weight", try_suffixes=(".weight",))
+        weights = getattr(experts, param).detach()
+        rows = weights.shape[1] if half is None else weights.shape[1] // 2
+        t = types.get(gguf_name)
+        if t not in gguf_blocks.TYPES or weights.shape[2] % gguf_blocks.TYPES[t].block:
+            continue
+        parts = []
+        for e in range(weights.shape[0]):
+            key = f"{name}.{e}.{proj}"
+            imp = (acc.sum_sq[key] / max(acc.count[key], 1)).numpy() if key in acc.sum_sq else None
+            W = weights[e, (half or 0) * rows:((half or 0) + 1) * rows].float().numpy()
+            parts.append(quantize_rows(t, W, imp, threads=threads))
+        sink.put(gguf_name, np.stack(parts), t)
         trim_heap()
 
 
@@ -399,6 +430,10 @@ def export_calibrated(model, tokenizer, tokenizer_dir, out: Path, qtype: str, se
             if n not in encoded:      # F16/F32 by llama.cpp's choice (rows too short for any block)
                 dt = np.dtype(np.float16 if types.get(n) == "F16" else np.float32)
                 encoded[n] = EncodedTensor(src.shape, dt, None, lambda src=src, dt=dt: src.matrix().astype(dt))
+        from .ggml_quant import encoded_experts
+
+        for n, enc in encoded_experts(model, types, torch.get_num_threads()).items():
+            encoded.setdefault(n, enc)     # experts in a type EdgeTailor does not write: llama.cpp's encoder
         info = write_gguf(model, tokenizer, tokenizer_dir, out, qtype, tensor_types=encoded,
                           progress=(lambda f, m: progress(0.9 + 0.1 * f, m)) if progress else None,
                           cancelled=cancelled)
@@ -439,6 +474,12 @@ def export_with_calibration(model, tokenizer, tokenizer_dir, out: Path, qtype: s
                             progress=None, cancelled=None) -> dict:
     """A calibrated file of llama.cpp's mix ``qtype``, of a measured mix at its size, or of a size target."""
     require_own_writer(model.config)
+    spec = arch_spec(model.config.model_type)
+    if spec.moe and (cal.planned or cal.types is not None):
+        from ..engine.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"A measured type mix does not price a '{model.config.model_type}' model's expert "
+                                    "tensors yet.", "Use mix: llama.cpp (llama.cpp's types, EdgeTailor's blocks).")
     if cal.types is not None:
         return export_calibrated(model, tokenizer, tokenizer_dir, out, qtype, cal.sequences, cal.method,
                                  types=cal.types, progress=progress, cancelled=cancelled,

@@ -297,6 +297,73 @@ def test_a_qwen3_moe_llama_cpps_graph_would_compute_otherwise_is_refused_with_th
     assert words in err.value.problem and not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_importance_matrix_holds_each_experts_own_tokens(family, family_model, tmp_path):
+    """llama.cpp's imatrix for ``ffn_*_exps``: per expert the sums of x^2 of the tokens the router sent it, and its
+    own count. Checked against the loaded model's own router on a full forward; walked lazily from the files."""
+    import gguf
+    import numpy as np
+    import torch
+    from edgetailor.engine.imatrix import collect, save_llama_imatrix
+    from edgetailor.engine.lazy import LazyModel
+    from transformers import AutoModelForCausalLM
+
+    folder = family_model(family)
+    lazy = LazyModel(folder)
+    seqs = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(0))
+    save_llama_imatrix(collect(lazy, seqs, hessians=False), lazy, tmp_path / "imatrix.gguf")
+    saved = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "imatrix.gguf").tensors}
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    layer, seen = model.model.layers[1], {}
+    handle = layer.mlp.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(seqs)
+        chosen = layer.mlp.gate(seen["x"])[2]
+    handle.remove()
+    experts, k = chosen.max().item() + 1, chosen.shape[1]
+    want = np.stack([(seen["x"][(chosen == e).any(-1)].double() ** 2).sum(0).numpy() for e in range(experts)])
+    for part in ("gate", "up"):
+        np.testing.assert_allclose(saved[f"blk.1.ffn_{part}_exps.weight.in_sum2"][:experts], want, rtol=1e-4)
+    counts = saved["blk.1.ffn_down_exps.weight.counts"]
+    assert counts.shape == saved["blk.1.ffn_down_exps.weight.in_sum2"].shape[:1] and counts.sum() == seqs.numel() * k
+    assert saved["blk.1.ffn_down_exps.weight.in_sum2"].shape[1] == model.config.to_dict().get(
+        "moe_intermediate_size", model.config.intermediate_size)
+    assert "blk.1.attn_q.weight.in_sum2" in saved        # (the router, which llama.cpp keeps in F32, has none)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_takes_calibrated_expert_blocks_weighted_by_each_experts_tokens(family, family_model):
+    """Calibrated Q4_K_M (llama.cpp's types) from the files: every expert's matrix encoded by EdgeTailor, weighted
+    by the tokens the router sent it (not llama.cpp's unweighted encoding); the file checked against the model; a
+    measured mix, which does not price experts yet, refused before anything runs."""
+    import gguf
+    import numpy as np
+    from edgetailor.engine import preflight, resolve
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.recipe import Recipe
+    from edgetailor.engine.verification import tolerance_for
+    from edgetailor.exporters.ggml_quant import encoded_experts
+
+    folder = family_model(family)
+    record = _run(folder, [{"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "max_sequences": 4,
+                                                                         "seq_len": 64}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    variant = m["variants"][-1]
+    assert variant["metrics"]["verify_kl"] <= tolerance_for("gguf", "Q4_K_M").max_kl
+    reader = gguf.GGUFReader(record.folder / variant["path"])
+    ours = {t.name: np.asarray(t.data) for t in reader.tensors if "_exps." in t.name}
+    types = {t.name: t.tensor_type.name for t in reader.tensors if "_exps." in t.name}
+    plain = encoded_experts(LazyModel(folder), types, 1)
+    assert len(ours) == 3 * 4 and ours.keys() == plain.keys()
+    assert all(ours[n].shape == plain[n].shape for n in ours)
+    assert sum(not np.array_equal(ours[n], plain[n].load()) for n in ours) >= len(ours) - 1   # weighted blocks
+    measured = Recipe.from_dict({"name": "x", "steps": [{"step": "quant.gguf_calibrated", "params": {"mix": "measured"}}]})
+    assert any("expert tensors are not priced" in r for r in preflight(resolve(str(folder)), measured).refusals)
+
+
 def resolve_folder(folder: Path):
     from edgetailor.engine import resolve
 

@@ -1,0 +1,141 @@
+"""A mixture of experts' importance matrix: EdgeTailor's (walked one block at a time from the files) against
+``llama-imatrix`` (the F32 GGUF of the same model in llama.cpp), on the same calibration tokens, side by side.
+
+  ours       ``engine.imatrix.collect`` on the lazy model: each block's experts see the tokens the router sends
+             them (``InputCollector.add_experts``); saved in llama.cpp's imatrix GGUF (``ffn_*_exps``: per expert
+             the sums of x^2 and its own token count)
+  llama.cpp  ``llama-imatrix -c CTX --chunks N`` on an F32 GGUF written by EdgeTailor (bit for bit the converter's)
+
+Tiny random Qwen3-MoE and Mixtral from their transformers configs (tests/family_models.py): random weights, so the
+figures say whether the two count the same tokens per expert and the same sums, not anything about quality.
+Tokens: the bundled calibration text, cut as llama-imatrix cuts it (BOS first where the vocabulary adds one).
+
+Usage: python bench/moe_imatrix.py [--chunks 32] [--ctx 64]
+Writes bench/results/moe_imatrix.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))
+from machine import machine, write_results  # noqa: E402
+
+FAMILIES = {"qwen3_moe": 0, "mixtral": 1}     # seeds as the tests use them
+
+
+def chunks_as_llama_imatrix(tokenizer, text: str, ctx: int, n: int) -> list[list[int]]:
+    """llama-imatrix's chunks: the whole text tokenized (BOS first if the vocabulary adds it), cut every ``ctx``
+    tokens, each chunk's first token replaced by BOS."""
+    from edgetailor.engine.evaluate import uses_bos
+
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = uses_bos(tokenizer)
+    if bos is not None:
+        ids = [bos] + ids
+    out = [ids[i * ctx:(i + 1) * ctx] for i in range(min(n, len(ids) // ctx))]
+    for c in out:
+        if bos is not None:
+            c[0] = bos
+    return out
+
+
+def compare(ours: Path, theirs: Path) -> dict:
+    """Per kind of tensor (experts or dense): the largest difference of token counts and of sums (relative to the
+    tensor's largest sum), over every tensor both files hold."""
+    import gguf
+    import numpy as np
+
+    a = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(theirs)).tensors}
+    rows: dict[str, dict] = {}
+    for name in sorted(n for n in b if n.endswith(".in_sum2") and n in a):
+        kind = "experts" if "_exps." in name else "dense"
+        base = name[:-len(".in_sum2")]
+        r = rows.setdefault(kind, {"tensors": 0, "max_count_diff": 0.0, "tokens_routed": 0.0, "max_rel_sum_diff": 0.0})
+        r["tensors"] += 1
+        r["max_count_diff"] = max(r["max_count_diff"], float(np.abs(a[base + ".counts"] - b[base + ".counts"]).max()))
+        r["tokens_routed"] = max(r["tokens_routed"], float(b[base + ".counts"].sum()))
+        r["max_rel_sum_diff"] = max(r["max_rel_sum_diff"],
+                                    float(np.abs(a[name] - b[name]).max() / max(np.abs(b[name]).max(), 1e-30)))
+    rows["only_llama_cpp"] = sorted({n.rsplit(".", 1)[0] for n in b} - {n.rsplit(".", 1)[0] for n in a})
+    return rows
+
+
+def run_family(family: str, work: Path, ctx: int, n: int, threads: int) -> dict:
+    import time
+
+    import torch
+    from family_models import make_family_model
+    from reference_tools import run_imatrix
+
+    from edgetailor.engine import resolve, text
+    from edgetailor.engine.imatrix import collect, save_llama_imatrix
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.exporters.gguf import write_gguf
+
+    shared = REPO.parent / "shared" / "models" / "stories260K"
+    folder = make_family_model(work / family, family, shared, resolve("demo").path, seed=FAMILIES[family])
+    tokenizer = load_tokenizer(resolve(str(folder)))
+    calibration = text.read_text(None)
+    (work / "calibration.txt").write_text(calibration)
+    chunks = chunks_as_llama_imatrix(tokenizer, calibration, ctx, n)
+    lazy = LazyModel(folder)
+    t0 = time.perf_counter()
+    save_llama_imatrix(collect(lazy, torch.tensor(chunks), hessians=False), lazy, work / "ours.gguf", chunk_size=ctx)
+    ours_s = time.perf_counter() - t0
+    write_gguf(lazy, tokenizer, folder, work / "f32.gguf", "F32")
+    theirs_s = run_imatrix(str(work / "f32.gguf"), str(work / "calibration.txt"), str(work / "theirs.gguf"), ctx=ctx,
+                           chunks=len(chunks), threads=threads, extra_args=["--no-ppl"])
+    return {"chunks": len(chunks), "ctx": ctx, "seconds": {"ours": round(ours_s, 2), "llama-imatrix": round(theirs_s, 2)},
+            "comparison": compare(work / "ours.gguf", work / "theirs.gguf")}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    md = ["# A mixture of experts' importance matrix: EdgeTailor vs llama-imatrix, same tokens", "",
+          f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB. Tiny random models from their "
+          "transformers configs (4 experts, 2 per token, 4 blocks); the bundled calibration text cut as "
+          "llama-imatrix cuts it.", "",
+          "| family | tensors | count | largest count difference (tokens) | tokens per tensor | largest sum difference |",
+          "|---|---|---:|---:|---:|---:|"]
+    for fam, r in results["families"].items():
+        for kind in ("experts", "dense"):
+            c = r["comparison"].get(kind)
+            if c:
+                md.append(f"| {fam} | {kind} | {c['tensors']} | {c['max_count_diff']:.0f} | {c['tokens_routed']:.0f} | "
+                          f"{100 * c['max_rel_sum_diff']:.2f}% |")
+    md += ["", "Experts: per expert, the tokens the router sent it and their sums of x^2 (llama.cpp's `ffn_*_exps` "
+           "entries, [experts, inputs] and [experts]). A difference of a token or two is a near-tie in routing "
+           "(fp32 torch against llama.cpp's F32 kernels), which then moves that token's sums too. "
+           "Only llama.cpp's file has the routers' inputs (`ffn_gate_inp`, which its quantizer keeps in F32): "
+           + "; ".join(f"{f}: {len(r['comparison']['only_llama_cpp'])} tensors" for f, r in results["families"].items())
+           + ".",
+           "", f"Command: `python bench/moe_imatrix.py --chunks {results['chunks']} --ctx {results['ctx']}`"]
+    return "\n".join(md)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "moe_imatrix"))
+    args = ap.parse_args()
+    results = {"machine": machine(), "chunks": args.chunks, "ctx": args.ctx, "families": {}}
+    for family in FAMILIES:
+        with tempfile.TemporaryDirectory(prefix="edgetailor-moe-imatrix-") as work:
+            results["families"][family] = run_family(family, Path(work), args.ctx, args.chunks, args.threads)
+        print(family, results["families"][family], file=sys.stderr)
+    write_results(Path(args.out), results, markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
