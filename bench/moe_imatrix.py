@@ -8,7 +8,8 @@
 
 Tiny random Qwen3-MoE and Mixtral from their transformers configs (tests/family_models.py): random weights, so the
 figures say whether the two count the same tokens per expert and the same sums, not anything about quality.
-Tokens: the bundled calibration text, cut as llama-imatrix cuts it (BOS first where the vocabulary adds one).
+Tokens: the bundled calibration text tokenized by llama.cpp and cut as llama-imatrix cuts it (BOS first where the
+vocabulary adds one), so both sides see the same token ids.
 
 Usage: python bench/moe_imatrix.py [--chunks 32] [--ctx 64]
 Writes bench/results/moe_imatrix.{json,md}.
@@ -29,15 +30,18 @@ from machine import machine, write_results  # noqa: E402
 FAMILIES = {"qwen3_moe": 0, "mixtral": 1}     # seeds as the tests use them
 
 
-def chunks_as_llama_imatrix(tokenizer, text: str, ctx: int, n: int) -> list[list[int]]:
-    """llama-imatrix's chunks: the whole text tokenized (BOS first if the vocabulary adds it), cut every ``ctx``
-    tokens, each chunk's first token replaced by BOS."""
-    from edgetailor.engine.evaluate import uses_bos
+def chunks_as_llama_imatrix(gguf_file: Path, text: str, ctx: int, n: int) -> list[list[int]]:
+    """llama-imatrix's chunks, from llama.cpp's own tokenizer (its pre-tokenizer may split a text otherwise than the
+    model's tokenizer.json; here both sides must see the same tokens): the whole text tokenized (BOS first if the
+    vocabulary adds it), cut every ``ctx`` tokens, each chunk's first token replaced by BOS."""
+    from llama_cpp import Llama
 
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = uses_bos(tokenizer)
-    if bos is not None:
-        ids = [bos] + ids
+    llm = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    try:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        bos = llm.token_bos() if ids and ids[0] == llm.token_bos() else None
+    finally:
+        llm.close()
     out = [ids[i * ctx:(i + 1) * ctx] for i in range(min(n, len(ids) // ctx))]
     for c in out:
         if bos is not None:
@@ -53,6 +57,9 @@ def compare(ours: Path, theirs: Path) -> dict:
 
     a = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(ours)).tensors}
     b = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(theirs)).tensors}
+    shapes = [n for n in b if n in a and a[n].shape != b[n].shape]
+    if shapes:
+        raise SystemExit(f"the two files shape {shapes[0]} differently: {a[shapes[0]].shape} vs {b[shapes[0]].shape}")
     rows: dict[str, dict] = {}
     for name in sorted(n for n in b if n.endswith(".in_sum2") and n in a):
         kind = "experts" if "_exps." in name else "dense"
@@ -85,12 +92,12 @@ def run_family(family: str, work: Path, ctx: int, n: int, threads: int) -> dict:
     tokenizer = load_tokenizer(resolve(str(folder)))
     calibration = text.read_text(None)
     (work / "calibration.txt").write_text(calibration)
-    chunks = chunks_as_llama_imatrix(tokenizer, calibration, ctx, n)
     lazy = LazyModel(folder)
+    write_gguf(lazy, tokenizer, folder, work / "f32.gguf", "F32")
+    chunks = chunks_as_llama_imatrix(work / "f32.gguf", calibration, ctx, n)
     t0 = time.perf_counter()
     save_llama_imatrix(collect(lazy, torch.tensor(chunks), hessians=False), lazy, work / "ours.gguf", chunk_size=ctx)
     ours_s = time.perf_counter() - t0
-    write_gguf(lazy, tokenizer, folder, work / "f32.gguf", "F32")
     theirs_s = run_imatrix(str(work / "f32.gguf"), str(work / "calibration.txt"), str(work / "theirs.gguf"), ctx=ctx,
                            chunks=len(chunks), threads=threads, extra_args=["--no-ppl"])
     return {"chunks": len(chunks), "ctx": ctx, "seconds": {"ours": round(ours_s, 2), "llama-imatrix": round(theirs_s, 2)},
@@ -101,8 +108,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     md = ["# A mixture of experts' importance matrix: EdgeTailor vs llama-imatrix, same tokens", "",
           f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB. Tiny random models from their "
-          "transformers configs (4 experts, 2 per token, 4 blocks); the bundled calibration text cut as "
-          "llama-imatrix cuts it.", "",
+          "transformers configs (4 experts, 2 per token, 4 blocks); the bundled calibration text tokenized by "
+          "llama.cpp and cut as llama-imatrix cuts it (the same token ids on both sides).", "",
           "| family | tensors | count | largest count difference (tokens) | tokens per tensor | largest sum difference |",
           "|---|---|---:|---:|---:|---:|"]
     for fam, r in results["families"].items():

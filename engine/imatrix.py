@@ -236,7 +236,7 @@ def _expert_entries(stats: ImportanceStats, cfg) -> dict[str, tuple[np.ndarray, 
     for tensor, by_expert in grouped.items():
         width = next(iter(stats.sum_sq[m] for m in by_expert.values())).numel()
         sums = np.zeros((max(n_experts, max(by_expert) + 1), width), dtype=np.float32)
-        counts = np.zeros(sums.shape[0], dtype=np.float32)
+        counts = np.zeros((sums.shape[0], 1), dtype=np.float32)       # llama-imatrix's shape: one per expert
         for e, m in by_expert.items():
             sums[e], counts[e] = stats.sum_sq[m].float().numpy(), float(stats.count[m])
         out[tensor] = (sums, counts)

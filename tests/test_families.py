@@ -325,8 +325,8 @@ def test_a_mixture_of_experts_importance_matrix_holds_each_experts_own_tokens(fa
     want = np.stack([(seen["x"][(chosen == e).any(-1)].double() ** 2).sum(0).numpy() for e in range(experts)])
     for part in ("gate", "up"):
         np.testing.assert_allclose(saved[f"blk.1.ffn_{part}_exps.weight.in_sum2"][:experts], want, rtol=1e-4)
-    counts = saved["blk.1.ffn_down_exps.weight.counts"]
-    assert counts.shape == saved["blk.1.ffn_down_exps.weight.in_sum2"].shape[:1] and counts.sum() == seqs.numel() * k
+    counts = saved["blk.1.ffn_down_exps.weight.counts"]           # [experts, 1], as llama-imatrix writes it
+    assert counts.shape == (saved["blk.1.ffn_down_exps.weight.in_sum2"].shape[0], 1) and counts.sum() == seqs.numel() * k
     assert saved["blk.1.ffn_down_exps.weight.in_sum2"].shape[1] == model.config.to_dict().get(
         "moe_intermediate_size", model.config.intermediate_size)
     assert "blk.1.attn_q.weight.in_sum2" in saved        # (the router, which llama.cpp keeps in F32, has none)
