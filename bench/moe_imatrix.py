@@ -11,7 +11,12 @@ figures say whether the two count the same tokens per expert and the same sums, 
 Tokens: the bundled calibration text tokenized by llama.cpp and cut as llama-imatrix cuts it (BOS first where the
 vocabulary adds one), so both sides see the same token ids.
 
-Usage: python bench/moe_imatrix.py [--chunks 32] [--ctx 64]
+At real size (``--shaped``, the Qwen3-30B-A3B-shaped model of ``bench/streaming_export.py --shapes moe``: 8 of its
+48 blocks, 5.0B parameters in bf16): ``edgetailor compress MODEL`` with the imatrix step (the files walked one
+block at a time) against ``llama-imatrix`` on an F16 GGUF of the model, on the bundled calibration text, 512-token
+chunks; peak RSS and wall time of each whole command from GNU time.
+
+Usage: python bench/moe_imatrix.py [--chunks 32] [--ctx 64] [--shaped]
 Writes bench/results/moe_imatrix.{json,md}.
 """
 from __future__ import annotations
@@ -104,13 +109,48 @@ def run_family(family: str, work: Path, ctx: int, n: int, threads: int) -> dict:
             "comparison": compare(work / "ours.gguf", work / "theirs.gguf")}
 
 
+def run_shaped(cache: Path, threads: int) -> dict:
+    """The imatrix of the MoE-shaped model: ours from the files against llama-imatrix on its F16 GGUF."""
+    import json
+
+    from reference_tools import _tools
+    from streaming_export import SHAPES, make_shaped_model, step_memory, timed
+
+    from edgetailor.engine import resolve, text
+    from edgetailor.engine.calibration import token_sequences
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_tokenizer
+    from edgetailor.exporters.gguf import write_gguf
+
+    folder = make_shaped_model(cache / "qwen3_moe-moe-shaped", SHAPES["moe"], resolve("demo").path)
+    with tempfile.TemporaryDirectory(prefix="edgetailor-moe-imatrix-", dir=cache) as tmp:
+        work = Path(tmp)
+        (work / "calibration.txt").write_text(text.read_text(None))
+        recipe = work / "recipe.json"
+        recipe.write_text(json.dumps({"name": "imatrix", "steps": [{"step": "imatrix", "params": {}}]}))
+        ours = timed([str(Path(sys.executable).with_name("edgetailor")), "--home", str(work / "home"), "compress",
+                      str(folder), "--recipe", str(recipe), "--quiet", "--threads", str(threads)], source=folder)
+        ours["steps"] = step_memory(work / "home")
+        f16 = work / "f16.gguf"
+        tokenizer = load_tokenizer(resolve(str(folder)))
+        write_gguf(LazyModel(folder), tokenizer, folder, f16, "F16")
+        sequences = len(token_sequences(tokenizer, text.read_text(None), 512, None))     # as many chunks as ours
+        theirs = timed([str(_tools()["imatrix"]), "-m", str(f16), "-f", str(work / "calibration.txt"), "-o",
+                        str(work / "theirs.gguf"), "-c", "512", "--chunks", str(sequences), "-t", str(threads),
+                        "--no-ppl"], source=None)
+        f16_bytes = f16.stat().st_size
+    return {"ours": ours, "llama-imatrix": theirs, "f16_gguf_bytes": f16_bytes, "chunks": sequences,
+            "ratios": {"peak_rss": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
+                       "seconds": round(ours["seconds"] / theirs["seconds"], 3)}}
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     md = ["# A mixture of experts' importance matrix: EdgeTailor vs llama-imatrix, same tokens", "",
           f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gb']} GB. Tiny random models from their "
           "transformers configs (4 experts, 2 per token, 4 blocks); the bundled calibration text tokenized by "
           "llama.cpp and cut as llama-imatrix cuts it (the same token ids on both sides).", "",
-          "| family | tensors | count | largest count difference (tokens) | tokens per tensor | largest sum difference |",
+          "| family | tensors | how many | largest count difference (tokens) | tokens per tensor | largest sum difference |",
           "|---|---|---:|---:|---:|---:|"]
     for fam, r in results["families"].items():
         for kind in ("experts", "dense"):
@@ -124,7 +164,21 @@ def markdown(results: dict) -> str:
            "Only llama.cpp's file has the routers' inputs (`ffn_gate_inp`, which its quantizer keeps in F32): "
            + "; ".join(f"{f}: {len(r['comparison']['only_llama_cpp'])} tensors" for f, r in results["families"].items())
            + ".",
-           "", f"Command: `python bench/moe_imatrix.py --chunks {results['chunks']} --ctx {results['ctx']}`"]
+           "", f"Command: `python bench/moe_imatrix.py --chunks {results['chunks']} --ctx {results['ctx']}"
+           + (" --shaped`" if "shaped" in results else "`")]
+    if "shaped" in results:
+        r = results["shaped"]
+        step = next((x for x in r["ours"].get("steps", []) if x["step"] == "imatrix"), {})
+        md += ["", "## At real size: Qwen3-30B-A3B's blocks (8 of 48, 5.0B parameters, bf16 files)", "",
+               "| pipeline | wall s | peak RSS MB |", "|---|---:|---:|",
+               f"| EdgeTailor (`compress` with the imatrix step) | {r['ours']['seconds']:.1f} | {r['ours']['peak_rss_mb']:.0f} |",
+               f"| llama-imatrix on the F16 GGUF ({r['f16_gguf_bytes'] / 1e9:.1f} GB, mapped) | "
+               f"{r['llama-imatrix']['seconds']:.1f} | {r['llama-imatrix']['peak_rss_mb']:.0f} |",
+               f"| **ratio ours / llama.cpp** | {r['ratios']['seconds']} | {r['ratios']['peak_rss']} |", "",
+               f"Pre-flight said {step.get('preflight_mb', 0):.0f} MB for the imatrix step; its worker's measured peak "
+               f"{step.get('peak_rss_mb', 0):.0f} MB. llama-imatrix: {r['chunks']} chunks of 512 tokens of the same text "
+               "(its own tokenizer; ours takes the text's 512-token sequences). llama.cpp's F16 file is not counted in "
+               "its time (written beforehand). Random weights: memory and time, not quality."]
     return "\n".join(md)
 
 
@@ -133,6 +187,8 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shaped", action="store_true", help="also the Qwen3-30B-A3B-shaped model at real size")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "edgetailor-bench" / "shaped"))
     ap.add_argument("--out", default=str(HERE / "results" / "moe_imatrix"))
     args = ap.parse_args()
     results = {"machine": machine(), "chunks": args.chunks, "ctx": args.ctx, "families": {}}
@@ -140,6 +196,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="edgetailor-moe-imatrix-") as work:
             results["families"][family] = run_family(family, Path(work), args.ctx, args.chunks, args.threads)
         print(family, results["families"][family], file=sys.stderr)
+    if args.shaped:
+        results["shaped"] = run_shaped(Path(args.cache), args.threads)
+        print("shaped", results["shaped"], file=sys.stderr)
     write_results(Path(args.out), results, markdown(results))
     return 0
 

@@ -242,7 +242,8 @@ def main() -> int:
            "Every command starts with the source's files in the page cache (read once before it).", "",
            f"Load average at start {results['machine']['load_average_at_start'][0]:.2f}.", "",
            "Targets (issue 14): peak RSS <= 0.8x, wall time <= 1.2x llama.cpp's convert + quantize.",
-           "Reproduce: `.venv/bin/python bench/streaming_export.py`", ""]
+           "Reproduce: `.venv/bin/python bench/streaming_export.py"
+           + ("" if args.shapes == "1b,3b" else f" --shapes {args.shapes} --out {Path(args.out).relative_to(REPO)}") + "`", ""]
     write_results(out, results, "\n".join(md))
     print("\n".join(md))
     return 0

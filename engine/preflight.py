@@ -177,8 +177,9 @@ def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) ->
         params = count_parameters(cfg)
     except (KeyError, TypeError, ValueError):
         params = {"total": counted[0] if counted else 0, "embedding": 0, "non_embedding": 0}
-    if counted:
+    if counted:        # the files' count (the config's formula knows dense blocks only: experts, fused layers)
         params["total"] = counted[0]
+        params["non_embedding"] = max(0, counted[0] - params["embedding"])
     weights_bytes = counted[1] if counted else params["total"] * 4
     dtype = counted[2] if counted else str(cfg.get("torch_dtype") or cfg.get("dtype") or "?")
     report = PreflightReport(
