@@ -159,7 +159,7 @@ def markdown(results: dict) -> str:
                 md.append(f"| {fam} | {kind} | {c['tensors']} | {c['max_count_diff']:.0f} | {c['tokens_routed']:.0f} | "
                           f"{100 * c['max_rel_sum_diff']:.2f}% |")
     md += ["", "Experts: per expert, the tokens the router sent it and their sums of x^2 (llama.cpp's `ffn_*_exps` "
-           "entries, [experts, inputs] and [experts]). A difference of a token or two is a near-tie in routing "
+           "entries, [experts, inputs] and [experts, 1]). A difference of a token or two is a near-tie in routing "
            "(fp32 torch against llama.cpp's F32 kernels), which then moves that token's sums too. "
            "Only llama.cpp's file has the routers' inputs (`ffn_gate_inp`, which its quantizer keeps in F32): "
            + "; ".join(f"{f}: {len(r['comparison']['only_llama_cpp'])} tensors" for f, r in results["families"].items())
