@@ -39,14 +39,11 @@ def chunks_as_llama_imatrix(gguf_file: Path, text: str, ctx: int, n: int) -> lis
     """llama-imatrix's chunks, from llama.cpp's own tokenizer (its pre-tokenizer may split a text otherwise than the
     model's tokenizer.json; here both sides must see the same tokens): the whole text tokenized (BOS first if the
     vocabulary adds it), cut every ``ctx`` tokens, each chunk's first token replaced by BOS."""
-    from llama_cpp import Llama
+    from edgetailor.engine.runtimes import LlamaCppRuntime
 
-    llm = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
-    try:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        bos = llm.token_bos() if ids and ids[0] == llm.token_bos() else None
-    finally:
-        llm.close()
+    with LlamaCppRuntime(gguf_file, n_ctx=64, threads=1) as rt:
+        ids = rt.tokenize(text, add_bos=True, special=True)
+        bos = rt.llm.token_bos() if ids and ids[0] == rt.llm.token_bos() else None
     out = [ids[i * ctx:(i + 1) * ctx] for i in range(min(n, len(ids) // ctx))]
     for c in out:
         if bos is not None:

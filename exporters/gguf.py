@@ -184,7 +184,7 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
     w.add_feed_forward_length(d.intermediate)
     w.add_head_count(d.heads)
     w.add_head_count_kv(d.kv_heads)
-    w.add_layer_norm_rms_eps(d.rms_eps)
+    _add_norm_eps(w, cfg)
     w.add_vocab_size(d.vocab)
     rotary = _rope_params(cfg).get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0
     w.add_rope_dimension_count(int(rotary * d.hidden) // d.heads if rotary < 1 else d.head_dim)
@@ -227,6 +227,18 @@ def _add_experts(w, cfg) -> None:
     w.add_expert_used_count(int(first("num_experts_per_tok")))
     if first("moe_intermediate_size") is not None:
         w.add_expert_feed_forward_length(int(first("moe_intermediate_size")))
+
+
+def _add_norm_eps(w, cfg) -> None:
+    """The norms' epsilon under the key llama.cpp reads for them: RMSNorm's, or LayerNorm's (StarCoder2, StableLM)."""
+    layer_norm = next((getattr(cfg, k) for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
+                       if getattr(cfg, k, None) is not None), None)
+    if layer_norm is not None:
+        w.add_layer_norm_eps(float(layer_norm))
+    if getattr(cfg, "rms_norm_eps", None) is not None or layer_norm is None:
+        w.add_layer_norm_rms_eps(ModelDims.of(cfg).rms_eps)
+    if getattr(cfg, "use_parallel_residual", None) is not None:
+        w.add_parallel_residual(bool(cfg.use_parallel_residual))
 
 
 def _add_phi3(w, cfg) -> None:

@@ -170,12 +170,16 @@ def test_a_mixture_of_experts_is_pruned_streamed_and_exports_the_loaded_models_f
     assert gguf_sha(streamed, tmp_path, "Q8_0") == gguf_sha(loaded, tmp_path, "Q8_0")
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "granite"])
+@pytest.mark.parametrize("family", ["llama_bias"])
 def test_a_streamed_transform_of_a_converter_family_exports_through_a_folder_saved_shard_by_shard(
         family, family_model, monkeypatch):
-    """Families llama.cpp's converter writes: the streamed model is saved as a folder from its lazy weights (the
-    converter reads folders), then checked against the pruned model's own 16-bit file; the model never loads."""
+    """Models llama.cpp's converter writes (a Llama with attention and MLP biases, the last of them): the streamed
+    model is saved as a folder from its lazy weights (the converter reads folders), then checked against the pruned
+    model's own 16-bit file; the model never loads."""
+    import json
+
     import edgetailor.engine.reference as reference
+    from edgetailor.engine.architectures import gguf_writer_for
     from edgetailor.engine.job import JobSpec, run_job
 
     monkeypatch.setattr(reference, "TORCH_REFERENCE_MAX_BYTES", 0)
@@ -188,6 +192,7 @@ def test_a_streamed_transform_of_a_converter_family_exports_through_a_folder_sav
     assert rec.manifest["status"] == "succeeded", rec.manifest.get("error")
     assert not any(e["type"] == "log" and str(e["data"].get("message", "")).startswith("Loading") for e in events)
     assert rec.variant("mag30-F16")["metrics"]["verify_kl"] < 1e-3
+    assert gguf_writer_for(json.loads((family_model(family) / "config.json").read_text())) == "llama.cpp"
 
 
 def test_preflight_streams_clustering_of_an_8b_model_and_holds_it_only_for_the_embeddings(tmp_path, monkeypatch):

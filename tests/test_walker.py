@@ -27,7 +27,7 @@ def _walk(model, seqs):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "mixtral", "granite", "smollm3", "phi3", "gemma2",
-                                    "gemma", "olmo2"])
+                                    "gemma", "olmo2", "starcoder2", "stablelm"])
 def test_a_block_walk_sees_what_a_full_forward_sees(family, family_model, stories_dir):
     folder = stories_dir if family == "llama" else family_model(family)
     seqs = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
