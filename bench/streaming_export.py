@@ -15,7 +15,9 @@ a process has mapped, for both sides).
 A mixture of experts (``--shapes moe``): Qwen3-30B-A3B's blocks, 8 of its 48, with one tensor per expert in the
 files as Qwen ships them; both sides stack the experts into llama.cpp's 3-D tensors.
 
-Usage: python bench/streaming_export.py [--shapes 1b,3b,moe] [--threads 2] [--out PATH]
+Other families at real shapes: ``--shapes gemma3-1b`` (Gemma 3 1B), ``phi4-mini`` (Phi-4-mini, long-rope).
+
+Usage: python bench/streaming_export.py [--shapes 1b,3b,moe,gemma3-1b,phi4-mini] [--threads 2] [--out PATH]
 Writes bench/results/streaming_export.{json,md}.
 """
 from __future__ import annotations
@@ -47,11 +49,31 @@ SHAPES = {   # Llama-3.2 shapes (vocabulary: the demo tokenizer's 49152)
 }
 
 
+#: Gemma 3 1B's and Phi-4-mini's shapes (the demo's 49152-token vocabulary): a family with local/global blocks, QK
+#: norms and four norms a block; one with fused QKV and gate-up, partial rotary and long-rope factors
+PHI4_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+             "original_max_position_embeddings": 4096, "long_factor": [1.0 + 0.1 * i for i in range(48)],
+             "short_factor": [1.0] * 48}
+SHAPES.update({
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=512, tie_word_embeddings=True),
+    "phi4-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                      max_position_embeddings=131072, original_max_position_embeddings=4096, rope_parameters=PHI4_ROPE,
+                      pad_token_id=0),
+})
+
+
 def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
-    """A random Llama of ``shape`` in bf16, one safetensors shard per block (never the whole model in memory)."""
+    """A random model of ``shape`` (its ``model_type``, Llama by default) in bf16, one safetensors shard per block
+    (never the whole model in memory): every tensor the family's modules hold (read off an empty skeleton), a
+    mixture of experts' with one tensor per expert as its checkpoints keep them."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig
+
+    from edgetailor.engine.walker import skeleton
 
     if (folder / "model.safetensors.index.json").exists():
         return folder
@@ -61,37 +83,33 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
     shape = dict(shape)
     model_type = shape.pop("model_type", "llama")
-    cfg = AutoConfig.for_model(model_type, vocab_size=tok_cfg["vocab_size"], max_position_embeddings=8192,
-                               rms_norm_eps=1e-5, bos_token_id=tok_cfg.get("bos_token_id"),
-                               eos_token_id=tok_cfg.get("eos_token_id"), dtype="bfloat16", **shape)
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]]
+    cfg = AutoConfig.for_model(model_type, **{"max_position_embeddings": 8192, "rms_norm_eps": 1e-5, **shape},
+                               vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
+                               eos_token_id=tok_cfg.get("eos_token_id"), dtype="bfloat16")
+    model = skeleton(cfg)
+    cfg.architectures = [type(model).__name__]
     cfg.save_pretrained(tmp)
-    h, hd = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     g = torch.Generator().manual_seed(0)
 
     def rnd(*s):
         return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards = {"embed": {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
-    if not cfg.tie_word_embeddings:
-        shards["embed"]["lm_head.weight"] = rnd(cfg.vocab_size, h)
-    index = {}
+    def value(name: str, size: tuple):
+        return torch.ones(size, dtype=torch.bfloat16) if len(size) == 1 and "norm" in name else rnd(*size)
+
+    state = {n: tuple(p.shape) for n, p in model.named_parameters()}       # a tied head is the embedding once
     n = cfg.num_hidden_layers
     names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
-    for i in range(n):
+    index = {}
+    for i in range(n + 1):
         p = f"model.layers.{i}."
-        t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-             p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16), **_mlp(cfg, p, rnd)}
-        if model_type == "qwen3_moe":
-            t.update({p + "self_attn.q_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
-                      p + "self_attn.k_norm.weight": torch.ones(hd, dtype=torch.bfloat16)})
+        mine = {k: v for k, v in state.items() if k.startswith(p)} if i < n else \
+            {k: v for k, v in state.items() if not k.startswith("model.layers.")}
+        t = {k: value(k, v) for k, v in mine.items() if ".experts." not in k}
+        if any(".experts." in k for k in mine):
+            t.update(_experts(cfg, p, rnd))
         save_file(t, tmp / names[i], metadata={"format": "pt"})
         index.update({k: names[i] for k in t})
-    save_file(shards["embed"], tmp / names[n], metadata={"format": "pt"})
-    index.update({k: names[n] for k in shards["embed"]})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     for f in tokenizer_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "edgetailor.json"):
@@ -101,19 +119,14 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     return folder
 
 
-def _mlp(cfg, p: str, rnd) -> dict:
-    """A block's MLP as its checkpoints store it: dense, or each expert's three matrices apart and the router."""
-    h = cfg.hidden_size
-    if getattr(cfg, "num_experts", None):
-        inter = cfg.moe_intermediate_size
-        out = {p + "mlp.gate.weight": rnd(cfg.num_experts, h)}
-        for e in range(cfg.num_experts):
-            out.update({f"{p}mlp.experts.{e}.gate_proj.weight": rnd(inter, h), f"{p}mlp.experts.{e}.up_proj.weight": rnd(inter, h),
-                        f"{p}mlp.experts.{e}.down_proj.weight": rnd(h, inter)})
-        return out
-    inter = cfg.intermediate_size
-    return {p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
-            p + "mlp.down_proj.weight": rnd(h, inter)}
+def _experts(cfg, p: str, rnd) -> dict:
+    """A block's experts as their checkpoints store them: each expert's three matrices apart."""
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    out = {}
+    for e in range(cfg.num_experts):
+        out.update({f"{p}mlp.experts.{e}.gate_proj.weight": rnd(inter, h), f"{p}mlp.experts.{e}.up_proj.weight": rnd(inter, h),
+                    f"{p}mlp.experts.{e}.down_proj.weight": rnd(h, inter)})
+    return out
 
 
 def warm(folder: Path | None) -> None:
