@@ -73,6 +73,7 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
+    from edgetailor.engine.architectures import arch_spec
     from edgetailor.engine.walker import skeleton
 
     if (folder / "model.safetensors.index.json").exists():
@@ -94,8 +95,10 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     def rnd(*s):
         return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
 
+    norm = 1.0 - arch_spec(model_type).gguf_norm_shift     # Gemma's norms scale by 1 + w: w = 0 is a unit scale
+
     def value(name: str, size: tuple):
-        return torch.ones(size, dtype=torch.bfloat16) if len(size) == 1 and "norm" in name else rnd(*size)
+        return torch.full(size, norm, dtype=torch.bfloat16) if len(size) == 1 and "norm" in name else rnd(*size)
 
     state = {n: tuple(p.shape) for n, p in model.named_parameters()}       # a tied head is the embedding once
     n = cfg.num_hidden_layers
