@@ -528,6 +528,23 @@ def encode_tensor(hf_name: str, name: str, tensor, qtype: str, spec, heads: int,
     return out
 
 
+#: tokens llama.cpp's vocabulary loader sets attributes on, by name, for a model whose ``general.name`` says Phi-3
+#: (``llama-vocab.cpp``): a vocabulary without one of them does not load at all under such a name
+PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def model_name(cfg, tokenizer) -> str:
+    """``general.name``: the model's folder name; "phi3"/"phi-3" in it becomes "phi" when the vocabulary lacks the
+    tokens llama.cpp then looks up (a Phi-4-mini-like vocabulary in a folder named phi3-...: the file would not load)."""
+    import re
+
+    name = str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model")
+    vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else None
+    if vocab is not None and re.search(r"phi-?3", name, re.IGNORECASE) and any(t not in vocab for t in PHI3_NAMED_TOKENS):
+        name = re.sub(r"phi-?3", "phi", name, flags=re.IGNORECASE)
+    return name
+
+
 def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F16",
                progress: Callable[[float, str], None] | None = None,
                cancelled: Callable[[], bool] | None = None, extra_metadata: dict | None = None,
@@ -558,7 +575,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: Path, qtype: str = "F
     w = gguf.GGUFWriter(str(out), spec.gguf_arch)
     try:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(getattr(cfg, "_name_or_path", "") and Path(cfg._name_or_path).name or "model"))
+        w.add_name(model_name(cfg, tokenizer))
         add_hparams(w, cfg, spec, n_layers)
         w.add_file_type(_ftype(qtype))
         if qtype in ("Q8_0",) or tensor_types:

@@ -365,6 +365,24 @@ def test_a_mixture_of_experts_takes_calibrated_expert_blocks_weighted_by_each_ex
     assert any("expert tensors are not priced" in r for r in preflight(resolve(str(folder)), measured).refusals)
 
 
+def test_a_phi_vocabulary_without_phi3s_special_tokens_loads_from_a_folder_named_phi3(family_model, tmp_path):
+    """llama.cpp looks up Phi-3's special tokens when ``general.name`` says phi3 and fails to load a vocabulary without
+    them (Phi-4-mini's, the demo's): the name is written without "phi3" then, and the file loads."""
+    import shutil
+
+    import gguf
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.runtimes import LlamaCppRuntime
+    from edgetailor.exporters.gguf import write_gguf
+
+    folder = shutil.copytree(family_model("phi3"), tmp_path / "phi3-mini-custom")
+    write_gguf(LazyModel(folder), load_model(resolve_folder(folder)).tokenizer, folder, tmp_path / "p.gguf", "F16")
+    assert gguf.GGUFReader(tmp_path / "p.gguf").fields["general.name"].contents() == "phi-mini-custom"
+    with LlamaCppRuntime(tmp_path / "p.gguf", n_ctx=64, threads=1) as rt:
+        assert rt.logits(list(range(3, 12))).shape[0] == 9
+
+
 def resolve_folder(folder: Path):
     from edgetailor.engine import resolve
 
