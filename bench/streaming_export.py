@@ -61,7 +61,7 @@ SHAPES.update({
     "phi4-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                       num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75, tie_word_embeddings=True,
                       max_position_embeddings=131072, original_max_position_embeddings=4096, rope_parameters=PHI4_ROPE,
-                      pad_token_id=0),
+                      pad_token_id=0, tokenizer_class="GPT2Tokenizer"),
 })
 
 
@@ -76,13 +76,14 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     from edgetailor.engine.architectures import arch_spec
     from edgetailor.engine.walker import skeleton
 
+    shape = dict(shape)
+    tokenizer_class = shape.pop("tokenizer_class", None)
     if (folder / "model.safetensors.index.json").exists():
-        return folder
+        return _with_tokenizer_class(folder, tokenizer_class)
     tmp = folder.with_name(folder.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    shape = dict(shape)
     model_type = shape.pop("model_type", "llama")
     cfg = AutoConfig.for_model(model_type, **{"max_position_embeddings": 8192, "rms_norm_eps": 1e-5, **shape},
                                vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
@@ -119,6 +120,15 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
             shutil.copy(f, tmp / f.name)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    return _with_tokenizer_class(folder, tokenizer_class)
+
+
+def _with_tokenizer_class(folder: Path, tokenizer_class: str | None) -> Path:
+    """The tokenizer class the family's checkpoints declare (Phi-4-mini: GPT2Tokenizer, which tells llama.cpp's
+    converter to read the BPE vocabulary instead of looking for a SentencePiece model)."""
+    if tokenizer_class:
+        path = folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": tokenizer_class}))
     return folder
 
 
