@@ -228,7 +228,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "edgetailor-bench" / "shaped"))
     ap.add_argument("--out", default=str(HERE / "results" / "streaming_export"))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
+    if args.markdown_only:
+        results = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_results(Path(args.out), results, markdown(results, ",".join(results["shapes"]), args.out))
+        return 0
     from edgetailor.engine import resolve
 
     tokenizer_dir = resolve("demo").path
@@ -240,10 +245,17 @@ def main() -> int:
             print(f"{name}: measuring", file=sys.stderr)
             results["shapes"][name] = run_shape(name, folder, Path(work), args.threads)
         print(json.dumps(results["shapes"][name]), file=sys.stderr)
-    out = Path(args.out)
+    write_results(Path(args.out), results, markdown(results, args.shapes, args.out))
+    return 0
+
+
+def markdown(results: dict, shapes: str, out: str) -> str:
+    """The results as the committed .md (``--markdown-only`` rewrites it from the .json)."""
+    threads = results["threads"]
+    load = results["machine"].get("load_average_at_start")
     md = ["# HF (bf16) -> Q4_K_M GGUF: EdgeTailor vs llama.cpp's pipeline", "",
           f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cores']} logical cores, "
-          f"{results['machine']['ram_gb']} GB; threads {args.threads}. Random weights at real shapes.", "",
+          f"{results['machine']['ram_gb']} GB; threads {threads}. Random weights at real shapes.", "",
           "| shape | pipeline | wall s | peak RSS MB |", "|---|---|---|---|"]
     for name, r in results["shapes"].items():
         for k, v in r["rows"].items():
@@ -266,13 +278,12 @@ def main() -> int:
            "\"+ check\" adds writing a 16-bit reference GGUF and running it and the Q4_K_M file in llama.cpp (both "
            "mapped: their file pages count in RSS).", "",
            "Every command starts with the source's files in the page cache (read once before it).", "",
-           f"Load average at start {results['machine']['load_average_at_start'][0]:.2f}.", "",
+           f"Load average at start {load[0]:.2f}." if load else "Load average at start: not recorded.", "",
+           *([results["machine"]["note"] + ".", ""] if results["machine"].get("note") else []),
            "Targets (issue 14): peak RSS <= 0.8x, wall time <= 1.2x llama.cpp's convert + quantize.",
            "Reproduce: `.venv/bin/python bench/streaming_export.py"
-           + ("" if args.shapes == "1b,3b" else f" --shapes {args.shapes} --out {Path(args.out).relative_to(REPO)}") + "`", ""]
-    write_results(out, results, "\n".join(md))
-    print("\n".join(md))
-    return 0
+           + ("" if shapes == "1b,3b" else f" --shapes {shapes} --out {Path(out).resolve().relative_to(REPO)}") + "`", ""]
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
