@@ -134,6 +134,11 @@ def _qwen3_moe_problem(cfg) -> str:
     return ""
 
 
+def expert_count(cfg) -> int:
+    """Experts per mixture-of-experts block (Mixtral's ``num_local_experts``, Qwen's ``num_experts``); 0 if dense."""
+    return int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+
+
 def arch_spec(model_type: str) -> ArchSpec | None:
     return ARCHITECTURES.get(model_type)
 

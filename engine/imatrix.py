@@ -226,7 +226,9 @@ def _expert_entries(stats: ImportanceStats, cfg) -> dict[str, tuple[np.ndarray, 
     """Each stacked experts tensor (``...experts.gate_proj``, the name llama.cpp's tensor map knows) as llama-imatrix
     writes it for ``ffn_*_exps``: every expert's sums of x^2 [experts, inputs] and its own token count [experts];
     an expert no calibration token reached has zeros (llama.cpp then weighs its inputs alike)."""
-    n_experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+    from .architectures import expert_count
+
+    n_experts = expert_count(cfg)
     grouped: dict[str, dict[int, str]] = {}
     for m in stats.sum_sq:
         hit = EXPERT_ENTRY.match(m)

@@ -168,7 +168,7 @@ def _module_view(state: dict, model_type: str, owner: "LazyModel") -> dict:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
         rules = get_checkpoint_conversion_mapping(model_type) or []
-    except Exception:        # another transformers: the files' names as they are
+    except (ImportError, AttributeError, KeyError):        # another transformers: the files' names as they are
         return state
     renames = [(r.source_patterns, r.target_patterns) for r in rules if type(r).__name__ == "WeightRenaming"]
     merges = [r for r in rules if type(r).__name__ == "WeightConverter"]

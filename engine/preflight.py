@@ -124,7 +124,7 @@ def estimate_job(recipe, shape: ModelShape) -> tuple[float, int]:
 def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
     """What the model's family supports: techniques and exporters (each "yes" or why not), caveats."""
     from ..exporters import all_exporters
-    from .registry import all_steps
+    from .registry import all_steps, get_step
 
     for name, info in sorted(all_steps().items()):
         if spec is None:
@@ -156,16 +156,12 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
         verdict = report.techniques.get(step.name, "yes")
         if verdict != "yes":
             report.refusals.append(f"step '{step.name}': {verdict}")
-        if spec.moe and step.name == "quant.gguf_calibrated" and _measured_mix(step.params or {}):
+        if spec.moe and step.name == "quant.gguf_calibrated" and get_step(step.name).parse(step.params).measured:
             report.refusals.append(f"step 'quant.gguf_calibrated' with a measured mix or a size target: not for "
                                    f"{spec.model_type} yet: its expert tensors are not priced; use mix: llama.cpp")
         if step.name == "export" and str((step.params or {}).get("format", "gguf")) not in spec.exporters:
             fmt = (step.params or {}).get("format")
             report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")
-
-
-def _measured_mix(params: dict) -> bool:
-    return params.get("mix") == "measured" or params.get("target_mb") is not None or params.get("target_bpw") is not None
 
 
 def preflight(src: ResolvedSource, recipe=None, work_dir: Path | None = None) -> PreflightReport:

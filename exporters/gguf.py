@@ -23,6 +23,7 @@ import numpy as np
 from ..engine.architectures import (
     ModelDims,
     arch_spec,
+    expert_count,
     gguf_layout_problem,
     gguf_tensor_names,
     gguf_writer_for,
@@ -220,13 +221,10 @@ def add_hparams(w, cfg, spec, n_layers: int) -> None:
 def _add_experts(w, cfg) -> None:
     """A mixture of experts' keys as llama.cpp's converter writes them: experts, experts per token, and (Qwen3-MoE)
     an expert's width where it differs from the dense ``intermediate_size``."""
-    def first(*keys):
-        return next((getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None), None)
-
-    w.add_expert_count(int(first("num_local_experts", "num_experts")))
-    w.add_expert_used_count(int(first("num_experts_per_tok")))
-    if first("moe_intermediate_size") is not None:
-        w.add_expert_feed_forward_length(int(first("moe_intermediate_size")))
+    w.add_expert_count(expert_count(cfg))
+    w.add_expert_used_count(int(cfg.num_experts_per_tok))
+    if getattr(cfg, "moe_intermediate_size", None) is not None:
+        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
 
 
 def _add_norm_eps(w, cfg) -> None:

@@ -24,7 +24,7 @@ from ..engine.architectures import ModelDims, arch_spec, gguf_tensor_names, gguf
 from ..engine.errors import EdgeTailorError, RunCancelled
 from ..engine.memory import release_pages, trim_heap
 from . import gguf_blocks
-from .gguf import EncodedTensor, expert_tensors, hf_matrix, llama_quantize, write_gguf
+from .gguf import EncodedTensor, expert_parts, expert_tensors, hf_matrix, llama_quantize, write_gguf
 from .gguf_plan import ALIGN, metadata_bytes, plan_types, tensor_bytes
 
 #: rows per tensor in the probe file llama.cpp's quantizer types (its choice reads names and row lengths only)
@@ -289,30 +289,24 @@ def _quantize_block(block, sources, gguf_of, types, sink, method, threads, sum_s
         trim_heap()
 
 
-#: the stacked experts weight each expert projection is part of, and which rows of it (gate: the first half of
-#: transformers' ``gate_up_proj``, up: the second)
-EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
-
-
 def _quantize_experts(name: str, experts: torch.nn.Module, config, types: dict, acc, sink, threads: int) -> None:
     """A block's stacked experts into ``sink``, expert by expert, each weighted by the inputs the router sent that
     expert (its importance statistics; GPTQ's Hessian per expert would be a block's worth of memory each, and most
     experts see few calibration tokens). A projection whose type EdgeTailor does not write is left to llama.cpp's
     encoder (``export_calibrated``)."""
     names = gguf_tensor_names(config)
-    for proj, (param, half) in EXPERT_PROJECTIONS.items():
-        gguf_name = names.get_name(f"{name}.{proj}.weight", try_suffixes=(".weight",))
-        weights = getattr(experts, param).detach()
-        rows = weights.shape[1] if half is None else weights.shape[1] // 2
+    stacked = {f"{name}.{p}": getattr(experts, p).detach() for p in ("gate_up_proj", "down_proj")}
+    for hf_name, part in (x for k, v in stacked.items() for x in expert_parts(k, v)):
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+        proj = hf_name.rsplit(".", 2)[-2]                         # gate_proj, up_proj, down_proj
         t = types.get(gguf_name)
-        if t not in gguf_blocks.TYPES or weights.shape[2] % gguf_blocks.TYPES[t].block:
+        if t not in gguf_blocks.TYPES or part.shape[2] % gguf_blocks.TYPES[t].block:
             continue
         parts = []
-        for e in range(weights.shape[0]):
-            key = f"{name}.{e}.{proj}"
+        for e in range(part.shape[0]):
+            key = f"{name}.{e}.{proj}"                            # InputCollector.add_experts' statistics
             imp = (acc.sum_sq[key] / max(acc.count[key], 1)).numpy() if key in acc.sum_sq else None
-            W = weights[e, (half or 0) * rows:((half or 0) + 1) * rows].float().numpy()
-            parts.append(quantize_rows(t, W, imp, threads=threads))
+            parts.append(quantize_rows(t, part.expert(e).float().numpy(), imp, threads=threads))
         sink.put(gguf_name, np.stack(parts), t)
         trim_heap()
 

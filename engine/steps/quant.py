@@ -34,7 +34,7 @@ def _calibrated_ram(cfg: "CalibratedQuantConfig", shape):
 
     return calibrated_need("quant.gguf_calibrated", shape, calibration_tokens(cfg.max_sequences, cfg.seq_len),
                            cfg.seq_len, gptq=cfg.method == "gptq",
-                           measured=cfg.mix == "measured" or cfg.target_mb is not None or cfg.target_bpw is not None,
+                           measured=cfg.measured,
                            verify=cfg.verify)
 
 
@@ -49,6 +49,11 @@ class CalibratedQuantConfig:
     verify: bool = field(default=True, metadata={"help": "load each file back in llama.cpp before keeping it"})
     seq_len: int = field(default=SEQ_LEN, metadata={"help": "tokens per calibration sequence"})
     max_sequences: int | None = field(default=None, metadata={"help": "at most this many calibration sequences (default: all the text gives)"})
+
+    @property
+    def measured(self) -> bool:
+        """Each tensor's type chosen by measured sensitivity (a measured mix or a size target)."""
+        return self.mix == "measured" or self.target_mb is not None or self.target_bpw is not None
 
     def __post_init__(self):
         if self.seq_len < 64:
