@@ -465,11 +465,16 @@ def print_variants(manifest: dict) -> None:
                 line.append(fmt.format(100 * val))
             else:
                 line.append(fmt.format(val))
+            if key in ("perplexity", "ppl_increase_pct", "kl", "top1") and val is not None and m.get("screened_windows"):
+                line[-1] = "≈" + line[-1]
         table.append(line)
     widths = [max(len(c[0]), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
     print("  ".join(c[0].ljust(w) for c, w in zip(cols, widths)))
     for r in table:
         print("  ".join(x.ljust(w) for x, w in zip(r, widths)))
+    if any(v.get("metrics", {}).get("screened_windows") for v in rows):
+        print("≈: estimated by the planner from a few evaluation windows (a file is scored on all of them before "
+              "it is recommended)")
 
 
 def cmd_evaluate(args) -> int:

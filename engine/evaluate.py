@@ -34,12 +34,35 @@ class EvalResult:
     top1: float | None = None     # share of positions where the argmax agrees with the baseline's
     runtime: str = ""
     per_window: list[dict] | None = None   # asked for: each window's nll, kl and top1 (means over its scored tokens)
+    token_kl: list[float] | None = None    # asked for: every scored token's KL (results on more windows join exactly)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.per_window is None:
-            del d["per_window"]
+        for optional in ("per_window", "token_kl"):
+            if d[optional] is None:
+                del d[optional]
         return d
+
+
+def joined_results(first: dict, rest: dict) -> dict:
+    """One result from two on consecutive windows of the same text (``EvalResult.to_dict`` with ``per_window`` and,
+    where compared with a reference, ``token_kl``): the means weighted by the tokens scored, the 99.9th percentile
+    of KL over both's tokens."""
+    n1, n2 = first["tokens_scored"], rest["tokens_scored"]
+    n = n1 + n2
+
+    def mean(key):
+        return None if first.get(key) is None else (first[key] * n1 + rest[key] * n2) / n
+
+    nll = mean("nll")
+    out = {**first, "nll": nll, "perplexity": math.exp(nll), "tokens_scored": n,
+           "windows": first["windows"] + rest["windows"], "seconds": round(first["seconds"] + rest["seconds"], 3),
+           "kl": mean("kl"), "top1": mean("top1"),
+           "per_window": (first.get("per_window") or []) + (rest.get("per_window") or [])}
+    if first.get("kl") is not None:
+        tokens = np.asarray(first["token_kl"] + rest["token_kl"])
+        out.update(kl_p999=float(np.quantile(tokens, 0.999)), token_kl=tokens.tolist())
+    return out
 
 
 def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> list[list[int]]:
@@ -107,12 +130,15 @@ class ReferenceLogprobs:
 
 def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: ReferenceLogprobs | None = None,
              record_reference: bool = False, on_window: Callable[[int, int, float], None] | None = None,
-             cancelled: Callable[[], bool] | None = None, per_window: bool = False) -> EvalResult:
+             cancelled: Callable[[], bool] | None = None, per_window: bool = False, first_window: int = 0,
+             token_kl: bool = False) -> EvalResult:
     """Score ``windows`` with ``runtime``.
 
     With ``record_reference`` the runtime is the baseline and its log-probs are stored in ``reference``;
     otherwise, if ``reference`` holds them, KL and top-1 agreement are computed against them. ``per_window``:
-    each window's figures too (to compare with another file scored on some of the same windows).
+    each window's figures too (to compare with another file scored on some of the same windows);
+    ``first_window``: ``windows`` start at that window of the reference's; ``token_kl``: every scored token's KL
+    too (``joined_results`` makes one result of two on consecutive windows).
     """
     t0 = time.perf_counter()
     ctx = len(windows[0])
@@ -121,14 +147,14 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
     kl_sum, agree = 0.0, 0
     kls: list[np.ndarray] = []
     windows_seen: list[dict] = []
-    compare = reference is not None and not record_reference and reference.has(len(windows))
+    compare = reference is not None and not record_reference and reference.has(first_window + len(windows))
     for i, w in enumerate(windows):
         if cancelled and cancelled():
             raise RunCancelled()
-        logits = runtime.logits(w)
-        if logits.shape[0] != len(w):
-            raise RuntimeError(f"runtime returned {logits.shape[0]} rows for {len(w)} tokens")
-        lp = log_softmax(logits[first:len(w) - 1])
+        logits = runtime.logits_rows(w, first, len(w) - 1)      # the scored positions' rows only
+        if logits.shape[0] != len(w) - 1 - first:
+            raise RuntimeError(f"runtime returned {logits.shape[0]} rows for positions {first}..{len(w) - 2}")
+        lp = log_softmax(logits)
         targets = np.asarray(w[first + 1:])
         nll = -float(lp[np.arange(len(targets)), targets].sum(dtype=np.float64))
         nll_sum += nll
@@ -137,7 +163,7 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
         if record_reference and reference is not None:
             reference.put(i, lp)
         elif compare:
-            ref = reference.get(i)
+            ref = reference.get(first_window + i)
             per_token = (np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64)
             same = int((ref.argmax(-1) == lp.argmax(-1)).sum())
             kls.append(per_token)
@@ -153,7 +179,8 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
                       kl=(kl_sum / count) if compare else None,
                       kl_p999=float(np.quantile(np.concatenate(kls), 0.999)) if compare else None,
                       top1=(agree / count) if compare else None,
-                      runtime=getattr(runtime, "name", "?"), per_window=windows_seen if per_window else None)
+                      runtime=getattr(runtime, "name", "?"), per_window=windows_seen if per_window else None,
+                      token_kl=np.concatenate(kls).tolist() if compare and token_kl else None)
 
 
 class Comparison:

@@ -5,7 +5,7 @@ A ``CandidateTask`` carries everything its file needs as plain data (the source'
 or the ONNX scheme, the calibration token ids, the paths of the verification and evaluation references in the
 run's scratch folder, the benchmark setting); ``build_candidate`` writes the file atomically, checks it against
 the source, and evaluates and benchmarks it with each KV-cache type asked (those in ``screened_kv`` on the first
-``screen_windows`` evaluation windows only; ``score_file`` scores them on all of them later, if it comes to that).
+``screen_windows`` evaluation windows only; ``score_file`` scores them on the rest later, if it comes to that).
 Ray workers must see the same paths (a shared filesystem, or a single-machine cluster), as Ray's own docs advise
 for data.
 
@@ -127,7 +127,7 @@ def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
     from .energy import EnergyMeter
 
     screened = kv in task.screened_kv
-    res = score_file(task, kv, cancelled, task.screen_windows if screened else None)
+    res = score_file(task, kv, cancelled, task.screen_windows if screened else None, token_kl=screened)
     bench = benchmark_steady(task.format, task.out, task.prompt, gen_tokens=task.gen_tokens, repeats=task.repeats,
                              threads=task.threads, n_ctx=task.context, dtype=task.dtype,
                              meter=EnergyMeter.from_dict(task.energy) if task.energy else None,
@@ -135,15 +135,17 @@ def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
     return {"evaluation": res, "benchmark": bench, **({"screened": task.screen_windows} if screened else {})}
 
 
-def score_file(task: CandidateTask, kv: str, cancelled=None, windows: int | None = None) -> dict:
-    """The file with a ``kv`` cache scored on the task's evaluation windows (the first ``windows`` of them)."""
+def score_file(task: CandidateTask, kv: str, cancelled=None, windows: int | None = None, skip: int = 0,
+               token_kl: bool = False) -> dict:
+    """The file with a ``kv`` cache scored on the task's evaluation windows (the first ``windows`` of them, after
+    the first ``skip``), each window's figures kept (and every token's KL with ``token_kl``)."""
     from .evaluate import ReferenceLogprobs, evaluate
     from .runtimes import open_runtime
 
     settings = {"kv_type": kv} if task.format == "gguf" else {}
     with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
-        return evaluate(rt, task.eval_windows[:windows], reference=ReferenceLogprobs(Path(task.reference)),
-                        cancelled=cancelled, per_window=True).to_dict()
+        return evaluate(rt, task.eval_windows[skip:windows], reference=ReferenceLogprobs(Path(task.reference)),
+                        cancelled=cancelled, per_window=True, first_window=skip, token_kl=token_kl).to_dict()
 
 
 def run_tasks(tasks: list[CandidateTask], executor: str = "inline", address: str | None = None, workers: int = 1,

@@ -28,9 +28,10 @@ the same size, a mix of faster kernels, decoding faster for a larger loss.
 ``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, speed weight, KV type, blocks
 removed) with the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
 ``recommend`` chooses among the *measured* ones and says why, what each constraint costs, and what to relax
-when nothing fits. The first file's quantized KV caches may be *screened*: scored on a few of the evaluation
-windows, their figures estimated as the f16 cache's on all windows plus the difference the two show on the same
-few (``screened_evaluation``); the planner scores a screened pick on every window before it recommends it.
+when nothing fits. Only the run's first file (with an f16 cache) is evaluated on every window at once; its quantized
+caches and every later file are *screened*: scored on a few of the evaluation windows, their figures estimated as
+the first's on all windows plus the difference the two show on the same few (``screened_evaluation``); the
+planner scores a screened pick on the rest of the windows before it recommends it.
 """
 from __future__ import annotations
 
@@ -611,10 +612,10 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
 
 
 def screened_evaluation(screen: dict, full: dict) -> dict:
-    """A file scored with one KV cache on the first windows only (``screen``), estimated on all of them from the
-    same file scored with another cache on all (``full``, each with ``per_window`` figures): the full figures
-    plus the mean difference on the windows both saw (paired: the windows' own spread cancels). The 99.9th
-    percentile of KL is the screen's own (on its windows)."""
+    """A file scored on the first windows only (``screen``), estimated on all of them from another evaluation on
+    all (``full``: the same file with another KV cache, or the run's first file; each with ``per_window``
+    figures): the full figures plus the mean difference on the windows both saw (paired: the windows' own spread
+    cancels). The 99.9th percentile of KL is the screen's own (on its windows)."""
     n = len(screen["per_window"])
     same = full["per_window"][:n]
 
@@ -622,7 +623,7 @@ def screened_evaluation(screen: dict, full: dict) -> dict:
         return sum(w[key] for w in screen["per_window"]) / n - sum(w[key] for w in same) / n
 
     nll = full["nll"] + shift("nll")
-    out = {**screen, "nll": nll, "perplexity": math.exp(nll)}
+    out = {**{k: v for k, v in screen.items() if k != "token_kl"}, "nll": nll, "perplexity": math.exp(nll)}
     if full.get("kl") is not None and screen.get("kl") is not None:
         out["kl"] = max(0.0, full["kl"] + shift("kl"))
         out["top1"] = min(1.0, max(0.0, full["top1"] + shift("top1")))

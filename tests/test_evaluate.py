@@ -74,3 +74,31 @@ def test_a_comparison_scores_a_variant_on_the_first_windows_against_the_baseline
         assert res.windows == 2 and res.kl > 0.001
         assert math.isclose(cmp.row(res)["ppl_increase_pct"], 100 * (res.perplexity / first_two.perplexity - 1),
                             rel_tol=1e-6)
+
+
+def test_results_on_the_first_windows_and_on_the_rest_join_into_the_result_on_all(stories_dir, tmp_path):
+    """A screened file scored on the rest of the windows later: the joined figures are those of one evaluation on
+    every window (the 99.9th percentile of KL too, from every token's KL)."""
+    from edgetailor.engine.evaluate import joined_results
+
+    lm = load_model(resolve(str(stories_dir)))
+    ws = make_windows(lm.tokenizer, read_text(default_evaluation_path()), 64, 5)
+    ref = ReferenceLogprobs(tmp_path / "ref")
+    evaluate(TorchRuntime(lm.model), ws, reference=ref, record_reference=True)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.2)
+    rt = TorchRuntime(lm.model)
+    whole = evaluate(rt, ws, reference=ref, per_window=True).to_dict()
+    first = evaluate(rt, ws[:2], reference=ref, per_window=True, token_kl=True).to_dict()
+    rest = evaluate(rt, ws[2:], reference=ref, per_window=True, first_window=2, token_kl=True).to_dict()
+    joined = joined_results(first, rest)
+    assert len(first["token_kl"]) == first["tokens_scored"] and "token_kl" not in whole
+    for key in ("perplexity", "nll", "kl", "kl_p999", "top1"):
+        assert math.isclose(joined[key], whole[key], rel_tol=1e-9), key
+    assert (joined["windows"], joined["tokens_scored"], joined["per_window"]) == \
+        (whole["windows"], whole["tokens_scored"], whole["per_window"])
+    # the rest scored against the reference's own windows 2..4, not its first three
+    misaligned = evaluate(rt, ws[2:], reference=ref).to_dict()
+    assert not math.isclose(misaligned["kl"], rest["kl"], rel_tol=1e-3)

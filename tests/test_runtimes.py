@@ -49,6 +49,23 @@ def test_cached_decoding_gives_the_whole_window_logits(stories_files, runtime):
     assert (steps.argmax(-1) == full[5:].argmax(-1)).all()
 
 
+@pytest.mark.parametrize("runtime", ["torch", "llama.cpp", "onnxruntime", "onnxruntime-genai"])
+def test_scored_rows_are_the_whole_window_logits_rows(stories_files, runtime):
+    """The evaluator asks for the scored half of a window only: the same rows the whole window gives; llama.cpp
+    computes no others (its context has no logits for an unasked position)."""
+    lm, files = stories_files
+    ids = lm.tokenizer(PROMPT * 3)["input_ids"][:48]
+    with _open(lm, files, runtime) as rt:
+        full = rt.logits(ids)
+        rows = rt.logits_rows(ids, 24, 47)
+        if runtime == "llama.cpp":
+            assert not rt.llm._ctx.get_logits_ith(10) and rt.llm._ctx.get_logits_ith(30)
+        again = rt.logits(ids)
+    assert rows.shape == (23, lm.model.config.vocab_size)
+    assert np.abs(rows - full[24:47]).max() < 1e-4
+    assert np.array_equal(again, full)          # the runtime is left as it was: whole windows still right
+
+
 def test_every_runtime_generates_the_same_greedy_tokens(stories_files):
     lm, files = stories_files
     ids = lm.tokenizer(PROMPT)["input_ids"]

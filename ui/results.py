@@ -55,6 +55,10 @@ COLUMNS = [
 ]
 
 
+#: figures a screened planner file estimates (scored on a few windows, the rest taken from the run's first file)
+SCREENED_KEYS = ("ppl_increase_pct", "kl", "perplexity")
+
+
 class ResultsModel(QAbstractTableModel):
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -106,6 +110,8 @@ class ResultsModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             if key == "name" and metrics.get("recommended"):
                 return f"★ {value}"
+            if key in SCREENED_KEYS and value is not None and metrics.get("screened_windows"):
+                return f"≈ {fmt(value)}"
             return fmt(value) if value is not None else DASH
         if role == Qt.ItemDataRole.ToolTipRole:
             return self.tooltip(key, metrics)
@@ -125,6 +131,10 @@ class ResultsModel(QAbstractTableModel):
             return "measured here (energy counters)" if m["energy_measured"] else "estimated here (CPU time x power)"
         if key == "name" and m.get("recommended"):
             return "the planner's recommendation"
+        if key in SCREENED_KEYS and m.get("screened_windows"):
+            return (f"estimated: scored on {m['screened_windows']} evaluation windows, the rest taken from the run's "
+                    "first file on the same windows (the planner scores a file on every window before it "
+                    "recommends it)")
         return None
 
 

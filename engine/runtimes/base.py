@@ -3,7 +3,8 @@
 A runtime is one model loaded in one inference engine. Every runtime offers the same five verbs:
 
     rt = open_runtime("gguf", path, n_ctx=512, threads=2, kv_type="q8_0")     # load
-    rt.logits(tokens)         # [len(tokens), vocab] float32 for one sequence from an empty cache (the evaluator)
+    rt.logits(tokens)         # [len(tokens), vocab] float32 for one sequence from an empty cache
+    rt.logits_rows(tokens, 255, 511)   # positions 255..510 only (the evaluator scores a window's second half)
     rt.prefill(tokens)        # [vocab] next-token logits after the prompt; starts the runtime's cache
     rt.decode_one(token)      # [vocab] next-token logits after one more token; extends the cache
     rt.generate(prompt, 32, stop={eos}, on_token=print)                        # greedy, on prefill + decode_one
@@ -41,6 +42,12 @@ class Runtime(ABC):
     @abstractmethod
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits for every position of one sequence, shape [len(tokens), vocab], float32 (fresh context)."""
+
+    def logits_rows(self, tokens: Sequence[int], start: int, stop: int) -> np.ndarray:
+        """Logits for positions ``start`` .. ``stop - 1`` of one sequence only, shape [stop - start, vocab] (fresh
+        context). A runtime that can leave the output head out of the other positions does (llama.cpp, torch): the
+        evaluator scores the second half of each window, and the head is a fifth of a small model's work."""
+        return self.logits(tokens)[start:stop]
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         self._tokens = list(tokens)

@@ -73,6 +73,23 @@ class LlamaCppRuntime(Runtime):
         self.llm.eval(tokens)
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32, copy=True)
 
+    def logits_rows(self, tokens, start, stop):
+        """Only the asked positions' logits are computed (llama.cpp's batch flags which rows it outputs: its graph
+        then runs the final norm and head, and the last block's feed-forward, for those rows alone) and copied
+        once, where ``Llama.eval`` copies every row's twice."""
+        tokens = list(tokens)
+        llm = self.llm
+        if not self.all_logits or len(tokens) > self.n_ctx or not 0 <= start < stop <= len(tokens):
+            return super().logits_rows(tokens, start, stop)
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        batch = llm._batch
+        batch.set_batch(batch=tokens, n_past=0, logits_all=False)
+        for i in range(len(tokens)):
+            batch.batch.logits[i] = start <= i < stop
+        llm._ctx.decode(batch)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(stop - start, self.n_vocab)).copy()
+
     def _last(self) -> np.ndarray:
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
 

@@ -45,6 +45,21 @@ class TorchRuntime(Runtime):
             out = self.model(input_ids=ids, use_cache=False)
             return out.logits[0].float().numpy()
 
+    def logits_rows(self, tokens, start, stop):
+        """The output head on positions ``start`` onwards only (transformers' ``logits_to_keep``)."""
+        import torch
+
+        tokens = list(tokens)
+        if not 0 <= start < stop <= len(tokens):
+            return super().logits_rows(tokens, start, stop)
+        with torch.inference_mode():
+            ids = torch.tensor([tokens], dtype=torch.long)
+            try:
+                out = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens) - start)
+            except TypeError:          # a model class without transformers' logits_to_keep
+                return super().logits_rows(tokens, start, stop)
+            return out.logits[0, : stop - start].float().numpy()
+
     def _step(self, ids: list[int]) -> np.ndarray:
         import torch
 

@@ -6,7 +6,8 @@ types; the runtime's overhead is measured once at the app's context. ``engine.pl
 speed, energy and KL for any (file size, KV type) or ONNX scheme, optuna searches that space under the budget,
 and the best feasible candidates are built for real (EdgeTailor's calibrated blocks, GPTQ; ONNX int4 GPTQ onto
 MatMulNBits, int4 and int8), checked against the source, evaluated (perplexity, KL, top-1 in llama.cpp with
-their KV type, or onnxruntime) and benchmarked in a fresh process at the app's context. Each round refits the
+their KV type, or onnxruntime; after the run's first file, on a few windows first: ``planner.screened_evaluation``)
+and benchmarked in a fresh process at the app's context. Each round refits the
 predictors on what was measured and searches again. The recommendation comes from the measured candidates only;
 ``plan.json`` holds every predicted and measured point.
 """
@@ -36,7 +37,7 @@ class FitConfig:
     onnx_schemes: list[str] = field(default_factory=lambda: list(ONNX_SCHEMES), metadata={"help": "ONNX quantizations to consider: int4-<block size>[-head8] (an 8-bit output head), int8"})
     max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
     decode_model: bool = field(default=True, metadata={"help": "measure llama.cpp's decode costs on probes (once per machine and model, minutes) so that even the first files' speed is predicted from their types; off: the roofline and a one-layer probe until files are measured"})
-    screen_windows: int = field(default=4, metadata={"help": "the first file's quantized KV caches are scored on this many evaluation windows (their figures estimated from the f16 cache's on the same windows) and on all of them only if one is to be recommended; 0: all on every window"})
+    screen_windows: int = field(default=4, metadata={"help": "every file after the first, and the first file's quantized KV caches, are scored on this many evaluation windows (their figures estimated from the first file's on the same windows) and on the rest only if one is to be recommended; 0: all on every window"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
     rounds: int = field(default=2, metadata={"help": "search / build / refit rounds"})
     trials: int = field(default=120, metadata={"help": "predicted points the search tries per round"})
@@ -200,8 +201,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
 
 def _tasks(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, todo, kv_types: list[str],
            built: list[Built]) -> tuple[list, list[dict]]:
-    """A task per point to build: the first GGUF file measured with every KV type (their own KL; the quantized
-    ones screened), later ones with their own."""
+    """A task per point to build: the first GGUF file measured with every KV type (their own KL), later ones with
+    their own; every file after the run's first screened (``_screen``)."""
     tasks, raws = [], []
     for p in todo:
         raws.append(planner.raw(p.candidate))
@@ -209,42 +210,58 @@ def _tasks(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, todo,
             and not any(not b.raw["onnx"] for b in built)
         tasks.append(_task(ctx, cfg, planner, shared, raws[-1], kv_types if first else [p.candidate.kv_type],
                            {b.name for b in built} | {t.name for t in tasks}))
-        if first:
-            _screen(cfg, tasks[-1])
+        _screen(cfg, tasks[-1], anchored=bool(built) or len(tasks) > 1)
     return tasks, raws
 
 
 def _take_measured(ctx: RunContext, cfg: FitConfig, planner, budget, task, b: Built, res: dict, measured: list[dict],
                    origins: dict) -> None:
-    """A built file's measurements into the plan (a screened cache's estimated from the f16 cache's on the same
-    windows), then the predictors refitted."""
+    """A built file's measurements into the plan (a screened one's estimated from the run's first evaluation on
+    every window, ``_anchor``), then the predictors refitted."""
     from ..planner import screened_evaluation
 
     for kv, found in res["measured"].items():
+        estimated = found
         if found.get("screened"):
-            found = {**found, "evaluation": screened_evaluation(found["evaluation"], res["measured"]["f16"]["evaluation"])}
-        measured.append(_measured(ctx, cfg, planner, budget, b, kv, found))
+            anchor = _anchor(origins)
+            estimated = {**found, "evaluation": screened_evaluation(found["evaluation"], anchor) if anchor
+                         else found["evaluation"]}
+        measured.append(_measured(ctx, cfg, planner, budget, b, kv, estimated))
         origins[measured[-1]["name"]] = (task, b, found)
     _refit(planner, measured)
 
 
-def _screen(cfg: FitConfig, task) -> None:
-    """The first file's quantized KV caches scored on the first ``screen_windows`` windows (f16 first, on all)."""
-    if "f16" in task.kv_types and 0 < cfg.screen_windows < len(task.eval_windows):
+def _anchor(origins: dict) -> dict | None:
+    """The run's first evaluation on every window (the first file's, with an f16 cache for a GGUF file): what the
+    screened files are compared with on the windows both saw. None when no file got one (the first was rejected)."""
+    return next((found["evaluation"] for _, _, found in origins.values() if not found.get("screened")), None)
+
+
+def _screen(cfg: FitConfig, task, anchored: bool) -> None:
+    """Which of a task's KV types are scored on the first ``screen_windows`` windows only: after the run's first
+    file (``anchored``: an evaluation on every window comes before), all of them; the first file's quantized caches
+    (f16 first, on every window)."""
+    if not 0 < cfg.screen_windows < len(task.eval_windows):
+        return
+    if anchored:
+        task.screened_kv = list(task.kv_types)
+    elif "f16" in task.kv_types:
         task.kv_types = ["f16"] + [k for k in task.kv_types if k != "f16"]
         task.screened_kv = task.kv_types[1:]
-        task.screen_windows = cfg.screen_windows
+    task.screen_windows = cfg.screen_windows
 
 
 def _recommend(ctx: RunContext, cfg: FitConfig, planner, budget, measured: list[dict], points, origins) -> dict:
-    """The recommendation among the measured points, a screened pick scored on every window first."""
+    """The recommendation among the measured points, a screened pick scored on the rest of the windows first."""
+    from ..evaluate import joined_results
     from ..plan_tasks import score_file
     from ..planner import recommend_scored
 
     def rescore(m: dict) -> dict:
         task, b, found = origins[m["name"]]
         ctx.progress(0.96, f"{m['name']}: scoring it on every evaluation window before recommending it")
-        full = score_file(task, m["kv_type"], ctx.cancel.is_set)
+        rest = score_file(task, m["kv_type"], ctx.cancel.is_set, skip=m["screened"], token_kl=True)
+        full = {k: v for k, v in joined_results(found["evaluation"], rest).items() if k != "token_kl"}
         ctx.log(f"{m['name']}: KL {full['kl']:.5f} on all {full['windows']} windows (estimated from {m['screened']}: "
                 f"{m['kl']:.5f})")
         return _measured(ctx, cfg, planner, budget, b, m["kv_type"], {"evaluation": full, "benchmark": found["benchmark"]})
