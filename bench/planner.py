@@ -290,9 +290,10 @@ def markdown(results: dict) -> str:
                            f"{c['kl']:.5f}{'*' if c.get('screened') else ''} / {c['kl_predicted']:.5f} |")
         cands = [c for r in s["rows"] for c in r["candidates"]]
         if any(c.get("screened") for c in cands):
-            out += ["", "\\* screened: a quantized KV cache of the run's first file evaluated on its first windows only, "
-                    "its KL the f16 cache's on all windows plus their difference on those windows (it was not "
-                    "recommended; a recommended one is evaluated on every window first)."]
+            out += ["", "\\* screened: evaluated on the first windows only (every file after the run's first, and the "
+                    "first file's quantized KV caches), its KL the first file's (f16 cache) on all windows plus "
+                    "their difference on those windows (it was not recommended; a recommended one is evaluated on "
+                    "the rest of the windows first)."]
         near = sum(abs(c["decode_here_predicted"] / c["decode_here"] - 1) <= 0.25 for c in cands)
         mem = sum(abs(c["memory_predicted"] / c["memory"] - 1) <= 0.10 for c in cands)
         out += ["", f"Decode speed predicted within 25%: {near} of {len(cands)} candidates; memory within 10%: {mem} of "
