@@ -14,6 +14,12 @@ FAMILY_AGNOSTIC = ("export", "evaluate", "benchmark")
 # Steps whose blocks go into EdgeTailor's own GGUF writer (the block walker is tested against a full forward on
 # each family the own writer covers).
 OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated", "fit")
+# Techniques that take a decoder block whole or its linear layers as plain matrices, whatever a family names them
+# (remove blocks, factor, cluster, train): verified on every family of the own writer (tests/test_families.py:
+# the file equals the changed model, and removing blocks equals skipping them). AWQ's folding into the norms,
+# width pruning's cuts, layer sharing and exit heads assume the Llama block and stay with the Llama-like families.
+BLOCK_TECHNIQUES = ("prune.depth", "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora")
+OWN_WRITER_TECHNIQUES = VALUE_TECHNIQUES + OWN_WRITER_STEPS + BLOCK_TECHNIQUES
 
 
 @dataclass(frozen=True)
@@ -79,30 +85,30 @@ ARCHITECTURES: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("qwen2", "qwen2", qkv_bias=True, features=("q/k/v biases",), **_LLAMA_LIKE),
     ArchSpec("qwen3", "qwen3", qk_norm=True, features=("QK norms",), **_LLAMA_LIKE),
     ArchSpec("gemma", "gemma", **_BUILDER, gguf_writer="edgetailor", gguf_norm_shift=1.0, gguf_space_prefix=False,
-             techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS, features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
+             techniques=OWN_WRITER_TECHNIQUES, features=("embedding scaling", "norm offset (1 + w)", "tied head", "GeLU")),
     ArchSpec("gemma2", "gemma2", onnx_note=_SWA_NOTE, gguf_writer="edgetailor", gguf_norm_shift=1.0, gguf_layer_types=True,
-             gguf_space_prefix=False, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             gguf_space_prefix=False, techniques=OWN_WRITER_TECHNIQUES,
              gguf_scalars=(("attn_logit_softcapping", "add_attn_logit_softcapping"),
                            ("final_logit_softcapping", "add_final_logit_softcapping")), features=("logit soft-capping", "attention soft-capping", "local/global layers",
                                             "sliding window", "query pre-attention scaling", "post-norms")),
     ArchSpec("gemma3_text", "gemma3", onnx_note=_SWA_NOTE, gguf_writer="edgetailor", qk_norm=True, gguf_norm_shift=1.0,
-             gguf_layer_types=True, gguf_space_prefix=False, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             gguf_layer_types=True, gguf_space_prefix=False, techniques=OWN_WRITER_TECHNIQUES,
              gguf_scalars=(("final_logit_softcapping", "add_final_logit_softcapping"),), features=("local/global layers", "sliding window", "two rope bases",
                                                  "QK norms", "embedding scaling", "norm offset")),
-    ArchSpec("phi3", "phi3", **_BUILDER, gguf_writer="edgetailor", techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+    ArchSpec("phi3", "phi3", **_BUILDER, gguf_writer="edgetailor", techniques=OWN_WRITER_TECHNIQUES,
              features=("fused QKV", "fused gate-up", "partial rotary", "long-rope scaling")),
     ArchSpec("granite", "granite", **_BUILDER, gguf_writer="edgetailor", permute_qk=True,
-             techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+             techniques=OWN_WRITER_TECHNIQUES,
              gguf_scalars=(("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
                            ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")),
              features=("embedding, residual, attention and logit multipliers",)),
-    ArchSpec("olmo2", "olmo2", gguf_writer="edgetailor", gguf_layer_types=True, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+    ArchSpec("olmo2", "olmo2", gguf_writer="edgetailor", gguf_layer_types=True, techniques=OWN_WRITER_TECHNIQUES,
              features=("QK norms over all heads", "post-norms")),
-    ArchSpec("smollm3", "smollm3", gguf_writer="edgetailor", permute_qk=True, techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+    ArchSpec("smollm3", "smollm3", gguf_writer="edgetailor", permute_qk=True, techniques=OWN_WRITER_TECHNIQUES,
              onnx_note="onnxruntime-genai 0.18's builder fails on its NoPE layers (KeyError 'position_ids')", features=("NoPE layers",)),
-    ArchSpec("starcoder2", "starcoder2", gguf_writer="edgetailor", techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+    ArchSpec("starcoder2", "starcoder2", gguf_writer="edgetailor", techniques=OWN_WRITER_TECHNIQUES,
              features=("biases", "LayerNorm", "GeLU MLP")),
-    ArchSpec("stablelm", "stablelm", gguf_writer="edgetailor", techniques=VALUE_TECHNIQUES + OWN_WRITER_STEPS,
+    ArchSpec("stablelm", "stablelm", gguf_writer="edgetailor", techniques=OWN_WRITER_TECHNIQUES,
              features=("partial rotary", "LayerNorm", "q/k/v biases")),
     ArchSpec("qwen3_moe", "qwen3moe", qk_norm=True, moe=True, gguf_writer="edgetailor", techniques=MOE_TECHNIQUES,
              features=("mixture of experts (top-k routing)", "QK norms")),

@@ -250,6 +250,67 @@ def test_granite_smollm3_gemma3_and_phi3_take_calibrated_blocks_from_the_own_wri
                 "granite.logit_scale"} <= keys
 
 
+OWN_WRITER_FAMILIES = ["granite", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "starcoder2", "stablelm"]
+#: each family's names for its blocks' linear layers (Phi-3 fuses q/k/v and gate/up; StarCoder2's MLP is c_fc/c_proj)
+LINEAR_NAMES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, "starcoder2": {*ATTENTION, "c_fc", "c_proj"}}
+
+
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+def test_blocks_are_removed_factored_clustered_and_trained_on_every_own_writer_family(family, family_model):
+    """A block removed and the linear layers factored and clustered (the source read lazily, one block at a time),
+    then LoRA adapters on every linear layer whatever the family calls it and a distillation (trained): each does
+    what its report says on the family's own layers, and the file of the result computes what the model computes."""
+    from edgetailor.engine.steps.lowrank import LINEAR_NAMES as FACTORABLE
+
+    folder = family_model(family)
+    config = json.loads((folder / "config.json").read_text())
+    record = _run(folder, [
+        {"step": "prune.depth", "params": {"blocks": 1, "calibration_sequences": 4, "seq_len": 64}},
+        {"step": "lowrank.svd", "params": {"keep": 0.5, "factored": False, "calibration_sequences": 4,
+                                           "calibration_length": 64}},
+        {"step": "cluster.kmeans", "params": {"clusters": 16, "write_palette": False}},
+        {"step": "finetune.lora", "params": {"steps": 2, "max_minutes": 0, "seq_len": 64, "rank": 4}},
+        {"step": "distill", "params": {"steps": 2, "max_minutes": 0, "seq_len": 64}},
+        {"step": "export", "params": {"format": "gguf", "types": ["F16"]}},
+    ])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = {s["name"]: s.get("report", {}) for s in m["steps"]}
+    assert report["prune.depth"]["num_hidden_layers"] == config["num_hidden_layers"] - 1
+    names = LINEAR_NAMES.get(family, {*ATTENTION, "gate_proj", "up_proj", "down_proj"})
+    factored = {n.rsplit(".", 1)[-1] for n in report["lowrank.svd"]["ranks"]}
+    assert factored == names & set(FACTORABLE) and report["lowrank.svd"]["linear_params_after"] < \
+        report["lowrank.svd"]["linear_params_before"]
+    assert report["cluster.kmeans"]["max_distinct_values"] <= 16
+    assert report["finetune.lora"]["steps"] == report["distill"]["steps"] == 2
+    assert set(report["finetune.lora"]["target_modules"]) == names          # every linear layer, as the family names it
+    (v,) = m["variants"]
+    assert v["metrics"]["verify_kl"] < 1e-4 and v["metrics"]["verify_top1"] >= 0.95, v["metrics"]
+
+
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+def test_a_model_without_blocks_computes_what_the_model_skipping_them_computes(family, family_model):
+    """Read lazily without block 1, or rebuilt without it in memory: the logits of the source with that block passing
+    its input through (per-block lists such as Gemma 3's local/global layers or SmolLM3's rotary-free blocks carried
+    along)."""
+    import torch
+    from edgetailor.engine.calibration import final_logprobs, skipping_block
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.prune.structured import remove_blocks
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    ids = torch.arange(3, 67).reshape(2, 32)
+    with skipping_block(model, 1), torch.no_grad():
+        want = torch.log_softmax(model(input_ids=ids).logits.float(), -1).reshape(-1, model.config.vocab_size)
+    lazy = final_logprobs(LazyModel(folder).without_blocks([1]), ids)
+    with torch.no_grad():
+        rebuilt = torch.log_softmax(remove_blocks(model, [1])(input_ids=ids).logits.float(), -1).reshape(lazy.shape)
+    assert (lazy - want).abs().max() < 1e-4 and (rebuilt - want).abs().max() < 1e-4
+
+
 def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only(tmp_path):
     from edgetailor.engine import preflight, resolve
 
@@ -257,7 +318,10 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
             "vocab_size": 100, "max_position_embeddings": 8192}
     for family in ("granite", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "starcoder2", "stablelm"):
         rep = preflight(resolve(str(_fake_model(tmp_path / family, {**base, "model_type": family}))))
-        assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix")), rep.techniques
+        assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix", "prune.depth",
+                                                        "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora"))
+        # AWQ folds into Llama's pre-norms (Gemma's are 1 + w, OLMo 2's come after): not these families
+        assert rep.techniques["awq.scale"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == "yes"
     assert moe.techniques["fit"].startswith("not for mixtral yet: this step does not handle its expert layers")

@@ -21,9 +21,9 @@ EXPORTS = "GGUF and ONNX natively: the adapters are merged into the weights befo
 class LoraConfig:
     rank: int = field(default=8, metadata={"help": "rank of the adapters"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"],
-                                      metadata={"help": "linear layers that get adapters"})
+    target_modules: list[str] = field(default_factory=list, metadata={
+        "help": "linear layers that get adapters, by name (q_proj, o_proj, gate_up_proj, ...; default: every linear "
+                "layer of the decoder blocks, whatever the family calls them)"})
     objective: str = field(default="next_token", metadata={"help": "next_token (fine-tune on the text) or distill "
                                                                     "(match the source model: healing)"})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
@@ -44,15 +44,15 @@ class LoraConfig:
             raise ValueError("objective must be next_token or distill")
         if not self.max_minutes and not self.steps:
             raise ValueError("give max_minutes and/or steps")
-        if not self.target_modules:
-            raise ValueError("name at least one target module")
 
 
 def _lora_need(cfg: LoraConfig, shape):
     from ..footprint import lora_parameters, training_need
     from .distill import resolved_bf16
 
-    return training_need("finetune.lora", shape, lora_parameters(shape, cfg.rank, cfg.target_modules),
+    # every linear layer by default: the Llama names' widths (a family's fused q/k/v or gate/up count no more)
+    modules = cfg.target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return training_need("finetune.lora", shape, lora_parameters(shape, cfg.rank, modules),
                          cfg.batch_size * cfg.seq_len, cfg.seq_len, teacher=cfg.objective == "distill",
                          bf16=resolved_bf16(cfg.bf16))
 
@@ -71,7 +71,8 @@ def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
     torch.set_num_threads(ctx.options.resolved_threads())
     model = ctx.model
     present = {n.rsplit(".", 1)[-1] for n in linear_modules(model)}
-    missing = sorted(set(cfg.target_modules) - present)
+    targets = list(cfg.target_modules) or sorted(present)
+    missing = sorted(set(targets) - present)
     if missing:
         raise EdgeTailorError(f"The model has no linear layers named {missing}.",
                               f"Pick target_modules among: {', '.join(sorted(present))}.")
@@ -83,9 +84,9 @@ def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
         for p in teacher.parameters():
             p.requires_grad_(False)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                         target_modules=list(cfg.target_modules), bias="none"))
+                                                         target_modules=targets, bias="none"))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    ctx.log(f"LoRA rank {cfg.rank} on {', '.join(cfg.target_modules)}: {trainable:,} trainable parameters, "
+    ctx.log(f"LoRA rank {cfg.rank} on {', '.join(targets)}: {trainable:,} trainable parameters, "
             f"{len(seqs)} sequences of {cfg.seq_len} tokens")
 
     def on_step(s):
@@ -102,7 +103,8 @@ def lora_finetune(ctx: RunContext, cfg: LoraConfig) -> None:
     ctx.model = merged.eval()
     ctx.mark_applied(f"lora{cfg.rank}")
     first, last = result.losses[:10], result.losses[-10:]
-    ctx.report(objective=cfg.objective, rank=cfg.rank, trainable_parameters=trainable, steps=result.steps,
+    ctx.report(objective=cfg.objective, rank=cfg.rank, target_modules=targets, trainable_parameters=trainable,
+               steps=result.steps,
                seconds=result.seconds, stopped_by=result.stopped_by,
                loss_first=round(sum(first) / len(first), 5), loss_last=round(sum(last) / len(last), 5))
     ctx.progress(1.0, "merged")

@@ -28,7 +28,10 @@ from ..context import RunContext
 from ..errors import EdgeTailorError
 from ..registry import register_step
 
-LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: the decoder blocks' linear layers as the families name them: Llama's, Phi-3's fused q/k/v and gate/up,
+#: StarCoder2's MLP (c_fc, c_proj); a model is factored in the ones it has
+LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+                "c_fc", "c_proj"]
 
 
 class LowRankLinear(nn.Module):
@@ -249,7 +252,7 @@ def factorize(model, cfg: LowRankConfig, sequences=None, progress=None, cancelle
                                       lambda f, m: progress(0.8 * f, f"factoring: {m}"), cancelled)
     if not shapes:
         raise EdgeTailorError(f"The model has no linear layers named {cfg.targets} to factor.",
-                              "Pick targets among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.")
+                              f"Pick targets among {', '.join(LINEAR_NAMES)}.")
     choose = ranks_by_budget if cfg.mode == "budget" else ranks_by_energy
     ranks = choose({n: Factors(None, s, None) for n, s in spectra.items()}, shapes, cfg.keep)
     walk = rebuild_walk(None) if rebuild_walk else BlockWalk(model, None, cancelled=cancelled)
