@@ -311,6 +311,40 @@ def test_a_model_without_blocks_computes_what_the_model_skipping_them_computes(f
     assert (lazy - want).abs().max() < 1e-4 and (rebuilt - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+def test_awq_scales_fold_where_each_familys_inputs_are_made_and_keep_the_function(family, family_model):
+    """Any positive scales folded into every group of every block (Gemma's 1 + w norms and its MLP's own pre-norm,
+    Phi-3's fused layers and the up half of gate_up, LayerNorm biases, OLMo 2's up -> down only): the model
+    computes what it computed; then the step itself, after imatrix, writes a file that computes the scaled model."""
+    import torch
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.awq import awq_groups, fold_scales, norm_shift
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    ids = torch.arange(3, 67).reshape(2, 32)
+    groups = awq_groups(model.config)
+    assert groups and ("attn_in" in groups) == (family != "olmo2")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        gen = torch.Generator().manual_seed(0)
+        for layer in model.model.layers:
+            for group in groups.values():
+                width = layer.get_submodule(group.linears[0]).in_features
+                fold_scales(layer, group, torch.exp(0.5 * torch.randn(width, generator=gen)), norm_shift(model.config))
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
+    record = _run(folder, [{"step": "imatrix", "params": {"hessians": True, "max_sequences": 4, "seq_len": 64}},
+                           {"step": "awq.scale", "params": {"grid": 4}},
+                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = next(s["report"] for s in m["steps"] if s["name"] == "awq.scale")
+    assert report["groups"] == len(groups) * json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4
+
+
 def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only(tmp_path):
     from edgetailor.engine import preflight, resolve
 
@@ -319,9 +353,9 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
     for family in ("granite", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "starcoder2", "stablelm"):
         rep = preflight(resolve(str(_fake_model(tmp_path / family, {**base, "model_type": family}))))
         assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix", "prune.depth",
-                                                        "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora"))
-        # AWQ folds into Llama's pre-norms (Gemma's are 1 + w, OLMo 2's come after): not these families
-        assert rep.techniques["awq.scale"].startswith(f"not for {family} yet"), rep.techniques
+                                                        "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora",
+                                                        "awq.scale"))
+        assert rep.techniques["prune.width"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == "yes"
     assert moe.techniques["fit"].startswith("not for mixtral yet: this step does not handle its expert layers")

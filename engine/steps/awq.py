@@ -1,10 +1,11 @@
 """AWQ-style equivalent scaling: protect the input channels that carry large activations before quantizing.
 
 For a linear layer y = W x, scaling input channel j of W by s_j and dividing x_j by s_j leaves y unchanged.
-When x comes out of an RMSNorm (q/k/v, gate/up) the division folds into the norm's weight; when it comes
-out of up_proj (down_proj's input is act(gate) * up, linear in up) it folds into up_proj's rows. Nothing
-is added to the graph, so every runtime and exporter gets the benefit: llama.cpp's own quantizer, the
-calibrated GGUF writer, ONNX int4.
+When x comes out of a norm (q/k/v, gate/up) the division folds into the norm's scale (Gemma's 1 + w included)
+and bias; when it comes out of up_proj (down_proj's input is act(gate) * up, linear in up) it folds into
+up_proj's rows. Where each family's inputs come from is ``awq_groups`` (Gemma 2/3's MLP norm, Phi-3's fused
+layers, StarCoder2's GeLU MLP, OLMo 2's post-norms). Nothing is added to the graph, so every runtime and exporter
+gets the benefit: llama.cpp's own quantizer, the calibrated GGUF writer, ONNX int4.
 
 The scales follow AWQ (Lin et al., 2024): s = m^alpha, where m is each input channel's RMS on the
 calibration text, alpha chosen per group of layers from a grid. The search scores each alpha by the error
@@ -95,56 +96,104 @@ def _rescale_stats(stats, modules: list[str], s: torch.Tensor) -> None:
             stats.xtx[k] = (stats.xtx[k].double() / torch.outer(s64, s64)).float()
 
 
+@dataclass(frozen=True)
+class Group:
+    """Linear layers that read one input, and where that input's division by the scales folds: the norm that makes
+    it (``norm``), or the rows of the linear layer that makes it (``rows_of``, ``rows``: "all" or Phi-3's "second
+    half", the up half of its fused gate-up). Module paths within a decoder block."""
+    linears: tuple[str, ...]
+    norm: str = ""
+    rows_of: str = ""
+    rows: str = "all"
+
+
+def awq_groups(config) -> dict[str, Group]:
+    """The family's layer groups: Llama's pre-norms feed q/k/v and gate/up, up_proj feeds down_proj (after the
+    activation: linear in up); Gemma 2/3 feed the MLP from ``pre_feedforward_layernorm``; Phi-3 fuses q/k/v and
+    gate/up (its up is the second half of gate_up_proj's rows); StarCoder2's MLP is c_fc -> GeLU -> c_proj (nothing
+    folds past the GeLU); OLMo 2's norms come after attention and MLP (only up -> down folds); StableLM with a
+    parallel residual feeds its MLP from the attention's norm (that group would need one scale for both)."""
+    kind = config.model_type
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    if kind == "phi3":
+        return {"attn_in": Group(("self_attn.qkv_proj",), norm="input_layernorm"),
+                "mlp_in": Group(("mlp.gate_up_proj",), norm="post_attention_layernorm"),
+                "mlp_down": Group(("mlp.down_proj",), rows_of="mlp.gate_up_proj", rows="second half")}
+    if kind == "starcoder2":
+        return {"attn_in": Group(attn, norm="input_layernorm"), "mlp_in": Group(("mlp.c_fc",), norm="post_attention_layernorm")}
+    mlp_norm = "pre_feedforward_layernorm" if kind in ("gemma2", "gemma3_text") else "post_attention_layernorm"
+    groups = {"attn_in": Group(attn, norm="input_layernorm"),
+              "mlp_in": Group(("mlp.gate_proj", "mlp.up_proj"), norm=mlp_norm),
+              "mlp_down": Group(("mlp.down_proj",), rows_of="mlp.up_proj")}
+    if kind == "olmo2":
+        return {"mlp_down": groups["mlp_down"]}
+    if kind == "stablelm" and getattr(config, "use_parallel_residual", False):
+        del groups["mlp_in"]
+    return groups
+
+
+def norm_shift(config) -> float:
+    """What a family's norms add to their weight before scaling (Gemma's RMSNorm scales by 1 + w)."""
+    from ..architectures import arch_spec
+
+    spec = arch_spec(config.model_type)
+    return spec.gguf_norm_shift if spec is not None else 0.0
+
+
+def fold_scales(layer, group: Group, s: torch.Tensor, shift: float = 0.0) -> None:
+    """The group's linear layers read x * s where they read x: their columns times s, and x divided by s where it is
+    made: the norm's scale (shift + w) and bias, or the rows of the linear layer that makes it (and their bias)."""
+    for path in group.linears:
+        lin = layer.get_submodule(path)
+        lin.weight.mul_(s.to(lin.weight.dtype))
+    if group.norm:
+        norm = layer.get_submodule(group.norm)
+        w = norm.weight
+        w.copy_((w.double() + shift).div(s.double().to(w.device)).sub(shift).to(w.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(s.to(norm.bias.dtype))
+        return
+    prev = layer.get_submodule(group.rows_of)
+    rows = slice(prev.out_features - len(s), None) if group.rows == "second half" else slice(None)
+    prev.weight[rows].div_(s.to(prev.weight.dtype)[:, None])
+    if prev.bias is not None:
+        prev.bias[rows].div_(s.to(prev.bias.dtype))
+
+
 def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> list[dict]:
     """Rescale every decoder layer of a loaded model in place; returns one record per layer group."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise EdgeTailorError("AWQ scaling needs a decoder with model.layers (Llama-style).",
-                              "Use a llama, mistral, qwen2 or qwen3 model.")
+        raise EdgeTailorError("AWQ scaling needs a decoder with model.layers.", "Use a model of a supported family.")
     records = []
     for li, layer in enumerate(layers):
         if cancelled and cancelled():
             raise RunCancelled()
-        records += scale_layer(layer, f"model.layers.{li}.", stats, cfg)
+        records += scale_layer(layer, f"model.layers.{li}.", stats, cfg, model.config)
         if progress:
             progress((li + 1) / len(layers), f"layer {li + 1}/{len(layers)} scaled")
     return records
 
 
-def scale_layer(layer, prefix: str, stats, cfg: AwqConfig) -> list[dict]:
-    """One decoder layer's groups rescaled in place (and the statistics with them): one record per group."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not hasattr(mlp, "up_proj"):
-        raise EdgeTailorError("AWQ scaling needs Llama-style blocks (self_attn.q/k/v_proj, mlp.gate/up/down_proj).",
-                              "Use a llama, mistral, qwen2 or qwen3 model.")
-    plan = {
-        "attn_in": (layer.input_layernorm, None, [attn.q_proj, attn.k_proj, attn.v_proj],
-                    ["q_proj", "k_proj", "v_proj"], "self_attn"),
-        "mlp_in": (layer.post_attention_layernorm, None, [mlp.gate_proj, mlp.up_proj], ["gate_proj", "up_proj"], "mlp"),
-        "mlp_down": (None, mlp.up_proj, [mlp.down_proj], ["down_proj"], "mlp"),
-    }
+def scale_layer(layer, prefix: str, stats, cfg: AwqConfig, config) -> list[dict]:
+    """One decoder layer's groups (those of ``cfg.groups`` the family has) rescaled in place, and the statistics
+    with them: one record per group."""
+    groups, shift = awq_groups(config), norm_shift(config)
     records = []
-    for group in cfg.groups:
-        norm, prev, linears, names, parent = plan[group]
-        modules = [f"{prefix}{parent}.{n}" for n in names]
+    for name in (g for g in cfg.groups if g in groups):
+        group = groups[name]
+        modules = [prefix + p for p in group.linears]
         h = stats.hessian(modules[0])
         if h is None:
             raise EdgeTailorError("AWQ scaling needs the inputs' X^T X.",
                                   "Run the 'imatrix' step with hessians: true before 'awq.scale'.")
         with torch.no_grad():
-            ws = [lin.weight.detach().float() for lin in linears]
+            ws = [layer.get_submodule(p).weight.detach().float() for p in group.linears]
             s, alpha, err, plain = search_scales(ws, h.float(), cfg)
             if alpha > 0:
-                for lin in linears:
-                    lin.weight.mul_(s.to(lin.weight.dtype))
-                if norm is not None:
-                    norm.weight.div_(s.to(norm.weight.dtype))
-                else:
-                    prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-                    if prev.bias is not None:
-                        prev.bias.div_(s.to(prev.bias.dtype))
+                fold_scales(layer, group, s, shift)
                 _rescale_stats(stats, modules, s)
-        records.append({"layer": int(prefix.split(".")[-2]), "group": group, "alpha": alpha,
+        records.append({"layer": int(prefix.split(".")[-2]), "group": name, "alpha": alpha,
                         "error_before": plain, "error_after": err})
     return records
 
@@ -169,7 +218,7 @@ def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
     stats = current_stats(ctx, need_hessians=True)
     walk, records = ctx.transform_walk(), []
     for block in walk:                    # one block's weights at a time; the scaled ones kept
-        records += scale_layer(block.module, block.prefix, stats, cfg)
+        records += scale_layer(block.module, block.prefix, stats, cfg, walk.model.config)
         block.keep({n: m for n, m in block.module.named_modules(prefix=block.prefix.rstrip("."))
                     if isinstance(m, torch.nn.Linear) or n.endswith("layernorm")})
     label = f"awq{cfg.bits}"
