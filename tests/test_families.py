@@ -160,17 +160,20 @@ def test_unsupported_family_has_its_own_exit_code_and_names_what_is_supported(tm
 
 
 def test_a_technique_that_does_not_apply_is_refused_before_the_model_loads(tmp_path, family_model):
-    """Width pruning is not verified on Gemma 2: the run stops at pre-flight, with the reason."""
-    r = _cli("compress", str(family_model("gemma2")), "--recipe", str(_recipe(tmp_path, "prune.width")),
-             home=tmp_path / "home")
-    assert r.returncode == 4, r.stderr
-    assert "prune.width" in r.stderr and "not for gemma2 yet" in r.stderr and "Traceback" not in r.stderr
-    assert "Loading" not in r.stderr
+    """Layer sharing, and width pruning of attention heads, are not verified on Gemma 2: the run stops at
+    pre-flight, with the reason (its MLP channels may go)."""
+    for step, params, words in (("share.layers", {}, "not for gemma2 yet"),
+                                ("prune.width", {"heads_keep": 0.5}, "attention heads and hidden channels is not for gemma2")):
+        r = _cli("compress", str(family_model("gemma2")), "--recipe", str(_recipe(tmp_path, step, params)),
+                 home=tmp_path / "home")
+        assert r.returncode == 4, r.stderr
+        assert step in r.stderr and words in r.stderr and "Traceback" not in r.stderr
+        assert "Loading" not in r.stderr
 
 
-def _recipe(tmp_path: Path, step: str) -> Path:
+def _recipe(tmp_path: Path, step: str, params: dict | None = None) -> Path:
     p = tmp_path / "recipe.json"
-    p.write_text(json.dumps({"name": "r", "steps": [{"step": step}, {"step": "export"}]}))
+    p.write_text(json.dumps({"name": "r", "steps": [{"step": step, "params": params or {}}, {"step": "export"}]}))
     return p
 
 
@@ -345,6 +348,45 @@ def test_awq_scales_fold_where_each_familys_inputs_are_made_and_keep_the_functio
     assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4
 
 
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+def test_cut_mlp_channels_are_the_channels_zeroed_on_every_own_writer_family(family, family_model):
+    """Width pruning of MLP channels, whatever the family's MLP (gate/up/down, Phi-3's fused gate_up, StarCoder2's
+    c_fc/c_proj): the smaller model computes what the source computes with those channels' down-projection
+    columns zeroed; as a step on the lazily read files, its file computes the smaller model."""
+    import copy
+
+    import torch
+    from edgetailor.engine.calibration import linear_input_stats
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.prune.structured import WidthPruneConfig, apply_slices, mlp_layout, width_slices
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    ids = torch.arange(3, 67).reshape(2, 32)
+    reads = mlp_layout(model.config).reads
+    stats = linear_input_stats(model, ids, lambda n: n.endswith(reads.rsplit(".", 1)[-1]))
+    slices, changes = width_slices(model, stats, WidthPruneConfig(mlp_keep=0.5, round_to=0))
+    inter = model.config.intermediate_size
+    assert changes == {"intermediate_size": inter // 2}
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(zeroed.model.layers):
+            (_, kept), = slices[f"model.layers.{i}.{reads}.weight"]
+            gone = torch.ones(inter, dtype=torch.bool)
+            gone[kept] = False
+            layer.get_submodule(reads).weight[:, gone] = 0
+        want, got = zeroed(input_ids=ids).logits, apply_slices(model, slices, changes)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    record = _run(folder, [{"step": "prune.width", "params": {"mlp_keep": 0.5, "round_to": 0, "calibration_sequences": 4,
+                                                              "seq_len": 64}},
+                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    assert next(s["report"] for s in m["steps"] if s["name"] == "prune.width")["intermediate_size"] == inter // 2
+    assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4
+
+
 def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only(tmp_path):
     from edgetailor.engine import preflight, resolve
 
@@ -354,8 +396,8 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
         rep = preflight(resolve(str(_fake_model(tmp_path / family, {**base, "model_type": family}))))
         assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix", "prune.depth",
                                                         "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora",
-                                                        "awq.scale"))
-        assert rep.techniques["prune.width"].startswith(f"not for {family} yet"), rep.techniques
+                                                        "awq.scale", "prune.width"))
+        assert rep.techniques["share.layers"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == "yes"
     assert moe.techniques["fit"].startswith("not for mixtral yet: this step does not handle its expert layers")

@@ -58,6 +58,11 @@ class WidthPruneConfig:
     calibration_sequences: int = field(default=32, metadata={"help": "calibration sequences for the importance"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
 
+    @property
+    def mlp_only(self) -> bool:
+        """Only MLP channels go (the width axis every supported family's layout is known for)."""
+        return self.heads_keep == self.kv_groups_keep == self.hidden_keep == 1.0 and not self.hidden_size
+
     def __post_init__(self):
         for name in ("heads_keep", "kv_groups_keep", "mlp_keep", "hidden_keep"):
             if not 0.0 < getattr(self, name) <= 1.0:
@@ -120,6 +125,23 @@ def _round(n: int, total: int, multiple: int) -> int:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+@dataclass(frozen=True)
+class MlpLayout:
+    """A family's MLP within a block: the layer that reads its channels (ranked by their input norm), the layers
+    whose rows make them, and fused layers whose rows make them twice (Phi-3's gate_up: gate, then up)."""
+    reads: str = "mlp.down_proj"
+    makes: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    makes_fused: tuple[str, ...] = ()
+
+
+MLP_LAYOUTS = {"phi3": MlpLayout(makes=(), makes_fused=("mlp.gate_up_proj",)),
+               "starcoder2": MlpLayout(reads="mlp.c_proj", makes=("mlp.c_fc",))}
+
+
+def mlp_layout(config) -> MlpLayout:
+    return MLP_LAYOUTS.get(config.model_type, MlpLayout())
+
+
 def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]:
     """Which indices every tensor keeps: ({tensor name: [(dim, index tensor)]}, config changes)."""
     d = ModelDims.of(model.config)
@@ -138,7 +160,7 @@ def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]
     if keep_inter < d.intermediate:
         changes["intermediate_size"] = keep_inter
         for i in range(n_layers):
-            slices.update(_mlp_slices(i, stats, keep_inter))
+            slices.update(_mlp_slices(i, stats, keep_inter, mlp_layout(model.config), d.intermediate))
     if keep_hidden < d.hidden:
         changes["hidden_size"] = keep_hidden
         changes.setdefault("head_dim", d.head_dim)
@@ -166,14 +188,14 @@ def _head_slices(i: int, stats: dict, d: ModelDims, keep_groups: int, keep_per_g
     return out
 
 
-def _mlp_slices(i: int, stats: dict, keep_inter: int) -> dict:
-    """Layer i's kept MLP channels, by their down_proj input norm."""
-    idx = torch.sort(torch.topk(stats[f"model.layers.{i}.mlp.down_proj"].sum_sq, keep_inter).indices).values
-    p = f"model.layers.{i}.mlp."
-    out = {p + "down_proj.weight": [(1, idx)]}
-    for n in ("gate_proj", "up_proj"):
-        out[p + f"{n}.weight"] = [(0, idx)]
-        out[p + f"{n}.bias"] = [(0, idx)]
+def _mlp_slices(i: int, stats: dict, keep_inter: int, layout: MlpLayout, inter: int) -> dict:
+    """Layer i's kept MLP channels, by the input norm of the layer that reads them."""
+    idx = torch.sort(torch.topk(stats[f"model.layers.{i}.{layout.reads}"].sum_sq, keep_inter).indices).values
+    p = f"model.layers.{i}."
+    out = {p + f"{layout.reads}.weight": [(1, idx)]}
+    for n, rows in [(n, idx) for n in layout.makes] + [(n, torch.cat([idx, inter + idx])) for n in layout.makes_fused]:
+        out[p + f"{n}.weight"] = [(0, rows)]
+        out[p + f"{n}.bias"] = [(0, rows)]
     return out
 
 
@@ -260,7 +282,9 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
         decoder_layers(model)
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
     ctx.log(f"Ranking heads and channels on {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
-    stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj")),
+    _check_axes(model.config, cfg)
+    reads = mlp_layout(model.config).reads.rsplit(".", 1)[-1]
+    stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj", reads)),
                                progress=lambda f, m: ctx.progress(0.8 * f, m), cancelled=ctx.cancel.is_set)
     slices, changes = width_slices(model, stats, cfg)
     if not changes:
@@ -278,6 +302,21 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     ctx.report(**{k: v for k, v in changes.items()}, non_embedding_before=before, non_embedding_after=after,
                non_embedding_removed=round(1 - after / before, 4))
     ctx.progress(1.0, "pruned")
+
+
+def _check_axes(config, cfg: WidthPruneConfig) -> None:
+    """Heads and hidden channels are cut with the Llama block's layout; other families' MLP channels only."""
+    from ...architectures import arch_spec
+
+    spec = arch_spec(config.model_type)
+    if not cfg.mlp_only and spec is not None and spec.techniques is not None:
+        raise EdgeTailorError(width_axes_refusal(config.model_type),
+                              "Keep heads_keep, kv_groups_keep and hidden_keep at 1 (prune MLP channels only).")
+
+
+def width_axes_refusal(model_type: str) -> str:
+    return (f"width pruning of attention heads and hidden channels is not for {model_type} yet (its fused, per-head "
+            "or whole-width norms are cut with the Llama layout); its MLP channels are (mlp_keep, intermediate_size)")
 
 
 def depth_ranking(model, seqs, method: str, progress=None, cancelled=None) -> list[float]:
