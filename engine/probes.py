@@ -121,6 +121,37 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
     return entry
 
 
+#: a cached decode cost model is scaled when this machine now runs its speed-check probe this much slower or faster
+SPEED_DRIFT = 0.15
+
+
+def _with_speed_check(entry: dict, check: dict | None, say) -> dict:
+    """A cached model scaled by the speed check's ratio when it drifted past ``SPEED_DRIFT`` (a laptop on battery,
+    a shared host's busy neighbour: the costs were measured on another day), with the check recorded."""
+    if not check:
+        return entry
+    ratio = check.get("ratio")
+    applied = ratio is not None and abs(ratio - 1) > SPEED_DRIFT
+    if applied:
+        say(f"decode cost model: this machine runs {ratio:.2f}x the time per token it took when the costs were "
+            f"measured (speed check); the cached costs are scaled by it")
+    return {**(scaled_decode_model(entry, ratio) if applied else entry), "speed_check": {**check, "applied": applied}}
+
+
+def scaled_decode_model(entry: dict, ratio: float) -> dict:
+    """The decode costs of this machine running ``ratio`` times slower: every time per token times ``ratio``, every
+    rate and the machine's compute (which carries the costs to a device) divided by it."""
+    out = dict(entry)
+    for k in ("fixed_s", "per_layer_s"):
+        out[k] = entry[k] * ratio
+    out["kv_layer_s"] = {t: v * ratio for t, v in (entry.get("kv_layer_s") or {}).items()}
+    for k in ("layer_rates", "head_rates"):
+        out[k] = {t: r / ratio for t, r in (entry.get(k) or {}).items()}
+    if entry.get("host_gflops"):
+        out["host_gflops"] = entry["host_gflops"] / ratio
+    return out
+
+
 # --- decode cost model, measured --------------------------------------------------------------------
 # llama.cpp's file type whose pure quantization stores every matrix as this ggml type (where its rows allow)
 GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
@@ -167,7 +198,9 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
 
     ``project_decode`` then takes per token: fixed + layers x (per-layer cost + the KV type's) + max(roofline,
     kernel time). Probes are timed by their fastest undisturbed pass; a model measured while other processes
-    kept taking CPU time (``benchmark.CONTENDED_WAIT_SHARE``) is used for this run but not cached.
+    kept taking CPU time (``benchmark.CONTENDED_WAIT_SHARE``) is used for this run but not cached. A cached model
+    is checked on every later run: its 1-layer 64-wide probe is timed again, and where this machine now takes more
+    than ``SPEED_DRIFT`` more or less time per token, the costs are scaled by that ratio (``speed_check``).
     """
     import tempfile
 
@@ -180,12 +213,14 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     cache, known, key = _probe_cache("decode-model.json", fmt, source_folder, len(prompt), gen_tokens, n_ctx,
                                      threads, dtype, cpu_model(), DECODE_MODEL_VERSION)
     entry = {} if refresh else known.get(key, {})
+    cached = "fixed_s" in entry
     pair = shape_probe_layers(source_folder)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("decode-model")) as tmp:
         probes = _DecodeProbes(fmt, source_folder, Path(tmp), prompt, gen_tokens, n_ctx, threads, dtype, meter,
                                log or (lambda m: None))
         probes.complete(entry, types, kv_types_of(source_folder, kv_types), pair)
         contended = probes.contended
+        check = probes.speed_check(entry) if cached else None
     solve_rates(entry)
     # probes as deep as the model met the caches and memory as it does: their rates need no roofline here
     entry["whole_depth"] = pair[1] >= source_dims(source_folder).layers
@@ -199,10 +234,10 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
     if contended:
         (log or (lambda m: None))(f"decode cost model: {contended} probe(s) timed while other processes took CPU "
                                   "time; used for this run, not cached (the next run measures again)")
-        return {**entry, "contended_probes": contended}
+        return _with_speed_check({**entry, "contended_probes": contended}, check, log or (lambda m: None))
     known[key] = entry
     atomic.write_json(cache, known)
-    return entry
+    return _with_speed_check(entry, check, log or (lambda m: None))
 
 
 class _DecodeProbes:
@@ -281,6 +316,20 @@ class _DecodeProbes:
                     head_rates={}, host_gflops=self.host.compute_gflops,
                     host_bandwidth_gbs=self.host.memory_bandwidth_gbs,
                     tiny_probe_seconds={str(k): v[0] for k, v in times.items()})
+
+    def speed_check(self, entry: dict) -> dict | None:
+        """The 1-layer 64-wide probe of a cached model timed again: this run's time per token over the cached one
+        (None where it has no such time; no ratio when other processes disturbed every pass)."""
+        n = TINY_LAYERS[0]
+        then = (entry.get("tiny_probe_seconds") or {}).get(str(n))
+        if not then:
+            return None
+        self.say(f"decode cost model: speed check, the {n}-layer probe timed again (its costs are from an earlier run)")
+        disturbed = self.contended
+        now = self.timed(self.probe({**TINY_SHAPE, "num_hidden_layers": n}, f"tiny{n}"))
+        if self.contended > disturbed:
+            return {"seconds_then": then, "seconds_now": now, "ratio": None}
+        return {"seconds_then": then, "seconds_now": now, "ratio": now / then}
 
     def storage_type(self, t: str, pair: tuple[int, int]) -> dict | None:
         """Seconds per token of the probe pair with every matrix in ``t``, and the types the files really hold."""

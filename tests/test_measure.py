@@ -314,4 +314,40 @@ def test_the_decode_cost_model_is_measured_once_then_read_from_the_cache(stories
         assert measured_again and any("not cached" in m for m in said)
     else:
         assert not measured_again, said
-        assert again["layer_rates"] == first["layer_rates"] and again["head_rates"] == first["head_rates"]
+        # only the speed check's probe is timed again; the costs are the cached ones (scaled where it drifted)
+        check = again["speed_check"]
+        assert any("speed check" in m for m in said) and check["seconds_then"] > 0
+        ratio = check["ratio"] if check["applied"] else 1.0
+        assert again["layer_rates"] == pytest.approx({t: r / ratio for t, r in first["layer_rates"].items()})
+        assert again["fixed_s"] == pytest.approx(first["fixed_s"] * ratio)
+
+
+def test_a_cached_decode_cost_model_is_scaled_when_the_machine_runs_slower_than_when_it_was_measured(
+        stories_dir, edgetailor_home):
+    """A laptop on battery, a busy neighbour on a shared host: the speed check times the cached model's small probe
+    again; a machine taking twice the time per token gets every cached time doubled and every rate halved (and its
+    compute halved, so a device's projection does not change)."""
+    from edgetailor.engine.paths import cache_dir
+    from edgetailor.engine.probes import measure_decode_model, scaled_decode_model
+
+    args = ("gguf", stories_dir, ["Q8_0"], list(range(30, 42)), 5, 64, 2)
+    first = measure_decode_model(*args)
+    if first.get("contended_probes"):
+        pytest.skip("a loaded machine disturbed the probes: nothing cached to check")
+    cache = cache_dir() / "decode-model.json"
+    known = json.loads(cache.read_text())
+    (key,) = [k for k, v in known.items() if v.get("fixed_s") == first["fixed_s"]]
+    known[key]["tiny_probe_seconds"] = {k: v / 3 for k, v in known[key]["tiny_probe_seconds"].items()}
+    cache.write_text(json.dumps(known))                  # as if measured on a machine 3x faster than this one
+    said = []
+    again = measure_decode_model(*args, log=said.append)
+    check = again["speed_check"]
+    if check["ratio"] is None:
+        pytest.skip("a loaded machine disturbed the speed check")
+    assert check["applied"] and 2.0 < check["ratio"] < 4.5, check
+    assert any("scaled" in m for m in said)
+    assert again["layer_rates"] == pytest.approx({t: r / check["ratio"] for t, r in first["layer_rates"].items()})
+    assert again["host_gflops"] == pytest.approx(first["host_gflops"] / check["ratio"])
+    twice = scaled_decode_model(first, 2.0)
+    assert twice["per_layer_s"] == 2 * first["per_layer_s"] and twice["kv_layer_s"] == {
+        k: 2 * v for k, v in first["kv_layer_s"].items()}

@@ -597,6 +597,7 @@ def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejec
             "kv_types": cfg.kv_types, "rounds": history, "measured": measured, "rejected": rejected,
             "calibration": planner.calibration.to_dict(), "recommendation": rec,
             "decode_model": planner.decode_model["method"] if planner.decode_model else None,
+            "decode_speed_check": planner.decode_model.get("speed_check") if planner.decode_model else None,
             "decode_model_seconds": planner.decode_model["seconds_here"] if planner.decode_model else 0.0,
             "method": "predicted: memory (weights + KV + measured overhead), decode (GGUF: llama.cpp's decode cost "
                       "model measured on this machine where there is one, else the roofline; + the runtime's own "
