@@ -161,7 +161,7 @@ def evaluate(runtime: Runtime, windows: Sequence[Sequence[int]], *, reference: R
         count += len(targets)
         seen = {"nll": nll / len(targets)}
         if record_reference and reference is not None:
-            reference.put(i, lp)
+            reference.put(first_window + i, lp)
         elif compare:
             ref = reference.get(first_window + i)
             per_token = (np.exp(ref) * (ref - lp)).sum(-1, dtype=np.float64)

@@ -159,10 +159,12 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
         if spec.moe and step.name == "quant.gguf_calibrated" and get_step(step.name).parse(step.params).measured:
             report.refusals.append(f"step 'quant.gguf_calibrated' with a measured mix or a size target: not for "
                                    f"{spec.model_type} yet: its expert tensors are not priced; use mix: llama.cpp")
-        if step.name == "prune.width" and spec.techniques is not None and not get_step(step.name).parse(step.params).mlp_only:
-            from .steps.prune.structured import width_axes_refusal
+        if step.name == "prune.width":
+            from .steps.prune.structured import width_axes_problem
 
-            report.refusals.append(f"step 'prune.width': {width_axes_refusal(spec.model_type)}")
+            problem = width_axes_problem(spec.model_type, get_step(step.name).parse(step.params))
+            if problem:
+                report.refusals.append(f"step 'prune.width': {problem}")
         if step.name == "export" and str((step.params or {}).get("format", "gguf")) not in spec.exporters:
             fmt = (step.params or {}).get("format")
             report.refusals.append(f"step 'export' to {fmt}: {report.exporters.get(fmt, 'unknown format')}")

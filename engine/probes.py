@@ -121,37 +121,6 @@ def measure_overhead(fmt: str, source_folder: str | Path, prompt: list[int], gen
     return entry
 
 
-#: a cached decode cost model is scaled when this machine now runs its speed-check probe this much slower or faster
-SPEED_DRIFT = 0.15
-
-
-def _with_speed_check(entry: dict, check: dict | None, say) -> dict:
-    """A cached model scaled by the speed check's ratio when it drifted past ``SPEED_DRIFT`` (a laptop on battery,
-    a shared host's busy neighbour: the costs were measured on another day), with the check recorded."""
-    if not check:
-        return entry
-    ratio = check.get("ratio")
-    applied = ratio is not None and abs(ratio - 1) > SPEED_DRIFT
-    if applied:
-        say(f"decode cost model: this machine runs {ratio:.2f}x the time per token it took when the costs were "
-            f"measured (speed check); the cached costs are scaled by it")
-    return {**(scaled_decode_model(entry, ratio) if applied else entry), "speed_check": {**check, "applied": applied}}
-
-
-def scaled_decode_model(entry: dict, ratio: float) -> dict:
-    """The decode costs of this machine running ``ratio`` times slower: every time per token times ``ratio``, every
-    rate and the machine's compute (which carries the costs to a device) divided by it."""
-    out = dict(entry)
-    for k in ("fixed_s", "per_layer_s"):
-        out[k] = entry[k] * ratio
-    out["kv_layer_s"] = {t: v * ratio for t, v in (entry.get("kv_layer_s") or {}).items()}
-    for k in ("layer_rates", "head_rates"):
-        out[k] = {t: r / ratio for t, r in (entry.get(k) or {}).items()}
-    if entry.get("host_gflops"):
-        out["host_gflops"] = entry["host_gflops"] / ratio
-    return out
-
-
 # --- decode cost model, measured --------------------------------------------------------------------
 # llama.cpp's file type whose pure quantization stores every matrix as this ggml type (where its rows allow)
 GGUF_FTYPE_OF = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
@@ -231,13 +200,45 @@ def measure_decode_model(fmt: str, source_folder: str | Path, types, prompt: lis
                        + (f"; on the deep Q4_0 probe: KV-cache types {', '.join(sorted(entry['kv_layer_s']))}, "
                           f"head types {', '.join(sorted(entry['head_delta_s'])) or 'none other'}"
                           if entry.get("kv_layer_s") is not None else ""))
+    say = log or (lambda m: None)
     if contended:
-        (log or (lambda m: None))(f"decode cost model: {contended} probe(s) timed while other processes took CPU "
-                                  "time; used for this run, not cached (the next run measures again)")
-        return _with_speed_check({**entry, "contended_probes": contended}, check, log or (lambda m: None))
+        say(f"decode cost model: {contended} probe(s) timed while other processes took CPU time; used for this run, "
+            "not cached (the next run measures again)")
+        return _with_speed_check({**entry, "contended_probes": contended}, check, say)
     known[key] = entry
     atomic.write_json(cache, known)
-    return _with_speed_check(entry, check, log or (lambda m: None))
+    return _with_speed_check(entry, check, say)
+
+
+#: a cached decode cost model is scaled when this machine now runs its speed-check probe this much slower or faster
+SPEED_DRIFT = 0.15
+
+
+def _with_speed_check(entry: dict, check: dict | None, say) -> dict:
+    """A cached model scaled by the speed check's ratio when it drifted past ``SPEED_DRIFT`` (a laptop on battery,
+    a shared host's busy neighbour: the costs were measured on another day), with the check recorded."""
+    if not check:
+        return entry
+    ratio = check.get("ratio")
+    applied = ratio is not None and abs(ratio - 1) > SPEED_DRIFT
+    if applied:
+        say(f"decode cost model: this machine runs {ratio:.2f}x the time per token it took when the costs were "
+            f"measured (speed check); the cached costs are scaled by it")
+    return {**(scaled_decode_model(entry, ratio) if applied else entry), "speed_check": {**check, "applied": applied}}
+
+
+def scaled_decode_model(entry: dict, ratio: float) -> dict:
+    """The decode costs of this machine running ``ratio`` times slower: every time per token times ``ratio``, every
+    rate and the machine's compute (which carries the costs to a device) divided by it."""
+    out = dict(entry)
+    for k in ("fixed_s", "per_layer_s"):
+        out[k] = entry[k] * ratio
+    out["kv_layer_s"] = {t: v * ratio for t, v in (entry.get("kv_layer_s") or {}).items()}
+    for k in ("layer_rates", "head_rates"):
+        out[k] = {t: r / ratio for t, r in (entry.get(k) or {}).items()}
+    if entry.get("host_gflops"):
+        out["host_gflops"] = entry["host_gflops"] / ratio
+    return out
 
 
 class _DecodeProbes:

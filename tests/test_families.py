@@ -169,6 +169,10 @@ def test_a_technique_that_does_not_apply_is_refused_before_the_model_loads(tmp_p
         assert r.returncode == 4, r.stderr
         assert step in r.stderr and words in r.stderr and "Traceback" not in r.stderr
         assert "Loading" not in r.stderr
+    from edgetailor.engine.steps.prune.structured import WidthPruneConfig, width_axes_problem
+
+    heads, mlp = WidthPruneConfig(heads_keep=0.5), WidthPruneConfig(mlp_keep=0.5)
+    assert width_axes_problem("llama", heads) == width_axes_problem("gemma2", mlp) == "" != width_axes_problem("phi3", heads)
 
 
 def _recipe(tmp_path: Path, step: str, params: dict | None = None) -> Path:

@@ -282,7 +282,9 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
         decoder_layers(model)
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.calibration_sequences)
     ctx.log(f"Ranking heads and channels on {len(seqs)} calibration sequences of {cfg.seq_len} tokens")
-    _check_axes(model.config, cfg)
+    problem = width_axes_problem(model.config.model_type, cfg)
+    if problem:
+        raise EdgeTailorError(problem, "Keep heads_keep, kv_groups_keep and hidden_keep at 1 (prune MLP channels only).")
     reads = mlp_layout(model.config).reads.rsplit(".", 1)[-1]
     stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj", reads)),
                                progress=lambda f, m: ctx.progress(0.8 * f, m), cancelled=ctx.cancel.is_set)
@@ -304,17 +306,14 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     ctx.progress(1.0, "pruned")
 
 
-def _check_axes(config, cfg: WidthPruneConfig) -> None:
-    """Heads and hidden channels are cut with the Llama block's layout; other families' MLP channels only."""
+def width_axes_problem(model_type: str, cfg: WidthPruneConfig) -> str:
+    """Why these cuts do not apply to the family ("" where they do): heads and hidden channels are cut with the Llama
+    block's layout; the other families' MLP channels only (``mlp_layout``)."""
     from ...architectures import arch_spec
 
-    spec = arch_spec(config.model_type)
-    if not cfg.mlp_only and spec is not None and spec.techniques is not None:
-        raise EdgeTailorError(width_axes_refusal(config.model_type),
-                              "Keep heads_keep, kv_groups_keep and hidden_keep at 1 (prune MLP channels only).")
-
-
-def width_axes_refusal(model_type: str) -> str:
+    spec = arch_spec(model_type)
+    if cfg.mlp_only or spec is None or spec.techniques is None:
+        return ""
     return (f"width pruning of attention heads and hidden channels is not for {model_type} yet (its fused, per-head "
             "or whole-width norms are cut with the Llama layout); its MLP channels are (mlp_keep, intermediate_size)")
 
