@@ -328,7 +328,7 @@ def test_a_cached_decode_cost_model_is_scaled_when_the_machine_runs_slower_than_
     again; a machine taking twice the time per token gets every cached time doubled and every rate halved (and its
     compute halved, so a device's projection does not change)."""
     from edgetailor.engine.paths import cache_dir
-    from edgetailor.engine.probes import measure_decode_model, scaled_decode_model
+    from edgetailor.engine.probes import SPEED_DRIFT, measure_decode_model, scaled_decode_model
 
     args = ("gguf", stories_dir, ["Q8_0"], list(range(30, 42)), 5, 64, 2)
     first = measure_decode_model(*args)
@@ -344,7 +344,8 @@ def test_a_cached_decode_cost_model_is_scaled_when_the_machine_runs_slower_than_
     check = again["speed_check"]
     if check["ratio"] is None:
         pytest.skip("a loaded machine disturbed the speed check")
-    assert check["applied"] and 2.0 < check["ratio"] < 8.0, check          # ~3; generous on a loaded machine
+    # about 3 on a quiet machine; more under load (the 64-wide probe takes a quarter of a millisecond per token)
+    assert check["applied"] and check["ratio"] > 1 + SPEED_DRIFT, check
     assert any("scaled" in m for m in said)
     assert again["layer_rates"] == pytest.approx({t: r / check["ratio"] for t, r in first["layer_rates"].items()})
     assert again["host_gflops"] == pytest.approx(first["host_gflops"] / check["ratio"])
