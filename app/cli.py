@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-schemes", help="ONNX quantizations to consider, e.g. int4-32,int4-32-head8,int8 "
                                            "(int4 at a block size of 32/64/128, -head8 for an 8-bit output head; "
                                            "default: all)")
+    p.add_argument("--width", help="also consider narrower models: shares of every block's MLP channels removed, "
+                                    "each healed by distillation before it is quantized, e.g. 0.25 or 0.125,0.25")
+    p.add_argument("--heal-minutes", type=float, help="distillation time healing each narrower model (default 3)")
     p.add_argument("--candidates", type=int, default=3, help="files built and measured (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="search / build / refit rounds (default 2)")
     p.add_argument("--trials", type=int, default=120, help="predicted points per round (default 120)")
@@ -296,7 +299,8 @@ def cmd_fit(args) -> int:
               "onnx_schemes": args.onnx_schemes.split(",") if args.onnx_schemes else None,
               "max_memory_mb": parse_bytes(args.max_memory) / 1e6 if args.max_memory else None,
               "min_decode_tps": args.min_tps, "max_j_per_token": args.max_j_per_token,
-              "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl}
+              "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl,
+              "width_ratios": _shares(args.width) if args.width else None, "heal_minutes": args.heal_minutes}
     if args.max_sequences:
         params["max_sequences"] = args.max_sequences
     if args.ray:
@@ -333,6 +337,15 @@ def parse_bytes(text: str) -> float:
     return float(m.group(1)) * unit
 
 
+def _shares(text: str) -> list[float]:
+    from edgetailor.engine.errors import EdgeTailorError
+
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise EdgeTailorError(f"'{text}' is not a list of shares.", "Write them as 0.25 or 0.125,0.25.") from exc
+
+
 def format_plan(rec) -> str:
     """The search's frontier (predicted), the measured candidates and the recommendation, as text."""
     plan = json.loads((rec.artifacts_dir / "plan.json").read_text())
@@ -345,6 +358,7 @@ def format_plan(rec) -> str:
         p = by_label[label]
         what = f"onnx {p['onnx']}" if p.get("onnx") else "gguf (planned)"
         what += f" -{p['drop_blocks']} blocks" if p.get("drop_blocks") else ""
+        what += f" mlp -{p['width']:.0%}" if p.get("width") else ""
         lines.append(f"  {what:<24} {p['file_bytes'] / 1e6:7.1f}  {p['kv_type']:<5} {p['memory_bytes'] / 1e6:9.0f}  "
                      f"{p['decode_tps']:5.1f}  {p['kl']:.5f}  {p['ppl_increase_pct']:+.2f}")
     lines += ["", "Built and measured:", "  variant                     memory MB (pred)  tok/s dev  KL (pred)          ppl %"]

@@ -101,7 +101,10 @@ def make_shaped_model(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     def value(name: str, size: tuple):
         return torch.full(size, norm, dtype=torch.bfloat16) if len(size) == 1 and "norm" in name else rnd(*size)
 
-    state = {n: tuple(p.shape) for n, p in model.named_parameters()}       # a tied head is the embedding once
+    # an empty skeleton does not tie its head: a tied model's checkpoint holds the embedding only (with a head of
+    # its own beside it, transformers would use that head and llama.cpp's converter would drop it)
+    state = {n: tuple(p.shape) for n, p in model.named_parameters()
+             if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
     n = cfg.num_hidden_layers
     names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
     index = {}

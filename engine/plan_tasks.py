@@ -44,6 +44,7 @@ class CandidateTask:
     threads: int
     dtype: str = "float32"
     drop_blocks: list = field(default_factory=list)   # decoder blocks removed (the types are the pruned file's)
+    narrowed: bool = False       # ``source`` is a narrower, healed model (``engine.narrowed``), not the run's source
     energy: dict = field(default_factory=dict)   # EnergyMeter.to_dict()
     format: str = "gguf"         # gguf: ``types`` planned; onnx: ``onnx_options`` (one scheme for every matrix)
     onnx_options: dict = field(default_factory=dict)
@@ -61,8 +62,9 @@ class CandidateTask:
         import torch
 
         cache = None
-        if self.encoded_cache:    # per set of removed blocks: removing blocks changes the later blocks' inputs
-            cache = str(Path(self.encoded_cache) / f"{self.method}-without-{'-'.join(map(str, self.drop_blocks)) or 'none'}")
+        if self.encoded_cache:    # per model and set of removed blocks: removing blocks changes the later blocks' inputs
+            model = f"{Path(self.source).name}-" if self.narrowed else ""
+            cache = str(Path(self.encoded_cache) / f"{model}{self.method}-without-{'-'.join(map(str, self.drop_blocks)) or 'none'}")
         return {"type": self.file_type, "calibration": Calibration(torch.tensor(self.sequences), self.method,
                                                                    types=self.types, cache=cache)}
 
@@ -102,9 +104,9 @@ def build_candidate(task: CandidateTask, progress: Callable[[float, str], None] 
         model = model.without_blocks(task.drop_blocks)
     torch.set_num_threads(task.threads)
 
-    def reference():               # checked against the model it was written from (without the dropped blocks)
+    def reference():      # checked against the model it was written from (without the dropped blocks, or narrower)
         windows, logprobs = load_verification(task.verify)
-        return windows, walked_logprobs(model, windows, cancelled) if task.drop_blocks else logprobs
+        return windows, walked_logprobs(model, windows, cancelled) if task.drop_blocks or task.narrowed else logprobs
 
     try:
         with atomic_path(Path(task.out)) as tmp:

@@ -3,7 +3,9 @@
 A candidate is a GGUF file of a planned size (each tensor's type bought by its measured effect on the loss,
 ``gguf_plan.price_types`` / ``choose_types``) run with one of llama.cpp's KV-cache types, or an ONNX folder of
 one scheme (``onnx_plan``: int4 at a block size, int8) run by onnxruntime with its float32 cache, either with
-the least influential blocks removed, at the app's context. Its predictions:
+the least influential blocks removed, or a GGUF file of a narrower model (a share of every block's MLP channels
+removed and the model healed: ``engine.narrowed``, predicted by a child ``Predictor``), at the app's context.
+Its predictions:
 
 * **memory** at the app's context: the file's resident bytes (llama.cpp's repacked copies included; every
   ONNX initializer) + the KV cache in its type for the whole context + the runtime's overhead measured on this
@@ -19,14 +21,15 @@ the least influential blocks removed, at the app's context. Its predictions:
   energy = typical power / speed (estimated, as everywhere);
 * **quality**: predicted KL = ``kl_scale`` x the summed second-order cost of the chosen types (theory: 1/2; a
   scale per ONNX type once one is measured) + llama.cpp's own floor for GGUF files (``floor_and_scale``) + the KL
-  the KV-cache type adds (measured on the first built file) + the measured KL of the blocks removed; perplexity
+  the KV-cache type adds (measured on the first built file) + the measured KL of the blocks removed or of the
+  narrower model after healing (held-out calibration text); perplexity
   increase = exp(KL) - 1, the scales refitted on every measured point.
 
 Under a speed or energy limit a GGUF file's types may also pay for their kernel time (``SPEED_WEIGHTS``): at
 the same size, a mix of faster kernels, decoding faster for a larger loss.
 
 ``search`` runs optuna's NSGA-II over (file: GGUF or an ONNX scheme, GGUF size, speed weight, KV type, blocks
-removed) with the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
+removed, width) with the budget as constraints on the predictions; ``pick`` takes the best feasible candidates to build;
 ``recommend`` chooses among the *measured* ones and says why, what each constraint costs, and what to relax
 when nothing fits. Only the run's first file (with an f16 cache) is evaluated on every window at once; its quantized
 caches and every later file are *screened*: scored on a few of the evaluation windows, their figures estimated as
@@ -77,6 +80,7 @@ class Candidate:
     drop: int = 0              # decoder blocks removed (the least influential first)
     onnx: str = ""             # an ONNX scheme (``onnx_plan.SCHEMES``); "" for a GGUF file
     speed: float = 0.0         # a GGUF file's speed weight (``SPEED_WEIGHTS``)
+    width: float = 0.0         # share of every block's MLP channels removed (and the model healed) before quantizing
 
     @property
     def format(self) -> str:
@@ -85,7 +89,8 @@ class Candidate:
     @property
     def suffix(self) -> str:
         """What the file's name says beyond its size or scheme: its speed weight and the blocks removed."""
-        return (f"-fast{self.speed:g}" if self.speed else "") + (f"-minus{self.drop}blocks" if self.drop else "")
+        return ((f"-fast{self.speed:g}" if self.speed else "") + (f"-minus{self.drop}blocks" if self.drop else "")
+                + (f"-mlp{round(100 * (1 - self.width))}pct" if self.width else ""))
 
     @property
     def file_label(self) -> str:
@@ -144,6 +149,11 @@ def floor_and_scale(points: list[tuple[float, float]]) -> tuple[float, float] | 
     return 0.0, max(mean_k / mean_c, 1e-9)
 
 
+def structure_key(width: float, drop: int) -> str:
+    """A structure removed from the model: a share of its MLP channels and a number of its blocks."""
+    return f"mlp-{width:g}/blocks-{drop}"
+
+
 @dataclass
 class Calibration:
     """Scales that bring the predictions to what was measured (geometric means over the measured points; a GGUF
@@ -161,23 +171,29 @@ class Calibration:
     kv_latency_s: dict = field(default_factory=dict)
     onnx_latency_s: dict = field(default_factory=dict)
     kv_kl: dict = field(default_factory=lambda: {"f16": 0.0, ONNX_KV: 0.0})    # KL a KV-cache type adds (measured)
+    # the measured KL of a structure removed (blocks, MLP channels) is measured on calibration text; on the evaluation
+    # text it differs: per structure (``structure_key``), the ratio a built file of it showed
+    structure_scale: dict = field(default_factory=dict)
     points: int = 0
 
-    def refit(self, measured: list[dict], depth_kl: list[float] | None = None) -> None:
-        """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here) and measurements;
-        ``depth_kl``: the measured KL of removing k blocks (taken off before the quantization's scale is fitted)."""
-        depth = depth_kl or [0.0]
+    def refit(self, measured: list[dict]) -> None:
+        """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here, ``structure_kl``: the
+        measured KL of the blocks removed and the channels cut, taken off before the quantization's scale is
+        fitted) and measurements."""
         def gmean(ratios):
             ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
             return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
         def kl_ratios(points):
-            return [(m["kl"] - depth[m.get("drop_blocks", 0)] - HEAD_KL_SCALE * m.get("head_cost", 0.0)) / m["cost"]
+            return [(m["kl"] - m.get("structure_kl", 0.0) - HEAD_KL_SCALE * m.get("head_cost", 0.0)) / m["cost"]
                     for m in points if m.get("kl") is not None and m["cost"] > 0]
 
         gguf = [m for m in measured if not m.get("onnx") and m["kv_type"] == "f16" and m.get("kl") is not None
                 and m["cost"] > 0]
-        floor_scale = floor_and_scale([(m["cost"], r * m["cost"]) for m, r in zip(gguf, kl_ratios(gguf))])
+        # llama.cpp's floor and the types' scale from the files of the whole model only (a structure's KL on the
+        # evaluation text is not the one measured on calibration text: its ratio is fitted below)
+        plain = [m for m in gguf if not m.get("structure_kl")]
+        floor_scale = floor_and_scale([(m["cost"], r * m["cost"]) for m, r in zip(plain, kl_ratios(plain))])
         for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
             r = gmean(kl_ratios(m for m in measured if m.get("onnx", "").split("-")[0] == kind))
             if r:
@@ -205,10 +221,22 @@ class Calibration:
             self.onnx_latency_s[kind] = latency([m for m in timed if m.get("onnx", "").split("-")[0] == kind])
         if floor_scale:
             self.kl_floor, self.kl_scale = floor_scale
+        self._fit_structures([m for m in gguf if m.get("structure_kl")])
         self.ppl_scale = ppl or self.ppl_scale
         self.memory_ratio = mem or self.memory_ratio
         self.latency_s = speed if speed is not None else self.latency_s
         self.points = len(measured)
+
+    def _fit_structures(self, points: list[dict]) -> None:
+        """Per structure, the ratio of its KL on the evaluation text (a built file's, less what its types cost) to
+        the one measured on calibration text."""
+        by_key: dict[str, list[float]] = {}
+        for m in points:
+            rest = m["kl"] - self.kl_floor - self.kl_scale * m["cost"] - HEAD_KL_SCALE * m.get("head_cost", 0.0)
+            by_key.setdefault(structure_key(m.get("width", 0.0), m.get("drop_blocks", 0)), []).append(
+                max(rest, 0.0) / m["structure_kl"])
+        for key, ratios in by_key.items():
+            self.structure_scale[key] = math.exp(sum(math.log(max(r, 1e-3)) for r in ratios) / len(ratios))
 
     def latency(self, kv_type: str, onnx: str = "") -> float | None:
         """The runtime's own time per token: of a KV type (all llama.cpp types' when it has none), of an ONNX type
@@ -243,6 +271,20 @@ class Predictor:
         self.speed_weights: tuple[float, ...] = (0.0,)   # ``SPEED_WEIGHTS`` where the budget asks for speed
         self._plans: dict[tuple, tuple] = {}
         self._prices: dict[tuple, object] = {(0, 0.0): prices}
+        # a narrower model (``add_width``): the share of MLP channels cut, its measured KL after healing, its folder
+        self.width, self.width_kl, self.folder = 0.0, 0.0, ""
+        self.widths: dict[float, Predictor] = {0.0: self}
+
+    def add_width(self, child: "Predictor", width: float, kl: float, folder: str) -> None:
+        """A model with ``width`` of every block's MLP channels removed and healed, written to ``folder``, its KL to
+        the source measured (``kl``): its candidates predicted by ``child`` with this predictor's calibration."""
+        child.width, child.width_kl, child.folder = width, kl, folder
+        child.calibration, child.speed_weights, child.widths = self.calibration, self.speed_weights, self.widths
+        self.widths[width] = child
+
+    def of(self, width: float) -> "Predictor":
+        """The predictor of the model with ``width`` of its MLP channels removed (0: this one)."""
+        return self.widths[width]
 
     @property
     def max_drop(self) -> int:
@@ -335,7 +377,7 @@ class Predictor:
         types, size, _ = self.plan(int(tensor_bytes), drop, speed)
         if speed and types == self.plan(int(tensor_bytes), drop)[0]:
             speed = 0.0
-        return Candidate(size, kv_type, drop, speed=speed)
+        return Candidate(size, kv_type, drop, speed=speed, width=self.width)
 
     def size_range(self, drop: int = 0, speed: float = 0.0) -> tuple[int, int]:
         """The smallest file and the largest worth making (past it no upgrade lowers the predicted cost)."""
@@ -404,7 +446,10 @@ class Predictor:
                            dims.kv_heads, dims.head_dim, n_vocab, repacked_bytes=packed)
 
     def raw(self, cand: Candidate) -> dict:
-        """Predictions before calibration, and the planned types' summed cost."""
+        """Predictions before calibration, the planned types' summed cost, and the measured KL of the structure
+        removed (blocks, MLP channels)."""
+        if cand.width != self.width:
+            return self.of(cand.width).raw(cand)
         if cand.onnx:
             prices = self.prices_for(cand.drop).onnx[cand.onnx]
             info = self.onnx_weights_info(cand.onnx, cand.drop)
@@ -419,7 +464,8 @@ class Predictor:
                     "cost": cost, "head_cost": 0.0, "onnx": ""}
             overhead = self.overhead or {}
         return {**plan, "drop": cand.drop, "speed": cand.speed, "dropped": self.dropped(cand.drop), "info": info,
-                **self._runtime(info, cand.kv_type, overhead)}
+                "width": cand.width, "folder": self.folder, "structure_kl": self.depth_kl[cand.drop] + self.width_kl,
+                "params": self.params, **self._runtime(info, cand.kv_type, overhead)}
 
     def _runtime(self, info, kv_type: str, overhead: dict) -> dict:
         """Memory at the app's context (weights + the KV cache for all of it + the runtime's measured overhead),
@@ -444,7 +490,8 @@ class Predictor:
         r = self.raw(cand)
         c = self.calibration
         kl = (c.kl_scale_for(cand.onnx) * r["cost"] + HEAD_KL_SCALE * r["head_cost"] + c.kv_kl.get(cand.kv_type, 0.0)
-              + self.depth_kl[cand.drop] + (0.0 if cand.onnx else c.kl_floor))
+              + c.structure_scale.get(structure_key(cand.width, cand.drop), 1.0) * r["structure_kl"]
+              + (0.0 if cand.onnx else c.kl_floor))
         latency = c.latency(cand.kv_type, cand.onnx)
         # a fitted latency below zero (the model slower than measured) never takes more than half the time away
         here = 1.0 / max(1.0 / r["decode_tps_raw"] + (r["latency_s"] if latency is None else latency),
@@ -454,7 +501,7 @@ class Predictor:
         # (``projection.device_speed``)
         tps = min(here / r["roofline_tps_here"], 1.0) * r["roofline_tps_device"]
         memory = (c.onnx_memory_ratio if cand.onnx else c.memory_ratio) * r["memory_raw"]
-        return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / self.params,
+        return Prediction(file_bytes=r["file_bytes"], bits_per_weight=8 * r["file_bytes"] / r["params"],
                           memory_bytes=memory, decode_tps=tps,
                           j_per_token=self.device.power_typical_w / tps, kl=kl,
                           ppl_increase_pct=100 * math.expm1(c.ppl_scale * kl),
@@ -503,14 +550,16 @@ class Point:
     def to_dict(self) -> dict:
         c = self.candidate
         return {"label": c.label, "format": c.format, "onnx": c.onnx, "tensor_bytes": c.tensor_bytes,
-                "kv_type": c.kv_type, "drop_blocks": c.drop, "speed_weight": c.speed, "feasible": self.feasible,
+                "kv_type": c.kv_type, "drop_blocks": c.drop, "speed_weight": c.speed, "width": c.width,
+                "feasible": self.feasible,
                 **self.prediction.to_dict()}
 
 
 def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120, seed: int = 0,
            cancelled=None, onnx: tuple[str, ...] = ()) -> list[Point]:
     """Multi-objective search (optuna NSGA-II, constrained) over the file (a GGUF of any size and speed weight, or
-    an ONNX scheme), the KV type and the blocks removed, on the predictions: minimize predicted KL and predicted
+    an ONNX scheme), the KV type, the blocks removed and the width (the full model or a narrower one,
+    ``Predictor.add_width``), on the predictions: minimize predicted KL and predicted
     memory. At each GGUF size drawn, every KV type and speed weight is predicted too. Returns every distinct
     point predicted. The space is the same in every trial (NSGA-II's crossover needs it): an ONNX file ignores
     the size and KV type drawn."""
@@ -524,19 +573,22 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
             trial.study.stop()
         drop = trial.suggest_int("drop_blocks", 0, predictor.max_drop) if predictor.max_drop else 0
         speed = trial.suggest_categorical("speed", speeds) if len(speeds) > 1 else 0.0
-        lo, hi = predictor.size_range(drop, speed)
+        width = trial.suggest_categorical("width", widths) if len(widths) > 1 else 0.0
         fraction, kv = trial.suggest_float("size", 0.0, 1.0), trial.suggest_categorical("kv_type", kv_choices)
         file = trial.suggest_categorical("file", files) if len(files) > 1 else files[0]
         if file != "gguf":
             cand = predictor.onnx_candidate(file, drop)
             return objective_of(trial, cand, add(cand))
+        p = predictor.of(width)               # a narrower model removes no blocks
+        drop = min(drop, p.max_drop)
+        lo, hi = p.size_range(drop, speed)
         target = lo + fraction * (hi - lo)
-        cand = predictor.candidate(target, kv, drop, speed)
+        cand = p.candidate(target, kv, drop, speed)
         # the KV types and speed weights are few and their predictions cheap: every one of them is predicted at
-        # the size drawn, so the search's trials go to the size and the blocks removed
+        # the size drawn, so the search's trials go to the size, the blocks removed and the width
         for w in speeds:
             for k in kv_choices:
-                add(predictor.candidate(target, k, drop, w))
+                add(p.candidate(target, k, drop, w))
         return objective_of(trial, cand, add(cand))
 
     def add(cand: Candidate) -> Point:
@@ -553,18 +605,29 @@ def search(predictor: Predictor, budget, kv_types: list[str], trials: int = 120,
     files = (["gguf"] if kv_types else []) + list(onnx)
     kv_choices = kv_types or [ONNX_KV]
     speeds = list(predictor.speed_weights) if kv_types else [0.0]
+    widths = sorted(predictor.widths) if kv_types else [0.0]
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(24, max(4, trials // 5)))
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    # the two ends of the size range and every ONNX scheme are always tried (the smallest file answers "does
-    # anything fit")
-    whole = {**({"drop_blocks": 0} if predictor.max_drop else {}), **({"speed": 0.0} if len(speeds) > 1 else {})}
-    for kv in kv_types:
-        for size in (0.0, 1.0):
-            study.enqueue_trial({"size": size, "kv_type": kv, **whole, **({"file": "gguf"} if len(files) > 1 else {})})
-    for scheme in onnx:
-        study.enqueue_trial({"size": 0.0, "kv_type": kv_choices[0], **whole, **({"file": scheme} if len(files) > 1 else {})})
+    _seed(study, predictor, kv_types, files, speeds, widths, onnx)
     study.optimize(objective, n_trials=trials)
     return list(points.values())
+
+
+def _seed(study, predictor: Predictor, kv_types: list[str], files: list[str], speeds: list, widths: list,
+          onnx: tuple[str, ...]) -> None:
+    """Trials always tried first: the two ends of the size range, each narrower model's smallest file and every ONNX
+    scheme (the smallest files answer "does anything fit")."""
+    whole = {**({"drop_blocks": 0} if predictor.max_drop else {}), **({"speed": 0.0} if len(speeds) > 1 else {})}
+    full = {"width": 0.0} if len(widths) > 1 else {}
+    gguf_file = {"file": "gguf"} if len(files) > 1 else {}
+    for kv in kv_types:
+        for size in (0.0, 1.0):
+            study.enqueue_trial({"size": size, "kv_type": kv, **whole, **gguf_file, **full})
+    for width in widths[1:]:
+        study.enqueue_trial({"size": 0.0, "kv_type": kv_types[0], **whole, **gguf_file, "width": width})
+    for scheme in onnx:
+        study.enqueue_trial({"size": 0.0, "kv_type": (kv_types or [ONNX_KV])[0], **whole,
+                             **({"file": scheme} if len(files) > 1 else {}), **full})
 
 
 #: KV-cache types built from before their own KL is measured (it is, with the first file, which is measured with
@@ -590,9 +653,9 @@ def frontier(points: list[Point]) -> list[Point]:
     return sorted(out, key=lambda p: p.prediction.memory_bytes)
 
 
-def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, str, float]],
+def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, str, float, float]],
          tolerance: float = 0.02) -> list[Point]:
-    """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme, speed weight) not
+    """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme, speed weight, width) not
     within ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to
     feasible."""
     feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
@@ -603,11 +666,11 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
         if len(chosen) >= n:
             break
         c = p.candidate
-        if any(d == c.drop and o == c.onnx and w == c.speed and abs(c.tensor_bytes / s - 1) <= tolerance
-               for s, d, o, w in sizes):
+        if any(d == c.drop and o == c.onnx and w == c.speed and n_ == c.width and abs(c.tensor_bytes / s - 1) <= tolerance
+               for s, d, o, w, n_ in sizes):
             continue
         chosen.append(p)
-        sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed))
+        sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed, c.width))
     return chosen
 
 

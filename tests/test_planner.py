@@ -254,6 +254,21 @@ def test_gguf_kl_is_a_floor_plus_a_scale_once_two_levels_of_cost_are_measured():
     c.refit([{**point, "kv_type": "f16", "kl": 0.02}, {**point, "kv_type": "f32", "onnx": "int4-32", "kl": 0.5}])
     assert c.kl_floor == pytest.approx(0.015) and c.kl_scale_for("int4-32") == pytest.approx(50.0)
 
+def test_a_structures_kl_on_the_evaluation_text_is_fitted_apart_from_llama_cpps_floor():
+    """A narrower model's KL measured on held-out calibration text (0.45) read 0.62 on the evaluation text (the
+    demo, 25% of its MLP channels cut): its files fit a ratio of their own, and the whole model's floor and scale
+    come from the whole model's files only (before, the narrow file's excess became a floor in every file)."""
+    from edgetailor.engine.planner import Calibration, structure_key
+
+    c = Calibration()
+    point = {"kv_type": "f16", "memory_raw": 1.0, "decode_tps_raw": 1.0}
+    c.refit([{**point, "cost": 0.01, "kl": 0.02},
+             {**point, "cost": 0.02, "kl": 0.64, "width": 0.25, "structure_kl": 0.45}])
+    assert c.kl_floor == pytest.approx(0.015) and c.kl_scale == pytest.approx(0.5)
+    assert c.structure_scale[structure_key(0.25, 0)] == pytest.approx((0.64 - 0.015 - 0.01) / 0.45)
+    assert structure_key(0.0, 2) not in c.structure_scale          # blocks removed: not measured yet (ratio 1)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_onnx_schemes_are_priced_on_the_grid_and_at_the_bytes_the_exporter_writes(tmp_path, stories_dir, tie):
     """The planner's ONNX prices: each scheme's bytes are the folder's (onnx_info reads what onnxruntime loads),
@@ -553,3 +568,69 @@ def test_before_its_own_kl_is_measured_an_8bit_cache_is_built_from_but_a_4bit_on
     assert len(buildable(points, measured.kv_kl)) == 4
     # nothing measured or tried fits: every point
     assert len(buildable([point(80, "q4_0", True), point(90, "f16", False)], Calibration().kv_kl)) == 2
+
+
+
+def test_narrower_healed_models_are_searched_beside_the_full_one(kv_model):
+    """Width pruning with healing in the search: each share of MLP channels removed is cut, healed, priced by its own
+    sensitivities, and its files predicted beside the full model's: smaller, carrying its measured KL."""
+    from edgetailor.engine import JobSpec, run_job
+    from edgetailor.engine.planner import Candidate
+
+    fit = {**FIT, "width_ratios": [0.5], "heal_steps": 12, "heal_minutes": 0, "candidates": 1, "rounds": 1,
+           "formats": ["gguf"]}
+    record = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": fit}]}, source=str(kv_model),
+                             options={"threads": 2, "eval_windows": 3, "eval_ctx": 128}))
+    assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+    plan = json.loads((record.artifacts_dir / "plan.json").read_text())
+    (narrow,) = plan["narrower"]
+    assert narrow["width"] == 0.5 and narrow["intermediate_size"] == 128        # 256 channels, half cut
+    points = plan["rounds"][0]["points"]
+    assert {p["width"] for p in points} == {0.0, 0.5}
+    thin = [p for p in points if p["width"] == 0.5]
+    full = [p for p in points if p["width"] == 0.0 and not p["drop_blocks"]]
+    assert max(p["file_bytes"] for p in thin) < max(p["file_bytes"] for p in full)
+    assert min(p["file_bytes"] for p in thin) < min(p["file_bytes"] for p in full)
+    assert min(p["kl"] for p in thin) >= narrow["heldout_kl"] > 0
+    assert not (record.folder / "scratch").exists()                 # the narrower model went with the run's scratch
+    assert Candidate(1, "f16", width=0.5).label.endswith("-mlp50pct-kv-f16")
+
+
+def test_a_narrower_healed_model_is_written_once_and_its_file_checked_against_it(kv_model, tmp_path):
+    """The narrower model heals (held-out KL falls), is written as a model folder, and a candidate built from it is
+    checked against its own log-probs (not the source's: those given here are zeros) and scored against the
+    source's."""
+    import gguf
+    import numpy as np
+    from edgetailor.engine.calibration import token_sequences
+    from edgetailor.engine.evaluate import ReferenceLogprobs, evaluate, make_windows
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model, load_tokenizer
+    from edgetailor.engine.narrowed import Healing, narrowed_model
+    from edgetailor.engine.plan_tasks import CandidateTask, build_candidate, save_verification
+    from edgetailor.engine.runtimes import TorchRuntime
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.text import read_text
+    from edgetailor.exporters.gguf_calibrated import tensor_sources
+
+    src = resolve(str(kv_model))
+    tok = load_tokenizer(src)
+    text = read_text(None)
+    seqs = token_sequences(tok, text, 64, 8)
+    teacher = load_model(src).model
+    n = narrowed_model(src.path, teacher, 0.25, seqs[:2], seqs[:6], seqs[6:], Healing(0, 20), tmp_path / "narrow")
+    assert n.intermediate == 192 and n.kl < n.kl_before, n.to_dict()
+    assert (n.folder / "tokenizer_config.json").exists() and not list(tmp_path.glob(".*partial*"))
+    windows = make_windows(tok, text, 64, 2)
+    ref = ReferenceLogprobs(tmp_path / "reference")
+    evaluate(TorchRuntime(teacher), windows, reference=ref, record_reference=True)
+    save_verification(tmp_path / "verify.npz", windows, [np.zeros((64, 8))] * 2)
+    task = CandidateTask(name="narrow", source=str(n.folder), trust_remote_code=False, out=str(tmp_path / "n.gguf"),
+                         types={k: "Q8_0" for k in tensor_sources(LazyModel(n.folder))}, file_type="Q8_0",
+                         method="gptq", sequences=seqs.tolist()[:2], verify=str(tmp_path / "verify.npz"),
+                         eval_windows=windows, reference=str(ref.folder), kv_types=["f16"], context=128,
+                         prompt=windows[0][:16], gen_tokens=4, repeats=1, threads=2, narrowed=True)
+    res = build_candidate(task)
+    assert res["agreement"]["verify_top1"] > 0.9, res
+    assert gguf.GGUFReader(task.out).fields["llama.feed_forward_length"].contents() == 192
+    assert res["measured"]["f16"]["evaluation"]["kl"] > 0.01      # scored against the source (itself: ~0.0003)

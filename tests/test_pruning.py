@@ -142,6 +142,14 @@ def test_width_pruning_keeps_the_most_active_mlp_channels(tmp_path, stories_dir)
     assert torch.equal(kept, original.model.layers[0].mlp.down_proj.weight[:, top])
 
 
+
+def test_a_width_kept_whole_is_not_rounded_away(tmp_path, stories_dir):
+    """round_to applies to the axes being cut: 64 hidden channels rounded to 48s were 48, so MLP pruning alone cut
+    the hidden width too (the planner's narrower demo models, 576 hidden rounded to 256s, crashed on it)."""
+    ctx = make_ctx(tmp_path, stories_dir)
+    run_step(ctx, "prune.width", mlp_keep=0.5, round_to=48, calibration_sequences=4, seq_len=64)
+    assert ctx.model.config.hidden_size == 64 and ctx.model.config.intermediate_size == 96
+
 def test_depth_pruning_removes_the_least_influential_block(tmp_path, stories_dir):
     ctx = make_ctx(tmp_path, stories_dir)
     original = ctx.model

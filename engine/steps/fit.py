@@ -36,6 +36,9 @@ class FitConfig:
     formats: list[str] = field(default_factory=lambda: ["gguf", "onnx"], metadata={"help": "file formats to consider: gguf (llama.cpp) and onnx (onnxruntime)"})
     onnx_schemes: list[str] = field(default_factory=lambda: list(ONNX_SCHEMES), metadata={"help": "ONNX quantizations to consider: int4-<block size>[-head8] (an 8-bit output head), int8"})
     max_drop_blocks: int = field(default=2, metadata={"help": "also consider removing up to this many decoder blocks, the least influential first (0: never)"})
+    width_ratios: list[float] = field(default_factory=list, metadata={"help": "also consider models with this share of every block's MLP channels removed (e.g. 0.25), each healed by distillation from the source before it is quantized (trains: the model, its teacher and AdamW's state in memory)"})
+    heal_minutes: float = field(default=3.0, metadata={"help": "distillation time healing each narrower model"})
+    heal_steps: int = field(default=0, metadata={"help": "distillation steps healing each narrower model (0: heal_minutes only)"})
     decode_model: bool = field(default=True, metadata={"help": "measure llama.cpp's decode costs on probes (once per machine and model, minutes) so that even the first files' speed is predicted from their types; off: the roofline and a one-layer probe until files are measured"})
     screen_windows: int = field(default=4, metadata={"help": "every file after the first, and the first file's quantized KV caches, are scored on this many evaluation windows (their figures estimated from the first file's on the same windows) and on the rest only if one is to be recommended; 0: all on every window"})
     candidates: int = field(default=3, metadata={"help": "files built and measured in all"})
@@ -59,6 +62,10 @@ class FitConfig:
             raise ValueError("context must be at least 16 tokens")
         if self.max_drop_blocks < 0:
             raise ValueError("max_drop_blocks must not be negative")
+        if any(not 0.0 < w <= 0.9 for w in self.width_ratios) or len(set(self.width_ratios)) < len(self.width_ratios):
+            raise ValueError("width_ratios must be distinct shares in (0, 0.9]")
+        if self.width_ratios and (self.heal_minutes < 0 or self.heal_steps < 0 or not (self.heal_minutes or self.heal_steps)):
+            raise ValueError("healing needs heal_minutes and/or heal_steps (not negative)")
         if self.candidates < 1 or self.rounds < 1 or self.trials < 8:
             raise ValueError("candidates >= 1, rounds >= 1 and trials >= 8 are needed")
         if not self.kv_types or any(k not in KV_TYPES for k in self.kv_types):
@@ -105,16 +112,31 @@ def _fit_ram(cfg: FitConfig, shape):
     onnx = export_need("fit", shape, "onnx", types, {"method": cfg.method, "calibration_ctx": cfg.seq_len,
                                                        "calibration_windows": windows}) if types else None
     others = {"an ONNX candidate's export": onnx.ram_bytes if onnx else 0,
+              "healing a narrower model (distillation)": healing_need(cfg, shape).ram_bytes if cfg.width_ratios else 0,
               "llama.cpp's decode cost probes (float32, the model's shapes)":
                   decode_probe_bytes(shape) if cfg.decode_model and "gguf" in cfg.formats else 0}
+    largest = ""
     for what, ram in others.items():
         if not ram:
             continue
         need.parts[what] = ram
         if ram > need.ram_bytes:
-            need.ram_bytes = ram
-            need.how += f"; largest: {what}"
+            need.ram_bytes, largest = ram, what
+    need.how += f"; largest: {largest}" if largest else ""
     return need
+
+
+def healing_need(cfg: FitConfig, shape):
+    """Healing a narrower model trains it against the source: both in fp32, AdamW's state for its blocks."""
+    from ..footprint import training_need
+    from .distill import resolved_bf16
+
+    return training_need("fit", shape, max(shape.params - shape.embedding_params, 0), HEAL_SEQ_LEN, HEAL_SEQ_LEN,
+                         teacher=True, bf16=resolved_bf16(None))
+
+
+#: tokens per healing sequence (a batch is one sequence)
+HEAL_SEQ_LEN = 256
 
 
 @dataclass
@@ -178,8 +200,9 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
                  frontier=[p.candidate.label for p in front], budget=budget.to_dict(), context=cfg.context)
         n = min(per_round, cfg.candidates - len(built))
         pool = buildable(points, planner.calibration.kv_kl)
-        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"], b.raw["speed"]) for b in built]
-                    + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"], r["speed_weight"]) for r in rejected])
+        todo = pick(pool, budget, n, [(b.raw["tensor_bytes"], b.raw["drop"], b.raw["onnx"], b.raw["speed"], b.raw["width"])
+                                      for b in built]
+                    + [(r["tensor_bytes"], r["drop_blocks"], r["onnx"], r["speed_weight"], r["width"]) for r in rejected])
         ctx.log(f"Round {r + 1}: {len(points)} predicted points, {sum(p.feasible for p in points)} within the budget; "
                 f"building {', '.join(p.candidate.label for p in todo) or 'nothing new'}")
         tasks, raws = _tasks(ctx, cfg, planner, shared, todo, kv_types, built)
@@ -324,7 +347,59 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
         from ..planner import SPEED_WEIGHTS
 
         planner.speed_weights = SPEED_WEIGHTS      # a speed or energy limit: mixes of faster kernels are searched too
+    if cfg.width_ratios:
+        _narrower(ctx, cfg, planner, seqs)
     return Prepared(planner, seqs, prompt)
+
+
+def _narrower(ctx: RunContext, cfg: FitConfig, planner, seqs) -> None:
+    """Each narrower model (``width_ratios``) cut, healed and written to the run's scratch (``engine.narrowed``), its
+    tensors priced by their own sensitivities, and added to the planner."""
+    import torch
+
+    from ...exporters.gguf_calibrated import tensor_sources
+    from ...exporters.gguf_plan import price_types
+    from ..architectures import arch_spec
+    from ..calibration import token_sequences
+    from ..lazy import LazyModel
+    from ..modeling import load_model
+    from ..narrowed import Healing, narrowed_model
+    from ..planner import Predictor
+    from ..sensitivity import measure_sensitivity
+    from .distill import split_heldout
+
+    why = arch_spec(planner.config.model_type).technique("prune.width", "transform")
+    if why != "yes":
+        ctx.log(f"Narrower models left out of the plan: width pruning is {why}", level="warning")
+        return
+    train_text, heldout_text = split_heldout(ctx.calibration_text(), 0.1)
+    train = token_sequences(ctx.tokenizer, train_text, HEAL_SEQ_LEN, stride=64)
+    heldout = token_sequences(ctx.tokenizer, heldout_text, HEAL_SEQ_LEN, max_sequences=8)
+    teacher = load_model(ctx.source, ctx.options.dtype).model
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for width in sorted(cfg.width_ratios):
+        ctx.progress(0.18, f"removing {width:.0%} of the MLP channels and healing the model")
+        n = narrowed_model(ctx.source.path, teacher, width, seqs[:DEPTH_SEQUENCES], train, heldout,
+                           Healing(cfg.heal_minutes, cfg.heal_steps, seq_len=HEAL_SEQ_LEN),
+                           ctx.record.folder / "scratch" / f"narrower-{width:g}",
+                           progress=lambda f, m: ctx.progress(0.18, m), cancelled=ctx.cancel.is_set)
+        ctx.log(f"{width:.0%} of the MLP channels removed (intermediate size {n.intermediate}): held-out KL "
+                f"{n.kl_before:.4f}, healed in {n.steps} steps ({n.seconds:.0f} s) to {n.kl:.4f}")
+        model = LazyModel(n.folder)
+        say = lambda f, m: ctx.progress(0.19, f"the {width:.0%} narrower model: {m}")   # noqa: E731
+        sens = measure_sensitivity(model, seqs, progress=say, cancelled=ctx.cancel.is_set)
+        sources = tensor_sources(model)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            prices = price_types(sources, sens, progress=say, cancelled=ctx.cancel.is_set)
+        finally:
+            torch.set_num_threads(threads)
+        child = Predictor(prices, sources, model.config, planner.metadata, sum(s.shape[0] * s.shape[1] for s in sources.values()),
+                          planner.device, planner.host, planner.context, planner.tokens_used, planner.overhead,
+                          decode_model=planner.decode_model)
+        planner.add_width(child, width, n.kl, str(n.folder))
 
 
 def _decode_model(ctx: RunContext, cfg: FitConfig, prices, prompt) -> dict | None:
@@ -461,13 +536,14 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
     from ..planner import Candidate
     from .evaluate import reference_folder
 
-    suffix = Candidate(raw["tensor_bytes"], "", raw["drop"], raw["onnx"], raw["speed"]).suffix
+    suffix = Candidate(raw["tensor_bytes"], "", raw["drop"], raw["onnx"], raw["speed"], raw["width"]).suffix
     name = f"fit-onnx-{raw['onnx']}{suffix}" if raw["onnx"] else _file_name(raw["file_bytes"], taken, suffix)
     onnx = {"format": "onnx", "onnx_options": {**scheme(raw["onnx"]).export_options(), "calibration_ctx": cfg.seq_len,
                                                "calibration_windows": len(shared.sequences)},
             "calibration_text": ctx.calibration_text()} if raw["onnx"] else {}
     return CandidateTask(
-        name=name, source=str(ctx.source.path), trust_remote_code=ctx.source.trust_remote_code,
+        name=name, source=raw["folder"] or str(ctx.source.path), trust_remote_code=ctx.source.trust_remote_code,
+        narrowed=bool(raw["width"]),
         out=str(ctx.record.artifacts_dir / f"{ctx.source.display_name}-{name}{'' if onnx else '.gguf'}"), **onnx,
         types=planner.renamed(raw["types"], raw["drop"]), drop_blocks=raw["dropped"],
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
@@ -497,7 +573,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
     from .evaluate import variant_metrics
 
     name = f"{b.name}-kv-{kv}"
-    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"], b.raw["onnx"], b.raw["speed"])
+    cand = Candidate(b.raw["tensor_bytes"], kv, b.raw["drop"], b.raw["onnx"], b.raw["speed"], b.raw["width"])
     pred = planner.predict(cand)
     raw = planner.raw(cand)
     base_ppl = ctx.record.variant("baseline")["metrics"]["perplexity"]
@@ -529,7 +605,8 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
             f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
             f"{pred.decode_tps_here:.1f})")
     point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
-             "drop_blocks": cand.drop, "speed_weight": cand.speed, "cost": raw["cost"], "memory_raw": raw["memory_raw"],
+             "drop_blocks": cand.drop, "speed_weight": cand.speed, "width": cand.width,
+             "structure_kl": raw["structure_kl"], "cost": raw["cost"], "memory_raw": raw["memory_raw"],
              "decode_tps_raw": raw["decode_tps_raw"], "decode_model": raw.get("decode_model", False),
              "memory_measured": memory,
              "decode_tps_measured": bench["decode_tps"], "contended": bench.get("contended", False),
@@ -560,6 +637,8 @@ def _variant(ctx: RunContext, cfg: FitConfig, b: Built, name: str, kv: str, pred
                   "quantized_by": f"EdgeTailor {cfg.method}", **({"speed_weight": b.raw["speed"]} if b.raw["speed"] else {})}
     params.update(context=cfg.context, planned_bits_per_weight=round(pred.bits_per_weight, 3),
                   removed_blocks=b.raw["dropped"])
+    if b.raw["width"]:
+        params.update(mlp_channels_removed=b.raw["width"], healed="distilled from the source")
     return Variant(name=name, format="onnx" if onnx else "gguf", path=str(b.path.relative_to(ctx.record.folder)),
                    params=params, metrics={"size_bytes": tree_size(b.path), "export_seconds": round(b.seconds, 2),
                                            **b.agreement},
@@ -573,7 +652,7 @@ def _rejected(ctx: RunContext, planner, raw: dict, res: dict) -> dict:
     if raw["onnx"]:
         planner.exclude_onnx(raw["onnx"])
     return {"name": res["name"], "onnx": raw["onnx"], "drop_blocks": raw["drop"], "speed_weight": raw["speed"],
-            "tensor_bytes": raw["tensor_bytes"],
+            "width": raw["width"], "tensor_bytes": raw["tensor_bytes"],
             "problem": res["rejected"]}
 
 
@@ -587,7 +666,7 @@ def _refit(planner, measured: list[dict]) -> None:
         if "f16" in kls:
             for kv, kl in kls.items():
                 planner.calibration.kv_kl[kv] = max(0.0, kl - kls["f16"])
-    planner.calibration.refit(measured, planner.depth_kl)
+    planner.calibration.refit(measured)
 
 
 def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejected: list[dict]) -> None:
@@ -599,6 +678,8 @@ def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejec
             "decode_model": planner.decode_model["method"] if planner.decode_model else None,
             "decode_speed_check": planner.decode_model.get("speed_check") if planner.decode_model else None,
             "decode_model_seconds": planner.decode_model["seconds_here"] if planner.decode_model else 0.0,
+            "narrower": [{"width": w, "intermediate_size": int(p.config.intermediate_size), "heldout_kl": round(p.width_kl, 6)}
+                         for w, p in planner.widths.items() if w],
             "method": "predicted: memory (weights + KV + measured overhead), decode (GGUF: llama.cpp's decode cost "
                       "model measured on this machine where there is one, else the roofline; + the runtime's own "
                       "time fitted to the measured points), KL (second-order "

@@ -148,8 +148,11 @@ def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]
     n_layers = int(model.config.num_hidden_layers)
     keep_groups = max(1, round(d.kv_heads * cfg.kv_groups_keep))
     keep_per_group = max(1, round(d.heads // d.kv_heads * cfg.heads_keep))
-    keep_inter = _round(cfg.intermediate_size or round(d.intermediate * cfg.mlp_keep), d.intermediate, cfg.round_to)
-    keep_hidden = _round(cfg.hidden_size or round(d.hidden * cfg.hidden_keep), d.hidden, cfg.round_to)
+    # a share of 1 keeps the axis whole whatever the rounding (576 hidden channels rounded to 256s would be 512)
+    keep_inter = d.intermediate if cfg.mlp_keep >= 1.0 and not cfg.intermediate_size else \
+        _round(cfg.intermediate_size or round(d.intermediate * cfg.mlp_keep), d.intermediate, cfg.round_to)
+    keep_hidden = d.hidden if cfg.hidden_keep >= 1.0 and not cfg.hidden_size else \
+        _round(cfg.hidden_size or round(d.hidden * cfg.hidden_keep), d.hidden, cfg.round_to)
     slices: dict[str, list] = {}
     changes = {}
     if keep_groups < d.kv_heads or keep_per_group < d.heads // d.kv_heads:
