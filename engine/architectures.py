@@ -17,10 +17,12 @@ OWN_WRITER_STEPS = ("imatrix", "quant.gguf_calibrated", "fit")
 # Techniques that take a decoder block whole or its linear layers as plain matrices, whatever a family names them
 # (remove blocks, factor, cluster, train), and AWQ with each family's layout (``steps.awq.awq_groups``): verified on
 # every family of the own writer (tests/test_families.py: the file equals the changed model, removing blocks equals
-# skipping them, folded scales keep the function, cut MLP channels are zeroed ones). Width pruning's head and hidden
-# cuts, layer sharing and exit heads assume the Llama block and stay with the Llama-like families.
+# skipping them, folded scales keep the function, cut MLP channels are zeroed ones, a tied block computes in its own
+# place). Width pruning's head and hidden cuts and exit heads assume the Llama block and stay with the Llama-like
+# families.
 BLOCK_TECHNIQUES = ("prune.depth", "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora", "awq.scale",
-                    "prune.width")     # MLP channels only (``steps.prune.structured.mlp_layout``); heads and hidden: Llama's
+                    "prune.width",     # MLP channels only (``steps.prune.structured.mlp_layout``); heads and hidden: Llama's
+                    "share.layers")    # a block in the next one's place (``steps.share.twin``)
 OWN_WRITER_TECHNIQUES = VALUE_TECHNIQUES + OWN_WRITER_STEPS + BLOCK_TECHNIQUES
 
 

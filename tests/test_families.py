@@ -160,9 +160,9 @@ def test_unsupported_family_has_its_own_exit_code_and_names_what_is_supported(tm
 
 
 def test_a_technique_that_does_not_apply_is_refused_before_the_model_loads(tmp_path, family_model):
-    """Layer sharing, and width pruning of attention heads, are not verified on Gemma 2: the run stops at
+    """Exit heads, and width pruning of attention heads, are not verified on Gemma 2: the run stops at
     pre-flight, with the reason (its MLP channels may go)."""
-    for step, params, words in (("share.layers", {}, "not for gemma2 yet"),
+    for step, params, words in (("early_exit.heads", {}, "not for gemma2 yet"),
                                 ("prune.width", {"heads_keep": 0.5}, "attention heads and hidden channels is not for gemma2")):
         r = _cli("compress", str(family_model("gemma2")), "--recipe", str(_recipe(tmp_path, step, params)),
                  home=tmp_path / "home")
@@ -296,6 +296,46 @@ def test_blocks_are_removed_factored_clustered_and_trained_on_every_own_writer_f
 
 
 @pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+def test_a_tied_block_computes_in_its_own_place(family, family_model):
+    """Layer sharing: the last block tied to the one before it computes what a model whose last block holds a copy of
+    the weights before it computes - in its own place: SmolLM3's rotary-free last block stays rotary-free (before,
+    the twin took its source's rotary), Gemma 3's global one keeps its mask and rotary; the selection runs each block
+    with the arguments the model gives the next (before, its hand-built Llama rotary failed on Gemma 3)."""
+    import torch
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.steps.share import substitution_errors, tie
+
+    src = resolve_folder(family_model(family))
+    model, copied = load_model(src).model, load_model(src).model
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        for mine, theirs in zip(copied.model.layers[n - 1].parameters(), copied.model.layers[n - 2].parameters()):
+            mine.copy_(theirs)
+    before = sum(p.numel() for p in model.parameters())
+    tie(model, n - 2)
+    assert sum(p.numel() for p in model.parameters()) < before
+    ids = torch.arange(3, 67)[None, :]
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, copied(ids).logits, atol=1e-5)
+    errors = substitution_errors(load_model(src).model, ids)
+    assert len(errors) == n - 1 and all(e > 0 for e in errors)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "smollm3", "phi3"])
+def test_layer_sharing_runs_and_exports_on_the_families(family, family_model):
+    record = _run(family_model(family), [
+        {"step": "share.layers", "params": {"pairs": 1, "heal_steps": 2, "calibration_sequences": 8,
+                                            "calibration_length": 64}},
+        {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = {s["name"]: s.get("report", {}) for s in m["steps"]}["share.layers"]
+    assert report["parameters_after"] < report["parameters_before"]
+    (v,) = m["variants"]
+    assert v["metrics"]["verify_kl"] < 1e-4 and v["metrics"]["verify_top1"] >= 0.95, v["metrics"]
+
+
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
 def test_a_model_without_blocks_computes_what_the_model_skipping_them_computes(family, family_model):
     """Read lazily without block 1, or rebuilt without it in memory: the logits of the source with that block passing
     its input through (per-block lists such as Gemma 3's local/global layers or SmolLM3's rotary-free blocks carried
@@ -400,8 +440,8 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
         rep = preflight(resolve(str(_fake_model(tmp_path / family, {**base, "model_type": family}))))
         assert all(rep.techniques[s] == "yes" for s in ("fit", "quant.gguf_calibrated", "imatrix", "prune.depth",
                                                         "lowrank.svd", "cluster.kmeans", "distill", "finetune.lora",
-                                                        "awq.scale", "prune.width"))
-        assert rep.techniques["share.layers"].startswith(f"not for {family} yet"), rep.techniques
+                                                        "awq.scale", "prune.width", "share.layers"))
+        assert rep.techniques["early_exit.heads"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == "yes"
     assert moe.techniques["fit"].startswith("not for mixtral yet: this step does not handle its expert layers")

@@ -41,55 +41,43 @@ class ShareConfig:
             raise ValueError("heal_scope must be 'shared' or 'all'")
 
 
-def block_inputs(model, sequences: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """The residual stream entering each block and leaving the last one: n_layers + 1 tensors [n, t, h]."""
-    from ..calibration import block_input, block_output, decoder_layers, run_batches
-
-    layers = decoder_layers(model)
-    seen: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
-
-    def pre(i):
-        def fn(module, args, kwargs):
-            seen[i].append(block_input(args, kwargs).detach().clone())
-        return fn
-
-    def post(module, args, kwargs, output):
-        seen[-1].append(block_output(output).detach().clone())
-
-    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
-    try:
-        run_batches(model, sequences, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(s) for s in seen]
+#: what a decoder block's modules hold of its place in the model rather than of its weights: a block standing in
+#: for the next takes these from it (its KV-cache slot, Gemma 2/3's local or global attention, SmolLM3's rotary or
+#: none, ...)
+PLACE_ATTRIBUTES = ("layer_idx", "attention_type", "is_sliding", "sliding_window", "layer_type", "use_rope",
+                    "is_causal")
 
 
-def _run_block(model, block, hidden: torch.Tensor) -> torch.Tensor:
-    from ..calibration import block_output
-
-    inner = model.model
-    pos = torch.arange(hidden.shape[1])[None, :]
-    pe = inner.rotary_emb(hidden, position_ids=pos)
-    from transformers.masking_utils import create_causal_mask
-
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
-    return block_output(block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe))
+def twin(source: torch.nn.Module, place: torch.nn.Module) -> torch.nn.Module:
+    """``source``'s weights (the same tensors, not a copy) in ``place``'s position: a module of ``source``'s
+    structure with ``place``'s ``PLACE_ATTRIBUTES``."""
+    memo = {id(p): p for p in source.parameters()}
+    memo.update({id(b): b for b in source.buffers()})
+    out = copy.deepcopy(source, memo)
+    for mine, theirs in zip(out.modules(), place.modules()):
+        for name in PLACE_ATTRIBUTES:
+            if hasattr(theirs, name):
+                setattr(mine, name, getattr(theirs, name))
+    return out
 
 
 def substitution_errors(model, sequences: torch.Tensor) -> list[float]:
-    """For each i: ||block_i(h_{i+1}) - block_{i+1}(h_{i+1})|| / ||block_{i+1}'s update||, over the sequences."""
-    from ..calibration import decoder_layers
+    """For each i: ||block_i(h_{i+1}) - block_{i+1}(h_{i+1})|| / ||block_{i+1}'s update||, over the sequences: block
+    i run in block i+1's place (``twin``, with the arguments the model gives block i+1: its rotary, its mask)."""
+    from ..calibration import block_output
+    from ..walker import BlockWalk
 
-    layers = decoder_layers(model)
-    hs = block_inputs(model, sequences)
+    walk = BlockWalk(model, sequences, batch_size=len(sequences))
+    kwargs = [kw[0] for kw in walk.kwargs]
+    layers = walk.layers
     errors = []
     with torch.inference_mode():
+        hs = [walk.hidden[0]]
+        for i, layer in enumerate(layers):
+            hs.append(block_output(layer(hs[-1], **kwargs[i])))
         for i in range(len(layers) - 1):
             x, y = hs[i + 1], hs[i + 2]
-            sub = _run_block(model, layers[i], x)
+            sub = block_output(twin(layers[i], layers[i + 1])(x, **kwargs[i + 1]))
             errors.append(float((sub - y).norm() / (y - x).norm().clamp_min(1e-12)))
     return errors
 
@@ -111,18 +99,11 @@ def choose_pairs(errors: list[float], pairs: int) -> list[int]:
 
 
 def tie(model, i: int) -> None:
-    """Block i+1 becomes a second use of block i's parameters (same tensors; its own KV-cache slot)."""
+    """Block i+1 becomes a second use of block i's parameters (same tensors) in its own place (``twin``)."""
     from ..calibration import decoder_layers
 
     layers = decoder_layers(model)
-    source = layers[i]
-    memo = {id(p): p for p in source.parameters()}
-    memo.update({id(b): b for b in source.buffers()})
-    twin = copy.deepcopy(source, memo)
-    for m in twin.modules():
-        if hasattr(m, "layer_idx"):
-            m.layer_idx = i + 1
-    layers[i + 1] = twin
+    layers[i + 1] = twin(layers[i], layers[i + 1])
 
 
 def heal(student, teacher, sequences: torch.Tensor, scope_params, steps: int, lr: float, batch_size: int,
