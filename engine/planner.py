@@ -657,9 +657,9 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
          tolerance: float = 0.02) -> list[Point]:
     """The best-quality feasible points to build next: (size, blocks removed, ONNX scheme, speed weight, width) not
     within ``tolerance`` of a file already built or picked; when nothing is feasible, the points closest to
-    feasible."""
+    feasible (``_closest_of_each_width``)."""
     feas = sorted((p for p in points if p.feasible), key=lambda p: p.prediction.kl)
-    pool = feas or sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
+    pool = feas or _closest_of_each_width(points, budget)
     chosen: list[Point] = []
     sizes = list(built_sizes)
     for p in pool:
@@ -672,6 +672,17 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
         chosen.append(p)
         sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed, c.width))
     return chosen
+
+
+def _closest_of_each_width(points: list[Point], budget) -> list[Point]:
+    """The points closest to feasible, the closest of each model (the full one, each narrower one) first: when
+    nothing fits, the full model's closest file is measured beside a narrower model's, so what relaxing a limit
+    buys in quality is measured too (a narrower model is always smaller, and always worse)."""
+    pool = sorted(points, key=lambda p: max(constraint_values(budget, p.prediction)))
+    firsts = {}
+    for p in pool:
+        firsts.setdefault(p.candidate.width, p)
+    return list(firsts.values()) + [p for p in pool if p not in firsts.values()]
 
 
 def screened_evaluation(screen: dict, full: dict) -> dict:

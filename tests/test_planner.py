@@ -254,6 +254,23 @@ def test_gguf_kl_is_a_floor_plus_a_scale_once_two_levels_of_cost_are_measured():
     c.refit([{**point, "kv_type": "f16", "kl": 0.02}, {**point, "kv_type": "f32", "onnx": "int4-32", "kl": 0.5}])
     assert c.kl_floor == pytest.approx(0.015) and c.kl_scale_for("int4-32") == pytest.approx(50.0)
 
+def test_when_nothing_fits_the_full_models_closest_file_is_built_beside_a_narrower_ones():
+    """The demo at 150 MB with a 33% narrower model: every file over the limit, the narrower ones closest, so all
+    four built were narrower (KL 0.86-0.92) and the answer never said what the full model's closest file gives."""
+    from edgetailor.engine.devices import Budget, get_device
+    from edgetailor.engine.planner import Candidate, Point, Prediction, pick
+
+    def point(size, width, memory, kl):
+        return Point(Candidate(size, "q4_0", width=width), Prediction(size, 4.5, memory, 100.0, 0.01, kl, 1.0, 100.0),
+                     feasible=False)
+
+    points = [point(65, 0.33, 159e6, 0.9), point(67, 0.33, 161e6, 0.9), point(70, 0.33, 163e6, 0.89),
+              point(80, 0.0, 175e6, 0.05), point(85, 0.0, 180e6, 0.03)]
+    budget = Budget(get_device("pixel-8"), max_memory_bytes=150e6)
+    chosen = pick(points, budget, 2, [])
+    assert [(p.candidate.tensor_bytes, p.candidate.width) for p in chosen] == [(65, 0.33), (80, 0.0)]
+
+
 def test_a_structures_kl_on_the_evaluation_text_is_fitted_apart_from_llama_cpps_floor():
     """A narrower model's KL measured on held-out calibration text (0.45) read 0.62 on the evaluation text (the
     demo, 25% of its MLP channels cut): its files fit a ratio of their own, and the whole model's floor and scale
