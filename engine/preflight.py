@@ -156,9 +156,6 @@ def _family(report: PreflightReport, spec, cfg: dict, recipe) -> None:
         verdict = report.techniques.get(step.name, "yes")
         if verdict != "yes":
             report.refusals.append(f"step '{step.name}': {verdict}")
-        if spec.moe and step.name == "quant.gguf_calibrated" and get_step(step.name).parse(step.params).measured:
-            report.refusals.append(f"step 'quant.gguf_calibrated' with a measured mix or a size target: not for "
-                                   f"{spec.model_type} yet: its expert tensors are not priced; use mix: llama.cpp")
         if step.name == "prune.width":
             from .steps.prune.structured import width_axes_problem
 

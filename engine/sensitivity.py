@@ -76,7 +76,43 @@ def measure_sensitivity(model, sequences: torch.Tensor, seq_len: int = 128, max_
             model.train(was_training)
             release_pages(p.data for p in model.parameters())
     n = max(int(pieces.numel()), 1)
-    return Sensitivity({k: v / n for k, v in run.in_sq.items()}, {k: v / n for k, v in run.grad_sq.items()}, n)
+    # an expert's inputs are averaged over the tokens routed to it and its output gradients over all tokens (zero
+    # where it was not chosen): their product is E[g^2 x^2] over all tokens, each expert weighted by its share
+    return Sensitivity({k: v / run.routed.get(k, n) for k, v in run.in_sq.items()},
+                       {k: v / n for k, v in run.grad_sq.items()}, n)
+
+
+def recording_experts(experts: torch.nn.Module, record: Callable):
+    """transformers' stacked-experts forward (the same products in the same order, expert by expert), calling
+    ``record("{e}.{proj}", input, output)`` for each expert's gate, up and down projections on the way."""
+    F = torch.nn.functional
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(experts.gate_up_proj.shape[0]):
+            token, pos = torch.where(top_k_index == e)
+            if not len(token):
+                continue
+            x = hidden_states[token]
+            gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            y = F.linear(h, experts.down_proj[e])
+            for proj, inp, o in (("gate_proj", x, gate), ("up_proj", x, up), ("down_proj", h, y)):
+                record(f"{e}.{proj}", inp, o)
+            out.index_add_(0, token, (y * top_k_weights[token, pos, None]).to(out.dtype))
+        return out
+    return forward
+
+
+class _Patched:
+    """A module's forward replaced until ``remove`` (a hook handle's shape)."""
+
+    def __init__(self, module: torch.nn.Module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward
 
 
 def _plain(t):
@@ -94,6 +130,7 @@ class _SensitivityPass:
         self.lazy = bool(getattr(model, "is_lazy", False))
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.in_sq: dict[str, torch.Tensor] = {}
+        self.routed: dict[str, int] = {}  # an expert's projections: the tokens routed to it
         self.moments = True              # input moments are taken on the forward pass only
         self.walk = BlockWalk(model, pieces, batch_size=len(pieces), cancelled=cancelled)
         self.steps = 2 * len(self.walk) + 1
@@ -114,8 +151,23 @@ class _SensitivityPass:
                 out.register_hook(record)
         return fn
 
-    def hooked(self, mods: dict):
-        return input_hooks(m.register_forward_hook(self._hook(n)) for n, m in mods.items())
+    def _record(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """One expert projection's input moments (forward pass) and output gradients (``{block's experts}.{e}.{proj}``,
+        as ``imatrix.InputCollector.add_experts`` names them)."""
+        if self.moments:
+            x2 = x.detach().double() ** 2
+            self.in_sq[name] = self.in_sq[name] + x2.sum(0) if name in self.in_sq else x2.sum(0)
+            self.routed[name] = self.routed.get(name, 0) + x.shape[0]
+        if out.requires_grad:
+            self.grad_sq.setdefault(name, torch.zeros(out.shape[-1], dtype=torch.float64))
+            def add(g):              # returns None: the gradient flows on unchanged
+                self.grad_sq[name].add_((g.detach() ** 2).sum(0, dtype=torch.float64))
+            out.register_hook(add)
+
+    def hooked(self, mods: dict, experts: dict | None = None):
+        return input_hooks([*(m.register_forward_hook(self._hook(n)) for n, m in mods.items()),
+                            *(_Patched(m, recording_experts(m, lambda key, x, out, n=n: self._record(f"{n}.{key}", x, out)))
+                              for n, m in (experts or {}).items())])
 
     def check(self) -> None:
         if self.cancelled and self.cancelled():
@@ -134,7 +186,7 @@ class _SensitivityPass:
             for i in range(len(self.walk)):
                 self.check()
                 kept.append(h)
-                with self.walk.block(i) as block, self.hooked(block.linears()):
+                with self.walk.block(i) as block, self.hooked(block.linears(), block.experts()):
                     h = block_output(block.module(h, **self.kws[i]))
                     if not self.lazy:
                         release_pages(p.data for p in block.module.parameters())
@@ -170,7 +222,7 @@ class _SensitivityPass:
         for i in reversed(range(n)):
             self.check()
             x = kept.pop().requires_grad_(True)
-            with self.walk.block(i) as block, self.hooked(block.linears()):
+            with self.walk.block(i) as block, self.hooked(block.linears(), block.experts()):
                 block_output(block.module(x, **self.kws[i])).backward(grad)
                 if not self.lazy:
                     release_pages(p.data for p in block.module.parameters())

@@ -94,6 +94,40 @@ def tensor_sources(model) -> dict[str, Source]:
     return out
 
 
+@dataclass(frozen=True)
+class ExpertSource:
+    """A stacked experts tensor as a GGUF tensor (``[experts, rows, cols]``): each expert's matrix, and the name
+    its statistics go by (``{module}.{e}.{proj}``, as ``imatrix.InputCollector.add_experts`` and the sensitivity
+    pass name them)."""
+    module: str               # the HF experts module (``model.layers.3.mlp.experts``)
+    proj: str                 # gate_proj, up_proj, down_proj
+    rows: object              # ``gguf.ExpertRows``
+
+    @property
+    def shape(self) -> tuple:
+        return self.rows.shape
+
+    def key(self, e: int) -> str:
+        return f"{self.module}.{e}.{self.proj}"
+
+    def expert(self, e: int) -> np.ndarray:
+        return self.rows.expert(e).detach().float().numpy()
+
+
+def expert_sources(model) -> dict[str, ExpertSource]:
+    """GGUF tensor name -> ``ExpertSource`` for every stacked experts tensor (none in a dense model)."""
+    from .gguf import ExpertRows
+
+    names = gguf_tensor_names(model.config)
+    out = {}
+    for k, v in model.state_dict().items():
+        for hf, part in expert_parts(k, v):
+            if isinstance(part, ExpertRows):
+                module, proj = hf[:-len(".weight")].rsplit(".", 1)
+                out[names.get_name(hf, try_suffixes=(".weight",))] = ExpertSource(module, proj, part)
+    return out
+
+
 #: GGUF tensors that get importance-weighted blocks without GPTQ's error feedback. The projections into
 #: attention (q, k, v) come out *worse* end to end with it, although their own output error halves, on
 #: held-out text too (smollm2-dithered, wikitext-2, 20 windows: Q2_K mix +20.5% perplexity with weighted q/k/v
@@ -468,12 +502,6 @@ def export_with_calibration(model, tokenizer, tokenizer_dir, out: Path, qtype: s
                             progress=None, cancelled=None) -> dict:
     """A calibrated file of llama.cpp's mix ``qtype``, of a measured mix at its size, or of a size target."""
     require_own_writer(model.config)
-    spec = arch_spec(model.config.model_type)
-    if spec.moe and (cal.planned or cal.types is not None):
-        from ..engine.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"A measured type mix does not price a '{model.config.model_type}' model's expert "
-                                    "tensors yet.", "Use mix: llama.cpp (llama.cpp's types, EdgeTailor's blocks).")
     if cal.types is not None:
         return export_calibrated(model, tokenizer, tokenizer_dir, out, qtype, cal.sequences, cal.method,
                                  types=cal.types, progress=progress, cancelled=cancelled,
@@ -499,13 +527,15 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, target_bytes: i
     from ..engine.sensitivity import measure_sensitivity
 
     out = Path(out)
-    sources = tensor_sources(model)
+    sources, experts = tensor_sources(model), expert_sources(model)
+    shapes = {**{n: s.shape for n, s in sources.items()},
+              **{n: (s.shape[0] * s.shape[1], s.shape[2]) for n, s in experts.items()}}
     with tempfile.TemporaryDirectory(prefix="edgetailor-plan-", dir=out.parent) as tmp:
         overhead = metadata_bytes(model, tokenizer, tokenizer_dir, Path(tmp))
         if like is not None:
             # the same metadata as llama.cpp's file, so its tensors' bytes are the budget (less worst-case padding)
             llama_types = llama_cpp_types(model, tokenizer, tokenizer_dir, like, Path(tmp))
-            budget = sum(tensor_bytes(llama_types[n], s.shape) for n, s in sources.items()) - ALIGN * len(sources)
+            budget = sum(tensor_bytes(llama_types[n], shape) for n, shape in shapes.items()) - ALIGN * len(shapes)
             target_bytes = budget + overhead
         else:
             budget = target_bytes - overhead
@@ -519,7 +549,8 @@ def export_to_target(model, tokenizer, tokenizer_dir, out: Path, target_bytes: i
     torch.set_num_threads(1)
     try:
         types = plan_types(sources, sensitivity, budget,
-                           progress=(lambda f, m: progress(0.15 + 0.25 * f, m)) if progress else None, cancelled=cancelled)
+                           progress=(lambda f, m: progress(0.15 + 0.25 * f, m)) if progress else None, cancelled=cancelled,
+                           experts=experts)
     finally:
         torch.set_num_threads(threads)
     info = export_calibrated(model, tokenizer, tokenizer_dir, out, like or "Q4_K_M", sequences, method, types=types,

@@ -111,7 +111,7 @@ class TypePrices:
 
 def price_types(sources: dict, sensitivity, max_rows: int | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                cancelled: Callable[[], bool] | None = None, onnx_schemes=()) -> TypePrices:
+                cancelled: Callable[[], bool] | None = None, onnx_schemes=(), experts: dict | None = None) -> TypePrices:
     """The expected loss cost of every tensor under every candidate type.
 
     The cost of a tensor under a type is ``sum_ij E[g_i^2] E[x_j^2] (W - Q(W))_ij^2`` (``engine.sensitivity``:
@@ -119,7 +119,9 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
     (default ``PLAN_ROWS``) rows drawn in proportion to their weight and scaled to the whole tensor; it compares
     tensors of different layers with each other, which the input statistics alone cannot. To second order the
     loss increase per token (and the KL to the source) is half the summed cost. ``onnx_schemes``
-    (``onnx_plan.OnnxScheme``) are priced on the same rows in the same pass.
+    (``onnx_plan.OnnxScheme``) are priced on the same rows in the same pass. ``experts``
+    (``gguf_calibrated.expert_sources``): each stacked experts tensor priced as the sum of its experts' costs
+    (``price_experts``); a router stays in F32, as llama.cpp keeps it.
     """
     from .onnx_plan import price_tensor
 
@@ -133,6 +135,9 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
     for k, name in enumerate(names):
         if cancelled and cancelled():
             raise RunCancelled()
+        if ROUTER in name:
+            hull_of[name] = every[name] = [("F32", tensor_bytes("F32", sources[name].shape), 0.0)]
+            continue
         module, W = sources[name].module, sources[name].matrix()
         x2 = sensitivity.input_sq.get(module)
         imp = x2.numpy() if x2 is not None else np.ones(W.shape[1])
@@ -155,7 +160,40 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
         release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
             progress((k + 1) / len(names), f"pricing the types of {name}")
+    for name, opts in price_experts(experts or {}, sensitivity, max_rows, cancelled).items():
+        hull_of[name], every[name] = _lower_hull(opts), opts
     return TypePrices(hull_of, every, onnx)
+
+
+#: a mixture of experts' router: kept in F32 (llama-quantize never quantizes it), not priced
+ROUTER = "ffn_gate_inp."
+
+
+def price_experts(experts: dict, sensitivity, max_rows: int, cancelled=None) -> dict[str, list[tuple[str, int, float]]]:
+    """Each stacked experts tensor's types priced: per expert, ``sum_ij E[g_i^2] E[x_j^2] D_ij^2`` on rows drawn by
+    their weight (``max_rows`` shared by the experts, at least 4 each), with the expert's own statistics (its inputs
+    averaged over the tokens routed to it, its output gradients over all tokens: an expert the text rarely chooses
+    costs little); the tensor's cost is the experts' sum. An expert no calibration token chose costs nothing."""
+    out = {}
+    for name, src in experts.items():
+        n_exp, rows, cols = src.shape
+        per = max(4, max_rows // n_exp)
+        cost = {t: 0.0 for t in CANDIDATES if cols % gguf_blocks.TYPES[t].block == 0}
+        for e in range(n_exp):
+            if cancelled and cancelled():
+                raise RunCancelled()
+            g2, x2 = sensitivity.output_grad_sq.get(src.key(e)), sensitivity.input_sq.get(src.key(e))
+            if g2 is None or x2 is None:
+                continue
+            picked, rw = sample_rows(g2.numpy(), per)
+            sub, imp = src.expert(e)[picked], x2.numpy()
+            for t in cost:
+                _, deq = gguf_blocks.quantize_matrix(t, sub, imp)
+                cost[t] += float(rw @ (((deq - sub) ** 2) * imp[None, :]).sum(1))
+        opts = [(t, type_bytes(t, (n_exp * rows, cols)), c) for t, c in cost.items()] or \
+            [("F16", tensor_bytes("F16", (n_exp * rows, cols)), 0.0)]
+        out[name] = sorted(opts, key=lambda o: (o[1], o[2]))
+    return out
 
 
 def _lower_hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
@@ -222,10 +260,10 @@ def choose_types(prices: TypePrices, budget: int) -> tuple[dict[str, str], int, 
 
 def plan_types(sources: dict, sensitivity, budget: int, max_rows: int | None = None,
                progress: Callable[[float, str], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> dict[str, str]:
+               cancelled: Callable[[], bool] | None = None, experts: dict | None = None) -> dict[str, str]:
     """Each tensor's type so that the tensors fit ``budget`` bytes with the least expected loss increase
     (``price_types``, then ``choose_types``)."""
-    return choose_types(price_types(sources, sensitivity, max_rows, progress, cancelled), budget)[0]
+    return choose_types(price_types(sources, sensitivity, max_rows, progress, cancelled, experts=experts), budget)[0]
 
 
 def gguf_row_weights(sources: dict[str, Source], output_moments: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -521,13 +521,10 @@ def test_a_mixture_of_experts_importance_matrix_holds_each_experts_own_tokens(fa
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_a_mixture_of_experts_takes_calibrated_expert_blocks_weighted_by_each_experts_tokens(family, family_model):
     """Calibrated Q4_K_M (llama.cpp's types) from the files: every expert's matrix encoded by EdgeTailor, weighted
-    by the tokens the router sent it (not llama.cpp's unweighted encoding); the file checked against the model; a
-    measured mix, which does not price experts yet, refused before anything runs."""
+    by the tokens the router sent it (not llama.cpp's unweighted encoding); the file checked against the model."""
     import gguf
     import numpy as np
-    from edgetailor.engine import preflight, resolve
     from edgetailor.engine.lazy import LazyModel
-    from edgetailor.engine.recipe import Recipe
     from edgetailor.engine.verification import tolerance_for
     from edgetailor.exporters.ggml_quant import encoded_experts
 
@@ -545,8 +542,60 @@ def test_a_mixture_of_experts_takes_calibrated_expert_blocks_weighted_by_each_ex
     assert len(ours) == 3 * 4 and ours.keys() == plain.keys()
     assert all(ours[n].shape == plain[n].shape for n in ours)
     assert sum(not np.array_equal(ours[n], plain[n].load()) for n in ours) >= len(ours) - 1   # weighted blocks
-    measured = Recipe.from_dict({"name": "x", "steps": [{"step": "quant.gguf_calibrated", "params": {"mix": "measured"}}]})
-    assert any("expert tensors are not priced" in r for r in preflight(resolve(str(folder)), measured).refusals)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_measured_mix_prices_each_expert_by_its_own_tokens(family, family_model):
+    """A measured mix on a mixture of experts: the sensitivity pass runs the experts as transformers does (same
+    output) and records each expert's inputs over its own tokens and the loss's gradient at its outputs; a stacked
+    experts tensor costs its experts' sum (an expert the text never chose, nothing); the router stays F32; a file of
+    a size target is written, within 2% of it, and checked against the model."""
+    import gguf
+    import torch
+    from edgetailor.engine.calibration import token_sequences
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model, load_tokenizer
+    from edgetailor.engine.sensitivity import measure_sensitivity, recording_experts
+    from edgetailor.engine.text import read_text
+    from edgetailor.engine.walker import is_experts
+    from edgetailor.exporters.gguf_calibrated import expert_sources, tensor_sources
+    from edgetailor.exporters.gguf_plan import price_experts, price_types
+    from edgetailor.engine.verification import tolerance_for
+
+    folder = family_model(family)
+    src = resolve_folder(folder)
+    experts = next(m for m in load_model(src).model.modules() if is_experts(m))
+    h, idx = torch.randn(40, experts.gate_up_proj.shape[2]), torch.randint(0, experts.gate_up_proj.shape[0], (40, 2))
+    w, seen = torch.rand(40, 2), []
+    assert torch.equal(recording_experts(experts, lambda *a: seen.append(a[0]))(h, idx, w), experts(h, idx, w))
+    assert "0.down_proj" in seen
+    model = LazyModel(folder)
+    sens = measure_sensitivity(model, token_sequences(load_tokenizer(src), read_text(None), 64, 4))
+    found = expert_sources(model)
+    assert len(found) == 3 * model.config.num_hidden_layers
+    prices = price_types(tensor_sources(model), sens, experts=found)
+    name = next(n for n in found if n.startswith("blk.0.ffn_down"))
+    src0 = found[name]
+    shares = [sens.output_grad_sq.get(src0.key(e), torch.zeros(1)).sum().item() * sens.input_sq.get(src0.key(e), torch.zeros(1)).sum().item()
+              for e in range(src0.shape[0])]
+    assert sum(s > 0 for s in shares) >= 2 and all(c > 0 for _, _, c in prices.every[name] if _ != "Q8_0")
+    busiest = max(range(len(shares)), key=shares.__getitem__)
+    del sens.input_sq[src0.key(busiest)]                       # as if the text had never chosen it
+    without = price_experts({name: src0}, sens, 64)[name]
+    assert all(w[2] < o[2] for w, o in zip(without, prices.every[name]))
+    assert all(o == [("F32", o[0][1], 0.0)] for n, o in prices.every.items() if "ffn_gate_inp" in n)
+    # MB, between the smallest and the largest file of these types (the BPE vocabulary at width 64: no k-quants)
+    target = {"qwen3_moe": 6.0, "mixtral": 0.45}[family]
+    record = _run(folder, [{"step": "quant.gguf_calibrated", "params": {"target_mb": target, "max_sequences": 4,
+                                                                         "seq_len": 64}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    variant = m["variants"][-1]
+    assert variant["metrics"]["verify_kl"] <= tolerance_for("gguf", "Q2_K").max_kl, variant["metrics"]
+    path = record.folder / variant["path"]
+    assert abs(path.stat().st_size / (target * 1e6) - 1) < 0.02, path.stat().st_size
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if "_exps." in t.name}
+    assert kinds and kinds <= {"Q2_K", "Q3_K", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
 
 
 def test_a_phi_vocabulary_without_phi3s_special_tokens_loads_from_a_folder_named_phi3(family_model, tmp_path):
