@@ -252,8 +252,25 @@ class Calibration:
         return asdict(self)
 
 
+def _flat(shape) -> tuple[int, int]:
+    """A tensor's rows x cols as its bytes are stored (a stacked experts tensor's experts one after another)."""
+    return (math.prod(shape[:-1]), shape[-1])
+
+
+def _active(src) -> float:
+    """The share of a tensor a token reads: k of a mixture's E experts (``ExpertSource.active``), else all."""
+    return getattr(src, "active", 1.0)
+
+
+def _read(src) -> int:
+    """A tensor's weights a token multiplies by."""
+    return int(math.prod(src.shape) * _active(src))
+
+
 class Predictor:
-    """Cheap predictions for any candidate of one model on one device at one context."""
+    """Cheap predictions for any candidate of one model on one device at one context. ``sources``: the planned
+    file's tensors (anything with a ``shape``, the first with ``heads``; a mixture's stacked experts with the share
+    a token reads, ``active``)."""
 
     def __init__(self, prices, sources: dict, config, metadata_bytes: int, params: int, device, host, context: int,
                  tokens_used: int, overhead: dict | None, drop_order: list[int] | None = None,
@@ -340,7 +357,7 @@ class Predictor:
             return 0.0
         rates = head if name in ("output.weight", "token_embd.weight") and t in head else layer
         rate = rates.get(t) or min(layer.values(), default=0.0)
-        return src.shape[0] * src.shape[1] / rate if rate else 0.0
+        return _read(src) / rate if rate else 0.0
 
     def kernel_seconds(self, types: dict) -> float:
         return sum(self.tensor_seconds(n, t) for n, t in types.items())
@@ -390,8 +407,9 @@ class Predictor:
         from .projection import REPACKED_TYPES, WeightsInfo, llama_cpp_repacks
 
         sources = self.kept(drop)
-        nbytes = {n: tensor_bytes(types[n], s.shape) for n, s in sources.items()}
+        nbytes = {n: tensor_bytes(types[n], _flat(s.shape)) for n, s in sources.items()}
         total = sum(nbytes.values()) + self.metadata
+        unread = sum(b * (1 - _active(sources[n])) for n, b in nbytes.items())   # the experts a token skips
         emb = sources.get("token_embd.weight")
         tied = "output.weight" not in sources
         n_vocab = emb.shape[0] if emb is not None else 0
@@ -401,16 +419,17 @@ class Predictor:
             row = nbytes["token_embd.weight"] // max(n_vocab, 1)
             per_token = total - nbytes["token_embd.weight"] + row
             resident = per_token - row + row * min(n_vocab, self.tokens_used)
+        per_token = int(per_token - unread)
         repacked = 0
         if llama_cpp_repacks():
             repacked = sum(nbytes[n] for n, s in sources.items() if n != "token_embd.weight"
-                           and types[n] in REPACKED_TYPES and s.shape[0] % 8 == 0)
+                           and types[n] in REPACKED_TYPES and s.shape[-2] % 8 == 0)
         type_elements: dict[str, int] = {}
         for n, s in sources.items():
             if n.startswith("blk."):
-                type_elements[types[n]] = type_elements.get(types[n], 0) + s.shape[0] * s.shape[1]
+                type_elements[types[n]] = type_elements.get(types[n], 0) + _read(s)
         head = "output.weight" if not tied else "token_embd.weight"
-        matmul = sum(s.shape[0] * s.shape[1] for n, s in sources.items() if tied or n != "token_embd.weight")
+        matmul = sum(_read(s) for n, s in sources.items() if tied or n != "token_embd.weight")
         heads, kv_heads = next(iter(sources.values())).heads
         dims = ModelDims.of(self.config)
         return WeightsInfo("gguf", resident + repacked, per_token, matmul, dims.layers - drop, heads,

@@ -75,7 +75,13 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
     tied = "output.weight" not in tensors
     n_vocab = int(emb.shape[-1]) if emb is not None else int(field("vocab_size", 0))
     two_d = [t for t in r.tensors if len(t.shape) >= 2 and int(t.shape[1]) > 1]
-    matmul = sum(int(t.n_elements) for t in two_d if tied or t.name != "token_embd.weight")
+    used, count = int(field("expert_used_count", 0) or 0), int(field("expert_count", 0) or 0)
+
+    def active(t) -> float:          # a mixture's stacked experts: a token reads k of E
+        return used / count if count and "_exps." in t.name else 1.0
+
+    unread = sum(int(t.n_bytes) * (1 - active(t)) for t in r.tensors)
+    matmul = sum(int(t.n_elements * active(t)) for t in two_d if tied or t.name != "token_embd.weight")
     emb_bytes = int(emb.n_bytes) if emb is not None else 0
     if tied:
         per_token, resident = total, total
@@ -83,6 +89,7 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
         row = emb_bytes // max(n_vocab, 1)
         per_token = total - emb_bytes + row
         resident = total - emb_bytes + row * min(n_vocab, tokens_used)
+    per_token = int(per_token - unread)
     repacked = 0
     if llama_cpp_repacks():
         repacked = sum(int(t.n_bytes) for t in two_d if t.name != "token_embd.weight"
@@ -90,7 +97,7 @@ def gguf_info(path: str | Path, tokens_used: int = 0) -> WeightsInfo:
     types: dict[str, int] = {}
     for t in two_d:
         if t.name.startswith("blk."):
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements * active(t))
     head = tensors.get("output.weight", emb)
     n_head = int(field("attention.head_count"))
     n_embd = int(field("embedding_length"))

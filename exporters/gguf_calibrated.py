@@ -102,6 +102,7 @@ class ExpertSource:
     module: str               # the HF experts module (``model.layers.3.mlp.experts``)
     proj: str                 # gate_proj, up_proj, down_proj
     rows: object              # ``gguf.ExpertRows``
+    active: float = 1.0       # the share of the experts a token is routed to (k of E)
 
     @property
     def shape(self) -> tuple:
@@ -118,13 +119,16 @@ def expert_sources(model) -> dict[str, ExpertSource]:
     """GGUF tensor name -> ``ExpertSource`` for every stacked experts tensor (none in a dense model)."""
     from .gguf import ExpertRows
 
-    names = gguf_tensor_names(model.config)
+    cfg = model.config
+    names = gguf_tensor_names(cfg)
+    n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 1
+    active = min(1.0, (getattr(cfg, "num_experts_per_tok", None) or n_exp) / n_exp)
     out = {}
     for k, v in model.state_dict().items():
         for hf, part in expert_parts(k, v):
             if isinstance(part, ExpertRows):
                 module, proj = hf[:-len(".weight")].rsplit(".", 1)
-                out[names.get_name(hf, try_suffixes=(".weight",))] = ExpertSource(module, proj, part)
+                out[names.get_name(hf, try_suffixes=(".weight",))] = ExpertSource(module, proj, part, active)
     return out
 
 

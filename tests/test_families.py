@@ -443,8 +443,8 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
                                                         "awq.scale", "prune.width", "share.layers"))
         assert rep.techniques["early_exit.heads"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
-    assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == "yes"
-    assert moe.techniques["fit"].startswith("not for mixtral yet: this step does not handle its expert layers")
+    assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == moe.techniques["fit"] == "yes"
+    assert moe.techniques["prune.depth"].startswith("not for mixtral yet: this step does not handle its expert layers")
 
 
 def test_a_smollm3_whose_rotary_free_blocks_llama_cpp_cannot_place_is_refused_with_the_reason(family_model, tmp_path):
@@ -596,6 +596,44 @@ def test_a_mixture_of_experts_measured_mix_prices_each_expert_by_its_own_tokens(
     assert abs(path.stat().st_size / (target * 1e6) - 1) < 0.02, path.stat().st_size
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if "_exps." in t.name}
     assert kinds and kinds <= {"Q2_K", "Q3_K", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
+
+
+def test_the_planner_fits_a_mixture_of_experts_and_predicts_what_a_token_reads(family_model, tmp_path):
+    """`fit` on a Qwen3-MoE: its files planned with each expert tensor priced, built with calibrated expert blocks,
+    checked and recommended; the planner's picture of a file is what llama.cpp's file holds, a token reading k of E
+    experts (resident: all of them), as ``gguf_info`` reads it from the file."""
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.planner import Predictor
+    from edgetailor.engine.projection import gguf_info
+    from edgetailor.exporters.gguf_calibrated import expert_sources, tensor_sources
+    from edgetailor.exporters.gguf_plan import price_types
+    from types import SimpleNamespace
+
+    import gguf
+
+    folder = family_model("qwen3_moe")
+    fit = {"context": 256, "kv_types": ["f16"], "candidates": 1, "rounds": 1, "trials": 16, "max_sequences": 4,
+           "seq_len": 128, "prompt_tokens": 32, "gen_tokens": 8, "repeats": 1, "decode_model": False}
+    record = _run(folder, [{"step": "fit", "params": fit}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    plan = json.loads((record.artifacts_dir / "plan.json").read_text())
+    assert plan["recommendation"]["variant"] and all(p["drop_blocks"] == 0 for p in plan["rounds"][0]["points"])
+    built = next(v for v in m["variants"] if v["name"] == plan["recommendation"]["variant"])
+    path = record.folder / built["path"]
+    model = LazyModel(folder)
+    dense, experts = tensor_sources(model), expert_sources(model)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
+             if t.name in dense or t.name in experts}
+    prices = price_types(dense, SimpleNamespace(output_grad_sq={}, input_sq={}), experts=experts)
+    norms = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name not in types)     # what gguf_info adds
+    planner = Predictor(prices, {**dense, **experts}, model.config, norms, 1, None, None, 256, 1, None)
+    mine, file = planner.weights_info(types), gguf_info(path, 1)
+    assert mine.bytes_per_token == pytest.approx(file.bytes_per_token, rel=0.01)
+    assert mine.matmul_params == pytest.approx(file.matmul_params, rel=0.01)
+    exps = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if "_exps." in t.name)
+    k_of_e = model.config.num_experts_per_tok / model.config.num_experts
+    assert file.resident_bytes - file.repacked_bytes - file.bytes_per_token == pytest.approx((1 - k_of_e) * exps, rel=0.02)
 
 
 def test_a_phi_vocabulary_without_phi3s_special_tokens_loads_from_a_folder_named_phi3(family_model, tmp_path):

@@ -13,6 +13,7 @@ predictors on what was measured and searches again. The recommendation comes fro
 """
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,7 +297,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     """Sensitivities, type prices, the runtime's overhead: everything the predictions need, measured once."""
     import torch
 
-    from ...exporters.gguf_calibrated import tensor_sources
+    from ...exporters.gguf_calibrated import expert_sources, tensor_sources
     from ...exporters.gguf_plan import metadata_bytes, price_types
     from ..architectures import gguf_writer_for
     from ..calibration import token_sequences
@@ -317,14 +318,15 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     schemes = _onnx_schemes(ctx, cfg, model)
     ctx.progress(0.0, "sensitivity of every tensor")
     sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
-    sources = tensor_sources(model)
+    dense, experts = tensor_sources(model), expert_sources(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        prices = price_types(sources, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
-                             cancelled=ctx.cancel.is_set, onnx_schemes=schemes)
+        prices = price_types(dense, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
+                             cancelled=ctx.cancel.is_set, onnx_schemes=schemes, experts=experts)
     finally:
         torch.set_num_threads(threads)
+    sources = {**dense, **experts}
     scratch = ctx.record.folder / "scratch"
     scratch.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fit-", dir=scratch) as tmp:
@@ -337,7 +339,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
                                                 EnergyMeter.detect(host)) if fmt == "gguf" or schemes else None
                                for fmt in ("gguf", "onnx"))
     decode_model = _decode_model(ctx, cfg, prices, prompt) if cfg.decode_model and "gguf" in cfg.formats else None
-    params = sum(s.shape[0] * s.shape[1] for s in sources.values())
+    params = sum(math.prod(s.shape) for s in sources.values())
     order, kls = _depth(ctx, cfg, model, seqs)
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
@@ -447,9 +449,14 @@ DEPTH_SEQUENCES = 2
 
 def _depth(ctx: RunContext, cfg: FitConfig, model, seqs) -> tuple[list[int], list[float]]:
     """Blocks by influence (ShortGPT's, least first) and the KL of removing the first 1..k of them, measured."""
+    from ..architectures import arch_spec
     from ..calibration import block_influence, depth_kl
 
     k = min(cfg.max_drop_blocks, int(model.config.num_hidden_layers) - 1)
+    why = arch_spec(model.config.model_type).technique("prune.depth", "transform")
+    if k > 0 and why != "yes":
+        ctx.log(f"Removing blocks left out of the plan: depth pruning is {why}", level="warning")
+        return [], []
     if k <= 0:
         return [], []
     ctx.progress(0.16, f"measuring what removing up to {k} blocks costs")
