@@ -398,7 +398,8 @@ def quantize_matrix(name: str, W: np.ndarray, importance: np.ndarray | None = No
                     hessian: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """Encode W (rows, cols) as ggml blocks of type ``name``; returns (bytes (rows, row_bytes), dequantized W).
 
-    ``importance``: per-column weights (second moments of the inputs, llama.cpp's imatrix); ``hessian``:
+    ``importance``: per-column weights (second moments of the inputs, llama.cpp's imatrix), or per row and column
+    (rows whose inputs differ: experts'; not with a Hessian); ``hessian``:
     the inputs' X^T X, which turns on GPTQ error feedback (columns in order, blocks' scales fitted just
     before their columns are rounded).
     """
@@ -443,13 +444,17 @@ def quantize_blocks(bt: BlockType, W: np.ndarray, importance: np.ndarray | None 
         raise ValueError(f"{bt.name} needs rows of a multiple of {bt.block} values, not {C}")
     if importance is None:
         imp = torch.ones(C)
+    elif np.ndim(importance) == 2:        # a row's own (rows of several experts, each weighted by its own inputs)
+        imp = torch.tensor(np.asarray(importance, dtype=np.float32))
+        imp = imp + 1e-6 * imp.mean(1, keepdim=True) + 1e-30
     else:
         imp = torch.tensor(np.asarray(importance, dtype=np.float32))
         imp = imp + 1e-6 * float(imp.mean()) + 1e-30
     if hessian is None:         # no error feedback: every block at once (the groups are independent)
         nb = C // bt.block
         x = Wt.reshape(R * nb, bt.block)
-        p = fit_params(bt, x, imp.reshape(1, nb, bt.block).expand(R, nb, bt.block).reshape(R * nb, bt.block))
+        per_row = imp.reshape(R, nb, bt.block) if imp.ndim == 2 else imp.reshape(1, nb, bt.block).expand(R, nb, bt.block)
+        p = fit_params(bt, x, per_row.reshape(R * nb, bt.block))
         sc = p.scale.repeat_interleave(bt.group, 1)
         mn = p.minv.repeat_interleave(bt.group, 1)
         q = round_q(bt, x, sc, mn)

@@ -132,6 +132,8 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
     hull_of: dict[str, list[tuple[str, int, float]]] = {}
     every: dict[str, list[tuple[str, int, float]]] = {}
     names = list(sources)
+    experts = experts or {}
+    total = len(names) + len(experts)
     for k, name in enumerate(names):
         if cancelled and cancelled():
             raise RunCancelled()
@@ -159,8 +161,9 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
             onnx[s.name][name] = price_tensor(s, name, W, sub, imp, rw, tied)
         release_pages([sources[name].tensor])          # planning reads every weight once: do not keep it resident
         if progress:
-            progress((k + 1) / len(names), f"pricing the types of {name}")
-    for name, opts in price_experts(experts or {}, sensitivity, max_rows, cancelled).items():
+            progress((k + 1) / total, f"pricing the types of {name}")
+    say = (lambda f, m: progress((len(names) + f * len(experts)) / total, m)) if progress else None
+    for name, opts in price_experts(experts or {}, sensitivity, max_rows, cancelled, say).items():
         hull_of[name], every[name] = _lower_hull(opts), opts
     return TypePrices(hull_of, every, onnx)
 
@@ -169,7 +172,27 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
 ROUTER = "ffn_gate_inp."
 
 
-def price_experts(experts: dict, sensitivity, max_rows: int, cancelled=None) -> dict[str, list[tuple[str, int, float]]]:
+def _expert_rows(src, sensitivity, per: int, cancelled=None):
+    """Rows of every expert the text chose (``per`` each, drawn by their weight), each row's importance (its
+    expert's inputs) and the factor it counts with; (None, None, None) when no expert was chosen."""
+    subs, imps, weights = [], [], []
+    for e in range(src.shape[0]):
+        if cancelled and cancelled():
+            raise RunCancelled()
+        g2, x2 = sensitivity.output_grad_sq.get(src.key(e)), sensitivity.input_sq.get(src.key(e))
+        if g2 is None or x2 is None:
+            continue
+        picked, rw = sample_rows(g2.numpy(), per)
+        subs.append(src.expert(e)[picked])
+        imps.append(np.broadcast_to(x2.numpy().astype(np.float32), (len(picked), x2.numel())))
+        weights.append(rw)
+    if not subs:
+        return None, None, None
+    return np.concatenate(subs), np.concatenate(imps), np.concatenate(weights)
+
+
+def price_experts(experts: dict, sensitivity, max_rows: int, cancelled=None,
+                  progress: Callable[[float, str], None] | None = None) -> dict[str, list[tuple[str, int, float]]]:
     """Each stacked experts tensor's types priced: per expert, ``sum_ij E[g_i^2] E[x_j^2] D_ij^2`` on rows drawn by
     their weight (``max_rows`` shared by the experts, at least 4 each), with the expert's own statistics (its inputs
     averaged over the tokens routed to it, its output gradients over all tokens: an expert the text rarely chooses
@@ -177,22 +200,16 @@ def price_experts(experts: dict, sensitivity, max_rows: int, cancelled=None) -> 
     out = {}
     for name, src in experts.items():
         n_exp, rows, cols = src.shape
-        per = max(4, max_rows // n_exp)
+        subs, imps, weights = _expert_rows(src, sensitivity, max(4, max_rows // n_exp), cancelled)
         cost = {t: 0.0 for t in CANDIDATES if cols % gguf_blocks.TYPES[t].block == 0}
-        for e in range(n_exp):
-            if cancelled and cancelled():
-                raise RunCancelled()
-            g2, x2 = sensitivity.output_grad_sq.get(src.key(e)), sensitivity.input_sq.get(src.key(e))
-            if g2 is None or x2 is None:
-                continue
-            picked, rw = sample_rows(g2.numpy(), per)
-            sub, imp = src.expert(e)[picked], x2.numpy()
-            for t in cost:
-                _, deq = gguf_blocks.quantize_matrix(t, sub, imp)
-                cost[t] += float(rw @ (((deq - sub) ** 2) * imp[None, :]).sum(1))
+        for t in (cost if subs is not None else ()):      # every expert's rows at once, each with its own inputs
+            _, deq = gguf_blocks.quantize_matrix(t, subs, imps)
+            cost[t] = float(weights @ (((deq - subs) ** 2) * imps).sum(1))
         opts = [(t, type_bytes(t, (n_exp * rows, cols)), c) for t, c in cost.items()] or \
             [("F16", tensor_bytes("F16", (n_exp * rows, cols)), 0.0)]
         out[name] = sorted(opts, key=lambda o: (o[1], o[2]))
+        if progress:
+            progress(len(out) / len(experts), f"pricing the types of {name} ({n_exp} experts)")
     return out
 
 

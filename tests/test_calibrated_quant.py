@@ -70,6 +70,18 @@ def _reference_gptq(bt, W, imp, H, damp):
     return Q.numpy()
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_NL", "Q2_K"])
+def test_rows_of_several_experts_are_quantized_at_once_each_by_its_own_inputs(name):
+    """A measured mix prices every expert's rows in one call (an importance per row): the same blocks as quantizing
+    each expert's rows with its own importance."""
+    rng = np.random.default_rng(1)
+    W = rng.normal(0, 0.05, (8, 256)).astype(np.float32)
+    a, b = rng.gamma(1.0, 1.0, 256), rng.gamma(2.0, 0.5, 256)
+    together = gguf_blocks.quantize_matrix(name, W, np.stack([a] * 4 + [b] * 4))[1]
+    alone = np.concatenate([gguf_blocks.quantize_matrix(name, W[:4], a)[1], gguf_blocks.quantize_matrix(name, W[4:], b)[1]])
+    assert np.allclose(together, alone, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "IQ4_NL"])
 def test_gptq_with_sub_blocks_and_a_shared_factor_matches_the_plain_algorithm(name):
     """The writer's GPTQ (contiguous rows, 32-column sub-blocks, one product per block, the original weights'

@@ -699,6 +699,6 @@ def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejec
     ctx.record.save()
     if rec.get("variant"):
         ctx.add_metrics(rec["variant"], recommended=True)
-    ctx.report(recommended=rec.get("variant") or "none", candidates_built=len({m["label"].rsplit("-kv-", 1)[0]
+    ctx.report(recommended=rec.get("variant") or "none", candidates_built=len({m["name"].rsplit("-kv-", 1)[0]     # labels round sizes
                                                                                  for m in measured}))
     ctx.log(("Recommended: " + rec["variant"] + " — " if rec.get("variant") else "") + rec["reason"])
