@@ -451,6 +451,8 @@ def print_steps(manifest: dict) -> None:
         line = f"step {i} {s['name']}: {s['seconds']:.1f} s"
         if s.get("ram_peak_bytes"):
             line += f", peak RAM {s['ram_peak_bytes'] / 1e9:.2f} GB"
+            if s.get("ram_peak_anon_bytes"):          # what pre-flight's figure counts (mapped files aside)
+                line += f", {s['ram_peak_anon_bytes'] / 1e9:.2f} GB of it not file-backed"
             if s.get("ram_preflight_bytes"):
                 mapped = s.get("ram_preflight_mapped_bytes") or 0
                 line += f" (pre-flight {s['ram_preflight_bytes'] / 1e9:.2f} GB" + \

@@ -18,7 +18,7 @@ from . import paths
 from .context import JobOptions, RunContext
 from .errors import EdgeTailorError, RunCancelled
 from .events import make_event
-from .memory import peak_rss_bytes, reset_peak_rss
+from .memory import AnonPeak, peak_rss_bytes, reset_peak_rss
 from .preflight import preflight
 from .recipe import Recipe
 from .registry import get_step
@@ -129,15 +129,17 @@ def _run_step(ctx: RunContext, index: int, count: int, spec, cfg,
     ctx.record.save()
     ts = time.perf_counter()
     measured = reset_peak_rss()
-    info.run(ctx, cfg)
-    entry.update(status="succeeded", seconds=elapsed(ts), **_ram_measured_and_predicted(ctx.record, index, measured))
+    with AnonPeak() as anon:
+        info.run(ctx, cfg)
+    entry.update(status="succeeded", seconds=elapsed(ts), **_ram_measured_and_predicted(ctx.record, index, measured),
+                 ram_peak_anon_bytes=anon.peak if measured else None)
     ctx.record.save()
     ctx.emit("step_finished", index=index, seconds=entry["seconds"])
 
 
 def _ram_measured_and_predicted(record: RunRecord, index: int, measured: bool) -> dict:
-    """The step's peak resident memory in this process (the run's worker; file pages it mapped count) beside what
-    pre-flight said it holds and maps."""
+    """The step's peak resident memory in this process (the run's worker; file pages it mapped count; the part not
+    file-backed is sampled beside it, ``memory.AnonPeak``) beside what pre-flight said it holds and maps."""
     steps = (record.manifest.get("preflight") or {}).get("steps") or []
     need = steps[index] if index < len(steps) else {}
     return {"ram_peak_bytes": peak_rss_bytes() if measured else None, "ram_preflight_bytes": need.get("ram_bytes"),

@@ -77,3 +77,49 @@ def peak_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+class AnonPeak:
+    """The highest resident size of this process that is not file-backed (``RssAnon``, sampled every
+    ``interval`` seconds by a thread while the block runs): what pre-flight's RAM counts, where the high-water
+    mark (``peak_rss_bytes``) also counts the pages of files the process maps (a model read lazily, the GGUF
+    llama.cpp runs to check a file), which the kernel drops and reads again under pressure. ``peak`` is None where
+    /proc does not say."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.interval, self.peak = interval, rss_anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="anon-peak")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = rss_anon_bytes()
+            if now is not None:
+                self.peak = max(self.peak or 0, now)
+
+    def __enter__(self) -> "AnonPeak":
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        now = rss_anon_bytes()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+
+def rss_anon_bytes() -> int | None:
+    """This process's resident memory that is not file-backed (``RssAnon``); None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -59,6 +59,7 @@ def test_export_only_recipe_never_loads_the_model_for_writing(tiny_models, tmp_p
     step = rec.manifest["steps"][0]        # the step's measured peak beside pre-flight's figure for it
     assert step["ram_preflight_bytes"] == rec.manifest["preflight"]["steps"][0]["ram_bytes"]
     assert 50e6 < step["ram_peak_bytes"] < 4e9
+    assert 20e6 < step["ram_peak_anon_bytes"] <= step["ram_peak_bytes"]     # the part pre-flight's figure counts
 
 
 def test_a_peak_of_memory_is_measured_from_where_it_was_reset():
@@ -73,6 +74,28 @@ def test_a_peak_of_memory_is_measured_from_where_it_was_reset():
     del ballast
     assert reset_peak_rss()
     assert peak_rss_bytes() < high - 250 * 2**20
+
+
+def test_the_peak_not_file_backed_leaves_out_the_pages_of_a_mapped_file(tmp_path):
+    """A step's peak beside pre-flight's: memory the process allocates counts, a file it maps and reads does not
+    (the GGUF llama.cpp runs to check a file, a model read lazily), although the high-water mark counts both."""
+    import numpy as np
+
+    from edgetailor.engine.memory import AnonPeak, peak_rss_bytes, reset_peak_rss
+
+    path = tmp_path / "mapped.bin"
+    np.ones(200 * 2**20 // 8).tofile(path)
+    assert reset_peak_rss()
+    with AnonPeak(interval=0.01) as anon:
+        start = anon.peak
+        mapped = np.memmap(path, dtype=np.float64, mode="r")
+        assert float(mapped.sum()) == mapped.size                    # every page read
+        ballast = np.ones(100 * 2**20 // 8)
+        ballast += 1
+        del mapped
+    assert 90 * 2**20 < anon.peak - start < 150 * 2**20, (anon.peak - start) / 2**20
+    assert peak_rss_bytes() - start > 280 * 2**20                   # the high-water mark saw both
+    del ballast
 
 
 def test_a_large_source_is_referenced_by_its_16_bit_gguf_not_its_fp32_copy(tiny_models, monkeypatch):
