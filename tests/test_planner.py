@@ -439,6 +439,9 @@ def test_gui_shows_the_search_live_and_opens_on_the_recommendation(fit_run, qapp
     marks = [m for i in items for m in i.opts["symbol"]]
     assert marks.count("s") == len([p for p in st.plan["predicted"] if p["kl"] > 0 and p["onnx"]]) + len(
         [m for m in st.plan["measured"] if m["onnx"]]) > 0 and "o" in marks
+    from edgetailor.ui.plots import _symbols
+
+    assert _symbols([{"width": 0.33, "onnx": ""}, {"onnx": "int8", "width": 0.0}, {"width": 0.0}]) == ["t1", "s", "o"]
     panel = ResultsPanel()
     panel.set_variants(st.variant_rows(), None)
     panel.set_recommendation(st.recommendation)

@@ -137,8 +137,8 @@ class LivePlots(QWidget):
             self._bars(self.energy, "energy_j_per_token")
 
     def _plan(self, plot: pg.PlotWidget, xkey: str, title: str, xlabel: str, unit: str, limit: str) -> None:
-        """Predicted points (hollow) and measured ones (filled) against KL (log scale), GGUF files as circles and
-        ONNX folders as squares, the budget as a dashed line inside the view."""
+        """Predicted points (hollow) and measured ones (filled) against KL (log scale), GGUF files as circles (a
+        narrower model's as triangles) and ONNX folders as squares, the budget as a dashed line inside the view."""
         st = self.state
         key = ("plan", xkey)
         sig = (len(st.plan["predicted"]), len(st.plan["measured"]), id(st.plan["predicted"]))
@@ -148,7 +148,7 @@ class LivePlots(QWidget):
         plot.clear()
         plot.setTitle(title)
         plot.setLabel("bottom", xlabel, units=unit)
-        plot.setLabel("left", "KL (○ predicted, ● measured; □ ONNX)")
+        plot.setLabel("left", "KL (○ predicted, ● built; □ ONNX, △ narrower)")
         plot.setLogMode(x=False, y=True)
         plot.getAxis("bottom").setTicks(None)
         pred = [p for p in st.plan["predicted"] if p.get(xkey) is not None and p.get("kl", 0) > 0]
@@ -206,5 +206,6 @@ class LivePlots(QWidget):
 
 
 def _symbols(points: list[dict]) -> list[str]:
-    """A planner point's marker: a circle for a GGUF file, a square for an ONNX folder."""
-    return ["s" if p.get("onnx") else "o" for p in points]
+    """A planner point's marker: a circle for a GGUF file, a triangle for a narrower model's (MLP channels removed,
+    healed), a square for an ONNX folder."""
+    return ["s" if p.get("onnx") else "t1" if p.get("width") else "o" for p in points]
