@@ -49,6 +49,10 @@ BUDGETS = [
     {"name": "pixel-8, an onnxruntime app at the builder's int4 memory", "device": "pixel-8", "formats": ["onnx"],
      "memory_of_builder": True},
 ]
+#: ``--width-budget``: below what every ladder type needs at 2k context with an f16 cache, with a 33% narrower model
+#: (healed 3 minutes) in the search beside the full model's files and quantized caches
+WIDTH_BUDGET = {"name": "pixel-8, 172 MB at 2k context, a 33% narrower model searched", "device": "pixel-8",
+                "max_memory_mb": 172.0, "width_ratios": [0.33], "heal_minutes": 3.0, "formats": ["gguf"]}
 
 
 def ladder(model_dir: Path, calib: Path, work: Path, cmp, prompt: list[int], threads: int) -> dict:
@@ -133,7 +137,7 @@ def make_budget(spec: dict, lad: dict, builder: dict | None = None) -> dict:
         a, b = (device_tps(dev, lad["types"][t]["decode_tps_here"], lad["types"][t]["path"])
                 for t in spec["speed_between"])
         params["min_decode_tps"] = round((a + b) / 2, 2)
-    for k in ("max_ppl_increase_pct", "max_kl"):
+    for k in ("max_ppl_increase_pct", "max_kl", "max_memory_mb", "width_ratios", "heal_minutes"):
         if k in spec:
             params[k] = spec[k]
     return params
@@ -310,6 +314,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--models", default="dithered,demo")
     ap.add_argument("--demo-budgets", type=int, default=1, help="budgets run on the demo model (first N)")
+    ap.add_argument("--width-budget", action="store_true", help="only the budget with a narrower model (WIDTH_BUDGET)")
     ap.add_argument("--work", default="/tmp/edgetailor-bench-planner")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
     ap.add_argument("--out", default=str(HERE / "results" / "planner"), help="results path without suffix")
@@ -335,6 +340,8 @@ def main() -> None:
         else:
             model = resolve("demo").path
             budgets = BUDGETS[: args.demo_budgets]
+        if args.width_budget:
+            budgets = [WIDTH_BUDGET]
         results["suites"].append(suite(f"{name} ({model.name})", Path(model), calib, work / name, args.windows, budgets))
         write_results(Path(args.out), results, markdown(results))
     print(markdown(results))
