@@ -69,10 +69,15 @@ def reset_peak_rss() -> bool:
 def peak_rss_bytes() -> int | None:
     """This process's resident high-water mark (``VmHWM``: anonymous and file-backed pages, as ``time -v`` and
     ``ps`` count them) since it started or since ``reset_peak_rss``; None where /proc does not say."""
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A size ``field`` of ``/proc/self/status`` in bytes; None where /proc does not say."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -115,11 +120,4 @@ class AnonPeak:
 
 def rss_anon_bytes() -> int | None:
     """This process's resident memory that is not file-backed (``RssAnon``); None where /proc does not say."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _status_bytes("RssAnon")

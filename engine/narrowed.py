@@ -51,7 +51,6 @@ class Healing:
     minutes: float
     steps: int                   # 0: time only
     lr: float = 2e-4
-    seq_len: int = 256
 
 
 def narrowed_model(source_folder: Path, teacher, width: float, rank_sequences: torch.Tensor,

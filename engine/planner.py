@@ -149,6 +149,12 @@ def floor_and_scale(points: list[tuple[float, float]]) -> tuple[float, float] | 
     return 0.0, max(mean_k / mean_c, 1e-9)
 
 
+def _gmean(ratios) -> float | None:
+    """The geometric mean of the positive, finite ratios (None without any)."""
+    ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
 def structure_key(width: float, drop: int) -> str:
     """A structure removed from the model: a share of its MLP channels and a number of its blocks."""
     return f"mlp-{width:g}/blocks-{drop}"
@@ -180,10 +186,6 @@ class Calibration:
         """``measured``: dicts with the candidate's raw predictions (cost, memory, decode here, ``structure_kl``: the
         measured KL of the blocks removed and the channels cut, taken off before the quantization's scale is
         fitted) and measurements."""
-        def gmean(ratios):
-            ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
-            return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
-
         def kl_ratios(points):
             return [(m["kl"] - m.get("structure_kl", 0.0) - HEAD_KL_SCALE * m.get("head_cost", 0.0)) / m["cost"]
                     for m in points if m.get("kl") is not None and m["cost"] > 0]
@@ -195,14 +197,14 @@ class Calibration:
         plain = [m for m in gguf if not m.get("structure_kl")]
         floor_scale = floor_and_scale([(m["cost"], r * m["cost"]) for m, r in zip(plain, kl_ratios(plain))])
         for kind in {m["onnx"].split("-")[0] for m in measured if m.get("onnx")}:
-            r = gmean(kl_ratios(m for m in measured if m.get("onnx", "").split("-")[0] == kind))
+            r = _gmean(kl_ratios(m for m in measured if m.get("onnx", "").split("-")[0] == kind))
             if r:
                 self.onnx_kl_scale[kind] = r
-        ppl = gmean([math.log1p(m["ppl_increase_pct"] / 100) / m["kl"] for m in measured
+        ppl = _gmean([math.log1p(m["ppl_increase_pct"] / 100) / m["kl"] for m in measured
                      if m.get("kl") and m.get("ppl_increase_pct") is not None and m["ppl_increase_pct"] > 0])
-        mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
+        mem = _gmean([m["memory_measured"] / m["memory_raw"] for m in measured
                      if m.get("memory_measured") and not m.get("onnx")])
-        onnx_mem = gmean([m["memory_measured"] / m["memory_raw"] for m in measured
+        onnx_mem = _gmean([m["memory_measured"] / m["memory_raw"] for m in measured
                           if m.get("memory_measured") and m.get("onnx")])
         self.onnx_memory_ratio = onnx_mem or self.onnx_memory_ratio
         def latency(points):     # the measured time per token beyond the raw prediction's, on average; it may be
@@ -236,7 +238,7 @@ class Calibration:
             by_key.setdefault(structure_key(m.get("width", 0.0), m.get("drop_blocks", 0)), []).append(
                 max(rest, 0.0) / m["structure_kl"])
         for key, ratios in by_key.items():
-            self.structure_scale[key] = math.exp(sum(math.log(max(r, 1e-3)) for r in ratios) / len(ratios))
+            self.structure_scale[key] = _gmean(max(r, 1e-3) for r in ratios)
 
     def latency(self, kv_type: str, onnx: str = "") -> float | None:
         """The runtime's own time per token: of a KV type (all llama.cpp types' when it has none), of an ONNX type
@@ -685,8 +687,8 @@ def pick(points: list[Point], budget, n: int, built_sizes: list[tuple[int, int, 
         if len(chosen) >= n:
             break
         c = p.candidate
-        if any(d == c.drop and o == c.onnx and w == c.speed and n_ == c.width and abs(c.tensor_bytes / s - 1) <= tolerance
-               for s, d, o, w, n_ in sizes):
+        if any((drop, onnx, speed, width) == (c.drop, c.onnx, c.speed, c.width) and abs(c.tensor_bytes / size - 1) <= tolerance
+               for size, drop, onnx, speed, width in sizes):
             continue
         chosen.append(p)
         sizes.append((c.tensor_bytes, c.drop, c.onnx, c.speed, c.width))

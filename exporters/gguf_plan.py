@@ -163,7 +163,7 @@ def price_types(sources: dict, sensitivity, max_rows: int | None = None,
         if progress:
             progress((k + 1) / total, f"pricing the types of {name}")
     say = (lambda f, m: progress((len(names) + f * len(experts)) / total, m)) if progress else None
-    for name, opts in price_experts(experts or {}, sensitivity, max_rows, cancelled, say).items():
+    for name, opts in price_experts(experts, sensitivity, max_rows, cancelled, say).items():
         hull_of[name], every[name] = _lower_hull(opts), opts
     return TypePrices(hull_of, every, onnx)
 

@@ -383,7 +383,7 @@ def _narrower(ctx: RunContext, cfg: FitConfig, planner, seqs) -> None:
     for width in sorted(cfg.width_ratios):
         ctx.progress(0.18, f"removing {width:.0%} of the MLP channels and healing the model")
         n = narrowed_model(ctx.source.path, teacher, width, seqs[:DEPTH_SEQUENCES], train, heldout,
-                           Healing(cfg.heal_minutes, cfg.heal_steps, seq_len=HEAL_SEQ_LEN),
+                           Healing(cfg.heal_minutes, cfg.heal_steps),
                            ctx.record.folder / "scratch" / f"narrower-{width:g}",
                            progress=lambda f, m: ctx.progress(0.18, m), cancelled=ctx.cancel.is_set)
         ctx.log(f"{width:.0%} of the MLP channels removed (intermediate size {n.intermediate}): held-out KL "
