@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", help="also consider narrower models: shares of every block's MLP channels removed, "
                                     "each healed by distillation before it is quantized, e.g. 0.25 or 0.125,0.25")
     p.add_argument("--heal-minutes", type=float, help="distillation time healing each narrower model (default 3)")
+    p.add_argument("--fresh", action="store_true", help="measure the model again instead of reusing what an earlier "
+                                                      "fit of it measured with the same calibration")
     p.add_argument("--candidates", type=int, default=3, help="files built and measured (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="search / build / refit rounds (default 2)")
     p.add_argument("--trials", type=int, default=120, help="predicted points per round (default 120)")
@@ -300,7 +302,8 @@ def cmd_fit(args) -> int:
               "max_memory_mb": parse_bytes(args.max_memory) / 1e6 if args.max_memory else None,
               "min_decode_tps": args.min_tps, "max_j_per_token": args.max_j_per_token,
               "max_ppl_increase_pct": args.max_ppl_increase, "max_kl": args.max_kl,
-              "width_ratios": _shares(args.width) if args.width else None, "heal_minutes": args.heal_minutes}
+              "width_ratios": _shares(args.width) if args.width else None, "heal_minutes": args.heal_minutes,
+              "reuse_measured": False if args.fresh else None}
     if args.max_sequences:
         params["max_sequences"] = args.max_sequences
     if args.ray:

@@ -209,6 +209,9 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
     lad = ladder(model_dir, calib, work, cmp, prompt, 2)
     builder = builder_int4(model_dir, work, cmp, prompt, 2) if any(s.get("formats") == ["onnx"] for s in budgets) else None
     export_s = one_calibrated_export(model_dir, calib, work / "runs")
+    from edgetailor.engine import measured_cache
+
+    measured_cache.clear()        # the suite's first fit measures the model; later budgets reuse it, as a user's would
     rows = []
     for spec in budgets:
         params = make_budget(spec, lad, builder)
@@ -219,7 +222,8 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
         ref = ladder_answer(params, lad, base_ppl, builder)
         rows.append({"budget": spec["name"], "params": params, "ours": ours, "recommendation": rec,
                      "llama_cpp": ref, "planner_seconds": seconds,
-                     "decode_model_seconds": plan.get("decode_model_seconds", 0.0), "candidates": [
+                     "decode_model_seconds": plan.get("decode_model_seconds", 0.0),
+                     "reused": plan.get("reused", []), "candidates": [
                          {"name": m["name"], "memory": m["memory_bytes"], "memory_predicted": m["predicted"]["memory_bytes"],
                           "decode_here": m["decode_tps_measured"], "decode_here_predicted": m["predicted"]["decode_tps_here"],
                           "kl": m["kl"], "kl_predicted": m["predicted"]["kl"], "screened": m.get("screened"),
@@ -232,6 +236,10 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
 def planner_s(row: dict) -> str:
     once = row.get("decode_model_seconds", 0)
     return f"{row['planner_seconds']:.0f}" + (f" ({once:.0f})" if once >= 1 else "")
+
+
+def model_measured(row: dict) -> str:
+    return "reused" if row.get("reused") else "measured"
 
 
 def markdown(results: dict) -> str:
@@ -250,9 +258,12 @@ def markdown(results: dict) -> str:
                 f"export (quant.gguf_calibrated, GPTQ): {s['calibrated_q4_k_m_export_s']:.0f} s.", "",
                 "Planner s: the whole `fit` run; in brackets the part spent measuring llama.cpp's decode costs on "
                 "probes (once per machine and model, cached for later runs). Time ratio: the run without that part / "
-                "the calibrated export.", "",
-                "| budget | answer | file MB | KV | memory MB | ppl increase | KL mean | KL p99.9 | planner s | time ratio |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                "the calibrated export. Model: *measured* where the run measured the model itself (the suite's first "
+                "budget starts from an empty cache), *reused* where it took what the suite's first fit of the model "
+                "measured (tensor prices, depth, the baseline's log-probs, encoded tensors: `engine.measured_cache`; "
+                "another budget on the same model, as a user's second fit).", "",
+                "| budget | answer | file MB | KV | memory MB | ppl increase | KL mean | KL p99.9 | planner s | model | time ratio |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
         base = s["baseline_perplexity"]
         for r in s["rows"]:
             o, l = r["ours"], r["llama_cpp"]
@@ -260,11 +271,11 @@ def markdown(results: dict) -> str:
             if o:
                 out.append(f"| {r['budget']} ({limits}) | EdgeTailor {o['name']} | {o['file_bytes'] / 1e6:.1f} | "
                            f"{o['kv_type']} | {o['memory_bytes'] / 1e6:.0f} | {o['ppl_increase_pct']:+.2f}% | "
-                           f"{o['kl']:.5f} | {o['kl_p999']:.4f} | {planner_s(r)} | "
+                           f"{o['kl']:.5f} | {o['kl_p999']:.4f} | {planner_s(r)} | {model_measured(r)} | "
                            f"{(r['planner_seconds'] - r.get('decode_model_seconds', 0)) / s['calibrated_q4_k_m_export_s']:.1f} |")
             else:
                 out.append(f"| {r['budget']} ({limits}) | EdgeTailor: nothing fits — {r['recommendation']['reason']} | | | | | | | "
-                           f"{planner_s(r)} | |")
+                           f"{planner_s(r)} | {model_measured(r)} | |")
             onnx = r["params"].get("formats") == ["onnx"]
             if onnx and not l:         # the builder's folder, shown with the limit it misses
                 b = s["builder_int4"]
@@ -272,14 +283,14 @@ def markdown(results: dict) -> str:
                 out.append(f"| | onnxruntime-genai builder int4 (RTN, block 32): {over:.0f} kB past the limit (its own "
                            f"memory rounded down to 0.1 MB) | {b['size_bytes'] / 1e6:.1f} | f32 | "
                            f"{b['memory_bytes'] / 1e6:.0f} | {100 * (b['perplexity'] / base - 1):+.2f}% | {b['kl']:.5f} | "
-                           f"{b['kl_p999']:.4f} | | |")
+                           f"{b['kl_p999']:.4f} | | | |")
             elif l:
                 what = l["type"] + " (RTN, block 32)" if onnx else f"llama.cpp+imatrix {l['type']}"
                 out.append(f"| | {what} | {l['size_bytes'] / 1e6:.1f} | {'f32' if onnx else 'f16'} | "
                            f"{l['memory_bytes'] / 1e6:.0f} | {100 * (l['perplexity'] / base - 1):+.2f}% | {l['kl']:.5f} | "
-                           f"{l['kl_p999']:.4f} | | |")
+                           f"{l['kl_p999']:.4f} | | | |")
             else:
-                out.append("| | llama.cpp+imatrix: no ladder type meets the budget | | | | | | | | |")
+                out.append("| | llama.cpp+imatrix: no ladder type meets the budget | | | | | | | | | |")
         out += ["", "Predictions for every built candidate (after the predictors were refitted on the points measured "
                 "before it was chosen, the first of each run on theory and probes alone: for GGUF files llama.cpp's decode "
                 "cost model measured on probes):", "",

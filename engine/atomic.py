@@ -76,6 +76,11 @@ def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
     return _remove_orphans(Path(folder).glob(f".*{PARTIAL_SUFFIX}"), r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
 
 
+def sweep_stale_partials_below(folder: str | os.PathLike) -> list[Path]:
+    """``sweep_stale_partials`` in ``folder`` and every folder below it."""
+    return _remove_orphans(Path(folder).rglob(f".*{PARTIAL_SUFFIX}"), r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
+
+
 @contextlib.contextmanager
 def exclusive(name: str):
     """Within the block no other EdgeTailor process holds the lock ``name`` (a file lock in the cache folder):

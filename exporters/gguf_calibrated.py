@@ -349,6 +349,32 @@ def _quantize_experts(name: str, experts: torch.nn.Module, config, types: dict, 
         trim_heap()
 
 
+def _last_block_to_walk(model, sources: dict, types: dict, cache: EncodedCache | None, n_blocks: int) -> int:
+    """How far the calibration must walk: ``n_blocks`` when the output head is to be encoded (its importance is the
+    last hidden states') or the model has experts (never cached), else the last block with a tensor ``cache``
+    lacks; -1 when ``cache`` holds every tensor (a file whose types an earlier one had)."""
+    import re
+
+    todo = [name for name, src in sources.items() if writable(src, types.get(name))
+            and not (cache and cache.has(name, types[name]))]
+    if cache is None or any(sources[n].module == "lm_head" for n in todo) or expert_sources(model):
+        return n_blocks
+    blocks = [int(m.group(1)) for m in (re.match(r"blk\.(\d+)\.", n) for n in todo) if m]
+    return max(blocks, default=-1)
+
+
+def _head_importance(walk, threads: int, sum_sq: dict, count: dict):
+    """The output head's input statistics: the final norm's output over the calibration (kept in ``sum_sq``)."""
+    torch.set_num_threads(threads)
+    sq, n = None, 0
+    for y in walk.final_hidden():
+        y = y.reshape(-1, y.shape[-1]).double()
+        sq = (y ** 2).sum(0) if sq is None else sq + (y ** 2).sum(0)
+        n += y.shape[0]
+    sum_sq["lm_head"], count["lm_head"] = sq, n
+    return (sq / max(n, 1)).numpy()
+
+
 # Long by design: one block's pass (run, collect, encode, release) reads in order; each part is a call.
 def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, str], sink: BlockSink,
                        method: str = "gptq", batch_size: int = 4,
@@ -363,7 +389,8 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
     output head (and a tied embedding) is weighted by the final norm's output. ``plain`` (no sequences):
     no statistics at all. Returns the importance statistics measured (second moments of every linear
     input, the head's included), to be saved with the run; None for ``plain``. ``cache``: tensors encoded for
-    an earlier file of the same model and calibration are taken from it (their Hessians not collected).
+    an earlier file of the same model and calibration are taken from it (their Hessians not collected, and the
+    walk stops after the last block with a tensor to encode: the statistics then cover the blocks walked).
     """
     # long: the walk's one loop (measure, quantize, feed forward, report) over blocks, then the head
     from ..engine.calibration import decoder_layers
@@ -384,8 +411,9 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
         # (fault-around), ~270 MB here, which would otherwise stay until each block is done.
         release_pages(p.data for p in model.parameters())
     try:
-        if method != "plain":
-            n_blocks = len(decoder_layers(model)) if not lazy else int(model.config.num_hidden_layers)
+        n_blocks = len(decoder_layers(model)) if not lazy else int(model.config.num_hidden_layers)
+        last = _last_block_to_walk(model, sources, types, cache, n_blocks) if method != "plain" else -1
+        if last >= 0:
             walk = BlockWalk(model, sequences, batch_size, cancelled=cancelled,        # reports blocks done, ETA
                              progress=(lambda f, m: progress(f * n_blocks / (n_blocks + 1), m)) if progress else None)
             for block in walk:
@@ -393,14 +421,10 @@ def quantize_blockwise(model, sequences: torch.Tensor | None, types: dict[str, s
                 if not lazy:
                     release_pages(p.data for p in block.module.parameters())     # done with this block's weights
                 trim_heap()
-            torch.set_num_threads(threads)
-            sq, n = None, 0
-            for y in walk.final_hidden():
-                y = y.reshape(-1, y.shape[-1]).double()
-                sq = (y ** 2).sum(0) if sq is None else sq + (y ** 2).sum(0)
-                n += y.shape[0]
-            head_imp = (sq / max(n, 1)).numpy()
-            sum_sq["lm_head"], count["lm_head"] = sq, n
+                if block.index == last:
+                    break
+            if last == n_blocks:
+                head_imp = _head_importance(walk, threads, sum_sq, count)
             del walk
         torch.set_num_threads(1)
         for name, src in sources.items():

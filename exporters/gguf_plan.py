@@ -105,6 +105,16 @@ class TypePrices:
     def smallest_bytes(self) -> int:
         return sum(o[0][1] for o in self.hull.values())
 
+    def to_dict(self) -> dict:
+        return {"hull": self.hull, "every": self.every, "onnx": self.onnx}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TypePrices":
+        def options(table):
+            return {n: [tuple(o) for o in opts] for n, opts in table.items()}
+        return cls(options(d["hull"]), options(d["every"]),
+                   {s: {n: tuple(o) for n, o in t.items()} for s, t in d.get("onnx", {}).items()})
+
     def largest_bytes(self) -> int:
         return sum(max(x[1] for x in o) for o in self.every.values())
 

@@ -545,3 +545,30 @@ def test_a_file_written_with_tensors_encoded_for_an_earlier_file_is_the_same_fil
     export_calibrated(model, tok, src, tmp_path / "second.gguf", "Q4_K_M", seqs, method, types=second, cache=cache)
     assert cache.hits == sum(t == "Q5_0" for t in second.values())
     assert (tmp_path / "second.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()
+
+
+def test_the_walk_stops_after_the_last_block_with_a_tensor_not_encoded_before(tiny_models, tmp_path):
+    """A later file's blocks past the last one with a new tensor are not walked (their tensors are all in the
+    cache); a file whose every tensor is cached is written without walking at all. The bytes stay the same."""
+    from edgetailor.exporters.gguf_calibrated import EncodedCache, export_calibrated, tensor_sources
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    seqs = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    names = sorted(tensor_sources(model))
+    first = {n: "Q5_0" for n in names}
+    block0 = {n: ("Q8_0" if n.startswith("blk.0.attn_q") else t) for n, t in first.items()}
+    cache = EncodedCache(tmp_path / "cache")
+    export_calibrated(model, tok, src, tmp_path / "first.gguf", "Q4_K_M", seqs, "gptq", types=first, cache=cache)
+    export_calibrated(model, tok, src, tmp_path / "block0-alone.gguf", "Q4_K_M", seqs, "gptq", types=block0)
+    ran = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    for types, out, walked in ((first, "again.gguf", set()), (block0, "block0.gguf", {0})):
+        ran.clear()
+        export_calibrated(model, tok, src, tmp_path / out, "Q4_K_M", seqs, "gptq", types=types, cache=cache)
+        assert set(ran) == walked and len(model.model.layers) > 1
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "first.gguf").read_bytes()
+    assert (tmp_path / "block0.gguf").read_bytes() == (tmp_path / "block0-alone.gguf").read_bytes()

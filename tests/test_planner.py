@@ -105,6 +105,37 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     assert kinds[0] == "predicted" and "measured" in kinds
 
 
+def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_measures_again(fit_run, kv_model):
+    """Another budget on the same model: the tensors' prices, the depth measurements and the encoded tensors come
+    from the first fit (``engine.measured_cache``), and the same plan gives the same file, byte for byte;
+    ``reuse_measured`` off measures again."""
+    from edgetailor.engine import JobSpec, run_job
+
+    def fit(**params):
+        events = []
+        record = run_job(JobSpec(recipe={"name": "fit", "steps": [{"step": "fit", "params": {**FIT, **params}}]},
+                                 source=str(kv_model), options={"threads": 2, "eval_windows": 3, "eval_ctx": 128}),
+                         emit=events.append)
+        assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+        said = [e["data"].get("message", "") for e in events if e["type"] in ("log", "progress")]
+        return record, said
+
+    first, _ = fit_run
+    again, said = fit(max_kl=50.0)
+    assert any(m.startswith("Reused what an earlier fit of this model measured") and "prices, depth, baseline, verify"
+               in m for m in said)
+    assert not any(m.startswith(("sensitivity", "baseline ")) for m in said)
+    plan_of = [next(m["name"] for m in json.loads((r.artifacts_dir / "plan.json").read_text())["measured"]
+                    if not m["onnx"]) for r in (first, again)]
+    assert plan_of[0] == plan_of[1]
+    files = [(r.folder / next(v["path"] for v in r.manifest["variants"] if v["name"] == plan_of[0])).read_bytes()
+             for r in (first, again)]
+    assert files[0] == files[1]
+    assert again.variant("baseline")["metrics"]["perplexity"] == first.variant("baseline")["metrics"]["perplexity"]
+    _, said = fit(reuse_measured=False, candidates=1, rounds=1)
+    assert not any(m.startswith("Reused") for m in said) and any(m.startswith("sensitivity") for m in said)
+
+
 def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_limit():
     from edgetailor.engine.devices import Budget, get_device
     from edgetailor.engine.planner import recommend

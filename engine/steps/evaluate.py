@@ -47,16 +47,40 @@ def record_reference_baseline(ctx: RunContext) -> None:
     record_baseline(ctx, choice.format, ctx.options.dtype if choice.format == "torch" else choice.type, choice.reason)
 
 
-def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 0.5)) -> dict:
+def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 0.5), kept=None) -> dict:
     """Evaluate the untouched source model once per run; its log-probs become the KL reference. ``span``: the part
-    of the calling step's progress it reports in."""
+    of the calling step's progress it reports in. ``kept`` (``measured_cache.MeasuredCache``): the evaluation of
+    an earlier run on the same windows with the same reference is taken from it (and this one kept there)."""
     ref = ReferenceLogprobs(reference_folder(ctx))
     base = ctx.record.variant("baseline")
     if base and "perplexity" in base.get("metrics", {}) and ref.has(len(windows)):
         return base
+    record_reference_baseline(ctx)
+    if kept is None:
+        _measure_baseline(ctx, windows, span, ref)
+        return ctx.record.variant("baseline")
+    import json
+
+    from ..measured_cache import link_or_copy
+    from ..reference import choose
+
+    choice = choose(ctx)
+    folder = kept.made_folder("baseline", [windows, choice.format, choice.type, ctx.options.dtype],
+                              lambda into: _measure_baseline(ctx, windows, span, ref, into))
+    for i in range(len(windows)):
+        link_or_copy(folder / ref.path(i).name, ref.path(i))
+    if not ctx.record.variant("baseline").get("metrics", {}).get("perplexity"):
+        ctx.add_metrics("baseline", **json.loads((folder / "baseline.json").read_text()))
+    return ctx.record.variant("baseline")
+
+
+def _measure_baseline(ctx: RunContext, windows, span: tuple[float, float], ref: ReferenceLogprobs, into=None) -> None:
+    """The source evaluated on ``windows`` by its reference runtime, its log-probs into ``ref`` (and, with the
+    figures, linked into the folder ``into``)."""
+    from .. import atomic
+    from ..measured_cache import link_or_copy
     from ..reference import open_reference
 
-    record_reference_baseline(ctx)
     with open_reference(ctx, n_ctx=len(windows[0])) as rt:
         res = evaluate(rt, windows, reference=ref, record_reference=True,
                        on_window=lambda i, n, ppl: (ctx.progress(span[0] + (span[1] - span[0]) * i / n,
@@ -64,7 +88,10 @@ def ensure_baseline(ctx: RunContext, windows, span: tuple[float, float] = (0.0, 
                                                     ctx.sample("perplexity", ppl, "baseline")),
                        cancelled=ctx.cancel.is_set)
     ctx.add_metrics("baseline", **variant_metrics(res, None))
-    return ctx.record.variant("baseline")
+    if into is not None:
+        for i in range(len(windows)):
+            link_or_copy(ref.path(i), into / ref.path(i).name)
+        atomic.write_json(into / "baseline.json", variant_metrics(res, None))
 
 
 def variant_metrics(res, base_ppl) -> dict:

@@ -52,6 +52,7 @@ class FitConfig:
     gen_tokens: int = field(default=32, metadata={"help": "benchmark tokens generated per pass"})
     repeats: int = field(default=2, metadata={"help": "benchmark timed passes"})
     seed: int = field(default=0, metadata={"help": "the search's seed"})
+    reuse_measured: bool = field(default=True, metadata={"help": "reuse what an earlier fit of the same model measured with the same calibration (its tensors' prices, what removing blocks costs, its encoded tensors: ``engine.measured_cache``); off: measure again"})
     executor: str = field(default="inline", metadata={"help": "where candidates are built and measured: inline (this process), processes (local worker processes) or ray"})
     workers: int = field(default=2, metadata={"help": "worker processes (executor: processes)"})
     ray_address: str | None = field(default=None, metadata={"help": "the Ray cluster (executor: ray): an address, 'auto', or 'local' for a new local instance"})
@@ -157,6 +158,8 @@ class Prepared:
     planner: object               # planner.Predictor
     sequences: object             # calibration token ids [n, seq_len] (torch)
     prompt: list[int]             # the benchmark prompt
+    encoded: str                  # the source's tensors encoded for earlier files (kept between fits of the model)
+    measured: object              # measured_cache.MeasuredCache: this model's entries
 
 
 @dataclass
@@ -166,6 +169,7 @@ class SharedInputs:
     prompt: list[int]
     eval_windows: list[list[int]]
     verify: str                   # the check windows and the source's log-probs (npz in the run's scratch)
+    encoded: str                  # ``Prepared.encoded``
 
 
 @register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF or ONNX)", streamed_ram=_fit_ram,
@@ -183,7 +187,11 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
     elif kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
-    shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx), _save_verification(ctx))
+    shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx, prepared.measured),
+                          _save_verification(ctx, prepared.measured), prepared.encoded)
+    if prepared.measured.reused:
+        ctx.log(f"Reused what an earlier fit of this model measured with the same texts "
+                f"({', '.join(prepared.measured.reused)}: {prepared.measured.folder_path}); --fresh measures again")
     built: list[Built] = []
     rejected: list[dict] = []          # files that failed their check against the source (not kept)
     measured: list[dict] = []
@@ -219,7 +227,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         if len(built) >= cfg.candidates:
             break
     rec = _recommend(ctx, cfg, planner, budget, measured, points, origins)
-    _record(ctx, cfg, planner, budget, history, measured, rec, rejected)
+    _record(ctx, cfg, planner, budget, history, measured, rec, rejected, prepared.measured.reused)
+    _trim_measured_cache(ctx, prepared.encoded)
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
 
 
@@ -295,10 +304,9 @@ def _recommend(ctx: RunContext, cfg: FitConfig, planner, budget, measured: list[
 
 def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     """Sensitivities, type prices, the runtime's overhead: everything the predictions need, measured once."""
-    import torch
 
     from ...exporters.gguf_calibrated import expert_sources, tensor_sources
-    from ...exporters.gguf_plan import metadata_bytes, price_types
+    from ...exporters.gguf_plan import TypePrices, metadata_bytes
     from ..architectures import gguf_writer_for
     from ..calibration import token_sequences
     from ..devices import host_profile
@@ -306,7 +314,6 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
     from ..errors import UnsupportedModelError
     from ..planner import Predictor
     from ..probes import measure_overhead
-    from ..sensitivity import measure_sensitivity
     from .benchmark import prompt_ids
 
     model = ctx.weights()
@@ -316,16 +323,10 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
             f"'{model.config.model_type}' model yet.", "Use the gguf-ladder-measured preset for this model.")
     seqs = token_sequences(ctx.tokenizer, ctx.calibration_text(), cfg.seq_len, cfg.max_sequences)
     schemes = _onnx_schemes(ctx, cfg, model)
-    ctx.progress(0.0, "sensitivity of every tensor")
-    sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
     dense, experts = tensor_sources(model), expert_sources(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prices = price_types(dense, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
-                             cancelled=ctx.cancel.is_set, onnx_schemes=schemes, experts=experts)
-    finally:
-        torch.set_num_threads(threads)
+    measured = _measured_cache(ctx, cfg)
+    prices = TypePrices.from_dict(measured.json("prices", [seqs.tolist(), [s.name for s in schemes]],
+                                                lambda: _price(ctx, model, seqs, dense, experts, schemes).to_dict()))
     sources = {**dense, **experts}
     scratch = ctx.record.folder / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -340,7 +341,8 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
                                for fmt in ("gguf", "onnx"))
     decode_model = _decode_model(ctx, cfg, prices, prompt) if cfg.decode_model and "gguf" in cfg.formats else None
     params = sum(math.prod(s.shape) for s in sources.values())
-    order, kls = _depth(ctx, cfg, model, seqs)
+    order, kls = measured.json("depth", [seqs[:DEPTH_SEQUENCES].tolist(), cfg.max_drop_blocks],
+                               lambda: _depth(ctx, cfg, model, seqs))
     ctx.log(f"Planner: {len(sources)} tensors priced in {len(set(t for o in prices.every.values() for t, _, _ in o))} "
             f"types; runtime overhead {overhead['overhead_bytes'] / 1e6:.0f} MB at {cfg.context} tokens (measured)")
     planner = Predictor(prices, sources, model.config, metadata, params, budget.device, host, cfg.context,
@@ -351,7 +353,45 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
         planner.speed_weights = SPEED_WEIGHTS      # a speed or energy limit: mixes of faster kernels are searched too
     if cfg.width_ratios:
         _narrower(ctx, cfg, planner, seqs)
-    return Prepared(planner, seqs, prompt)
+    return Prepared(planner, seqs, prompt, str(measured.folder("encoded", [seqs.tolist(), cfg.method])), measured)
+
+
+def _measured_cache(ctx: RunContext, cfg: FitConfig):
+    """This model's entries in ``engine.measured_cache`` (read only with ``reuse_measured``; always kept)."""
+    from .. import measured_cache
+
+    cache = measured_cache.MeasuredCache(ctx.source.display_name, ctx.record.manifest["source"]["sha256"],
+                                         reuse=cfg.reuse_measured)
+    measured_cache.prune(keep=cache.folder_path)
+    return cache
+
+
+def _trim_measured_cache(ctx: RunContext, encoded: str) -> None:
+    """The measured cache back within its limit (this model's entries too, if they alone exceed it)."""
+    from .. import measured_cache
+
+    removed = measured_cache.prune()
+    if any(Path(encoded).is_relative_to(p) for p in removed):
+        ctx.log(f"What this fit measured is not kept: it exceeds the cache's limit ({measured_cache.limit_bytes() / 1e9:.0f} "
+                "GB; EDGETAILOR_CACHE_GB sets it)", level="warning")
+
+
+def _price(ctx: RunContext, model, seqs, dense: dict, experts: dict, schemes: list):
+    """Every tensor's sensitivity (one pass of the calibration text), then every type's expected cost."""
+    import torch
+
+    from ...exporters.gguf_plan import price_types
+    from ..sensitivity import measure_sensitivity
+
+    ctx.progress(0.0, "sensitivity of every tensor")
+    sens = measure_sensitivity(model, seqs, progress=lambda f, m: ctx.progress(0.08 * f, m), cancelled=ctx.cancel.is_set)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return price_types(dense, sens, progress=lambda f, m: ctx.progress(0.08 + 0.07 * f, m),
+                           cancelled=ctx.cancel.is_set, onnx_schemes=schemes, experts=experts)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _narrower(ctx: RunContext, cfg: FitConfig, planner, seqs) -> None:
@@ -488,30 +528,42 @@ def _computable_drops(ctx: RunContext, config, order: list[int], k: int) -> int:
     return k
 
 
-def _eval_windows(ctx: RunContext) -> list[list[int]]:
-    """The evaluation windows, with the baseline's log-probs on them (the KL reference of every candidate)."""
+def _eval_windows(ctx: RunContext, measured) -> list[list[int]]:
+    """The evaluation windows, with the baseline's log-probs on them (the KL reference of every candidate; an
+    earlier fit's where it evaluated the same windows)."""
     from ..evaluate import make_windows
     from .evaluate import ensure_baseline
 
     windows = make_windows(ctx.tokenizer, ctx.eval_text(), ctx.options.eval_ctx, ctx.options.eval_windows)
-    ensure_baseline(ctx, windows, span=(0.17, 0.2))
+    ensure_baseline(ctx, windows, span=(0.17, 0.2), kept=measured)
     return windows
 
 
-def _save_verification(ctx: RunContext) -> str:
-    """The fixed check windows and the source's log-probs on them, for every candidate's check."""
-    from ..plan_tasks import save_verification
-    from ..reference import open_reference
-    from ..verification import WINDOW_TOKENS, check_windows
+def _save_verification(ctx: RunContext, measured) -> str:
+    """The fixed check windows and the source's log-probs on them, for every candidate's check (an earlier fit's
+    where it checked against the same windows)."""
+    from ..measured_cache import link_or_copy
+    from ..reference import choose
+    from ..verification import check_windows
 
     windows = check_windows(ctx.tokenizer, ctx.calibration_text())
-    with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
-        from ..evaluate import log_softmax
-
-        reference = [log_softmax(rt.logits(w)) for w in windows]
+    choice = choose(ctx)
+    folder = measured.made_folder("verify", [windows, choice.format, choice.type, ctx.options.dtype],
+                                  lambda into: _verification(ctx, windows, into / "verify.npz"))
     path = ctx.record.folder / "scratch" / "verify.npz"
-    save_verification(path, windows, reference)
+    link_or_copy(folder / "verify.npz", path)
     return str(path)
+
+
+def _verification(ctx: RunContext, windows, path: Path) -> None:
+    from ..evaluate import log_softmax
+    from ..plan_tasks import save_verification
+    from ..reference import open_reference
+    from ..verification import WINDOW_TOKENS
+
+    with open_reference(ctx, n_ctx=WINDOW_TOKENS) as rt:
+        reference = [log_softmax(rt.logits(w)) for w in windows]
+    save_verification(path, windows, reference)
 
 
 #: llama.cpp file types a planned mix is labelled with (general.file_type), by bits per weight
@@ -556,7 +608,7 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
         sequences=shared.sequences, verify=shared.verify, eval_windows=shared.eval_windows,
         reference=str(reference_folder(ctx)), kv_types=list(kv_types), context=cfg.context, prompt=shared.prompt,
-        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, encoded_cache=str(ctx.record.folder / "scratch" / "encoded"),
+        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, encoded_cache=str(ctx.record.folder / "scratch" / "encoded") if raw["width"] else shared.encoded,
         threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
         energy=EnergyMeter.detect(planner.host).to_dict())
 
@@ -676,7 +728,8 @@ def _refit(planner, measured: list[dict]) -> None:
     planner.calibration.refit(measured)
 
 
-def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejected: list[dict]) -> None:
+def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejected: list[dict],
+            reused: list[str]) -> None:
     from .. import atomic
 
     plan = {"budget": budget.to_dict(), "context": cfg.context, "device": budget.device.to_dict(),
@@ -685,6 +738,7 @@ def _record(ctx: RunContext, cfg, planner, budget, history, measured, rec, rejec
             "decode_model": planner.decode_model["method"] if planner.decode_model else None,
             "decode_speed_check": planner.decode_model.get("speed_check") if planner.decode_model else None,
             "decode_model_seconds": planner.decode_model["seconds_here"] if planner.decode_model else 0.0,
+            "reused": reused,         # what an earlier fit of the model measured (``engine.measured_cache``)
             "narrower": [{"width": w, "intermediate_size": int(p.config.intermediate_size), "heldout_kl": round(p.width_kl, 6)}
                          for w, p in planner.widths.items() if w],
             "method": "predicted: memory (weights + KV + measured overhead), decode (GGUF: llama.cpp's decode cost "
