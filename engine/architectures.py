@@ -77,7 +77,8 @@ class ArchSpec:
 # Mixtures of experts: importance statistics per expert (llama.cpp's imatrix for ``ffn_*_exps``) and calibrated
 # blocks in llama.cpp's type mixes or a measured mix (each expert weighted and priced by its own tokens) besides
 # the value techniques.
-MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated", "fit")
+MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated", "fit",
+                                     "prune.depth")   # whole blocks, experts and router with them
 _LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx="edgetailor", onnx_note="", techniques=None)
 _BUILDER = dict(onnx="genai-builder", onnx_note="")
 _SWA_NOTE = ("onnxruntime-genai's builder writes its sliding-window layers for a preallocated KV cache, which "

@@ -335,7 +335,7 @@ def test_layer_sharing_runs_and_exports_on_the_families(family, family_model):
     assert v["metrics"]["verify_kl"] < 1e-4 and v["metrics"]["verify_top1"] >= 0.95, v["metrics"]
 
 
-@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES)
+@pytest.mark.parametrize("family", OWN_WRITER_FAMILIES + ["qwen3_moe", "mixtral"])
 def test_a_model_without_blocks_computes_what_the_model_skipping_them_computes(family, family_model):
     """Read lazily without block 1, or rebuilt without it in memory: the logits of the source with that block passing
     its input through (per-block lists such as Gemma 3's local/global layers or SmolLM3's rotary-free blocks carried
@@ -444,7 +444,8 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
         assert rep.techniques["early_exit.heads"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == moe.techniques["fit"] == "yes"
-    assert moe.techniques["prune.depth"].startswith("not for mixtral yet: this step does not handle its expert layers")
+    assert moe.techniques["prune.depth"] == "yes"
+    assert moe.techniques["prune.width"].startswith("not for mixtral yet: this step does not handle its expert layers")
 
 
 def test_a_smollm3_whose_rotary_free_blocks_llama_cpp_cannot_place_is_refused_with_the_reason(family_model, tmp_path):
@@ -618,7 +619,7 @@ def test_the_planner_fits_a_mixture_of_experts_and_predicts_what_a_token_reads(f
     m = record.manifest
     assert m["status"] == "succeeded", m.get("error")
     plan = json.loads((record.artifacts_dir / "plan.json").read_text())
-    assert plan["recommendation"]["variant"] and all(p["drop_blocks"] == 0 for p in plan["rounds"][0]["points"])
+    assert plan["recommendation"]["variant"] and {p["drop_blocks"] for p in plan["rounds"][0]["points"]} == {0, 1}
     built = next(v for v in m["variants"] if v["name"] == plan["recommendation"]["variant"])
     path = record.folder / built["path"]
     model = LazyModel(folder)
@@ -634,6 +635,32 @@ def test_the_planner_fits_a_mixture_of_experts_and_predicts_what_a_token_reads(f
     exps = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if "_exps." in t.name)
     k_of_e = model.config.num_experts_per_tok / model.config.num_experts
     assert file.resident_bytes - file.repacked_bytes - file.bytes_per_token == pytest.approx((1 - k_of_e) * exps, rel=0.02)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_loses_its_least_influential_block_and_its_calibrated_file_is_checked(family, family_model):
+    """``prune.depth`` on a mixture of experts (read lazily, one block at a time): the block goes with its router
+    and experts, the rest keep theirs, and the calibrated file of what is left (expert blocks weighted by their own
+    tokens) computes what the pruned model computes."""
+    import gguf
+    from edgetailor.engine.verification import tolerance_for
+
+    folder = family_model(family)
+    config = json.loads((folder / "config.json").read_text())
+    record = _run(folder, [
+        {"step": "prune.depth", "params": {"blocks": 1, "calibration_sequences": 4, "seq_len": 64}},
+        {"step": "quant.gguf_calibrated", "params": {"types": ["Q4_K_M"], "seq_len": 64, "max_sequences": 4}},
+    ])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = {s["name"]: s.get("report", {}) for s in m["steps"]}
+    assert report["prune.depth"]["num_hidden_layers"] == config["num_hidden_layers"] - 1
+    (v,) = m["variants"][-1:]
+    tensors = gguf.GGUFReader(record.folder / v["path"]).tensors
+    blocks = {int(t.name.split(".")[1]) for t in tensors if t.name.startswith("blk.")}
+    assert blocks == set(range(config["num_hidden_layers"] - 1))
+    assert {int(t.name.split(".")[1]) for t in tensors if "_exps." in t.name} == blocks
+    assert v["metrics"]["verify_kl"] <= tolerance_for("gguf", "Q4_K_M").max_kl, v["metrics"]
 
 
 def test_a_phi_vocabulary_without_phi3s_special_tokens_loads_from_a_folder_named_phi3(family_model, tmp_path):
