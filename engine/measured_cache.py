@@ -64,16 +64,9 @@ class MeasuredCache:
     def json(self, what: str, reads: Any, make: Callable[[], Any]) -> Any:
         """The entry ``what`` for ``reads``: read back if a run made it, else ``make()`` and kept."""
         self._touch()
-        path = self.folder_path / f"{what}-{digest(reads)}.json"
-        if self.reuse:
-            try:
-                value = json.loads(path.read_text())
-                self.reused.append(what)
-                return value
-            except (OSError, ValueError):
-                pass
-        value = make()
-        atomic.write_json(path, value)
+        value, reused = kept_json(self.folder_path / f"{what}-{digest(reads)}.json", make, self.reuse)
+        if reused:
+            self.reused.append(what)
         return value
 
     def folder(self, what: str, reads: Any) -> Path:
@@ -99,6 +92,19 @@ class MeasuredCache:
             tmp.mkdir()
             make(tmp)
         return out
+
+
+def kept_json(path: Path, make: Callable[[], Any], reuse: bool = True) -> tuple[Any, bool]:
+    """(the JSON at ``path`` if ``reuse`` and a run wrote it, else ``make()`` written there atomically; whether it
+    was read back). Worker processes use it directly, with a path inside a ``MeasuredCache.folder``."""
+    if reuse:
+        try:
+            return json.loads(Path(path).read_text()), True
+        except (OSError, ValueError):
+            pass
+    value = make()
+    atomic.write_json(path, value)
+    return value, False
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -52,6 +52,7 @@ class CandidateTask:
     encoded_cache: str = ""      # GGUF: tensors encoded for the run's earlier files (``gguf_calibrated.EncodedCache``)
     screened_kv: list = field(default_factory=list)   # KV types evaluated on the first ``screen_windows`` windows only
     screen_windows: int = 0
+    scores: str = ""             # GGUF: a folder of earlier fits' scores of files with these bytes (``score_file``)
 
     def export_options(self) -> dict:
         from ..exporters.gguf_calibrated import Calibration
@@ -140,14 +141,27 @@ def measure(task: CandidateTask, kv: str, cancelled=None) -> dict:
 def score_file(task: CandidateTask, kv: str, cancelled=None, windows: int | None = None, skip: int = 0,
                token_kl: bool = False) -> dict:
     """The file with a ``kv`` cache scored on the task's evaluation windows (the first ``windows`` of them, after
-    the first ``skip``), each window's figures kept (and every token's KL with ``token_kl``)."""
+    the first ``skip``), each window's figures kept (and every token's KL with ``token_kl``); with ``task.scores``
+    the figures of a file with the same bytes on the same windows, where an earlier fit of the model scored one
+    (then marked ``reused``)."""
     from .evaluate import ReferenceLogprobs, evaluate
     from .runtimes import open_runtime
 
-    settings = {"kv_type": kv} if task.format == "gguf" else {}
-    with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
-        return evaluate(rt, task.eval_windows[skip:windows], reference=ReferenceLogprobs(Path(task.reference)),
-                        cancelled=cancelled, per_window=True, first_window=skip, token_kl=token_kl).to_dict()
+    def score() -> dict:
+        settings = {"kv_type": kv} if task.format == "gguf" else {}
+        with open_runtime(task.format, task.out, n_ctx=len(task.eval_windows[0]), threads=task.threads, **settings) as rt:
+            return evaluate(rt, task.eval_windows[skip:windows], reference=ReferenceLogprobs(Path(task.reference)),
+                            cancelled=cancelled, per_window=True, first_window=skip, token_kl=token_kl).to_dict()
+
+    if not task.scores or task.format != "gguf":
+        return score()
+    from .atomic import sha256_file
+    from .measured_cache import digest, kept_json
+
+    # the same bytes scored on the same windows by the same runtime: an earlier fit's figures (another budget)
+    reads = [sha256_file(task.out), kv, task.eval_windows[skip:windows], skip, token_kl, task.threads, task.dtype]
+    res, reused = kept_json(Path(task.scores) / f"{digest(reads)}.json", score)
+    return {**res, "reused": True} if reused else res
 
 
 def run_tasks(tasks: list[CandidateTask], executor: str = "inline", address: str | None = None, workers: int = 1,

@@ -106,9 +106,9 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
 
 
 def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_measures_again(fit_run, kv_model):
-    """Another budget on the same model: the tensors' prices, the depth measurements and the encoded tensors come
-    from the first fit (``engine.measured_cache``), and the same plan gives the same file, byte for byte;
-    ``reuse_measured`` off measures again."""
+    """Another budget on the same model: the tensors' prices, the depth measurements, the baseline's log-probs and
+    the encoded tensors come from the first fit (``engine.measured_cache``), the same plan gives the same file, byte
+    for byte, and its scores on the same windows are the first fit's; ``reuse_measured`` off measures again."""
     from edgetailor.engine import JobSpec, run_job
 
     def fit(**params):
@@ -131,6 +131,9 @@ def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_meas
     files = [(r.folder / next(v["path"] for v in r.manifest["variants"] if v["name"] == plan_of[0])).read_bytes()
              for r in (first, again)]
     assert files[0] == files[1]
+    scored = [r.variant(plan_of[0])["metrics"] for r in (first, again)]      # the same bytes: its scores reused
+    assert scored[1].get("scores_reused") and not scored[0].get("scores_reused")
+    assert (scored[1]["kl"], scored[1]["perplexity"]) == (scored[0]["kl"], scored[0]["perplexity"])
     assert again.variant("baseline")["metrics"]["perplexity"] == first.variant("baseline")["metrics"]["perplexity"]
     _, said = fit(reuse_measured=False, candidates=1, rounds=1)
     assert not any(m.startswith("Reused") for m in said) and any(m.startswith("sensitivity") for m in said)

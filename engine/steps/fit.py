@@ -170,6 +170,7 @@ class SharedInputs:
     eval_windows: list[list[int]]
     verify: str                   # the check windows and the source's log-probs (npz in the run's scratch)
     encoded: str                  # ``Prepared.encoded``
+    scores: str                   # earlier fits' scores of files (``plan_tasks.score_file``); "" with reuse off
 
 
 @register_step("fit", FitConfig, kind="export", exports="this is the export (GGUF or ONNX)", streamed_ram=_fit_ram,
@@ -188,7 +189,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
     shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx, prepared.measured),
-                          _save_verification(ctx, prepared.measured), prepared.encoded)
+                          _save_verification(ctx, prepared.measured), prepared.encoded,
+                          str(prepared.measured.folder("scores", [])) if cfg.reuse_measured else "")
     if prepared.measured.reused:
         ctx.log(f"Reused what an earlier fit of this model measured with the same texts "
                 f"({', '.join(prepared.measured.reused)}: {prepared.measured.folder_path}); --fresh measures again")
@@ -609,6 +611,7 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
         sequences=shared.sequences, verify=shared.verify, eval_windows=shared.eval_windows,
         reference=str(reference_folder(ctx)), kv_types=list(kv_types), context=cfg.context, prompt=shared.prompt,
         gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, encoded_cache=str(ctx.record.folder / "scratch" / "encoded") if raw["width"] else shared.encoded,
+        scores=shared.scores,
         threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
         energy=EnergyMeter.detect(planner.host).to_dict())
 
@@ -657,12 +660,14 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
                "projected_j_per_token": round(budget.device.power_typical_w / tps_device, 6),
                "predicted_memory_error_pct": round(100 * (pred.memory_bytes / memory - 1), 2),
                "projected_decode_error_pct": round(100 * (pred.decode_tps_here / bench["decode_tps"] - 1), 2),
-               **({"screened_windows": found["screened"]} if found.get("screened") else {})}
+               **({"screened_windows": found["screened"]} if found.get("screened") else {}),
+               **({"scores_reused": True} if found["evaluation"].get("reused") else {})}
     ctx.add_metrics(name, **metrics)
     ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
             f"{quality.get('ppl_increase_pct', 0):+.2f}%, memory {memory / 1e6:.0f} MB (predicted "
             f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
-            f"{pred.decode_tps_here:.1f})")
+            f"{pred.decode_tps_here:.1f})" + ("; its scores an earlier fit's of the same bytes"
+                                              if found["evaluation"].get("reused") else ""))
     point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
              "drop_blocks": cand.drop, "speed_weight": cand.speed, "width": cand.width,
              "structure_kl": raw["structure_kl"], "cost": raw["cost"], "memory_raw": raw["memory_raw"],
