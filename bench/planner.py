@@ -227,6 +227,7 @@ def suite(name: str, model_dir: Path, calib: Path, work: Path, windows_n: int, b
                          {"name": m["name"], "memory": m["memory_bytes"], "memory_predicted": m["predicted"]["memory_bytes"],
                           "decode_here": m["decode_tps_measured"], "decode_here_predicted": m["predicted"]["decode_tps_here"],
                           "kl": m["kl"], "kl_predicted": m["predicted"]["kl"], "screened": m.get("screened"),
+                          "scores_reused": m.get("scores_reused", False),
                           "wait_share": m.get("decode_wait_share")} for m in plan["measured"]],
                      "calibration": plan["calibration"]})
     return {"name": name, "model": model_dir.name, "baseline_perplexity": base_ppl, "ladder": lad, "builder_int4": builder,
@@ -302,13 +303,18 @@ def markdown(results: dict) -> str:
                            f"{100 * (c['memory_predicted'] / c['memory'] - 1):+.1f}% | {c['decode_here']:.1f} / "
                            f"{c['decode_here_predicted']:.1f} | {100 * (c['decode_here_predicted'] / c['decode_here'] - 1):+.1f}% | "
                            f"{'' if c.get('wait_share') is None else format(c['wait_share'], '.1%')} | "
-                           f"{c['kl']:.5f}{'*' if c.get('screened') else ''} / {c['kl_predicted']:.5f} |")
+                           f"{c['kl']:.5f}{'*' if c.get('screened') else ''}{' (r)' if c.get('scores_reused') else ''} / "
+                           f"{c['kl_predicted']:.5f} |")
         cands = [c for r in s["rows"] for c in r["candidates"]]
         if any(c.get("screened") for c in cands):
             out += ["", "\\* screened: evaluated on the first windows only (every file after the run's first, and the "
                     "first file's quantized KV caches), its KL the first file's (f16 cache) on all windows plus "
                     "their difference on those windows (it was not recommended; a recommended one is evaluated on "
                     "the rest of the windows first)."]
+        if any(c.get("scores_reused") for c in cands):
+            out += ["", "(r): a file with the same bytes as one the suite's first fit built and scored on the same "
+                    "windows: its quality figures are that fit's (`plan_tasks.score_file`); memory and speed measured "
+                    "again."]
         near = sum(abs(c["decode_here_predicted"] / c["decode_here"] - 1) <= 0.25 for c in cands)
         mem = sum(abs(c["memory_predicted"] / c["memory"] - 1) <= 0.10 for c in cands)
         out += ["", f"Decode speed predicted within 25%: {near} of {len(cands)} candidates; memory within 10%: {mem} of "

@@ -680,7 +680,8 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
              "memory_bytes": memory, "kv_growth_bytes": growth, "decode_tps": tps_device,
              "j_per_token": budget.device.power_typical_w / tps_device, "file_bytes": b.raw["file_bytes"],
              "kv_bytes_per_token": kv_cache_bytes(raw["info"], 1, kv_bytes),
-             "predicted": pred.to_dict(), **({"screened": found["screened"]} if found.get("screened") else {})}
+             "predicted": pred.to_dict(), **({"screened": found["screened"]} if found.get("screened") else {}),
+             "scores_reused": bool(found["evaluation"].get("reused"))}
     missed = violations(budget, point)
     ctx.add_metrics(name, budget=budget.to_dict(), fits=not missed,
                     fit_reasons=[f"{LIMIT_WORDS[k]} {100 * x:.0f}% past its limit" for k, x in missed.items()])
