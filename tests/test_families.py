@@ -619,7 +619,7 @@ def test_the_planner_fits_a_mixture_of_experts_and_predicts_what_a_token_reads(f
     m = record.manifest
     assert m["status"] == "succeeded", m.get("error")
     plan = json.loads((record.artifacts_dir / "plan.json").read_text())
-    assert plan["recommendation"]["variant"] and {p["drop_blocks"] for p in plan["rounds"][0]["points"]} == {0, 1}
+    assert plan["recommendation"]["variant"] and {0, 1} <= {p["drop_blocks"] for p in plan["rounds"][0]["points"]}
     built = next(v for v in m["variants"] if v["name"] == plan["recommendation"]["variant"])
     path = record.folder / built["path"]
     model = LazyModel(folder)

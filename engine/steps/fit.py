@@ -626,6 +626,13 @@ def _keep(ctx: RunContext, task, raw: dict, res: dict) -> Built:
     return Built(task.name, path, raw, res["seconds"], res["agreement"], options)
 
 
+def _say_measured(ctx: RunContext, name: str, quality: dict, memory: int, bench: dict, pred, reused: bool) -> None:
+    ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
+            f"{quality.get('ppl_increase_pct', 0):+.2f}%, memory {memory / 1e6:.0f} MB (predicted "
+            f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
+            f"{pred.decode_tps_here:.1f})" + ("; its scores an earlier fit's of the same bytes" if reused else ""))
+
+
 def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: str, found: dict) -> dict:
     """One file with one KV-cache type, as measured: a variant of the run, and the planner's point."""
     from types import SimpleNamespace
@@ -663,11 +670,7 @@ def _measured(ctx: RunContext, cfg: FitConfig, planner, budget, b: Built, kv: st
                **({"screened_windows": found["screened"]} if found.get("screened") else {}),
                **({"scores_reused": True} if found["evaluation"].get("reused") else {})}
     ctx.add_metrics(name, **metrics)
-    ctx.log(f"{name}: KL {quality.get('kl', 0):.5f} (predicted {pred.kl:.5f}), perplexity "
-            f"{quality.get('ppl_increase_pct', 0):+.2f}%, memory {memory / 1e6:.0f} MB (predicted "
-            f"{pred.memory_bytes / 1e6:.0f}), decode {bench['decode_tps']:.1f} tok/s here (projected "
-            f"{pred.decode_tps_here:.1f})" + ("; its scores an earlier fit's of the same bytes"
-                                              if found["evaluation"].get("reused") else ""))
+    _say_measured(ctx, name, quality, memory, bench, pred, bool(found["evaluation"].get("reused")))
     point = {"name": name, "label": cand.label, "format": cand.format, "onnx": cand.onnx, "kv_type": kv,
              "drop_blocks": cand.drop, "speed_weight": cand.speed, "width": cand.width,
              "structure_kl": raw["structure_kl"], "cost": raw["cost"], "memory_raw": raw["memory_raw"],
