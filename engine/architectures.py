@@ -218,9 +218,12 @@ def count_parameters(cfg: dict) -> dict:
     attn = h * heads * hd * 2 + h * kv * hd * 2
     if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
         attn += heads * hd + 2 * kv * hd
-    if cfg.get("model_type") == "qwen3":
+    if cfg.get("model_type") in ("qwen3", "qwen3_moe"):
         attn += 2 * hd
-    per_layer = attn + 3 * h * inter + 2 * h
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    # a mixture of experts: every expert's three projections and the router (Qwen3-MoE's experts are narrower)
+    mlp = experts * (3 * h * int(cfg.get("moe_intermediate_size") or inter) + h) if experts else 3 * h * inter
+    per_layer = attn + mlp + 2 * h
     embedding = vocab * h * (1 if tied else 2)
     non_embedding = layers * per_layer + h
     return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}

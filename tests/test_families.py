@@ -663,6 +663,21 @@ def test_a_mixture_of_experts_loses_its_least_influential_block_and_its_calibrat
     assert v["metrics"]["verify_kl"] <= tolerance_for("gguf", "Q4_K_M").max_kl, v["metrics"]
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_config_counts_its_experts_parameters(family, family_model):
+    """What the pruning steps report as parameters before and after: a mixture of experts counted with every
+    expert and its router, as the model holds them."""
+    from edgetailor.engine.architectures import count_parameters
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    embedding = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    held = sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+    assert count_parameters(json.loads((folder / "config.json").read_text()))["non_embedding"] == held
+
+
 def test_a_phi_vocabulary_without_phi3s_special_tokens_loads_from_a_folder_named_phi3(family_model, tmp_path):
     """llama.cpp looks up Phi-3's special tokens when ``general.name`` says phi3 and fails to load a vocabulary without
     them (Phi-4-mini's, the demo's): the name is written without "phi3" then, and the file loads."""
