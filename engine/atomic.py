@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 PARTIAL_SUFFIX = ".partial"
+#: a partial's name ends with its writer's process id: ``.NAME.PID.partial``
+_PARTIAL_PID = r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$"
 
 
 @contextlib.contextmanager
@@ -73,12 +75,12 @@ def _remove_orphans(candidates, pid_pattern: str) -> list[Path]:
 def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
     """Remove the partial files and folders in ``folder`` (not below) whose writer no longer runs (a process
     killed mid-write leaves ``.NAME.PID.partial``); those of live processes are left alone. Returns what went."""
-    return _remove_orphans(Path(folder).glob(f".*{PARTIAL_SUFFIX}"), r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
+    return _remove_orphans(Path(folder).glob(f".*{PARTIAL_SUFFIX}"), _PARTIAL_PID)
 
 
 def sweep_stale_partials_below(folder: str | os.PathLike) -> list[Path]:
     """``sweep_stale_partials`` in ``folder`` and every folder below it."""
-    return _remove_orphans(Path(folder).rglob(f".*{PARTIAL_SUFFIX}"), r"\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
+    return _remove_orphans(Path(folder).rglob(f".*{PARTIAL_SUFFIX}"), _PARTIAL_PID)
 
 
 @contextlib.contextmanager

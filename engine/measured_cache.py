@@ -79,7 +79,6 @@ class MeasuredCache:
         out.mkdir(exist_ok=True)
         return out
 
-
     def made_folder(self, what: str, reads: Any, make: Callable[[Path], None]) -> Path:
         """The complete folder of entry ``what``: read back if a run made it, else ``make(folder)`` fills a new one,
         which appears only once filled."""
@@ -145,5 +144,5 @@ def prune(keep: Path | None = None, limit: int | None = None) -> list[Path]:
 
 
 def clear() -> None:
-    """Every model's entries removed (``edgetailor fit --fresh`` measures again without touching them)."""
+    """Every model's entries removed (the planner's bench starts each model from an empty cache)."""
     atomic.remove_path(root())

@@ -105,7 +105,8 @@ def test_fit_builds_the_best_candidates_measures_them_and_recommends_one_that_fi
     assert kinds[0] == "predicted" and "measured" in kinds
 
 
-def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_measures_again(fit_run, kv_model):
+def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_measures_again(fit_run, kv_model,
+                                                                                            monkeypatch):
     """Another budget on the same model: the tensors' prices, the depth measurements, the baseline's log-probs and
     the encoded tensors come from the first fit (``engine.measured_cache``), the same plan gives the same file, byte
     for byte, and its scores on the same windows are the first fit's; ``reuse_measured`` off measures again."""
@@ -135,8 +136,13 @@ def test_a_second_fit_of_the_model_reuses_what_the_first_measured_and_fresh_meas
     assert scored[1].get("scores_reused") and not scored[0].get("scores_reused")
     assert (scored[1]["kl"], scored[1]["perplexity"]) == (scored[0]["kl"], scored[0]["perplexity"])
     assert again.variant("baseline")["metrics"]["perplexity"] == first.variant("baseline")["metrics"]["perplexity"]
+    monkeypatch.setenv("EDGETAILOR_CACHE_GB", "0.000001")      # a cache too small for this model's entries
     _, said = fit(reuse_measured=False, candidates=1, rounds=1)
     assert not any(m.startswith("Reused") for m in said) and any(m.startswith("sensitivity") for m in said)
+    assert any(m.startswith("What this fit measured is not kept") for m in said)
+    monkeypatch.delenv("EDGETAILOR_CACHE_GB")
+    _, said = fit(candidates=1, rounds=1)
+    assert any(m.startswith("sensitivity") for m in said)          # nothing was left to reuse
 
 
 def test_recommendation_picks_the_best_that_fits_and_names_the_runner_up_per_limit():

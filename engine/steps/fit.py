@@ -52,7 +52,7 @@ class FitConfig:
     gen_tokens: int = field(default=32, metadata={"help": "benchmark tokens generated per pass"})
     repeats: int = field(default=2, metadata={"help": "benchmark timed passes"})
     seed: int = field(default=0, metadata={"help": "the search's seed"})
-    reuse_measured: bool = field(default=True, metadata={"help": "reuse what an earlier fit of the same model measured with the same calibration (its tensors' prices, what removing blocks costs, its encoded tensors: ``engine.measured_cache``); off: measure again"})
+    reuse_measured: bool = field(default=True, metadata={"help": "reuse what an earlier fit of the same model measured with the same texts (its tensors' prices, what removing blocks costs, the baseline's log-probs, encoded tensors, the scores of files with the same bytes: ``engine.measured_cache``); off: measure again"})
     executor: str = field(default="inline", metadata={"help": "where candidates are built and measured: inline (this process), processes (local worker processes) or ray"})
     workers: int = field(default=2, metadata={"help": "worker processes (executor: processes)"})
     ray_address: str | None = field(default=None, metadata={"help": "the Ray cluster (executor: ray): an address, 'auto', or 'local' for a new local instance"})
@@ -158,7 +158,6 @@ class Prepared:
     planner: object               # planner.Predictor
     sequences: object             # calibration token ids [n, seq_len] (torch)
     prompt: list[int]             # the benchmark prompt
-    encoded: str                  # the source's tensors encoded for earlier files (kept between fits of the model)
     measured: object              # measured_cache.MeasuredCache: this model's entries
 
 
@@ -169,7 +168,7 @@ class SharedInputs:
     prompt: list[int]
     eval_windows: list[list[int]]
     verify: str                   # the check windows and the source's log-probs (npz in the run's scratch)
-    encoded: str                  # ``Prepared.encoded``
+    encoded: str                  # the source's tensors encoded for earlier files (kept between fits of the model)
     scores: str                   # earlier fits' scores of files (``plan_tasks.score_file``); "" with reuse off
 
 
@@ -188,12 +187,14 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
     elif kv_types != cfg.kv_types:
         ctx.log(f"KV-cache types {', '.join(sorted(set(cfg.kv_types) - set(kv_types)))} left out: the head size is "
                 "not a multiple of 32", level="warning")
-    shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx, prepared.measured),
-                          _save_verification(ctx, prepared.measured), prepared.encoded,
-                          str(prepared.measured.folder("scores", [])) if cfg.reuse_measured else "")
-    if prepared.measured.reused:
+    kept = prepared.measured
+    shared = SharedInputs(prepared.sequences.tolist(), prepared.prompt, _eval_windows(ctx, kept),
+                          _save_verification(ctx, kept),
+                          str(kept.folder("encoded", [prepared.sequences.tolist(), cfg.method])),
+                          str(kept.folder("scores", [])) if cfg.reuse_measured else "")
+    if kept.reused:
         ctx.log(f"Reused what an earlier fit of this model measured with the same texts "
-                f"({', '.join(prepared.measured.reused)}: {prepared.measured.folder_path}); --fresh measures again")
+                f"({', '.join(kept.reused)}: {kept.folder_path}); --fresh measures again")
     built: list[Built] = []
     rejected: list[dict] = []          # files that failed their check against the source (not kept)
     measured: list[dict] = []
@@ -229,8 +230,8 @@ def fit(ctx: RunContext, cfg: FitConfig) -> None:
         if len(built) >= cfg.candidates:
             break
     rec = _recommend(ctx, cfg, planner, budget, measured, points, origins)
-    _record(ctx, cfg, planner, budget, history, measured, rec, rejected, prepared.measured.reused)
-    _trim_measured_cache(ctx, prepared.encoded)
+    _record(ctx, cfg, planner, budget, history, measured, rec, rejected, kept.reused)
+    _trim_measured_cache(ctx, kept.folder_path)
     ctx.progress(1.0, "recommended" if rec.get("variant") else "nothing fits")
 
 
@@ -355,7 +356,7 @@ def _prepare(ctx: RunContext, cfg: FitConfig, budget) -> Prepared:
         planner.speed_weights = SPEED_WEIGHTS      # a speed or energy limit: mixes of faster kernels are searched too
     if cfg.width_ratios:
         _narrower(ctx, cfg, planner, seqs)
-    return Prepared(planner, seqs, prompt, str(measured.folder("encoded", [seqs.tolist(), cfg.method])), measured)
+    return Prepared(planner, seqs, prompt, measured)
 
 
 def _measured_cache(ctx: RunContext, cfg: FitConfig):
@@ -368,12 +369,11 @@ def _measured_cache(ctx: RunContext, cfg: FitConfig):
     return cache
 
 
-def _trim_measured_cache(ctx: RunContext, encoded: str) -> None:
+def _trim_measured_cache(ctx: RunContext, folder: Path) -> None:
     """The measured cache back within its limit (this model's entries too, if they alone exceed it)."""
     from .. import measured_cache
 
-    removed = measured_cache.prune()
-    if any(Path(encoded).is_relative_to(p) for p in removed):
+    if folder in measured_cache.prune():
         ctx.log(f"What this fit measured is not kept: it exceeds the cache's limit ({measured_cache.limit_bytes() / 1e9:.0f} "
                 "GB; EDGETAILOR_CACHE_GB sets it)", level="warning")
 
@@ -610,8 +610,8 @@ def _task(ctx: RunContext, cfg: FitConfig, planner, shared: SharedInputs, raw: d
         file_type=_file_type(8 * raw["tensor_bytes"] / planner.params), method=cfg.method,
         sequences=shared.sequences, verify=shared.verify, eval_windows=shared.eval_windows,
         reference=str(reference_folder(ctx)), kv_types=list(kv_types), context=cfg.context, prompt=shared.prompt,
-        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, encoded_cache=str(ctx.record.folder / "scratch" / "encoded") if raw["width"] else shared.encoded,
-        scores=shared.scores,
+        gen_tokens=cfg.gen_tokens, repeats=cfg.repeats, scores=shared.scores,
+        encoded_cache=str(ctx.record.folder / "scratch" / "encoded") if raw["width"] else shared.encoded,
         threads=ctx.options.resolved_threads(), dtype=ctx.options.dtype,
         energy=EnergyMeter.detect(planner.host).to_dict())
 
