@@ -201,7 +201,7 @@ def markdown(r: dict) -> str:
            f"Whole runs: streamed {s['wall_seconds']} s, held {ld['wall_seconds']} s (process start included).",
            f"Same {s.get('file', 'gguf Q4_K_M')} weights from both: **{r['same_file']}** (sha256 {s['sha256'][:16]}…, "
            f"{s['size_mb']} MB); checked against the model it came from: KL {s['verify_kl']}.", "",
-           f"Reproduce: `.venv/bin/python bench/streamed_transforms.py --recipe {r['recipe_name']}`", ""]
+           f"Reproduce: `.venv/bin/python bench/streamed_transforms.py --recipe {r.get('recipe_name', 'wanda')}`", ""]
     if r.get("preflight_recomputed"):
         was = ", ".join(f"{k} {v} MB" for k, v in r["preflight_recomputed"]["before"].items())
         md += [(f"Pre-flight's column recomputed on {r['preflight_recomputed']['at']} with the current code "

@@ -211,6 +211,6 @@ def test_preflight_streams_clustering_of_an_8b_model_and_holds_it_only_for_the_e
 
     rep, step = cluster_step(activation_weighted=True)
     assert rep.fits and "one decoder block at a time" in step["how"], rep.problems
-    assert step["parts"]["k-means of its largest matrix (float64)"] == 14336 * 4096 * 48
+    assert step["parts"]["k-means of its largest matrix (float64)"] == 14336 * 4096 * 8 * 7
     rep, step = cluster_step(include_embeddings=True)
     assert not rep.fits and step["how"] == "holds the fp32 model"
