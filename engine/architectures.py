@@ -75,9 +75,10 @@ class ArchSpec:
 
 
 # Mixtures of experts: importance statistics per expert (llama.cpp's imatrix for ``ffn_*_exps``) and calibrated
-# blocks in llama.cpp's type mixes or a measured mix (each expert weighted and priced by its own tokens) besides
-# the value techniques.
-MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated", "fit",
+# blocks in llama.cpp's type mixes or a measured mix (each expert weighted and priced by its own tokens), AWQ's
+# scales (the experts' inputs scaled together with the router's, each expert's down projection by its own:
+# ``steps.awq.ExpertGroup``) besides the value techniques.
+MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated", "fit", "awq.scale",
                                      "prune.depth")   # whole blocks, experts and router with them
 _LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx="edgetailor", onnx_note="", techniques=None)
 _BUILDER = dict(onnx="genai-builder", onnx_note="")

@@ -56,6 +56,7 @@ class ModelShape:
     stored_bytes: int = 0           # the weights as their files store them (bf16: 2 bytes a weight)
     onnx_graph: bool = False        # EdgeTailor's own ONNX graph covers the family (written layer by layer)
     gguf_own_writer: bool = False   # EdgeTailor's GGUF writer covers the family (k-quants encoded as written)
+    experts: int = 0                # experts per block of a mixture of experts (0: dense)
 
     @property
     def stored_bytes_per_weight(self) -> float:
@@ -104,7 +105,8 @@ class ModelShape:
                    dims.kv_heads * dims.head_dim, dims.heads, dims.vocab * dims.hidden * (1 if dims.tied else 2),
                    stored_bytes=stored,
                    onnx_graph=bool(spec and spec.onnx == "edgetailor"),
-                   gguf_own_writer=gguf_writer_for(cfg) == "edgetailor")
+                   gguf_own_writer=gguf_writer_for(cfg) == "edgetailor",
+                   experts=int(text.get("num_local_experts") or text.get("num_experts") or 0))
 
 
 @dataclass
@@ -363,8 +365,11 @@ def lora_parameters(shape: ModelShape, rank: int, modules: list[str]) -> int:
 
 
 def hessians_bytes(shape: ModelShape) -> int:
-    """X^T X of every distinct linear-layer input of every block (fp32), as ``imatrix`` with hessians keeps them."""
-    return shape.layers * (2 * shape.hidden ** 2 + shape.q_dim ** 2 + shape.intermediate ** 2) * 4
+    """X^T X of every distinct linear-layer input of every block and of the output head (fp32), as ``imatrix`` with
+    hessians keeps them: a mixture of experts' MLP has none (its experts keep second moments, its router is not a
+    linear layer)."""
+    mlp = 0 if shape.experts else shape.hidden ** 2 + shape.intermediate ** 2
+    return (shape.layers * (shape.hidden ** 2 + shape.q_dim ** 2 + mlp) + shape.hidden ** 2) * 4
 
 
 def calibration_tokens(max_sequences: int | None, seq_len: int) -> int:

@@ -757,3 +757,70 @@ def test_the_own_writer_writes_the_tensors_and_keys_llama_cpps_converter_writes(
     for key, field in conv.fields.items():
         if key.startswith(f"{arch}.") and key not in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
             assert own.fields[key].contents() == pytest.approx(field.contents()), key
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_takes_awq_scales_that_keep_its_function(family, family_model):
+    """AWQ on a mixture of experts: any positive scales folded into the experts' shared input (every expert's gate
+    and up, the router's columns, the norm) and into each expert's down projection (its up rows) keep the function
+    and the routing; the step on the files (imatrix, awq.scale) scales experts and writes a file that computes the
+    scaled model, its stand-in error no higher than before."""
+    import gguf
+    import numpy as np
+    import torch
+    from edgetailor.engine.lazy import LazyModel
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.awq import ExpertGroup, awq_groups, fold_expert_scales, fold_scales, norm_shift
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    ids = torch.arange(3, 67).reshape(2, 32)
+    groups = awq_groups(model.config)
+    assert isinstance(groups["mlp_in"], ExpertGroup) and isinstance(groups["mlp_down"], ExpertGroup)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        gen = torch.Generator().manual_seed(0)
+        for layer in model.model.layers:
+            def scales(n):
+                return torch.exp(0.5 * torch.randn(n, generator=gen))
+            fold_scales(layer, groups["attn_in"], scales(model.config.hidden_size))
+            fold_expert_scales(layer, groups["mlp_in"], scales(model.config.hidden_size), norm_shift(model.config))
+            experts = layer.get_submodule(groups["mlp_down"].experts)
+            for e in range(experts.down_proj.shape[0]):
+                fold_expert_scales(layer, groups["mlp_down"], scales(experts.down_proj.shape[-1]), expert=e)
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
+    record = _run(folder, [{"step": "imatrix", "params": {"hessians": True, "max_sequences": 4, "seq_len": 64}},
+                           {"step": "awq.scale", "params": {"grid": 8}},
+                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = next(s["report"] for s in m["steps"] if s["name"] == "awq.scale")
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert report["groups"] == 3 * layers and report["groups_scaled"] > 0, report
+    assert report["stand_in_output_error_after"] <= report["stand_in_output_error_before"]
+    assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4
+    written = {t.name: np.asarray(t.data, dtype=np.float32) for t in
+               gguf.GGUFReader(record.folder / m["variants"][0]["path"]).tensors if "_exps." in t.name}
+    source = LazyModel(folder).state_dict()
+    changed = [i for i in range(layers) if not np.allclose(
+        written[f"blk.{i}.ffn_down_exps.weight"].reshape(-1),
+        source[f"model.layers.{i}.mlp.experts.down_proj"].load().float().numpy().reshape(-1), atol=1e-3)]
+    assert changed, "the scaled experts did not reach the file"
+
+
+@pytest.mark.parametrize("family", ["granite", "qwen3_moe"])
+def test_preflight_counts_the_input_statistics_imatrix_keeps_dense_or_mixture_of_experts(family, family_model):
+    """What ``imatrix`` with hessians holds (one X^T X per distinct linear-layer input; a mixture of experts' MLP
+    none) is what pre-flight counts for it and for AWQ."""
+    import torch
+    from edgetailor.engine.footprint import ModelShape, hessians_bytes
+    from edgetailor.engine.imatrix import collect
+    from edgetailor.engine.lazy import LazyModel
+
+    folder = family_model(family)
+    stats = collect(LazyModel(folder), torch.arange(3, 131).reshape(2, 64), hessians=True)
+    held = sum(t.numel() * t.element_size() for t in stats.xtx.values())
+    shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()), folder)
+    assert held == hessians_bytes(shape) and (shape.experts > 0) == (family == "qwen3_moe")

@@ -61,25 +61,28 @@ def fake_quantize(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (q * scale + lo).reshape(out_f, -1)[:, :in_f]
 
 
-def output_error(weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor, bits: int, group: int) -> float:
-    """Sum over the layers of tr(E H E^T): the squared error their outputs take on the calibration inputs."""
+def output_error(terms: list[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor, bits: int, group: int) -> float:
+    """Sum over the (W, H) terms of tr(E H E^T): the squared error the layers' outputs take on their calibration
+    inputs; H is X^T X / n, or its diagonal alone (a vector: an expert's second moments, weighted by its share of
+    the tokens)."""
     total = 0.0
-    for w in weights:
+    for w, h in terms:
         e = fake_quantize(w * s, bits, group) / s - w
-        total += float(((e @ h) * e).sum())
+        total += float(((e @ h) * e).sum()) if h.ndim == 2 else float((e * e * h).sum())
     return total
 
 
-def search_scales(weights: list[torch.Tensor], h: torch.Tensor, cfg: AwqConfig) -> tuple[torch.Tensor, float, float, float]:
-    """(scales, alpha, error with them, error without) for layers that read one input with X^T X / n = h."""
-    rms = torch.diagonal(h).clamp_min(1e-12).sqrt()
-    plain = output_error(weights, h, torch.ones_like(rms), cfg.bits, cfg.group_size)
+def search_scales(terms: list[tuple[torch.Tensor, torch.Tensor]], rms: torch.Tensor,
+                  cfg: AwqConfig) -> tuple[torch.Tensor, float, float, float]:
+    """(scales, alpha, error with them, error without) for layers that read one input whose channels have the
+    root mean squares ``rms`` (s = rms^alpha, alpha from the grid)."""
+    plain = output_error(terms, torch.ones_like(rms), cfg.bits, cfg.group_size)
     best = (torch.ones_like(rms), 0.0, plain)
     for i in range(1, cfg.grid):
         alpha = i / cfg.grid
         s = rms ** alpha
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error(weights, h, s, cfg.bits, cfg.group_size)
+        err = output_error(terms, s, cfg.bits, cfg.group_size)
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1], best[2], plain
@@ -107,7 +110,20 @@ class Group:
     rows: str = "all"
 
 
-def awq_groups(config) -> dict[str, Group]:
+@dataclass(frozen=True)
+class ExpertGroup:
+    """A mixture of experts' layers scaled together (``experts``: the stacked module, ``gate_up_proj`` [experts,
+    2 x width, hidden], ``down_proj`` [experts, hidden, width]). ``mlp_in``: every expert's gate and up read the
+    norm's output, routed: one scale for all, their columns and the router's times it (llama.cpp keeps the router
+    unquantized, so it only carries the scale), the norm divided. ``mlp_down``: each expert's own scale, its down
+    projection's columns times it, the up half of its gate_up rows divided. Each expert's error is weighed by its
+    inputs' second moments (the imatrix keeps no X^T X per expert: a block's worth each)."""
+    experts: str
+    norm: str = ""
+    router: str = ""
+
+
+def awq_groups(config) -> dict[str, Group | ExpertGroup]:
     """The family's layer groups: Llama's pre-norms feed q/k/v and gate/up, up_proj feeds down_proj (after the
     activation: linear in up); Gemma 2/3 feed the MLP from ``pre_feedforward_layernorm``; Phi-3 fuses q/k/v and
     gate/up (its up is the second half of gate_up_proj's rows); StarCoder2's MLP is c_fc -> GeLU -> c_proj (nothing
@@ -121,6 +137,10 @@ def awq_groups(config) -> dict[str, Group]:
                 "mlp_down": Group(("mlp.down_proj",), rows_of="mlp.gate_up_proj", rows="second half")}
     if kind == "starcoder2":
         return {"attn_in": Group(attn, norm="input_layernorm"), "mlp_in": Group(("mlp.c_fc",), norm="post_attention_layernorm")}
+    if kind in ("qwen3_moe", "mixtral"):
+        return {"attn_in": Group(attn, norm="input_layernorm"),
+                "mlp_in": ExpertGroup("mlp.experts", norm="post_attention_layernorm", router="mlp.gate"),
+                "mlp_down": ExpertGroup("mlp.experts")}
     mlp_norm = "pre_feedforward_layernorm" if kind in ("gemma2", "gemma3_text") else "post_attention_layernorm"
     groups = {"attn_in": Group(attn, norm="input_layernorm"),
               "mlp_in": Group(("mlp.gate_proj", "mlp.up_proj"), norm=mlp_norm),
@@ -160,6 +180,18 @@ def fold_scales(layer, group: Group, s: torch.Tensor, shift: float = 0.0) -> Non
         prev.bias[rows].div_(s.to(prev.bias.dtype))
 
 
+def fold_expert_scales(layer, group: ExpertGroup, s: torch.Tensor, shift: float = 0.0, expert: int | None = None) -> None:
+    """``mlp_in`` (no ``expert``): every expert's gate and up columns and the router's times s, the norm divided;
+    ``mlp_down``: expert ``expert``'s down projection's columns times s, the up half of its gate_up rows divided."""
+    experts = layer.get_submodule(group.experts)
+    if expert is None:
+        experts.gate_up_proj.mul_(s.to(experts.gate_up_proj.dtype))
+        fold_scales(layer, Group((group.router,), norm=group.norm), s, shift)
+        return
+    experts.down_proj[expert].mul_(s.to(experts.down_proj.dtype))
+    experts.gate_up_proj[expert, experts.down_proj.shape[-1]:].div_(s.to(experts.gate_up_proj.dtype)[:, None])
+
+
 def apply_awq(model, stats, cfg: AwqConfig, progress=None, cancelled=None) -> list[dict]:
     """Rescale every decoder layer of a loaded model in place; returns one record per layer group."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -182,20 +214,64 @@ def scale_layer(layer, prefix: str, stats, cfg: AwqConfig, config) -> list[dict]
     records = []
     for name in (g for g in cfg.groups if g in groups):
         group = groups[name]
+        if isinstance(group, ExpertGroup):
+            records.append(_scale_experts(layer, prefix, name, group, stats, cfg, shift))
+            continue
         modules = [prefix + p for p in group.linears]
         h = stats.hessian(modules[0])
         if h is None:
             raise EdgeTailorError("AWQ scaling needs the inputs' X^T X.",
                                   "Run the 'imatrix' step with hessians: true before 'awq.scale'.")
         with torch.no_grad():
-            ws = [layer.get_submodule(p).weight.detach().float() for p in group.linears]
-            s, alpha, err, plain = search_scales(ws, h.float(), cfg)
+            h = h.float()
+            terms = [(layer.get_submodule(p).weight.detach().float(), h) for p in group.linears]
+            s, alpha, err, plain = search_scales(terms, torch.diagonal(h).clamp_min(1e-12).sqrt(), cfg)
             if alpha > 0:
                 fold_scales(layer, group, s, shift)
                 _rescale_stats(stats, modules, s)
         records.append({"layer": int(prefix.split(".")[-2]), "group": name, "alpha": alpha,
                         "error_before": plain, "error_after": err})
     return records
+
+
+def _scale_experts(layer, prefix: str, name: str, group: ExpertGroup, stats, cfg: AwqConfig, shift: float) -> dict:
+    """One mixture of experts' group (``ExpertGroup``) searched and folded in place, its statistics rescaled."""
+    experts = layer.get_submodule(group.experts)
+    key = f"{prefix}{group.experts}"
+    seen = [e for e in range(experts.gate_up_proj.shape[0]) if f"{key}.{e}.gate_proj" in stats.sum_sq]
+    if not seen:
+        raise EdgeTailorError("AWQ scaling found no statistics for this mixture of experts' inputs.",
+                              "Run the 'imatrix' step before 'awq.scale'.")
+    record = {"layer": int(prefix.split(".")[-2]), "group": name}
+    with torch.no_grad():
+        if name == "mlp_in":
+            tokens = sum(stats.count[f"{key}.{e}.gate_proj"] for e in seen)
+            terms = [(experts.gate_up_proj[e].float(), stats.sum_sq[f"{key}.{e}.gate_proj"].float() / tokens)
+                     for e in seen]
+            rms = (sum(stats.sum_sq[f"{key}.{e}.gate_proj"] for e in seen) / tokens).clamp_min(1e-12).sqrt().float()
+            s, alpha, err, plain = search_scales(terms, rms, cfg)
+            if alpha > 0:
+                fold_expert_scales(layer, group, s, shift)
+                _rescale_stats(stats, [f"{key}.{e}.{p}" for e in seen for p in ("gate_proj", "up_proj")], s)
+            return {**record, "alpha": alpha, "error_before": plain, "error_after": err}
+        alphas, err, plain = [], 0.0, 0.0
+        for e in seen:
+            d = stats.second_moment(f"{key}.{e}.down_proj").float()
+            s, alpha, e_err, e_plain = search_scales([(experts.down_proj[e].float(), d)], d.clamp_min(1e-12).sqrt(), cfg)
+            if alpha > 0:
+                fold_expert_scales(layer, group, s, expert=e)
+                _rescale_stats(stats, [f"{key}.{e}.down_proj"], s)
+            alphas.append(alpha)
+            err, plain = err + e_err, plain + e_plain
+    return {**record, "alpha": sum(alphas) / len(alphas), "experts_scaled": sum(a > 0 for a in alphas),
+            "error_before": plain, "error_after": err}
+
+
+def _scaled_modules(block, config) -> dict:
+    """What scaling may change in a block: its linear layers and norms, a mixture of experts' experts and router."""
+    moe = {p for g in awq_groups(config).values() if isinstance(g, ExpertGroup) for p in (g.experts, g.router) if p}
+    return {n: m for n, m in block.module.named_modules(prefix=block.prefix.rstrip("."))
+            if isinstance(m, torch.nn.Linear) or n.endswith("layernorm") or n[len(block.prefix):] in moe}
 
 
 def _streamed_need(shape):
@@ -219,8 +295,7 @@ def awq_scale(ctx: RunContext, cfg: AwqConfig) -> None:
     walk, records = ctx.transform_walk(), []
     for block in walk:                    # one block's weights at a time; the scaled ones kept
         records += scale_layer(block.module, block.prefix, stats, cfg, walk.model.config)
-        block.keep({n: m for n, m in block.module.named_modules(prefix=block.prefix.rstrip("."))
-                    if isinstance(m, torch.nn.Linear) or n.endswith("layernorm")})
+        block.keep(_scaled_modules(block, walk.model.config))
     label = f"awq{cfg.bits}"
     ctx.mark_applied(label, walk.result())
     keep_stats(ctx, stats, ctx.weights())  # rescaled with the model: still valid, saved again for the scaled model
