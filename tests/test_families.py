@@ -824,3 +824,31 @@ def test_preflight_counts_the_input_statistics_imatrix_keeps_dense_or_mixture_of
     held = sum(t.numel() * t.element_size() for t in stats.xtx.values())
     shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()), folder)
     assert held == hessians_bytes(shape) and (shape.experts > 0) == (family == "qwen3_moe")
+
+
+def test_awq_on_experts_rescales_their_statistics_and_samples_the_rows_of_large_ones(family_model):
+    """After AWQ on a loaded mixture of experts, the per-expert statistics it rescaled equal a fresh collection on
+    the scaled model (a calibrated quantization that follows reads them); an expert matrix larger than
+    ``EXPERT_ROWS`` is scored on evenly spaced rows, the error estimate near the full one."""
+    import torch
+    from edgetailor.engine import imatrix
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.awq import EXPERT_ROWS, AwqConfig, apply_awq, output_error, sampled_rows
+
+    model = load_model(resolve(str(family_model("qwen3_moe")))).model
+    ids = torch.arange(3, 259).reshape(4, 64)
+    stats = imatrix.collect(model, ids, hessians=True)
+    records = apply_awq(model, stats, AwqConfig(grid=8))
+    assert any(r["alpha"] > 0 for r in records if r["group"] != "attn_in")
+    fresh = imatrix.collect(model, ids, hessians=True)
+    experts = [k for k in fresh.sum_sq if ".experts." in k]
+    assert experts and fresh.sum_sq.keys() == stats.sum_sq.keys()
+    for k in experts:
+        torch.testing.assert_close(stats.sum_sq[k], fresh.sum_sq[k], rtol=1e-3, atol=1e-6)
+
+    gen = torch.Generator().manual_seed(0)
+    w, h = torch.randn(8 * EXPERT_ROWS, 128, generator=gen), torch.rand(128, generator=gen) * 4
+    s = torch.exp(0.3 * torch.randn(128, generator=gen))
+    full, sampled = output_error([(w, h)], s, 4, 32), output_error([sampled_rows(w, h)], s, 4, 32)
+    assert sampled_rows(w[:EXPERT_ROWS], h)[0].shape[0] == EXPERT_ROWS and abs(sampled / full - 1) < 0.1

@@ -234,6 +234,20 @@ def scale_layer(layer, prefix: str, stats, cfg: AwqConfig, config) -> list[dict]
     return records
 
 
+#: rows of an expert's matrix its stand-in error is measured on (evenly spaced; the error is a sum over rows, each
+#: row's a function of the scales alone). One Qwen3-30B-A3B-shaped block, 2 threads: 91 + 55 s on every row,
+#: 19 + 1 s sampled, the same alpha for the shared input (0.35) and a mean of 0.31 for the down projections either way
+EXPERT_ROWS = 256
+
+
+def sampled_rows(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert's (W, h) term on at most ``EXPERT_ROWS`` of its rows, h scaled to stand for all of them."""
+    if w.shape[0] <= EXPERT_ROWS:
+        return w.float(), h
+    idx = torch.linspace(0, w.shape[0] - 1, EXPERT_ROWS).round().long()
+    return w[idx].float(), h * (w.shape[0] / EXPERT_ROWS)
+
+
 def _scale_experts(layer, prefix: str, name: str, group: ExpertGroup, stats, cfg: AwqConfig, shift: float) -> dict:
     """One mixture of experts' group (``ExpertGroup``) searched and folded in place, its statistics rescaled."""
     experts = layer.get_submodule(group.experts)
@@ -246,7 +260,7 @@ def _scale_experts(layer, prefix: str, name: str, group: ExpertGroup, stats, cfg
     with torch.no_grad():
         if name == "mlp_in":
             tokens = sum(stats.count[f"{key}.{e}.gate_proj"] for e in seen)
-            terms = [(experts.gate_up_proj[e].float(), stats.sum_sq[f"{key}.{e}.gate_proj"].float() / tokens)
+            terms = [sampled_rows(experts.gate_up_proj[e], stats.sum_sq[f"{key}.{e}.gate_proj"].float() / tokens)
                      for e in seen]
             rms = (sum(stats.sum_sq[f"{key}.{e}.gate_proj"] for e in seen) / tokens).clamp_min(1e-12).sqrt().float()
             s, alpha, err, plain = search_scales(terms, rms, cfg)
@@ -257,7 +271,7 @@ def _scale_experts(layer, prefix: str, name: str, group: ExpertGroup, stats, cfg
         alphas, err, plain = [], 0.0, 0.0
         for e in seen:
             d = stats.second_moment(f"{key}.{e}.down_proj").float()
-            s, alpha, e_err, e_plain = search_scales([(experts.down_proj[e].float(), d)], d.clamp_min(1e-12).sqrt(), cfg)
+            s, alpha, e_err, e_plain = search_scales([sampled_rows(experts.down_proj[e], d)], d.clamp_min(1e-12).sqrt(), cfg)
             if alpha > 0:
                 fold_expert_scales(layer, group, s, expert=e)
                 _rescale_stats(stats, [f"{key}.{e}.down_proj"], s)
