@@ -79,7 +79,8 @@ class ArchSpec:
 # scales (the experts' inputs scaled together with the router's, each expert's down projection by its own:
 # ``steps.awq.ExpertGroup``) besides the value techniques.
 MOE_TECHNIQUES = VALUE_TECHNIQUES + ("imatrix", "quant.gguf_calibrated", "fit", "awq.scale",
-                                     "prune.depth")   # whole blocks, experts and router with them
+                                     "prune.depth",   # whole blocks, experts and router with them
+                                     "prune.width")   # each expert's MLP channels (``structured.expert_width``)
 _LLAMA_LIKE = dict(gguf_writer="edgetailor", onnx="edgetailor", onnx_note="", techniques=None)
 _BUILDER = dict(onnx="genai-builder", onnx_note="")
 _SWA_NOTE = ("onnxruntime-genai's builder writes its sliding-window layers for a preallocated KV cache, which "

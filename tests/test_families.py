@@ -189,7 +189,8 @@ def test_preflight_lists_family_features_techniques_and_the_sliding_window_cavea
     moe = resolve(str(_fake_model(tmp_path / "moe", {**base, "model_type": "qwen3_moe", "num_experts": 4})))
     rep = preflight(moe)
     assert rep.supported and rep.exporters["gguf"] == "yes" and rep.exporters["onnx"].startswith("not for qwen3_moe")
-    assert rep.techniques["prune.magnitude"] == "yes" and "expert" in rep.techniques["prune.width"]
+    assert rep.techniques["prune.magnitude"] == rep.techniques["prune.width"] == rep.techniques["awq.scale"] == "yes"
+    assert "expert" in rep.techniques["lowrank.svd"]
     assert any("experts" in f for f in rep.features)
     sw = resolve(str(_fake_model(tmp_path / "sc", {**base, "model_type": "starcoder2", "sliding_window": 4096})))
     assert any("sliding window of 4096" in w for w in preflight(sw).warnings)
@@ -852,3 +853,50 @@ def test_awq_on_experts_rescales_their_statistics_and_samples_the_rows_of_large_
     s = torch.exp(0.3 * torch.randn(128, generator=gen))
     full, sampled = output_error([(w, h)], s, 4, 32), output_error([sampled_rows(w, h)], s, 4, 32)
     assert sampled_rows(w[:EXPERT_ROWS], h)[0].shape[0] == EXPERT_ROWS and abs(sampled / full - 1) < 0.1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_loses_each_experts_weakest_channels(family, family_model):
+    """Width pruning on a mixture of experts cuts each expert's MLP channels (its own strongest kept, on the tokens
+    routed to it; as many for every expert, as llama.cpp's graph needs): the smaller model computes what the source
+    computes with those channels' down-projection columns zeroed, the router untouched; as a step on the lazily read
+    files, its file computes the smaller model."""
+    import copy
+
+    import torch
+    from edgetailor.engine.modeling import load_model
+    from edgetailor.engine.sources import resolve
+    from edgetailor.engine.steps.prune.structured import (
+        WidthPruneConfig,
+        apply_slices,
+        expert_channel_stats,
+        expert_width,
+        width_slices,
+    )
+
+    folder = family_model(family)
+    model = load_model(resolve(str(folder))).model
+    ids = torch.arange(3, 131).reshape(2, 64)
+    width = expert_width(model)
+    slices, changes = width_slices(model, expert_channel_stats(model, ids), WidthPruneConfig(mlp_keep=0.5, round_to=0))
+    assert list(changes.values()) == [width // 2]
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(zeroed.model.layers):
+            (_, kept), = slices[f"model.layers.{i}.mlp.experts.down_proj"]
+            assert kept.shape == (layer.mlp.experts.down_proj.shape[0], width // 2)
+            assert len({tuple(k.tolist()) for k in kept}) > 1            # each expert its own channels
+            gone = torch.ones(kept.shape[0], width, dtype=torch.bool)
+            gone.scatter_(1, kept, False)
+            layer.mlp.experts.down_proj[gone[:, None, :].expand_as(layer.mlp.experts.down_proj)] = 0
+        want, got = zeroed(input_ids=ids).logits, apply_slices(model, slices, changes)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    record = _run(folder, [{"step": "prune.width", "params": {"mlp_keep": 0.5, "round_to": 0, "calibration_sequences": 4,
+                                                              "seq_len": 64}},
+                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    m = record.manifest
+    assert m["status"] == "succeeded", m.get("error")
+    report = next(s["report"] for s in m["steps"] if s["name"] == "prune.width")
+    assert list(changes)[0] in report and report[list(changes)[0]] == width // 2
+    assert report["non_embedding_after"] < report["non_embedding_before"]
+    assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4

@@ -412,7 +412,9 @@ def _narrower(ctx: RunContext, cfg: FitConfig, planner, seqs) -> None:
     from ..sensitivity import measure_sensitivity
     from .distill import split_heldout
 
-    why = arch_spec(planner.config.model_type).technique("prune.width", "transform")
+    spec = arch_spec(planner.config.model_type)
+    why = spec.technique("prune.width", "transform") if not spec.moe else \
+        "not for a mixture of experts in the plan yet (the step cuts each expert's channels; healing is not tried)"
     if why != "yes":
         ctx.log(f"Narrower models left out of the plan: width pruning is {why}", level="warning")
         return

@@ -30,6 +30,7 @@ import torch
 
 from ...architectures import ModelDims, count_parameters, keep_layers
 from ...calibration import (
+    ChannelStats,
     block_influence,
     decoder_layers,
     linear_input_stats,
@@ -160,7 +161,15 @@ def width_slices(model, stats: dict, cfg: WidthPruneConfig) -> tuple[dict, dict]
                        head_dim=d.head_dim)
         for i in range(n_layers):
             slices.update(_head_slices(i, stats, d, keep_groups, keep_per_group))
-    if keep_inter < d.intermediate:
+    experts = expert_width(model)
+    if experts:        # a mixture of experts: every expert keeps as many channels, its own strongest
+        keep = experts if cfg.mlp_keep >= 1.0 and not cfg.intermediate_size else \
+            _round(cfg.intermediate_size or round(experts * cfg.mlp_keep), experts, cfg.round_to)
+        if keep < experts:
+            changes[EXPERT_WIDTH_KEY.get(model.config.model_type, "intermediate_size")] = keep
+            for i in range(n_layers):
+                slices.update(_expert_slices(i, stats, keep, experts))
+    elif keep_inter < d.intermediate:
         changes["intermediate_size"] = keep_inter
         for i in range(n_layers):
             slices.update(_mlp_slices(i, stats, keep_inter, mlp_layout(model.config), d.intermediate))
@@ -199,6 +208,55 @@ def _mlp_slices(i: int, stats: dict, keep_inter: int, layout: MlpLayout, inter: 
     for n, rows in [(n, idx) for n in layout.makes] + [(n, torch.cat([idx, inter + idx])) for n in layout.makes_fused]:
         out[p + f"{n}.weight"] = [(0, rows)]
         out[p + f"{n}.bias"] = [(0, rows)]
+    return out
+
+
+#: the config key of a mixture of experts' expert width (Mixtral's experts take the dense key)
+EXPERT_WIDTH_KEY = {"qwen3_moe": "moe_intermediate_size"}
+
+
+def expert_width(model) -> int:
+    """The channels of each expert's MLP (``down_proj`` [experts, hidden, width]); 0 for a dense model."""
+    layer = model.model.layers[0] if not getattr(model, "is_lazy", False) else None
+    if layer is not None:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        return int(experts.down_proj.shape[-1]) if experts is not None and hasattr(experts, "down_proj") else 0
+    t = model.state_dict().get("model.layers.0.mlp.experts.down_proj")
+    return int(t.shape[-1]) if t is not None else 0
+
+
+def _expert_slices(i: int, stats: dict, keep: int, width: int) -> dict:
+    """Layer i's kept channels of each expert (by its down projection's input norm on the tokens routed to it): one
+    row of indices per expert, cut from its down projection's columns and its gate and up rows."""
+    idx = torch.sort(torch.topk(stats[f"model.layers.{i}.mlp.experts"].sum_sq, keep, dim=-1).indices, dim=-1).values
+    p = f"model.layers.{i}.mlp.experts."
+    return {p + "down_proj": [(2, idx)], p + "gate_up_proj": [(1, torch.cat([idx, width + idx], dim=-1))]}
+
+
+def cut(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` keeping ``idx`` along ``dim``; a row of indices per expert (2-D ``idx``) cuts each expert its own."""
+    if idx.ndim == 1:
+        return t.index_select(dim, idx)
+    return torch.stack([t[e].index_select(dim - 1, idx[e]) for e in range(t.shape[0])])
+
+
+def expert_channel_stats(model, sequences: torch.Tensor, progress=None, cancelled=None) -> dict[str, ChannelStats]:
+    """Each mixture-of-experts block's down-projection input statistics, one row per expert [experts, width] over
+    the tokens routed to it (zeros for an expert no calibration token reached), keyed by the experts module."""
+    from ...imatrix import InputCollector
+    from ...walker import BlockWalk
+
+    out = {}
+    for block in BlockWalk(model, sequences, cancelled=cancelled, progress=progress):
+        acc = InputCollector(hessians=False)
+        found = block.experts()
+        with acc.hooks({}, found):
+            block.forward()
+        for name, module in found.items():
+            n, width = module.down_proj.shape[0], module.down_proj.shape[-1]
+            rows = [acc.sum_sq.get(f"{name}.{e}.down_proj", torch.zeros(width, dtype=torch.float64)) for e in range(n)]
+            out[name] = ChannelStats(torch.stack(rows), torch.zeros(n, width, dtype=torch.float64),
+                                     sum(acc.count.get(f"{name}.{e}.down_proj", 0) for e in range(n)))
     return out
 
 
@@ -245,7 +303,7 @@ def sliced_lazily(ctx: RunContext, weights, slices: dict, changes: dict):
         ctx.check_cancelled()
         value = t.load()
         for dim, idx in slices[name]:
-            value = value.index_select(dim, idx)
+            value = cut(value, dim, idx)
         group[name] = value
     flush(key)
     config = copy.deepcopy(weights.config)
@@ -259,7 +317,7 @@ def apply_slices(model, slices: dict, changes: dict):
     for name, tensor in model.state_dict().items():
         t = tensor.detach()
         for dim, idx in slices.get(name, []):
-            t = t.index_select(dim, idx)
+            t = cut(t, dim, idx)
         state[name] = t.clone()
     config = copy.deepcopy(model.config)
     for k, v in changes.items():
@@ -289,8 +347,12 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     if problem:
         raise EdgeTailorError(problem, "Keep heads_keep, kv_groups_keep and hidden_keep at 1 (prune MLP channels only).")
     reads = mlp_layout(model.config).reads.rsplit(".", 1)[-1]
-    stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj", reads)),
-                               progress=lambda f, m: ctx.progress(0.8 * f, m), cancelled=ctx.cancel.is_set)
+    if expert_width(model):
+        stats = expert_channel_stats(model, seqs, progress=lambda f, m: ctx.progress(0.8 * f, m),
+                                     cancelled=ctx.cancel.is_set)
+    else:
+        stats = linear_input_stats(model, seqs, lambda n: n.endswith(("o_proj", "down_proj", "q_proj", "gate_proj", reads)),
+                                   progress=lambda f, m: ctx.progress(0.8 * f, m), cancelled=ctx.cancel.is_set)
     slices, changes = width_slices(model, stats, cfg)
     if not changes:
         raise EdgeTailorError("These settings remove nothing (every keep share rounds to the full size).",
@@ -301,7 +363,8 @@ def width_prune(ctx: RunContext, cfg: WidthPruneConfig) -> None:
     else:
         ctx.model = pruned = apply_slices(model, slices, changes)
     after = _non_embedding(pruned.config)
-    short = {"num_attention_heads": "h", "num_key_value_heads": "kv", "intermediate_size": "ffn", "hidden_size": "d"}
+    short = {"num_attention_heads": "h", "num_key_value_heads": "kv", "intermediate_size": "ffn", "hidden_size": "d",
+             "moe_intermediate_size": "ffn"}
     label = "width-" + "-".join(f"{short[k]}{v}" for k, v in changes.items() if k in short)
     ctx.mark_applied(label, pruned if lazy else None)
     ctx.report(**{k: v for k, v in changes.items()}, non_embedding_before=before, non_embedding_after=after,
