@@ -140,8 +140,10 @@ def walk_parts(shape: ModelShape, tokens: int, seq_len: int) -> dict:
     """What a block walk holds while it runs a block: the block's fp32 weights (and, read lazily, its pages of
     the source's files), the hidden states of every calibration token, one batch's activations inside the block."""
     return {"one block (fp32)": shape.block_params * 4,
-            # the block's pages of the source's files, resident while it is read (released once it is done)
-            "one block as stored": int(shape.block_params * shape.stored_bytes_per_weight) if shape.streamable else 0,
+            # the block's pages of the source's files, resident while it is read (released once it is done); a
+            # mixture of experts' files keep one tensor per expert: its stacked tensors are copies, made one at a time
+            "one block as stored": int((shape.largest_tensor_params if shape.experts else shape.block_params)
+                                       * shape.stored_bytes_per_weight) if shape.streamable else 0,
             "hidden states": tokens * shape.hidden * 4,
             "one batch's activations": WALK_BATCH * seq_len * (3 * shape.intermediate + 6 * shape.hidden) * 4}
 

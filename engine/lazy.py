@@ -324,7 +324,7 @@ class TensorStore:
         for name, t in tensors.items():
             narrow = _torch_dtype(state[name].dtype)
             t = t.detach().float()
-            out[name] = t.to(narrow) if narrow != torch.float32 and torch.equal(t.to(narrow).float(), t) else t
+            out[name] = t.to(narrow) if narrow != torch.float32 and _exact_in(t, narrow) else t
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{key}.safetensors"
         with atomic_path(path) as tmp:
@@ -336,6 +336,20 @@ class TensorStore:
     def model(self, config=None) -> LazyModel:
         """The source with everything written so far in place (``config``: the new one, when shapes changed)."""
         return self.source.with_tensors(self.tensors, config)
+
+
+#: elements compared at a time when checking that a tensor survives a narrower dtype (64 MB of float32)
+EXACT_CHUNK = 1 << 24
+
+
+def _exact_in(t, dtype) -> bool:
+    """Whether ``t`` (float32) is held exactly by ``dtype``, checked a slice at a time: a whole copy of a stacked
+    experts tensor in each dtype would be 2.4 GB beside a Qwen3-30B-A3B block (measured: AWQ's peak 6.3 GB)."""
+    import torch
+
+    flat = t.reshape(-1)
+    return all(torch.equal(flat[a:a + EXACT_CHUNK].to(dtype).float(), flat[a:a + EXACT_CHUNK])
+               for a in range(0, flat.numel(), EXACT_CHUNK))
 
 
 def _torch_dtype(name: str):

@@ -214,3 +214,16 @@ def test_preflight_streams_clustering_of_an_8b_model_and_holds_it_only_for_the_e
     assert step["parts"]["k-means of its largest matrix (float64)"] == 14336 * 4096 * 8 * 7
     rep, step = cluster_step(include_embeddings=True)
     assert not rep.fits and step["how"] == "holds the fp32 model"
+
+
+def test_a_written_tensor_stays_in_its_narrow_dtype_only_when_every_slice_is_exact_there(monkeypatch):
+    """The scratch keeps a changed tensor in its source's dtype when that holds it exactly, checked a slice at a
+    time (no whole copy of a stacked experts tensor in each dtype): one inexact value in the last slice is found."""
+    import torch
+    from edgetailor.engine import lazy
+
+    monkeypatch.setattr(lazy, "EXACT_CHUNK", 1000)
+    t = torch.randn(3, 1500).to(torch.bfloat16).float()
+    assert lazy._exact_in(t, torch.bfloat16)
+    t[-1, -1] = 1.0 + 2 ** -20
+    assert not lazy._exact_in(t, torch.bfloat16) and lazy._exact_in(t[:2], torch.bfloat16)

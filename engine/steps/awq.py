@@ -294,6 +294,9 @@ def _streamed_need(shape):
     need = streamed_transform_need("awq.scale", shape)
     need.parts["X^T X of every layer input (held)"] = hessians_bytes(shape)
     need.ram_bytes += hessians_bytes(shape)
+    if shape.experts:       # the shared input's search: every expert's sampled rows, and the stand-in's copy of them
+        need.parts["the experts' sampled rows (fp32, twice)"] = 2 * shape.experts * EXPERT_ROWS * shape.hidden * 4
+        need.ram_bytes += need.parts["the experts' sampled rows (fp32, twice)"]
     return need
 
 
