@@ -445,8 +445,8 @@ def test_the_planner_and_calibrated_steps_apply_to_the_own_writers_families_only
         assert rep.techniques["early_exit.heads"].startswith(f"not for {family} yet"), rep.techniques
     moe = preflight(resolve(str(_fake_model(tmp_path / "m", {**base, "model_type": "mixtral", "num_local_experts": 4}))))
     assert moe.techniques["imatrix"] == moe.techniques["quant.gguf_calibrated"] == moe.techniques["fit"] == "yes"
-    assert moe.techniques["prune.depth"] == "yes"
-    assert moe.techniques["prune.width"].startswith("not for mixtral yet: this step does not handle its expert layers")
+    assert moe.techniques["prune.depth"] == moe.techniques["prune.width"] == moe.techniques["awq.scale"] == "yes"
+    assert moe.techniques["lowrank.svd"].startswith("not for mixtral yet: this step does not handle its expert layers")
 
 
 def test_a_smollm3_whose_rotary_free_blocks_llama_cpp_cannot_place_is_refused_with_the_reason(family_model, tmp_path):
