@@ -117,7 +117,8 @@ def main() -> int:
            f"start {m['load_average_at_start'][0]:.2f}.", "",
            "Pre-flight against the measured peak of the step in the run's worker (VmHWM from the step's start, "
            "recorded in the run's manifest):", "",
-           "| pipeline | step | pre-flight MB | measured peak MB | error |", "|---|---|---:|---:|---:|",
+           "| pipeline | step | pre-flight MB | measured peak MB | error | of it not file-backed | "
+           "pre-flight's held figure against it |", "|---|---|---:|---:|---:|---:|---:|",
            *preflight_rows({k: v for k, v in rows.items() if k.startswith("EdgeTailor")}), "",
            "Targets (issue 14): peak RSS <= 2.5 GB; wall time <= 3x llama.cpp's imatrix pipeline; pre-flight within "
            "15% of the measured peak.",

@@ -172,20 +172,24 @@ def step_memory(home: Path) -> list[dict]:
     newest = max((home / "runs").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
     mb = 2 ** 20
     return [{"step": s["name"], "peak_rss_mb": round((s.get("ram_peak_bytes") or 0) / mb, 1),
+             "peak_anon_mb": round((s.get("ram_peak_anon_bytes") or 0) / mb, 1),
              "preflight_mb": round((s.get("ram_preflight_bytes") or 0) / mb, 1),
              "preflight_mapped_mb": round((s.get("ram_preflight_mapped_bytes") or 0) / mb, 1)}
             for s in json.loads(newest.read_text())["steps"]]
 
 
 def preflight_rows(rows: dict) -> list[str]:
-    """Markdown rows: pre-flight's figure (held + mapped) against the step's measured peak, per run and step."""
+    """Markdown rows: pre-flight's figure (held + mapped) against the step's measured peak, per run and step, and
+    what it must keep resident against the peak not file-backed (where the run recorded it)."""
     out = []
     for label, r in rows.items():
         for s in r.get("steps", []):
             predicted = s["preflight_mb"] + s["preflight_mapped_mb"]
             mapped = f" + {s['preflight_mapped_mb']:.0f} mapped" if s["preflight_mapped_mb"] else ""
+            anon = s.get("peak_anon_mb")
+            resident = f"{anon:.0f} | {(s['preflight_mb'] / anon - 1) * 100:+.0f}%" if anon else "- | -"
             out.append(f"| {label} | {s['step']} | {s['preflight_mb']:.0f}{mapped} | {s['peak_rss_mb']:.0f} | "
-                       f"{(predicted / s['peak_rss_mb'] - 1) * 100:+.0f}% |")
+                       f"{(predicted / s['peak_rss_mb'] - 1) * 100:+.0f}% | {resident} |")
     return out
 
 
@@ -271,7 +275,8 @@ def markdown(results: dict, shapes: str, out: str) -> str:
     md += ["", "Pre-flight (`edgetailor inspect`) against the measured peak of each step in the run's worker (VmHWM "
            "from the step's start, recorded in the run's manifest; mapped: the check's 16-bit reference GGUF, whose "
            "pages count in RSS while llama.cpp runs it):", "",
-           "| shape, pipeline | step | pre-flight MB | measured peak MB | error |", "|---|---|---:|---:|---:|"]
+           "| shape, pipeline | step | pre-flight MB | measured peak MB | error | of it not file-backed | "
+           "pre-flight's held figure against it |", "|---|---|---:|---:|---:|---:|---:|"]
     md += [row for name, r in results["shapes"].items()
            for row in preflight_rows({f"{name} {k}": v for k, v in r["rows"].items()})]
     md += ["", "Ours is one process (Python, torch and transformers imported, ~0.4 GB before any weight): llama.cpp's "

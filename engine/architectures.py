@@ -68,10 +68,19 @@ class ArchSpec:
         if kind == "measure" and step not in ("imatrix",):
             return "yes"
         where = [s.model_type for s in ARCHITECTURES.values() if s.techniques is None or step in s.techniques]
-        why = ("this step does not handle its expert layers yet" if self.moe else
+        why = (MOE_NOT_YET.get(step, "this step does not handle its expert layers yet") if self.moe else
                "it assumes the Llama block layout (q/k/v/o, gate/up/down, pre-norms) and is verified on "
                f"{', '.join(where)} only so far")
         return f"not for {self.model_type} yet: {why}"
+
+
+#: why a step does not apply to a mixture of experts, where there is more to say than that it has not been done
+MOE_NOT_YET = {
+    "lowrank.svd": "this step does not handle its expert layers yet (and a product of factors would not shrink the "
+                   "file: llama.cpp holds each expert as one plain matrix)",
+    "cluster.kmeans": "this step does not handle its expert layers yet (its palette file keeps one codebook per 2-D "
+                      "tensor)",
+}
 
 
 # Mixtures of experts: importance statistics per expert (llama.cpp's imatrix for ``ffn_*_exps``) and calibrated
