@@ -59,7 +59,7 @@ def run(name: str, model: Path, work: Path) -> dict:
              for s in manifest["steps"]]
     variant = manifest["variants"][-1]
     return {"recipe": RECIPES[name], "wall_seconds": round(wall, 1), "steps": steps, "file": variant["name"],
-            "size_mb": variant["metrics"].get("size_mb"), "verify_kl": variant["metrics"].get("verify_kl"),
+            "verify_kl": variant["metrics"].get("verify_kl"),
             "verify_top1": variant["metrics"].get("verify_top1")}
 
 
@@ -78,7 +78,7 @@ def markdown(r: dict) -> str:
                       f"{s['preflight_mb']} | {err:+.0f}% |")
     md.append("")
     for name, run_ in r["runs"].items():
-        md.append(f"- {name}: {run_['file']}, {run_['size_mb']} MB, checked against the model it came from: KL "
+        md.append(f"- {name}: {run_['file']}, checked against the model it came from: KL "
                   f"{run_['verify_kl']}, top-1 {run_['verify_top1']}; whole command {run_['wall_seconds']} s.")
         for s in run_["steps"]:
             rep = s["report"]
