@@ -24,6 +24,15 @@ def _run(folder: Path, steps: list[dict]):
     return run_job(JobSpec(recipe={"name": "family", "steps": steps}, source=str(folder), options={"threads": 2}))
 
 
+def _awq_then_f16(folder: Path, grid: int):
+    """imatrix (with X^T X), awq.scale and an F16 export run on the files: (the run, the AWQ step's report)."""
+    record = _run(folder, [{"step": "imatrix", "params": {"hessians": True, "max_sequences": 4, "seq_len": 64}},
+                           {"step": "awq.scale", "params": {"grid": grid}},
+                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    assert record.manifest["status"] == "succeeded", record.manifest.get("error")
+    return record, next(s["report"] for s in record.manifest["steps"] if s["name"] == "awq.scale")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_LIST)
 def test_family_exports_exactly_tokenizes_alike_and_survives_a_transform(family, family_model):
@@ -383,12 +392,8 @@ def test_awq_scales_fold_where_each_familys_inputs_are_made_and_keep_the_functio
                 fold_scales(layer, group, torch.exp(0.5 * torch.randn(width, generator=gen)), norm_shift(model.config))
         got = model(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
-    record = _run(folder, [{"step": "imatrix", "params": {"hessians": True, "max_sequences": 4, "seq_len": 64}},
-                           {"step": "awq.scale", "params": {"grid": 4}},
-                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    record, report = _awq_then_f16(folder, grid=4)
     m = record.manifest
-    assert m["status"] == "succeeded", m.get("error")
-    report = next(s["report"] for s in m["steps"] if s["name"] == "awq.scale")
     assert report["groups"] == len(groups) * json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     assert m["variants"][0]["metrics"]["verify_kl"] < 1e-4
 
@@ -792,12 +797,8 @@ def test_a_mixture_of_experts_takes_awq_scales_that_keep_its_function(family, fa
                 fold_expert_scales(layer, groups["mlp_down"], scales(experts.down_proj.shape[-1]), expert=e)
         got = model(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
-    record = _run(folder, [{"step": "imatrix", "params": {"hessians": True, "max_sequences": 4, "seq_len": 64}},
-                           {"step": "awq.scale", "params": {"grid": 8}},
-                           {"step": "export", "params": {"format": "gguf", "types": ["F16"]}}])
+    record, report = _awq_then_f16(folder, grid=8)
     m = record.manifest
-    assert m["status"] == "succeeded", m.get("error")
-    report = next(s["report"] for s in m["steps"] if s["name"] == "awq.scale")
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     assert report["groups"] == 3 * layers and report["groups_scaled"] > 0, report
     assert report["stand_in_output_error_after"] <= report["stand_in_output_error_before"]
